@@ -1,0 +1,1 @@
+"""Fused Triton hook kernels, each with an exact PyTorch reference."""

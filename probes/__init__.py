@@ -1,0 +1,1 @@
+"""LYNX confidence probes and online early exit."""

@@ -1,0 +1,1 @@
+"""steer: look inside LLMs and steer them at inference time."""
