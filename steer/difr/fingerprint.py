@@ -1,0 +1,420 @@
+"""Provider side of Activation-DiFR: record f = h P for every generated token while generating.
+
+h is the final post-norm hidden state (the input of lm_head), one vector per generated token: the
+vector whose logits produced that token (the last prompt position for the first token, then each
+decode step). The last generated token is never fed back, so N generated tokens give N vectors.
+Prompt positions are not fingerprinted (as in the paper); the prompt ids travel in the file so the
+verifier can teacher-force the same sequence.
+
+P (D x k) comes from a public seed; f is computed in fp32 and stored as fp16 in a safetensors file
+whose metadata names the model, seed, k, projection kind, dtype and a hash of the model config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+FORMAT = "steer.difr.fingerprints/1"
+PROJECTIONS = ("gaussian", "orthonormal")
+
+
+@dataclass
+class DiFRConfig:
+    """Activation-DiFR parameters (names as in the paper; defaults as its plots)."""
+
+    k: int = 8  # fingerprint width; the paper sweeps 2..128, plots default 8
+    seed: int = 0  # public seed of the projection P, shared by provider and verifier
+    projection: str = "gaussian"  # "gaussian" (N(0,1)/sqrt(k), as the released code) or "orthonormal" (QR)
+
+    def __post_init__(self):
+        if not 1 <= int(self.k) <= 4096:
+            raise ValueError(f"k must be between 1 and 4096 (the paper uses 2..128), got {self.k}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection and fingerprint (the fused kernel lives in kernels/fingerprint.py when it lands)
+
+
+def _projection_matrix(seed: int, d: int, k: int, kind: str = "gaussian") -> Tensor:
+    """Fallback for kernels.fingerprint.projection_matrix: fp32 [d, k] from a CPU generator."""
+    if kind not in PROJECTIONS:
+        raise ValueError(f"projection kind must be one of {PROJECTIONS}, got {kind!r}")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    p = torch.randn(d, k, generator=gen, dtype=torch.float32)
+    if kind == "gaussian":
+        return p / k**0.5
+    if k > d:
+        raise ValueError(f"an orthonormal projection needs k <= d (k={k}, d={d})")
+    q, r = torch.linalg.qr(p)
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # sign-fixed, so unique for the seed
+
+
+def _fingerprint(h: Tensor, p: Tensor) -> Tensor:
+    """Fallback for kernels.fingerprint.fingerprint: fp32 h @ P, packed to fp16."""
+    return (h.float() @ p.to(h.device, torch.float32)).to(torch.float16)
+
+
+try:  # the shared kernel (dispatches to torch on CPU); same signatures as the fallbacks above
+    from kernels.fingerprint import fingerprint as _kernel_fingerprint
+    from kernels.fingerprint import projection_matrix as _kernel_projection_matrix
+except ImportError:  # pragma: no cover - depends on which engineer's file has landed
+    _kernel_fingerprint, _kernel_projection_matrix = _fingerprint, _projection_matrix
+
+
+def projection_matrix(config: DiFRConfig, d: int) -> Tensor:
+    """The public projection P (fp32, [d, k]) for `config`."""
+    return _kernel_projection_matrix(int(config.seed), int(d), int(config.k), kind=config.projection)
+
+
+def project(h: Tensor, p: Tensor) -> Tensor:
+    """Fingerprints fp16 [T, k] of hidden states h [T, D] (fp32 accumulation)."""
+    return _kernel_fingerprint(h.reshape(-1, h.shape[-1]), p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity of the model a fingerprint claims
+
+
+_VOLATILE_CONFIG_KEYS = {
+    "dtype", "torch_dtype", "transformers_version", "use_cache", "return_dict", "output_hidden_states",
+    "output_attentions", "attn_implementation", "name_or_path", "architectures", "quantization_config",
+}
+
+
+def config_hash(model: nn.Module) -> str:
+    """Hash of the architecture-defining config fields (not dtype, attention kernel or paths)."""
+    cfg = model.config.to_dict()
+    keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(keep, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def default_model_id(model: nn.Module) -> str:
+    return getattr(model.config, "_steer_model_id", None) or model.config.model_type
+
+
+def _dtype_name(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The result value
+
+
+@dataclass
+class Fingerprints:
+    """Per-token fingerprints of a batch of generations plus the claim (prompt + output ids).
+
+    `values` holds every sequence's generated tokens concatenated (row i of `values` belongs to
+    output token i of the concatenation of `output_ids`); `*_lengths` split them per sequence.
+    `sampling` is set when steer itself sampled (Token-DiFR can then re-derive the noise).
+    """
+
+    values: Tensor  # Float16[N, k]
+    prompt_ids: Tensor  # Int64[sum prompt lengths]
+    prompt_lengths: Tensor  # Int64[B]
+    output_ids: Tensor  # Int64[N]
+    output_lengths: Tensor  # Int64[B]
+    model_id: str
+    config_hash: str
+    config: DiFRConfig = field(default_factory=DiFRConfig)
+    dtype: str = "float32"  # the provider's model dtype
+    sampling: dict | None = None  # SamplingParams as a dict, None for greedy
+    sample_seeds: Tensor | None = None  # Int64[B], the per-sequence sampling seeds
+    hidden: Tensor | None = field(default=None, repr=False)  # fp32 [N, D]; experiments only, never saved
+
+    def __post_init__(self):
+        self.check()
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.output_lengths.numel())
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def bytes_per_token(self) -> int:
+        return int(self.values.shape[1]) * self.values.element_size()
+
+    def check(self) -> None:
+        """Raise ValueError if the parts disagree (token counts, widths, dtypes)."""
+        n_out, n_prompt = int(self.output_lengths.sum()), int(self.prompt_lengths.sum())
+        if self.values.dim() != 2 or self.values.shape[1] != self.config.k:
+            raise ValueError(f"fingerprint values have shape {tuple(self.values.shape)} but k={self.config.k}")
+        if self.values.shape[0] != n_out or self.output_ids.numel() != n_out:
+            raise ValueError(
+                f"token counts disagree: {self.values.shape[0]} fingerprints, {self.output_ids.numel()} "
+                f"output ids, output lengths sum to {n_out}; the file is inconsistent (re-run `steer fingerprint`)"
+            )
+        if self.prompt_ids.numel() != n_prompt or self.prompt_lengths.numel() != self.output_lengths.numel():
+            raise ValueError("prompt ids and prompt lengths disagree; the file is inconsistent")
+        if (self.prompt_lengths < 1).any():
+            raise ValueError("every sequence needs a non-empty prompt")
+        if self.sample_seeds is not None and self.sample_seeds.numel() != self.n_sequences:
+            raise ValueError("one sampling seed per sequence is required")
+
+    def sequences(self) -> list[tuple[Tensor, Tensor]]:
+        """(prompt ids, output ids) per sequence."""
+        prompts = torch.split(self.prompt_ids, self.prompt_lengths.tolist())
+        outputs = torch.split(self.output_ids, self.output_lengths.tolist())
+        return list(zip(prompts, outputs))
+
+    def with_config(self, values: Tensor, config: DiFRConfig) -> Fingerprints:
+        """The same claim with other fingerprint values (e.g. another k from the kept hidden states)."""
+        return Fingerprints(values, self.prompt_ids, self.prompt_lengths, self.output_ids, self.output_lengths,
+                            self.model_id, self.config_hash, config, self.dtype, self.sampling, self.sample_seeds)
+
+    def reproject(self, config: DiFRConfig) -> Fingerprints:
+        """Fingerprints for another k/seed from the kept hidden states (experiments record them once)."""
+        if self.hidden is None:
+            raise ValueError("reproject needs the hidden states: record with keep_hidden=True")
+        return self.with_config(project(self.hidden, projection_matrix(config, self.hidden.shape[1])), config)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def _tensors(self) -> dict[str, Tensor]:
+        t = {
+            "values": self.values.to(torch.float16).contiguous(),
+            "prompt_ids": self.prompt_ids.to(torch.int64).contiguous(),
+            "prompt_lengths": self.prompt_lengths.to(torch.int64).contiguous(),
+            "output_ids": self.output_ids.to(torch.int64).contiguous(),
+            "output_lengths": self.output_lengths.to(torch.int64).contiguous(),
+        }
+        if self.sample_seeds is not None:
+            t["sample_seeds"] = self.sample_seeds.to(torch.int64).contiguous()
+        return t
+
+    def to_safetensors(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = self._tensors()
+        meta = {
+            "format": FORMAT,
+            "model_id": self.model_id,
+            "config_hash": self.config_hash,
+            "seed": str(self.config.seed),
+            "k": str(self.config.k),
+            "projection": self.config.projection,
+            "dtype": self.dtype,
+            "fingerprint_dtype": "float16",
+            "sampling": json.dumps(self.sampling),
+            "checksum": _checksum(tensors),
+        }
+        path = Path(path)
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def from_safetensors(cls, path: str | Path) -> Fingerprints:
+        tensors, meta = read_safetensors(path, FORMAT, "fingerprint")
+        try:
+            config = DiFRConfig(k=int(meta["k"]), seed=int(meta["seed"]), projection=meta["projection"])
+            return cls(
+                tensors["values"], tensors["prompt_ids"], tensors["prompt_lengths"], tensors["output_ids"],
+                tensors["output_lengths"], meta["model_id"], meta["config_hash"], config, meta["dtype"],
+                json.loads(meta["sampling"]), tensors.get("sample_seeds"),
+            )
+        except KeyError as exc:
+            raise ValueError(f"{path}: fingerprint file lacks {exc}; it was not written by `steer fingerprint`") from None
+        except ValueError as exc:
+            raise ValueError(f"{path}: invalid fingerprint file: {exc}") from None
+
+    save = to_safetensors
+    load = from_safetensors
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        seq = torch.repeat_interleave(torch.arange(self.n_sequences), self.output_lengths)
+        pos = torch.cat([torch.arange(int(n)) for n in self.output_lengths]) if self.n_tokens else seq
+        df = pd.DataFrame({"sequence": seq.numpy(), "position": pos.numpy(), "token_id": self.output_ids.numpy()})
+        for j in range(self.config.k):
+            df[f"f{j}"] = self.values[:, j].float().numpy()
+        return df
+
+
+def _checksum(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_safetensors(path: str | Path, fmt: str, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors + metadata of a steer file, with clear errors for missing, truncated or corrupt files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for bad headers/sizes
+        raise ValueError(f"{path} is not a readable {what} file (truncated or corrupt?): {exc}") from None
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a {what} file (format {meta.get('format')!r}, expected {fmt!r})")
+    if meta.get("checksum") != _checksum(tensors):
+        raise ValueError(f"{path} is corrupt: its checksum does not match its contents; regenerate it")
+    return tensors, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture: the lm_head input during generation
+
+
+@contextmanager
+def _on_lm_head_input(model: nn.Module, fn: Callable[[Tensor, Tensor | None], None]):
+    """Call fn(hidden [B, T, D], token_mask) on each lm_head input, via steer.hooks when present."""
+    try:
+        from steer.hooks import attach
+    except ImportError:  # the shared hook API has not landed: a pre-hook on the output embedding
+        attach = None
+    if attach is not None:
+        with attach(model, {"final_norm.out": lambda value, ctx: fn(value, getattr(ctx, "token_mask", None))}):
+            yield
+        return
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda mod, args: fn(args[0], None))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class FingerprintRecorder:
+    """Records the fingerprint of every generated position during `model.generate` (one call).
+
+    Each forward call contributes the last position of every row: the prompt's last token on the
+    prefill call, then the single new token of each decode step (generation must left-pad).
+    """
+
+    def __init__(self, model: nn.Module, config: DiFRConfig, keep_hidden: bool = False):
+        self.model, self.config, self.keep_hidden = model, config, keep_hidden
+        self.p = projection_matrix(config, model.config.hidden_size)
+        self.steps: list[Tensor] = []  # fp16 [B, k] per forward call
+        self.hidden: list[Tensor] = []  # fp32 [B, D] per forward call, if keep_hidden
+
+    def _record(self, h: Tensor, token_mask: Tensor | None) -> None:
+        if token_mask is not None and not bool(token_mask[:, -1].all()):
+            raise ValueError("fingerprinting needs left padding (the last position of every row must be a "
+                             "real token); set tokenizer.padding_side = 'left'")
+        last = h[:, -1, :].detach()
+        self.steps.append(project(last, self.p.to(last.device)))
+        if self.keep_hidden:
+            self.hidden.append(last.float().cpu())
+
+    def __enter__(self):
+        self._cm = _on_lm_head_input(self.model, self._record)
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation with fingerprints
+
+
+def output_lengths(sequences: Tensor, eos_token_id: int | list[int] | None) -> Tensor:
+    """Length of each generated row up to and including its first EOS (the rest is padding)."""
+    b, n = sequences.shape
+    lengths = torch.full((b,), n, dtype=torch.int64)
+    if eos_token_id is None:
+        return lengths
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    hit = torch.isin(sequences.cpu(), eos)
+    for i in range(b):
+        idx = hit[i].nonzero()
+        if idx.numel():
+            lengths[i] = int(idx[0]) + 1
+    return lengths
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    config: DiFRConfig | None = None,
+    sampling=None,
+    sample_seeds: Tensor | list[int] | None = None,
+    max_new_tokens: int = 64,
+    model_id: str | None = None,
+    keep_hidden: bool = False,
+    logits_processor=None,
+    **generate_kwargs,
+) -> Fingerprints:
+    """Generate from a left-padded batch and fingerprint every generated token.
+
+    `sampling` (a `SamplingParams`) makes steer sample with a shared seed (Gumbel-max), so the
+    verifier can also run Token-DiFR; None decodes greedily. `logits_processor` replaces steer's
+    sampler (experiments use it to simulate a buggy sampler while claiming `sampling`).
+    """
+    from transformers import LogitsProcessorList
+
+    from steer.difr.sampling import GumbelSampler
+
+    config = config or DiFRConfig()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("generation batches must be left-padded (tokenizer.padding_side = 'left')")
+    b = input_ids.shape[0]
+    if sampling is not None:
+        seeds = torch.as_tensor(sample_seeds if sample_seeds is not None else range(b), dtype=torch.int64)
+        if seeds.numel() != b:
+            raise ValueError(f"need one sampling seed per row: {seeds.numel()} seeds for {b} rows")
+        processor = logits_processor or GumbelSampler(sampling, seeds, prompt_length=input_ids.shape[1])
+    else:
+        seeds, processor = None, logits_processor
+    eos = generate_kwargs.pop("eos_token_id", getattr(model.generation_config, "eos_token_id", None))
+    pad = generate_kwargs.pop("pad_token_id", getattr(model.generation_config, "pad_token_id", None))
+    if pad is None:
+        pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
+    with FingerprintRecorder(model, config, keep_hidden=keep_hidden) as rec:
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
+            logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
+            eos_token_id=eos, pad_token_id=pad, **generate_kwargs,
+        )
+    gen = out[:, input_ids.shape[1]:].cpu()
+    if len(rec.steps) != gen.shape[1]:
+        raise RuntimeError(f"recorded {len(rec.steps)} forward calls for {gen.shape[1]} generated tokens; "
+                           "was generation run with a non-standard decoding loop?")
+    lengths = output_lengths(gen, eos)
+    steps = torch.stack(rec.steps, dim=1).cpu()  # [B, N, k]
+    keep = torch.arange(gen.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+    mask = attention_mask.bool().cpu()
+    fp = Fingerprints(
+        values=steps[keep],
+        prompt_ids=input_ids.cpu()[mask],
+        prompt_lengths=mask.sum(1).to(torch.int64),
+        output_ids=gen[keep].to(torch.int64),
+        output_lengths=lengths,
+        model_id=model_id or default_model_id(model),
+        config_hash=config_hash(model),
+        config=config,
+        dtype=_dtype_name(model),
+        sampling=sampling.to_dict() if sampling is not None else None,
+        sample_seeds=seeds,
+    )
+    if keep_hidden:
+        fp.hidden = torch.stack(rec.hidden, dim=1)[keep]
+    return fp
