@@ -89,8 +89,8 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
 
 def tiny_tokenizer():
     """A small byte-level tokenizer (256 ids, matching the tiny models' vocab) with a pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
     vocab = {f"<{i}>": i for i in range(3)}
     for b in range(3, 256):

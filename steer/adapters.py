@@ -1,0 +1,324 @@
+"""Architecture adapters: one table entry per model family, mapping canonical points to modules.
+
+A canonical point is a TransformerLens-like name (`blocks.3.resid_post`, `blocks.3.mlp.router.indices`,
+`final_norm.out`) that means the same thing in every family. The table says where that tensor lives
+in the Hugging Face module tree; `steer.hooks` turns a point into a hook on that module.
+
+Adding a family is adding one `Adapter(...)` entry to `ADAPTERS` (copy the closest family and change
+the module paths and routing rule). Paths are relative to the decoder layer unless they say otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+
+# Points every family has, per layer. `attn.pattern` goes through steer's attention function
+# (steer.attention), not a module hook; `mlp.router*` exist only on MoE layers.
+LAYER_POINTS = (
+    "resid_pre", "resid_post", "attn.in", "attn.out", "attn.q", "attn.k", "attn.v", "attn.pattern",
+    "mlp.in", "mlp.out",
+)
+ROUTER_POINTS = ("mlp.router", "mlp.router.logits", "mlp.router.weights", "mlp.router.indices")
+GLOBAL_POINTS = ("embed.out", "final_norm.out", "lm_head.out")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where each canonical point lives in one model family (paths in the HF module tree)."""
+
+    family: str
+    model_types: tuple[str, ...]
+    routing: str | None = None  # None: dense; else a kernels.router.RoutingRule kind
+    base: str = "model"  # the decoder stack (called once per forward with the attention mask)
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attn: str = "self_attn"
+    q: str | None = "self_attn.q_proj"
+    k: str | None = "self_attn.k_proj"
+    v: str | None = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    mlp: str = "mlp"
+    router: str | None = None
+    experts: str | None = None
+    shared_expert: str | None = None
+    num_experts_attr: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
+    notes: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.routing is not None
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.family: a
+    for a in [
+        Adapter("llama", ("llama",)),
+        Adapter("qwen2", ("qwen2",)),
+        Adapter("gemma3", ("gemma3_text", "gemma3"), notes="sliding-window and global layers alternate"),
+        Adapter("mixtral", ("mixtral",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts"),
+        Adapter("qwen2_moe", ("qwen2_moe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts",
+                shared_expert="mlp.shared_expert", notes="dense MLP on mlp_only_layers"),
+        Adapter("qwen3_moe", ("qwen3_moe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts"),
+        Adapter("olmoe", ("olmoe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts"),
+        Adapter("deepseek_v3", ("deepseek_v3",), routing="sigmoid_group", router="mlp.gate",
+                experts="mlp.experts", shared_expert="mlp.shared_experts", q=None, k=None, v=None,
+                notes="MLA attention (no plain q/k/v projections); first_k_dense_replace dense layers"),
+        Adapter("gpt_oss", ("gpt_oss",), routing="topk_softmax", router="mlp.router", experts="mlp.experts",
+                notes="learned attention sinks; eager attention by default"),
+        Adapter("granitemoe", ("granitemoe",), routing="topk_softmax", mlp="block_sparse_moe",
+                router="block_sparse_moe.router", experts="block_sparse_moe.experts"),
+    ]
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family has no adapter entry."""
+
+
+class UnknownPointError(KeyError):
+    """A canonical point name that does not exist for this model."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
+        return str(self.args[0])
+
+
+def supported_families() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no .config: pass a Hugging Face causal LM")
+    return getattr(config, "model_type", "")
+
+
+def adapter_for_model_type(model_type: str) -> Adapter:
+    for adapter in ADAPTERS.values():
+        if model_type in adapter.model_types:
+            return adapter
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported. Supported families: {', '.join(supported_families())}. "
+        f"To add one, append an Adapter(...) entry to steer.adapters.ADAPTERS naming its module paths "
+        f"(copy the closest family)."
+    )
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for a Hugging Face causal LM (or an error listing the supported families)."""
+    return adapter_for_model_type(_model_type(model))
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def _has_module(root: nn.Module, path: str) -> bool:
+    try:
+        get_module(root, path)
+        return True
+    except (AttributeError, IndexError):
+        return False
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """How to reach one canonical point: a module plus which of its tensors."""
+
+    name: str
+    module_path: str
+    where: str  # "output" | "input" | "attention"
+    layer: int | None = None
+    item: int | None = None  # index into a tuple output (router: 0 logits, 1 weights, 2 indices)
+
+
+@dataclass
+class ModelMap:
+    """An adapter bound to one model: resolves canonical point names to modules."""
+
+    model: nn.Module
+    adapter: Adapter
+    _cache: dict[str, PointSpec] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def n_layers(self) -> int:
+        return len(get_module(self.model, self.adapter.layers))
+
+    @cached_property
+    def moe_layers(self) -> list[int]:
+        """Layers with a router (MoE families may keep some layers dense)."""
+        if not self.adapter.is_moe:
+            return []
+        return [i for i in range(self.n_layers) if _has_module(self.layer(i), self.adapter.router)]
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @cached_property
+    def num_experts(self) -> int:
+        if not self.adapter.is_moe:
+            return 0
+        for attr in self.adapter.num_experts_attr:
+            value = getattr(self.config, attr, None)
+            if value:
+                return int(value)
+        raise UnsupportedModelError(f"cannot read the expert count of {self.adapter.family} from its config")
+
+    @property
+    def top_k(self) -> int:
+        return int(self.config.num_experts_per_tok) if self.adapter.is_moe else 0
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    def layer(self, index: int) -> nn.Module:
+        self.check_layer(index)
+        return get_module(self.model, self.adapter.layers)[index]
+
+    def check_layer(self, index: int) -> None:
+        if not isinstance(index, int) or not 0 <= index < self.n_layers:
+            raise IndexError(
+                f"layer {index} is out of range: {self.adapter.family} model has {self.n_layers} layers "
+                f"(valid 0..{self.n_layers - 1})"
+            )
+
+    def check_expert(self, layer: int, expert: int) -> None:
+        if layer not in self.moe_layers:
+            raise IndexError(f"layer {layer} has no router; MoE layers are {self.moe_layers}")
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"expert {expert} is out of range: valid 0..{self.num_experts - 1}")
+
+    def module(self, path: str) -> nn.Module:
+        return get_module(self.model, path)
+
+    def routing_rule(self):
+        """The kernels.router.RoutingRule this family's routers follow (read from the config)."""
+        from kernels.router import RoutingRule
+
+        a, c = self.adapter, self.config
+        if not a.is_moe:
+            raise UnsupportedModelError(f"{a.family} is a dense family: it has no router")
+        if a.routing == "softmax_topk":
+            norm = True if a.family == "mixtral" else bool(getattr(c, "norm_topk_prob", False))
+            return RoutingRule("softmax_topk", self.top_k, norm_topk_prob=norm)
+        if a.routing == "sigmoid_group":
+            return RoutingRule(
+                "sigmoid_group", self.top_k, norm_topk_prob=bool(c.norm_topk_prob), n_group=int(c.n_group),
+                topk_group=int(c.topk_group), routed_scaling_factor=float(c.routed_scaling_factor),
+            )
+        return RoutingRule(a.routing, self.top_k)
+
+    # ---- canonical points -------------------------------------------------------------------
+    def all_points(self) -> list[str]:
+        names = list(GLOBAL_POINTS)
+        for i in range(self.n_layers):
+            for p in LAYER_POINTS:
+                if p in ("attn.q", "attn.k", "attn.v") and getattr(self.adapter, p[-1]) is None:
+                    continue
+                names.append(f"blocks.{i}.{p}")
+            if i in self.moe_layers:
+                names += [f"blocks.{i}.{p}" for p in ROUTER_POINTS]
+        return names
+
+    def expand(self, pattern: str) -> list[str]:
+        """Expand `blocks.*.x` over the layers that have x; plain names pass through (validated)."""
+        if "*" not in pattern:
+            self.resolve(pattern)
+            return [pattern]
+        regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
+        names = [n for n in self.all_points() if regex.match(n)]
+        if not names:
+            raise UnknownPointError(self._unknown_message(pattern))
+        return names
+
+    def resolve(self, name: str) -> PointSpec:
+        if name in self._cache:
+            return self._cache[name]
+        spec = self._resolve(name)
+        self._cache[name] = spec
+        return spec
+
+    def _unknown_message(self, name: str) -> str:
+        kinds = ", ".join(GLOBAL_POINTS + tuple(f"blocks.{{L}}.{p}" for p in LAYER_POINTS))
+        extra = f", blocks.{{L}}.{{{'|'.join(ROUTER_POINTS)}}} on MoE layers {self.moe_layers}" if self.moe_layers else ""
+        return f"unknown point {name!r} for this {self.adapter.family} model. Points: {kinds}{extra}"
+
+    def _resolve(self, name: str) -> PointSpec:
+        a = self.adapter
+        if name == "embed.out":
+            return PointSpec(name, a.embed, "output")
+        if name == "final_norm.out":
+            return PointSpec(name, a.final_norm, "output")
+        if name == "lm_head.out":
+            return PointSpec(name, a.lm_head, "output")
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        if not m:
+            raise UnknownPointError(self._unknown_message(name))
+        layer, rest = int(m.group(1)), m.group(2)
+        self.check_layer(layer)
+        prefix = f"{a.layers}.{layer}"
+        simple = {
+            "resid_pre": (prefix, "input"), "resid_post": (prefix, "output"),
+            "attn.in": (f"{prefix}.{a.attn}", "input"), "attn.out": (f"{prefix}.{a.o}", "output"),
+            "mlp.in": (f"{prefix}.{a.mlp}", "input"), "mlp.out": (f"{prefix}.{a.mlp}", "output"),
+        }
+        if rest in simple:
+            path, where = simple[rest]
+            return PointSpec(name, path, where, layer)
+        if rest in ("attn.q", "attn.k", "attn.v"):
+            sub = getattr(a, rest[-1])
+            if sub is None:
+                raise UnknownPointError(f"{name!r}: {a.family} has no plain {rest[-1]} projection ({a.notes})")
+            return PointSpec(name, f"{prefix}.{sub}", "output", layer)
+        if rest == "attn.pattern":
+            return PointSpec(name, f"{prefix}.{a.attn}", "attention", layer)
+        if rest in ROUTER_POINTS:
+            if layer not in self.moe_layers:
+                why = "this family is dense" if not a.is_moe else f"MoE layers are {self.moe_layers}"
+                raise UnknownPointError(f"{name!r}: layer {layer} has no router ({why})")
+            item = {"mlp.router": None, "mlp.router.logits": 0, "mlp.router.weights": 1, "mlp.router.indices": 2}[rest]
+            return PointSpec(name, f"{prefix}.{a.router}", "output", layer, item)
+        raise UnknownPointError(self._unknown_message(name))
+
+
+def model_map(model: nn.Module) -> ModelMap:
+    """Bind the family adapter to `model` (the model itself is never modified)."""
+    return ModelMap(model, adapter_for(model))
+
+
+def describe(model: nn.Module) -> dict:
+    """A JSON-able summary: family, sizes, MoE layout."""
+    mm = model_map(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    out = dict(
+        family=mm.adapter.family, model_type=_model_type(model), n_layers=mm.n_layers, n_heads=mm.n_heads,
+        n_kv_heads=mm.n_kv_heads, d_model=mm.d_model, n_params=n_params,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+    )
+    if mm.adapter.is_moe:
+        out.update(num_experts=mm.num_experts, top_k=mm.top_k, moe_layers=mm.moe_layers, routing=mm.adapter.routing)
+    return out
+
+
+def dtype_of(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

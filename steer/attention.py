@@ -1,0 +1,216 @@
+"""steer's attention implementation: how attention probabilities become hookable in transformers 5.
+
+transformers 5 computes attention through a registered function (`AttentionInterface`); SDPA and
+flash kernels never materialise probabilities. While a hook needs attention (`blocks.L.attn.pattern`
+readers, `blocks.L.attn.impl` overrides such as ACT), steer registers the implementation "steer" and
+switches the model's config to it, restoring the previous implementation afterwards.
+
+"steer" registers its own mask function too: without one, transformers silently builds no causal
+mask for an unknown implementation. Our mask function always materialises a boolean mask
+(True = may attend), so every path below sees the same causal/padding/sliding-window structure.
+
+Per attention module, three paths:
+- no handler on this layer: the model's previous implementation (SDPA, eager, ...), same numbers;
+- `attn.impl` override: the handler computes the output itself (e.g. ACT via kernels.act);
+- `attn.pattern` readers: the family's own eager function (exact semantics, incl. Gemma soft-capping
+  and GPT-OSS learned sinks) is run, and its probabilities are passed to the readers.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+IMPL_NAME = "steer"
+_lock = threading.Lock()
+_registered = False
+
+
+@dataclass
+class AttentionCall:
+    """One attention call, as an `attn.impl` override sees it.
+
+    q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D]; mask: Bool[B, 1, Tq, Tk] (True = may attend) or None
+    (no masking at all). `base()` runs the model's own implementation. An override returns
+    `(out [B, Tq, H, Dv], weights or None)` exactly like a transformers attention function.
+    """
+
+    module: nn.Module
+    layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    scaling: float
+    kwargs: dict
+    _base: Callable = field(repr=False, default=None)
+
+    def base(self):
+        return self._base()
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.kwargs.get("sliding_window") or getattr(self.module, "sliding_window", None)
+
+
+@dataclass
+class _ModuleState:
+    layer: int
+    base_impl: str
+    pattern_readers: list[Callable] = field(default_factory=list)
+    overrides: list[Callable] = field(default_factory=list)
+
+
+# id(attention module) -> state; entries live only inside `activate` contexts.
+_ACTIVE: dict[int, _ModuleState] = {}
+
+
+def _bool_mask(*args, **kwargs):
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _eager_fn(module: nn.Module) -> Callable:
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise RuntimeError(
+            f"{type(module).__name__} has no eager_attention_forward in its modeling file; attention "
+            f"probabilities cannot be read for this family"
+        )
+    return fn
+
+
+def _impl_fn(name: str, module: nn.Module) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name in (None, "eager"):
+        return _eager_fn(module)
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def steer_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    state = _ACTIVE.get(id(module))
+    base_name = state.base_impl if state else "sdpa"
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+
+    def run_base():
+        fn = _impl_fn(base_name, module)
+        mask = _additive(attention_mask, query.dtype) if base_name in (None, "eager") else attention_mask
+        return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    if state is None or not (state.overrides or state.pattern_readers):
+        return run_base()
+    if state.overrides:
+        call = AttentionCall(module, state.layer, query, key, value, attention_mask, scaling, kwargs, run_base)
+        result = None
+        for override in state.overrides:
+            result = override(call)
+            if result is not None:
+                break
+        out, weights = result if result is not None else run_base()
+    else:
+        out, weights = _eager_fn(module)(
+            module, query, key, value, _additive(attention_mask, query.dtype), scaling=scaling, dropout=0.0, **kwargs
+        )
+    if state.pattern_readers:
+        if weights is None:  # the override computed no probabilities: recompute them exactly
+            _, weights = _eager_fn(module)(
+                module, query, key, value, _additive(attention_mask, query.dtype), scaling=scaling, dropout=0.0,
+                **kwargs,
+            )
+        for reader in state.pattern_readers:
+            reader(weights)
+    return out, weights
+
+
+def ensure_registered() -> None:
+    global _registered
+    with _lock:
+        if _registered:
+            return
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(IMPL_NAME, steer_attention_forward)
+        AttentionMaskInterface.register(IMPL_NAME, _bool_mask)
+        _registered = True
+
+
+class activate:
+    """Context manager: route `model`'s attention through steer with the given per-layer handlers.
+
+    `readers[layer]` get probabilities [B, H, Tq, Tk]; `overrides[layer]` get an `AttentionCall`.
+    Nested activations on the same model stack their handlers; the outermost restores the config.
+    """
+
+    def __init__(self, model: nn.Module, attn_modules: dict[int, nn.Module], readers: dict[int, list],
+                 overrides: dict[int, list]):
+        self.model, self.attn_modules, self.readers, self.overrides = model, attn_modules, readers, overrides
+        self._prev_impl = None
+        self._owner = False
+
+    def __enter__(self):
+        ensure_registered()
+        config = self.model.config
+        current = config._attn_implementation
+        self._owner = current != IMPL_NAME
+        base = current if self._owner else None
+        for layer, mod in self.attn_modules.items():
+            state = _ACTIVE.get(id(mod))
+            if state is None:
+                state = _ACTIVE[id(mod)] = _ModuleState(layer, base)
+            state.pattern_readers.extend(self.readers.get(layer, []))
+            state.overrides.extend(self.overrides.get(layer, []))
+        if self._owner:
+            self._prev_impl = current
+            config._attn_implementation = IMPL_NAME
+        return self
+
+    def __exit__(self, *exc):
+        for layer, mod in self.attn_modules.items():
+            state = _ACTIVE.get(id(mod))
+            if state is None:
+                continue
+            for fn in self.readers.get(layer, []):
+                _remove_identity(state.pattern_readers, fn)
+            for fn in self.overrides.get(layer, []):
+                _remove_identity(state.overrides, fn)
+            if self._owner:
+                _ACTIVE.pop(id(mod), None)
+        if self._owner:
+            self.model.config._attn_implementation = self._prev_impl
+        return False
+
+
+def _remove_identity(items: list, fn) -> None:
+    for i, item in enumerate(items):
+        if item is fn:
+            del items[i]
+            return
+
+
+def attention_probs_reference(q, k, mask, scaling, n_rep: int | None = None) -> torch.Tensor:
+    """Plain fp32 softmax(q k^T * scale) with a boolean mask; for tests and references."""
+    if n_rep is None:
+        n_rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
