@@ -1,3 +1,5 @@
-from steer.cli import main
 import sys
+
+from steer.cli import main
+
 sys.exit(main())
