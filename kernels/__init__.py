@@ -1,1 +1,16 @@
-"""Fused Triton hook kernels, each with an exact PyTorch reference."""
+"""Fused Triton hook kernels, each with an exact PyTorch reference in the same module.
+
+Every public function picks its path per call with `backend_for(tensor)`: Triton on CUDA tensors,
+the PyTorch reference otherwise (env STEER_KERNELS=torch|triton, or `backend=`, forces one).
+Both paths give the same result (the reference is also what the tests compare against).
+
+Note: this top-level package shadows Hugging Face's `kernels` package; it deliberately defines
+no `get_kernel` and no `__version__`, so transformers treats the hub kernels as unavailable.
+"""
+
+from kernels._triton import backend_for
+from kernels.router import RouterEdit, RouteResult, RoutingRule, route, route_reference
+
+__all__ = [
+    "backend_for", "RoutingRule", "RouterEdit", "RouteResult", "route", "route_reference",
+]
