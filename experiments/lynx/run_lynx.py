@@ -1,0 +1,242 @@
+"""LYNX on SmolLM2-135M-Instruct with seeded arithmetic word problems (CPU-sized).
+
+Stages (each saves its output under experiments/lynx/out/, so `--stage analyse` reruns cheaply):
+  label     generate for train / calibration / test problems with a forced-exit trial at every cue
+            event (the same rollback an online exit uses); save features + labels per split.
+  online    truly online runs on the test split: LYNX at one delta, DEER (threshold 0.95), fixed
+            budget cuts.
+  analyse   train the probe, calibrate at several deltas, evaluate on the test split, write
+            RESULTS.md tables (results.json holds every number).
+
+Test-split LYNX / DEER numbers at every delta are computed from the test labelling pass: greedy
+decoding is deterministic and the trial at cue j is exactly what exiting at cue j produces, so the
+first cue a policy accepts gives its answer and token count. The online stage checks this against
+real online runs.
+
+    .venv/bin/python experiments/lynx/run_lynx.py --stage all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from probes.answers import NumericChecker
+from probes.conformal import calibrate
+from probes.cues import CueSet
+from probes.data import LabelledCues, arithmetic_problems, chat_prompts, label_cue_events, load_model
+from probes.features import default_points
+from probes.generate import DeerPolicy, ExitConfig, LynxPolicy, generate_with_exit, premature_exit_rates
+from probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
+
+OUT = Path(__file__).parent / "out"
+N = {"train": 160, "calibration": 120, "test": 100}
+DELTAS = (0.05, 0.1, 0.2, 0.3)
+ONLINE_DELTA = 0.2
+BUDGETS = (24, 48)
+DEER_THRESHOLD = 0.95
+# SmolLM2 never says "wait"/"hmm": it ends steps with line breaks, so structural cues do the work.
+CUES = CueSet(structural=("blank_line", "newline"))
+CONFIG = ExitConfig(exit_string="\n\nThe answer is ", answer_max_tokens=8, answer_stop=(".", "\n"),
+                    max_new_tokens=80)
+BATCH = 20
+
+
+def problems(split):
+    return arithmetic_problems(N[split], seed=0, split=split)
+
+
+def row_records(problems_, results, checker) -> list[dict]:
+    recs, i = [], 0
+    for res in results:
+        for row in res.rows:
+            p = problems_[i]
+            i += 1
+            recs.append({
+                "question": p.question, "gold": p.answer, "stop": row.stop, "kept": row.kept,
+                "n_tokens": row.n_tokens(len(res.exit_ids)), "forward_tokens": row.forward_tokens,
+                "correct": checker.check(row.final_text, p.answer, forced=row.forced),
+                "text": row.reasoning_text, "final": row.final_text,
+                "events": [{"cue": e.cue, "cue_token": e.cue_token, "cut": e.cut,
+                            "answer": e.trial.answer_text, "answer_len": len(e.trial.answer_ids),
+                            "trial_forward": e.trial.forward_tokens, "confidence": e.trial.confidence,
+                            "label": int(checker.check(e.trial.answer_text, p.answer, forced=True))}
+                           for e in row.events],
+            })
+    return recs
+
+
+def stage_label(model, tok, name):
+    OUT.mkdir(parents=True, exist_ok=True)
+    points = default_points(model)
+    chk = NumericChecker()
+    for split in ("train", "calibration", "test"):
+        probs = problems(split)
+        t0 = time.time()
+        lab, results = label_cue_events(model, tok, probs, points, CUES, CONFIG, chk, batch_size=BATCH,
+                                        model_name=name,
+                                        progress=lambda d, n, s=split, t=t0: print(
+                                            f"  {s}: {d}/{n} {time.time()-t:.0f}s", flush=True))
+        lab.meta["split"] = split
+        lab.to_safetensors(OUT / f"cues_{split}.safetensors")
+        recs = row_records(probs, results, chk)
+        (OUT / f"rows_{split}.json").write_text(json.dumps(recs, indent=1))
+        acc = sum(r["correct"] for r in recs) / len(recs)
+        print(f"{split}: {len(probs)} problems, {len(lab)} cue events, {int(lab.labels.sum())} positive, "
+              f"full-generation accuracy {acc:.3f}, {time.time()-t0:.0f}s", flush=True)
+
+
+def fit(lab_train: LabelledCues) -> LynxProbe:
+    m = lab_train.meta
+    info = ProbeInfo(model=m["model"], n_layers=m["n_layers"], d_model=m["d_model"], points=m["points"],
+                     cues=m["cues"], exit_string=m["exit_string"])
+    return train_probe(lab_train.features, lab_train.labels, ProbeConfig(), info, groups=lab_train.trajectory)
+
+
+def simulate(recs, exit_at) -> dict:
+    """Accuracy and tokens when each trajectory exits at the first event `exit_at(ev)` accepts."""
+    correct, tokens, compute, exits = [], [], [], 0
+    for r in recs:
+        ex = next((e for e in r["events"] if exit_at(e)), None)
+        if ex is None:
+            correct.append(r["correct"])
+            tokens.append(r["n_tokens"])
+        else:
+            exits += 1
+            correct.append(bool(ex["label"]))
+            tokens.append(ex["cut"] + EXIT_LEN + ex["answer_len"])
+        compute.append(tokens[-1])
+    return {"accuracy": sum(correct) / len(recs), "mean_tokens": sum(tokens) / len(recs),
+            "exit_fraction": exits / len(recs)}
+
+
+def stage_online(model, tok, name):
+    """Truly online runs on the test split."""
+    chk = NumericChecker()
+    probs = problems("test")
+    prompts = chat_prompts(tok, [p.question for p in probs])
+    golds = [p.answer for p in probs]
+    probe = fit(LabelledCues.from_safetensors(OUT / "cues_train.safetensors"))
+    cal = LabelledCues.from_safetensors(OUT / "cues_calibration.safetensors")
+    with torch.no_grad():
+        calib = calibrate(probe(cal.features), cal.labels, ONLINE_DELTA)
+    runs = {}
+
+    def go(label, **kw):
+        t0 = time.time()
+        rows, toks, fwd, secs = [], [], [], 0.0
+        for s in range(0, len(prompts), BATCH):
+            res = generate_with_exit(model, tok, prompts[s: s + BATCH], cues=CUES, **kw)
+            rows += res.correct(golds[s: s + BATCH], chk)
+            toks += res.n_tokens()
+            fwd += [r.forward_tokens for r in res.rows]
+            secs += res.seconds
+            runs.setdefault(label + "_rows", []).extend(
+                [{"stop": r.stop, "kept": r.kept, "exit_cue": next((e.cue_token for e in r.events if e.exited), None),
+                  "final": r.final_text} for r in res.rows])
+        runs[label] = {"accuracy": sum(rows) / len(rows), "mean_tokens": sum(toks) / len(toks),
+                       "mean_forward_tokens": sum(fwd) / len(fwd), "seconds": secs}
+        print(label, runs[label], f"{time.time()-t0:.0f}s", flush=True)
+
+    go(f"lynx_online_delta{ONLINE_DELTA}", policy=LynxPolicy(probe, calib), config=CONFIG)
+    go("deer_online", policy=DeerPolicy(DEER_THRESHOLD), config=CONFIG)
+    for b in BUDGETS:
+        cfg = ExitConfig(**{**CONFIG.__dict__, "max_new_tokens": b})
+        go(f"budget{b}", config=cfg)
+    (OUT / "online.json").write_text(json.dumps(runs, indent=1))
+
+
+EXIT_LEN = 0
+
+
+def stage_analyse(tok):
+    global EXIT_LEN
+    EXIT_LEN = len(tok(CONFIG.exit_string, add_special_tokens=False)["input_ids"])
+    labs = {s: LabelledCues.from_safetensors(OUT / f"cues_{s}.safetensors") for s in N}
+    recs = {s: json.loads((OUT / f"rows_{s}.json").read_text()) for s in N}
+    probe = fit(labs["train"])
+    probe.calibration = calibrate(p_cal := probe(labs["calibration"].features).detach(),
+                                  labs["calibration"].labels, ONLINE_DELTA, warn=False)
+    probe.save(OUT / "probe")
+    del p_cal
+    with torch.no_grad():
+        p = {s: probe(labs[s].features).double() for s in N}
+    out = {"probe": {"val_auc": probe.info.val_auc, "best_epoch": probe.info.best_epoch,
+                     "test_auc": auc(p["test"], labs["test"].labels),
+                     "calibration_auc": auc(p["calibration"], labs["calibration"].labels)},
+           "splits": {s: {"problems": len(recs[s]), "events": len(labs[s]), "positive": int(labs[s].labels.sum()),
+                          "full_accuracy": sum(r["correct"] for r in recs[s]) / len(recs[s])} for s in N}}
+    test = recs["test"]
+    # attach probe scores to test events in order (events are stored in the same order as features)
+    k = 0
+    for r in test:
+        for e in r["events"]:
+            e["p"] = float(p["test"][k])
+            k += 1
+    assert k == len(labs["test"])
+    out["full"] = {"accuracy": out["splits"]["test"]["full_accuracy"],
+                   "mean_tokens": sum(r["n_tokens"] for r in test) / len(test)}
+    out["oracle_first_correct_cue"] = simulate(test, lambda e: e["label"] == 1)
+    out["deer"] = simulate(test, lambda e: e["confidence"] > DEER_THRESHOLD)
+    out["deer"]["mean_forward_tokens_incl_trials"] = _deer_compute(test)
+    out["lynx"] = {}
+    for d in DELTAS:
+        calib = calibrate(p["calibration"], labs["calibration"].labels, d, warn=False)
+        rates = premature_exit_rates(p["test"], labs["test"].labels, labs["test"].trajectory, calib)
+        n_neg = rates["n_negative_events"]
+        se = math.sqrt(d * (1 - d) / max(n_neg, 1))
+        sim = simulate(test, lambda e, c=calib: bool(c.should_exit(torch.tensor([e["p"]]))[0]))
+        out["lynx"][str(d)] = {**sim, **rates, "q0": calib.q0, "q1": calib.q1, "n0": calib.n0, "n1": calib.n1,
+                               "binomial_se_at_delta": se, "notes": calib.notes}
+    out["exit_len"] = EXIT_LEN
+    if (OUT / "online.json").exists():
+        out["online"] = {k: v for k, v in json.loads((OUT / "online.json").read_text()).items()
+                         if not k.endswith("_rows")}
+    out["machine"] = f"{platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, 1 thread"
+    out["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    (OUT / "results.json").write_text(json.dumps(out, indent=1, default=str))
+    print(json.dumps(out, indent=1, default=str))
+
+
+def _deer_compute(test) -> float:
+    """DEER's real cost: every trial it ran (at each cue until it exits) plus the kept tokens."""
+    tot = 0
+    for r in test:
+        spent = 0
+        ex = None
+        for e in r["events"]:
+            spent += e["trial_forward"]
+            if e["confidence"] > DEER_THRESHOLD:
+                ex = e
+                break
+        tot += spent + (ex["cut"] if ex else r["n_tokens"])
+    return tot / len(test)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", choices=["label", "online", "analyse", "all"], default="all")
+    ap.add_argument("--model", default="smollm2")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, tok, name = load_model(args.model)
+    if args.stage in ("label", "all"):
+        stage_label(model, tok, name)
+    if args.stage in ("online", "all"):
+        stage_online(model, tok, name)
+    if args.stage in ("analyse", "all"):
+        stage_analyse(tok)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

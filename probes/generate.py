@@ -1,0 +1,412 @@
+"""Truly online early exit: LYNX (and baselines) inside a batched generation loop.
+
+The released LYNX code replays finished rollouts. Here exit happens during generation: at each cue
+event the policy scores the state; to exit, the row's KV cache is rolled back to just before the cue
+(its keys/values are sliced out of the batch cache: nothing is recomputed), the exit string is fed
+and the answer is decoded greedily. The row then leaves the batch; other rows go on independently.
+
+The same rollback serves forced-exit labelling (a *trial* exit at every cue, whose answer is the
+label) and the DEER baseline (exit when the trial answer's confidence exceeds a threshold), so the
+labels the probe is trained on are exactly the answers an online exit would produce.
+
+Loop invariant: when token t+1 has just been sampled for a row, the last forward call computed the
+hidden states of token t, and cue detection (probes.cues) reports cues whose last token is t.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from probes.conformal import ConformalCalibration, check_delta
+from probes.cues import CueMatch, CueSet, CueTracker
+from probes.features import HookRecorder, from_hidden_states, validate_points
+from probes.probe import LynxProbe
+
+LYNX_EXIT_STRING = "</think> Final Answer: \\boxed{"  # released code's exit string (reasoning models)
+
+
+@dataclass
+class ExitConfig:
+    """Generation and forced-exit parameters (LYNX code: greedy answer of up to 64 tokens)."""
+
+    exit_string: str = LYNX_EXIT_STRING
+    answer_max_tokens: int = 64
+    answer_stop: tuple[str, ...] = ()  # stop the answer once one of these appears after some text
+    max_new_tokens: int = 512  # reasoning budget; a row reaching it is force-exited (a budget cut)
+    do_sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+
+
+# ---- policies ------------------------------------------------------------------------------------
+
+class NeverExit:
+    """Plain generation (optionally with trial exits recorded at every cue, for labelling)."""
+
+    needs_score = False
+    needs_trial = False
+
+    def decide(self, score: float | None, trial: Trial | None) -> bool:
+        return False
+
+
+@dataclass
+class LynxPolicy:
+    """Exit at the first cue whose conformal prediction set is exactly {1}."""
+
+    probe: LynxProbe
+    calibration: ConformalCalibration
+    needs_score = True
+    needs_trial = False
+
+    def __post_init__(self):
+        check_delta(self.calibration.delta)
+
+    def decide(self, score, trial) -> bool:
+        return bool(self.calibration.should_exit(torch.tensor([score]))[0])
+
+
+@dataclass
+class DeerPolicy:
+    """DEER-style baseline: at each cue, run a trial answer; exit when its confidence (mean of the
+    answer tokens' greedy probabilities) exceeds `threshold` (DEER: 0.95)."""
+
+    threshold: float = 0.95
+    needs_score = False
+    needs_trial = True
+
+    def decide(self, score, trial) -> bool:
+        return trial is not None and trial.confidence > self.threshold
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+@dataclass
+class Trial:
+    """An exit before a cue (or at the budget): exit string fed, answer decoded greedily."""
+
+    answer_ids: list[int]
+    answer_text: str
+    confidence: float  # mean over answer tokens of the chosen token's probability
+    forward_tokens: int  # token positions run through the model for this trial
+
+
+@dataclass
+class CueEvent:
+    row: int
+    cue: str
+    cue_token: int  # index in generated tokens of the cue's last token (features are read here)
+    cut: int  # generated tokens kept when exiting before this cue
+    score: float | None = None  # probe p, when a probe was scoring
+    trial: Trial | None = None
+    exited: bool = False
+    feature_index: int | None = None  # row of GenerationResult.features
+
+
+@dataclass
+class RowResult:
+    prompt: str
+    generated_ids: list[int]  # everything sampled in the reasoning phase (up to the exit point)
+    kept: int  # reasoning tokens kept (== len(generated_ids) unless exited before a cue)
+    stop: str  # "eos" | "exit" | "budget"
+    reasoning_text: str
+    answer: Trial | None  # the exit's answer (stop in {"exit", "budget"})
+    events: list[CueEvent] = field(default_factory=list)
+    forward_tokens: int = 0  # all token positions this row ran through the model after the prompt
+
+    @property
+    def forced(self) -> bool:
+        return self.stop != "eos"
+
+    @property
+    def final_text(self) -> str:
+        """Where the answer is read: the forced answer, or the natural generation's text."""
+        return self.answer.answer_text if self.answer is not None else self.reasoning_text
+
+    def n_tokens(self, exit_len: int) -> int:
+        """Output tokens: kept reasoning, plus exit string and answer after a forced exit."""
+        if self.answer is None:
+            return self.kept
+        return self.kept + exit_len + len(self.answer.answer_ids)
+
+
+@dataclass
+class GenerationResult:
+    rows: list[RowResult]
+    exit_ids: list[int]
+    features: torch.Tensor | None = None  # [E, F] at cue events (record_features=True)
+    seconds: float = 0.0
+    config: ExitConfig | None = None
+
+    @property
+    def events(self) -> list[CueEvent]:
+        return [e for r in self.rows for e in r.events]
+
+    def n_tokens(self) -> list[int]:
+        return [r.n_tokens(len(self.exit_ids)) for r in self.rows]
+
+    def correct(self, golds: Sequence, checker) -> list[bool]:
+        return [checker.check(r.final_text, g, forced=r.forced) for r, g in zip(self.rows, golds)]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame([
+            {"row": i, "stop": r.stop, "kept": r.kept, "n_tokens": r.n_tokens(len(self.exit_ids)),
+             "forward_tokens": r.forward_tokens, "n_cues": len(r.events),
+             "exit_cue": next((e.cue_token for e in r.events if e.exited), None),
+             "answer": r.final_text[:80]}
+            for i, r in enumerate(self.rows)
+        ])
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def _cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if src is None:
+            continue
+        ids.update(src if isinstance(src, (list, tuple)) else [src])
+    return ids
+
+
+def _fork_row(cache: DynamicCache, row: int, keep: int) -> DynamicCache:
+    """A one-row cache holding row `row`'s first `keep` positions (the rollback)."""
+    fork = DynamicCache()
+    for li, layer in enumerate(cache.layers):
+        if type(layer).__name__ != "DynamicLayer":
+            raise NotImplementedError(f"rollback of cache layer type {type(layer).__name__} is not supported")
+        fork.update(layer.keys[row: row + 1, :, :keep], layer.values[row: row + 1, :, :keep], li)
+    return fork
+
+
+class _Runner:
+    def __init__(self, model, tokenizer, config: ExitConfig, points, feature_backend):
+        self.model, self.tok, self.cfg = model, tokenizer, config
+        self.ckw = _cache_kwarg(model)
+        self.eos = _eos_ids(model, tokenizer)
+        self.exit_ids = tokenizer(config.exit_string, add_special_tokens=False)["input_ids"] if config.exit_string else []
+        self.points, self.backend = points, feature_backend
+        self.device = next(model.parameters()).device
+        self.gen = torch.Generator(device="cpu").manual_seed(config.seed)
+
+    def forward(self, ids, mask, pos, cache, hidden: bool = False):
+        kw = {self.ckw: cache}
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                          output_hidden_states=hidden, logits_to_keep=1, **kw)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / self.cfg.temperature, -1).cpu()
+        return torch.multinomial(probs, 1, generator=self.gen).squeeze(-1).to(logits.device)
+
+    @torch.no_grad()
+    def trial(self, cache, row, keep, mask_row, extra: list[int]) -> Trial:
+        """Roll row back to `keep` cache positions, feed `extra` (+ exit string), decode greedily."""
+        fork = _fork_row(cache, row, keep)
+        feed = list(extra) + list(self.exit_ids)
+        mask = mask_row[:keep].unsqueeze(0)
+        n_real = int(mask.sum())
+        forward_tokens, answer, probs = 0, [], []
+        ids = torch.tensor([feed], device=self.device)
+        for _ in range(self.cfg.answer_max_tokens):
+            m = ids.shape[1]
+            mask = torch.cat([mask, torch.ones(1, m, dtype=mask.dtype, device=mask.device)], 1)
+            pos = torch.arange(n_real, n_real + m, device=self.device).unsqueeze(0)
+            out = self.forward(ids, mask, pos, fork)
+            n_real += m
+            forward_tokens += m
+            p = torch.softmax(out.logits[0, -1].float(), -1)
+            tid = int(p.argmax())
+            if tid in self.eos:
+                break
+            answer.append(tid)
+            probs.append(float(p[tid]))
+            text = self.tok.decode(answer, skip_special_tokens=True)
+            if self.cfg.answer_stop and text.strip() and any(s in text.lstrip() for s in self.cfg.answer_stop):
+                break
+            ids = torch.tensor([[tid]], device=self.device)
+        text = self.tok.decode(answer, skip_special_tokens=True)
+        conf = sum(probs) / len(probs) if probs else 0.0
+        return Trial(answer, text, conf, forward_tokens)
+
+
+@torch.no_grad()
+def generate_with_exit(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    policy=None,
+    cues: CueSet | None = None,
+    config: ExitConfig | None = None,
+    *,
+    points: Sequence[str] | None = None,
+    record_features: bool = False,
+    record_trials: bool = False,
+    feature_backend: str = "hooks",
+    add_special_tokens: bool = False,
+) -> GenerationResult:
+    """Generate for a batch of prompts, exiting each row early when `policy` says so.
+
+    policy: NeverExit() (default), LynxPolicy(probe, calibration) or DeerPolicy(threshold).
+    record_features: keep the probe features at every cue event (GenerationResult.features).
+    record_trials: run a forced-exit trial at every cue event (labelling); DEER always does.
+    Prompts are tokenised as given (apply the chat template first), left-padded.
+    """
+    policy = policy or NeverExit()
+    cfg = config or ExitConfig()
+    if isinstance(policy, LynxPolicy):
+        cues = cues or policy.probe.cue_set
+        points = points or (policy.probe.info.points if policy.probe.info else None)
+        policy.probe.check_compatible(model, points)
+    cues = cues or CueSet()
+    need_feats = record_features or policy.needs_score
+    if need_feats:
+        if not points:
+            raise ValueError("feature points are needed to score or record features (probes.features.default_points)")
+        validate_points(points, model)
+    if cfg.max_new_tokens < 1 or cfg.answer_max_tokens < 1:
+        raise ValueError("max_new_tokens and answer_max_tokens must be >= 1")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    run = _Runner(model, tokenizer, cfg, points, feature_backend)
+    t0 = time.perf_counter()
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    finally:
+        tokenizer.padding_side = side
+    ids, mask = enc["input_ids"].to(run.device), enc["attention_mask"].to(run.device)
+    B, T = ids.shape
+    gens: list[list[int]] = [[] for _ in range(B)]
+    trackers = [CueTracker(cues, tokenizer) for _ in range(B)]
+    events: list[list[CueEvent]] = [[] for _ in range(B)]
+    fwd = [0] * B
+    results: list[RowResult | None] = [None] * B
+    feats_out: list[torch.Tensor] = []
+    active = list(range(B))
+    cache = DynamicCache()
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    recorder = HookRecorder(points) if need_feats and feature_backend == "hooks" else None
+    hooks_ctx = None
+    if recorder is not None:
+        from steer.hooks import attach
+
+        hooks_ctx = attach(model, recorder.hooks())
+        hooks_ctx.__enter__()
+    try:
+        use_hs = need_feats and feature_backend == "hidden_states"
+        out = run.forward(ids, mask, pos, cache, hidden=use_hs)
+        last_pos = pos[:, -1]
+        for _ in range(cfg.max_new_tokens):
+            logits = out.logits[:, -1]
+            if need_feats:  # features of the token fed last, one row per active row
+                last = torch.full((len(active),), -1, dtype=torch.long, device=run.device)
+                feats = (from_hidden_states(out.hidden_states, points, last) if use_hs
+                         else recorder.features(last))
+            nxt = run.choose(logits)
+            nxt_list = nxt.tolist()
+            scores = None
+            finished: list[int] = []
+            for i, r in enumerate(active):
+                tid = nxt_list[i]
+                gens[r].append(tid)
+                found: list[CueMatch] = trackers[r].push(tid)
+                done = False
+                for m in found:
+                    ev = CueEvent(r, m.cue, m.cue_token, m.cut)
+                    if need_feats:
+                        if record_features:
+                            ev.feature_index = len(feats_out)
+                            feats_out.append(feats[i].cpu())
+                        if policy.needs_score:
+                            if scores is None:
+                                scores = policy.probe(feats).float().cpu().tolist()
+                            ev.score = scores[i]
+                    if record_trials or policy.needs_trial:
+                        keep = T + m.cut
+                        ev.trial = run.trial(cache, i, keep, mask[i], [])
+                        fwd[r] += ev.trial.forward_tokens
+                    events[r].append(ev)
+                    if policy.decide(ev.score, ev.trial):
+                        ev.exited = True
+                        tr = ev.trial or run.trial(cache, i, T + m.cut, mask[i], [])
+                        if ev.trial is None:
+                            fwd[r] += tr.forward_tokens
+                        kept = gens[r][: m.cut]
+                        results[r] = RowResult(prompts[r], kept, m.cut, "exit",
+                                               tokenizer.decode(kept, skip_special_tokens=True), tr, events[r])
+                        done = True
+                        break
+                if not done and tid in run.eos:
+                    results[r] = RowResult(prompts[r], gens[r], len(gens[r]), "eos",
+                                           tokenizer.decode(gens[r], skip_special_tokens=True), None, events[r])
+                    done = True
+                if not done and len(gens[r]) >= cfg.max_new_tokens:
+                    keep = T + len(gens[r]) - 1  # everything fed so far; feed the last sampled token too
+                    tr = run.trial(cache, i, keep, mask[i], [tid])
+                    fwd[r] += tr.forward_tokens
+                    results[r] = RowResult(prompts[r], gens[r], len(gens[r]), "budget",
+                                           tokenizer.decode(gens[r], skip_special_tokens=True), tr, events[r])
+                    done = True
+                if done:
+                    finished.append(i)
+            if finished:
+                keep_idx = [i for i in range(len(active)) if i not in set(finished)]
+                active = [active[i] for i in keep_idx]
+                if not active:
+                    break
+                sel = torch.tensor(keep_idx, device=run.device)
+                cache.batch_select_indices(sel)
+                mask, nxt, last_pos = mask[sel], nxt[sel], last_pos[sel]
+            mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=mask.device)], 1)
+            last_pos = last_pos + 1
+            for r in active:
+                fwd[r] += 1
+            out = run.forward(nxt[:, None], mask, last_pos[:, None], cache, hidden=use_hs)
+    finally:
+        if hooks_ctx is not None:
+            hooks_ctx.__exit__(None, None, None)
+    for r in range(B):
+        results[r].forward_tokens = fwd[r]
+    feats_t = torch.stack(feats_out) if feats_out else (torch.empty(0, 0) if record_features else None)
+    return GenerationResult(results, run.exit_ids, feats_t, time.perf_counter() - t0, cfg)
+
+
+def premature_exit_rates(p: torch.Tensor, y: torch.Tensor, traj: torch.Tensor,
+                         calibration: ConformalCalibration) -> dict[str, float]:
+    """Empirical premature-exit rates on labelled cue events (in trajectory order).
+
+    per_event: P(exit | y=0) over negative cue events (the guaranteed quantity, <= delta).
+    per_trajectory: fraction of trajectories whose first exiting cue has y=0 (can exceed delta).
+    """
+    ex = calibration.should_exit(p)
+    neg = y == 0
+    per_event = float(ex[neg].double().mean()) if bool(neg.any()) else math.nan
+    n_traj, bad, exits = 0, 0, 0
+    for t in torch.unique(traj):
+        idx = (traj == t).nonzero().flatten()
+        n_traj += 1
+        first = next((int(i) for i in idx if bool(ex[i])), None)
+        if first is not None:
+            exits += 1
+            bad += int(y[first] == 0)
+    return {"per_event": per_event, "per_trajectory": bad / max(n_traj, 1),
+            "exit_rate_trajectories": exits / max(n_traj, 1), "n_negative_events": int(neg.sum())}

@@ -1,0 +1,243 @@
+"""Step 4 of LYNX: the confidence probe, P(correct if we exit now | hidden states at the cue).
+
+standardise -> Linear(F, 256) -> ReLU -> Linear(256, 64) -> ReLU -> Linear(64, 1) -> sigmoid,
+trained with class-balanced BCE, Adam, 20% validation split and early stopping on validation loss
+(the released code uses sklearn's MLPClassifier with these sizes; we keep it in torch so probes
+save as safetensors + JSON, never pickles, and so the same forward can run fused on GPU through
+kernels.probe_score).
+
+A probe remembers what it was trained on (model name, layer count, hidden size, feature points);
+applying it to anything else is an error, not a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from probes.conformal import ConformalCalibration
+from probes.cues import CueSet
+
+
+@dataclass
+class ProbeConfig:
+    """Training parameters (LYNX code defaults: hidden (256, 64), 20% validation, early stopping)."""
+
+    hidden: tuple[int, ...] = (256, 64)
+    validation_fraction: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # sklearn's alpha
+    batch_size: int = 64
+    max_epochs: int = 200
+    patience: int = 10  # epochs without validation-loss improvement before stopping
+    class_balanced: bool = True
+    seed: int = 0
+
+
+@dataclass
+class ProbeInfo:
+    """What the probe was trained on; checked whenever it is applied."""
+
+    model: str  # model name or path (informational)
+    n_layers: int
+    d_model: int
+    points: list[str]
+    cues: dict = field(default_factory=dict)
+    exit_string: str = ""
+    n_train: int = 0
+    n_val: int = 0
+    best_epoch: int = 0
+    val_loss: float = math.nan
+    val_auc: float = math.nan
+
+
+class LynxProbe(nn.Module):
+    """MLP probe with its standardisation built in; `forward(features) -> p` in [0, 1]."""
+
+    def __init__(self, n_features: int, hidden: Sequence[int] = (256, 64), info: ProbeInfo | None = None):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        sizes = [n_features, *hidden, 1]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.info = info
+        self.calibration: ConformalCalibration | None = None
+
+    @property
+    def n_features(self) -> int:
+        return self.mean.numel()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        h = (x.float() - self.mean) / self.std
+        for i, lin in enumerate(self.linears):
+            h = lin(h)
+            if i < len(self.linears) - 1:
+                h = torch.relu(h)
+        return h.squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.n_features:
+            raise ValueError(f"probe expects {self.n_features} features, got {x.shape[-1]}: it was trained on "
+                             f"points {self.info.points if self.info else '?'}")
+        return torch.sigmoid(self.logits(x))
+
+    def score_hidden(self, hidden: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+        """p for each row from per-point hidden states [B, T, D_l] at `positions` [B].
+
+        On CUDA uses the fused kernel kernels.probe_score when it is installed (one launch, no
+        concatenated feature tensor); elsewhere the torch path. Both compute the same function."""
+        if hidden[0].is_cuda:
+            try:
+                from kernels.probe_score import probe_score
+            except ImportError:
+                probe_score = None
+            if probe_score is not None:
+                layers = [(lin.weight, lin.bias) for lin in self.linears]
+                return probe_score(list(hidden), positions, self.mean, self.std, layers)
+        rows = torch.arange(hidden[0].shape[0], device=hidden[0].device)
+        feats = torch.cat([h[rows, positions].float() for h in hidden], dim=-1)
+        return self(feats)
+
+    # ---- compatibility --------------------------------------------------------------------------
+    def check_compatible(self, model, points: Sequence[str] | None = None) -> None:
+        """Raise if this probe was trained for another model shape or feature points."""
+        if self.info is None:
+            return
+        cfg = model.config.get_text_config(decoder=True)
+        n, d = int(cfg.num_hidden_layers), int(cfg.hidden_size)
+        if (n, d) != (self.info.n_layers, self.info.d_model):
+            raise ValueError(
+                f"probe was trained on {self.info.model!r} ({self.info.n_layers} layers, d_model "
+                f"{self.info.d_model}) but this model has {n} layers, d_model {d}: train a probe for this model"
+            )
+        if points is not None and list(points) != list(self.info.points):
+            raise ValueError(f"probe was trained on feature points {self.info.points}, not {list(points)}: "
+                             f"use the probe's own points (probe.info.points)")
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save(self, directory) -> Path:
+        """probe.safetensors (weights + standardisation) and probe.json (what it was trained on,
+        and the conformal calibration if any)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(d / "probe.safetensors"))
+        meta = {"format": "steer.lynx_probe/1", "n_features": self.n_features,
+                "hidden": [lin.out_features for lin in self.linears[:-1]],
+                "info": asdict(self.info) if self.info else None,
+                "calibration": self.calibration.to_json() if self.calibration else None}
+        (d / "probe.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+        return d
+
+    @classmethod
+    def load(cls, directory) -> LynxProbe:
+        d = Path(directory)
+        meta_path, weights = d / "probe.json", d / "probe.safetensors"
+        if not meta_path.exists() or not weights.exists():
+            raise FileNotFoundError(f"{d} is not a saved probe (needs probe.json and probe.safetensors; "
+                                    f"create one with `steer probe train`)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != "steer.lynx_probe/1":
+            raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected 'steer.lynx_probe/1'")
+        info = ProbeInfo(**meta["info"]) if meta.get("info") else None
+        probe = cls(meta["n_features"], meta["hidden"], info)
+        probe.load_state_dict(load_file(str(weights)))
+        if meta.get("calibration"):
+            probe.calibration = ConformalCalibration.from_json(meta["calibration"])
+        return probe.eval()
+
+    @property
+    def cue_set(self) -> CueSet | None:
+        return CueSet.from_json(self.info.cues) if self.info and self.info.cues else None
+
+
+def _json_default(x):
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    return str(x)
+
+
+def auc(p: torch.Tensor, y: torch.Tensor) -> float:
+    """ROC AUC by the rank-sum formula (ties count one half); nan if one class is absent."""
+    p, y = p.double().flatten(), y.flatten().bool()
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return math.nan
+    diff = p[y][:, None] - p[~y][None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeConfig | None = None,
+                info: ProbeInfo | None = None, groups: torch.Tensor | None = None) -> LynxProbe:
+    """Fit a LynxProbe. `groups` (e.g. trajectory ids) keeps all cue events of one trajectory on
+    the same side of the validation split, so early stopping is not fooled by near-duplicates."""
+    cfg = config or ProbeConfig()
+    x, y = features.float(), labels.float().flatten()
+    if x.ndim != 2 or x.shape[0] != y.numel():
+        raise ValueError(f"features must be [N, F] with one label each; got {tuple(x.shape)} and {y.numel()} labels")
+    if x.shape[0] < 4:
+        raise ValueError(f"need at least 4 labelled cue events to train a probe, got {x.shape[0]}")
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError("labels must be 0 or 1")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = x.shape[0]
+    if groups is None:
+        groups = torch.arange(n)
+    uniq = torch.unique(groups)
+    perm = uniq[torch.randperm(len(uniq), generator=gen)]
+    n_val_groups = max(1, int(round(cfg.validation_fraction * len(uniq))))
+    val_mask = torch.isin(groups, perm[:n_val_groups])
+    if val_mask.all() or not val_mask.any():
+        val_mask = torch.zeros(n, dtype=torch.bool)
+        val_mask[torch.randperm(n, generator=gen)[: max(1, n // 5)]] = True
+    xt, yt, xv, yv = x[~val_mask], y[~val_mask], x[val_mask], y[val_mask]
+
+    torch.manual_seed(cfg.seed)
+    probe = LynxProbe(x.shape[1], cfg.hidden, info)
+    probe.mean.copy_(xt.mean(0))
+    probe.std.copy_(xt.std(0, unbiased=False).clamp_min(1e-6))
+    pos = float(yt.sum())
+    neg = float(len(yt) - pos)
+    if cfg.class_balanced and pos > 0 and neg > 0:  # sklearn "balanced": n / (2 n_c)
+        w1, w0 = len(yt) / (2 * pos), len(yt) / (2 * neg)
+    else:
+        w1 = w0 = 1.0
+
+    def loss_of(xx, yy):
+        w = torch.where(yy > 0.5, torch.tensor(w1), torch.tensor(w0))
+        return nn.functional.binary_cross_entropy_with_logits(probe.logits(xx), yy, weight=w)
+
+    opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state, best_epoch, bad = math.inf, None, 0, 0
+    for epoch in range(cfg.max_epochs):
+        probe.train()
+        order = torch.randperm(len(yt), generator=gen)
+        for i in range(0, len(yt), cfg.batch_size):
+            idx = order[i: i + cfg.batch_size]
+            opt.zero_grad()
+            loss_of(xt[idx], yt[idx]).backward()
+            opt.step()
+        probe.eval()
+        with torch.no_grad():
+            vl = float(loss_of(xv, yv))
+        if vl < best - 1e-6:
+            best, best_epoch, bad = vl, epoch, 0
+            best_state = {k: v.clone() for k, v in probe.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    probe.load_state_dict(best_state)
+    probe.eval()
+    if probe.info is not None:
+        with torch.no_grad():
+            probe.info.val_auc = auc(probe(xv), yv)
+        probe.info.n_train, probe.info.n_val = int(len(yt)), int(len(yv))
+        probe.info.best_epoch, probe.info.val_loss = best_epoch, best
+    return probe

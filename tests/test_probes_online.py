@@ -1,0 +1,160 @@
+"""Online early exit on tiny models: rollback == rerun from scratch, batched rows exit independently,
+features read online == features of a fresh forward pass, hooks == hidden_states."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from probes.conformal import ConformalCalibration
+from probes.cues import CueSet
+from probes.features import capture_features, default_points
+from probes.generate import DeerPolicy, ExitConfig, LynxPolicy, NeverExit, generate_with_exit
+from probes.probe import LynxProbe, ProbeInfo
+from steer.tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = ["hello there, how", "a", "the quick brown fox"]
+# Tiny random models emit arbitrary bytes; "any printable char" makes nearly every token a cue.
+ANY = CueSet(words=(), patterns={"char": r"[!-~]"})
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+def _greedy_from_scratch(model, ids: list[int], n: int) -> list[int]:
+    """Reference: no cache, no padding, full forward each step."""
+    out = []
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+        out.append(int(logits.argmax()))
+    return out
+
+
+@torch.no_grad()
+def test_rollback_equals_rerun_from_scratch(llama):
+    model, tok = llama
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=4, max_new_tokens=12)
+    res = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg, record_trials=True)
+    exit_ids = tok("=>", add_special_tokens=False)["input_ids"]
+    checked = 0
+    for prompt, row in zip(PROMPTS, res.rows):
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        # uninterrupted greedy generation must equal the cached, left-padded batch
+        assert row.generated_ids == _greedy_from_scratch(model, p_ids, len(row.generated_ids))
+        for ev in row.events[:4]:
+            ref = _greedy_from_scratch(model, p_ids + row.generated_ids[: ev.cut] + exit_ids, 4)
+            got = ev.trial.answer_ids
+            assert got == ref[: len(got)], (ev, got, ref)
+            checked += 1
+        if row.stop == "budget":  # the budget cut keeps every token then exits
+            ref = _greedy_from_scratch(model, p_ids + row.generated_ids + exit_ids, 4)
+            assert row.answer.answer_ids == ref[: len(row.answer.answer_ids)]
+    assert checked >= 6
+
+
+def _probe_for(model, points, seed=0):
+    torch.manual_seed(seed)
+    n = model.config.num_hidden_layers
+    d = model.config.hidden_size
+    info = ProbeInfo("tiny-llama", n, d, list(points))
+    return LynxProbe(len(points) * d, (16, 8), info).eval()
+
+
+@torch.no_grad()
+def test_batched_exit_rows_are_independent(llama):
+    """Each row of a batch exits exactly where it exits when generated alone."""
+    model, tok = llama
+    points = default_points(model)
+    probe = _probe_for(model, points)
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=3, max_new_tokens=16)
+    # threshold at the median score seen on a plain run, so some cues exit and some do not
+    plain = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg, points=points, record_features=True)
+    scores = probe(plain.features)
+    q0 = float(scores.median())
+    policy = LynxPolicy(probe, ConformalCalibration(0.1, q0, math.inf, 50, 50))
+    batched = generate_with_exit(model, tok, PROMPTS, policy, cues=ANY, config=cfg)
+    stops = [r.stop for r in batched.rows]
+    assert "exit" in stops
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate_with_exit(model, tok, [prompt], policy, cues=ANY, config=cfg).rows[0]
+        row = batched.rows[i]
+        assert (row.stop, row.kept, row.generated_ids) == (alone.stop, alone.kept, alone.generated_ids)
+        assert row.final_text == alone.final_text
+        exited = [e for e in row.events if e.exited]
+        if row.stop == "exit":
+            assert len(exited) == 1 and exited[0] is row.events[-1]
+            assert exited[0].score > q0
+            assert all(e.score <= q0 for e in row.events[:-1])  # exits at the FIRST accepted cue
+            assert row.kept == exited[0].cut
+        else:
+            assert not exited
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_online_features_equal_fresh_forward(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    points = default_points(model)
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=2, max_new_tokens=10)
+    res_h = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg, points=points, record_features=True)
+    res_s = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg, points=points, record_features=True,
+                               feature_backend="hidden_states")
+    torch.testing.assert_close(res_h.features, res_s.features, rtol=0, atol=0)  # same numbers, two backends
+    for prompt, row in zip(PROMPTS, res_h.rows):
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        full = torch.tensor([p_ids + row.generated_ids])
+        for backend in ("hooks", "hidden_states"):
+            ref = capture_features(model, full, None, points, backend=backend)[0]
+            for ev in row.events:
+                torch.testing.assert_close(res_h.features[ev.feature_index], ref[len(p_ids) + ev.cue_token],
+                                           rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_final_point_is_lm_head_input(llama):
+    """'final_norm.out' (hidden_states[-1] in HF) is post-norm: lm_head of it gives the logits."""
+    model, tok = llama
+    ids = torch.tensor([tok("abc def", add_special_tokens=False)["input_ids"]])
+    out = model(input_ids=ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    feats = capture_features(model, ids, None, ["final_norm.out"], backend="hooks")
+    torch.testing.assert_close(model.lm_head(feats), out.logits)
+    torch.testing.assert_close(feats, out.hidden_states[-1])
+
+
+@torch.no_grad()
+def test_deer_and_never_policies(llama):
+    model, tok = llama
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=3, max_new_tokens=10)
+    never = generate_with_exit(model, tok, PROMPTS, NeverExit(), cues=ANY, config=cfg)
+    assert all(r.stop in ("eos", "budget") for r in never.rows)
+    always = generate_with_exit(model, tok, PROMPTS, DeerPolicy(threshold=-1.0), cues=ANY, config=cfg)
+    for r in always.rows:  # confidence > -1 always: exit at the first cue
+        assert r.stop == "exit" and r.events[0].exited and len(r.events) == 1
+        assert r.answer is r.events[0].trial
+    # DEER pays for its trials
+    assert all(r.forward_tokens > r.kept for r in always.rows)
+
+
+@torch.no_grad()
+def test_sampling_is_seeded(llama):
+    model, tok = llama
+    cfg = ExitConfig(exit_string="=>", max_new_tokens=8, answer_max_tokens=2, do_sample=True, seed=3)
+    a = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg)
+    b = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg)
+    assert [r.generated_ids for r in a.rows] == [r.generated_ids for r in b.rows]
+
+
+def test_probe_for_other_model_is_refused(llama):
+    model, tok = llama
+    other = tiny_model("llama", num_hidden_layers=4)
+    probe = _probe_for(other, default_points(other))
+    policy = LynxPolicy(probe, ConformalCalibration(0.1, 0.5, 0.5, 50, 50))
+    with pytest.raises(ValueError, match="trained on"):
+        generate_with_exit(model, tok, PROMPTS, policy, cues=ANY)
+    with pytest.raises(ValueError, match="delta"):
+        LynxPolicy(probe, ConformalCalibration(1.5, 0.5, 0.5, 50, 50))
