@@ -48,6 +48,8 @@ __all__ = [
 
 DEFAULT_MODEL = "smollm2"
 MARKER_FILE = "steer_model.json"  # written last into a converted checkpoint: its presence means complete
+# Bump when the conversion output changes; checkpoints converted by an older steer are redone once.
+CONVERT_FORMAT = 2
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -184,7 +186,14 @@ def cached_checkpoint(name: str) -> Path | None:
     if entry.built_by:
         return None  # where the builder keeps it is the builder's business
     path = _checkpoint_dir(entry)
-    return path if (path / MARKER_FILE).exists() else None
+    return path if _is_current(path) else None
+
+
+def _is_current(path: Path) -> bool:
+    try:
+        return json.loads((path / MARKER_FILE).read_text()).get("format") == CONVERT_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
@@ -274,14 +283,15 @@ def fetch(name: str, *, progress: bool = True) -> Path:
     """
     entry = _entry(name)
     if entry.built_by:
-        return _ensure_built(entry)
+        return _ensure_built(entry, progress)
     dest = _checkpoint_dir(entry)
-    if (dest / MARKER_FILE).exists():
+    if _is_current(dest):
         return dest
     with _file_lock(entry.name):
-        if (dest / MARKER_FILE).exists():  # another process finished while we waited
+        if _is_current(dest):  # another process finished while we waited
             return dest
-        _convert(entry, dest, progress)
+        with _transformers_progress(progress):
+            _convert(entry, dest, progress)
     return dest
 
 
@@ -307,14 +317,16 @@ def _convert(entry: PackagedModel, dest: Path, progress: bool) -> None:
             bar.set_postfix_str(steps[3])
             digest = _hash_files(_weight_files(tmp))
             meta = {
-                "name": entry.name, "package": entry.package, "version": entry.version,
+                "format": CONVERT_FORMAT, "name": entry.name, "package": entry.package, "version": entry.version,
                 "member": entry.member, "gguf_sha256": _sha256_file(gguf), "weights_sha256": digest,
                 "dtype": "float32", "convert_seconds": round(time.perf_counter() - start, 2),
                 "transformers_version": _transformers_version(), "license": entry.license,
             }
             (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            if dest.exists():  # a stale, unmarked leftover from an older layout: replace it
-                shutil.rmtree(dest)
+            if dest.exists():  # converted by an older steer (or unmarked): swap it out
+                old = dest.parent / f".old-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.rename(dest, old)
+                shutil.rmtree(old, ignore_errors=True)
             os.rename(tmp, dest)
         finally:
             if tmp.exists():
@@ -335,7 +347,7 @@ def _persist_padding(config_file: Path, tokenizer) -> None:
     config_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
-def _ensure_built(entry: PackagedModel) -> Path:
+def _ensure_built(entry: PackagedModel, progress: bool = True) -> Path:
     try:
         from steer.moebuild import ensure_moe
     except ImportError as exc:
@@ -344,7 +356,10 @@ def _ensure_built(entry: PackagedModel) -> Path:
             f"could not be imported ({exc}). Load 'smollm2' for the dense model, or a checkpoint dir "
             "of an MoE you built yourself."
         ) from exc
-    return Path(ensure_moe())
+    import inspect
+
+    takes_progress = "progress" in inspect.signature(ensure_moe).parameters
+    return Path(ensure_moe(progress=progress) if takes_progress else ensure_moe())
 
 
 def _transformers_version() -> str:
@@ -515,7 +530,7 @@ def load(
             )
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
     if entry is not None:
-        path = _ensure_built(entry) if entry.built_by else fetch(entry.name, progress=progress)
+        path = _ensure_built(entry, progress) if entry.built_by else fetch(entry.name, progress=progress)
         name = entry.name
         with _transformers_progress(progress):
             model, tokenizer = _load_dir(path, trust_remote_code=trust_remote_code, **kwargs)
