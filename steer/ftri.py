@@ -1,0 +1,547 @@
+"""fTRI expert profiling (MoTE, arXiv 2502.11096; SteerMoE, arXiv 2509.09660; RICE, arXiv 2505.14681).
+
+Which routed experts does a behaviour use? Run prompts of two or more classes through the model,
+count per (MoE layer, expert) how many tokens the router sent there, and score each expert by how
+much more the target class uses it than the rest. Steps, as functions:
+
+1. `prompt_batches`   tokenise prompts (optionally + teacher-forced responses), left-padded, with the
+                      token selection (prompt / response / both) as a Bool mask.
+2. `ProfileAccumulator.update` one forward per batch; a hook on `blocks.*.mlp.router.indices` reads
+                      the indices the router *produced* (group limits and correction bias included:
+                      nothing is re-derived) and folds per-prompt counts into per-class sums.
+3. `scores`           `mote` (mean map difference), `risk_diff` (SteerMoE), `npmi` (RICE).
+4. `Profile.top`      global or per-layer ranking, with bootstrap CIs over prompts.
+
+Memory never grows with the number of prompts: only per-class sums [C, L, E] and the bootstrap sums
+[R, C, L, E] are kept. CIs use the Poisson bootstrap (Hanley & MacGibbon 2006; Chamandy et al. 2012):
+each prompt gets R independent Poisson(1) weights, drawn when it is seen, and replicate r accumulates
+the weighted sums. A Poisson(1) weight approximates how often the prompt would be drawn in a
+multinomial resample of N prompts, without knowing N in advance or storing any per-prompt map.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from steer.adapters import model_map
+from steer.hooks import HookContext, attach, unwrap_model
+from steer.identity import check_same_model, model_identity
+from steer.prompts import (
+    EmptyPromptSetError,
+    PromptSet,
+    format_prompt,
+    generate_responses,
+    get_labeller,
+    uses_chat_template,
+)
+
+Tokens = Literal["prompt", "response", "both"]
+Score = Literal["mote", "risk_diff", "npmi"]
+SCORES = ("mote", "risk_diff", "npmi")
+FORMAT_VERSION = 1
+
+
+class DenseModelError(ValueError):
+    """Expert profiling or switching asked of a model without routed experts."""
+
+
+@dataclass
+class ProfileConfig:
+    """Profiling parameters (defaults: MoTE's prompt-token counting and mean difference)."""
+
+    tokens: Tokens = "prompt"  # which tokens count: prompt (MoTE), response (SteerMoE), both
+    score: Score = "mote"  # ranking score; the others can be recomputed with Profile.rescore
+    target: str | None = None  # the behaviour class (default: the first class)
+    normalize: bool = True  # mote: per-prompt counts / the prompt's token count (a routing fraction)
+    n_bootstrap: int = 200  # Poisson bootstrap replicates over prompts (0: no CIs)
+    ci: float = 0.95  # CI level (percentile bootstrap)
+    batch_size: int = 8
+    chat_template: bool | None = None  # wrap prompts in the tokenizer's chat template (None: if it has one)
+    max_length: int = 512  # tokens per sequence (longer prompts are cut from the left)
+    max_new_tokens: int = 48  # response generation (labelling / response tokens)
+    seed: int = 0  # bootstrap weights
+
+    def validate(self) -> None:
+        if self.tokens not in ("prompt", "response", "both"):
+            raise ValueError(f"tokens must be 'prompt', 'response' or 'both', got {self.tokens!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.n_bootstrap < 0 or self.batch_size < 1 or self.max_length < 2:
+            raise ValueError("n_bootstrap must be >= 0, batch_size >= 1 and max_length >= 2")
+        if not 0 < self.ci < 1:
+            raise ValueError(f"ci must be in (0, 1), got {self.ci}")
+
+
+# ---- step 1: batches ---------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # Long[B, T], left padded
+    attention_mask: torch.Tensor  # Long[B, T]
+    selection: torch.Tensor  # Bool[B, T]: tokens that count
+    classes: torch.Tensor  # Long[B]
+
+
+def prompt_batches(tokenizer, prompts: Sequence[str], classes: Sequence[int], config: ProfileConfig,
+                   responses: Sequence[str] | None = None):
+    """Yield left-padded batches; with responses, prompt + response ids with the chosen selection."""
+    chat = config.chat_template
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(prompts), config.batch_size):
+        rows, sels = [], []
+        for i in range(start, min(start + config.batch_size, len(prompts))):
+            text = format_prompt(tokenizer, prompts[i], chat)
+            p_ids = tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer, chat))["input_ids"]
+            r_ids = []
+            if responses is not None:
+                r_ids = tokenizer(responses[i], add_special_tokens=False)["input_ids"]
+            ids = (list(p_ids) + list(r_ids))[-config.max_length:]
+            n_resp = min(len(r_ids), len(ids))
+            n_prompt = len(ids) - n_resp
+            if config.tokens == "prompt":
+                sel = [True] * n_prompt + [False] * n_resp
+            elif config.tokens == "response":
+                sel = [False] * n_prompt + [True] * n_resp
+            else:
+                sel = [True] * len(ids)
+            rows.append(ids)
+            sels.append(sel)
+        width = max(len(r) for r in rows)
+        ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        sel_t = torch.zeros(len(rows), width, dtype=torch.bool)
+        for j, (r, s) in enumerate(zip(rows, sels)):
+            ids_t[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[j, width - len(r):] = 1
+            sel_t[j, width - len(r):] = torch.tensor(s, dtype=torch.bool)
+        yield Batch(ids_t, mask, sel_t, torch.tensor(list(classes[start:start + len(rows)]), dtype=torch.long))
+
+
+# ---- step 2: streaming accumulation -------------------------------------------------------------
+
+class ProfileAccumulator:
+    """Per-class sums over prompts, plus Poisson-bootstrap replicate sums; memory O(R x C x L x E).
+
+    The router hook writes the current batch's per-row counts into `batch_counts` [B, L, E]; `fold`
+    adds the batch to the class sums after the forward. Per class c:
+      n[c]            prompts (with >= 1 selected token)
+      frac[c, l, e]   sum over prompts of count / tokens   (the normalised per-prompt map)
+      count[c, l, e]  sum of counts                         (pooled activations, a in SteerMoE)
+      tokens[c]       selected tokens                       (a + d in SteerMoE)
+    """
+
+    def __init__(self, n_classes: int, layers: list[int], num_experts: int, n_bootstrap: int = 0, seed: int = 0):
+        self.C, self.layers, self.E, self.R = n_classes, list(layers), num_experts, n_bootstrap
+        self.slot = {layer: i for i, layer in enumerate(self.layers)}
+        L = len(self.layers)
+        dd = torch.float64
+        self.n = torch.zeros(n_classes, dtype=dd)
+        self.frac = torch.zeros(n_classes, L, num_experts, dtype=dd)
+        self.count = torch.zeros(n_classes, L, num_experts, dtype=dd)
+        self.tokens = torch.zeros(n_classes, dtype=dd)
+        self.boot = {
+            "n": torch.zeros(n_bootstrap, n_classes, dtype=dd),
+            "frac": torch.zeros(n_bootstrap, n_classes, L, num_experts, dtype=dd),
+            "count": torch.zeros(n_bootstrap, n_classes, L, num_experts, dtype=dd),
+            "tokens": torch.zeros(n_bootstrap, n_classes, dtype=dd),
+        }
+        self.gen = torch.Generator().manual_seed(seed)
+        self.batch_counts: torch.Tensor | None = None
+        self.batch_tokens: torch.Tensor | None = None
+        self.skipped_prompts = 0
+
+    def hook(self, indices: torch.Tensor, ctx: HookContext):
+        """Router-indices hook: per-row expert counts of the selected real tokens in this call."""
+        b, t = ctx.batch_shape
+        if self.batch_counts is None or self.batch_counts.shape[0] != b:
+            self.batch_counts = torch.zeros(b, len(self.layers), self.E, dtype=torch.float64)
+        idx = indices.detach().reshape(b * t, -1)
+        mask = ctx.flat_token_mask
+        rows = torch.arange(b, device=idx.device).repeat_interleave(t)
+        if mask is not None:
+            keep = mask.to(idx.device)
+            idx, rows = idx[keep], rows[keep]
+        flat = (rows.unsqueeze(1) * self.E + idx).reshape(-1)
+        counts = torch.bincount(flat.cpu(), minlength=b * self.E)[: b * self.E].view(b, self.E)
+        self.batch_counts[:, self.slot[ctx.layer]] += counts.double()
+        return None
+
+    def start(self, batch: Batch) -> None:
+        self.batch_counts = torch.zeros(batch.input_ids.shape[0], len(self.layers), self.E, dtype=torch.float64)
+        self.batch_tokens = (batch.selection & batch.attention_mask.bool()).sum(1).double()
+
+    def fold(self, classes: torch.Tensor) -> None:
+        """Add the batch's per-prompt counts to the class sums (and to every bootstrap replicate)."""
+        counts, toks = self.batch_counts, self.batch_tokens
+        has = toks > 0
+        self.skipped_prompts += int((~has).sum())
+        counts, toks, classes = counts[has], toks[has], classes[has]
+        if not len(toks):
+            return
+        frac = counts / toks[:, None, None]
+        onehot = torch.nn.functional.one_hot(classes, self.C).double()  # [B, C]
+        self.n += onehot.sum(0)
+        self.tokens += onehot.T @ toks
+        self.frac += torch.einsum("bc,ble->cle", onehot, frac)
+        self.count += torch.einsum("bc,ble->cle", onehot, counts)
+        if self.R:
+            w = torch.poisson(torch.ones(self.R, len(toks), dtype=torch.float64), generator=self.gen)  # [R, B]
+            wc = w[:, :, None] * onehot[None]  # [R, B, C]
+            self.boot["n"] += wc.sum(1)
+            self.boot["tokens"] += torch.einsum("rbc,b->rc", wc, toks)
+            self.boot["frac"] += torch.einsum("rbc,ble->rcle", wc, frac)
+            self.boot["count"] += torch.einsum("rbc,ble->rcle", wc, counts)
+
+    def nbytes(self) -> int:
+        ts = [self.n, self.frac, self.count, self.tokens, *self.boot.values()]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+# ---- step 3: scores ------------------------------------------------------------------------------
+
+def scores(sums: Mapping[str, torch.Tensor], method: Score, target: int, normalize: bool = True) -> torch.Tensor:
+    """Score [.., L, E] from class sums (n [.., C], frac/count [.., C, L, E], tokens [.., C])."""
+    n, tok = sums["n"], sums["tokens"]
+    cdim = n.dim() - 1  # class dim in n/tokens; in maps it is the same position
+    nt, nr = n.select(cdim, target), n.sum(cdim) - n.select(cdim, target)
+    tt, tr = tok.select(cdim, target), tok.sum(cdim) - tok.select(cdim, target)
+    if method == "mote":
+        maps = sums["frac"] if normalize else sums["count"]
+        mt = maps.select(cdim, target)
+        mr = maps.sum(cdim) - mt
+        return mt / _safe(nt)[..., None, None] - mr / _safe(nr)[..., None, None]
+    at = sums["count"].select(cdim, target)
+    ar = sums["count"].sum(cdim) - at
+    if method == "risk_diff":
+        return at / _safe(tt)[..., None, None] - ar / _safe(tr)[..., None, None]
+    if method == "npmi":
+        total = _safe(tt + tr)[..., None, None]
+        p_ec = at / total
+        p_e = (at + ar) / total
+        p_c = tt[..., None, None] / total
+        pmi = torch.log(p_ec / (p_e * p_c))
+        denom = -torch.log(p_ec)
+        out = pmi / denom
+        out = torch.where(p_ec <= 0, torch.full_like(out, -1.0), out)
+        return torch.where(p_ec >= 1, torch.ones_like(out), out).nan_to_num(0.0)
+    raise ValueError(f"unknown score {method!r}; use one of {', '.join(SCORES)}")
+
+
+def _safe(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_min(1e-12)
+
+
+# ---- step 4: the result --------------------------------------------------------------------------
+
+@dataclass
+class ExpertScore:
+    rank: int
+    layer: int
+    expert: int
+    score: float
+    ci_low: float | None
+    ci_high: float | None
+
+
+@dataclass
+class Profile:
+    """Expert scores [L_moe, E] for one target class vs the rest, with everything to recompute them."""
+
+    scores: torch.Tensor  # Float[L, E] under `config.score`
+    ci_low: torch.Tensor | None  # Float[L, E]
+    ci_high: torch.Tensor | None
+    sums: dict[str, torch.Tensor]  # n [C], frac/count [C, L, E], tokens [C]
+    boot: dict[str, torch.Tensor] | None  # same with a leading replicate dim R
+    classes: list[str]
+    layers: list[int]  # MoE layer index of each row
+    model: dict  # steer.identity.model_identity
+    config: ProfileConfig = field(default_factory=ProfileConfig)
+    stats: dict = field(default_factory=dict)  # run facts: prompts, tokens, seconds, memory
+
+    @property
+    def target(self) -> str:
+        return self.config.target or self.classes[0]
+
+    @property
+    def target_index(self) -> int:
+        return self.classes.index(self.target)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.scores.shape[1])
+
+    def class_maps(self) -> torch.Tensor:
+        """Mean per-prompt map per class, Float[C, L, E] (fractions if normalised, else counts)."""
+        maps = self.sums["frac"] if self.config.normalize else self.sums["count"]
+        return (maps / _safe(self.sums["n"])[:, None, None]).float()
+
+    def rescore(self, method: Score | None = None, target: str | None = None, normalize: bool | None = None) -> Profile:
+        """The same profile under another score/target (no model run: the sums are kept)."""
+        cfg = ProfileConfig(**{**asdict(self.config), **{k: v for k, v in
+                               dict(score=method, target=target, normalize=normalize).items() if v is not None}})
+        cfg.validate()
+        if cfg.target is not None and cfg.target not in self.classes:
+            raise ValueError(f"target class {cfg.target!r} is not one of {self.classes}")
+        return _finish(self.sums, self.boot, self.classes, self.layers, self.model, cfg, dict(self.stats))
+
+    def top(self, k: int = 10, per_layer: bool = False) -> list[ExpertScore]:
+        """The k highest-scoring (layer, expert) pairs overall, or the k best in each layer."""
+        L, E = self.scores.shape
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        flat = self.scores.reshape(-1)
+        if per_layer:
+            order = []
+            for li in range(L):
+                row = torch.argsort(self.scores[li], descending=True, stable=True)[: min(k, E)]
+                order += [li * E + int(e) for e in row]
+        else:
+            order = torch.argsort(flat, descending=True, stable=True)[: min(k, L * E)].tolist()
+        out = []
+        for rank, pos in enumerate(order, 1):
+            li, e = divmod(int(pos), E)
+            lo = float(self.ci_low[li, e]) if self.ci_low is not None else None
+            hi = float(self.ci_high[li, e]) if self.ci_high is not None else None
+            out.append(ExpertScore(rank, self.layers[li], e, float(flat[pos]), lo, hi))
+        return out
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        maps = self.class_maps()
+        L, E = self.scores.shape
+        ranks = torch.empty(L * E, dtype=torch.long)
+        ranks[torch.argsort(self.scores.reshape(-1), descending=True, stable=True)] = torch.arange(1, L * E + 1)
+        rows = []
+        for li in range(L):
+            for e in range(E):
+                r = {"layer": self.layers[li], "expert": e, "score": float(self.scores[li, e]),
+                     "rank": int(ranks[li * E + e])}
+                if self.ci_low is not None:
+                    r["ci_low"], r["ci_high"] = float(self.ci_low[li, e]), float(self.ci_high[li, e])
+                for c, name in enumerate(self.classes):
+                    r[f"mean_{name}"] = float(maps[c, li, e])
+                rows.append(r)
+        return pd.DataFrame(rows)
+
+    def figure(self):
+        """Plotly heatmap: MoE layer (rows) x expert (columns), colour = score."""
+        import plotly.graph_objects as go
+
+        z = self.scores.float().numpy()
+        lim = float(abs(z).max()) or 1.0
+        fig = go.Figure(go.Heatmap(
+            z=z, x=list(range(self.num_experts)), y=[str(i) for i in self.layers], colorscale="RdBu_r",
+            zmin=-lim, zmax=lim, colorbar=dict(title=self.config.score),
+            hovertemplate="layer %{y}, expert %{x}<br>score %{z:.4f}<extra></extra>"))
+        fig.update_layout(
+            title=f"fTRI {self.config.score}: {self.target} vs {', '.join(c for c in self.classes if c != self.target)}"
+                  f" ({self.config.tokens} tokens)",
+            xaxis_title="expert", yaxis_title="MoE layer", yaxis=dict(type="category", autorange="reversed"))
+        return fig
+
+    def bar_figure(self, k: int = 20):
+        """Plotly bar chart of the global top-k experts with bootstrap CIs."""
+        import plotly.graph_objects as go
+
+        top = self.top(k)
+        err = None
+        if self.ci_low is not None:
+            err = dict(type="data", symmetric=False, array=[t.ci_high - t.score for t in top],
+                       arrayminus=[t.score - t.ci_low for t in top])
+        fig = go.Figure(go.Bar(x=[f"L{t.layer}.E{t.expert}" for t in top], y=[t.score for t in top], error_y=err))
+        ci = f", {round(self.config.ci * 100)}% bootstrap CI" if err else ""
+        fig.update_layout(title=f"top {k} experts for {self.target!r} ({self.config.score}{ci})",
+                          xaxis_title="layer.expert", yaxis_title=self.config.score)
+        return fig
+
+    # ---- persistence ----------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {"format": "steer.ftri.Profile", "version": FORMAT_VERSION, "classes": self.classes,
+                "layers": self.layers, "model": self.model, "config": asdict(self.config), "stats": self.stats,
+                "top": [asdict(t) for t in self.top(min(20, self.scores.numel()))]}
+
+    def to_safetensors(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"scores": self.scores.float().contiguous()}
+        if self.ci_low is not None:
+            tensors["ci_low"], tensors["ci_high"] = self.ci_low.float().contiguous(), self.ci_high.float().contiguous()
+        tensors.update({f"sums.{k}": v.contiguous() for k, v in self.sums.items()})
+        if self.boot:
+            tensors.update({f"boot.{k}": v.contiguous() for k, v in self.boot.items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"steer": json.dumps(self.metadata(), default=str)})
+        return path
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write `path` (.safetensors, tensors + metadata) and a readable JSON beside it."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path / "profile.safetensors" if path.suffix == "" else path.with_suffix(".safetensors")
+        self.to_safetensors(path)
+        js = path.with_suffix(".json")
+        js.write_text(json.dumps(self.metadata(), indent=2, default=str) + "\n")
+        return path, js
+
+    @classmethod
+    def from_safetensors(cls, path: str | Path) -> Profile:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "profile.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"no profile at {str(path)!r}; write one with `steer profile --out DIR`")
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("steer", "{}"))
+            if meta.get("format") != "steer.ftri.Profile":
+                raise ValueError(f"{path} is not a steer expert profile (no steer.ftri.Profile metadata)")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        known = {f.name for f in fields(ProfileConfig)}
+        cfg = ProfileConfig(**{k: v for k, v in meta["config"].items() if k in known})
+        sums = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("sums.")}
+        boot = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("boot.")} or None
+        return cls(t["scores"], t.get("ci_low"), t.get("ci_high"), sums, boot, list(meta["classes"]),
+                   [int(x) for x in meta["layers"]], meta["model"], cfg, meta.get("stats", {}))
+
+    load = from_safetensors
+
+    def check_model(self, model: Any) -> None:
+        """Raise steer.identity.ModelMismatchError if `model` is not the model this profile was made on."""
+        check_same_model(self.model, model_identity(model), what="this expert profile")
+
+
+def _finish(sums, boot, classes, layers, ident, cfg: ProfileConfig, stats) -> Profile:
+    t = classes.index(cfg.target) if cfg.target else 0
+    s = scores(sums, cfg.score, t, cfg.normalize).float()
+    lo = hi = None
+    if boot and boot["n"].shape[0] > 1:
+        sb = scores(boot, cfg.score, t, cfg.normalize)  # [R, L, E]
+        a = (1 - cfg.ci) / 2
+        q = torch.quantile(sb.reshape(sb.shape[0], -1), torch.tensor([a, 1 - a], dtype=sb.dtype), dim=0)
+        lo, hi = q[0].reshape(s.shape).float(), q[1].reshape(s.shape).float()
+    return Profile(s, lo, hi, sums, boot, list(classes), list(layers), ident, cfg, stats)
+
+
+# ---- the whole run ---------------------------------------------------------------------------------
+
+def _require_moe(model) -> Any:
+    mm = model_map(unwrap_model(model))
+    if not mm.moe_layers:
+        raise DenseModelError(
+            f"the model is a dense {mm.adapter.family} model: it has no routed experts to profile or switch. "
+            f"Use an MoE checkpoint (families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss, "
+            f"granitemoe), e.g. `steer profile --model smollm2-moe`.")
+    return mm
+
+
+def _as_classes(classes) -> tuple[list[str], list[str], list[int]]:
+    if isinstance(classes, PromptSet):
+        classes = list(classes.by_label().values()) if classes.labels is not None else [classes]
+    if isinstance(classes, Mapping):
+        classes = [PromptSet(list(v), str(k)) if not isinstance(v, PromptSet) else PromptSet(v.prompts, str(k))
+                   for k, v in classes.items()]
+    sets = list(classes)
+    names, prompts, ids = [], [], []
+    for ci, ps in enumerate(sets):
+        ps = ps if isinstance(ps, PromptSet) else PromptSet(list(ps), f"class{ci}")
+        ps.check_nonempty()
+        if ps.name in names:
+            raise ValueError(f"two prompt classes are named {ps.name!r}; give each class its own name")
+        names.append(ps.name)
+        prompts += ps.prompts
+        ids += [ci] * len(ps)
+    return names, prompts, ids
+
+
+def profile(
+    model: Any,
+    tokenizer,
+    classes: Mapping[str, Sequence[str] | PromptSet] | Sequence[PromptSet] | PromptSet,
+    config: ProfileConfig | None = None,
+    *,
+    responses: Sequence[str] | None = None,
+    labeller=None,
+    progress: bool = True,
+    weights_hash: str | None = None,
+) -> Profile:
+    """Profile which experts the target class uses more than the others.
+
+    classes: {name: prompts} or PromptSets (the first is the target unless config.target says).
+      With `labeller` (name or callable), all prompts are pooled, the model answers them (greedy,
+      `config.max_new_tokens`) and each answer's label becomes its class.
+    responses: one response per prompt (in class order) to teacher-force for tokens="response"/"both";
+      generated greedily if None and needed.
+    """
+    import time
+
+    config = config or ProfileConfig()
+    config.validate()
+    hf = unwrap_model(model)
+    mm = _require_moe(hf)
+    names, prompts, ids = _as_classes(classes)
+    if not prompts:
+        raise EmptyPromptSetError("no prompts to profile: every class is empty")
+    t0 = time.perf_counter()
+    need_resp = labeller is not None or config.tokens != "prompt"
+    if responses is not None and len(responses) != len(prompts):
+        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts; give one per prompt")
+    if need_resp and responses is None:
+        responses = generate_responses(hf, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                                       batch_size=config.batch_size, chat_template=config.chat_template,
+                                       progress=progress, desc="steer profile: answering")
+    if labeller is not None:
+        lab = get_labeller(labeller)
+        labels = [lab(r) for r in responses]
+        names = sorted(set(labels))
+        if config.target is not None and config.target not in names:
+            raise ValueError(f"no response was labelled {config.target!r} (labels seen: {names}); "
+                             f"pick a target among them or change the prompts")
+        if len(names) < 2:
+            raise ValueError(f"every response got the label {names[0]!r}: profiling needs at least two classes. "
+                             f"Use prompts that elicit both behaviours, or give the classes as prompt sets.")
+        ids = [names.index(x) for x in labels]
+    if config.target is not None and config.target not in names:
+        raise ValueError(f"target class {config.target!r} is not one of the classes {names}")
+    if len(names) < 2:
+        raise ValueError(f"profiling needs at least two classes (a behaviour and a baseline), got {names}")
+    acc = ProfileAccumulator(len(names), mm.moe_layers, mm.num_experts, config.n_bootstrap, config.seed)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts), desc="steer profile", unit="prompt", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    device = next(hf.parameters()).device
+    n_tok = 0
+    with torch.no_grad(), attach(hf, {"blocks.*.mlp.router.indices": acc.hook}) as session:
+        for batch in prompt_batches(tokenizer, prompts, ids, config, responses):
+            acc.start(batch)
+            session.set_token_selection(batch.selection.to(device))
+            hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            acc.fold(batch.classes)
+            n_tok += int(acc.batch_tokens.sum())
+            bar.update(len(batch.classes))
+    bar.close()
+    ident = model_identity(hf, weights_hash=weights_hash)
+    sums = {"n": acc.n, "frac": acc.frac, "count": acc.count, "tokens": acc.tokens}
+    empty = [names[c] for c in range(len(names)) if acc.n[c] == 0]
+    if empty:
+        raise EmptyPromptSetError(f"classes {empty} have no selected tokens (tokens={config.tokens!r}); "
+                                  f"check the prompts/responses are non-empty")
+    stats = {"prompts": len(prompts), "prompts_per_class": {n: int(acc.n[i]) for i, n in enumerate(names)},
+             "tokens": n_tok, "skipped_prompts": acc.skipped_prompts,
+             "seconds": round(time.perf_counter() - t0, 2), "accumulator_bytes": acc.nbytes()}
+    return _finish(sums, acc.boot if acc.R else None, names, mm.moe_layers, ident, config, stats)
+
+
+def load_profile(path: str | Path) -> Profile:
+    return Profile.from_safetensors(path)
+

@@ -1,0 +1,330 @@
+"""MoTE expert switching (arXiv 2502.11096) and its evaluation.
+
+`ExpertSwitch` is an `Intervention` that rewrites the router output of the MoE layers it names: the
+hook on `blocks.{L}.mlp.router` receives the router's (logits, weights, indices) and returns new
+(weights, indices) from `kernels.router.route`, the one implementation of every family's routing
+rule with edits (Torch reference on CPU, fused Triton kernel on CUDA). Modes (ALGORITHMS.md 1):
+
+- off_mask  the expert's logit is removed before top-k; the next-best expert fills the slot (SteerMoE).
+- off_zero  selection kept, the expert's weight set to 0 (optionally renormalise the rest) (MoTE).
+- on        the expert is forced into the top-k, replacing the lowest selected; weight = its own gate
+            value ("gate") or the largest selected value ("max").
+
+Indices are never out of range (switching off by weight 0 keeps the index). Padding and deselected
+tokens keep the model's own routing. `touched[point]` counts real tokens whose selected set or
+weights changed, so a switch that changed nothing is an error, not a silent no-op.
+
+    switch = ExpertSwitch.from_profile(profile, k=10, mode="off_mask")
+    with switch.apply(model):
+        model.generate(...)
+    switch.touched        # {"blocks.7.mlp.router": 1203, ...}
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from kernels.router import RouterEdit, RoutingRule, route
+from steer.adapters import ModelMap, dtype_of, model_map
+from steer.ftri import DenseModelError, Profile
+from steer.hooks import HookContext, HookFn, unwrap_model
+from steer.identity import check_same_model, model_identity
+from steer.interventions import Intervention, OnNoEffect
+from steer.prompts import generate_responses, get_labeller
+
+Mode = Literal["off_mask", "off_zero", "on"]
+MODES = ("off_mask", "off_zero", "on")
+_MODE_ALIASES = {"off": "off_mask", "mask": "off_mask", "off/mask": "off_mask", "zero": "off_zero",
+                 "off/zero": "off_zero", "force": "on", "force_on": "on"}
+
+
+def routing_rule_for(model) -> RoutingRule:
+    """The family's rule, with the weight dtype the model's own router emits."""
+    hf = unwrap_model(model)
+    try:
+        return RoutingRule.from_config(hf.config, hidden_dtype=dtype_of(hf))
+    except ValueError:
+        return model_map(hf).routing_rule()
+
+
+def _router_bias(mm: ModelMap, layer: int) -> torch.Tensor | None:
+    """DeepSeek-V3's e_score_correction_bias (a buffer of the router module); None elsewhere."""
+    if mm.adapter.routing != "sigmoid_group":
+        return None
+    router = mm.module(f"{mm.adapter.layers}.{layer}.{mm.adapter.router}")
+    return getattr(router, "e_score_correction_bias", None)
+
+
+class ExpertSwitch(Intervention):
+    """Switch (layer, expert) pairs off or on in the router (see the module docstring).
+
+    experts: [(layer, expert), ...] with absolute layer indices (MoE layers only).
+    per_layer_cap: at most this many switched experts per layer (None: no cap); a list over the cap
+      is refused, `from_profile` skips lower-ranked experts of a full layer instead.
+    """
+
+    def __init__(self, experts: Iterable[tuple[int, int]], mode: Mode = "off_mask", renormalize: bool = False,
+                 force_weight: Literal["gate", "max"] = "gate", per_layer_cap: int | None = None,
+                 on_no_effect: OnNoEffect = "raise", model_id: dict | None = None, backend: str | None = None):
+        super().__init__(on_no_effect)
+        mode = _MODE_ALIASES.get(mode, mode)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
+        if force_weight not in ("gate", "max"):
+            raise ValueError(f"force_weight must be 'gate' or 'max' (got {force_weight!r})")
+        if renormalize and mode != "off_zero":
+            raise ValueError("renormalize only applies to mode='off_zero'")
+        pairs = []
+        for item in experts:
+            try:
+                layer, expert = item
+                pairs.append((int(layer), int(expert)))
+            except (TypeError, ValueError):
+                raise ValueError(f"each expert must be a (layer, expert) pair of ints, got {item!r}") from None
+        if not pairs:
+            raise ValueError("ExpertSwitch needs at least one (layer, expert) pair")
+        dup = [p for p, n in Counter(pairs).items() if n > 1]
+        if dup:
+            raise ValueError(f"experts listed twice: {dup}")
+        if per_layer_cap is not None:
+            if per_layer_cap < 1:
+                raise ValueError(f"per_layer_cap must be >= 1, got {per_layer_cap}")
+            over = {L: n for L, n in Counter(L for L, _ in pairs).items() if n > per_layer_cap}
+            if over:
+                raise ValueError(f"layers {over} have more switched experts than per_layer_cap={per_layer_cap}")
+        self.experts = sorted(pairs)
+        self.mode, self.renormalize, self.force_weight = mode, bool(renormalize), force_weight
+        self.per_layer_cap, self.model_id, self.backend = per_layer_cap, model_id, backend
+        self.seen: Counter[str] = Counter()  # real tokens routed at each switched point
+
+    def __repr__(self) -> str:
+        return f"ExpertSwitch({len(self.experts)} experts, mode={self.mode!r}, layers={sorted(self.by_layer())})"
+
+    def by_layer(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = defaultdict(list)
+        for layer, e in self.experts:
+            out[layer].append(e)
+        return dict(out)
+
+    def to_dict(self) -> dict:
+        return {"experts": [list(p) for p in self.experts], "mode": self.mode, "renormalize": self.renormalize,
+                "force_weight": self.force_weight, "per_layer_cap": self.per_layer_cap}
+
+    # ---- constructors ------------------------------------------------------------------------
+    @classmethod
+    def from_profile(cls, profile: Profile, k: int = 10, mode: Mode = "off_mask", *, per_layer: bool = False,
+                     per_layer_cap: int | None = None, model: Any = None, **kw) -> ExpertSwitch:
+        """The profile's top-k experts (global ranking, or top-k in each layer), capped per layer.
+
+        With `model`, checks first that the profile was computed on that model.
+        """
+        if model is not None:
+            profile.check_model(model)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        ranked = profile.top(profile.scores.numel() if not per_layer else k, per_layer=per_layer)
+        chosen, per = [], Counter()
+        for t in ranked:
+            if per_layer_cap is not None and per[t.layer] >= per_layer_cap:
+                continue
+            chosen.append((t.layer, t.expert))
+            per[t.layer] += 1
+            if not per_layer and len(chosen) == k:
+                break
+        return cls(chosen, mode, per_layer_cap=per_layer_cap, model_id=profile.model, **kw)
+
+    @classmethod
+    def random_like(cls, switch: ExpertSwitch, seed: int, model: Any = None, *, num_experts: int | None = None,
+                    exclude_original: bool = True) -> ExpertSwitch:
+        """Random-k control: in each layer, as many random experts as `switch` has there (same mode).
+
+        Experts of `switch` are excluded (if `exclude_original`), so the control never shares an
+        expert with the treatment. `num_experts` comes from `model` if given.
+        """
+        if num_experts is None:
+            if model is None:
+                raise ValueError("random_like needs `model` or `num_experts` to know how many experts a layer has")
+            num_experts = model_map(unwrap_model(model)).num_experts
+        rng = random.Random(seed)
+        pairs = []
+        for layer, experts in sorted(switch.by_layer().items()):
+            pool = [e for e in range(num_experts) if not (exclude_original and e in experts)]
+            if len(pool) < len(experts):
+                raise ValueError(f"layer {layer}: cannot draw {len(experts)} random experts from {len(pool)} left")
+            pairs += [(layer, e) for e in rng.sample(pool, len(experts))]
+        return cls(pairs, switch.mode, switch.renormalize, switch.force_weight, switch.per_layer_cap,
+                   switch.on_no_effect, switch.model_id, switch.backend)
+
+    # ---- Intervention interface ---------------------------------------------------------------
+    def validate(self, mm: ModelMap) -> None:
+        if not mm.moe_layers:
+            raise DenseModelError(
+                f"ExpertSwitch needs an MoE model; this {mm.adapter.family} model is dense (no routers)")
+        if self.model_id is not None:
+            check_same_model(self.model_id, model_identity(mm.model), what="this expert switch (from a profile)")
+        for layer, e in self.experts:
+            if not isinstance(layer, int) or not 0 <= layer < mm.n_layers:
+                raise IndexError(f"layer {layer} is out of range: the model has layers 0..{mm.n_layers - 1} "
+                                 f"(MoE layers {mm.moe_layers})")
+            mm.check_expert(layer, e)
+        rule = routing_rule_for(mm.model)
+        for layer in self.by_layer():
+            try:
+                self._edit(layer, mm.num_experts).validate(rule, mm.num_experts)
+            except ValueError as exc:
+                raise ValueError(f"layer {layer}: {exc}") from None
+
+    def _edit(self, layer: int, num_experts: int) -> RouterEdit:
+        mask = torch.zeros(num_experts, dtype=torch.bool)
+        mask[self.by_layer()[layer]] = True
+        if self.mode == "off_mask":
+            return RouterEdit(off_mask=mask)
+        if self.mode == "off_zero":
+            return RouterEdit(off_zero=mask, renormalize=self.renormalize)
+        return RouterEdit(force_on=mask, force_weight=self.force_weight)
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = Counter()
+
+    def hooks(self, mm: ModelMap) -> dict[str, HookFn]:
+        rule = routing_rule_for(mm.model)
+        out = {}
+        for layer in self.by_layer():
+            edit = self._edit(layer, mm.num_experts)
+            bias = _router_bias(mm, layer)
+            out[f"blocks.{layer}.mlp.router"] = self._hook(rule, edit, bias)
+        return out
+
+    def _hook(self, rule: RoutingRule, edit: RouterEdit, bias: torch.Tensor | None):
+        def fn(value, ctx: HookContext):
+            logits, weights, indices = value[0], value[1], value[2]
+            mask = ctx.flat_token_mask
+            if mask is not None:
+                mask = mask.to(logits.device)
+                if mask.numel() != logits.shape[0]:  # a router called on something else than B*T tokens
+                    mask = None
+            res = route(logits, rule, edit, bias=bias, token_mask=mask, backend=self.backend)
+            self.count(ctx.point, res.touched)
+            self.seen[ctx.point] += int(mask.sum()) if mask is not None else logits.shape[0]
+            return type(value)((logits, res.weights.to(weights.dtype), res.indices.to(indices.dtype), *value[3:]))
+
+        return fn
+
+    def touched_fraction(self) -> float:
+        """Touched / real tokens routed at the switched points (each layer counted separately)."""
+        seen = sum(self.seen.values())
+        return self.total_touched / seen if seen else 0.0
+
+
+# ---- evaluation: behaviour rate and neutral-text perplexity -----------------------------------------
+
+def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (better than the normal interval near 0 and 1)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    z = _z(level)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _z(level: float) -> float:
+    return float(torch.distributions.Normal(0, 1).icdf(torch.tensor(0.5 + level / 2)))
+
+
+@dataclass
+class Evaluation:
+    """One condition of the MoTE table."""
+
+    name: str
+    behaviour_rate: float
+    behaviour_ci: tuple[float, float]
+    n_prompts: int
+    perplexity: float
+    perplexity_ci: tuple[float, float]
+    n_ppl_tokens: int
+    touched: int = 0
+    touched_fraction: float = 0.0
+    labels: list[str] = field(default_factory=list, repr=False)
+    responses: list[str] = field(default_factory=list, repr=False)
+
+    def row(self) -> dict:
+        d = asdict(self)
+        d.pop("labels")
+        d.pop("responses")
+        return d
+
+
+def _apply_ctx(model, switch: Intervention | None):
+    import contextlib
+
+    if switch is None:
+        return contextlib.nullcontext()
+    return switch.apply(model)
+
+
+def behaviour_labels(model, tokenizer, prompts: Sequence[str], labeller, *, switch: Intervention | None = None,
+                     max_new_tokens: int = 48, batch_size: int = 8, chat_template: bool | None = None,
+                     progress: bool = False) -> tuple[list[str], list[str]]:
+    """Greedy answers under `switch` and their labels."""
+    lab = get_labeller(labeller)
+    with _apply_ctx(model, switch):
+        responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, chat_template=chat_template, progress=progress,
+                                       desc="steer: answering")
+    return responses, [lab(r) for r in responses]
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], *, switch: Intervention | None = None, max_length: int = 128,
+               batch_size: int = 8, n_bootstrap: int = 1000, level: float = 0.95, seed: int = 0
+               ) -> tuple[float, tuple[float, float], int]:
+    """Token-level perplexity over `texts` (each cut to max_length) with a text-level bootstrap CI."""
+    hf = unwrap_model(model)
+    device = next(hf.parameters()).device
+    nll, ntok = [], []
+    with _apply_ctx(model, switch), torch.no_grad():
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[s:s + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length).to(device)
+            logits = hf(**enc).logits[:, :-1].float()
+            target = enc["input_ids"][:, 1:]
+            m = enc["attention_mask"][:, 1:].bool() & enc["attention_mask"][:, :-1].bool()
+            lp = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            nll += (lp * m).sum(1).tolist()
+            ntok += m.sum(1).tolist()
+    nll_t, n_t = torch.tensor(nll, dtype=torch.float64), torch.tensor(ntok, dtype=torch.float64)
+    ppl = math.exp(float(nll_t.sum() / n_t.sum()))
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(nll), (n_bootstrap, len(nll)), generator=gen)
+    boot = torch.exp(nll_t[idx].sum(1) / n_t[idx].sum(1))
+    a = (1 - level) / 2
+    lo, hi = torch.quantile(boot, torch.tensor([a, 1 - a], dtype=boot.dtype)).tolist()
+    return ppl, (lo, hi), int(n_t.sum())
+
+
+def evaluate(model, tokenizer, prompts: Sequence[str], labeller, behaviour: str, neutral_texts: Sequence[str], *,
+             switch: Intervention | None = None, name: str = "baseline", max_new_tokens: int = 48,
+             batch_size: int = 8, chat_template: bool | None = None, ppl_max_length: int = 128,
+             progress: bool = False) -> Evaluation:
+    """Behaviour rate (fraction of answers labelled `behaviour`, Wilson CI) and neutral perplexity."""
+    responses, labels = behaviour_labels(model, tokenizer, prompts, labeller, switch=switch,
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                         chat_template=chat_template, progress=progress)
+    touched = switch.total_touched if switch is not None else 0
+    frac = switch.touched_fraction() if isinstance(switch, ExpertSwitch) else 0.0
+    ppl, ppl_ci, n_tok = perplexity(model, tokenizer, neutral_texts, switch=switch, max_length=ppl_max_length,
+                                    batch_size=batch_size)
+    k = sum(lab == behaviour for lab in labels)
+    return Evaluation(name, k / len(labels), wilson_ci(k, len(labels)), len(labels), ppl, ppl_ci, n_tok, touched,
+                      frac, labels, responses)
+
