@@ -9,9 +9,10 @@ no `get_kernel` and no `__version__`, so transformers treats the hub kernels as 
 """
 
 from kernels._triton import backend_for
+from kernels.act import act_attention, act_probs_reference, sink_stats
 from kernels.fingerprint import fingerprint, projection_matrix
 from kernels.router import RouterEdit, RouteResult, RoutingRule, route, route_reference
 
 __all__ = [
-    "backend_for", "fingerprint", "projection_matrix", "RoutingRule", "RouterEdit", "RouteResult", "route", "route_reference",
+    "backend_for", "act_attention", "act_probs_reference", "sink_stats", "fingerprint", "projection_matrix", "RoutingRule", "RouterEdit", "RouteResult", "route", "route_reference",
 ]
