@@ -11,8 +11,9 @@ no `get_kernel` and no `__version__`, so transformers treats the hub kernels as 
 from kernels._triton import backend_for
 from kernels.act import act_attention, act_probs_reference, sink_stats
 from kernels.fingerprint import fingerprint, projection_matrix
+from kernels.probe_score import probe_score
 from kernels.router import RouterEdit, RouteResult, RoutingRule, route, route_reference
 
 __all__ = [
-    "backend_for", "act_attention", "act_probs_reference", "sink_stats", "fingerprint", "projection_matrix", "RoutingRule", "RouterEdit", "RouteResult", "route", "route_reference",
+    "backend_for", "act_attention", "act_probs_reference", "sink_stats", "fingerprint", "projection_matrix", "probe_score", "RoutingRule", "RouterEdit", "RouteResult", "route", "route_reference",
 ]
