@@ -192,3 +192,40 @@ def test_scores_edge_cases():
     assert math.isclose(float(npmi[0, 0]), 1.0, abs_tol=1e-9) and float(npmi[0, 1]) == -1.0
     rd = scores(sums, "risk_diff", 0)
     assert rd.tolist() == [[1.0, -1.0]]
+
+
+def test_cli_profile_then_switch_on_a_local_checkpoint(tmp_path, tok, capsys):
+    from steer.cli import main
+
+    ckpt = tmp_path / "tiny_moe"
+    tiny_model("qwen3_moe").save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    (tmp_path / "a.txt").write_text("\n".join(A))
+    (tmp_path / "b.txt").write_text("\n".join(B))
+    out = tmp_path / "prof"
+    rc = main(["profile", "--model", str(ckpt), "--class", f"a={tmp_path / 'a.txt'}", "--class",
+               f"b={tmp_path / 'b.txt'}", "--bootstrap", "20", "--out", str(out), "--quiet", "--json"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} >= {"profile.safetensors", "profile.json", "heatmap.html", "top.html"}
+    capsys.readouterr()
+    rc = main(["switch", "--profile", str(out), "--k", "3", "--prompt", "hello", "--max-new-tokens", "3",
+               "--quiet", "--json"])
+    assert rc == 0
+    assert '"touched"' in capsys.readouterr().out
+    assert main(["switch", "--model", str(ckpt), "--experts", "1:9", "--prompt", "x", "--quiet"]) == 2
+    assert "expert 9 is out of range" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main(["profile", "--model", str(ckpt), "--class", f"a={tmp_path / 'a.txt'}", "--class",
+                 f"b={tmp_path / 'empty.txt'}", "--quiet"]) == 2
+    assert "empty" in capsys.readouterr().err
+    dense = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(dense)
+    tok.save_pretrained(dense)
+    assert main(["profile", "--model", str(dense), "--class", f"a={tmp_path / 'a.txt'}", "--class",
+                 f"b={tmp_path / 'b.txt'}", "--quiet"]) == 2
+    assert "no routed experts" in capsys.readouterr().err
+    other = tmp_path / "other"
+    tiny_model("qwen3_moe", seed=5).save_pretrained(other)
+    tok.save_pretrained(other)
+    assert main(["switch", "--profile", str(out), "--model", str(other), "--prompt", "x", "--quiet"]) == 2
+    assert "different model" in capsys.readouterr().err
