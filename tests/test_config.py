@@ -1,0 +1,227 @@
+"""The intervention config: round trip, schema, clear errors for bad configs, apply in steer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from steer.config import (
+    ACTSection,
+    ConfigError,
+    DiFRSection,
+    InterventionConfig,
+    LynxSection,
+    MoTESection,
+    schema,
+    schema_problems,
+)
+from steer.tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen2_moe")
+    tiny_model("qwen2_moe").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def moe(moe_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(moe_dir).eval()
+
+
+def _probe(d_model: int, layer: int):
+    from probes.conformal import ConformalCalibration
+    from probes.probe import LynxProbe, ProbeInfo
+
+    torch.manual_seed(0)
+    probe = LynxProbe(d_model, (8, 4), ProbeInfo("tiny", 3, d_model, [f"blocks.{layer}.resid_post"]))
+    probe.mean.normal_()
+    probe.calibration = ConformalCalibration(0.1, 0.7, float("inf"), 40, 12)
+    return probe.eval()
+
+
+def full_config(model) -> InterventionConfig:
+    return InterventionConfig.for_model(
+        model,
+        mote=MoTESection([(1, 3), (2, 5)], "off_mask"),
+        act=ACTSection([(0, 1), (2, 3)], {"beta": 0.4}),
+        lynx=LynxSection.from_probe(_probe(64, 2)),
+        difr=DiFRSection(k=8, seed=3),
+        description="tiny test",
+    )
+
+
+def test_round_trip_all_sections(moe, tmp_path):
+    cfg = full_config(moe)
+    out = cfg.save(tmp_path / "cfg")
+    assert (out / "config.json").is_file() and (out / "config.safetensors").is_file()
+    back = InterventionConfig.load(out)
+    assert back.to_json() == cfg.to_json()
+    assert back.mote == cfg.mote and back.act == cfg.act and back.difr == cfg.difr
+    assert back.model.weights_hash and back.model.weights_hash == cfg.model.weights_hash  # from the checkpoint dir
+    for k, v in cfg.lynx.tensors.items():
+        assert torch.equal(back.lynx.tensors[k], v)
+    x = torch.randn(5, 64)
+    probe = back.lynx.probe()
+    assert torch.equal(probe(x), _probe(64, 2)(x))
+    assert probe.calibration.q1 == float("inf")  # non-finite thresholds survive JSON
+    assert back.problems(moe) == []
+    # the file itself validates against the published JSON Schema with an independent validator
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(schema())
+    jsonschema.validate(json.loads((out / "config.json").read_text()), schema())
+
+
+def test_json_path_names_file(moe, tmp_path):
+    cfg = InterventionConfig.for_model(moe, mote=MoTESection([(1, 0)], "on"))
+    cfg.save(tmp_path / "x.json")
+    assert not (tmp_path / "x.safetensors").exists()  # no tensors, no tensor file
+    assert InterventionConfig.load(tmp_path / "x.json").mote.mode == "on"
+
+
+def _doc(moe, tmp_path, **sections):
+    cfg = InterventionConfig.for_model(moe, **sections)
+    d = cfg.save(tmp_path / "cfg")
+    return d, json.loads((d / "config.json").read_text())
+
+
+def _rewrite(d, doc):
+    (d / "config.json").write_text(json.dumps(doc))
+
+
+def test_unknown_version(moe, tmp_path):
+    d, doc = _doc(moe, tmp_path, mote=MoTESection([(1, 0)]))
+    doc["version"] = 7
+    _rewrite(d, doc)
+    with pytest.raises(ConfigError, match=r"version: unknown version 7; this steer reads versions 1"):
+        InterventionConfig.load(d)
+
+
+def test_schema_errors_name_fields(moe, tmp_path):
+    d, doc = _doc(moe, tmp_path, mote=MoTESection([(1, 0), (2, 1)]))
+    doc["mote"]["mode"] = "sideways"
+    doc["mote"]["experts"][1]["expert"] = -2
+    doc["mote"]["colour"] = "red"
+    del doc["model"]["params_hash"]
+    _rewrite(d, doc)
+    with pytest.raises(ConfigError) as err:
+        InterventionConfig.load(d)
+    problems = err.value.problems
+    assert "mote.mode: 'sideways' is not one of 'off_mask', 'off_zero', 'on'" in problems
+    assert "mote.experts[1].expert: -2 is below the minimum 0" in problems
+    assert any(p.startswith("mote.colour: unknown field") for p in problems)
+    assert "model.params_hash: required field is missing" in problems
+    # the hand-written validator agrees with jsonschema on what is invalid
+    jsonschema = pytest.importorskip("jsonschema")
+    assert len(list(jsonschema.Draft202012Validator(schema()).iter_errors(doc))) == len(problems)
+
+
+def test_semantic_errors(moe, tmp_path):
+    d, doc = _doc(moe, tmp_path, mote=MoTESection([(1, 0), (2, 1)]))
+    doc["mote"]["experts"].append({"layer": 1, "expert": 0})
+    doc["mote"]["renormalize"] = True
+    _rewrite(d, doc)
+    with pytest.raises(ConfigError) as err:
+        InterventionConfig.load(d)
+    assert "mote.experts[2]: duplicate of mote.experts[0] (layer 1, expert 0)" in err.value.problems
+    assert "mote.renormalize: only applies to mode off_zero (mode is off_mask)" in err.value.problems
+
+
+def test_missing_and_mismatched_tensors(moe, tmp_path):
+    cfg = InterventionConfig.for_model(moe, lynx=LynxSection.from_probe(_probe(64, 2)))
+    d = cfg.save(tmp_path / "cfg")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / "config.safetensors"))
+    del tensors["lynx.mean"]
+    tensors["lynx.std"] = tensors["lynx.std"][:10].contiguous()
+    save_file(tensors, str(d / "config.safetensors"))
+    with pytest.raises(ConfigError) as err:
+        InterventionConfig.load(d)
+    assert "tensors.lynx.mean: listed in config.json but missing from config.safetensors" in err.value.problems
+    assert "tensors.lynx.std: shape [10] in config.safetensors, config.json says [64]" in err.value.problems
+    (d / "config.safetensors").unlink()
+    with pytest.raises(ConfigError, match="missing from config.safetensors"):
+        InterventionConfig.load(d)
+    (d / "config.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(ConfigError, match="unreadable"):
+        InterventionConfig.load(d)
+
+
+def test_out_of_range_ids(moe):
+    cfg = InterventionConfig.for_model(
+        moe, mote=MoTESection([(1, 3), (0, 2), (2, 19)]), act=ACTSection([(5, 0), (1, 4)]),
+        lynx=LynxSection.from_probe(_probe(64, 7)),
+    )
+    problems = cfg.problems(moe)
+    assert "mote.experts[1].layer: 0 is not an MoE layer (MoE layers: 1..2)" in problems
+    assert "mote.experts[2].expert: 19 out of range 0..7" in problems
+    assert "act.heads[0].layer: 5 out of range 0..2" in problems
+    assert "act.heads[1].head: 4 out of range 0..3" in problems
+    assert any(p.startswith("lynx.points[0]:") and "7" in p for p in problems)
+    with pytest.raises(ConfigError, match=r"mote.experts\[2\].expert: 19 out of range 0..7"):
+        cfg.validate(moe)
+
+
+def test_too_many_switched_experts(moe):
+    off = InterventionConfig.for_model(moe, mote=MoTESection([(1, e) for e in range(7)], "off_mask"))
+    assert any("leaving fewer than top_k=2" in p for p in off.problems(moe))
+    on = InterventionConfig.for_model(moe, mote=MoTESection([(1, e) for e in range(3)], "on"))
+    assert any("forces 3 experts on but top_k is 2" in p for p in on.problems(moe))
+
+
+def test_wrong_model_is_an_error(moe, moe_dir, tmp_path):
+    other = tiny_model("qwen2_moe", seed=1)
+    cfg = InterventionConfig.for_model(other, mote=MoTESection([(1, 0)]))
+    problems = cfg.problems(moe)
+    assert any(p.startswith("model.params_hash: config was made for") for p in problems)
+    with pytest.raises(ConfigError, match="model.params_hash"):
+        cfg.interventions(moe)
+    dense = InterventionConfig.for_model(tiny_model("llama"), act=ACTSection([(0, 0)]))
+    assert any(p.startswith("model.family:") for p in dense.problems(moe))
+    # same parameters sampled by params_hash, different weight files: weights_hash catches it
+    from transformers import AutoModelForCausalLM
+
+    tweaked = AutoModelForCausalLM.from_pretrained(moe_dir)
+    with torch.no_grad():
+        tweaked.model.layers[1].mlp.experts.down_proj[0, 0, 0] += 1.0
+    tweaked.save_pretrained(tmp_path / "tweaked")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tweaked")
+    cfg2 = InterventionConfig.for_model(reloaded, mote=MoTESection([(1, 0)]))
+    assert cfg2.model.params_hash == InterventionConfig.for_model(moe).model.params_hash
+    assert any(p.startswith("model.weights_hash: config was made for") for p in cfg2.problems(moe))
+
+
+def test_apply_mote_in_steer_matches_expert_switch(moe):
+    from steer.mote import ExpertSwitch
+
+    cfg = InterventionConfig.for_model(moe, mote=MoTESection([(1, 3), (2, 5)], "off_mask"))
+    x = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = moe(x).logits
+        with cfg.apply(moe) as (iv,):
+            steered = moe(x).logits
+        with ExpertSwitch([(1, 3), (2, 5)], "off_mask").apply(moe):
+            reference = moe(x).logits
+    assert isinstance(iv, ExpertSwitch) and iv.total_touched > 0
+    assert torch.equal(steered, reference) and not torch.equal(steered, plain)
+
+
+def test_apply_needs_a_forward_section(moe):
+    cfg = InterventionConfig.for_model(moe, difr=DiFRSection())
+    with pytest.raises(ConfigError, match="nothing to apply"):
+        cfg.apply(moe)
+
+
+def test_schema_problems_is_strict_on_types():
+    assert schema_problems([]) == ["(top level): expected object, got list []"]
+    problems = schema_problems({"format": "steer.intervention-config", "version": 1, "model": {}, "difr": {"k": True,
+                                                                                                        "seed": 0}})
+    assert "difr.k: expected integer, got bool True" in problems
