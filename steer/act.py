@@ -1,0 +1,338 @@
+"""ACT: attention calibration at inference time (Yu et al., ICML 2024), for selected heads only.
+
+Per selected head and query row (ALGORITHMS.md section 2):
+1. detect the row's sinks: keys with sink score s_k > tau (or alpha / N) that at least `min_queries`
+   queries observe (steer.sinks); keep the first real token (BOS/initial sink) untouched;
+2. scale the other sink columns by beta;
+3. give the freed mass (1 - beta) * P_S to the remaining keys in proportion to their attention, so
+   every row still sums to 1.
+The math runs in `kernels.act` (fp32 softmax, no N x N map on the fused path); this module decides
+which keys are sinks, per sequence and per head, and keeps them for decode steps.
+
+Fixed here, unlike the released code: every row of a batch is calibrated (not only map[0]); left
+padding is ignored (the kept initial sink is each row's first REAL token, never a pad); on decode
+steps the prefill's per-head sink sets are reused at their absolute key positions (rows keep summing
+to 1, A[0, 0] is never forced); late keys need `min_queries` observers; if the first token is not a
+sink nothing is dropped from the sink set for it; GQA query heads are selected individually.
+
+Head selection (`calibrate_heads`) is a one-head-at-a-time search on a calibration split with this
+keep rule (the paper leaves it implicit):
+  a. candidates: heads that show a hidden (non-initial) sink on the calibration prompts -- ACT is the
+     identity elsewhere -- most frequent first, at most `max_candidates`;
+  b. baseline: items right without ACT; each candidate alone: gain = items right - baseline;
+  c. keep a head if gain >= `min_gain` items (default 1);
+  d. combine greedily: add kept heads in order of gain, accepting one only if the combination gets
+     strictly more items right than the best set so far (baseline included).
+The result is an `ACTConfig` (JSON) naming the heads; `config.intervention()` applies it.
+
+    cfg = calibrate_heads(model, tok, task_suite("calibration", n=30))
+    cfg.save("act.json")
+    with ACTConfig.load("act.json").intervention().apply(model) as act:
+        model.generate(...)
+    act.touched   # rows rescaled per layer
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from steer.adapters import ModelMap, model_map
+from steer.hooks import HookContext, HookFn, unwrap_model
+from steer.interventions import Intervention, OnNoEffect
+from steer.sinks import MIN_QUERIES, TAU, exact_path_reason, sink_threshold
+
+BETA = 0.4  # the ACT code's default scale for non-initial sinks
+MIN_GAIN = 1  # calibration items a head must add over baseline to be kept
+MIN_CALIBRATION_ITEMS = 20  # below this, one item is > 5% accuracy: the search is noise
+
+
+def _n_heads(mm: ModelMap) -> int:
+    cfg = getattr(mm.config, "text_config", None) or mm.config
+    return cfg.num_attention_heads
+
+
+def check_heads(mm: ModelMap, heads: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Validated (layer, head) pairs, or an error naming the model's ranges."""
+    n_layers, n_heads = mm.n_layers, _n_heads(mm)
+    out = []
+    for pair in heads:
+        if len(pair) != 2:
+            raise ValueError(f"heads must be (layer, head) pairs, got {pair!r}")
+        layer, head = int(pair[0]), int(pair[1])
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(
+                f"head (layer {layer}, head {head}) is out of range: this model has {n_layers} layers "
+                f"(0..{n_layers - 1}) x {n_heads} query heads (0..{n_heads - 1})"
+            )
+        out.append((layer, head))
+    return sorted(set(out))
+
+
+def _check_beta(beta: float) -> float:
+    beta = float(beta)
+    if not 0 < beta <= 1:
+        raise ValueError(f"beta must be in (0, 1] (got {beta}): it scales the sink columns; 1 leaves "
+                         f"attention unchanged, the ACT code uses {BETA}")
+    return beta
+
+
+@dataclass
+class _LayerState:
+    sinks: torch.Tensor  # Bool[B, H, P]: calibrated sink columns of the prefill (absolute key columns)
+    batch: int
+    seen: int  # key columns this layer has seen so far (prefill + decoded tokens)
+
+
+class ACT(Intervention):
+    """Attention calibration on `heads` [(layer, head)]; `touched` counts the rows rescaled."""
+
+    def __init__(self, heads: Sequence[tuple[int, int]], beta: float = BETA, tau: float | None = TAU,
+                 alpha: float | None = None, min_queries: int = MIN_QUERIES, keep_first: bool = True,
+                 on_no_effect: OnNoEffect = "raise"):
+        super().__init__(on_no_effect)
+        if not heads:
+            raise ValueError("ACT needs at least one (layer, head); a calibration that kept no head "
+                             "means ACT did not help on that calibration set -- run the model without it")
+        self.heads = [(int(a), int(b)) for a, b in heads]
+        self.beta = _check_beta(beta)
+        sink_threshold(tau, alpha, 1)
+        if min_queries < 1:
+            raise ValueError(f"min_queries must be >= 1 (got {min_queries})")
+        self.tau, self.alpha, self.min_queries, self.keep_first = tau, alpha, int(min_queries), keep_first
+        self._state: dict[int, _LayerState] = {}
+
+    def validate(self, mm: ModelMap) -> None:
+        self.heads = check_heads(mm, self.heads)
+        reason = exact_path_reason(mm.model)
+        if reason is not None:
+            raise NotImplementedError(
+                f"ACT is not implemented exactly for this model: {reason}, and kernels.act calibrates plain "
+                f"softmax(q k^T) attention. Refusing rather than computing something else."
+            )
+
+    def reset(self) -> None:
+        super().reset()
+        self._state = {}
+
+    # -- sink sets ---------------------------------------------------------------------------
+    def prefill_sinks(self, q, k, scale: float, mask, window) -> torch.Tensor:
+        """Bool[B, H, Tk]: calibrated sink columns (the kept first real token excluded)."""
+        from kernels.act import sink_stats
+
+        col, n_obs = sink_stats(q, k, scale=scale, mask=mask, sliding_window=window)
+        real = n_obs[:, 0] > 0  # [B, Tk]: a real key is observed at least by itself
+        score = col / n_obs.clamp_min(1)
+        thr = sink_threshold(self.tau, self.alpha, real.sum(-1).cpu()).to(score.device)
+        sinks = (score > thr.view(-1, 1, 1)) & (n_obs >= self.min_queries) & real.unsqueeze(1)
+        if self.keep_first:
+            first = real.int().argmax(-1)  # first real key of each row (left padding skipped)
+            sinks[torch.arange(sinks.shape[0], device=sinks.device), :, first] = False
+        return sinks
+
+    def _decode_sinks(self, layer: int, b: int, tq: int, tk: int, device) -> torch.Tensor:
+        state = self._state.get(layer)
+        if state is None:
+            raise RuntimeError(
+                "ACT saw a decode step (KV cache not empty) without the prefill of this sequence; apply ACT "
+                "before the prompt is processed (wrap the whole generate() call)"
+            )
+        if state.batch != b:
+            raise RuntimeError(f"ACT's prefill had batch {state.batch}, this decode step has {b} rows "
+                               f"(beam search / reordered caches are not supported)")
+        p = state.sinks.shape[-1]
+        state.seen += tq
+        offset = state.seen - tk  # absolute column of key 0 (> 0 when a sliding cache dropped old keys)
+        if offset < 0:
+            raise RuntimeError(f"the cache holds {tk} keys but ACT saw only {state.seen} positions of this "
+                               f"sequence; apply ACT before the prompt is processed")
+        sinks = torch.zeros(b, state.sinks.shape[1], tk, dtype=torch.bool, device=device)
+        n = max(0, min(tk, p - offset))
+        if n:
+            sinks[:, :, :n] = state.sinks[:, :, offset : offset + n].to(device)
+        return sinks
+
+    # -- hooks -------------------------------------------------------------------------------
+    def hooks(self, mm: ModelMap) -> dict[str, HookFn]:
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            by_layer.setdefault(layer, []).append(head)
+        n_heads = _n_heads(mm)
+        return {f"blocks.{layer}.attn.impl": self._layer_fn(layer, heads, n_heads)
+                for layer, heads in by_layer.items()}
+
+    def _layer_fn(self, layer: int, heads: list[int], n_heads: int) -> Callable:
+        head_mask = torch.zeros(n_heads, dtype=torch.bool)
+        head_mask[heads] = True
+
+        def fn(call, ctx: HookContext):
+            from kernels.act import act_attention
+
+            q, k, v, mask = call.query, call.key, call.value, call.mask
+            window = call.sliding_window if mask is None else None  # steer's mask holds the window
+            b, _, tq, _ = q.shape
+            tk = k.shape[2]
+            if tq == tk:  # prefill: no cached keys (a decode step always has more keys than queries)
+                sinks = self.prefill_sinks(q, k, call.scaling, mask, window)
+                self._state[layer] = _LayerState(sinks.detach(), b, tk)
+            else:
+                sinks = self._decode_sinks(layer, b, tq, tk, q.device)
+            out, touched = act_attention(q, k, v, scale=call.scaling, sink_mask=sinks,
+                                         head_mask=head_mask.to(q.device), beta=self.beta, mask=mask,
+                                         sliding_window=window)
+            self.count(ctx.point, touched)
+            return out.transpose(1, 2).contiguous(), None
+
+        return fn
+
+
+@dataclass
+class ACTConfig:
+    """The calibrated heads plus the ACT parameters; `search` records how the heads were chosen."""
+
+    heads: list[tuple[int, int]]
+    beta: float = BETA
+    tau: float | None = TAU
+    alpha: float | None = None
+    min_queries: int = MIN_QUERIES
+    keep_first: bool = True
+    model: str = ""
+    search: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.heads = [(int(a), int(b)) for a, b in self.heads]
+        _check_beta(self.beta)
+        sink_threshold(self.tau, self.alpha, 1)
+
+    def intervention(self, on_no_effect: OnNoEffect = "raise") -> ACT:
+        return ACT(self.heads, beta=self.beta, tau=self.tau, alpha=self.alpha, min_queries=self.min_queries,
+                   keep_first=self.keep_first, on_no_effect=on_no_effect)
+
+    def to_json(self) -> str:
+        return json.dumps({"method": "act", **asdict(self)}, indent=2)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str) -> ACTConfig:
+        d = json.loads(text)
+        if d.pop("method", "act") != "act":
+            raise ValueError("not an ACT config (its 'method' field is not 'act')")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ACTConfig:
+        return cls.from_json(Path(path).read_text())
+
+    def to_dataframe(self):
+        """The search: one row per candidate head (gain alone, kept, chosen)."""
+        import pandas as pd
+
+        rows = self.search.get("candidates", [])
+        return pd.DataFrame(rows, columns=["layer", "head", "hidden_sink_fraction", "correct", "gain", "kept",
+                                           "chosen", "rows_touched"])
+
+
+def _items_of(calibration) -> list:
+    from steer.tasks import TaskSplit
+
+    splits = [calibration] if isinstance(calibration, TaskSplit) else list(calibration)
+    for s in splits:
+        if s.split != "calibration":
+            raise ValueError(f"calibrate_heads got the {s.split!r} split of {s.task!r}: calibrate on "
+                             f"'calibration' items only, keep 'heldout' for the evaluation")
+    return splits
+
+
+def calibrate_heads(
+    model,
+    tok,
+    calibration,
+    *,
+    candidates: Sequence[tuple[int, int]] | None = None,
+    max_candidates: int | None = None,
+    beta: float = BETA,
+    tau: float | None = TAU,
+    alpha: float | None = None,
+    min_queries: int = MIN_QUERIES,
+    keep_first: bool = True,
+    min_gain: int = MIN_GAIN,
+    combine: bool = True,
+    min_items: int = MIN_CALIBRATION_ITEMS,
+    batch_size: int = 16,
+    progress: Callable[[str], None] | None = None,
+) -> ACTConfig:
+    """One-head-at-a-time ACT head search with the keep rule in the module docstring."""
+    from steer.sinks import detect_sinks
+    from steer.tasks import evaluate
+
+    _check_beta(beta)
+    sink_threshold(tau, alpha, 1)
+    hf = unwrap_model(model)
+    mm = model_map(hf)
+    splits = _items_of(calibration)
+    items = [it for s in splits for it in s.items]
+    if len(items) < min_items:
+        raise ValueError(f"calibration set too small: {len(items)} items, need at least {min_items} (one item "
+                         f"would be worth {100 / max(len(items), 1):.0f}% accuracy); load more calibration items")
+    reason = exact_path_reason(hf)
+    if reason is not None:
+        raise NotImplementedError(f"ACT is not implemented exactly for this model: {reason}")
+    say = progress or (lambda msg: None)
+    params = dict(beta=beta, tau=tau, alpha=alpha, min_queries=min_queries, keep_first=keep_first)
+
+    sinks = detect_sinks(hf, tok, [it.prompt for it in items], tau=tau, alpha=alpha, min_queries=min_queries,
+                         batch_size=batch_size, keep_maps=False)
+    freq = {(layer, h): f for layer, h, f in sinks.heads_with_hidden_sinks()}
+    if candidates is None:
+        cands = list(freq)
+    else:
+        cands = check_heads(mm, candidates)
+    if max_candidates is not None:
+        cands = cands[:max_candidates]
+    base = evaluate(hf, tok, splits, batch_size=batch_size)
+    base_k = base.n_correct()
+    say(f"baseline {base_k}/{len(items)}; {len(cands)} candidate heads")
+    rows = []
+    for layer, h in cands:
+        act = ACT([(layer, h)], on_no_effect="ignore", **params)
+        res = evaluate(hf, tok, splits, batch_size=batch_size, interventions=[act])
+        k = res.n_correct()
+        rows.append({"layer": layer, "head": h, "hidden_sink_fraction": freq.get((layer, h), 0.0),
+                     "correct": k, "gain": k - base_k, "kept": k - base_k >= min_gain, "chosen": False,
+                     "rows_touched": act.total_touched})
+        say(f"head ({layer}, {h}): {k}/{len(items)} ({k - base_k:+d})")
+    kept = sorted((r for r in rows if r["kept"]), key=lambda r: -r["gain"])
+    chosen: list[tuple[int, int]] = []
+    best = base_k
+    combos = []
+    for r in kept:
+        trial = [*chosen, (r["layer"], r["head"])]
+        if not combine:
+            chosen, r["chosen"] = trial, True
+            continue
+        if chosen:
+            k = evaluate(hf, tok, splits, batch_size=batch_size,
+                         interventions=[ACT(trial, on_no_effect="ignore", **params)]).n_correct()
+            combos.append({"heads": trial, "correct": k})
+            say(f"combination {trial}: {k}/{len(items)}")
+        else:
+            k = r["correct"]
+        if k > best:
+            chosen, best, r["chosen"] = trial, k, True
+    search = {
+        "keep_rule": (f"candidates = heads with a hidden sink on the calibration prompts "
+                      f"(max {max_candidates}); keep a head if alone it gains >= {min_gain} items over "
+                      f"baseline; " + ("combine greedily by gain, accepting a head only if the combination "
+                                       "gains strictly" if combine else "use all kept heads")),
+        "n_items": len(items), "tasks": [s.task for s in splits], "seeds": [s.seed for s in splits],
+        "baseline_correct": base_k, "final_correct": best if combine else None,
+        "candidates": rows, "combinations": combos,
+    }
+    name = getattr(hf.config, "_name_or_path", "") or hf.config.model_type
+    return ACTConfig(heads=chosen, model=str(name), search=search, **params)

@@ -1,0 +1,450 @@
+"""Attention sinks: per-head sink scores, streaming, and the sink-rate metric.
+
+Sink score of key k in one head (ALGORITHMS.md section 2), A the causal post-softmax map:
+    s_k = sum_{i observes k} A[i, k] / n_obs(k)
+i.e. the mean attention k receives from the queries that may see it (causal, padding, sliding
+window). A key is a sink if s_k > tau (fixed tau, the ACT code's rule) or s_k > alpha / N (the
+paper's rule, N = real tokens of the input), and only if at least `min_queries` queries observe it:
+the last keys of an input are seen by one or two queries, and their score is then just the recency
+of those few rows, not a sink. Sinks other than the first real token are "hidden sinks".
+
+Sink rate ("When Attention Sink Emerges"): the fraction of (layer, head) whose first-token score
+exceeds eps = 0.3, averaged over 64-token inputs.
+
+Statistics stream: for each layer, an `attn.impl` override runs the model's own attention for the
+output and `kernels.sink_stats` for column sums from q and k in key blocks, so no N x N map is kept
+(memory O(B H N) per layer). Families whose attention is not plain softmax(q k^T) -- logit
+soft-capping (Gemma 2 style) or GPT-OSS's learned sink logits -- go through the exact eager path
+instead (`attn.pattern`), one layer's map alive at a time, reduced immediately.
+
+    res = detect_sinks(model, tok, book_inputs(tok, n=100))
+    res.sink_rate(), res.hidden_sinks(), res.figure("heatmap").show()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from steer.adapters import model_map
+from steer.hooks import HookContext, attach, unwrap_model
+
+TAU = 0.1  # fixed threshold of the ACT code
+EPS = 0.3  # sink-rate threshold ("When Attention Sink Emerges")
+SINK_RATE_LENGTH = 64  # tokens per input in the sink-rate protocol
+MIN_QUERIES = 8  # observers a key needs before its score can call it a sink (excludes tail tokens)
+KEEP_MAPS_UP_TO = 128  # per-head maps of the first input are kept (for figures) up to this length
+PUBLISHED_SINK_RATES = {"Llama-2-7B": 0.925, "Mistral-7B": 0.975, "Llama-3-8B": 0.990}
+
+
+def sink_threshold(tau: float | None, alpha: float | None, n_tokens: torch.Tensor | int) -> torch.Tensor:
+    """tau, or alpha / N per input when alpha is given."""
+    n = torch.as_tensor(n_tokens, dtype=torch.float32)
+    if alpha is not None:
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (got {alpha}); the rule is s_k > alpha / N")
+        return alpha / n.clamp_min(1)
+    if tau is None or not 0 < tau < 1:
+        raise ValueError(f"tau must be in (0, 1) (got {tau}); ACT's code uses {TAU}")
+    return torch.full_like(n, float(tau))
+
+
+def exact_path_reason(model) -> str | None:
+    """Why this model's attention is not plain softmax(q k^T * scale) (None if it is)."""
+    cfg = unwrap_model(model).config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    if cfg.model_type == "gpt_oss":
+        return "GPT-OSS adds learned sink logits to every softmax"
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return f"attention logits are soft-capped at {cfg.attn_logit_softcapping}"
+    return None
+
+
+def _layer_window(cfg, layer: int) -> int | None:
+    types = getattr(cfg, "layer_types", None)
+    if types and types[layer] == "sliding_attention":
+        return cfg.sliding_window
+    return None
+
+
+def _observers(token_mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Int[B, T]: real queries that may see each key (causal, padding, sliding window)."""
+    t = token_mask.shape[1]
+    i = torch.arange(t).view(t, 1)
+    k = torch.arange(t).view(1, t)
+    allowed = k <= i
+    if window is not None:
+        allowed &= (i - k) < window
+    m = token_mask.bool().cpu()
+    obs = allowed.unsqueeze(0) & m.unsqueeze(2) & m.unsqueeze(1)  # [B, Tq, Tk]
+    return obs.sum(1)
+
+
+class _Collector:
+    """Per layer: column sums [B, H, T] and observer counts [B, T] of the current batch."""
+
+    def __init__(self, n_layers: int, keep_maps: bool):
+        self.col: dict[int, torch.Tensor] = {}
+        self.obs: dict[int, torch.Tensor] = {}
+        self.maps: dict[int, torch.Tensor] = {}
+        self.keep_maps = keep_maps
+        self.n_layers = n_layers
+
+    def reset(self) -> None:
+        self.col, self.obs = {}, {}
+
+
+def _streaming_hook(coll: _Collector):
+    def fn(call, ctx: HookContext):
+        from kernels.act import sink_stats
+
+        if call.query.shape[2] != call.key.shape[2]:
+            raise ValueError("detect_sinks analyses whole inputs; run it without a KV cache")
+        result = call.base()
+        # steer's mask already holds the sliding window; the kernel applies its own only without one
+        window = call.sliding_window if call.mask is None else None
+        col, n_obs = sink_stats(call.query, call.key, scale=call.scaling, mask=call.mask, sliding_window=window)
+        coll.col[ctx.layer] = col.float().cpu()
+        coll.obs[ctx.layer] = n_obs[:, 0].cpu()
+        if coll.keep_maps:
+            from steer.attention import attention_probs_reference
+
+            m = None if call.mask is None else call.mask[:1]
+            coll.maps[ctx.layer] = attention_probs_reference(call.query[:1], call.key[:1], m, call.scaling)[0].cpu()
+        return result
+
+    return fn
+
+
+def _exact_hook(coll: _Collector, cfg):
+    def fn(weights: torch.Tensor, ctx: HookContext):
+        b, _, tq, tk = weights.shape
+        if tq != tk:
+            raise ValueError("detect_sinks analyses whole inputs; run it without a KV cache")
+        tmask = ctx.token_mask
+        tmask = torch.ones(b, tq, dtype=torch.bool) if tmask is None else tmask.cpu()
+        q = tmask.to(weights.device, weights.dtype).view(b, 1, tq, 1)
+        coll.col[ctx.layer] = (weights * q).float().sum(2).cpu()
+        coll.obs[ctx.layer] = _observers(tmask, _layer_window(cfg, ctx.layer))
+        if coll.keep_maps:
+            coll.maps[ctx.layer] = weights[0].float().cpu()
+
+    return fn
+
+
+@dataclass
+class SinkResult:
+    """Sink scores of every (input, layer, head, key), keys left-aligned at each input's first real token.
+
+    scores: Float[n, L, H, T] (NaN beyond an input's length); n_obs: Int[n, L, T] observing queries.
+    """
+
+    scores: torch.Tensor
+    n_obs: torch.Tensor
+    lengths: torch.Tensor
+    tokens: list[list[str]]
+    tau: float | None = TAU
+    alpha: float | None = None
+    eps: float = EPS
+    min_queries: int = MIN_QUERIES
+    model: str = ""
+    path: str = "streaming"
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> Float[H, T, T] of input 0
+
+    @property
+    def n_inputs(self) -> int:
+        return self.scores.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return self.scores.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return self.scores.shape[2]
+
+    @property
+    def first(self) -> torch.Tensor:
+        """Float[n, L, H]: each input's first-token score s_1 (observed by every query)."""
+        return self.scores[..., 0]
+
+    def thresholds(self) -> torch.Tensor:
+        return sink_threshold(self.tau, self.alpha, self.lengths)
+
+    def sink_mask(self) -> torch.Tensor:
+        """Bool[n, L, H, T]: sinks under this result's rule (tau or alpha/N, min_queries)."""
+        thr = self.thresholds().view(-1, 1, 1, 1)
+        eligible = (self.n_obs >= self.min_queries).unsqueeze(2)
+        return (self.scores > thr) & eligible & ~self.scores.isnan()
+
+    def hidden_sink_mask(self) -> torch.Tensor:
+        mask = self.sink_mask().clone()
+        mask[..., 0] = False
+        return mask
+
+    def head_sink_rate(self, eps: float | None = None) -> torch.Tensor:
+        """Float[L, H]: fraction of inputs where this head's first-token score exceeds eps."""
+        eps = self.eps if eps is None else eps
+        return (self.first > eps).float().mean(0)
+
+    def sink_rate(self, eps: float | None = None) -> float:
+        """Fraction of (layer, head) with s_1 > eps, averaged over inputs (the published metric)."""
+        return float(self.head_sink_rate(eps).mean())
+
+    def hidden_sinks(self):
+        """DataFrame of every hidden (non-initial) sink: input, layer, head, position, token, score."""
+        import pandas as pd
+
+        idx = self.hidden_sink_mask().nonzero().tolist()
+        rows = [{"input": i, "layer": layer, "head": h, "position": p, "token": self.tokens[i][p],
+                 "score": float(self.scores[i, layer, h, p]), "n_obs": int(self.n_obs[i, layer, p])}
+                for i, layer, h, p in idx]
+        return pd.DataFrame(rows, columns=["input", "layer", "head", "position", "token", "score", "n_obs"])
+
+    def heads_with_hidden_sinks(self, min_fraction: float = 0.0) -> list[tuple[int, int, float]]:
+        """(layer, head, fraction of inputs with a hidden sink), most frequent first."""
+        frac = self.hidden_sink_mask().any(-1).float().mean(0)
+        out = [(layer, h, float(frac[layer, h])) for layer in range(self.n_layers) for h in range(self.n_heads)
+               if frac[layer, h] > min_fraction]
+        return sorted(out, key=lambda r: -r[2])
+
+    def to_dataframe(self):
+        """One row per (layer, head): sink rate, mean s_1, hidden sinks per input, commonest hidden token."""
+        import pandas as pd
+
+        hidden = self.hidden_sink_mask()
+        rate = self.head_sink_rate()
+        rows = []
+        for layer in range(self.n_layers):
+            for h in range(self.n_heads):
+                toks: dict[str, int] = {}
+                for i, p in hidden[:, layer, h].nonzero().tolist():
+                    toks[self.tokens[i][p]] = toks.get(self.tokens[i][p], 0) + 1
+                rows.append({
+                    "layer": layer, "head": h, "sink_rate": float(rate[layer, h]),
+                    "first_score": float(self.first[:, layer, h].mean()),
+                    "hidden_per_input": float(hidden[:, layer, h].sum(-1).float().mean()),
+                    "top_hidden_token": max(toks, key=toks.get) if toks else None,
+                })
+        return pd.DataFrame(rows)
+
+    def summary(self) -> dict:
+        hidden = self.hidden_sinks()
+        top = hidden["token"].value_counts().head(10).to_dict() if len(hidden) else {}
+        return {
+            "model": self.model, "inputs": self.n_inputs, "layers": self.n_layers, "heads": self.n_heads,
+            "mean_length": float(self.lengths.float().mean()), "eps": self.eps,
+            "rule": f"alpha/N, alpha={self.alpha}" if self.alpha is not None else f"tau={self.tau}",
+            "min_queries": self.min_queries, "sink_rate": self.sink_rate(),
+            "heads_with_hidden_sinks": len(self.heads_with_hidden_sinks()),
+            "hidden_sinks_per_input": len(hidden) / max(self.n_inputs, 1),
+            "top_hidden_sink_tokens": top, "published_sink_rates_7b": PUBLISHED_SINK_RATES, "path": self.path,
+        }
+
+    # ---- figures ----------------------------------------------------------------------------
+    def figure(self, kind: Literal["heatmap", "map", "tokens"] = "heatmap", *, layer: int | None = None,
+               head: int | None = None, input: int = 0):
+        """heatmap: layer x head sink rate; map: one head's attention map of input 0 with its sinks
+        marked; tokens: a strip of input `input` coloured by the fraction of heads it is a sink in."""
+        import plotly.graph_objects as go
+
+        if kind == "heatmap":
+            z = self.head_sink_rate().numpy()
+            fig = go.Figure(go.Heatmap(z=z, x=list(range(self.n_heads)), y=list(range(self.n_layers)),
+                                       zmin=0, zmax=1, colorscale="Viridis", colorbar={"title": "sink rate"}))
+            fig.update_layout(title=f"Sink rate per head (s_1 > {self.eps}): {self.sink_rate():.1%} overall",
+                              xaxis_title="head", yaxis_title="layer")
+            return fig
+        if kind == "map":
+            if layer is None or head is None:
+                layer, head = self._default_map_head()
+            self._check_head(layer, head)
+            if layer not in self.maps:
+                raise ValueError(
+                    f"no attention map kept for layer {layer}: maps are kept for the first input when it has "
+                    f"at most keep_maps tokens; rerun detect_sinks(..., keep_maps=True) on a short input"
+                )
+            n = int(self.lengths[0])
+            a = self.maps[layer][head].numpy()
+            toks = [f"{p}:{t}" for p, t in enumerate(self.tokens[0][:n])]
+            fig = go.Figure(go.Heatmap(z=a, x=toks, y=toks, colorscale="Blues", colorbar={"title": "A[i,k]"}))
+            sinks = self.sink_mask()[0, layer, head, :n].nonzero().flatten().tolist()
+            for p in sinks:
+                fig.add_vline(x=p, line={"color": "red", "dash": "dot"})
+            fig.add_trace(go.Scatter(x=[toks[p] for p in sinks], y=[toks[-1]] * len(sinks), mode="markers",
+                                     marker={"color": "red", "symbol": "triangle-down", "size": 10},
+                                     name="sink"))
+            fig.update_layout(title=f"Layer {layer} head {head}: sinks {[self.tokens[0][p] for p in sinks]}",
+                              yaxis={"autorange": "reversed", "title": "query"}, xaxis_title="key")
+            return fig
+        if kind == "tokens":
+            if not 0 <= input < self.n_inputs:
+                raise ValueError(f"input {input} out of range 0..{self.n_inputs - 1}")
+            n = int(self.lengths[input])
+            frac = self.sink_mask()[input, ..., :n].float().mean((0, 1)).numpy()
+            toks = self.tokens[input][:n]
+            fig = go.Figure(go.Heatmap(z=[frac], x=list(range(n)), text=[toks], texttemplate="%{text}",
+                                       colorscale="Reds", zmin=0, zmax=1, colorbar={"title": "heads"}))
+            fig.update_layout(title=f"Input {input}: fraction of heads in which each token is a sink",
+                              yaxis={"visible": False}, xaxis_title="position", height=260)
+            return fig
+        raise ValueError(f"kind must be 'heatmap', 'map' or 'tokens' (got {kind!r})")
+
+    def _default_map_head(self) -> tuple[int, int]:
+        heads = self.heads_with_hidden_sinks()
+        heads = [(layer, h) for layer, h, _ in heads if layer in self.maps]
+        return heads[0] if heads else (min(self.maps) if self.maps else 0, 0)
+
+    def _check_head(self, layer: int, head: int) -> None:
+        if not (0 <= layer < self.n_layers and 0 <= head < self.n_heads):
+            raise ValueError(f"(layer {layer}, head {head}) out of range: the model has {self.n_layers} "
+                             f"layers x {self.n_heads} heads")
+
+    # ---- save / load ------------------------------------------------------------------------
+    def to_safetensors(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"scores": self.scores.contiguous(), "n_obs": self.n_obs.contiguous(),
+                   "lengths": self.lengths.contiguous()}
+        tensors.update({f"map.{layer}": m.contiguous() for layer, m in self.maps.items()})
+        meta = {"tokens": json.dumps(self.tokens), "params": json.dumps({
+            "tau": self.tau, "alpha": self.alpha, "eps": self.eps, "min_queries": self.min_queries,
+            "model": self.model, "path": self.path})}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def from_safetensors(cls, path: str | Path) -> SinkResult:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        maps = {int(k.split(".")[1]): v for k, v in t.items() if k.startswith("map.")}
+        return cls(t["scores"], t["n_obs"], t["lengths"], json.loads(meta["tokens"]), maps=maps,
+                   **json.loads(meta["params"]))
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def book_inputs(tok, n: int = 100, length: int = SINK_RATE_LENGTH, seed: int = 0) -> list[list[int]]:
+    """`n` token sequences of exactly `length` tokens of book prose (consecutive book_cloze passages,
+    joined), starting with the tokenizer's special prefix (BOS) when it adds one."""
+    import random
+
+    from steer.tasks import book_passages
+
+    if n < 1 or length < 2:
+        raise ValueError(f"need n >= 1 inputs of length >= 2 tokens (got n={n}, length={length})")
+    passages = list(book_passages())
+    random.Random(seed).shuffle(passages)
+    prefix = tok("").input_ids  # BOS if the tokenizer adds one
+    out, i = [], 0
+    while len(out) < n:
+        ids = list(prefix)
+        while len(ids) < length:
+            ids += tok(" " + passages[i % len(passages)], add_special_tokens=False).input_ids
+            i += 1
+        out.append(ids[:length])
+    return out
+
+
+def _tokenize(tok, inputs) -> list[list[int]]:
+    if isinstance(inputs, torch.Tensor):
+        return [row.tolist() for row in inputs]
+    if not inputs:
+        raise ValueError("no inputs given")
+    if isinstance(inputs[0], str):
+        if tok is None:
+            raise ValueError("text inputs need a tokenizer")
+        return [tok(t).input_ids for t in inputs]
+    return [list(x) for x in inputs]
+
+
+@torch.no_grad()
+def detect_sinks(
+    model,
+    tok,
+    inputs: Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
+    *,
+    tau: float | None = TAU,
+    alpha: float | None = None,
+    eps: float = EPS,
+    min_queries: int = MIN_QUERIES,
+    batch_size: int = 8,
+    keep_maps: bool | None = None,
+    pad_token_id: int | None = None,
+    force_exact: bool = False,
+) -> SinkResult:
+    """Sink scores of every head for `inputs` (texts, or token id lists), batched with left padding.
+
+    keep_maps: keep the per-head attention maps of the first input for `figure("map")` (default:
+    when it has at most KEEP_MAPS_UP_TO tokens). force_exact: use the eager map path everywhere.
+    """
+    sink_threshold(tau, alpha, 1)  # validates the rule
+    if min_queries < 1:
+        raise ValueError(f"min_queries must be >= 1 (got {min_queries})")
+    hf = unwrap_model(model)
+    mm = model_map(hf)
+    cfg = getattr(hf.config, "text_config", None) or hf.config
+    seqs = _tokenize(tok, inputs)
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("an input has no tokens")
+    if pad_token_id is None:
+        pad_token_id = getattr(tok, "pad_token_id", None) if tok is not None else None
+        pad_token_id = 0 if pad_token_id is None else pad_token_id
+    if keep_maps is None:
+        keep_maps = len(seqs[0]) <= KEEP_MAPS_UP_TO
+    exact = force_exact or exact_path_reason(hf) is not None
+    n_layers, n_heads = mm.n_layers, cfg.num_attention_heads
+    t_max = max(len(s) for s in seqs)
+    scores = torch.full((len(seqs), n_layers, n_heads, t_max), float("nan"))
+    n_obs = torch.zeros((len(seqs), n_layers, t_max), dtype=torch.long)
+    coll = _Collector(n_layers, keep_maps)
+    hook = _exact_hook(coll, cfg) if exact else _streaming_hook(coll)
+    point = "blocks.*.attn.pattern" if exact else "blocks.*.attn.impl"
+    device = next(hf.parameters()).device
+    maps: dict[int, torch.Tensor] = {}
+    with attach(hf, {point: hook}):
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start : start + batch_size]
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, s in enumerate(batch):
+                ids[b, width - len(s):] = torch.tensor(s)
+                mask[b, width - len(s):] = 1
+            coll.reset()
+            coll.keep_maps = keep_maps and start == 0
+            hf(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            if len(coll.col) != n_layers:
+                raise RuntimeError(f"sink statistics came from {len(coll.col)} of {n_layers} layers")
+            for layer in range(n_layers):
+                col, obs = coll.col[layer], coll.obs[layer]
+                for b, s in enumerate(batch):
+                    off = width - len(s)
+                    o = obs[b, off:]
+                    scores[start + b, layer, :, : len(s)] = col[b, :, off:] / o.clamp_min(1)
+                    n_obs[start + b, layer, : len(s)] = o
+            if coll.keep_maps:
+                off = width - len(batch[0])
+                maps = {layer: m[:, off:, off:].clone() for layer, m in coll.maps.items()}
+    tokens = [[tok.decode([t]) if tok is not None else str(t) for t in s] for s in seqs]
+    name = getattr(hf.config, "_name_or_path", "") or cfg.model_type
+    return SinkResult(scores, n_obs, torch.tensor([len(s) for s in seqs]), tokens, tau=tau, alpha=alpha,
+                      eps=eps, min_queries=min_queries, model=str(name), path="exact" if exact else "streaming",
+                      maps=maps)
+
+
+def sink_rate_interval(result: SinkResult, eps: float | None = None, z: float = 1.96) -> tuple[float, float]:
+    """Normal-approximation 95% interval of the sink rate over inputs (per-input rates vary)."""
+    eps = result.eps if eps is None else eps
+    per_input = (result.first > eps).float().mean((1, 2))
+    m, s = float(per_input.mean()), float(per_input.std()) if result.n_inputs > 1 else 0.0
+    half = z * s / math.sqrt(max(result.n_inputs, 1))
+    return (max(0.0, m - half), min(1.0, m + half))

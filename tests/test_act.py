@@ -1,0 +1,238 @@
+import json
+
+import pytest
+import torch
+
+from steer.act import ACT, ACTConfig, calibrate_heads
+from steer.attention import attention_probs_reference
+from steer.hooks import attach
+from steer.interventions import NoEffectError
+from steer.tasks import Item, TaskSplit
+from steer.tiny import tiny_model, tiny_tokenizer
+
+TAU, BETA, MINQ = 0.15, 0.4, 2
+
+
+def _batch(tok, texts):
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+def reference_override(heads, beta=BETA, tau=TAU, min_queries=MINQ, prefill_len=None, rows_checked=None):
+    """ACT from the full probability map, written independently of steer.act / kernels.act."""
+    heads = set(heads)
+
+    def fn(call, ctx):
+        q, k, v, mask = call.query, call.key, call.value, call.mask
+        b, h_all, t, _ = q.shape
+        p = attention_probs_reference(q, k, mask, call.scaling).double()  # [B, H, T, T]
+        vis = mask[:, 0]  # [B, Tq, Tk]
+        plen = prefill_len or t
+        obs = vis[:, :plen].sum(1)  # observers among the prefill queries
+        score = p[:, :, :plen].sum(2) / obs.clamp_min(1).unsqueeze(1)
+        real = obs > 0
+        sinks = (score > tau) & (obs.unsqueeze(1) >= min_queries) & real.unsqueeze(1)
+        for row in range(b):
+            sinks[row, :, int(real[row].int().argmax())] = False  # keep the first real token
+        p2 = p.clone()
+        for h in range(h_all):
+            if (ctx.layer, h) not in heads:
+                continue
+            s = sinks[:, h].unsqueeze(1).double()  # [B, 1, Tk]
+            ps = (p[:, h] * s).sum(-1, keepdim=True)
+            rest = (p[:, h] * (1 - s)).sum(-1, keepdim=True)
+            ok = (ps > 0) & (rest > 0)  # nothing to redistribute to: row left unchanged
+            new = p[:, h] * (1 - s) * (rest + (1 - beta) * ps) / rest.clamp_min(1e-300) + beta * p[:, h] * s
+            p2[:, h] = torch.where(ok, new, p[:, h])
+        real_rows = vis.any(-1)  # [B, Tq]
+        sums = p2.sum(-1)[real_rows.unsqueeze(1).expand(-1, h_all, -1)]
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-6)
+        if rows_checked is not None:
+            rows_checked.append(int(real_rows.sum()))
+        vv = v.repeat_interleave(h_all // v.shape[1], dim=1).double()
+        return (p2 @ vv).to(q.dtype).transpose(1, 2).contiguous(), None
+
+    return fn
+
+
+def _ref_hooks(heads, **kw):
+    fn = reference_override(heads, **kw)
+    return {f"blocks.{layer}.attn.impl": fn for layer in sorted({a for a, _ in heads})}
+
+
+FAMILIES = ["llama", "qwen2", "gemma3_text", "mixtral", "qwen2_moe", "deepseek_v3", "granitemoe"]
+TEXTS = ["the quick brown fox jumps over", "a b c d e f g h i j k l m n", "hi there"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_act_matches_full_map_reference_batched_left_padded(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    heads = [(0, 1), (1, 0), (1, 3), (2, 2)]
+    batch = _batch(tok, TEXTS)
+    base = model(**batch).logits
+    with ACT(heads, beta=BETA, tau=TAU, min_queries=MINQ).apply(model) as act:
+        got = model(**batch).logits
+    with attach(model, _ref_hooks(heads)):
+        ref = model(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(got[real], ref[real], atol=1e-4)
+    assert not torch.allclose(got[real], base[real], atol=1e-4)
+    assert act.total_touched > 0
+    # each row of the batch gets the same result alone (no padding): batches and left padding are right
+    for i, text in enumerate(TEXTS):
+        one = _batch(tok, [text])
+        with ACT(heads, beta=BETA, tau=TAU, min_queries=MINQ, on_no_effect="ignore").apply(model):
+            alone = model(**one).logits[0]
+        assert torch.allclose(alone, got[i][real[i]], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
+def test_decode_steps_reuse_prefill_sinks(family):
+    """Prefill + 4 cached decode steps == a full forward in which the sink sets come from the prompt."""
+    model, tok = tiny_model(family), tiny_tokenizer()
+    heads = [(layer, h) for layer in range(3) for h in range(4)]
+    batch = _batch(tok, TEXTS[:2])
+    prompt_len = batch["input_ids"].shape[1]
+    new = torch.tensor([[65, 66, 67, 68], [97, 98, 99, 100]])
+    with ACT(heads, beta=BETA, tau=0.05, min_queries=MINQ).apply(model) as act:
+        out = model(**batch, use_cache=True)
+        prefill_touched = act.total_touched
+        cache, mask = out.past_key_values, batch["attention_mask"]
+        step_logits = []
+        for j in range(new.shape[1]):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            o = model(input_ids=new[:, j : j + 1], attention_mask=mask, cache=cache, use_cache=True)
+            cache = o.past_key_values
+            step_logits.append(o.logits[:, -1])
+    decode_touched = act.total_touched
+    full_ids = torch.cat([batch["input_ids"], new], 1)
+    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(new)], 1)
+    with attach(model, _ref_hooks(heads, tau=0.05, prefill_len=prompt_len)):
+        ref = model(input_ids=full_ids, attention_mask=full_mask).logits
+    for j, logits in enumerate(step_logits):
+        assert torch.allclose(logits, ref[:, prompt_len + j], atol=1e-4), j
+    assert decode_touched > prefill_touched > 0
+
+
+def test_gqa_heads_are_selected_individually():
+    model, tok = tiny_model("llama"), tiny_tokenizer()  # 4 query heads share 2 kv heads
+    batch = _batch(tok, TEXTS)
+    outs = {}
+
+    def grab(name):
+        def fn(x, ctx):
+            outs[name] = x.detach().clone()
+        return fn
+
+    with attach(model, {"blocks.0.attn.out": grab("base")}):
+        model(**batch)
+    with ACT([(0, 1)], tau=TAU, min_queries=MINQ).apply(model):
+        with attach(model, {"blocks.0.attn.out": grab("act")}):
+            model(**batch)
+    # o_proj mixes heads, so compare the per-head attention outputs through the override instead
+    seen = {}
+
+    def spy(call, ctx):
+        from kernels.act import act_attention
+
+        act = ACT([(0, 1)], tau=TAU, min_queries=MINQ)
+        sinks = act.prefill_sinks(call.query, call.key, call.scaling, call.mask, None)
+        hm = torch.tensor([False, True, False, False])
+        out, _ = act_attention(call.query, call.key, call.value, scale=call.scaling, sink_mask=sinks,
+                               head_mask=hm, beta=BETA, mask=call.mask)
+        base, _ = call.base()
+        seen["diff"] = (out.transpose(1, 2) - base).abs().amax(dim=(0, 1, 3))
+        return None
+
+    with attach(model, {"blocks.0.attn.impl": spy}):
+        model(**batch)
+    d = seen["diff"]
+    assert d[1] > 1e-4 and d[0] < 1e-5 and d[2] < 1e-5 and d[3] < 1e-5
+    assert not torch.allclose(outs["base"], outs["act"])
+
+
+def test_first_real_token_is_kept_not_the_pad():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    batch = _batch(tok, ["a b c d e f g h i j", "xyz"])
+    got = {}
+
+    def spy(call, ctx):
+        act = ACT([(0, 0)], tau=1e-6, min_queries=1)  # every real key is a sink
+        got["sinks"] = act.prefill_sinks(call.query, call.key, call.scaling, call.mask, None)
+        return None
+
+    with attach(model, {"blocks.0.attn.impl": spy}):
+        model(**batch)
+    sinks = got["sinks"]
+    real = batch["attention_mask"].bool()
+    first = real.int().argmax(-1)
+    for b in range(2):
+        expected = real[b].clone()
+        expected[first[b]] = False
+        assert torch.equal(sinks[b, 0], expected)  # pads never sinks; first real token kept
+
+
+def test_touched_counts_rows_and_no_effect_raises():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    batch = _batch(tok, TEXTS)
+    rows = []
+    with attach(model, _ref_hooks([(1, 2)], rows_checked=rows)):
+        model(**batch)
+    with ACT([(1, 2)], tau=TAU, min_queries=MINQ).apply(model) as act:
+        model(**batch)
+    assert 0 < act.touched["blocks.1.attn.impl"] <= rows[0]
+    with pytest.raises(NoEffectError):
+        with ACT([(1, 2)], tau=0.99).apply(model):
+            model(**batch)
+
+
+def test_bad_inputs():
+    model = tiny_model("llama")
+    for beta in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"beta must be in \(0, 1\]"):
+            ACT([(0, 0)], beta=beta)
+    with pytest.raises(ValueError, match="out of range"):
+        with ACT([(0, 4)]).apply(model):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        with ACT([(3, 0)]).apply(model):
+            pass
+    with pytest.raises(ValueError, match="at least one"):
+        ACT([])
+    with pytest.raises(NotImplementedError, match="learned sink"):
+        with ACT([(0, 0)]).apply(tiny_model("gpt_oss")):
+            pass
+    tok = tiny_tokenizer()
+    small = TaskSplit("x", "calibration", 0, [Item("x", f"p{i}", ("a", "b"), 0, f"u{i}") for i in range(5)])
+    with pytest.raises(ValueError, match="calibration set too small"):
+        calibrate_heads(model, tok, small)
+    held = TaskSplit("x", "heldout", 0, small.items * 5)
+    with pytest.raises(ValueError, match="heldout"):
+        calibrate_heads(model, tok, held)
+    # decode without the prefill under ACT
+    batch = _batch(tok, TEXTS[:1])
+    out = model(**batch, use_cache=True)
+    with pytest.raises(RuntimeError, match="prefill"):
+        with ACT([(0, 0)], tau=TAU).apply(model):
+            model(input_ids=torch.tensor([[70]]), cache=out.past_key_values,
+                  attention_mask=torch.ones(1, batch["input_ids"].shape[1] + 1, dtype=torch.long))
+
+
+def test_calibrate_heads_and_config_roundtrip(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    items = [Item("x", f"in {i}: " + "ab" * (i % 5 + 2), ("a", "b", "c"), i % 3, f"u{i}") for i in range(21)]
+    split = TaskSplit("x", "calibration", 0, items)
+    cfg = calibrate_heads(model, tok, split, tau=TAU, min_queries=MINQ, max_candidates=4, min_gain=0)
+    rows = cfg.search["candidates"]
+    assert len(rows) == 4 and cfg.search["n_items"] == 21
+    assert all(r["kept"] == (r["gain"] >= 0) for r in rows)
+    assert set(cfg.heads) == {(r["layer"], r["head"]) for r in rows if r["chosen"]}
+    if cfg.heads:  # the chosen combination really scores what the search recorded
+        from steer.tasks import evaluate
+
+        res = evaluate(model, tok, split, interventions=[cfg.intervention(on_no_effect="ignore")])
+        assert res.n_correct() == cfg.search["final_correct"] > cfg.search["baseline_correct"]
+    path = tmp_path / "act.json"
+    cfg.save(path)
+    again = ACTConfig.load(path)
+    assert again.heads == cfg.heads and again.beta == cfg.beta and again.search == json.loads(cfg.to_json())["search"]
+    assert len(again.to_dataframe()) == 4
