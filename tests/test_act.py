@@ -236,3 +236,35 @@ def test_calibrate_heads_and_config_roundtrip(tmp_path):
     again = ACTConfig.load(path)
     assert again.heads == cfg.heads and again.beta == cfg.beta and again.search == json.loads(cfg.to_json())["search"]
     assert len(again.to_dataframe()) == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_calibrate_writes_config(tiny_dir, tmp_path, capsys):
+    from steer.cli import main
+
+    out = tmp_path / "act.json"
+    rc = main(["calibrate", "--model", str(tiny_dir), "--tasks", "kv_retrieval", "--n", "20", "--tau", "0.05",
+               "--min-queries", "2", "--max-candidates", "2", "--min-gain", "0", "--out", str(out)])
+    assert rc == 0 and "baseline" in capsys.readouterr().out
+    cfg = ACTConfig.load(out)
+    assert len(cfg.search["candidates"]) <= 2 and cfg.search["n_items"] == 20
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--beta", "1.5"], "beta must be in (0, 1]"),
+    (["--heads", "9:0"], "out of range"),
+    (["--n", "5"], "calibration set too small"),
+])
+def test_cli_calibrate_bad_inputs(tiny_dir, tmp_path, capsys, argv, message):
+    from steer.cli import main
+
+    rc = main(["calibrate", "--model", str(tiny_dir), "--tasks", "kv_retrieval", "--n", "20",
+               "--out", str(tmp_path / "a.json"), *argv])
+    assert rc == 2 and message in capsys.readouterr().err

@@ -132,3 +132,34 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="tokenizer"):
         detect_sinks(model, None, ["text"])
     assert float(sink_threshold(None, 2.0, 8)) == 0.25
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_sinks_prints_summary_and_writes_figures(tiny_dir, tmp_path, capsys):
+    from steer.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["sinks", "--model", str(tiny_dir), "--text", "hello there world", "--text", "abc",
+               "--tau", "0.05", "--min-queries", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "sink rate" in text and "published 7B" in text
+    for name in ("sinks.safetensors", "sink_heatmap.html", "sink_map.html", "sink_tokens.html"):
+        assert (out / name).exists()
+    assert SinkResult.from_safetensors(out / "sinks.safetensors").n_inputs == 2
+    rc = main(["sinks", "--model", str(tiny_dir), "--n", "2", "--length", "16", "--json", "--out", str(out)])
+    assert rc == 0 and '"sink_rate"' in capsys.readouterr().out
+
+
+def test_cli_sinks_bad_input(tiny_dir, tmp_path, capsys):
+    from steer.cli import main
+
+    assert main(["sinks", "--model", str(tiny_dir), "--tau", "2", "--text", "x", "--out", str(tmp_path)]) == 2
+    assert "tau must be in (0, 1)" in capsys.readouterr().err
+    assert main(["sinks", "--model", str(tiny_dir), "--file", str(tmp_path / "nope.txt")]) == 2
