@@ -236,6 +236,11 @@ class MoTESection:
         return cls([(int(x["layer"]), int(x["expert"])) for x in d["experts"]], d["mode"],
                    bool(d.get("renormalize", False)), d.get("force_weight", "gate"), d.get("source"))
 
+    @classmethod
+    def from_switch(cls, switch, source: str | None = None) -> MoTESection:
+        """From a steer.mote.ExpertSwitch (e.g. `ExpertSwitch.from_profile(profile, k=10)`)."""
+        return cls(list(switch.experts), switch.mode, switch.renormalize, switch.force_weight, source)
+
     def by_layer(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
         for layer, expert in self.experts:

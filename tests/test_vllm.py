@@ -67,6 +67,10 @@ def _engine_main(spec_path: str, out_path: str) -> None:
         return sorted(captured)
 
     llm.apply_model(hook_routers)
+    if spec.get("sglang_hooks"):  # attach steer's SGLang export the way SGLang's hook_manager does
+        from steer.export import register_forward_hooks
+
+        assert llm.apply_model(lambda m: len(register_forward_hooks(m, spec["sglang_hooks"])))[0] > 0
     import steer.serving.vllm_plugin as plugin
 
     plugin.STATE.reset_counts()
@@ -99,8 +103,9 @@ from steer.hooks import capture  # noqa: E402
 
 
 def run_engine(tmp: Path, name: str, *, model: Path, prompts: list[list[int]], max_tokens: int,
-               config: Path | None = None, plugin: bool = True, fingerprint_dir: Path | None = None) -> dict:
-    spec = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens,
+               config: Path | None = None, plugin: bool = True, fingerprint_dir: Path | None = None,
+               sglang_hooks: list | None = None) -> dict:
+    spec = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "sglang_hooks": sglang_hooks,
             "config": str(config) if config else None,
             "fingerprint_dir": str(fingerprint_dir) if fingerprint_dir else None}
     spec_path, out_path = tmp / f"{name}.spec.json", tmp / f"{name}.out.json"
@@ -229,7 +234,95 @@ def test_vllm_fingerprints_verify(tiny_ckpt, tmp_path):
     from steer.difr import Fingerprints
 
     fp = Fingerprints.concat(fps)
-    with cfg.apply(model):
-        good = verify(model, fp)
-    bad = verify(model, fp)
-    assert good.max_distance < 1e-2 < bad.max_distance, (good, bad)
+    from steer.difr import calibrate, fingerprint_prompts
+
+    with cfg.apply(model):  # the verifier's benign runs: HF + the same config, two batch compositions
+        benign = [fingerprint_prompts(model, None, PROMPTS, config=cfg.difr.difr_config(), max_new_tokens=10,
+                                      batch_size=b) for b in (1, 2)]
+        calib = calibrate(model, benign)
+        good = verify(model, fp, calib)
+    bad = verify(model, fp, calib)  # the same claim checked against the unsteered model
+    assert good.verified and not bad.verified, (good.summary(), bad.summary())
+    assert good.score < 0.1 * bad.score
+
+
+def test_sglang_export_hooks_in_a_real_engine(tiny_ckpt, tmp_path):
+    """SGLang's forward_hooks export, attached by name to a real engine's gate modules (vLLM's
+    Qwen2-MoE keeps SGLang's module names and its gate returns the router logits), routes like
+    steer's off_mask (exact here: this model renormalises its top-k weights)."""
+    from steer.export import to_sglang
+
+    torch.set_num_threads(1)
+    model = _load(tiny_ckpt)
+    cfg = InterventionConfig.for_model(model, mote=MoTESection([(1, 0), (1, 4), (2, 1)], "off_mask"))
+    specs, _ = to_sglang(cfg, norm_topk_prob=True)
+    hf_on = hf_reference(model, PROMPTS, 8, cfg)
+    hf_off = hf_reference(model, PROMPTS, 8, None)
+    out = run_engine(tmp_path, "sglang", model=tiny_ckpt, prompts=PROMPTS, max_tokens=8, plugin=False,
+                     sglang_hooks=specs)
+    for h_on, h_off, got in zip(hf_on, hf_off, out["results"]):
+        assert h_on["routing"] != h_off["routing"]
+        assert got["routing"] == h_on["routing"] and got["output_ids"] == h_on["output_ids"]
+
+
+FRENCH = ["Bonjour, comment allez-vous aujourd'hui ?", "Quelle est la capitale de la France ?",
+          "J'aime beaucoup lire des livres le soir.", "Le chat dort sur le canapé depuis ce matin.",
+          "Pouvez-vous m'expliquer la photosynthèse ?", "Nous allons au marché samedi prochain."]
+ENGLISH = ["Hello, how are you today?", "What is the capital of France?", "I really enjoy reading books at night.",
+           "The cat has been sleeping on the sofa since this morning.", "Can you explain photosynthesis to me?",
+           "We are going to the market next Saturday."]
+
+
+@pytest.mark.slow
+def test_round_trip_smollm2_moe(tmp_path):
+    """profile -> config -> apply in HF -> export -> apply in vLLM -> fingerprints -> verify, on the
+    embedded SmolLM2 MoE (16 experts, top-12, 30 MoE layers)."""
+    from transformers import AutoTokenizer
+
+    from steer.cli import main as steer_main
+    from steer.difr import Fingerprints, calibrate, fingerprint_prompts, verify
+    from steer.ftri import ProfileConfig, profile
+    from steer.moebuild import ensure_moe
+    from steer.mote import ExpertSwitch
+    from steer.serving import served_fingerprints
+
+    torch.set_num_threads(1)
+    ckpt = ensure_moe(progress=False)
+    model, tok = _load(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    prof = profile(model, tok, {"french": FRENCH, "english": ENGLISH}, ProfileConfig(n_bootstrap=0), progress=False)
+    switch = ExpertSwitch.from_profile(prof, k=24, mode="off_mask", per_layer_cap=2, model=model)
+    cfg = InterventionConfig.for_model(model, mote=MoTESection.from_switch(switch, source="profile french vs english"),
+                                       difr=DiFRSection(k=8, seed=0))
+    cfg_dir = cfg.save(tmp_path / "cfg")
+    assert steer_main(["export", "--target", "vllm", str(cfg_dir), "-o", str(tmp_path / "served"),
+                       "--model", str(ckpt)]) == 0
+    served = InterventionConfig.load(tmp_path / "served")
+
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+               for q in ("Quelle est la capitale de l'Italie ?", "What is the capital of Japan?")]
+    prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+    n = 16
+    hf_on = hf_reference(model, prompts, n, served)
+    hf_off = hf_reference(model, prompts, n, None)
+    out = run_engine(tmp_path, "smollm2", model=ckpt, prompts=prompts, max_tokens=n, config=tmp_path / "served",
+                     fingerprint_dir=tmp_path / "fp")
+    agree = total = 0
+    for h_on, h_off, got in zip(hf_on, hf_off, out["results"]):
+        assert h_on["routing"] != h_off["routing"]
+        for layer, rows in h_on["routing"].items():
+            agree += sum(a == b for a, b in zip(rows, got["routing"][layer]))
+            total += len(rows)
+        assert got["output_ids"] == h_on["output_ids"], (tok.decode(got["output_ids"]), tok.decode(h_on["output_ids"]))
+    # the MoE's router logits are nearly tied by construction (router_spread 1e-3), so fp32 kernel
+    # differences between engines may flip a rare selection; everything else must agree
+    assert agree / total >= 0.995, f"routing agreement {agree}/{total}"
+
+    fp = Fingerprints.concat([served_fingerprints(tmp_path / "fp", f"req{i}", p, r["output_ids"])
+                              for i, (p, r) in enumerate(zip(prompts, out["results"]))])
+    with served.apply(model):
+        benign = [fingerprint_prompts(model, tok, prompts, config=served.difr.difr_config(), max_new_tokens=n,
+                                      batch_size=b) for b in (1, 2)]
+        calib = calibrate(model, benign)
+        good = verify(model, fp, calib)
+    bad = verify(model, fp, calib)
+    assert good.verified and not bad.verified, (good.summary(), bad.summary())

@@ -209,11 +209,22 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
         STATE.difr_meta = {
             "k": dcfg.k, "seed": dcfg.seed, "projection": dcfg.projection,
             "model_id": getattr(hf_config, "_steer_model_id", None) or hf_config.model_type,
-            "config_hash": config_hash(SimpleNamespace(config=hf_config)),
+            # the checkpoint's own config, as the verifier's HF model sees it (vLLM's hf_config carries
+            # its overrides, including steer_config itself)
+            "config_hash": config_hash(SimpleNamespace(config=_checkpoint_config(vllm_config))),
             "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),
             "steer_config": str(path),
         }
     return STATE
+
+
+def _checkpoint_config(vllm_config):
+    from transformers import AutoConfig
+
+    path = str(vllm_config.model_config.model)
+    if Path(path).is_dir():
+        return AutoConfig.from_pretrained(path)
+    return vllm_config.model_config.hf_config
 
 
 def _steered_routing(layer: int, edit, rule):
