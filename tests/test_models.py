@@ -422,6 +422,47 @@ def test_concurrent_fetches_convert_once(tiny_conversion):
     assert len(tiny_conversion) == 1  # the other three waited on the lock and reused the result
 
 
+_FETCH_IN_PROCESS = """
+import os, sys, time
+from pathlib import Path
+from steer import models
+from steer.tiny import tiny_model, tiny_tokenizer
+
+fake_gguf, log, ready_dir, n = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+
+def fake_load_gguf(path, *, dtype, attn_implementation, progress):
+    with open(log, "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    time.sleep(1.0)
+    return tiny_model("llama"), tiny_tokenizer()
+
+models.packaged_gguf = lambda name, progress=True: fake_gguf
+models._load_gguf = fake_load_gguf
+(ready_dir / str(os.getpid())).touch()
+while len(list(ready_dir.iterdir())) < n:  # start fetching together, like pytest-xdist workers
+    time.sleep(0.05)
+print(models.fetch("smollm2", progress=False))
+"""
+
+
+@pytest.mark.slow  # three fresh interpreters importing torch + transformers: ~10 s idle, minutes when busy
+def test_concurrent_processes_convert_once(fresh_cache, tmp_path):
+    import subprocess
+
+    fake_gguf, log, ready = tmp_path / "fake.gguf", tmp_path / "conversions.log", tmp_path / "ready"
+    fake_gguf.write_bytes(b"GGUF stand-in")
+    ready.mkdir()
+    n = 3
+    env = {**os.environ, "STEER_CACHE": str(fresh_cache), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _FETCH_IN_PROCESS, str(fake_gguf), str(log), str(ready), str(n)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(paths) == 1 and len(log.read_text().split()) == 1  # one process converted, two waited
+
+
 def test_moe_builder_missing_is_a_clear_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "steer.moebuild", None)  # import fails as if the module were absent
     with pytest.raises(ImportError, match=r"steer\.moebuild\.ensure_moe\(\).*could not be imported"):
