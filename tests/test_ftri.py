@@ -1,5 +1,6 @@
 """fTRI profiling: counts equal a full capture, scores match hand formulas, streaming, persistence, errors."""
 
+import functools
 import math
 
 import pytest
@@ -17,7 +18,15 @@ from steer.ftri import (
 from steer.hooks import capture
 from steer.identity import ModelMismatchError, model_identity
 from steer.prompts import EmptyPromptSetError, PromptSet
-from steer.tiny import tiny_model, tiny_tokenizer
+from steer.tiny import tiny_model as _build_tiny
+from steer.tiny import tiny_tokenizer
+
+
+@functools.cache
+def tiny_model(family, seed=0):
+    """Tiny models are built once per test module: nothing here mutates them (hooks are removed)."""
+    return _build_tiny(family, seed=seed)
+
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe")
 A = [f"alpha beta {i} gamma" for i in range(6)]

@@ -1,6 +1,7 @@
 """MoTE expert switching: parity with a by-hand router edit, generation, controls, bad inputs."""
 
 import copy
+import functools
 import types
 
 import pytest
@@ -12,7 +13,15 @@ from steer.ftri import DenseModelError, ProfileConfig, profile
 from steer.identity import ModelMismatchError
 from steer.interventions import NoEffectError
 from steer.mote import ExpertSwitch, evaluate, perplexity, wilson_ci
-from steer.tiny import tiny_model, tiny_tokenizer
+from steer.tiny import tiny_model as _build_tiny
+from steer.tiny import tiny_tokenizer
+
+
+@functools.cache
+def tiny_model(family, seed=0):
+    """Tiny models are built once per test module: nothing here mutates them (hooks are removed)."""
+    return _build_tiny(family, seed=seed)
+
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "granitemoe")
 
