@@ -217,3 +217,12 @@ def test_default_build_on_smollm2_meets_quality_bar(tmp_path):
     assert diff < 1e-2, diff
     print(f"default build: {elapsed:.0f}s, ppl ratio {row['ppl_ratio']:.3f}, agreement {row['agreement']:.2f}, "
           f"k=E max logit diff {float(diff):.2e}")
+
+
+def test_distillation_option_trains_norms_and_routers(tmp_path):
+    config = dataclasses.replace(TINY, distill_steps=3, distill_lr=1e-2, distill_batch=2)
+    report, moe = _build(tmp_path, config)
+    _, plain = _build(tmp_path, TINY, "plain")
+    assert len(report.distill_losses) == 3
+    changed = [n for n, p in moe.named_parameters() if not torch.equal(p, plain.get_parameter(n))]
+    assert changed and all(n.endswith(("norm.weight", "mlp.gate.weight")) for n in changed)

@@ -36,13 +36,13 @@ RESULTS = HERE / "results.json"
 # name -> (config overrides, k with prompt evaluation, k with perplexity only)
 SETTINGS: dict[str, tuple[dict, list[int], list[int]]] = {
     "S768-coact-ridge": (dict(shared_neurons=768), [12, 8], [16, 4]),
-    "S0-random-ridge": (dict(shared_neurons=0, clustering="random"), [12], [16, 8, 4]),
-    "S0-coact-ridge": (dict(shared_neurons=0), [12, 8], [16, 4]),
-    "S768-random-ridge": (dict(shared_neurons=768, clustering="random"), [12], [8, 4]),
-    "S1024-coact-ridge": (dict(shared_neurons=1024), [12, 8], [4]),
-    "S768-coact-ridgelog": (dict(shared_neurons=768, router="ridge-log"), [], [12, 8, 4]),
-    "S768-coact-ridge-dense0": (dict(shared_neurons=768, dense_layers=(0,)), [8], [12, 4]),
-    "S768-coact-ridge-distill60": (dict(shared_neurons=768, distill_steps=60), [12, 8], [16, 4]),
+    "S0-random-ridge": (dict(shared_neurons=0, clustering="random"), [], [12, 8]),
+    "S768-random-ridge": (dict(shared_neurons=768, clustering="random"), [], [12, 8]),
+    "S0-coact-ridge": (dict(shared_neurons=0), [], [12, 8]),
+    "S1024-coact-ridge": (dict(shared_neurons=1024), [8], [12, 4]),
+    "S768-coact-ridgelog": (dict(shared_neurons=768, router="ridge-log"), [], [12, 8]),
+    "S768-coact-ridge-dense0": (dict(shared_neurons=768, dense_layers=(0,)), [], [12, 8]),
+    "S768-coact-ridge-distill60": (dict(shared_neurons=768, distill_steps=60), [12, 8], [16]),
 }
 
 
