@@ -278,6 +278,20 @@ class ACTSection:
     def from_json(cls, d: dict) -> ACTSection:
         return cls([(int(x["layer"]), int(x["head"])) for x in d["heads"]], dict(d.get("params", {})))
 
+    @classmethod
+    def from_act_config(cls, act) -> ACTSection:
+        """From a steer.act.ACTConfig (what `steer calibrate` writes); its search log is not kept."""
+        return cls(list(act.heads), {k: getattr(act, k) for k in ACT_PARAMS})
+
+    def act_config(self):
+        """The steer.act.ACTConfig of this section."""
+        from steer.act import ACTConfig
+
+        return ACTConfig(heads=list(self.heads), **self.params)
+
+
+ACT_PARAMS = ("beta", "tau", "alpha", "min_queries", "keep_first")  # steer.act.ACTConfig fields a config carries
+
 
 @dataclass
 class LynxSection:
@@ -560,9 +574,7 @@ class InterventionConfig:
             out.append(ExpertSwitch(experts=list(self.mote.experts), mode=self.mote.mode,
                                     renormalize=self.mote.renormalize, force_weight=self.mote.force_weight))
         if self.act is not None:
-            from steer.act import ACT, ACTConfig
-
-            out.append(ACT(ACTConfig(heads=list(self.act.heads), **self.act.params)))
+            out.append(self.act.act_config().intervention())
         return out
 
     def apply(self, model: Any):
@@ -651,6 +663,13 @@ def _section_problems(doc: dict) -> list[str]:
             if key in seen_heads:
                 problems.append(f"act.heads[{i}]: duplicate of act.heads[{seen_heads[key]}]")
             seen_heads.setdefault(key, i)
+        for key in act.get("params", {}):
+            if key not in ACT_PARAMS:
+                problems.append(f"act.params.{key}: unknown ACT parameter (known: {', '.join(ACT_PARAMS)})")
+        params = act.get("params", {})
+        beta = params.get("beta")
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 1):
+            problems.append(f"act.params.beta: {beta!r} must be a number in (0, 1] (1 leaves attention unchanged)")
     lynx = doc.get("lynx")
     if lynx is not None:
         for i, p in enumerate(lynx["points"]):

@@ -225,3 +225,28 @@ def test_schema_problems_is_strict_on_types():
     problems = schema_problems({"format": "steer.intervention-config", "version": 1, "model": {}, "difr": {"k": True,
                                                                                                         "seed": 0}})
     assert "difr.k: expected integer, got bool True" in problems
+
+
+def test_act_section_applies_steer_act(moe):
+    from steer.act import ACT, ACTConfig
+
+    act_cfg = ACTConfig(heads=[(1, 0), (2, 3)], beta=0.4, tau=None, alpha=1.0)
+    cfg = InterventionConfig.for_model(moe, act=ACTSection.from_act_config(act_cfg))
+    assert cfg.act.act_config() == ACTConfig(heads=[(1, 0), (2, 3)], beta=0.4, tau=None, alpha=1.0)
+    x = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with cfg.apply(moe) as (iv,):
+            steered = moe(x).logits
+        with act_cfg.intervention().apply(moe):
+            reference = moe(x).logits
+    assert isinstance(iv, ACT) and iv.total_touched > 0 and torch.equal(steered, reference)
+
+
+def test_act_params_are_checked(moe, tmp_path):
+    d, doc = _doc(moe, tmp_path, act=ACTSection([(0, 1)], {"beta": 0.4}))
+    doc["act"]["params"] = {"beta": 1.5, "gamma": 2}
+    _rewrite(d, doc)
+    with pytest.raises(ConfigError) as err:
+        InterventionConfig.load(d)
+    assert "act.params.gamma: unknown ACT parameter (known: beta, tau, alpha, min_queries, keep_first)" in err.value.problems
+    assert any(p.startswith("act.params.beta: 1.5 must be a number in (0, 1]") for p in err.value.problems)
