@@ -244,16 +244,17 @@ def sweep(device, smoke, copy_bw):
     logits = torch.randn(T, E, device=device)
     rule = RoutingRule("sigmoid_group", 2 if smoke else 8, norm_topk_prob=True, n_group=4 if smoke else 8,
                        topk_group=2 if smoke else 4)
-    old = r_mod._TILE
-    for tile in (512, 1024, 2048, 4096):
-        r_mod._TILE = tile
+    old = r_mod._TILE, r_mod.NUM_WARPS
+    for tile, warps in ((256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8)):
+        r_mod._TILE, r_mod.NUM_WARPS = tile, warps
         ms = timed_ms(lambda: route(logits, rule, backend="triton"), device, smoke)
-        rows.append(("router", f"tile={tile}{' (default)' if tile == old else ''}", ms, logits.numel() * 4 / (ms * 1e-3) / 1e9))
-    r_mod._TILE = old
+        rows.append(("router", f"E={E} tile={tile} warps={warps}{' (default)' if (tile, warps) == old else ''}", ms,
+                     logits.numel() * 4 / (ms * 1e-3) / 1e9))
+    r_mod._TILE, r_mod.NUM_WARPS = old
     h = torch.randn(64 if smoke else 8192, 96 if smoke else 4096, device=device, dtype=torch.bfloat16)
     P = projection_matrix(0, h.shape[1], 8).to(device)
     old_bt, old_bd = f_mod.BT, f_mod.BD
-    for bt, bd in ((16, 128), (32, 128), (64, 64), (64, 128)):
+    for bt, bd in ((16, 64), (32, 64), (64, 64), (32, 128)):
         f_mod.BT, f_mod.BD = bt, bd
         ms = timed_ms(lambda: fingerprint(h, P, backend="triton"), device, smoke)
         rows.append(("fingerprint", f"BT={bt} BD={bd}{' (default)' if (bt, bd) == (old_bt, old_bd) else ''}", ms,

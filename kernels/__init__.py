@@ -4,6 +4,14 @@ Every public function picks its path per call with `backend_for(tensor)`: Triton
 the PyTorch reference otherwise (env STEER_KERNELS=torch|triton, or `backend=`, forces one).
 Both paths give the same result (the reference is also what the tests compare against).
 
+- `route(logits, rule, edit)` (router.py): MoE routing of every family + MoTE/SteerMoE expert edits.
+- `act_attention(q, k, v, ...)`, `sink_stats(q, k, ...)` (act.py): ACT calibrated attention without the
+  N x N map; attention-sink column sums.
+- `fingerprint(h, P)`, `projection_matrix(seed, d, k)` (fingerprint.py): Activation-DiFR.
+- `probe_score(hidden, positions, mean, std, layers)` (probe_score.py): LYNX probe at a cue token.
+Triton kernels: fixed launch configs (no autotune), no host sync, CUDA-graph safe; GPU timings come
+from experiments/bench_kernels.py (run by experiments/device_check.sh).
+
 Note: this top-level package shadows Hugging Face's `kernels` package; it deliberately defines
 no `get_kernel` and no `__version__`, so transformers treats the hub kernels as unavailable.
 """

@@ -1,7 +1,8 @@
 """Triton kernels of `kernels.probe_score.probe_score` (see that module).
 
 Fixed launch configs (no autotune): kernel 1 BB=16 rows, BJ=64 hidden units, feature chunks of
-CH=128 per program (BK=64 per step), 4 warps; kernel 2 BB=16 rows, 4 warps.
+CH=128 per program (BK=64 per step), 4 warps; kernel 2 BB=16 rows, 8 warps (the [H1, H2] = [256, 64]
+W2 tile spills with 4).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import triton.language as tl
 from kernels._triton import empty, interpreting
 
 INTERPRETED = interpreting()
-BB, BJ, CH, BK, NUM_WARPS = 16, 64, 128, 64, 4
+BB, BJ, CH, BK, NUM_WARPS, HEAD_WARPS = 16, 64, 128, 64, 4, 8
 
 
 @triton.jit
@@ -142,5 +143,5 @@ def probe_score_triton(hidden, positions, mean, std, layers):
     H1P, H2P = max(16, triton.next_power_of_2(H1)), max(16, triton.next_power_of_2(H2))
     _probe_head[(triton.cdiv(B, BB),)](
         part, b1, w2, b2, w3.reshape(-1), b3.reshape(-1), out, B, H1, H2, nsplit, w2.stride(0),
-        BB=BB, H1P=H1P, H2P=H2P, FP32_DOT=True, num_warps=NUM_WARPS)
+        BB=BB, H1P=H1P, H2P=H2P, FP32_DOT=True, num_warps=HEAD_WARPS)
     return out

@@ -3,7 +3,8 @@
 One program per block of BT tokens; the [BT, groups, group size] logits tile stays in registers:
 scores, group choice, k argmax passes for the unedited and the edited routing, weights, the
 touched comparison, one atomic add per program. Memory-bound on reading the logits once.
-Fixed launch config (no autotune): BT = 2048 // padded experts (clamped to 1..64), 4 warps.
+Fixed launch config (no autotune): BT = 512 // padded experts (clamped to 1..64), 4 warps; chosen from
+ptxas register counts (tests/test_kernels_compile.py) and the sweep in experiments/bench_kernels.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from kernels._triton import empty, interpreting
 
 INTERPRETED = interpreting()
 _KIND = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_group": 2}
-_TILE = 2048  # logits per program: measured choice, see experiments/bench_kernels.py
+_TILE = 512  # logits per program (4 per thread): no register spills on sm_90 up to E=256, k=8 with all edits
 NUM_WARPS = 4
 
 

@@ -2,7 +2,7 @@
 
 `fingerprint(h, P)`: h [..., D] the final post-norm hidden states (any float dtype), P [D, k] fp32
 from `projection_matrix(seed, d, k, kind)`. Accumulates in fp32, casts to fp16 on store. The Triton
-path reads h once (memory-bound): one program per 32 tokens, D in chunks of 128, the k columns
+path reads h once (memory-bound): one program per 32 tokens, D in chunks of 64, the k columns
 padded to 16 for tl.dot with 3xTF32 (fp32-accurate) products. Both paths agree to fp16 rounding.
 
 `projection_matrix` is generated on CPU from `seed` with torch.Generator, so a provider and a

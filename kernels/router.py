@@ -93,9 +93,13 @@ class RoutingRule:
         raise ValueError(f"no routing rule known for model_type {mt!r}; build RoutingRule(...) by hand")
 
 
-@dataclass
+@dataclass(eq=False)
 class RouterEdit:
-    """One layer's expert switches; masks are Bool[E] (any device). See the module docstring."""
+    """One layer's expert switches; masks are Bool[E] (any device). See the module docstring.
+
+    Treat as immutable: counts are read once at construction (the only host sync) and device copies
+    of the masks are cached per device, so build a new RouterEdit to change the switches.
+    """
 
     off_mask: torch.Tensor | None = None
     off_zero: torch.Tensor | None = None
