@@ -125,6 +125,10 @@ class ACT(Intervention):
         from kernels.act import sink_stats
 
         col, n_obs = sink_stats(q, k, scale=scale, mask=mask, sliding_window=window)
+        return self.sink_sets(col, n_obs)
+
+    def sink_sets(self, col: torch.Tensor, n_obs: torch.Tensor) -> torch.Tensor:
+        """Sinks from column sums [B, H, Tk] and observer counts [B, 1, Tk] (the detection rule)."""
         real = n_obs[:, 0] > 0  # [B, Tk]: a real key is observed at least by itself
         score = col / n_obs.clamp_min(1)
         thr = sink_threshold(self.tau, self.alpha, real.sum(-1).cpu()).to(score.device)
@@ -133,6 +137,49 @@ class ACT(Intervention):
             first = real.int().argmax(-1)  # first real key of each row (left padding skipped)
             sinks[torch.arange(sinks.shape[0], device=sinks.device), :, first] = False
         return sinks
+
+    # -- the probability path (TransformerLens hook_pattern, other eager engines) -------------
+    def calibrate_probs(self, layer: int, probs: torch.Tensor, token_mask: torch.Tensor | None = None,
+                        sliding_window: int | None = None) -> torch.Tensor:
+        """ACT on a whole-input probability map [B, H, T, T] of `layer` (prefill, causal).
+
+        For engines that expose attention probabilities but do not call steer's attention function
+        (TransformerLens bridges compute attention in their own classes). token_mask: Bool[B, T] real
+        tokens (None = no padding). Costs an N x N map per layer; steer's attn.impl path does not."""
+        b, n_heads, t, tk = probs.shape
+        if t != tk:
+            raise ValueError("calibrate_probs handles whole inputs (no KV cache); use ACT.apply() for generation")
+        heads = [h for layer_, h in self.heads if layer_ == layer]
+        if not heads:
+            return probs
+        tm = torch.ones(b, t, dtype=torch.bool, device=probs.device) if token_mask is None else \
+            token_mask.bool().to(probs.device)
+        i = torch.arange(t, device=probs.device)
+        vis = (i[None, :] <= i[:, None])
+        if sliding_window is not None:
+            vis = vis & ((i[:, None] - i[None, :]) < sliding_window)
+        vis = vis[None] & tm[:, None, :] & tm[:, :, None]  # [B, Tq, Tk]
+        p = probs.float() * vis[:, None]
+        n_obs = vis.sum(1, dtype=torch.int64)[:, None]  # [B, 1, Tk]
+        sinks = self.sink_sets(p.sum(2), n_obs)
+        head_mask = torch.zeros(n_heads, dtype=torch.bool, device=probs.device)
+        head_mask[heads] = True
+        s = (sinks & head_mask[None, :, None])[:, :, None, :]  # [B, H, 1, Tk]
+        p_s = torch.where(s, p, 0.0).sum(-1, keepdim=True)
+        p_r = torch.where(s, 0.0, p).sum(-1, keepdim=True)
+        rescale = head_mask[None, :, None, None] & (p_s > 0) & (p_r > 0)
+        c = (p_r + (1 - self.beta) * p_s) / torch.where(rescale, p_r, 1.0)
+        out = torch.where(rescale, torch.where(s, self.beta * p, c * p), p)
+        self.count(f"blocks.{layer}.attn.pattern", rescale.sum())
+        return torch.where(vis[:, None].any(-1, keepdim=True), out, probs.float()).to(probs.dtype)
+
+    def transformer_lens_hooks(self, token_mask: torch.Tensor | None = None) -> list[tuple[str, Callable]]:
+        """`fwd_hooks` for `bridge.run_with_hooks(...)` on a TransformerLens bridge: ACT on hook_pattern.
+        Pass the batch's attention mask as token_mask when it is padded; `touched` counts as usual."""
+        layers = sorted({layer for layer, _ in self.heads})
+        return [(f"blocks.{layer}.attn.hook_pattern",
+                 lambda pattern, hook, layer=layer: self.calibrate_probs(layer, pattern, token_mask))
+                for layer in layers]
 
     def _decode_sinks(self, layer: int, b: int, tq: int, tk: int, device) -> torch.Tensor:
         state = self._state.get(layer)

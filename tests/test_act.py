@@ -268,3 +268,48 @@ def test_cli_calibrate_bad_inputs(tiny_dir, tmp_path, capsys, argv, message):
     rc = main(["calibrate", "--model", str(tiny_dir), "--tasks", "kv_retrieval", "--n", "20",
                "--out", str(tmp_path / "a.json"), *argv])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_act_through_nnsight_and_transformer_lens(tmp_path):
+    """The hook path: ACT.apply() on an nnsight model or a TransformerLens bridge == on the HF model."""
+    import copy
+
+    nnsight = pytest.importorskip("nnsight")
+    tl_bridge = pytest.importorskip("transformer_lens.model_bridge")
+    from transformers import AutoTokenizer
+
+    model = tiny_model("llama")
+    tiny_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    enc = _batch(tok, TEXTS)
+    heads = [(0, 1), (1, 0), (1, 3), (2, 2)]
+    mask = enc["attention_mask"].bool()
+
+    def run(target, forward):
+        with ACT(heads, tau=TAU, min_queries=MINQ).apply(target) as act:
+            logits = forward()
+        return logits.detach(), act.total_touched
+
+    hf = copy.deepcopy(model)
+    ref, ref_touched = run(hf, lambda: hf(**enc).logits)
+    nn_model = nnsight.TransformersModel(copy.deepcopy(model), tokenizer=tok)
+
+    def nn_forward():
+        with nn_model.trace(enc.input_ids, attention_mask=enc.attention_mask):
+            out = nn_model.output.logits.save()
+        return out
+
+    got, touched = run(nn_model, nn_forward)
+    assert touched == ref_touched > 0
+    torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-4)
+    # TransformerLens bridges compute attention in their own classes: ACT goes on hook_pattern
+    bridge_model = copy.deepcopy(model)
+    bridge = tl_bridge.TransformerBridge.boot_transformers(str(tmp_path), hf_model=bridge_model, tokenizer=tok)
+    act = ACT(heads, tau=TAU, min_queries=MINQ)
+    with pytest.raises(NoEffectError):  # apply() on a bridge cannot reach its attention: says so
+        with act.apply(bridge):
+            bridge(enc.input_ids, attention_mask=enc.attention_mask)
+    got = bridge.run_with_hooks(enc.input_ids, attention_mask=enc.attention_mask,
+                                fwd_hooks=act.transformer_lens_hooks(token_mask=enc.attention_mask))
+    assert act.total_touched == ref_touched
+    torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-4)
