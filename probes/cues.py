@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 STRUCTURAL_CUES: dict[str, str] = {
     "blank_line": r"\n[ \t]*\n",
     "newline": r"(?<!\n)\n(?![ \t]*\n)",  # a single line break (a blank line is its own cue)
-    "sentence_end": r"(?<!\d)[.!?](?=[ \t])",  # '.' followed by a space; not a decimal point
+    "sentence_end": r"[.!?](?=[ \t])",  # end of a sentence (a decimal point is followed by a digit, not a space)
 }
 
 DEFAULT_CUE_WORDS: tuple[str, ...] = ("hmm", "wait", "alternatively")
@@ -57,11 +57,12 @@ class CueSet:
 
     @classmethod
     def parse(cls, spec: str) -> CueSet:
-        """From a comma list: names of structural cues are structural, everything else is a word.
-        E.g. "wait,hmm,blank_line"."""
+        """From a comma list: names of structural cues are structural, "re:REGEX" is a raw pattern,
+        everything else is a word. E.g. "wait,hmm,blank_line"."""
         items = [s.strip() for s in spec.split(",") if s.strip()]
-        return cls(words=tuple(i for i in items if i not in STRUCTURAL_CUES),
-                   structural=tuple(i for i in items if i in STRUCTURAL_CUES))
+        pats = {i: i[3:] for i in items if i.startswith("re:")}
+        return cls(words=tuple(i for i in items if i not in STRUCTURAL_CUES and i not in pats),
+                   structural=tuple(i for i in items if i in STRUCTURAL_CUES), patterns=pats)
 
     def to_json(self) -> dict:
         return {"words": list(self.words), "structural": list(self.structural), "patterns": dict(self.patterns)}

@@ -119,11 +119,17 @@ class LabelledCues:
 
     @classmethod
     def from_safetensors(cls, path) -> LabelledCues:
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            if md.get("format") != "steer.lynx_cues/1":
-                raise ValueError(f"{path} is not a labelled cue file (create one with `steer probe label`)")
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        hint = "create one with `steer probe label`"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # safetensors' Rust error type has no stable import path
+            raise ValueError(f"{path} is not a readable safetensors file ({exc}); {hint}") from None
+        if md.get("format") != "steer.lynx_cues/1":
+            raise ValueError(f"{path} is not a labelled cue file; {hint}")
         return cls(t["features"], t["labels"], t["trajectory"], t["cue_token"], json.loads(md["steer"]))
 
     def to_dataframe(self):

@@ -269,6 +269,8 @@ def generate_with_exit(
     """
     policy = policy or NeverExit()
     cfg = config or ExitConfig()
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of strings (one per row)")
     if isinstance(policy, LynxPolicy):
         cues = cues or policy.probe.cue_set
         points = points or (policy.probe.info.points if policy.probe.info else None)

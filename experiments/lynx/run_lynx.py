@@ -38,15 +38,15 @@ from probes.generate import DeerPolicy, ExitConfig, LynxPolicy, generate_with_ex
 from probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
 
 OUT = Path(__file__).parent / "out"
-N = {"train": 160, "calibration": 120, "test": 100}
+N = {"train": 100, "calibration": 80, "test": 60}
 DELTAS = (0.05, 0.1, 0.2, 0.3)
 ONLINE_DELTA = 0.2
-BUDGETS = (24, 48)
+BUDGETS = (16, 32)
 DEER_THRESHOLD = 0.95
 # SmolLM2 never says "wait"/"hmm": it ends steps with line breaks, so structural cues do the work.
 CUES = CueSet(structural=("blank_line", "newline"))
 CONFIG = ExitConfig(exit_string="\n\nThe answer is ", answer_max_tokens=8, answer_stop=(".", "\n"),
-                    max_new_tokens=80)
+                    max_new_tokens=64)
 BATCH = 20
 
 
@@ -130,24 +130,24 @@ def stage_online(model, tok, name):
         calib = calibrate(probe(cal.features), cal.labels, ONLINE_DELTA)
     runs = {}
 
-    def go(label, **kw):
-        t0 = time.time()
+    def go(label, n=None, **kw):
+        t0, n = time.time(), min(n or len(prompts), len(prompts))
         rows, toks, fwd, secs = [], [], [], 0.0
-        for s in range(0, len(prompts), BATCH):
-            res = generate_with_exit(model, tok, prompts[s: s + BATCH], cues=CUES, **kw)
-            rows += res.correct(golds[s: s + BATCH], chk)
+        for s in range(0, n, BATCH):
+            res = generate_with_exit(model, tok, prompts[s: min(s + BATCH, n)], cues=CUES, **kw)
+            rows += res.correct(golds[s: min(s + BATCH, n)], chk)
             toks += res.n_tokens()
             fwd += [r.forward_tokens for r in res.rows]
             secs += res.seconds
             runs.setdefault(label + "_rows", []).extend(
                 [{"stop": r.stop, "kept": r.kept, "exit_cue": next((e.cue_token for e in r.events if e.exited), None),
                   "final": r.final_text} for r in res.rows])
-        runs[label] = {"accuracy": sum(rows) / len(rows), "mean_tokens": sum(toks) / len(toks),
+        runs[label] = {"n": len(rows), "accuracy": sum(rows) / len(rows), "mean_tokens": sum(toks) / len(toks),
                        "mean_forward_tokens": sum(fwd) / len(fwd), "seconds": secs}
         print(label, runs[label], f"{time.time()-t0:.0f}s", flush=True)
 
     go(f"lynx_online_delta{ONLINE_DELTA}", policy=LynxPolicy(probe, calib), config=CONFIG)
-    go("deer_online", policy=DeerPolicy(DEER_THRESHOLD), config=CONFIG)
+    go("deer_online_first20", n=20, policy=DeerPolicy(DEER_THRESHOLD), config=CONFIG)  # consistency check only
     for b in BUDGETS:
         cfg = ExitConfig(**{**CONFIG.__dict__, "max_new_tokens": b})
         go(f"budget{b}", config=cfg)
