@@ -66,6 +66,8 @@ class ProfileConfig:
     chat_template: bool | None = None  # wrap prompts in the tokenizer's chat template (None: if it has one)
     max_length: int = 512  # tokens per sequence (longer prompts are cut from the left)
     max_new_tokens: int = 48  # response generation (labelling / response tokens)
+    count_template_prefix: bool = False  # count the chat template's shared prefix (system turn): it is the
+    # same text before every prompt, so it only dilutes the per-prompt fractions
     seed: int = 0  # bootstrap weights
 
     def validate(self) -> None:
@@ -94,6 +96,9 @@ def prompt_batches(tokenizer, prompts: Sequence[str], classes: Sequence[int], co
     """Yield left-padded batches; with responses, prompt + response ids with the chosen selection."""
     chat = config.chat_template
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prefix: list[int] = []
+    if uses_chat_template(tokenizer, chat) and not config.count_template_prefix:
+        prefix = list(tokenizer(format_prompt(tokenizer, "", chat), add_special_tokens=False)["input_ids"])
     for start in range(0, len(prompts), config.batch_size):
         rows, sels = [], []
         for i in range(start, min(start + config.batch_size, len(prompts))):
@@ -111,6 +116,11 @@ def prompt_batches(tokenizer, prompts: Sequence[str], classes: Sequence[int], co
                 sel = [False] * n_prompt + [True] * n_resp
             else:
                 sel = [True] * len(ids)
+            if prefix and config.tokens != "response" and len(ids) == len(p_ids) + len(r_ids):
+                shared = 0
+                while shared < min(len(prefix), n_prompt) and ids[shared] == prefix[shared]:
+                    shared += 1
+                sel[:shared] = [False] * shared
             rows.append(ids)
             sels.append(sel)
         width = max(len(r) for r in rows)

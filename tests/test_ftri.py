@@ -238,3 +238,12 @@ def test_cli_profile_then_switch_on_a_local_checkpoint(tmp_path, tok, capsys):
     tok.save_pretrained(other)
     assert main(["switch", "--profile", str(out), "--model", str(other), "--prompt", "x", "--quiet"]) == 2
     assert "different model" in capsys.readouterr().err
+
+
+def test_chat_template_shared_prefix_is_not_counted():
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}SYS: be nice|U: {{ m['content'] }}|{% endfor %}A:"
+    b = next(prompt_batches(tok, ["why?", "ok"], [0, 1], ProfileConfig()))
+    assert [tok.decode(r[s]) for r, s in zip(b.input_ids, b.selection)] == ["why?|A:", "ok|A:"]
+    b = next(prompt_batches(tok, ["why?"], [0], ProfileConfig(count_template_prefix=True)))
+    assert tok.decode(b.input_ids[0][b.selection[0]]) == "SYS: be nice|U: why?|A:"

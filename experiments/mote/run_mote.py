@@ -56,6 +56,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-moe")
     p.add_argument("--k", type=int, default=20, help="experts switched (global top-k of the profile)")
+    p.add_argument("--per-layer-cap", type=int, default=4,
+                   help="at most this many switched experts per layer (16 experts, top-12: masking > 4 would "
+                        "leave fewer than k)")
     p.add_argument("--heldout", type=int, default=40, help="held-out questions per language (max 40)")
     p.add_argument("--seeds", type=int, default=3, help="random-k control seeds")
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -87,8 +90,9 @@ def main() -> None:
     print(f"profile: {prof.stats}; top-{args.k}: {[(t.layer, t.expert, round(t.score, 4)) for t in top]}",
           flush=True)
 
-    top_off = ExpertSwitch.from_profile(prof, args.k, "off_mask", model=model)
-    top_on = ExpertSwitch.from_profile(prof, args.k, "on", model=model)
+    cap = dict(per_layer_cap=args.per_layer_cap, model=model)
+    top_off = ExpertSwitch.from_profile(prof, args.k, "off_mask", **cap)
+    top_on = ExpertSwitch.from_profile(prof, args.k, "on", **cap)
     conditions = [("baseline", None), (f"top-{args.k} off", top_off)]
     conditions += [(f"random-{args.k} off (seed {s})", ExpertSwitch.random_like(top_off, s, model))
                    for s in range(args.seeds)]
@@ -118,7 +122,7 @@ def main() -> None:
         "threads": args.threads, "torch": torch.__version__, "model": lm.name, "weights_hash": lm.weights_hash,
         "k": args.k, "heldout_per_language": len(fr_held), "max_new_tokens": args.max_new_tokens,
         "profile_stats": prof.stats, "top": [t.__dict__ for t in top],
-        "experts_top": top_off.experts, "rows": rows, "seconds": round(time.time() - t0, 1),
+        "experts_top": top_off.experts, "per_layer_cap": args.per_layer_cap, "rows": rows, "seconds": round(time.time() - t0, 1),
     }
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print("\n| condition | French answers to French Qs (95% CI) | change vs baseline (paired 95% CI) | "
