@@ -33,3 +33,17 @@ def test_all_triton_kernels_match_references_under_interpreter():
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreter kernel tests failed:\n{tail}"
     assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+def test_bench_script_cpu_smoke(tmp_path):
+    """experiments/bench_kernels.py runs end to end (tiny shapes, interpreter) and its checks pass."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEER_KERNELS": ""}
+    env.pop("TRITON_INTERPRET", None)  # the script sets it itself before importing triton
+    proc = subprocess.run([sys.executable, "experiments/bench_kernels.py", "--cpu-smoke", "--out", str(tmp_path)],
+                          cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "correctness: ALL OK" in out and "GPU results pending" in out
+    table = (tmp_path / "bench_kernels.md").read_text()
+    for kernel in ("router", "act_attention", "sink_stats", "fingerprint", "probe_score"):
+        assert f"| {kernel} |" in table
