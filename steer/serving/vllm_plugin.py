@@ -22,8 +22,8 @@ Use:
 Without a config the subclasses behave exactly as vLLM's. `VLLM_PLUGINS=""` turns the plugin off.
 ACT is not applied inside vLLM: vLLM's attention backends compute softmax inside fused kernels and
 expose no attention weights to edit; a config with an act section is refused (error names it)
-unless `STEER_VLLM_SKIP_ACT=1`. Verified on vLLM 0.32 (CPU backend, eager); on GPU, routers whose
-top-k is fused into the expert kernel bypass `_compute_routing` and are refused at startup.
+unless `STEER_VLLM_SKIP_ACT=1`. Verified on vLLM 0.32 (CPU backend, eager). Monolithic expert kernels
+(top-k fused into the kernel, bypassing the router) are refused at startup.
 """
 
 from __future__ import annotations
@@ -125,15 +125,26 @@ def config_path(vllm_config) -> str | None:
     return getattr(hf_config, HF_OVERRIDE_KEY, None) or os.environ.get(ENV_CONFIG) or None
 
 
-def moe_routers(model: torch.nn.Module) -> dict[int, Any]:
-    """{layer: FusedMoE router} of a vLLM model (the object whose `_compute_routing` picks experts)."""
+def moe_runners(model: torch.nn.Module) -> dict[int, Any]:
+    """{layer: vLLM MoE runner} (the module holding `.router`, whose `_compute_routing` picks experts)."""
     found = {}
     for name, module in model.named_modules():
         router = getattr(module, "router", None)
         m = re.search(r"(?:^|\.)layers\.(\d+)\.", name + ".")
         if m and router is not None and hasattr(router, "_compute_routing") and hasattr(router, "top_k"):
-            found.setdefault(int(m.group(1)), router)
+            found.setdefault(int(m.group(1)), module)
     return found
+
+
+def moe_routers(model: torch.nn.Module) -> dict[int, Any]:
+    """{layer: FusedMoE router} of a vLLM model."""
+    return {layer: runner.router for layer, runner in moe_runners(model).items()}
+
+
+def _monolithic(runner) -> bool:
+    """True when the expert kernel does its own top-k from the logits (the router is bypassed)."""
+    quant = getattr(getattr(runner, "routed_experts", None), "quant_method", None)
+    return bool(getattr(quant, "is_monolithic", False))
 
 
 def served_problems(cfg, hf_config, model_path: str, routers: dict[int, Any]) -> list[str]:
@@ -178,7 +189,8 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
         return None
     cfg = InterventionConfig.load(path)
     hf_config = vllm_config.model_config.hf_config
-    routers = moe_routers(model)
+    runners = moe_runners(model)
+    routers = {layer: runner.router for layer, runner in runners.items()}
     problems = served_problems(cfg, hf_config, str(vllm_config.model_config.model), routers)
     if cfg.act is not None and os.environ.get(ENV_SKIP_ACT) != "1":
         problems.append("act: ACT cannot run inside vLLM (its attention kernels expose no attention weights); serve "
@@ -194,9 +206,11 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
         for layer, edit in cfg.mote.router_edits(cfg.model.num_experts).items():
             edit.validate(rule, cfg.model.num_experts)
             router = routers[layer]
-            if type(router).__name__ not in ("CPURouter", "FusedTopKRouter", "CustomRoutingRouter"):
-                raise ConfigError([f"mote: layer {layer} uses vLLM router {type(router).__name__}, whose top-k may be "
-                                   f"fused into the expert kernel; steer only edits routers it has verified"])
+            if _monolithic(runners[layer]):
+                kernel = type(runners[layer].routed_experts.quant_method).__name__
+                raise ConfigError([f"mote: layer {layer}'s expert kernel ({kernel}) picks experts itself from the "
+                                   f"router logits, so routing edits cannot be applied; serve with an unfused "
+                                   f"(modular) MoE backend"])
             router._compute_routing = _steered_routing(layer, edit, rule)
             STATE.layers.append(layer)
     if cfg.difr is not None:
