@@ -56,6 +56,9 @@ def _check(q, k, v=None, sink_mask=None, head_mask=None, mask=None, sliding_wind
             raise ValueError(f"sink_mask must be Bool[B or 1, {H}, {Tk}], got {sink_mask.dtype} {tuple(sink_mask.shape)}")
     if head_mask is not None and (head_mask.dtype != torch.bool or head_mask.shape != (H,)):
         raise ValueError(f"head_mask must be Bool[{H}], got {head_mask.dtype} {tuple(head_mask.shape)}")
+    for name, t in (("k", k), ("v", v), ("sink_mask", sink_mask), ("head_mask", head_mask), ("mask", mask)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q on {q.device}; move it once with .to(q.device)")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
 

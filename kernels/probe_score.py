@@ -44,6 +44,12 @@ def _check(hidden: list[torch.Tensor], positions, mean, std, layers) -> None:
     F = sum(h.shape[2] for h in hidden)
     if mean.shape != (F,) or std.shape != (F,):
         raise ValueError(f"mean and std must be [F={F}] (sum of hidden sizes), got {tuple(mean.shape)}, {tuple(std.shape)}")
+    dev = hidden[0].device
+    tensors = [("positions", positions), ("mean", mean), ("std", std), *((f"hidden[{i}]", h) for i, h in enumerate(hidden)),
+               *((f"layers[{i}]", t) for i, wb in enumerate(layers) for t in wb)]
+    for name, t in tensors:
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but hidden[0] on {dev}; move the probe with .to(device) once")
     if len(layers) != 3:
         raise ValueError(f"the probe MLP must have 3 linear layers (F -> H1 -> H2 -> 1), got {len(layers)}")
     (w1, b1), (w2, b2), (w3, b3) = layers

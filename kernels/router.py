@@ -204,6 +204,9 @@ def _check(logits: torch.Tensor, rule: RoutingRule, edit: RouterEdit | None, bia
             raise ValueError("bias (e_score_correction_bias) only applies to the sigmoid_group rule")
         if bias.shape != (E,):
             raise ValueError(f"bias must be [{E}], got {tuple(bias.shape)}")
+    for name, t in (("bias", bias), ("token_mask", token_mask)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but the logits on {logits.device}")
     if token_mask is not None and (token_mask.shape != (T,) or token_mask.dtype != torch.bool):
         raise ValueError(f"token_mask must be Bool[{T}], got {token_mask.dtype} {tuple(token_mask.shape)}")
     if edit is not None:
