@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kernels.fingerprint import fingerprint as _kernel_fingerprint
+from kernels.fingerprint import projection_matrix as _kernel_projection_matrix
+
 FORMAT = "steer.difr.fingerprints/1"
 PROJECTIONS = ("gaussian", "orthonormal")
 
@@ -42,33 +45,7 @@ class DiFRConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Projection and fingerprint (the fused kernel lives in kernels/fingerprint.py when it lands)
-
-
-def _projection_matrix(seed: int, d: int, k: int, kind: str = "gaussian") -> Tensor:
-    """Fallback for kernels.fingerprint.projection_matrix: fp32 [d, k] from a CPU generator."""
-    if kind not in PROJECTIONS:
-        raise ValueError(f"projection kind must be one of {PROJECTIONS}, got {kind!r}")
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    p = torch.randn(d, k, generator=gen, dtype=torch.float32)
-    if kind == "gaussian":
-        return p / k**0.5
-    if k > d:
-        raise ValueError(f"an orthonormal projection needs k <= d (k={k}, d={d})")
-    q, r = torch.linalg.qr(p)
-    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # sign-fixed, so unique for the seed
-
-
-def _fingerprint(h: Tensor, p: Tensor) -> Tensor:
-    """Fallback for kernels.fingerprint.fingerprint: fp32 h @ P, packed to fp16."""
-    return (h.float() @ p.to(h.device, torch.float32)).to(torch.float16)
-
-
-try:  # the shared kernel (dispatches to torch on CPU); same signatures as the fallbacks above
-    from kernels.fingerprint import fingerprint as _kernel_fingerprint
-    from kernels.fingerprint import projection_matrix as _kernel_projection_matrix
-except ImportError:  # pragma: no cover - depends on which engineer's file has landed
-    _kernel_fingerprint, _kernel_projection_matrix = _fingerprint, _projection_matrix
+# Projection and fingerprint: kernels.fingerprint (fused Triton on GPU, torch on CPU)
 
 
 def projection_matrix(config: DiFRConfig, d: int) -> Tensor:
@@ -97,6 +74,21 @@ def config_hash(model: nn.Module) -> str:
     keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
     blob = json.dumps(keep, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def intervention_digest(path: str | Path) -> str:
+    """Short digest of an intervention config (its config.json and tensors): what a claim names."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    files = [root / "config.json", root / "config.safetensors"]
+    if not files[0].is_file():
+        raise FileNotFoundError(f"no intervention config at {path} (expected a directory with config.json)")
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def default_model_id(model: nn.Module) -> str:
@@ -132,6 +124,7 @@ class Fingerprints:
     sampling: dict | None = None  # SamplingParams as a dict, None for greedy
     sample_seeds: Tensor | None = None  # Int64[B], the per-sequence sampling seeds
     hidden: Tensor | None = field(default=None, repr=False)  # fp32 [N, D]; experiments only, never saved
+    intervention: str | None = None  # digest of the intervention config applied (verifiable steering)
 
     def __post_init__(self):
         self.check()
@@ -174,7 +167,8 @@ class Fingerprints:
     def with_config(self, values: Tensor, config: DiFRConfig) -> Fingerprints:
         """The same claim with other fingerprint values (e.g. another k from the kept hidden states)."""
         return Fingerprints(values, self.prompt_ids, self.prompt_lengths, self.output_ids, self.output_lengths,
-                            self.model_id, self.config_hash, config, self.dtype, self.sampling, self.sample_seeds)
+                            self.model_id, self.config_hash, config, self.dtype, self.sampling, self.sample_seeds,
+                            intervention=self.intervention)
 
     def reproject(self, config: DiFRConfig) -> Fingerprints:
         """Fingerprints for another k/seed from the kept hidden states (experiments record them once)."""
@@ -210,6 +204,7 @@ class Fingerprints:
             "dtype": self.dtype,
             "fingerprint_dtype": "float16",
             "sampling": json.dumps(self.sampling),
+            "intervention": self.intervention or "",
             "checksum": _checksum(tensors),
         }
         path = Path(path)
@@ -224,7 +219,7 @@ class Fingerprints:
             return cls(
                 tensors["values"], tensors["prompt_ids"], tensors["prompt_lengths"], tensors["output_ids"],
                 tensors["output_lengths"], meta["model_id"], meta["config_hash"], config, meta["dtype"],
-                json.loads(meta["sampling"]), tensors.get("sample_seeds"),
+                json.loads(meta["sampling"]), tensors.get("sample_seeds"), intervention=meta["intervention"] or None,
             )
         except KeyError as exc:
             raise ValueError(f"{path}: fingerprint file lacks {exc}; it was not written by `steer fingerprint`") from None
@@ -233,6 +228,24 @@ class Fingerprints:
 
     save = to_safetensors
     load = from_safetensors
+
+    @classmethod
+    def concat(cls, parts: list[Fingerprints]) -> Fingerprints:
+        """One claim from several batches (same model, config and sampling)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        a = parts[0]
+        for b in parts[1:]:
+            if (b.model_id, b.config_hash, b.config, b.dtype, b.sampling, b.intervention) != (
+                    a.model_id, a.config_hash, a.config, a.dtype, a.sampling, a.intervention):
+                raise ValueError("cannot concatenate fingerprints of different models/configs/sampling")
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])
+        seeds = cat("sample_seeds") if a.sample_seeds is not None else None
+        out = cls(cat("values"), cat("prompt_ids"), cat("prompt_lengths"), cat("output_ids"), cat("output_lengths"),
+                  a.model_id, a.config_hash, a.config, a.dtype, a.sampling, seeds, intervention=a.intervention)
+        if all(p.hidden is not None for p in parts):
+            out.hidden = cat("hidden")
+        return out
 
     def to_dataframe(self):
         import pandas as pd
@@ -279,20 +292,11 @@ def read_safetensors(path: str | Path, fmt: str, what: str) -> tuple[dict[str, T
 
 @contextmanager
 def _on_lm_head_input(model: nn.Module, fn: Callable[[Tensor, Tensor | None], None]):
-    """Call fn(hidden [B, T, D], token_mask) on each lm_head input, via steer.hooks when present."""
-    try:
-        from steer.hooks import attach
-    except ImportError:  # the shared hook API has not landed: a pre-hook on the output embedding
-        attach = None
-    if attach is not None:
-        with attach(model, {"final_norm.out": lambda value, ctx: fn(value, getattr(ctx, "token_mask", None))}):
-            yield
-        return
-    handle = model.get_output_embeddings().register_forward_pre_hook(lambda mod, args: fn(args[0], None))
-    try:
+    """Call fn(hidden [B, T, D], token_mask) on each final post-norm state (the lm_head input)."""
+    from steer.hooks import attach
+
+    with attach(model, {"final_norm.out": lambda value, ctx: fn(value, ctx.token_mask)}):
         yield
-    finally:
-        handle.remove()
 
 
 class FingerprintRecorder:
@@ -358,6 +362,7 @@ def generate(
     model_id: str | None = None,
     keep_hidden: bool = False,
     logits_processor=None,
+    intervention: str | None = None,
     **generate_kwargs,
 ) -> Fingerprints:
     """Generate from a left-padded batch and fingerprint every generated token.
@@ -387,9 +392,10 @@ def generate(
     pad = generate_kwargs.pop("pad_token_id", getattr(model.generation_config, "pad_token_id", None))
     if pad is None:
         pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
+    device = next(model.parameters()).device
     with FingerprintRecorder(model, config, keep_hidden=keep_hidden) as rec:
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
             logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
             eos_token_id=eos, pad_token_id=pad, **generate_kwargs,
@@ -414,7 +420,70 @@ def generate(
         dtype=_dtype_name(model),
         sampling=sampling.to_dict() if sampling is not None else None,
         sample_seeds=seeds,
+        intervention=intervention,
     )
     if keep_hidden:
         fp.hidden = torch.stack(rec.hidden, dim=1)[keep]
     return fp
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool = True) -> list[list[int]]:
+    """Token ids of each prompt, through the chat template when the tokenizer has one and chat=True."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        out = []
+        for p in prompts:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                tokenize=True)
+            out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+        return out
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def fingerprint_prompts(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str] | list[list[int]],
+    *,
+    config: DiFRConfig | None = None,
+    sampling=None,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    chat: bool = True,
+    model_id: str | None = None,
+    keep_hidden: bool = False,
+    sampler_factory=None,
+    intervention: str | None = None,
+) -> Fingerprints:
+    """Fingerprinted generations for a list of prompts (text, or token ids), in left-padded batches.
+
+    Sequence i samples with seed `seed * 1_000_003 + i` (stored in the file), so results do not
+    depend on `batch_size`. `sampler_factory(sampling, seeds, prompt_length)` swaps the sampler
+    (experiments use it to simulate a wrong or buggy sampler while claiming `sampling`).
+    """
+    if not prompts:
+        raise ValueError("no prompts given")
+    rows = [list(p) for p in prompts] if not isinstance(prompts[0], str) else encode_prompts(tokenizer, prompts, chat)
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("empty prompt: every prompt needs at least one token")
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    parts = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = left_pad(rows[start:start + batch_size], pad)
+        seeds = torch.arange(start, start + ids.shape[0], dtype=torch.int64) + int(seed) * 1_000_003
+        proc = sampler_factory(sampling, seeds, ids.shape[1]) if sampler_factory and sampling is not None else None
+        parts.append(generate(model, ids, mask, config=config, sampling=sampling, sample_seeds=seeds,
+                              max_new_tokens=max_new_tokens, model_id=model_id, keep_hidden=keep_hidden,
+                              logits_processor=proc, pad_token_id=pad, intervention=intervention))
+    return Fingerprints.concat(parts)

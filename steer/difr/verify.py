@@ -22,7 +22,6 @@ from steer.difr.fingerprint import (
     Fingerprints,
     _on_lm_head_input,
     config_hash,
-    project,
     projection_matrix,
     read_safetensors,
 )
@@ -30,6 +29,7 @@ from steer.difr.sampling import SamplingParams, token_margins
 
 CALIBRATION_FORMAT = "steer.difr.calibration/1"
 METHODS = ("activation", "token")
+STATISTICS = ("ulp", "l2")  # Activation-DiFR per-token distance, see activation_distances
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,8 +44,14 @@ class Reference:
     margins: Tensor | None  # fp32 [N] raw margins (inf outside the support), None for greedy claims
 
 
-def check_claim(model: nn.Module, fp: Fingerprints, model_id: str | None = None) -> None:
-    """Raise ValueError unless `fp` claims this model (id, architecture, vocabulary)."""
+def check_claim(model: nn.Module, fp: Fingerprints, model_id: str | None = None,
+                intervention: str | None = None) -> None:
+    """Raise ValueError unless `fp` claims this model (id, architecture, vocabulary) and intervention."""
+    if (fp.intervention or None) != (intervention or None):
+        raise ValueError(
+            f"the fingerprints claim intervention config {fp.intervention or 'none'} but the verifier "
+            f"{'applies ' + intervention if intervention else 'applies none'}; verify with the same config "
+            f"(steer verify --config DIR) so the reference runs what the provider claims")
     if model_id is not None and fp.model_id != model_id:
         raise ValueError(f"the fingerprints claim model {fp.model_id!r} but the verifier loaded {model_id!r}; "
                          f"verify against the model the provider claims")
@@ -99,12 +105,31 @@ def teacher_force(model: nn.Module, fp: Fingerprints, batch_size: int = 8) -> Re
 # Step 2: per-token scores
 
 
-def activation_distances(fp: Fingerprints, hidden: Tensor) -> Tensor:
-    """||f_provider - f_verifier||_2 per token (fp32 [N]); both sides packed to fp16 the same way."""
+def fp16_ulp(x: Tensor) -> Tensor:
+    """Spacing of fp16 numbers at |x| (2**-24 in the subnormal range)."""
+    _, e = torch.frexp(x.float())  # x = m * 2**e, 0.5 <= |m| < 1
+    return torch.exp2((e - 11).clamp_min(-24).float())
+
+
+def activation_distances(fp: Fingerprints, hidden: Tensor, statistic: str = "ulp") -> Tensor:
+    """Per-token fingerprint distance (fp32 [N]) between the provider's fp16 f and the verifier's fp32 f.
+
+    "l2": ||f_provider - f_verifier||_2, the paper's statistic.
+    "ulp" (default): the RMS over components of (f_provider - f_verifier) in fp16 steps of f_verifier.
+    Storage rounding alone then contributes a content-independent U(-1/2, 1/2) per component, so
+    benign scores have one distribution across prompts and a threshold calibrated on some prompts
+    transfers to others; with plain L2 the rounding term scales with |h| and the threshold drifts
+    with content (on fp32 CPU, rounding is nearly all the benign noise there is).
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if hidden.shape[0] != fp.n_tokens:
         raise ValueError(f"{hidden.shape[0]} recomputed positions for {fp.n_tokens} fingerprints")
-    mine = project(hidden, projection_matrix(fp.config, hidden.shape[1]))
-    return (fp.values.float() - mine.float()).norm(dim=-1)
+    mine = hidden.float() @ projection_matrix(fp.config, hidden.shape[1]).to(hidden.device)
+    diff = fp.values.float().to(mine.device) - mine
+    if statistic == "l2":
+        return diff.norm(dim=-1).cpu()
+    return (diff / fp16_ulp(mine)).pow(2).mean(-1).sqrt().cpu()
 
 
 def clip_margins(margins: Tensor, clip: float | None) -> Tensor:
@@ -136,10 +161,12 @@ class Calibration:
     config: DiFRConfig
     config_hash: str
     model_id: str
-    clip: float | None = None  # Token-DiFR: the clip_percentile of benign margins
+    clip: float | None = None  # Token-DiFR: max(clip_percentile of benign margins, min_clip)
     clip_percentile: float = 99.9
     n_resamples: int = 4000  # benign n-token means drawn per threshold
     seed: int = 0
+    statistic: str = "ulp"  # Activation-DiFR distance the benign scores were measured with
+    intervention: str | None = None  # digest of the intervention config the benign runs applied
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -194,6 +221,9 @@ class Calibration:
                 f"calibration was made for k={self.config.k}, seed={self.config.seed}, "
                 f"projection={self.config.projection} but the fingerprints use k={fp.config.k}, "
                 f"seed={fp.config.seed}, projection={fp.config.projection}; calibrate with the same settings")
+        if (self.intervention or None) != (fp.intervention or None):
+            raise ValueError(f"calibration was made with intervention config {self.intervention or 'none'} but "
+                             f"the fingerprints claim {fp.intervention or 'none'}; calibrate with the claimed config")
         if self.config_hash != fp.config_hash or self.model_id != fp.model_id:
             raise ValueError(f"calibration is for model {self.model_id!r} ({self.config_hash}) but the "
                              f"fingerprints claim {fp.model_id!r} ({fp.config_hash})")
@@ -209,7 +239,8 @@ class Calibration:
             "k": str(self.config.k), "seed": str(self.config.seed), "projection": self.config.projection,
             "config_hash": self.config_hash, "model_id": self.model_id, "clip": repr(self.clip),
             "clip_percentile": repr(self.clip_percentile), "n_resamples": str(self.n_resamples),
-            "resample_seed": str(self.seed), "checksum": _checksum(tensors),
+            "resample_seed": str(self.seed), "statistic": self.statistic,
+            "intervention": self.intervention or "", "checksum": _checksum(tensors),
         }
         save_file(tensors, str(path), metadata=meta)
         return Path(path)
@@ -222,7 +253,7 @@ class Calibration:
                 m["method"], float(m["target_fpr"]), t["benign"], t["lengths"],
                 DiFRConfig(int(m["k"]), int(m["seed"]), m["projection"]), m["config_hash"], m["model_id"],
                 None if m["clip"] == "None" else float(m["clip"]), float(m["clip_percentile"]),
-                int(m["n_resamples"]), int(m["resample_seed"]),
+                int(m["n_resamples"]), int(m["resample_seed"]), m["statistic"], m["intervention"] or None,
             )
         except KeyError as exc:
             raise ValueError(f"{path}: calibration file lacks {exc}") from None
@@ -248,11 +279,11 @@ class Calibration:
 
 
 def benign_scores(model: nn.Module, fp: Fingerprints, method: str, batch_size: int = 8,
-                  reference: Reference | None = None) -> Tensor:
+                  reference: Reference | None = None, statistic: str = "ulp") -> Tensor:
     """Per-token raw scores of one claim (distances, or unclipped margins)."""
     ref = reference or teacher_force(model, fp, batch_size)
     if method == "activation":
-        return activation_distances(fp, ref.hidden)
+        return activation_distances(fp, ref.hidden, statistic)
     if ref.margins is None:
         raise ValueError("Token-DiFR needs a sampled claim (generated with `sampling=`), this one is greedy")
     return ref.margins
@@ -260,28 +291,39 @@ def benign_scores(model: nn.Module, fp: Fingerprints, method: str, batch_size: i
 
 def calibrate(model: nn.Module, benign: list[Fingerprints], *, target_fpr: float = 0.01,
               method: str = "activation", batch_size: int = 8, model_id: str | None = None,
-              clip_percentile: float = 99.9) -> Calibration:
-    """Calibrate a threshold from benign claims (honest runs under benign numerical noise)."""
+              clip_percentile: float = 99.9, min_clip: float = 1.0, statistic: str = "ulp",
+              references: list[Reference] | None = None, intervention: str | None = None) -> Calibration:
+    """Calibrate a threshold from benign claims (honest runs under benign numerical noise).
+
+    Token-DiFR clips margins at the `clip_percentile` of benign margins, but never below `min_clip`
+    logits: in fp32 almost every honest margin is exactly 0, and a clip at 0 would erase every signal.
+
+    `references` (one per claim) reuses teacher-forcing results already computed for them.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not benign:
         raise ValueError("calibration needs at least one benign fingerprint set")
     first = benign[0]
     scores, lengths = [], []
-    for fp in benign:
-        check_claim(model, fp, model_id)
+    if references is not None and len(references) != len(benign):
+        raise ValueError(f"{len(references)} references for {len(benign)} benign fingerprint sets")
+    for i, fp in enumerate(benign):
+        check_claim(model, fp, model_id, intervention)
         if (fp.config, fp.model_id, fp.config_hash) != (first.config, first.model_id, first.config_hash):
             raise ValueError("benign fingerprint sets disagree on k/seed/projection/model; calibrate one setting at a time")
-        scores.append(benign_scores(model, fp, method, batch_size))
+        scores.append(benign_scores(model, fp, method, batch_size, references[i] if references else None,
+                                    statistic))
         lengths.append(fp.output_lengths)
     s = torch.cat(scores)
     clip = None
     if method == "token":
         finite = s[torch.isfinite(s)]
-        clip = float(torch.quantile(finite, clip_percentile / 100)) if finite.numel() else 0.0
+        pct = float(torch.quantile(finite, clip_percentile / 100)) if finite.numel() else 0.0
+        clip = max(pct, float(min_clip))
         s = clip_margins(s, clip)
     return Calibration(method, target_fpr, s.float(), torch.cat(lengths), first.config, first.config_hash,
-                       first.model_id, clip, clip_percentile)
+                       first.model_id, clip, clip_percentile, statistic=statistic, intervention=intervention)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +347,7 @@ class VerificationReport:
     k: int = 0
     distances: Tensor | None = None  # Activation-DiFR distances, always computed
     margins: Tensor | None = None  # raw Token-DiFR margins when the claim was sampled
+    statistic: str = "ulp"
 
     @property
     def n_tokens(self) -> int:
@@ -318,7 +361,7 @@ class VerificationReport:
         return {"decision": self.decision, "method": self.method, "score": self.score,
                 "threshold": self.threshold, "p_value": self.p_value, "target_fpr": self.target_fpr,
                 "n_tokens": self.n_tokens, "n_sequences": int(self.lengths.numel()), "model_id": self.model_id,
-                "k": self.k}
+                "k": self.k, "statistic": self.statistic}
 
     def to_dataframe(self):
         import pandas as pd
@@ -344,7 +387,7 @@ class VerificationReport:
             fig.add_hline(y=self.threshold, line_dash="dash",
                           annotation_text=f"threshold for the mean of {self.n_tokens} tokens")
         fig.add_hline(y=self.score, line_dash="dot", annotation_text=f"mean {self.score:.3g}")
-        what = "L2 fingerprint distance" if self.method == "activation" else "clipped Gumbel margin"
+        what = f"{self.statistic} fingerprint distance" if self.method == "activation" else "clipped Gumbel margin"
         fig.update_layout(title=f"{self.decision.upper()}: {self.method}-DiFR, {self.n_tokens} tokens"
                           + (f", p = {self.p_value:.3g}" if self.p_value is not None else ""),
                           xaxis_title="generated token", yaxis_title=what)
@@ -353,10 +396,12 @@ class VerificationReport:
 
 def verify(model: nn.Module, fingerprints: Fingerprints | str | Path, calibration: Calibration | None = None,
            *, method: str | None = None, model_id: str | None = None, batch_size: int = 8,
-           reference: Reference | None = None) -> VerificationReport:
+           reference: Reference | None = None, statistic: str = "ulp",
+           intervention: str | None = None) -> VerificationReport:
     """Check a claim against the reference `model`; decide only with a calibration (else "uncalibrated").
 
-    For verifiable steering, call this inside the claimed intervention's context manager.
+    For verifiable steering, call this inside the claimed intervention's context manager and pass
+    its digest as `intervention` (steer.difr.fingerprint.intervention_digest).
     """
     fp = fingerprints if isinstance(fingerprints, Fingerprints) else Fingerprints.load(fingerprints)
     method = method or (calibration.method if calibration is not None else "activation")
@@ -366,11 +411,12 @@ def verify(model: nn.Module, fingerprints: Fingerprints | str | Path, calibratio
         if calibration.method != method:
             raise ValueError(f"the calibration is for {calibration.method}-DiFR, not {method}-DiFR")
         calibration.check_compatible(fp)
-    check_claim(model, fp, model_id)
+    check_claim(model, fp, model_id, intervention)
     if method == "token" and not fp.sampling:
         raise ValueError("Token-DiFR needs a sampled claim (steer fingerprint --temperature ...), this one is greedy")
     ref = reference or teacher_force(model, fp, batch_size)
-    distances = activation_distances(fp, ref.hidden)
+    statistic = calibration.statistic if calibration is not None else statistic
+    distances = activation_distances(fp, ref.hidden, statistic)
     if method == "activation":
         scores = distances
     else:
@@ -384,4 +430,4 @@ def verify(model: nn.Module, fingerprints: Fingerprints | str | Path, calibratio
         decision = "verified" if math.isfinite(score) and score <= threshold else "rejected"
     return VerificationReport(method, scores.float(), fp.output_lengths, fp.output_ids, score, threshold, p,
                               calibration.target_fpr if calibration is not None else None, decision,
-                              fp.model_id, fp.config.k, distances, ref.margins)
+                              fp.model_id, fp.config.k, distances, ref.margins, statistic)

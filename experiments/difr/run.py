@@ -1,0 +1,392 @@
+"""DiFR detection experiment: can a verifier tell an honest provider from a cheating one?
+
+An honest provider serves the reference model (fp32 SmolLM2-135M-Instruct, seeded Gumbel sampling
+at T=1, top-p=0.95) under benign numerical noise: batch composition and padding, eager vs SDPA
+attention, 1 vs 2 threads. A cheating provider claims the same but serves 4-/8-bit RTN weights, a
+different model, the wrong temperature / top-p / seed, a sampler with a 1% bug, or a steering
+intervention that was (not) applied. The verifier teacher-forces every claim once through the
+reference model and scores it with Activation-DiFR (several k), Token-DiFR and TOPLOC.
+
+Scores are averaged over windows of n consecutive generated tokens of a claim (all sequences of a
+claim joined in order); ROC AUC compares the windows of the held-out honest runs with those of each
+cheating run. Thresholds are calibrated on separate honest runs (other prompts, other seeds) at the
+target FPR, and the FPR is measured on the held-out honest runs.
+
+    .venv/bin/python experiments/difr/run.py                  # SmolLM2, ~20-40 min on 1 busy core
+    .venv/bin/python experiments/difr/run.py --model smollm2-moe --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from steer.difr import (
+    Calibration,
+    DiFRConfig,
+    Fingerprints,
+    GumbelSampler,
+    SamplingParams,
+    calibrate,
+    config_hash,
+    fingerprint_prompts,
+    quantize_rtn,
+    teacher_force,
+    toploc,
+)
+from steer.difr.sampling import gumbel_noise
+from steer.difr.verify import activation_distances, clip_margins
+
+HERE = Path(__file__).parent
+KS = (2, 4, 8, 16, 32, 64, 128)
+NS = (1, 2, 4, 8, 16, 32, 64, 128)
+CLAIM = SamplingParams(temperature=1.0, top_p=0.95)
+# Benign provider variants: (attention, batch size, threads)
+BENIGN_VARIANTS = (("sdpa", 3, 1), ("eager", 2, 1), ("sdpa", 3, 2))
+VERIFIER_BATCH = 4  # the verifier's own batch composition differs from every provider's
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers
+
+
+class BuggySampler(GumbelSampler):
+    """Claims the shared seed but draws fresh noise for `rate` of the tokens (a 1% sampling bug)."""
+
+    def __init__(self, params, seeds, prompt_length, rate=0.01, seed=1234):
+        super().__init__(params, seeds, prompt_length)
+        self.rate, self.gen = rate, torch.Generator().manual_seed(seed)
+
+    def noise(self, row, step, vocab):
+        if float(torch.rand(1, generator=self.gen)) < self.rate:
+            return gumbel_noise(int(torch.randint(2**62, (1,), generator=self.gen)), step, vocab)
+        return super().noise(row, step, vocab)
+
+
+@contextlib.contextmanager
+def attn_impl(model: nn.Module, impl: str):
+    old = model.config._attn_implementation
+    model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def provide(model, tok, prompts, *, seed, claim_id, claim_hash, variant=("sdpa", 9, 1), max_new_tokens,
+            sampler_factory=None, intervention=None) -> Fingerprints:
+    """One provider run; the claim always names the reference model and the honest sampling."""
+    impl, batch, n_threads = variant
+    ctx = intervention.apply(model) if intervention is not None else contextlib.nullcontext()
+    with attn_impl(model, impl), threads(n_threads), ctx:
+        fp = fingerprint_prompts(model, tok, prompts, config=DiFRConfig(k=max(KS)), sampling=CLAIM, seed=seed,
+                                 max_new_tokens=max_new_tokens, batch_size=batch, model_id=claim_id,
+                                 keep_hidden=True, sampler_factory=sampler_factory)
+    fp.config_hash = claim_hash  # a cheating provider claims the reference model's identity
+    return fp
+
+
+def benign_mix(model, tok, prompts, **kw) -> Fingerprints:
+    """Honest runs spread over the benign noise variants."""
+    parts = []
+    for i, variant in enumerate(BENIGN_VARIANTS):
+        sub = prompts[i::len(BENIGN_VARIANTS)]
+        if sub:
+            parts.append(provide(model, tok, sub, variant=variant, **kw))
+    return Fingerprints.concat(parts)
+
+
+def layer_dropped(model: nn.Module, drop: tuple[int, ...]) -> nn.Module:
+    """A cheaper 'different model': the reference with some decoder layers removed."""
+    m = copy.deepcopy(model)
+    keep = [layer for i, layer in enumerate(m.model.layers) if i not in drop]
+    for i, layer in enumerate(keep):
+        layer.self_attn.layer_idx = i
+    m.model.layers = nn.ModuleList(keep)
+    m.config.num_hidden_layers = len(keep)
+    if getattr(m.config, "layer_types", None):
+        m.config.layer_types = [t for i, t in enumerate(m.config.layer_types) if i not in drop]
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores per window of n tokens
+
+
+def windows(scores: np.ndarray, n: int) -> np.ndarray:
+    m = len(scores) // n
+    return scores[: m * n].reshape(m, n).mean(1) if m else np.zeros(0)
+
+
+def toploc_windows(hid_p: torch.Tensor, hid_v: torch.Tensor, n: int, cap: int, seed: int) -> np.ndarray:
+    """TOPLOC score per n-token window: the provider commits to the window's chunks of <= 32 tokens."""
+    params = toploc.TopLocParams()
+    m = hid_p.shape[0] // n
+    idx = np.arange(m)
+    if m > cap:
+        idx = np.sort(np.random.default_rng(seed).choice(m, cap, replace=False))
+    out = []
+    for w in idx:
+        hp, hv = hid_p[w * n:(w + 1) * n], hid_v[w * n:(w + 1) * n]
+        res = toploc.verify_proofs(hv, toploc.build_proofs(hp, params), params)
+        out.append(np.mean([r.score for r in res]))
+    return np.array(out)
+
+
+def auc(neg: np.ndarray, pos: np.ndarray) -> float:
+    """P(score of a cheating window > an honest one), ties counted half (Mann-Whitney)."""
+    if len(neg) == 0 or len(pos) == 0:
+        return float("nan")
+    allv = np.concatenate([neg, pos])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    i = 0
+    while i < len(allv):  # average ranks of ties
+        j = i
+        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = ranks[len(neg):].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def per_token(fp: Fingerprints, ref, clip: float) -> dict[str, np.ndarray]:
+    """Per-token scores of every method variant (TOPLOC is per window, computed separately)."""
+    out = {}
+    for k in KS:
+        out[f"activation k={k}"] = activation_distances(fp.reproject(DiFRConfig(k=k)), ref.hidden).numpy()
+    out["activation k=8 orthonormal"] = activation_distances(
+        fp.reproject(DiFRConfig(k=8, projection="orthonormal")), ref.hidden).numpy()
+    out["activation k=8 L2"] = activation_distances(fp.reproject(DiFRConfig(k=8)), ref.hidden, "l2").numpy()
+    out["token"] = clip_margins(ref.margins, clip).numpy()
+    return out
+
+
+def bytes_per_token(method: str, n: int) -> float:
+    if method.startswith("activation"):
+        return 2.0 * int(method.split("k=")[1].split()[0])
+    if method == "token":
+        return 0.0  # the tokens and an 8-byte seed per sequence, which any claim carries anyway
+    return toploc.TopLocParams().bytes_per_chunk / min(n, toploc.TopLocParams().chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--n-calib", type=int, default=9, help="calibration prompts (honest runs)")
+    ap.add_argument("--n-heldout", type=int, default=9, help="held-out prompts (honest + cheating runs)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--target-fpr", type=float, default=0.01)
+    ap.add_argument("--toploc-cap", type=int, default=80, help="max TOPLOC windows per claim and n")
+    ap.add_argument("--steer-scale", type=float, default=4.0, help="size of the stand-in steering vector")
+    ap.add_argument("--conditions", nargs="*", help="only cheating runs whose name contains one of these words")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = args.out or HERE / f"results_{args.model}"
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    from steer.interventions import AddVector
+    from steer.models import load
+    from steer.packages import packaged_file
+
+    lm = load(args.model, progress=False)
+    model, tok = lm.model, lm.tokenizer
+    claim_id, claim_hash = lm.name, config_hash(model)
+    prompts = json.loads(packaged_file("aplomb", "0.3.0", "aplomb/data/benign_anchors_v1.json").read_text())["benign"]
+    calib_prompts = prompts[: args.n_calib]
+    held_prompts = prompts[args.n_calib: args.n_calib + args.n_heldout]
+    kw = dict(claim_id=claim_id, claim_hash=claim_hash, max_new_tokens=args.max_new_tokens)
+    log(f"model {claim_id} ({lm.weights_hash[:12]}), {len(calib_prompts)} calibration + {len(held_prompts)} held-out prompts")
+
+    # the steering intervention a provider exports: MoTE expert switching on an MoE; on the dense
+    # model a residual-stream addition (a real change to the forward; ACT needs calibrated heads)
+    layer = model.config.num_hidden_layers // 2
+    if getattr(model.config, "num_experts", None):
+        from steer.mote import ExpertSwitch
+
+        steering = ExpertSwitch(experts=[(layer, 0), (layer, 1), (layer + 1, 0)], mode="off_mask")
+        steering_desc = f"MoTE ExpertSwitch off_mask {steering.experts}"
+    else:
+        g = torch.Generator().manual_seed(7)
+        direction = torch.randn(model.config.hidden_size, generator=g)
+        steering = AddVector(f"blocks.{layer}.resid_post", direction / direction.norm(), scale=args.steer_scale)
+        steering_desc = f"AddVector(blocks.{layer}.resid_post, random unit vector, scale {args.steer_scale})"
+
+    claims: dict[str, Fingerprints] = {}
+    log(f"honest runs (calibration prompts, seed 0): variants {BENIGN_VARIANTS}")
+    calib = benign_mix(model, tok, calib_prompts, seed=0, **kw)
+    log("honest runs (held-out prompts, seed 1)")
+    claims["benign"] = benign_mix(model, tok, held_prompts, seed=1, **kw)
+    held = dict(seed=1, **kw)
+    cheats = {
+        "4-bit RTN g128": dict(model=lambda: quantize_rtn(model, 4, 128)),
+        "8-bit RTN g128": dict(model=lambda: quantize_rtn(model, 8, 128)),
+        "4-bit RTN g32": dict(model=lambda: quantize_rtn(model, 4, 32)),
+        "different model (2 layers dropped)": dict(model=lambda: layer_dropped(model, (layer - 1, layer))),
+        "temperature 0.9 (claims 1.0)": dict(sampler_factory=lambda s, seeds, pl: GumbelSampler(
+            SamplingParams(0.9, s.top_p), seeds, pl)),
+        "top-p 0.9 (claims 0.95)": dict(sampler_factory=lambda s, seeds, pl: GumbelSampler(
+            SamplingParams(s.temperature, 0.9), seeds, pl)),
+        "wrong seed": dict(sampler_factory=lambda s, seeds, pl: GumbelSampler(s, seeds + 99991, pl)),
+        "1% sampling bug": dict(sampler_factory=lambda s, seeds, pl: BuggySampler(s, seeds, pl)),
+        "steering applied, not claimed": dict(intervention=steering),
+    }
+    if args.conditions:
+        cheats = {n: c for n, c in cheats.items() if any(w in n for w in args.conditions)}
+    for name, spec in cheats.items():
+        log(f"cheating run: {name}")
+        m = spec.pop("model", lambda: model)()
+        claims[name] = provide(m, tok, held_prompts, **spec, **held)
+        if m is not model:
+            del m
+    # verifiable steering: the claim includes the intervention; the verifier runs it too
+    log("honest steered run (claims the steering intervention)")
+    steered_benign = provide(model, tok, held_prompts, intervention=steering, **held)
+    steered_calib = provide(model, tok, calib_prompts, intervention=steering, seed=0, **kw)
+
+    log("verifier: teacher forcing every claim through the reference model")
+    refs = {name: teacher_force(model, fp, VERIFIER_BATCH) for name, fp in claims.items()}
+    ref_calib = teacher_force(model, calib, VERIFIER_BATCH)
+    with steering.apply(model):
+        ref_steer = {"benign": teacher_force(model, steered_benign, VERIFIER_BATCH),
+                     "steering claimed, not applied": teacher_force(model, claims["benign"], VERIFIER_BATCH)}
+        ref_steer_calib = teacher_force(model, steered_calib, VERIFIER_BATCH)
+    log(f"steering touched {steering.total_touched} token positions in the last run")
+
+    # calibration (on honest runs with other prompts and seeds)
+    cals: dict[str, Calibration] = {}
+    for k in (2, 8, 32):
+        cals[f"activation k={k}"] = calibrate(model, [calib.reproject(DiFRConfig(k=k))], target_fpr=args.target_fpr,
+                                              references=[ref_calib])
+    cals["activation k=8 L2"] = calibrate(model, [calib.reproject(DiFRConfig(k=8))], statistic="l2",
+                                                target_fpr=args.target_fpr, references=[ref_calib])
+    cals["token"] = calibrate(model, [calib], target_fpr=args.target_fpr, method="token", references=[ref_calib])
+    clip = cals["token"].clip
+    scal_k8 = calibrate(model, [steered_calib.reproject(DiFRConfig(k=8))], target_fpr=args.target_fpr,
+                        references=[ref_steer_calib])
+
+    # scores per token and per window
+    rows = []
+    scores = {name: per_token(fp, refs[name], clip) for name, fp in claims.items()}
+    steer_scores = {"benign": per_token(steered_benign, ref_steer["benign"], clip),
+                    "steering claimed, not applied": per_token(claims["benign"], ref_steer["steering claimed, not applied"], clip)}
+    log("TOPLOC proofs and checks")
+    tl = {}
+    for name, fp in claims.items():
+        tl[name] = {n: toploc_windows(fp.hidden, refs[name].hidden, n, args.toploc_cap, n) for n in NS}
+    tl_steer = {name: {n: toploc_windows(fp.hidden, ref_steer[name].hidden, n, args.toploc_cap, n) for n in NS}
+                for name, fp in (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))}
+
+    def add_rows(cond, s_neg, s_pos, t_neg, t_pos, group):
+        for method in s_neg:
+            for n in NS:
+                neg, pos = windows(s_neg[method], n), windows(s_pos[method], n)
+                rows.append(dict(condition=cond, group=group, method=method, n_tokens=n,
+                                 bytes_per_token=bytes_per_token(method, n), auc=auc(neg, pos),
+                                 n_honest_windows=len(neg), n_cheat_windows=len(pos)))
+        for n in NS:
+            rows.append(dict(condition=cond, group=group, method="TOPLOC", n_tokens=n,
+                             bytes_per_token=bytes_per_token("TOPLOC", n), auc=auc(t_neg[n], t_pos[n]),
+                             n_honest_windows=len(t_neg[n]), n_cheat_windows=len(t_pos[n])))
+
+    for name in cheats:
+        add_rows(name, scores["benign"], scores[name], tl["benign"], tl[name], "plain reference")
+    add_rows("steering claimed, not applied", steer_scores["benign"], steer_scores["steering claimed, not applied"],
+             tl_steer["benign"], tl_steer["steering claimed, not applied"], "steered reference")
+
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "auc.csv", index=False)
+
+    # false-positive rate on held-out honest runs, and power, at the calibrated thresholds
+    fpr_rows = []
+    for cname, cal in cals.items():
+        for n in NS:
+            thr = cal.threshold(n)
+            neg = windows(scores["benign"][cname], n)
+            r = dict(method=cname, n_tokens=n, threshold=thr, heldout_fpr=float((neg > thr).mean()),
+                     n_heldout_windows=len(neg), target_fpr=args.target_fpr)
+            for name in cheats:
+                r[f"tpr: {name}"] = float((windows(scores[name][cname], n) > thr).mean())
+            fpr_rows.append(r)
+    for n in NS:
+        thr = scal_k8.threshold(n)
+        neg = windows(steer_scores["benign"]["activation k=8"], n)
+        pos = windows(steer_scores["steering claimed, not applied"]["activation k=8"], n)
+        fpr_rows.append(dict(method="activation k=8, steered reference", n_tokens=n, threshold=thr,
+                             heldout_fpr=float((neg > thr).mean()), n_heldout_windows=len(neg),
+                             target_fpr=args.target_fpr,
+                             **{"tpr: steering claimed, not applied": float((pos > thr).mean())}))
+    fpr = pd.DataFrame(fpr_rows)
+    fpr.to_csv(out / "fpr.csv", index=False)
+
+    benign_tokens = int(claims["benign"].n_tokens)
+    meta = dict(
+        model=claim_id, weights_hash=lm.weights_hash, date=datetime.now(UTC).isoformat(timespec="seconds"),
+        machine=f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, 1 thread",
+        calib_tokens=int(calib.n_tokens), heldout_benign_tokens=benign_tokens,
+        cheat_tokens={n: int(fp.n_tokens) for n, fp in claims.items()},
+        claim=CLAIM.to_dict(), benign_variants=BENIGN_VARIANTS, verifier_batch=VERIFIER_BATCH,
+        steering=steering_desc,
+        token_clip=clip, benign_max_distance_k8=float(scores["benign"]["activation k=8"].max()),
+        benign_mean_distance_k8=float(scores["benign"]["activation k=8"].mean()),
+        mean_hidden_norm=float(claims["benign"].hidden.norm(dim=-1).mean()),
+        minutes=round((time.time() - t_start) / 60, 1),
+    )
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    figures(df, out)
+    log(f"done in {meta['minutes']} min: {out}")
+    return 0
+
+
+def figures(df, out: Path) -> None:
+    import plotly.express as px
+
+    main_methods = ["activation k=2", "activation k=8", "activation k=32", "activation k=128", "token", "TOPLOC"]
+    sub = df[df.method.isin(main_methods)]
+    fig = px.line(sub, x="n_tokens", y="auc", color="method", facet_col="condition", facet_col_wrap=4,
+                  markers=True, log_x=True, title="DiFR: ROC AUC vs tokens averaged (held-out honest vs cheating runs)")
+    fig.update_layout(height=900)
+    fig.write_html(out / "auc_vs_tokens.html", include_plotlyjs="cdn")
+    q = df[df.condition.isin(["4-bit RTN g128", "8-bit RTN g128"]) & (df.bytes_per_token > 0)]
+    fig = px.scatter(q, x="bytes_per_token", y="auc", color="method", symbol="condition", facet_col="n_tokens",
+                     facet_col_wrap=4, log_x=True, title="ROC AUC vs bytes per token (4- and 8-bit RTN)")
+    fig.update_layout(height=700)
+    fig.write_html(out / "auc_vs_bytes.html", include_plotlyjs="cdn")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

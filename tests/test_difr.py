@@ -1,0 +1,241 @@
+"""Activation-DiFR: provider fingerprints, the file format, teacher-forced verification, calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steer.difr import (
+    Calibration,
+    DiFRConfig,
+    Fingerprints,
+    SamplingParams,
+    activation_distances,
+    calibrate,
+    fingerprint_prompts,
+    generate,
+    projection_matrix,
+    quantize_rtn,
+    teacher_force,
+    verify,
+)
+from steer.difr.fingerprint import left_pad, output_lengths
+from steer.tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = ["hello there", "a much longer prompt, padded less", "x", "the quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def _fp(model, tok, prompts=PROMPTS, batch_size=4, **kw):
+    kw.setdefault("max_new_tokens", 10)
+    kw.setdefault("sampling", SamplingParams(temperature=1.0, top_p=0.9))
+    return fingerprint_prompts(model, tok, prompts, batch_size=batch_size, chat=False, **kw)
+
+
+# ---- projection ---------------------------------------------------------------------------------
+
+def test_projection_is_a_function_of_the_public_seed():
+    a = projection_matrix(DiFRConfig(k=8, seed=3), 64)
+    assert a.dtype == torch.float32 and a.shape == (64, 8)
+    assert torch.equal(a, projection_matrix(DiFRConfig(k=8, seed=3), 64))
+    assert not torch.equal(a, projection_matrix(DiFRConfig(k=8, seed=4), 64))
+    q = projection_matrix(DiFRConfig(k=8, seed=3, projection="orthonormal"), 64)
+    torch.testing.assert_close(q.T @ q, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="projection"):
+        DiFRConfig(projection="sparse")
+    with pytest.raises(ValueError, match="k must"):
+        DiFRConfig(k=0)
+
+
+# ---- provider -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_recorded_hidden_states_match_an_independent_forward(family, tok):
+    """The recorder keeps the post-norm state of the position that produced each token."""
+    model = tiny_model(family)
+    fp = _fp(model, tok, keep_hidden=True)
+    assert fp.n_tokens == int(fp.output_lengths.sum()) and fp.values.dtype == torch.float16
+    p = projection_matrix(fp.config, model.config.hidden_size)
+    start = 0
+    for prompt, out in fp.sequences():
+        ids = torch.cat([prompt, out]).unsqueeze(0)
+        with torch.no_grad():  # independent reference: the base model's last_hidden_state (post-norm)
+            h = model.model(input_ids=ids).last_hidden_state[0]
+        n = out.numel()
+        ref_h = h[prompt.numel() - 1: prompt.numel() - 1 + n]
+        torch.testing.assert_close(fp.hidden[start:start + n], ref_h, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(fp.values[start:start + n].float(), (ref_h @ p), atol=2e-2, rtol=1e-2)
+        start += n
+
+
+def test_fingerprints_do_not_depend_on_batching(llama, tok):
+    a = _fp(llama, tok, batch_size=4)
+    b = _fp(llama, tok, batch_size=1)
+    assert torch.equal(a.output_ids, b.output_ids)  # seeds are per sequence, not per batch
+    assert (a.values.float() - b.values.float()).norm(dim=-1).max() < 0.05
+
+
+def test_only_real_generated_tokens_are_kept(llama, tok):
+    """A row that hits EOS stops contributing; its padding is neither a token nor a fingerprint."""
+    free = _fp(llama, tok, sampling=None, max_new_tokens=8)
+    first_out = int(free.sequences()[0][1][2])  # make row 0's third token the EOS
+    ids, mask = left_pad([tok(p)["input_ids"] for p in PROMPTS], 0)
+    fp = generate(llama, ids, mask, max_new_tokens=8, eos_token_id=first_out)
+    assert int(fp.output_lengths[0]) <= 3 and int(fp.output_ids[int(fp.output_lengths[0]) - 1]) == first_out
+    assert fp.values.shape[0] == int(fp.output_lengths.sum())
+    assert output_lengths(torch.tensor([[5, 2, 2], [5, 6, 7]]), 2).tolist() == [2, 3]
+
+
+def test_right_padding_is_refused(llama):
+    ids = torch.tensor([[5, 6, 0]])
+    with pytest.raises(ValueError, match="left"):
+        generate(llama, ids, torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+
+
+# ---- file format and bad inputs -------------------------------------------------------------------
+
+def test_save_load_round_trip_with_metadata(llama, tok, tmp_path):
+    fp = _fp(llama, tok, config=DiFRConfig(k=16, seed=5, projection="orthonormal"), model_id="tiny-llama")
+    path = fp.save(tmp_path / "fp.safetensors")
+    back = Fingerprints.load(path)
+    assert back.config == fp.config and back.model_id == "tiny-llama" and back.dtype == "float32"
+    assert back.sampling == {"temperature": 1.0, "top_p": 0.9, "top_k": 0}
+    assert torch.equal(back.values, fp.values) and torch.equal(back.output_ids, fp.output_ids)
+    assert back.config_hash == fp.config_hash and back.bytes_per_token == 32
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert {"model_id", "seed", "k", "dtype", "config_hash", "projection"} <= set(meta)
+
+
+def test_truncated_and_corrupt_files_are_errors(llama, tok, tmp_path):
+    path = _fp(llama, tok).save(tmp_path / "fp.safetensors")
+    raw = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) - 40])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        Fingerprints.load(tmp_path / "trunc.safetensors")
+    flipped = bytearray(raw)
+    flipped[-3] ^= 0x40  # a bit flip inside the tensor data: header still parses
+    (tmp_path / "flip.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="corrupt"):
+        Fingerprints.load(tmp_path / "flip.safetensors")
+    with pytest.raises(FileNotFoundError):
+        Fingerprints.load(tmp_path / "missing.safetensors")
+    cal_path = tmp_path / "cal.safetensors"
+    calibrate(llama, [Fingerprints.load(path)]).save(cal_path)
+    with pytest.raises(ValueError, match="not a fingerprint file"):
+        Fingerprints.load(cal_path)
+
+
+def test_mismatched_token_counts_are_errors(llama, tok):
+    fp = _fp(llama, tok)
+    with pytest.raises(ValueError, match="token counts disagree"):
+        Fingerprints(fp.values[:-1], fp.prompt_ids, fp.prompt_lengths, fp.output_ids, fp.output_lengths,
+                     fp.model_id, fp.config_hash, fp.config)
+    with pytest.raises(ValueError, match="k=8"):
+        Fingerprints(fp.values[:, :4], fp.prompt_ids, fp.prompt_lengths, fp.output_ids, fp.output_lengths,
+                     fp.model_id, fp.config_hash, fp.config)
+
+
+def test_wrong_model_seed_or_k_never_verifies(llama, tok):
+    fp = _fp(llama, tok, model_id="tiny-llama")
+    cal = calibrate(llama, [fp])
+    with pytest.raises(ValueError, match="different model configuration"):
+        verify(tiny_model("qwen2"), fp, cal)
+    with pytest.raises(ValueError, match="claim model"):
+        verify(llama, fp, cal, model_id="other-model")
+    other = _fp(llama, tok, model_id="tiny-llama", config=DiFRConfig(k=4))
+    with pytest.raises(ValueError, match="calibration was made for k=8"):
+        verify(llama, other, cal)
+    reseeded = _fp(llama, tok, model_id="tiny-llama", config=DiFRConfig(k=8, seed=1))
+    with pytest.raises(ValueError, match="seed=0"):
+        verify(llama, reseeded, cal)
+    # fingerprints made with another seed but relabelled as seed 0: a plain rejection, not a pass
+    forged = reseeded.with_config(reseeded.values, DiFRConfig(k=8, seed=0))
+    assert verify(llama, forged, cal).decision == "rejected"
+
+
+def test_out_of_vocabulary_tokens_are_errors(llama, tok):
+    fp = _fp(llama, tok)
+    fp.output_ids = fp.output_ids.clone()
+    fp.output_ids[0] = 10_000
+    with pytest.raises(ValueError, match="vocabulary"):
+        verify(llama, fp)
+
+
+# ---- verification ------------------------------------------------------------------------------
+
+def test_teacher_forcing_reproduces_the_provider(llama, tok):
+    fp = _fp(llama, tok, keep_hidden=True)
+    ref = teacher_force(llama, fp, batch_size=3)
+    torch.testing.assert_close(ref.hidden, fp.hidden, atol=1e-4, rtol=1e-4)
+    d = activation_distances(fp, ref.hidden)  # in fp16 steps: rounding alone is U(-1/2, 1/2) per component
+    assert d.max() < 0.75 and abs(float(d.mean()) - 12 ** -0.5) < 0.05
+    assert activation_distances(fp, ref.hidden, "l2").max() < 0.05
+    assert ref.margins is not None and ref.margins.abs().max() < 1e-3
+
+
+def test_uncalibrated_report_never_says_verified(llama, tok):
+    report = verify(llama, _fp(llama, tok))
+    assert report.decision == "uncalibrated" and not report.verified
+    assert report.threshold is None and report.n_tokens == report.scores.numel()
+
+
+def test_calibrated_verification_accepts_benign_and_rejects_quantised(llama, tok):
+    benign = [_fp(llama, tok, seed=s, batch_size=b) for s, b in ((0, 4), (1, 1), (2, 3))]
+    cal = calibrate(llama, benign, target_fpr=0.01)
+    assert isinstance(cal, Calibration) and cal.n_benign == 12
+    honest = _fp(llama, tok, seed=7, batch_size=2)
+    ok = verify(llama, honest, cal, batch_size=4)
+    assert ok.verified and ok.p_value > 0.01
+    q4 = _fp(quantize_rtn(llama, bits=4, group_size=32), tok, seed=7)
+    bad = verify(llama, q4, cal)
+    assert bad.decision == "rejected" and bad.score > 10 * cal.threshold(bad.n_tokens)
+    assert bad.p_value < 0.01
+    df = bad.to_dataframe()
+    assert len(df) == bad.n_tokens and {"distance", "margin", "token_id"} <= set(df.columns)
+    assert bad.figure().data
+
+
+def test_attention_kernel_is_benign(tok):
+    model = tiny_model("llama")
+    fp = _fp(model, tok, keep_hidden=True)
+    model.set_attn_implementation("eager")
+    ref = teacher_force(model, fp)
+    assert activation_distances(fp, ref.hidden).max() < 0.75
+
+
+def test_calibration_threshold_holds_its_false_positive_rate():
+    """On i.i.d. benign scores the held-out FPR of the calibrated threshold stays near the target."""
+    g = torch.Generator().manual_seed(0)
+    calib = torch.rand(4000, generator=g)
+    held = torch.rand(20000, generator=g)
+    cal = Calibration("activation", 0.01, calib, torch.full((40,), 100), DiFRConfig(), "h", "m")
+    for n in (1, 4):
+        thr = cal.threshold(n)
+        fpr = float((held[: len(held) // n * n].reshape(-1, n).mean(1) > thr).float().mean())
+        assert fpr <= 0.02, (n, fpr)
+    assert cal.threshold(4) < cal.threshold(1)  # averaging shrinks benign spread
+    assert cal.p_value(10.0, 1) < 0.001 and cal.p_value(0.0, 1) == 1.0
+
+
+def test_calibration_round_trip(llama, tok, tmp_path):
+    cal = calibrate(llama, [_fp(llama, tok)], method="token")
+    assert cal.clip >= 1.0
+    back = Calibration.load(cal.save(tmp_path / "cal.safetensors"))
+    assert back.method == "token" and back.clip == cal.clip and torch.equal(back.benign, cal.benign)
+    assert back.threshold(3) == cal.threshold(3)
+    assert len(back.to_dataframe()) > 3 and back.figure().data
