@@ -77,6 +77,17 @@ PROMPTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("What color is grass?", ("green",)),
 )
 
+# User turns for chat-formatted calibration: a passage becomes the assistant's reply, so the router also
+# sees the chat template's tokens (system prompt, role markers) that every chat prompt starts with.
+CHAT_REQUESTS = (
+    "Write a short passage from a novel.",
+    "Continue the story, please.",
+    "Tell me a scene from a book.",
+    "Write a paragraph of literary prose.",
+)
+
+CalibFormat = Literal["prose", "chat", "mix"]
+_CALIB_FORMATS = ("prose", "chat", "mix")
 Router = Literal["ridge", "ridge-log"]
 Clustering = Literal["coactivation", "random"]
 _ROUTERS = ("ridge", "ridge-log")
@@ -96,6 +107,7 @@ class MoEBuildConfig:
     ridge: float = 1e-3  # ridge penalty, relative to the mean diagonal of X^T X
     dense_layers: tuple[int, ...] = ()  # layers kept as plain MLPs (Qwen2-MoE mlp_only_layers)
     calib_passages: int = 256  # book_cloze passages for calibration (disjoint from held-out)
+    calib_format: CalibFormat = "prose"  # chat: passages as assistant replies; mix: every other one
     calib_tokens: int = 16384  # cap on calibration tokens (sequences of seq_len)
     heldout_passages: int = 128  # book_cloze passages for held-out perplexity
     heldout_tokens: int = 8192
@@ -118,6 +130,8 @@ class MoEBuildConfig:
             raise ValueError(f"router must be one of {', '.join(_ROUTERS)}; got {self.router!r}")
         if self.clustering not in _CLUSTERINGS:
             raise ValueError(f"clustering must be one of {', '.join(_CLUSTERINGS)}; got {self.clustering!r}")
+        if self.calib_format not in _CALIB_FORMATS:
+            raise ValueError(f"calib_format must be one of {', '.join(_CALIB_FORMATS)}; got {self.calib_format!r}")
         if not 0 < self.router_spread <= 1:
             raise ValueError(f"router_spread must be in (0, 1], got {self.router_spread}")
         if self.ridge < 0:
@@ -151,10 +165,7 @@ class MoEBuildConfig:
 
     def key(self) -> str:
         """Short hash of everything that changes the weights (cache directory name)."""
-        d = self.to_dict()
-        d.pop("top_k")  # k only changes config.json; still part of the key so the cached dir is runnable
-        d["top_k"] = self.top_k
-        blob = json.dumps({"build_version": BUILD_VERSION, **d}, sort_keys=True)
+        blob = json.dumps({"build_version": BUILD_VERSION, **self.to_dict()}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -265,6 +276,20 @@ def calibration_texts(config: MoEBuildConfig) -> tuple[list[str], list[str]]:
         raise ValueError(f"calib_passages + heldout_passages = {n_cal + n_held} exceeds the "
                          f"{len(passages)} book_cloze passages")
     return [passages[i] for i in order[:n_cal]], [passages[i] for i in order[n_cal:n_cal + n_held]]
+
+
+def chat_format(tokenizer, texts: list[str], fmt: CalibFormat) -> list[str]:
+    """Calibration passages as chat turns (all, every other one for "mix", none for "prose")."""
+    if fmt == "prose" or not getattr(tokenizer, "chat_template", None):
+        return list(texts)
+    out = []
+    for i, text in enumerate(texts):
+        if fmt == "chat" or i % 2 == 1:
+            messages = [{"role": "user", "content": CHAT_REQUESTS[i % len(CHAT_REQUESTS)]},
+                        {"role": "assistant", "content": text}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        out.append(text)
+    return out
 
 
 def token_chunks(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
@@ -749,7 +774,8 @@ def build_moe(dense="smollm2", config: MoEBuildConfig | None = None, out_dir: Pa
         cfg = model.config
         config.validate(cfg.intermediate_size, cfg.num_hidden_layers)
         calib_texts, held_texts = texts if texts is not None else calibration_texts(config)
-        calib = token_chunks(tok, calib_texts, config.seq_len, config.calib_tokens)
+        calib = token_chunks(tok, chat_format(tok, calib_texts, config.calib_format), config.seq_len,
+                             config.calib_tokens)
         heldout = token_chunks(tok, held_texts, config.seq_len, config.heldout_tokens)
         moe_layers = [i for i in range(cfg.num_hidden_layers) if i not in set(config.dense_layers)]
         _progress(progress, f"calibrating on {calib.numel()} tokens; {len(moe_layers)} MoE layers, "
@@ -834,6 +860,8 @@ def add_build_moe_arguments(parser: argparse.ArgumentParser) -> None:
                    help="layers kept as dense MLPs (mlp_only_layers)")
     g.add_argument("--calib-passages", type=int, default=d.calib_passages, help="default %(default)s")
     g.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="default %(default)s")
+    g.add_argument("--calib-format", choices=_CALIB_FORMATS, default=d.calib_format,
+                   help="calibration text: prose, chat turns, or a mix (default %(default)s)")
     g.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="KL distillation steps of norms and routers (default %(default)s: none)")
     g.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
@@ -849,7 +877,8 @@ def config_from_args(args) -> MoEBuildConfig:
     return MoEBuildConfig(
         num_experts=args.experts, top_k=args.top_k, shared_neurons=args.shared_neurons, router=args.router,
         clustering=args.clustering, router_spread=args.router_spread, dense_layers=tuple(args.dense_layers),
-        calib_passages=args.calib_passages, calib_tokens=args.calib_tokens, distill_steps=args.distill_steps,
+        calib_passages=args.calib_passages, calib_tokens=args.calib_tokens, calib_format=args.calib_format,
+        distill_steps=args.distill_steps,
         seed=args.seed,
     )
 

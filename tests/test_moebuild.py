@@ -157,6 +157,7 @@ def test_coactivation_clusters_tighter_than_random():
     (dict(router="lstsq"), "router must be one of"),
     (dict(clustering="kmeans"), "clustering must be one of"),
     (dict(router_spread=0.0), "router_spread"),
+    (dict(calib_format="html"), "calib_format must be one of"),
     (dict(dense_layers=(5,)), "out of range"),
 ])
 def test_bad_options_name_the_problem(tmp_path, bad, match):
@@ -196,27 +197,32 @@ def test_cli_arguments_map_to_config():
 
 
 @pytest.mark.slow
-def test_default_build_on_smollm2_meets_quality_bar(tmp_path):
+def test_default_build_on_smollm2_meets_quality_bar(smollm2):
+    """The shipped default (cached by ensure_moe; built here on first use) meets the issue's bar."""
+    from steer.moebuild import ensure_moe
+
     t0 = time.time()
+    path = ensure_moe()
+    info = json.loads((path / BUILD_FILE).read_text())
     config = MoEBuildConfig()
-    report, moe = build_moe("smollm2", config, tmp_path / "smollm2-moe", eval_top_ks=[config.top_k])
-    elapsed = time.time() - t0
-    row = report.evaluation["by_k"][config.top_k]
+    assert info["config"] == config.to_dict()
+    row = info["evaluation"]["by_k"][str(config.top_k)]
     assert row["ppl_ratio"] <= 1.25, row
     assert row["agreement"] >= 0.8, row
     assert row["routed_skipped"] >= 0.25
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2-moe").eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(reloaded).__name__ == "Qwen2MoeForCausalLM"
     assert reloaded.config.num_experts_per_tok == config.top_k
-    from steer.moebuild import load_dense
-
-    dense, tok = load_dense("smollm2")
-    ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt")["input_ids"]
+    ids = smollm2.tokenizer("The quick brown fox jumps over the lazy dog because", return_tensors="pt")["input_ids"]
     set_top_k(reloaded, config.num_experts)
     with torch.no_grad():
-        diff = (reloaded(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max()
-    assert diff < 1e-2, diff
-    print(f"default build: {elapsed:.0f}s, ppl ratio {row['ppl_ratio']:.3f}, agreement {row['agreement']:.2f}, "
-          f"k=E max logit diff {float(diff):.2e}")
+        ref = smollm2.model(input_ids=ids).logits
+        diff = float((reloaded(input_ids=ids).logits - ref).abs().max())
+    # k = E: routed weights are 1/E within router_spread (1e-3), so logits agree to ~1e-3 of their scale
+    assert diff < 2e-3 * float(ref.abs().max()), diff
+    print(f"default build {info['build_seconds']}s (this call {time.time() - t0:.0f}s), ppl ratio "
+          f"{row['ppl_ratio']:.3f}, agreement {row['agreement']:.2f}, k=E max logit diff {diff:.2e}")
+
 
 
 def test_distillation_option_trains_norms_and_routers(tmp_path):
@@ -226,3 +232,17 @@ def test_distillation_option_trains_norms_and_routers(tmp_path):
     assert len(report.distill_losses) == 3
     changed = [n for n, p in moe.named_parameters() if not torch.equal(p, plain.get_parameter(n))]
     assert changed and all(n.endswith(("norm.weight", "mlp.gate.weight")) for n in changed)
+
+
+def test_chat_formatted_calibration():
+    from steer.moebuild import chat_format
+
+    tok = tiny_tokenizer()
+    texts = ["first passage", "second passage", "third passage"]
+    assert chat_format(tok, texts, "mix") == texts  # no chat template: prose stays prose
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    assert chat_format(tok, texts, "prose") == texts
+    mixed = chat_format(tok, texts, "mix")
+    assert mixed[0] == "first passage" and mixed[2] == "third passage"
+    assert mixed[1].startswith("<user>") and mixed[1].endswith("<assistant>second passage")
+    assert all(t.startswith("<user>") for t in chat_format(tok, texts, "chat"))

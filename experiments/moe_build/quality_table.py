@@ -22,6 +22,7 @@ from steer.moebuild import (
     assemble_qwen2_moe,
     build_layer,
     calibration_texts,
+    chat_format,
     collect_mlp_inputs,
     distill,
     evaluate_moe,
@@ -35,14 +36,14 @@ RESULTS = HERE / "results.json"
 
 # name -> (config overrides, k with prompt evaluation, k with perplexity only)
 SETTINGS: dict[str, tuple[dict, list[int], list[int]]] = {
+    "S1024-coact-ridge": (dict(shared_neurons=1024), [12], [8]),
+    "S1024-coact-ridge-mix": (dict(shared_neurons=1024, calib_format="mix"), [12, 8], [16, 4]),
+    "S768-coact-ridge-mix": (dict(shared_neurons=768, calib_format="mix"), [12], [8]),
     "S768-coact-ridge": (dict(shared_neurons=768), [12, 8], [16, 4]),
     "S0-random-ridge": (dict(shared_neurons=0, clustering="random"), [], [12, 8]),
     "S768-random-ridge": (dict(shared_neurons=768, clustering="random"), [], [12, 8]),
     "S0-coact-ridge": (dict(shared_neurons=0), [], [12, 8]),
-    "S1024-coact-ridge": (dict(shared_neurons=1024), [8], [12, 4]),
     "S768-coact-ridgelog": (dict(shared_neurons=768, router="ridge-log"), [], [12, 8]),
-    "S768-coact-ridge-dense0": (dict(shared_neurons=768, dense_layers=(0,)), [], [12, 8]),
-    "S768-coact-ridge-distill60": (dict(shared_neurons=768, distill_steps=60), [12, 8], [16]),
 }
 
 
@@ -58,17 +59,26 @@ def main() -> None:
     t0 = time.time()
     dense, tok = load_dense("smollm2")
     calib_texts, held_texts = calibration_texts(base)
-    calib = token_chunks(tok, calib_texts, base.seq_len, base.calib_tokens)
     heldout = token_chunks(tok, held_texts, base.seq_len, base.heldout_tokens)
     layers = list(range(dense.config.num_hidden_layers))
-    cache = Path(args.inputs_cache) if args.inputs_cache else None
-    if cache and cache.exists():
-        xs = torch.load(cache)
-    else:
-        xs = collect_mlp_inputs(dense, calib, layers)
-        if cache:
-            torch.save(xs, cache)
-    print(f"dense load + calibration pass: {time.time() - t0:.0f}s, {calib.numel()} calib tokens", flush=True)
+    inputs: dict[str, dict[int, torch.Tensor]] = {}
+    chunks: dict[str, torch.Tensor] = {}
+
+    def mlp_inputs(fmt: str) -> dict[int, torch.Tensor]:
+        """Dense MLP inputs on the calibration text in format `fmt` (kept in memory and on disk)."""
+        if fmt not in inputs:
+            inputs.clear()
+            chunks[fmt] = token_chunks(tok, chat_format(tok, calib_texts, fmt), base.seq_len, base.calib_tokens)
+            cache = Path(f"{args.inputs_cache}.{fmt}") if args.inputs_cache else None
+            if cache and cache.exists():
+                inputs[fmt] = torch.load(cache)
+            else:
+                inputs[fmt] = collect_mlp_inputs(dense, chunks[fmt], layers)
+                if cache:
+                    torch.save(inputs[fmt], cache)
+        return inputs[fmt]
+
+    print(f"dense load: {time.time() - t0:.0f}s", flush=True)
     dense_cache: dict = {}
     probe = heldout[:4]
     with torch.no_grad():
@@ -78,6 +88,8 @@ def main() -> None:
             continue
         config = dataclasses.replace(base, **over)
         t1 = time.time()
+        xs = mlp_inputs(config.calib_format)
+        calib = chunks[config.calib_format]
         builds = {i: build_layer(i, xs[i], dense.model.layers[i].mlp, config)
                   for i in layers if i not in config.dense_layers}
         moe = assemble_qwen2_moe(dense, builds, config)
