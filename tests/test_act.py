@@ -313,3 +313,21 @@ def test_act_through_nnsight_and_transformer_lens(tmp_path):
                                 fwd_hooks=act.transformer_lens_hooks(token_mask=enc.attention_mask))
     assert act.total_touched == ref_touched
     torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_generate_batched_equals_rows(smollm2):
+    """Greedy generation with ACT: a left-padded batch gives each row the tokens it gets alone."""
+    model, tok = smollm2.model, smollm2.tokenizer
+    prompts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
+    heads = [(2, 0), (5, 3), (12, 7)]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with ACT(heads).apply(model) as act:
+        batch = model.generate(**enc, **kw)[:, enc.input_ids.shape[1]:]
+    assert act.total_touched > 0
+    for i, p in enumerate(prompts):
+        one = tok([p], return_tensors="pt")
+        with ACT(heads, on_no_effect="ignore").apply(model):
+            alone = model.generate(**one, **kw)[0, one.input_ids.shape[1]:]
+        assert torch.equal(alone, batch[i]), (tok.decode(alone), tok.decode(batch[i]))

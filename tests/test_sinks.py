@@ -163,3 +163,14 @@ def test_cli_sinks_bad_input(tiny_dir, tmp_path, capsys):
     assert main(["sinks", "--model", str(tiny_dir), "--tau", "2", "--text", "x", "--out", str(tmp_path)]) == 2
     assert "tau must be in (0, 1)" in capsys.readouterr().err
     assert main(["sinks", "--model", str(tiny_dir), "--file", str(tmp_path / "nope.txt")]) == 2
+
+
+@pytest.mark.slow
+def test_smollm2_streaming_equals_exact_and_has_sinks(smollm2):
+    model, tok = smollm2.model, smollm2.tokenizer
+    inputs = book_inputs(tok, n=3, length=64)
+    stream = detect_sinks(model, tok, inputs)
+    exact = detect_sinks(model, tok, inputs, force_exact=True)
+    assert torch.allclose(stream.scores, exact.scores, atol=1e-4)
+    assert 0.3 < stream.sink_rate() <= 1.0
+    assert len(stream.hidden_sinks()) > 0
