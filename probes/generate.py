@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from probes.conformal import ConformalCalibration, check_delta
 from probes.cues import CueMatch, CueSet, CueTracker
-from probes.features import HookRecorder, from_hidden_states, validate_points
+from probes.features import HookRecorder, hidden_state_index, validate_points
 from probes.probe import LynxProbe
 
 LYNX_EXIT_STRING = "</think> Final Answer: \\boxed{"  # released code's exit string (reasoning models)
@@ -43,6 +43,7 @@ class ExitConfig:
     do_sample: bool = False
     temperature: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # for benchmarks: every row runs to max_new_tokens
 
 
 # ---- policies ------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ class _Runner:
     def __init__(self, model, tokenizer, config: ExitConfig, points, feature_backend):
         self.model, self.tok, self.cfg = model, tokenizer, config
         self.ckw = _cache_kwarg(model)
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = set() if config.ignore_eos else _eos_ids(model, tokenizer)
         self.exit_ids = tokenizer(config.exit_string, add_special_tokens=False)["input_ids"] if config.exit_string else []
         self.points, self.backend = points, feature_backend
         self.device = next(model.parameters()).device
@@ -319,13 +320,25 @@ def generate_with_exit(
         last_pos = pos[:, -1]
         for _ in range(cfg.max_new_tokens):
             logits = out.logits[:, -1]
-            if need_feats:  # features of the token fed last, one row per active row
-                last = torch.full((len(active),), -1, dtype=torch.long, device=run.device)
-                feats = (from_hidden_states(out.hidden_states, points, last) if use_hs
-                         else recorder.features(last))
+            # Features of the token fed last (one row per active row), gathered lazily: only at a
+            # step with a cue, and always before a trial's forward passes overwrite the hooks' record.
+            step = {"feats": None, "scores": None, "out": out, "n": len(active)}
+
+            def features_now(step=step):
+                if need_feats and step["feats"] is None:
+                    if use_hs:
+                        hs = step["out"].hidden_states
+                        hidden = [hs[hidden_state_index(p, len(hs) - 1)] for p in points]
+                    else:
+                        hidden = [recorder.last[p] for p in points]
+                    last = torch.full((step["n"],), hidden[0].shape[1] - 1, dtype=torch.long, device=run.device)
+                    step["feats"] = torch.cat([h[:, -1].float() for h in hidden], dim=-1)
+                    if policy.needs_score:  # fused kernel on CUDA (kernels.probe_score), torch elsewhere
+                        step["scores"] = policy.probe.score_hidden(hidden, last).float().cpu().tolist()
+                return step["feats"]
+
             nxt = run.choose(logits)
             nxt_list = nxt.tolist()
-            scores = None
             finished: list[int] = []
             for i, r in enumerate(active):
                 tid = nxt_list[i]
@@ -335,20 +348,21 @@ def generate_with_exit(
                 for m in found:
                     ev = CueEvent(r, m.cue, m.cue_token, m.cut)
                     if need_feats:
+                        feats = features_now()
                         if record_features:
                             ev.feature_index = len(feats_out)
                             feats_out.append(feats[i].cpu())
                         if policy.needs_score:
-                            if scores is None:
-                                scores = policy.probe(feats).float().cpu().tolist()
-                            ev.score = scores[i]
+                            ev.score = step["scores"][i]
                     if record_trials or policy.needs_trial:
+                        features_now()
                         keep = T + m.cut
                         ev.trial = run.trial(cache, i, keep, mask[i], [])
                         fwd[r] += ev.trial.forward_tokens
                     events[r].append(ev)
                     if policy.decide(ev.score, ev.trial):
                         ev.exited = True
+                        features_now()
                         tr = ev.trial or run.trial(cache, i, T + m.cut, mask[i], [])
                         if ev.trial is None:
                             fwd[r] += tr.forward_tokens
@@ -363,6 +377,7 @@ def generate_with_exit(
                     done = True
                 if not done and len(gens[r]) >= cfg.max_new_tokens:
                     keep = T + len(gens[r]) - 1  # everything fed so far; feed the last sampled token too
+                    features_now()
                     tr = run.trial(cache, i, keep, mask[i], [tid])
                     fwd[r] += tr.forward_tokens
                     results[r] = RowResult(prompts[r], gens[r], len(gens[r]), "budget",
