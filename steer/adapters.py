@@ -215,18 +215,9 @@ class ModelMap:
         """The kernels.router.RoutingRule this family's routers follow (read from the config)."""
         from kernels.router import RoutingRule
 
-        a, c = self.adapter, self.config
-        if not a.is_moe:
-            raise UnsupportedModelError(f"{a.family} is a dense family: it has no router")
-        if a.routing == "softmax_topk":
-            norm = True if a.family == "mixtral" else bool(getattr(c, "norm_topk_prob", False))
-            return RoutingRule("softmax_topk", self.top_k, norm_topk_prob=norm)
-        if a.routing == "sigmoid_group":
-            return RoutingRule(
-                "sigmoid_group", self.top_k, norm_topk_prob=bool(c.norm_topk_prob), n_group=int(c.n_group),
-                topk_group=int(c.topk_group), routed_scaling_factor=float(c.routed_scaling_factor),
-            )
-        return RoutingRule(a.routing, self.top_k)
+        if not self.adapter.is_moe:
+            raise UnsupportedModelError(f"{self.adapter.family} is a dense family: it has no router")
+        return RoutingRule.from_config(self.config, hidden_dtype=dtype_of(self.model))
 
     # ---- canonical points -------------------------------------------------------------------
     def all_points(self) -> list[str]:
