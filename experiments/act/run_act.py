@@ -20,7 +20,7 @@ import torch
 
 from steer.act import calibrate_heads
 from steer.models import load
-from steer.sinks import PUBLISHED_SINK_RATES, book_inputs, detect_sinks, sink_rate_interval
+from steer.sinks import PUBLISHED_SINK_RATES, SinkResult, book_inputs, detect_sinks, sink_rate_interval
 from steer.tasks import evaluate, task_suite
 
 
@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-act", action="store_true", help="sink rate only")
+    ap.add_argument("--reuse-sinks", action="store_true", help="reuse out/<model>/sinks.safetensors of an earlier run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(__file__).parent / "out" / args.model
@@ -57,9 +58,12 @@ def main() -> int:
 
     # 1. sink rate on 64-token book inputs
     t = time.time()
-    inputs = book_inputs(tok, n=args.sink_inputs, length=64, seed=args.seed)
-    sinks = detect_sinks(model, tok, inputs, batch_size=10)
-    sinks.to_safetensors(out / "sinks.safetensors")
+    if args.reuse_sinks:
+        sinks = SinkResult.from_safetensors(out / "sinks.safetensors")
+    else:
+        inputs = book_inputs(tok, n=args.sink_inputs, length=64, seed=args.seed)
+        sinks = detect_sinks(model, tok, inputs, batch_size=10)
+        sinks.to_safetensors(out / "sinks.safetensors")
     for kind in ("heatmap", "map", "tokens"):
         sinks.figure(kind).write_html(out / f"sink_{kind}.html", include_plotlyjs="cdn")
     lo, hi = sink_rate_interval(sinks)
