@@ -6,8 +6,10 @@ The few helpers below only lay out what a result already holds (a table, a traje
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,11 @@ import streamlit as st
 DEFAULT_MODEL = "smollm2-moe"
 MAX_UPLOAD_MB = 50  # per file; the CLI also sets server.maxUploadSize to this
 SOURCES = ("packaged", "local directory", "GGUF file")
+
+# One lock for every use of a cached model: models are shared by all sessions and reruns, and steer's
+# hooks attach to the model object, so two script threads (a rerun started while the previous run is
+# still inside a forward pass, or two browser tabs) must not run it at the same time.
+MODEL_LOCK = threading.RLock()
 
 # session_state keys the pages share with the Config page
 MOTE_KEY, ACT_KEY, LYNX_KEY, DIFR_KEY = "cfg_mote", "cfg_act", "cfg_lynx", "cfg_difr"
@@ -78,6 +85,13 @@ def model_picker() -> Any | None:
                  f"{info.heads} heads{experts}; {info.params / 1e6:.1f}M params")
     st.session_state["model_spec"], st.session_state["model_error"] = spec, None
     return lm
+
+
+@contextlib.contextmanager
+def using_model(message: str):
+    """Spinner + the model lock around a live run (Streamlit's Stop button cancels the script run)."""
+    with st.spinner(message), MODEL_LOCK:
+        yield
 
 
 def current_model():
@@ -197,7 +211,7 @@ def expert_tokens(lm, prompt: str, layer: int, expert: int, chat_template: bool 
     text = format_prompt(tok, prompt, chat_template)
     enc = tok(text, return_tensors="pt", add_special_tokens=not uses_chat_template(tok, chat_template))
     point = f"blocks.{layer}.mlp.router.indices"
-    with torch.no_grad(), capture(lm.model, [point]) as cap:
+    with MODEL_LOCK, torch.no_grad(), capture(lm.model, [point]) as cap:
         lm.model(**enc)
     idx = cap[point][0].reshape(enc.input_ids.shape[1], -1)
     hit = idx == expert

@@ -15,6 +15,7 @@ from explorer_common import (
     result_bytes,
     saved_result,
     show_figure,
+    using_model,
 )
 
 from steer.adapters import model_map
@@ -52,7 +53,7 @@ if source == "run live":
     run_key = (spec, name_a, prompts_a, name_b, prompts_b, tokens, score, int(n_boot))
     if st.button("Profile experts", type="primary", key="run_profile"):
         try:
-            with st.spinner("Profiling (Streamlit's Stop button cancels)…"):
+            with using_model("Profiling (Streamlit's Stop button cancels)…"):
                 st.session_state["profile"] = (run_key, profile(
                     lm.model, lm.tokenizer, {name_a: lines(prompts_a), name_b: lines(prompts_b)}, cfg,
                     progress=False, weights_hash=lm.weights_hash))
@@ -129,7 +130,7 @@ if st.button("Generate baseline and switched", type="primary", key="run_switch")
     except (ValueError, IndexError) as exc:
         st.error(str(exc))
     else:
-        with st.spinner("Generating baseline and switched answers…"):
+        with using_model("Generating baseline and switched answers…"):
             common = dict(max_new_tokens=max_new, batch_size=8)
             base, _ = behaviour_labels(lm.model, lm.tokenizer, prompts, lambda r: "", **common)
             steered, _ = behaviour_labels(lm.model, lm.tokenizer, prompts, lambda r: "", switch=switch, **common)

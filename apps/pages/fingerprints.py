@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import streamlit as st
-from explorer_common import DIFR_KEY, current_model, lines, result_bytes, saved_result, show_figure
+from explorer_common import (
+    DIFR_KEY,
+    current_model,
+    lines,
+    result_bytes,
+    saved_result,
+    show_figure,
+    using_model,
+)
 
 from steer.config import DiFRSection
 from steer.difr import Calibration, DiFRConfig, Fingerprints, calibrate, fingerprint_prompts, verify
@@ -35,7 +43,7 @@ else:
     if st.button("Fingerprint, and calibrate on a benign rerun", type="primary", key="run_fp"):
         try:
             config = DiFRConfig(k=int(k), seed=int(seed), projection=projection)
-            with st.spinner("Generating with fingerprints (batch 4), then a benign rerun (batch 1)…"):
+            with using_model("Generating with fingerprints (batch 4), then a benign rerun (batch 1)…"):
                 made = fingerprint_prompts(lm.model, lm.tokenizer, prompts, config=config, max_new_tokens=int(max_new),
                                            batch_size=4, model_id=lm.name)
                 benign = fingerprint_prompts(lm.model, lm.tokenizer, prompts, config=config,
@@ -66,7 +74,7 @@ if fp is not None:
         st.warning(f"The calibration is for {cal.method}-DiFR; verifying {method}-DiFR uncalibrated.")
     if st.button("Verify", type="primary", key="run_verify"):
         try:
-            with st.spinner("Teacher-forcing the claim through the model…"):
+            with using_model("Teacher-forcing the claim through the model…"):
                 report = verify(lm.model, fp, cal if cal is not None and cal.method == method else None,
                                 method=method)
             st.session_state["fp_report"] = (spec, report)

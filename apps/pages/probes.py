@@ -6,12 +6,14 @@ import streamlit as st
 import torch
 from explorer_common import (
     LYNX_KEY,
+    MODEL_LOCK,
     current_model,
     folder_zip,
     probe_trajectory_figure,
     result_bytes,
     saved_result,
     show_figure,
+    using_model,
 )
 
 from probes import (
@@ -64,15 +66,16 @@ else:
             cfg = ExitConfig(exit_string=exit_string, max_new_tokens=int(budget), answer_max_tokens=8)
             points = default_points(lm.model)
             bar = st.progress(0.0, "labelling cue events (Streamlit's Stop button cancels)…")
-            labs = []
-            for i, (split, n) in enumerate((("train", n_train), ("calibration", n_cal))):
-                def step(done, total, i=i, split=split):
-                    bar.progress((i + done / total) / 2, f"labelling {split} problems: {done}/{total}")
-                lab, _ = lynx.label(lm.model, lm.tokenizer, arithmetic_problems(int(n), split=split), points, cues,
-                                    cfg, batch_size=4, model_name=lm.name, progress=step)
-                labs.append(lab)
-            bar.progress(1.0, "training the probe…")
-            trained = lynx.train(labs[0], ProbeConfig(max_epochs=100))
+            with MODEL_LOCK:
+                labs = []
+                for i, (split, n) in enumerate((("train", n_train), ("calibration", n_cal))):
+                    def step(done, total, i=i, split=split):
+                        bar.progress((i + done / total) / 2, f"labelling {split} problems: {done}/{total}")
+                    lab, _ = lynx.label(lm.model, lm.tokenizer, arithmetic_problems(int(n), split=split), points, cues,
+                                        cfg, batch_size=4, model_name=lm.name, progress=step)
+                    labs.append(lab)
+                bar.progress(1.0, "training the probe…")
+                trained = lynx.train(labs[0], ProbeConfig(max_epochs=100))
             st.session_state["lynx"] = (spec, trained, labs[1])
         except ValueError as exc:
             st.error(str(exc))
@@ -116,7 +119,7 @@ if probe is not None:
         cfg = ExitConfig(exit_string=info.exit_string if info and info.exit_string else ExitConfig().exit_string,
                          max_new_tokens=int(budget), answer_max_tokens=8)
         prompts = chat_prompts(lm.tokenizer, [question])
-        with st.spinner("Generating (all cues scored), then with online exit…"):
+        with using_model("Generating (all cues scored), then with online exit…"):
             full = generate_with_exit(lm.model, lm.tokenizer, prompts, NeverExit(), cues=probe.cue_set, config=cfg,
                                       points=info.points, record_features=True)
             with torch.no_grad():

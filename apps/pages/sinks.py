@@ -11,6 +11,7 @@ from explorer_common import (
     result_bytes,
     saved_result,
     show_figure,
+    using_model,
 )
 
 from steer.act import BETA, ACTConfig
@@ -36,7 +37,7 @@ if source == "run live":
     run_key = (spec, what, int(n), int(length), text, tau)
     if st.button("Detect sinks", type="primary", key="run_sinks"):
         try:
-            with st.spinner("Detecting sinks…"):
+            with using_model("Detecting sinks…"):
                 inputs = book_inputs(lm.tokenizer, int(n), int(length)) if what == "book prose" else lines(text)
                 st.session_state["sinks"] = (run_key, detect_sinks(lm.model, lm.tokenizer, inputs, tau=tau))
         except ValueError as exc:
@@ -102,7 +103,7 @@ if st.button("Generate without and with ACT", type="primary", key="run_act"):
         st.error(str(exc))
     else:
         try:
-            with st.spinner("Generating…"):
+            with using_model("Generating…"):
                 base = generate_responses(lm.model, lm.tokenizer, prompts, max_new_tokens=max_new, progress=False)
                 with act.apply(lm.model):
                     steered = generate_responses(lm.model, lm.tokenizer, prompts, max_new_tokens=max_new,
