@@ -42,8 +42,13 @@ class NumericChecker:
     name: str = "numeric"
 
     def extract(self, text: str, forced: bool) -> str | None:
-        if forced:
-            m = _NUM.search(text)
+        if forced:  # the first line; if it is a calculation ("2 * 5 = 10"), its result
+            line = text.strip().split("\n", 1)[0] if text.strip() else ""
+            if "=" in line:
+                m = _NUM.search(line, line.rindex("=") + 1)
+                if m:
+                    return m.group(0)
+            m = _NUM.search(line)
             return m.group(0) if m else None
         marked = None
         for m in _FINAL_MARKERS.finditer(text):

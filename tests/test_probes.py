@@ -71,6 +71,7 @@ def test_structural_cues():
 def test_checkers():
     num = NumericChecker()
     assert num.check(" 1,200.", 1200) and num.check("3/4 of", "0.75") and not num.check(" about", 3)
+    assert num.check(" 2 * 5 = 10 apples", 10) and not num.check(" 2 * 5 = 10", 2)  # a calculation's result
     assert num.check("so 2 + 3 = 5.\nThe answer is 5.", 5, forced=False)
     assert not num.check("The answer is 6. then 5", 5, forced=False)  # last *stated* answer counts
     box = BoxedChecker()

@@ -37,7 +37,7 @@ def _greedy_from_scratch(model, ids: list[int], n: int) -> list[int]:
 @torch.no_grad()
 def test_rollback_equals_rerun_from_scratch(llama):
     model, tok = llama
-    cfg = ExitConfig(exit_string="=>", answer_max_tokens=4, max_new_tokens=12)
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=3, max_new_tokens=8)
     res = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg, record_trials=True)
     exit_ids = tok("=>", add_special_tokens=False)["input_ids"]
     checked = 0
@@ -45,13 +45,13 @@ def test_rollback_equals_rerun_from_scratch(llama):
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         # uninterrupted greedy generation must equal the cached, left-padded batch
         assert row.generated_ids == _greedy_from_scratch(model, p_ids, len(row.generated_ids))
-        for ev in row.events[:4]:
-            ref = _greedy_from_scratch(model, p_ids + row.generated_ids[: ev.cut] + exit_ids, 4)
+        for ev in row.events[:3]:
+            ref = _greedy_from_scratch(model, p_ids + row.generated_ids[: ev.cut] + exit_ids, 3)
             got = ev.trial.answer_ids
             assert got == ref[: len(got)], (ev, got, ref)
             checked += 1
         if row.stop == "budget":  # the budget cut keeps every token then exits
-            ref = _greedy_from_scratch(model, p_ids + row.generated_ids + exit_ids, 4)
+            ref = _greedy_from_scratch(model, p_ids + row.generated_ids + exit_ids, 3)
             assert row.answer.answer_ids == ref[: len(row.answer.answer_ids)]
     assert checked >= 6
 
@@ -99,7 +99,7 @@ def test_batched_exit_rows_are_independent(llama):
 def test_online_features_equal_fresh_forward(family):
     model, tok = tiny_model(family), tiny_tokenizer()
     points = default_points(model)
-    cfg = ExitConfig(exit_string="=>", answer_max_tokens=2, max_new_tokens=10)
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=2, max_new_tokens=6)
     res_h = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg, points=points, record_features=True)
     res_s = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg, points=points, record_features=True,
                                feature_backend="hidden_states")

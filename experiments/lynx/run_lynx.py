@@ -118,7 +118,28 @@ def simulate(recs, exit_at) -> dict:
             "exit_fraction": exits / len(recs)}
 
 
-def stage_online(model, tok, name):
+def stage_relabel():
+    """Re-check the saved trial answers with the current checker and rewrite the labels (cheap:
+    generation is not rerun). Events are stored in feature order."""
+    chk = NumericChecker()
+    for s in N:
+        lab = LabelledCues.from_safetensors(OUT / f"cues_{s}.safetensors")
+        recs = json.loads((OUT / f"rows_{s}.json").read_text())
+        labels = []
+        for r in recs:
+            r["correct"] = chk.check(r["final"], r["gold"], forced=r["stop"] != "eos")
+            for e in r["events"]:
+                e["label"] = int(chk.check(e["answer"], r["gold"], forced=True))
+                labels.append(e["label"])
+        assert len(labels) == len(lab)
+        changed = int((torch.tensor(labels) != lab.labels).sum())
+        lab.labels = torch.tensor(labels, dtype=torch.long)
+        lab.to_safetensors(OUT / f"cues_{s}.safetensors")
+        (OUT / f"rows_{s}.json").write_text(json.dumps(recs, indent=1))
+        print(f"{s}: {changed} labels changed, {sum(labels)} positive of {len(labels)}")
+
+
+def stage_online(model, tok, name, only=None):
     """Truly online runs on the test split."""
     chk = NumericChecker()
     probs = problems("test")
@@ -142,15 +163,21 @@ def stage_online(model, tok, name):
             runs.setdefault(label + "_rows", []).extend(
                 [{"stop": r.stop, "kept": r.kept, "exit_cue": next((e.cue_token for e in r.events if e.exited), None),
                   "final": r.final_text} for r in res.rows])
+        runs[label + "_rows"] = runs[label + "_rows"][-len(rows):]  # this run's rows only
         runs[label] = {"n": len(rows), "accuracy": sum(rows) / len(rows), "mean_tokens": sum(toks) / len(toks),
                        "mean_forward_tokens": sum(fwd) / len(fwd), "seconds": secs}
         print(label, runs[label], f"{time.time()-t0:.0f}s", flush=True)
 
-    go(f"lynx_online_delta{ONLINE_DELTA}", policy=LynxPolicy(probe, calib), config=CONFIG)
-    go("deer_online_first20", n=20, policy=DeerPolicy(DEER_THRESHOLD), config=CONFIG)  # consistency check only
-    for b in BUDGETS:
-        cfg = ExitConfig(**{**CONFIG.__dict__, "max_new_tokens": b})
-        go(f"budget{b}", config=cfg)
+    if (OUT / "online.json").exists():
+        runs.update(json.loads((OUT / "online.json").read_text()))
+    if only in (None, "lynx"):
+        go(f"lynx_online_delta{ONLINE_DELTA}", policy=LynxPolicy(probe, calib), config=CONFIG)
+    if only in (None, "deer"):
+        go("deer_online_first20", n=20, policy=DeerPolicy(DEER_THRESHOLD), config=CONFIG)  # consistency check
+    if only in (None, "budget"):
+        for b in BUDGETS:
+            cfg = ExitConfig(**{**CONFIG.__dict__, "max_new_tokens": b})
+            go(f"budget{b}", config=cfg)
     (OUT / "online.json").write_text(json.dumps(runs, indent=1))
 
 
@@ -162,6 +189,7 @@ def stage_analyse(tok):
     EXIT_LEN = len(tok(CONFIG.exit_string, add_special_tokens=False)["input_ids"])
     labs = {s: LabelledCues.from_safetensors(OUT / f"cues_{s}.safetensors") for s in N}
     recs = {s: json.loads((OUT / f"rows_{s}.json").read_text()) for s in N}
+    chk = NumericChecker()
     probe = fit(labs["train"])
     probe.calibration = calibrate(p_cal := probe(labs["calibration"].features).detach(),
                                   labs["calibration"].labels, ONLINE_DELTA, warn=False)
@@ -187,6 +215,7 @@ def stage_analyse(tok):
     out["oracle_first_correct_cue"] = simulate(test, lambda e: e["label"] == 1)
     out["deer"] = simulate(test, lambda e: e["confidence"] > DEER_THRESHOLD)
     out["deer"]["mean_forward_tokens_incl_trials"] = _deer_compute(test)
+    out["deer_first20_simulated"] = simulate(test[:20], lambda e: e["confidence"] > DEER_THRESHOLD)
     out["lynx"] = {}
     for d in DELTAS:
         calib = calibrate(p["calibration"], labs["calibration"].labels, d, warn=False)
@@ -198,12 +227,58 @@ def stage_analyse(tok):
                                "binomial_se_at_delta": se, "notes": calib.notes}
     out["exit_len"] = EXIT_LEN
     if (OUT / "online.json").exists():
-        out["online"] = {k: v for k, v in json.loads((OUT / "online.json").read_text()).items()
-                         if not k.endswith("_rows")}
+        online = json.loads((OUT / "online.json").read_text())
+        out["online"] = {k: v for k, v in online.items() if not k.endswith("_rows")}
+        for k in out["online"]:  # re-check online answers with the current checker too
+            rows = online[k + "_rows"]
+            ok = [chk.check(r["final"], t["gold"], forced=r["stop"] != "eos") for r, t in zip(rows, test)]
+            out["online"][k]["accuracy"] = sum(ok) / len(ok)
+            if k.startswith("lynx"):  # same exits as the simulation? (batch composition can nudge floats)
+                sim_exit = [next((e["cue_token"] for e in t["events"]
+                                  if bool(probe.calibration.should_exit(torch.tensor([e["p"]]))[0])), None)
+                            for t in test[: len(rows)]]
+                out["online"][k]["same_exit_as_simulation"] = sum(
+                    a == r["exit_cue"] for a, r in zip(sim_exit, rows)) / len(rows)
     out["machine"] = f"{platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, 1 thread"
     out["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     (OUT / "results.json").write_text(json.dumps(out, indent=1, default=str))
+    (OUT / "tables.md").write_text(tables(out))
     print(json.dumps(out, indent=1, default=str))
+    print(tables(out))
+
+
+def tables(out) -> str:
+    """Markdown tables of results.json (pasted into RESULTS.md)."""
+    full_tok = out["full"]["mean_tokens"]
+    lines = ["| method (test split) | accuracy | mean output tokens | tokens vs full | trajectories exited early |",
+             "|---|---|---|---|---|",
+             f"| full generation (budget {CONFIG.max_new_tokens}) | {out['full']['accuracy']:.3f} | {full_tok:.1f} | 1.00 | - |"]
+    for d, r in out["lynx"].items():
+        lines.append(f"| LYNX delta={d} | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
+                     f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
+    r = out["deer"]
+    lines.append(f"| DEER (trial confidence > {DEER_THRESHOLD}) | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
+                 f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
+    r = out["oracle_first_correct_cue"]
+    lines.append(f"| oracle: first cue whose forced answer is right | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
+                 f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
+    for k, v in out.get("online", {}).items():
+        if k.startswith("budget"):
+            lines.append(f"| fixed budget cut at {k[6:]} tokens (online) | {v['accuracy']:.3f} | {v['mean_tokens']:.1f} | "
+                         f"{v['mean_tokens'] / full_tok:.2f} | - |")
+    lines += ["", "| delta | q0 | n0 / n1 (calibration) | premature exits per negative cue event (test) | "
+                  "+-1 binomial SE at delta | negative test events | premature exits per trajectory |",
+              "|---|---|---|---|---|---|---|"]
+    for d, r in out["lynx"].items():
+        lines.append(f"| {d} | {r['q0']:.4g} | {r['n0']} / {r['n1']} | {r['per_event']:.3f} | "
+                     f"{r['binomial_se_at_delta']:.3f} | {r['n_negative_events']} | {r['per_trajectory']:.3f} |")
+    if out.get("online"):
+        lines += ["", "| online run (test split) | n | accuracy | mean output tokens | mean forward tokens | seconds |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in out["online"].items():
+            lines.append(f"| {k} | {v['n']} | {v['accuracy']:.3f} | {v['mean_tokens']:.1f} | "
+                         f"{v['mean_forward_tokens']:.1f} | {v['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _deer_compute(test) -> float:
@@ -223,16 +298,20 @@ def _deer_compute(test) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["label", "online", "analyse", "all"], default="all")
+    ap.add_argument("--stage", choices=["label", "relabel", "online", "analyse", "all"], default="all")
+    ap.add_argument("--only", choices=["lynx", "deer", "budget"], help="online stage: run only these runs")
     ap.add_argument("--model", default="smollm2")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.stage == "relabel":
+        stage_relabel()
+        return 0
     model, tok, name = load_model(args.model)
     if args.stage in ("label", "all"):
         stage_label(model, tok, name)
     if args.stage in ("online", "all"):
-        stage_online(model, tok, name)
+        stage_online(model, tok, name, args.only)
     if args.stage in ("analyse", "all"):
         stage_analyse(tok)
     return 0
