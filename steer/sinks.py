@@ -409,6 +409,7 @@ def detect_sinks(
     hook = _exact_hook(coll, cfg) if exact else _streaming_hook(coll)
     point = "blocks.*.attn.pattern" if exact else "blocks.*.attn.impl"
     device = next(hf.parameters()).device
+    base = mm.module(mm.adapter.base)  # the decoder stack: no lm_head, no [B, T, vocab] logits
     maps: dict[int, torch.Tensor] = {}
     with attach(hf, {point: hook}):
         for start in range(0, len(seqs), batch_size):
@@ -421,7 +422,7 @@ def detect_sinks(
                 mask[b, width - len(s):] = 1
             coll.reset()
             coll.keep_maps = keep_maps and start == 0
-            hf(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             if len(coll.col) != n_layers:
                 raise RuntimeError(f"sink statistics came from {len(coll.col)} of {n_layers} layers")
             for layer in range(n_layers):

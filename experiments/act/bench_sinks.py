@@ -3,7 +3,7 @@
     .venv/bin/python experiments/act/bench_sinks.py --model smollm2 --lengths 512 2048 --repeats 2
 
 Modes, all in one process with one thread (ratios are to the SDPA forward of the same run):
-  sdpa            model(ids): the baseline
+  sdpa            model.model(ids): the decoder stack with SDPA (no lm_head: detect_sinks runs none)
   sinks_stream    detect_sinks: SDPA output + kernels.sink_stats column sums per layer (no N x N map)
   sinks_exact     detect_sinks(force_exact=True): eager maps, one layer alive at a time, reduced at once
   eager_all_maps  model(ids, output_attentions=True) with eager attention: every layer's map kept
@@ -108,7 +108,7 @@ def _modes(model, tok, n: int, all_maps_max: int) -> dict:
 
     ids = torch.tensor(_inputs(tok, n))
     modes = {
-            "sdpa": lambda ids=ids: model(input_ids=ids, use_cache=False),
+            "sdpa": lambda ids=ids: model.model(input_ids=ids, use_cache=False),  # decoder stack, as detect_sinks
             "sinks_stream": lambda ids=ids: detect_sinks(model, tok, ids, keep_maps=False),
             "sinks_exact": lambda ids=ids: detect_sinks(model, tok, ids, keep_maps=False, force_exact=True),
         }
@@ -117,7 +117,7 @@ def _modes(model, tok, n: int, all_maps_max: int) -> dict:
             prev = model.config._attn_implementation
             model.config._attn_implementation = "eager"
             try:
-                model(input_ids=ids, use_cache=False, output_attentions=True)
+                model.model(input_ids=ids, use_cache=False, output_attentions=True)
             finally:
                 model.config._attn_implementation = prev
         modes["eager_all_maps"] = all_maps
