@@ -30,6 +30,7 @@ from steer.moebuild import (
     set_top_k,
     token_chunks,
 )
+from steer.packages import cache_dir
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results.json"
@@ -52,7 +53,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--inputs-cache", default=None, help="file to keep the dense MLP inputs in between runs")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = ap.parse_args()
+    if args.markdown_only:
+        write_markdown(json.loads(RESULTS.read_text()) if RESULTS.exists() else {})
+        return
     torch.set_num_threads(args.threads)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     base = MoEBuildConfig()
@@ -129,7 +134,7 @@ def write_markdown(results: dict) -> None:
         "Held-out perplexity: book_cloze prose, passages disjoint from calibration, ratio to the dense model.",
         "Key answers kept: of the 20 chat prompts whose dense greedy answer contains the key answer, the share",
         "whose MoE greedy answer also does (32 new tokens). Routed skipped = 1 - k/E; MLP skipped = share of all",
-        "MLP neurons not computed per token. Calibration: 16,384 tokens; one seed (0). Differences under ~5%",
+        "MLP neurons not computed per token. Calibration: 256 passages, capped at 16,384 tokens; one seed (0). Differences under ~5%",
         "in perplexity are within noise of a single split.",
         "",
         "| setting | shared S | experts | clustering | router | k | routed skipped | MLP skipped | ppl ratio | key answers kept | identical answers |",
@@ -159,9 +164,26 @@ def write_markdown(results: dict) -> None:
         lines.append(f"| {name} | {row['mean_router_recall_at_build_k']:.3f} | {row['mean_shared_mass']:.3f} | "
                      f"{row['mean_cluster_cohesion']:.3f} | {row['build_seconds_from_cached_inputs']} | "
                      f"{row['max_abs_logit_diff_at_k_eq_E']:.2e} |")
+    builds = sorted((cache_dir() / "models").glob("smollm2-moe-*/steer_moe_build.json"))
+    if builds:
+        lines += ["", "Full builds in the cache (`ensure_moe` / `steer models build-moe`: calibration pass, build, "
+                  "evaluation and save in one process, while the machine was shared):", "",
+                  "| cache dir | config (non-default) | k | ppl ratio | key answers kept | build s (wall) |",
+                  "|---|---|---|---|---|---|"]
+        default = MoEBuildConfig().to_dict()
+        for f in builds:
+            info = json.loads(f.read_text())
+            diff = {k: v for k, v in info["config"].items() if default.get(k) != v}
+            for k, ev in info["evaluation"].get("by_k", {}).items():
+                kept = f"{ev['kept']}/{ev['dense_correct']} ({ev['agreement']:.0%})" if "agreement" in ev else ""
+                lines.append(f"| {f.parent.name} | {diff or 'default'} | {k} | {ev['ppl_ratio']:.3f} | {kept} | "
+                             f"{info['build_seconds']} |")
     first = next(iter(results.values()), None)
     if first and "dense_answers" in first:
         lines += ["", f"Dense held-out perplexity: {first['dense_ppl']:.2f} on {first['heldout_tokens']} tokens.", ""]
+    notes = HERE / "notes.md"  # hand-written reading of the numbers above
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     _ = math
 
