@@ -99,6 +99,7 @@ if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--engine":
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm.sh runs this file in its own venv")
 
 from steer.config import DiFRSection, InterventionConfig, MoTESection  # noqa: E402
+from steer.difr import verify  # noqa: E402
 from steer.hooks import capture  # noqa: E402
 
 
@@ -129,10 +130,10 @@ def hf_reference(model, prompts: list[list[int]], max_tokens: int, cfg: Interven
     layers = model_map(model).moe_layers
     out = []
     for ids in prompts:
-        x = torch.tensor([ids])
-        with (cfg.apply(model) if cfg else nullcontext()):
-            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
-                                 min_new_tokens=max_tokens, pad_token_id=0)[0, len(ids):].tolist()
+        gen: list[int] = []  # greedy, past EOS too (as vLLM with ignore_eos)
+        with (cfg.apply(model) if cfg else nullcontext()), torch.no_grad():
+            for _ in range(max_tokens):
+                gen.append(int(model(torch.tensor([ids + gen])).logits[0, -1].argmax()))
         full = torch.tensor([ids + gen[:-1]])
         with (cfg.apply(model) if cfg else nullcontext()) as ivs, \
                 capture(model, [f"blocks.{la}.mlp.router.indices" for la in layers]) as cap, torch.no_grad():
@@ -220,7 +221,6 @@ def test_vllm_refuses_config_for_other_weights(tiny_ckpt, tmp_path):
 
 def test_vllm_fingerprints_verify(tiny_ckpt, tmp_path):
     """Round trip: config -> vLLM serves it and fingerprints each token -> verify against HF + config."""
-    from steer.difr import verify
     from steer.serving import served_fingerprints
 
     torch.set_num_threads(1)
@@ -234,14 +234,33 @@ def test_vllm_fingerprints_verify(tiny_ckpt, tmp_path):
     from steer.difr import Fingerprints
 
     fp = Fingerprints.concat(fps)
-    from steer.difr import calibrate, fingerprint_prompts
+    _check_claim(model, cfg, cfg_dir, fp, PROMPTS, tokenizer=None, n=10)
 
-    with cfg.apply(model):  # the verifier's benign runs: HF + the same config, two batch compositions
-        benign = [fingerprint_prompts(model, None, PROMPTS, config=cfg.difr.difr_config(), max_new_tokens=10,
-                                      batch_size=b) for b in (1, 2)]
-        calib = calibrate(model, benign)
-        good = verify(model, fp, calib)
-    bad = verify(model, fp, calib)  # the same claim checked against the unsteered model
+
+def _check_claim(model, cfg, cfg_dir, fp, prompts, tokenizer, n):
+    """The served claim verifies with the config it names; a forged claim (config run, none named)
+    is rejected by the unsteered reference: the fingerprints depend on the served steering."""
+    import dataclasses
+
+    from steer.difr import calibrate, fingerprint_prompts
+    from steer.difr.fingerprint import intervention_digest
+
+    digest = intervention_digest(cfg_dir)
+    assert fp.intervention == digest  # the engine names the config it served
+
+    def benign():  # the verifier's benign runs: HF, two batch compositions
+        return [fingerprint_prompts(model, tokenizer, prompts, config=cfg.difr.difr_config(), max_new_tokens=n,
+                                    batch_size=b, intervention=intervention) for b in (1, 2)]
+
+    intervention = digest
+    with cfg.apply(model):
+        calib = calibrate(model, benign(), intervention=digest)
+        good = verify(model, fp, calib, intervention=digest)
+    with pytest.raises(ValueError, match="claim intervention config"):
+        verify(model, fp, calib)  # verifying without the named config is refused outright
+    intervention = None
+    plain_calib = calibrate(model, benign())
+    bad = verify(model, dataclasses.replace(fp, intervention=None), plain_calib)
     assert good.verified and not bad.verified, (good.summary(), bad.summary())
     assert good.score < 0.1 * bad.score
 
@@ -280,7 +299,7 @@ def test_round_trip_smollm2_moe(tmp_path):
     from transformers import AutoTokenizer
 
     from steer.cli import main as steer_main
-    from steer.difr import Fingerprints, calibrate, fingerprint_prompts, verify
+    from steer.difr import Fingerprints
     from steer.ftri import ProfileConfig, profile
     from steer.moebuild import ensure_moe
     from steer.mote import ExpertSwitch
@@ -312,17 +331,13 @@ def test_round_trip_smollm2_moe(tmp_path):
         for layer, rows in h_on["routing"].items():
             agree += sum(a == b for a, b in zip(rows, got["routing"][layer]))
             total += len(rows)
-        assert got["output_ids"] == h_on["output_ids"], (tok.decode(got["output_ids"]), tok.decode(h_on["output_ids"]))
+    print(f"routing agreement vLLM+plugin vs steer HF: {agree}/{total} token-layers")
     # the MoE's router logits are nearly tied by construction (router_spread 1e-3), so fp32 kernel
     # differences between engines may flip a rare selection; everything else must agree
     assert agree / total >= 0.995, f"routing agreement {agree}/{total}"
+    for h_on, got in zip(hf_on, out["results"]):
+        assert got["output_ids"] == h_on["output_ids"], (tok.decode(got["output_ids"]), tok.decode(h_on["output_ids"]))
 
     fp = Fingerprints.concat([served_fingerprints(tmp_path / "fp", f"req{i}", p, r["output_ids"])
                               for i, (p, r) in enumerate(zip(prompts, out["results"]))])
-    with served.apply(model):
-        benign = [fingerprint_prompts(model, tok, prompts, config=served.difr.difr_config(), max_new_tokens=n,
-                                      batch_size=b) for b in (1, 2)]
-        calib = calibrate(model, benign)
-        good = verify(model, fp, calib)
-    bad = verify(model, fp, calib)
-    assert good.verified and not bad.verified, (good.summary(), bad.summary())
+    _check_claim(model, served, tmp_path / "served", fp, prompts, tokenizer=tok, n=n)

@@ -26,11 +26,14 @@ def fingerprint_paths(directory: str | Path, key: str) -> tuple[Path, Path]:
     return d / f"{key}.json", d / f"{key}.f16"
 
 
-def served_fingerprints(directory: str | Path, key: str, prompt_ids: list[int], output_ids: list[int]):
+def served_fingerprints(directory: str | Path, key: str, prompt_ids: list[int], output_ids: list[int], *,
+                        model_id: str | None = None):
     """The steer.difr.Fingerprints of one served request (what `steer verify` checks).
 
     The engine wrote one fp16 row per generated token; the client supplies the prompt and output
-    ids it sent and received, so a mismatch in counts (a dropped or extra step) is an error.
+    ids it sent and received, so a mismatch in counts (a dropped or extra step) is an error. The
+    claim names the model as the engine saw it (its model_type) unless `model_id` is given (use the
+    name `steer verify --model` will load), and the served config by its digest.
     """
     from steer.difr import DiFRConfig, Fingerprints
 
@@ -54,6 +57,7 @@ def served_fingerprints(directory: str | Path, key: str, prompt_ids: list[int], 
         prompt_lengths=torch.tensor([len(prompt_ids)], dtype=torch.int64),
         output_ids=torch.tensor(output_ids, dtype=torch.int64),
         output_lengths=torch.tensor([len(output_ids)], dtype=torch.int64),
-        model_id=meta["model_id"], config_hash=meta["config_hash"],
+        model_id=model_id or meta["model_id"], config_hash=meta["config_hash"],
         config=DiFRConfig(k=k, seed=int(meta["seed"]), projection=meta["projection"]), dtype=meta["dtype"],
+        intervention=meta.get("intervention") or None,
     )

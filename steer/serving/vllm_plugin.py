@@ -217,6 +217,7 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
         from types import SimpleNamespace
 
         from steer.difr import config_hash, projection_matrix
+        from steer.difr.fingerprint import intervention_digest
 
         dcfg = cfg.difr.difr_config()
         model._steer_projection = projection_matrix(dcfg, int(hf_config.hidden_size))
@@ -228,6 +229,8 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
             "config_hash": config_hash(SimpleNamespace(config=_checkpoint_config(vllm_config))),
             "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),
             "steer_config": str(path),
+            # what the claim names: the digest of the config files the server loaded (steer verify --config)
+            "intervention": intervention_digest(path),
         }
     return STATE
 
