@@ -306,7 +306,8 @@ def test_round_trip_smollm2_moe(tmp_path):
     from steer.serving import served_fingerprints
 
     torch.set_num_threads(1)
-    ckpt = ensure_moe(progress=False)
+    # STEER_MOE_DIR: an already-built checkpoint (the default build is made once by ensure_moe, ~20 min)
+    ckpt = Path(os.environ["STEER_MOE_DIR"]) if os.environ.get("STEER_MOE_DIR") else ensure_moe(progress=False)
     model, tok = _load(ckpt), AutoTokenizer.from_pretrained(ckpt)
     prof = profile(model, tok, {"french": FRENCH, "english": ENGLISH}, ProfileConfig(n_bootstrap=0), progress=False)
     switch = ExpertSwitch.from_profile(prof, k=24, mode="off_mask", per_layer_cap=2, model=model)
