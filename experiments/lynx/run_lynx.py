@@ -163,13 +163,10 @@ def stage_online(model, tok, name, only=None):
             runs.setdefault(label + "_rows", []).extend(
                 [{"stop": r.stop, "kept": r.kept, "exit_cue": next((e.cue_token for e in r.events if e.exited), None),
                   "final": r.final_text} for r in res.rows])
-        runs[label + "_rows"] = runs[label + "_rows"][-len(rows):]  # this run's rows only
         runs[label] = {"n": len(rows), "accuracy": sum(rows) / len(rows), "mean_tokens": sum(toks) / len(toks),
                        "mean_forward_tokens": sum(fwd) / len(fwd), "seconds": secs}
         print(label, runs[label], f"{time.time()-t0:.0f}s", flush=True)
 
-    if (OUT / "online.json").exists():
-        runs.update(json.loads((OUT / "online.json").read_text()))
     if only in (None, "lynx"):
         go(f"lynx_online_delta{ONLINE_DELTA}", policy=LynxPolicy(probe, calib), config=CONFIG)
     if only in (None, "deer"):
@@ -178,7 +175,9 @@ def stage_online(model, tok, name, only=None):
         for b in BUDGETS:
             cfg = ExitConfig(**{**CONFIG.__dict__, "max_new_tokens": b})
             go(f"budget{b}", config=cfg)
-    (OUT / "online.json").write_text(json.dumps(runs, indent=1))
+    merged = json.loads((OUT / "online.json").read_text()) if (OUT / "online.json").exists() else {}
+    merged.update(runs)  # other runs already recorded stay
+    (OUT / "online.json").write_text(json.dumps(merged, indent=1))
 
 
 EXIT_LEN = 0
