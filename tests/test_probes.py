@@ -262,3 +262,18 @@ def test_problem_splits_are_disjoint_and_checkable(tmp_path):
     lab.to_safetensors(tmp_path / "c.safetensors")
     back = LabelledCues.from_safetensors(tmp_path / "c.safetensors")
     assert torch.equal(back.features, lab.features) and back.meta == lab.meta
+
+
+def test_probe_matches_fused_kernel_reference():
+    """The probe computes exactly what kernels.probe_score computes (its CPU reference)."""
+    probe_score = pytest.importorskip("kernels.probe_score")
+    torch.manual_seed(0)
+    probe = LynxProbe(3 * 8, (256, 64)).eval()
+    probe.mean.normal_()
+    probe.std.uniform_(0.5, 2.0)
+    hid = [torch.randn(4, 5, 8) for _ in range(3)]
+    pos = torch.tensor([4, 0, 2, 3])
+    layers = [(lin.weight, lin.bias) for lin in probe.linears]
+    with torch.no_grad():
+        ref = probe_score.probe_score_reference(hid, pos, probe.mean, probe.std, layers)
+        torch.testing.assert_close(probe.score_hidden(hid, pos), ref)
