@@ -192,10 +192,12 @@ def _make_batch_hook(session: Session):
         b, t = ref.shape[0], ref.shape[1]
         session.batch_shape = (b, t)
         mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 calls it `cache`
         past = 0
         if cache is not None and hasattr(cache, "get_seq_length"):
             past = int(cache.get_seq_length())
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            past = mask.shape[1] - t
         session.past_length = past
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             session.attention_mask = mask[:, -t:].bool()
@@ -308,7 +310,8 @@ def capture(
     to_cpu: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Iterator[Capture]:
-    """Record full tensors at `points` and/or feed streaming `reducers` ({point or pattern: reducer}).
+    """Record full tensors at `points` and/or feed streaming `reducers` ({point or pattern: reducer
+    or list of reducers}).
 
     Full capture keeps one tensor per call per point; reducers keep memory independent of the
     number of prompts (steer.reducers).
@@ -320,7 +323,7 @@ def capture(
     for p in points:
         hooks[p].append(cap._record)
     for p, reducer in (reducers or {}).items():
-        hooks[p].append(reducer)
+        hooks[p].extend(_as_list(reducer))
     with attach(model, hooks) as session:
         cap.session = session
         yield cap

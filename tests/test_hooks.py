@@ -84,6 +84,21 @@ def test_token_selection_restricts_counts(batch):
     assert counter.result()["blocks.0.resid_post"] == 2
 
 
+def test_selection_follows_positions_through_generation(batch):
+    """A response-only selection must count only generated tokens, call after call (KV cache)."""
+    model = tiny_model("llama")
+    counter, pasts = Count(), []
+    prompt_len = batch.input_ids.shape[1]
+    sel = torch.zeros(2, prompt_len + 8, dtype=torch.bool)
+    sel[:, prompt_len:] = True  # response tokens only
+    with capture(model, reducers={"blocks.0.resid_post": [counter, lambda x, ctx: pasts.append(ctx.session.past_length)]}) as cap:
+        cap.session.set_token_selection(sel)
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    n_new = out.shape[1] - prompt_len
+    assert pasts == [0] + [prompt_len + i for i in range(n_new - 1)]
+    assert counter.result()["blocks.0.resid_post"] == 2 * (n_new - 1)
+
+
 def test_reducers_agree_with_full_capture(batch):
     model = tiny_model("llama")
     mean, hist, top = Mean(), Histogram(bins=20, lo=-5, hi=5), TopK(k=3)
