@@ -24,6 +24,7 @@
 
 # %%
 # ruff: noqa: E402, B018  (a notebook: imports where each method starts; cells end in the value shown)
+import os
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from steer.models import load
 
 torch.set_num_threads(2)
 torch.manual_seed(0)
-lm = load("smollm2-moe", progress=False)
+MODEL = os.environ.get("STEER_WALKTHROUGH_MODEL", "smollm2-moe")  # or a checkpoint dir of another MoE
+lm = load(MODEL, progress=False)
 model, tok = lm.model, lm.tokenizer
 lm.info()
 

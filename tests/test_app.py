@@ -143,14 +143,14 @@ def test_sinks_page_maps_and_act(app):
     assert [m.label for m in at.metric][0] == "Sink rate"
     # ACT on every head: some rows must be rescaled (tiny random models have sinks at tau 0.1)
     heads = ", ".join(f"{la}:{h}" for la in range(3) for h in range(4))
-    at.text_input(key="act_heads").set_value(heads)
+    _text_input(at, "Heads (LAYER:HEAD").set_value(heads)
     at.slider(key="act_tau").set_value(0.05).run()  # near-uniform random attention: lower the sink threshold
     _click(at, "run_act")
     msg = next(s.value for s in at.success if "rescaled" in s.value)
     assert int(msg.split("rescaled ")[1].split()[0]) > 0, msg
     assert len(_codes(at)) == 2
     # bad head id
-    at.text_input(key="act_heads").set_value("0:99").run()
+    _text_input(at, "Heads (LAYER:HEAD").set_value("0:99").run()
     _click(at, "run_act")
     assert any("99" in e.value for e in at.error)
 

@@ -85,7 +85,7 @@ elif res is not None:
 else:
     default_heads, default_beta = "", BETA
 c1, c2, c3 = st.columns([3, 1, 1])
-heads_text = c1.text_input("Heads (LAYER:HEAD, ...)", default_heads, key="act_heads",
+heads_text = c1.text_input("Heads (LAYER:HEAD, ...)", default_heads, key=f"act_heads_{default_heads}",
                            help="default: the four heads most often showing hidden sinks")
 beta = c2.slider("beta (scale of non-initial sinks)", 0.0, 1.0, float(default_beta), key="act_beta")
 act_tau = c3.slider("tau (sink threshold)", 0.01, 0.9, float(cfg_file.tau if cfg_file and cfg_file.tau else TAU),
