@@ -165,7 +165,10 @@ class MoEBuildConfig:
 
     def key(self) -> str:
         """Short hash of everything that changes the weights (cache directory name)."""
-        blob = json.dumps({"build_version": BUILD_VERSION, **self.to_dict()}, sort_keys=True)
+        d = self.to_dict()
+        if d["calib_format"] == "prose":  # builds made before this lever existed were prose: same key
+            del d["calib_format"]
+        blob = json.dumps({"build_version": BUILD_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
