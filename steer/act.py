@@ -215,6 +215,7 @@ class ACT(Intervention):
     def _layer_fn(self, layer: int, heads: list[int], n_heads: int) -> Callable:
         head_mask = torch.zeros(n_heads, dtype=torch.bool)
         head_mask[heads] = True
+        on_device: dict[torch.device, torch.Tensor] = {}  # one host-to-device copy per device, not per call
 
         def fn(call, ctx: HookContext):
             from kernels.act import act_attention
@@ -228,8 +229,11 @@ class ACT(Intervention):
                 self._state[layer] = _LayerState(sinks.detach(), b, tk)
             else:
                 sinks = self._decode_sinks(layer, b, tq, tk, q.device)
+            dev_mask = on_device.get(q.device)
+            if dev_mask is None:
+                dev_mask = on_device[q.device] = head_mask.to(q.device)
             out, touched = act_attention(q, k, v, scale=call.scaling, sink_mask=sinks,
-                                         head_mask=head_mask.to(q.device), beta=self.beta, mask=mask,
+                                         head_mask=dev_mask, beta=self.beta, mask=mask,
                                          sliding_window=window)
             self.count(ctx.point, touched)
             return out.transpose(1, 2).contiguous(), None
