@@ -100,7 +100,7 @@ class MoEBuildConfig:
 
     num_experts: int = 16  # E routed experts per MoE layer
     top_k: int = 12  # experts used per token (config.num_experts_per_tok; changeable after the build)
-    shared_neurons: int = 768  # S neurons of each MLP in the always-on shared expert (0: none)
+    shared_neurons: int = 1024  # S neurons of each MLP in the always-on shared expert (0: none)
     router: Router = "ridge"  # ridge: MLP input -> expert output norm; ridge-log: -> log norm
     clustering: Clustering = "coactivation"  # how routed neurons are grouped into experts
     router_spread: float = 1e-3  # max logit spread over experts on calibration tokens (weights ~ 1/E)
