@@ -125,13 +125,13 @@ print("with ACT:   ", with_act[0])
 from probes import CueSet, ExitConfig, arithmetic_problems, lynx
 from probes.features import default_points
 
-cues = CueSet.parse("newline,blank_line,sentence_end")
-cfg = ExitConfig(exit_string="\n\nThe answer is ", max_new_tokens=40, answer_max_tokens=6)
+cues = CueSet.parse("newline,blank_line")
+cfg = ExitConfig(exit_string="\n\nThe answer is ", max_new_tokens=32, answer_max_tokens=4)
 points = default_points(model)
-lab_train, _ = lynx.label(model, tok, arithmetic_problems(12, split="train"), points, cues, cfg,
-                          batch_size=6, model_name=lm.name)
-lab_cal, _ = lynx.label(model, tok, arithmetic_problems(12, split="calibration"), points, cues, cfg,
-                        batch_size=6, model_name=lm.name)
+lab_train, _ = lynx.label(model, tok, arithmetic_problems(8, split="train"), points, cues, cfg,
+                          batch_size=8, model_name=lm.name)
+lab_cal, _ = lynx.label(model, tok, arithmetic_problems(8, split="calibration"), points, cues, cfg,
+                        batch_size=8, model_name=lm.name)
 print(f"{len(lab_train)} training cue events ({int(lab_train.labels.sum())} positive), {len(lab_cal)} calibration")
 probe = lynx.train(lab_train)
 cal = lynx.calibrate_probe(probe, lab_cal, delta=0.2, warn=False)
@@ -140,7 +140,7 @@ print(cal)
 # %%
 from probes.data import chat_prompts
 
-test = arithmetic_problems(3, split="test")
+test = arithmetic_problems(2, split="test")
 res = lynx.generate(model, tok, chat_prompts(tok, [p.question for p in test]), probe, config=cfg)
 df = res.to_dataframe()
 df["gold"] = [p.answer for p in test]
