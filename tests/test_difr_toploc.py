@@ -27,7 +27,8 @@ def test_proofs_are_258_bytes_and_accept_the_same_states():
     assert all(r.exp_mismatches == 0 and r.mant_err_mean == 0 and r.accepted(params) for r in results)
     noisy = h * (1 + 1e-3 * torch.randn(h.shape, generator=torch.Generator().manual_seed(2)))
     assert all(r.accepted(params) for r in toploc.verify_proofs(noisy, proofs, params))  # bf16-level noise
-    other = h + 0.3 * torch.randn(h.shape, generator=torch.Generator().manual_seed(3))
+    # ~30% relative noise (another model's states); 10% still passes TOPLOC's published thresholds
+    other = h + 1.0 * torch.randn(h.shape, generator=torch.Generator().manual_seed(3))
     bad = toploc.verify_proofs(other, proofs, params)
     assert not any(r.accepted(params) for r in bad)
     assert min(r.score for r in bad) > max(r.score for r in results)
