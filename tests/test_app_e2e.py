@@ -163,7 +163,7 @@ def test_fingerprints_page_verifies(page):
     _click(pg, "Fingerprint, and calibrate on a benign rerun")
     pg.get_by_role("button", name="Verify", exact=True).wait_for()
     _click(pg, "Verify")
-    pg.get_by_text("VERIFIED").wait_for()
+    pg.get_by_text("VERIFIED: mean activation").wait_for()  # the figure title says VERIFIED too
     _charts(pg, 1)
     _shot(pg, "fingerprints")
 
