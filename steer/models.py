@@ -322,7 +322,7 @@ def _convert(entry: PackagedModel, dest: Path, progress: bool) -> None:
             digest = _hash_files(_weight_files(tmp))
             meta = {
                 "format": CONVERT_FORMAT, "name": entry.name, "package": entry.package, "version": entry.version,
-                "member": entry.member, "gguf_sha256": _sha256_file(gguf), "weights_sha256": digest,
+                "member": entry.member, "gguf_sha256": sha256_file(gguf), "weights_sha256": digest,
                 "dtype": "float32", "convert_seconds": round(time.perf_counter() - start, 2),
                 "transformers_version": _transformers_version(), "license": entry.license,
             }
@@ -384,7 +384,8 @@ def _weight_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):

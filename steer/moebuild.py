@@ -448,42 +448,35 @@ def build_layer(layer: int, x: torch.Tensor, mlp, config: MoEBuildConfig) -> Lay
 def collect_mlp_inputs(model, chunks: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
     """The dense MLP inputs [T, D] of `layers` on `chunks` (for building several configs from one pass)."""
     xs: dict[int, torch.Tensor] = {}
-    handles = [model.model.layers[i].mlp.register_forward_pre_hook(
-        lambda _m, args, i=i: xs.__setitem__(i, args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
-        for i in layers]
-    try:
-        with torch.no_grad():
-            model.model(input_ids=chunks, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _dense_pass(model, chunks, {
+        f"blocks.{i}.mlp.in": lambda x, _ctx, i=i: xs.__setitem__(i, x.detach().reshape(-1, x.shape[-1]).clone())
+        for i in layers})
     return xs
+
+
+def _dense_pass(model, chunks: torch.Tensor, hooks: dict) -> None:
+    """One forward of the decoder stack over the calibration chunks with steer hooks attached."""
+    from steer.hooks import attach
+
+    with attach(model, hooks), torch.no_grad():
+        model.model(input_ids=chunks, use_cache=False)
 
 
 def collect_layer_builds(model, chunks: torch.Tensor, config: MoEBuildConfig, layers: list[int],
                          progress: bool = True) -> dict[int, LayerBuild]:
     """One dense forward over the calibration chunks; each MoE layer is built from its MLP input."""
     builds: dict[int, LayerBuild] = {}
-    handles = []
     t0 = time.time()
 
     def make_hook(i: int, mlp):
-        def hook(_module, args):
-            builds[i] = build_layer(i, args[0].detach(), mlp, config)
+        def hook(x, _ctx):
+            builds[i] = build_layer(i, x.detach(), mlp, config)
             _progress(progress, f"layer {i + 1}/{len(model.model.layers)}: shared mass "
                       f"{builds[i].shared_mass:.2f}, router recall@{config.top_k} {builds[i].router_recall:.2f} "
                       f"({time.time() - t0:.0f}s)")
         return hook
 
-    for i in layers:
-        mlp = model.model.layers[i].mlp
-        handles.append(mlp.register_forward_pre_hook(make_hook(i, mlp)))
-    try:
-        with torch.no_grad():
-            model.model(input_ids=chunks, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _dense_pass(model, chunks, {f"blocks.{i}.mlp.in": make_hook(i, model.model.layers[i].mlp) for i in layers})
     return builds
 
 
@@ -746,14 +739,6 @@ def evaluate_moe(moe, dense, tokenizer=None, *, heldout: torch.Tensor | None = N
 # The build
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_moe(dense="smollm2", config: MoEBuildConfig | None = None, out_dir: Path | str | None = None, *,
               tokenizer=None, texts: tuple[list[str], list[str]] | None = None, evaluate: bool = True,
               eval_top_ks: list[int] | None = None, progress: bool = True, num_threads: int = 2):
@@ -809,7 +794,9 @@ def save_moe(moe, tokenizer, report: MoEBuildReport, out_dir: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     report.out_dir = out_dir
-    report.safetensors_sha256 = _sha256(out_dir / "model.safetensors")
+    from steer.models import sha256_file
+
+    report.safetensors_sha256 = sha256_file(out_dir / "model.safetensors")
     (out_dir / BUILD_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
 
 
