@@ -245,10 +245,8 @@ def attach(model: Any, hooks: Mapping[str, HookFn | Sequence[HookFn]]) -> Iterat
             else:
                 handles.append(module.register_forward_pre_hook(_make_input_hook(entries, session), with_kwargs=True))
         with contextlib.ExitStack() as stack:
-            if readers or overrides:
-                layers = sorted(set(readers) | set(overrides))
+            if readers or overrides:  # every layer gets a state, so unhooked layers keep their implementation
                 attn_modules = {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
-                del layers
                 stack.enter_context(attention.activate(hf, attn_modules, readers, overrides))
             yield session
     finally:
