@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 IMPL_NAME = "steer"
 _lock = threading.Lock()
@@ -71,8 +74,6 @@ _ACTIVE: dict[int, _ModuleState] = {}
 
 
 def _bool_mask(*args, **kwargs):
-    from transformers.masking_utils import sdpa_mask
-
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
 
@@ -94,8 +95,6 @@ def _eager_fn(module: nn.Module) -> Callable:
 
 
 def _impl_fn(name: str, module: nn.Module) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if name in (None, "eager"):
         return _eager_fn(module)
     return ALL_ATTENTION_FUNCTIONS[name]
@@ -142,9 +141,6 @@ def ensure_registered() -> None:
     with _lock:
         if _registered:
             return
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
         AttentionInterface.register(IMPL_NAME, steer_attention_forward)
         AttentionMaskInterface.register(IMPL_NAME, _bool_mask)
         _registered = True
