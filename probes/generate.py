@@ -145,10 +145,97 @@ class GenerationResult:
     features: torch.Tensor | None = None  # [E, F] at cue events (record_features=True)
     seconds: float = 0.0
     config: ExitConfig | None = None
+    calibration: ConformalCalibration | None = None  # the LYNX policy's thresholds, when one ran
 
     @property
     def events(self) -> list[CueEvent]:
         return [e for r in self.rows for e in r.events]
+
+    def scores(self, row: int = 0, probe: LynxProbe | None = None) -> list[float]:
+        """Probe p at each cue event of `row`: scored online (LYNX policy), else by `probe` on the
+        recorded features (record_features=True), so a plain run can be replayed at any delta."""
+        events = self._row(row).events
+        if all(e.score is not None for e in events):
+            return [float(e.score) for e in events]
+        if probe is None or self.features is None or any(e.feature_index is None for e in events):
+            raise ValueError("this result has no probe scores: generate with a LynxPolicy, or with "
+                             "record_features=True and pass probe=")
+        if not events:
+            return []
+        with torch.no_grad():
+            p = probe(self.features[[e.feature_index for e in events]])
+        return p.flatten().double().tolist()
+
+    def figure(self, row: int = 0, *, probe: LynxProbe | None = None,
+               calibration: ConformalCalibration | None = None, title: str | None = None):
+        """Plotly figure of one row: confidence at each cue event over the generated tokens, the cue
+        markers, the first cue where `calibration` (default: the probe's, else the policy's) exits,
+        and where the row really stopped. Shared by the app, the CLI and notebooks.
+
+        The probe's p is drawn when there is one (see `scores`); trial-answer confidence (DEER's
+        signal) is drawn too when trials were run, so a DEER or labelling run plots without a probe.
+        """
+        import plotly.graph_objects as go
+
+        r = self._row(row)
+        events = r.events
+        has_trials = any(e.trial is not None for e in events)
+        try:
+            scores = self.scores(row, probe)
+        except ValueError:
+            if not has_trials:
+                raise
+            scores = None
+        cal = calibration or (probe.calibration if probe is not None else None) or self.calibration
+        x = [e.cue_token for e in events]
+        cues = [e.cue for e in events]
+        fig = go.Figure()
+        if scores is not None:
+            fig.add_trace(go.Scatter(
+                x=x, y=scores, mode="lines+markers", name="probe p(correct if exiting here)",
+                customdata=[[c, e.cut] for c, e in zip(cues, events)],
+                hovertemplate="cue token %{x} (%{customdata[0]}, cut at %{customdata[1]}): p=%{y:.3f}<extra></extra>"))
+        if has_trials:
+            conf = [e.trial.confidence if e.trial is not None else None for e in events]
+            fig.add_trace(go.Scatter(
+                x=x, y=conf, mode="markers", name="trial answer confidence (DEER)",
+                marker={"symbol": "diamond-open", "size": 9},
+                text=[e.trial.answer_text if e.trial is not None else "" for e in events],
+                hovertemplate="cue token %{x}: confidence %{y:.3f}, answer %{text}<extra></extra>"))
+        # cue markers along the bottom: one tick per cue event, named by its cue
+        fig.add_trace(go.Scatter(x=x, y=[0.0] * len(x), mode="markers", name="cue events",
+                                 marker={"symbol": "line-ns-open", "size": 12, "color": "grey"},
+                                 text=cues, hovertemplate="cue %{text} at token %{x}<extra></extra>"))
+        sub = f"{len(events)} cue events, stop: {r.stop}"
+        if cal is not None and scores is not None:
+            fig.add_hline(y=cal.q0, line={"color": "grey", "dash": "dot"},
+                          annotation_text=f"q0 = {cal.q0:.3f} (exit needs p > q0)")
+            ex = cal.should_exit(torch.tensor(scores, dtype=torch.float64)).tolist() if scores else []
+            first = next((i for i, e in enumerate(ex) if e), None)
+            if first is not None:
+                fig.add_vline(x=x[first], line={"color": "red", "dash": "dash"},
+                              annotation_text=f"exit at delta={cal.delta:g} (cue token {x[first]})")
+                sub += f", delta={cal.delta:g} exits at cue token {x[first]}"
+            else:
+                sub += f", delta={cal.delta:g} never exits"
+        done = next((e for e in events if e.exited), None)
+        if done is not None:
+            y = done.score if done.score is not None else (done.trial.confidence if done.trial else 1.0)
+            fig.add_trace(go.Scatter(x=[done.cue_token], y=[y], mode="markers", name="online exit (this run)",
+                                     marker={"symbol": "star", "size": 16, "color": "red"}))
+        # the boundary after the last kept reasoning token (an exit keeps the tokens before its cue)
+        fig.add_vline(x=r.kept - 0.5, line={"color": "black", "width": 1},
+                      annotation_text=f"stop: {r.stop}, {r.kept} tokens kept", annotation_position="bottom left")
+        right = max([r.kept, len(r.generated_ids)] + [c + 1 for c in x])
+        fig.update_layout(title=title or f"LYNX confidence over the generation ({sub})",
+                          xaxis_title="generated token", yaxis_title="confidence", yaxis_range=[-0.02, 1.02],
+                          xaxis_range=[-0.5, right - 0.5])
+        return fig
+
+    def _row(self, row: int) -> RowResult:
+        if not -len(self.rows) <= row < len(self.rows):
+            raise IndexError(f"row {row} out of range: this result has {len(self.rows)} rows")
+        return self.rows[row]
 
     def n_tokens(self) -> list[int]:
         return [r.n_tokens(len(self.exit_ids)) for r in self.rows]
@@ -404,7 +491,8 @@ def generate_with_exit(
     for r in range(B):
         results[r].forward_tokens = fwd[r]
     feats_t = torch.stack(feats_out) if feats_out else (torch.empty(0, 0) if record_features else None)
-    return GenerationResult(results, run.exit_ids, feats_t, time.perf_counter() - t0, cfg)
+    return GenerationResult(results, run.exit_ids, feats_t, time.perf_counter() - t0, cfg,
+                            policy.calibration if isinstance(policy, LynxPolicy) else None)
 
 
 def premature_exit_rates(p: torch.Tensor, y: torch.Tensor, traj: torch.Tensor,

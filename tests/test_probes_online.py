@@ -158,3 +158,52 @@ def test_probe_for_other_model_is_refused(llama):
         generate_with_exit(model, tok, PROMPTS, policy, cues=ANY)
     with pytest.raises(ValueError, match="delta"):
         LynxPolicy(probe, ConformalCalibration(1.5, 0.5, 0.5, 50, 50))
+
+
+@torch.no_grad()
+def test_generation_result_figure(llama):
+    """figure(): the probe trace is the events' scores, the red exit line sits at the first cue the
+    calibration accepts, and a plain run is replayed at any delta from its recorded features."""
+    model, tok = llama
+    points = default_points(model)
+    probe = _probe_for(model, points)
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=3, max_new_tokens=16)
+    plain = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg, points=points, record_features=True)
+    q0 = float(probe(plain.features).median())
+    cal = ConformalCalibration(0.1, q0, math.inf, 50, 50)
+    with pytest.raises(ValueError, match="no probe scores"):
+        plain.figure(0)  # nothing to plot without a probe
+    for row in range(len(PROMPTS)):
+        fig = plain.figure(row, probe=probe, calibration=cal)
+        events = plain.rows[row].events
+        expect = probe(plain.features[[e.feature_index for e in events]]).double().tolist()
+        trace = next(t for t in fig.data if t.name.startswith("probe p"))
+        assert list(trace.x) == [e.cue_token for e in events]
+        assert list(trace.y) == pytest.approx(expect)
+        cues = next(t for t in fig.data if t.name == "cue events")
+        assert len(cues.x) == len(events)
+        reds = [s for s in fig.layout.shapes if s.line.color == "red"]
+        first = next((e for e, p in zip(events, expect) if p > q0), None)
+        if first is None:
+            assert not reds
+        else:
+            assert [s.x0 for s in reds] == [first.cue_token]
+    # the online run marks where it really exited, at the same cue the replay predicts
+    online = generate_with_exit(model, tok, PROMPTS, LynxPolicy(probe, cal), cues=ANY, config=cfg)
+    assert online.calibration is cal
+    for row, r in enumerate(online.rows):
+        fig = online.figure(row)
+        stars = [t for t in fig.data if t.name.startswith("online exit")]
+        if r.stop == "exit":
+            ex = next(e for e in r.events if e.exited)
+            assert list(stars[0].x) == [ex.cue_token]
+            assert [s.x0 for s in fig.layout.shapes if s.line.color == "red"] == [ex.cue_token]
+        else:
+            assert not stars
+    with pytest.raises(IndexError, match="out of range"):
+        online.figure(len(PROMPTS))
+    # a DEER run plots its trial confidences without any probe
+    deer = generate_with_exit(model, tok, PROMPTS[:1], DeerPolicy(threshold=2.0), cues=ANY, config=cfg)
+    fig = deer.figure(0)
+    conf = next(t for t in fig.data if t.name.startswith("trial answer"))
+    assert list(conf.y) == pytest.approx([e.trial.confidence for e in deer.rows[0].events])
