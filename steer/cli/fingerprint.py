@@ -85,7 +85,7 @@ def intervention_context(config_path, model):
 
 
 def run(args) -> int:
-    from steer.difr import DiFRConfig, SamplingParams, fingerprint_prompts
+    from steer.difr import DiFRConfig, SamplingParams, fingerprint_prompts, intervention_digest
 
     prompts = read_prompts(args)
     config = DiFRConfig(k=args.k, seed=args.seed, projection=args.projection)
@@ -95,16 +95,19 @@ def run(args) -> int:
     elif args.top_p != 1.0 or args.top_k:
         raise CLIError("--top-p/--top-k need --temperature (without it steer decodes greedily)")
     lm = load_model(args)
+    # the claim names the config it ran (its digest), so `steer verify --config` checks the same one
+    digest = intervention_digest(args.config) if args.config else None
     with intervention_context(args.config, lm.model):
         fp = fingerprint_prompts(lm.model, lm.tokenizer, prompts, config=config, sampling=sampling,
                                  seed=args.sample_seed, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, chat=not args.no_chat_template, model_id=lm.name)
+                                 batch_size=args.batch_size, chat=not args.no_chat_template, model_id=lm.name,
+                                 intervention=digest)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fp.save(args.out)
     summary = {"file": str(args.out), "model_id": fp.model_id, "config_hash": fp.config_hash,
                "sequences": fp.n_sequences, "tokens": fp.n_tokens, "k": config.k, "seed": config.seed,
                "projection": config.projection, "bytes_per_token": fp.bytes_per_token, "sampling": fp.sampling,
-               "intervention_config": args.config}
+               "intervention_config": args.config, "intervention": digest}
     if args.json:
         print_json(summary)
         return 0
