@@ -12,6 +12,9 @@ much more the target class uses it than the rest. Steps, as functions:
 3. `scores`           `mote` (mean map difference), `risk_diff` (SteerMoE), `npmi` (RICE).
 4. `Profile.top`      global or per-layer ranking, with bootstrap CIs over prompts.
 
+`expert_tokens` (and `Profile.expert_tokens`) then answers "which tokens went to this expert?":
+every token the router sent to one (layer, expert), with its slot, weight and surrounding text.
+
 Memory never grows with the number of prompts: only per-class sums [C, L, E] and the bootstrap sums
 [R, C, L, E] are kept. CIs use the Poisson bootstrap (Hanley & MacGibbon 2006; Chamandy et al. 2012):
 each prompt gets R independent Poisson(1) weights, drawn when it is seen, and replicate r accumulates
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +53,18 @@ FORMAT_VERSION = 1
 
 class DenseModelError(ValueError):
     """Expert profiling or switching asked of a model without routed experts."""
+
+
+class ProfileCancelled(RuntimeError):
+    """`profile` was cancelled before every class had a counted prompt, so there is nothing to score."""
+
+    def __init__(self, message: str, done: int, total: int):
+        super().__init__(message)
+        self.done, self.total = done, total
+
+
+ProgressFn = Callable[[int, int], object]  # called with (done, total) after every batch
+CancelFlag = Callable[[], bool]  # or anything with .is_set() (threading.Event)
 
 
 @dataclass
@@ -287,6 +302,19 @@ class Profile:
     def num_experts(self) -> int:
         return int(self.scores.shape[1])
 
+    @property
+    def cancelled(self) -> bool:
+        """True for a partial profile (the run was cancelled; stats say how many prompts were counted)."""
+        return bool(self.stats.get("cancelled", False))
+
+    def expert_tokens(self, model: Any, tokenizer, prompts: str | Sequence[str], layer: int, expert: int,
+                      **kw):
+        """`expert_tokens` with this profile's token settings, on the model it was made on (checked)."""
+        self.check_model(model)
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} is not an MoE layer of this profile; its layers are {self.layers}")
+        return expert_tokens(model, tokenizer, prompts, layer, expert, self.config, **kw)
+
     def class_maps(self) -> torch.Tensor:
         """Mean per-prompt map per class, Float[C, L, E] (fractions if normalised, else counts)."""
         maps = self.sums["frac"] if self.config.normalize else self.sums["count"]
@@ -473,6 +501,46 @@ def _as_classes(classes) -> tuple[list[str], list[str], list[int]]:
     return names, prompts, ids
 
 
+class _Progress:
+    """Where progress goes: a tqdm bar (progress=True), the caller's callback(done, total), or nowhere."""
+
+    def __init__(self, progress: bool | ProgressFn, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.done, self.total = 0, total
+        self.fn = progress if callable(progress) else None
+        self.bar = tqdm(total=total, desc=desc, unit="prompt", disable=progress is not True, file=sys.stderr,
+                        dynamic_ncols=True)
+        if self.fn is not None:
+            self.fn(0, total)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.fn is not None:
+            self.fn(self.done, self.total)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _is_cancelled(cancel: CancelFlag | Any | None) -> bool:
+    if cancel is None:
+        return False
+    return bool(cancel.is_set() if hasattr(cancel, "is_set") else cancel())
+
+
+def _interleave(ids: Sequence[int]) -> list[int]:
+    """Prompt order that spreads every class evenly over the run, so that a run cancelled halfway has
+    counted about half of each class (class order would leave the later classes empty)."""
+    size: dict[int, int] = {}
+    rank = []
+    for c in ids:
+        rank.append(size.get(c, 0))
+        size[c] = rank[-1] + 1
+    return sorted(range(len(ids)), key=lambda i: ((rank[i] + 0.5) / size[ids[i]], ids[i]))
+
+
 def profile(
     model: Any,
     tokenizer,
@@ -481,7 +549,8 @@ def profile(
     *,
     responses: Sequence[str] | None = None,
     labeller=None,
-    progress: bool = True,
+    progress: bool | ProgressFn = True,
+    cancel: CancelFlag | Any | None = None,
     weights_hash: str | None = None,
 ) -> Profile:
     """Profile which experts the target class uses more than the others.
@@ -491,6 +560,13 @@ def profile(
       `config.max_new_tokens`) and each answer's label becomes its class.
     responses: one response per prompt (in class order) to teacher-force for tokens="response"/"both";
       generated greedily if None and needed.
+    progress: True for a tqdm bar on stderr, False for none, or a callable(done, total) called after
+      every batch (a GUI's progress bar). Units are prompt passes: when responses are generated,
+      total is twice the prompts (answering, then counting).
+    cancel: a threading.Event or a callable returning True to stop; checked between batches. Prompts
+      are counted with the classes interleaved, so a run cancelled while counting returns the partial
+      profile of the prompts counted so far (`Profile.cancelled`, stats["prompts"] says how many);
+      cancelled before every class has a counted prompt, it raises ProfileCancelled.
     """
     import time
 
@@ -505,51 +581,153 @@ def profile(
     need_resp = labeller is not None or config.tokens != "prompt"
     if responses is not None and len(responses) != len(prompts):
         raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts; give one per prompt")
-    if need_resp and responses is None:
-        responses = generate_responses(hf, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                                       batch_size=config.batch_size, chat_template=config.chat_template,
-                                       progress=progress, desc="steer profile: answering")
-    if labeller is not None:
-        lab = get_labeller(labeller)
-        labels = [lab(r) for r in responses]
-        names = sorted(set(labels))
-        if config.target is not None and config.target not in names:
-            raise ValueError(f"no response was labelled {config.target!r} (labels seen: {names}); "
-                             f"pick a target among them or change the prompts")
-        if len(names) < 2:
-            raise ValueError(f"every response got the label {names[0]!r}: profiling needs at least two classes. "
-                             f"Use prompts that elicit both behaviours, or give the classes as prompt sets.")
-        ids = [names.index(x) for x in labels]
-    if config.target is not None and config.target not in names:
+    if config.target is not None and labeller is None and config.target not in names:
         raise ValueError(f"target class {config.target!r} is not one of the classes {names}")
-    if len(names) < 2:
+    if labeller is None and len(names) < 2:
         raise ValueError(f"profiling needs at least two classes (a behaviour and a baseline), got {names}")
-    acc = ProfileAccumulator(len(names), mm.moe_layers, mm.num_experts, config.n_bootstrap, config.seed)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(prompts), desc="steer profile", unit="prompt", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    device = next(hf.parameters()).device
-    n_tok = 0
-    with torch.no_grad(), attach(hf, {"blocks.*.mlp.router.indices": acc.hook}) as session:
-        for batch in prompt_batches(tokenizer, prompts, ids, config, responses):
-            acc.start(batch)
-            session.set_token_selection(batch.selection.to(device))
-            hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
-            acc.fold(batch.classes)
-            n_tok += int(acc.batch_tokens.sum())
-            bar.update(len(batch.classes))
-    bar.close()
-    ident = model_identity(hf, weights_hash=weights_hash)
-    sums = {"n": acc.n, "frac": acc.frac, "count": acc.count, "tokens": acc.tokens}
+    generate = need_resp and responses is None
+    bar = _Progress(progress, len(prompts) * (2 if generate else 1), "steer profile")
+    try:
+        if generate:
+            responses = []
+            for start in range(0, len(prompts), config.batch_size):
+                chunk = prompts[start:start + config.batch_size]
+                responses += generate_responses(hf, tokenizer, chunk, max_new_tokens=config.max_new_tokens,
+                                                batch_size=config.batch_size, chat_template=config.chat_template)
+                bar.update(len(chunk))
+                if _is_cancelled(cancel) and len(responses) < len(prompts):
+                    raise ProfileCancelled(
+                        f"profiling was cancelled while answering the prompts ({len(responses)} of {len(prompts)}): "
+                        f"no token was counted yet, so there is no partial profile", 0, len(prompts))
+        if labeller is not None:
+            lab = get_labeller(labeller)
+            labels = [lab(r) for r in responses]
+            names = sorted(set(labels))
+            if config.target is not None and config.target not in names:
+                raise ValueError(f"no response was labelled {config.target!r} (labels seen: {names}); "
+                                 f"pick a target among them or change the prompts")
+            if len(names) < 2:
+                raise ValueError(f"every response got the label {names[0]!r}: profiling needs at least two classes. "
+                                 f"Use prompts that elicit both behaviours, or give the classes as prompt sets.")
+            ids = [names.index(x) for x in labels]
+        order = _interleave(ids)
+        run_prompts, run_ids = [prompts[i] for i in order], [ids[i] for i in order]
+        run_resp = [responses[i] for i in order] if responses is not None else None
+        acc = ProfileAccumulator(len(names), mm.moe_layers, mm.num_experts, config.n_bootstrap, config.seed)
+        device = next(hf.parameters()).device
+        n_tok = done = 0
+        with torch.no_grad(), attach(hf, {"blocks.*.mlp.router.indices": acc.hook}) as session:
+            for batch in prompt_batches(tokenizer, run_prompts, run_ids, config, run_resp):
+                acc.start(batch)
+                session.set_token_selection(batch.selection.to(device))
+                hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                   use_cache=False)
+                acc.fold(batch.classes)
+                n_tok += int(acc.batch_tokens.sum())
+                done += len(batch.classes)
+                bar.update(len(batch.classes))
+                if _is_cancelled(cancel) and done < len(prompts):
+                    break
+    finally:
+        bar.close()
+    cancelled = done < len(prompts)
     empty = [names[c] for c in range(len(names)) if acc.n[c] == 0]
+    if empty and cancelled:
+        raise ProfileCancelled(f"profiling was cancelled after {done} of {len(prompts)} prompts, before class(es) "
+                               f"{empty} had a counted prompt: no partial profile", done, len(prompts))
     if empty:
         raise EmptyPromptSetError(f"classes {empty} have no selected tokens (tokens={config.tokens!r}); "
                                   f"check the prompts/responses are non-empty")
-    stats = {"prompts": len(prompts), "prompts_per_class": {n: int(acc.n[i]) for i, n in enumerate(names)},
+    ident = model_identity(hf, weights_hash=weights_hash)
+    sums = {"n": acc.n, "frac": acc.frac, "count": acc.count, "tokens": acc.tokens}
+    stats = {"prompts": done, "prompts_per_class": {n: int(acc.n[i]) for i, n in enumerate(names)},
              "tokens": n_tok, "skipped_prompts": acc.skipped_prompts,
              "seconds": round(time.perf_counter() - t0, 2), "accumulator_bytes": acc.nbytes()}
+    if cancelled:
+        stats.update(cancelled=True, prompts_requested=len(prompts))
     return _finish(sums, acc.boot if acc.R else None, names, mm.moe_layers, ident, config, stats)
+
+
+def expert_tokens(
+    model: Any,
+    tokenizer,
+    prompts: str | Sequence[str],
+    layer: int,
+    expert: int,
+    config: ProfileConfig | None = None,
+    *,
+    responses: Sequence[str] | None = None,
+    context: int = 6,
+    routed_only: bool = True,
+):
+    """The tokens the router sent to `expert` of MoE layer `layer`, one DataFrame row per token.
+
+    What a heatmap cell of a profile is made of. Read, like `profile`, from the indices the router
+    produced, on the sequences `profile` runs with `config` (chat template; responses teacher-forced,
+    and generated greedily when config.tokens needs them and none are given). Columns: prompt (index),
+    position (in that sequence's real tokens), token, routed, slot (place in the router's top-k
+    output), weight (the router's weight for this expert), counted (whether `profile` counts this token
+    under config.tokens and the template-prefix rule), context (the text around it, token in [brackets]).
+    routed_only=False keeps every token (slot and weight empty where not routed), to show whole prompts.
+    """
+    import pandas as pd
+
+    config = config or ProfileConfig()
+    config.validate()
+    hf = unwrap_model(model)
+    mm = _require_moe(hf)
+    if layer not in mm.moe_layers:
+        raise ValueError(f"layer {layer} has no router; the MoE layers of this model are {mm.moe_layers}")
+    if not 0 <= expert < mm.num_experts:
+        raise ValueError(f"expert {expert} is out of range: each MoE layer has experts 0..{mm.num_experts - 1}")
+    if context < 0:
+        raise ValueError(f"context must be >= 0 tokens on each side, got {context}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise EmptyPromptSetError("expert_tokens needs at least one non-empty prompt (a string or a list of them)")
+    if responses is not None and len(responses) != len(prompts):
+        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts; give one per prompt")
+    if config.tokens != "prompt" and responses is None:
+        responses = generate_responses(hf, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                                       batch_size=config.batch_size, chat_template=config.chat_template)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(name: str):
+        def fn(t: torch.Tensor, ctx: HookContext):
+            b, n = ctx.batch_shape
+            seen[name] = t.detach().reshape(b, n, -1).float().cpu() if name == "weights" else \
+                t.detach().reshape(b, n, -1).cpu()
+        return fn
+
+    point = f"blocks.{layer}.mlp.router"
+    columns = ["prompt", "position", "token", "routed", "slot", "weight", "counted", "context"]
+    rows = []
+    device = next(hf.parameters()).device
+    with torch.no_grad(), attach(hf, {f"{point}.indices": grab("indices"), f"{point}.weights": grab("weights")}):
+        for start, batch in zip(range(0, len(prompts), config.batch_size),
+                                prompt_batches(tokenizer, prompts, [0] * len(prompts), config, responses)):
+            hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            hit = seen["indices"] == expert  # [B, T, k]
+            for j in range(batch.input_ids.shape[0]):
+                real = batch.attention_mask[j].bool()
+                ids = batch.input_ids[j][real].tolist()
+                toks = [tokenizer.decode([i]) for i in ids]
+                h, w, sel = hit[j][real], seen["weights"][j][real], batch.selection[j][real]
+                for p, tok in enumerate(toks):
+                    routed = bool(h[p].any())
+                    if routed_only and not routed:
+                        continue
+                    slot = int(h[p].nonzero()[0]) if routed else None
+                    rows.append({
+                        "prompt": start + j, "position": p, "token": tok, "routed": routed, "slot": slot,
+                        "weight": float(w[p, slot]) if routed else None, "counted": bool(sel[p]),
+                        "context": _context(toks, p, context)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _context(toks: list[str], p: int, n: int) -> str:
+    text = "".join(toks[max(0, p - n):p]) + f"[{toks[p]}]" + "".join(toks[p + 1:p + 1 + n])
+    return text.replace("\n", "\\n")
 
 
 def load_profile(path: str | Path) -> Profile:
