@@ -331,16 +331,22 @@ def _requests(tok, items: Sequence[Item]) -> list[tuple[int, int, list[int], lis
     return out
 
 
-@torch.no_grad()
-def score_items(model, tok, items: Sequence[Item], batch_size: int = 16) -> list[list[float]]:
-    """Summed log-probability of each option's tokens after the prompt, batched with left padding.
+@dataclass
+class Batch:
+    """One left-padded model batch of scoring requests; `keep` = last positions whose logits are read."""
 
-    When all options of an item are one token, one forward of the prompt scores them all."""
+    requests: list[tuple[int, int, list[int], list[list[int]]]]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    keep: int
+
+
+def batches(tok, items: Sequence[Item], batch_size: int = 16) -> list[Batch]:
+    """The scoring requests of `items`, sorted by length and padded on the left, `batch_size` rows each."""
     reqs = _requests(tok, items)
     order = sorted(range(len(reqs)), key=lambda r: len(reqs[r][2]))
-    scores = [[0.0] * len(it.options) for it in items]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    out = []
     for start in range(0, len(order), batch_size):
         batch = [reqs[r] for r in order[start : start + batch_size]]
         width = max(len(r[2]) for r in batch)
@@ -349,16 +355,42 @@ def score_items(model, tok, items: Sequence[Item], batch_size: int = 16) -> list
         for b, r in enumerate(batch):
             ids[b, width - len(r[2]):] = torch.tensor(r[2])
             mask[b, width - len(r[2]):] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        for b, (i, j, _seq, targets) in enumerate(batch):
-            if j == -1:  # all options single-token: read them at the prompt's last position
-                for jj, t in enumerate(targets):
-                    scores[i][jj] = float(logp[b, -1, t[0]])
-            else:
-                t = targets[0]
-                pos = torch.arange(width - len(t) - 1, width - 1)
-                scores[i][j] = float(logp[b, pos, torch.tensor(t)].sum())
+        # single-token options are read at the last position; an option of n tokens needs the last n + 1
+        keep = max(1 if j == -1 else len(t[0]) + 1 for _i, j, _s, t in batch)
+        out.append(Batch(batch, ids, mask, keep))
+    return out
+
+
+def read_scores(batch: Batch, logits: torch.Tensor, scores: list[list[float]]) -> None:
+    """Write each request's summed option log-probability into `scores[item][option]`.
+
+    logits: [B, batch.keep, vocab], the last `keep` positions (transformers' `logits_to_keep`)."""
+    if logits.shape[1] != batch.keep:
+        raise ValueError(f"read_scores needs the last {batch.keep} positions' logits, got {logits.shape[1]}")
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    keep = batch.keep
+    for b, (i, j, _seq, targets) in enumerate(batch.requests):
+        if j == -1:  # all options single-token: read them at the prompt's last position
+            for jj, t in enumerate(targets):
+                scores[i][jj] = float(logp[b, -1, t[0]])
+        else:
+            t = targets[0]
+            pos = torch.arange(keep - len(t) - 1, keep - 1)
+            scores[i][j] = float(logp[b, pos, torch.tensor(t)].sum())
+
+
+@torch.no_grad()
+def score_items(model, tok, items: Sequence[Item], batch_size: int = 16) -> list[list[float]]:
+    """Summed log-probability of each option's tokens after the prompt, batched with left padding.
+
+    When all options of an item are one token, one forward of the prompt scores them all. Only the
+    positions that are read go through lm_head (`logits_to_keep`): a [B, T, vocab] tensor is never built."""
+    scores = [[0.0] * len(it.options) for it in items]
+    device = next(model.parameters()).device
+    for batch in batches(tok, items, batch_size):
+        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                       logits_to_keep=batch.keep).logits
+        read_scores(batch, logits, scores)
     return scores
 
 
