@@ -17,15 +17,21 @@ sink nothing is dropped from the sink set for it; GQA query heads are selected i
 
 Head selection (`calibrate_heads`) is a one-head-at-a-time search on a calibration split with this
 keep rule (the paper leaves it implicit):
-  a. candidates: heads that show a hidden (non-initial) sink on the calibration prompts -- ACT is the
-     identity elsewhere -- most frequent first, at most `max_candidates`;
-  b. baseline: items right without ACT; each candidate alone: gain = items right - baseline;
-  c. keep a head if gain >= `min_gain` items (default 1);
+  a. candidates: every head that shows a hidden (non-initial) sink on the calibration prompts -- ACT
+     is the identity elsewhere;
+  b. screening, when there are more than `shortlist` candidates: each candidate alone on the first
+     `screen_items` items of each task, scored by the mean change of log P(right option) (continuous,
+     so a few items rank heads where an item count would be ties); the best `shortlist` heads with a
+     positive change go on;
+  c. baseline: items right without ACT on the whole calibration set; each shortlisted head alone:
+     gain = items right - baseline; keep a head if gain >= `min_gain` items (default 1);
   d. combine greedily: add kept heads in order of gain, accepting one only if the combination gets
      strictly more items right than the best set so far (baseline included).
+Steps b and c use `sweep_heads`, which reruns only the layers from the head's layer on (the earlier
+layers are the baseline's), so all heads of a 30-layer model fit a CPU budget.
 The result is an `ACTConfig` (JSON) naming the heads; `config.intervention()` applies it.
 
-    cfg = calibrate_heads(model, tok, task_suite("calibration", n=30))
+    cfg = calibrate_heads(model, tok, task_suite("calibration", n=30))  # all heads, screened
     cfg.save("act.json")
     with ACTConfig.load("act.json").intervention().apply(model) as act:
         model.generate(...)
@@ -49,6 +55,8 @@ from steer.sinks import MIN_QUERIES, TAU, exact_path_reason, sink_threshold
 BETA = 0.4  # the ACT code's default scale for non-initial sinks
 MIN_GAIN = 1  # calibration items a head must add over baseline to be kept
 MIN_CALIBRATION_ITEMS = 20  # below this, one item is > 5% accuracy: the search is noise
+SHORTLIST = 16  # heads the screening pass sends on to the keep rule on the whole calibration set
+SCREEN_ITEMS = 8  # calibration items per task in the screening pass (every candidate head)
 
 
 def _n_heads(mm: ModelMap) -> int:
@@ -71,6 +79,21 @@ def check_heads(mm: ModelMap, heads: Sequence[tuple[int, int]]) -> list[tuple[in
             )
         out.append((layer, head))
     return sorted(set(out))
+
+
+class UnsupportedAttentionError(ValueError):
+    """ACT asked of a model whose attention is not plain softmax(q k^T * scale)."""
+
+
+def _refuse_unsupported(model) -> None:
+    reason = exact_path_reason(model)
+    if reason is not None:
+        raise UnsupportedAttentionError(
+            f"ACT does not support this model: {reason}, while ACT (kernels.act) calibrates plain softmax(q k^T) "
+            f"attention and would compute something else here. Fix: run ACT on a model with plain softmax "
+            f"attention (llama, qwen2, gemma3, mistral, the MoE families); for this model, study its sinks with "
+            f"steer.sinks.detect_sinks, which reads the exact probabilities"
+        )
 
 
 def _check_beta(beta: float) -> float:
@@ -108,12 +131,7 @@ class ACT(Intervention):
 
     def validate(self, mm: ModelMap) -> None:
         self.heads = check_heads(mm, self.heads)
-        reason = exact_path_reason(mm.model)
-        if reason is not None:
-            raise NotImplementedError(
-                f"ACT is not implemented exactly for this model: {reason}, and kernels.act calibrates plain "
-                f"softmax(q k^T) attention. Refusing rather than computing something else."
-            )
+        _refuse_unsupported(mm.model)
 
     def reset(self) -> None:
         super().reset()
@@ -300,6 +318,130 @@ def _items_of(calibration) -> list:
     return splits
 
 
+# ---- one-head-at-a-time sweeps -----------------------------------------------------------------
+
+@dataclass
+class HeadSweep:
+    """Option scores of the same items without ACT and with ACT on each head alone."""
+
+    items: list
+    baseline: list[list[float]]  # [item][option] summed log-probabilities
+    per_head: dict[tuple[int, int], list[list[float]]]
+    touched: dict[tuple[int, int], int]
+    path: str  # "suffix": layers before the head's layer reused from the baseline; "full": whole forwards
+
+    def result(self, head: tuple[int, int] | None = None):
+        """EvalResult of the baseline (head None) or of ACT on one head."""
+        from steer.tasks import EvalResult
+
+        lps = self.baseline if head is None else self.per_head[head]
+        its = self.items
+        return EvalResult([it.task for it in its], [it.uid for it in its],
+                          torch.tensor([it.answer for it in its]), lps, [it.chance for it in its])
+
+    def delta_logp(self, head: tuple[int, int]) -> float:
+        """Mean change of log P(right option | options): a continuous screening score (an item count
+        on a few items moves in steps of several percent; this moves with every item's margin)."""
+        def lp(scores):
+            return torch.stack([torch.log_softmax(torch.tensor(sc), 0)[it.answer]
+                                for sc, it in zip(scores, self.items)])
+        return float((lp(self.per_head[head]) - lp(self.baseline)).mean())
+
+
+def _layer_runner(hf, mm: ModelMap):
+    """Run decoder layers from `start` on captured inputs, then final norm + lm_head on the last positions."""
+    layers = [mm.layer(i) for i in range(mm.n_layers)]
+    norm = mm.module(mm.adapter.final_norm)
+    head = mm.module(mm.adapter.lm_head)
+    cfg = getattr(hf.config, "text_config", None) or hf.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+
+    def run(captured: list, start: int, keep: int) -> torch.Tensor:
+        h = captured[start][0]
+        for i in range(start, len(layers)):
+            out = layers[i](h, **captured[i][1])
+            h = out[0] if isinstance(out, tuple) else out
+        logits = head(norm(h)[:, -keep:])
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return layers, run
+
+
+@torch.no_grad()
+def sweep_heads(model, tok, items: Sequence, heads: Sequence[tuple[int, int]], *, batch_size: int = 16,
+                fast: bool = True, progress: Callable[[str], None] | None = None, **params) -> HeadSweep:
+    """Score `items` without ACT and with ACT on each head of `heads` alone (ACT(**params)).
+
+    fast: per batch, run the model once (ACT-free, through steer's attention function, as every ACT
+    run) capturing each decoder layer's inputs; a head in layer l then reruns only layers l..L-1 from
+    the captured input of layer l -- the layers before l are exactly those of the baseline, since ACT
+    changes nothing there. About half the compute of whole forwards, same numbers (tested). The first
+    batch is checked: replaying all layers must reproduce the captured forward's logits, or this
+    raises (pass fast=False for whole forwards on such a model)."""
+    from steer import attention
+    from steer.tasks import batches, evaluate, read_scores
+
+    hf = unwrap_model(model)
+    mm = model_map(hf)
+    heads = check_heads(mm, heads)
+    say = progress or (lambda msg: None)
+    items = list(items)
+    if not fast:
+        from steer.tasks import TaskSplit
+
+        split = [TaskSplit("sweep", "calibration", 0, items)]
+        base = evaluate(hf, tok, split, batch_size=batch_size).logprobs
+        per_head, touched = {}, {}
+        for n, hd in enumerate(heads):
+            act = ACT([hd], on_no_effect="ignore", **params)
+            per_head[hd] = evaluate(hf, tok, split, batch_size=batch_size, interventions=[act]).logprobs
+            touched[hd] = act.total_touched
+            say(f"head {hd} ({n + 1}/{len(heads)})")
+        return HeadSweep(items, base, per_head, touched, "full")
+
+    layers, run = _layer_runner(hf, mm)
+    attn_modules = {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
+    device = next(hf.parameters()).device
+    base = [[0.0] * len(it.options) for it in items]
+    per_head = {hd: [[0.0] * len(it.options) for it in items] for hd in heads}
+    acts = {hd: ACT([hd], on_no_effect="ignore", **params) for hd in heads}
+    touched = dict.fromkeys(heads, 0)
+    all_batches = batches(tok, items, batch_size)
+    for n, batch in enumerate(all_batches):
+        captured: list = [None] * len(layers)
+
+        def grab(i, captured=captured):
+            def hook(module, args, kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                captured[i] = (h, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            return hook
+
+        handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            with attention.activate(hf, attn_modules, {}, {}):
+                logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                            use_cache=False, logits_to_keep=batch.keep).logits
+                if n == 0:
+                    replay = run(captured, 0, batch.keep)
+                    if not torch.allclose(replay.float(), logits.float(), atol=1e-4, rtol=1e-4):
+                        raise RuntimeError(
+                            f"replaying the decoder layers of this {hf.config.model_type} model does not reproduce "
+                            f"its forward (max diff {float((replay - logits).abs().max()):.2e}); the layer-suffix "
+                            f"shortcut does not apply: call with fast=False")
+        finally:
+            for h in handles:
+                h.remove()
+        read_scores(batch, logits, base)
+        for hd in heads:
+            with acts[hd].apply(hf):  # apply() restarts the counts: add them up per batch
+                read_scores(batch, run(captured, hd[0], batch.keep), per_head[hd])
+            touched[hd] += acts[hd].total_touched
+        say(f"batch {n + 1}/{len(all_batches)}: {len(heads)} heads")
+    return HeadSweep(items, base, per_head, touched, "suffix")
+
+
 def calibrate_heads(
     model,
     tok,
@@ -307,6 +449,8 @@ def calibrate_heads(
     *,
     candidates: Sequence[tuple[int, int]] | None = None,
     max_candidates: int | None = None,
+    shortlist: int | None = SHORTLIST,
+    screen_items: int = SCREEN_ITEMS,
     beta: float = BETA,
     tau: float | None = TAU,
     alpha: float | None = None,
@@ -316,11 +460,17 @@ def calibrate_heads(
     combine: bool = True,
     min_items: int = MIN_CALIBRATION_ITEMS,
     batch_size: int = 16,
+    fast: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> ACTConfig:
-    """One-head-at-a-time ACT head search with the keep rule in the module docstring."""
+    """One-head-at-a-time ACT head search with the keep rule in the module docstring.
+
+    candidates: None = every head with a hidden sink on the calibration prompts. shortlist: when
+    there are more candidates than this, a screening pass scores every candidate on the first
+    `screen_items` items of each calibration task by `HeadSweep.delta_logp`, and only the best
+    `shortlist` heads with a positive score go to the keep rule on the whole calibration set
+    (None = no screening: the keep rule on every candidate)."""
     from steer.sinks import detect_sinks
-    from steer.tasks import evaluate
 
     _check_beta(beta)
     sink_threshold(tau, alpha, 1)
@@ -331,33 +481,82 @@ def calibrate_heads(
     if len(items) < min_items:
         raise ValueError(f"calibration set too small: {len(items)} items, need at least {min_items} (one item "
                          f"would be worth {100 / max(len(items), 1):.0f}% accuracy); load more calibration items")
-    reason = exact_path_reason(hf)
-    if reason is not None:
-        raise NotImplementedError(f"ACT is not implemented exactly for this model: {reason}")
+    if shortlist is not None and shortlist < 1:
+        raise ValueError(f"shortlist must be >= 1 head or None (got {shortlist})")
+    if screen_items < 1:
+        raise ValueError(f"screen_items must be >= 1 item per task (got {screen_items})")
+    _refuse_unsupported(hf)
     say = progress or (lambda msg: None)
     params = dict(beta=beta, tau=tau, alpha=alpha, min_queries=min_queries, keep_first=keep_first)
 
     sinks = detect_sinks(hf, tok, [it.prompt for it in items], tau=tau, alpha=alpha, min_queries=min_queries,
                          batch_size=batch_size, keep_maps=False)
     freq = {(layer, h): f for layer, h, f in sinks.heads_with_hidden_sinks()}
-    if candidates is None:
-        cands = list(freq)
-    else:
-        cands = check_heads(mm, candidates)
+    cands = list(freq) if candidates is None else check_heads(mm, candidates)
     if max_candidates is not None:
         cands = cands[:max_candidates]
-    base = evaluate(hf, tok, splits, batch_size=batch_size)
-    base_k = base.n_correct()
-    say(f"baseline {base_k}/{len(items)}; {len(cands)} candidate heads")
+    n_heads_total = mm.n_layers * _n_heads(mm)
+    say(f"{len(cands)} candidate heads of {n_heads_total} ({len(freq)} show a hidden sink on the calibration prompts)")
+
+    screening: list[dict] = []
+    if shortlist is not None and len(cands) > shortlist:
+        screen = [it for s in splits for it in s.items[:screen_items]]
+        say(f"screening {len(cands)} heads on {len(screen)} items")
+        sw = sweep_heads(hf, tok, screen, cands, batch_size=batch_size, fast=fast, progress=say, **params)
+        base_screen = sw.result().n_correct()
+        for hd in cands:
+            screening.append({"layer": hd[0], "head": hd[1], "delta_logp": sw.delta_logp(hd),
+                              "correct": sw.result(hd).n_correct(), "gain": sw.result(hd).n_correct() - base_screen,
+                              "rows_touched": sw.touched[hd]})
+        ranked = sorted(screening, key=lambda r: -r["delta_logp"])
+        short = [(r["layer"], r["head"]) for r in ranked if r["delta_logp"] > 0][:shortlist]
+        for r in screening:
+            r["shortlisted"] = (r["layer"], r["head"]) in short
+        say(f"shortlist {short}")
+    else:
+        short = cands
+
     rows = []
-    for layer, h in cands:
-        act = ACT([(layer, h)], on_no_effect="ignore", **params)
-        res = evaluate(hf, tok, splits, batch_size=batch_size, interventions=[act])
-        k = res.n_correct()
+    if short:
+        sw = sweep_heads(hf, tok, items, short, batch_size=batch_size, fast=fast, **params)
+        base_k = sw.result().n_correct()
+    else:
+        sw = None
+        from steer.tasks import evaluate
+
+        base_k = evaluate(hf, tok, splits, batch_size=batch_size).n_correct()
+    say(f"baseline {base_k}/{len(items)}; keep rule on {len(short)} heads")
+    for layer, h in short:
+        k = sw.result((layer, h)).n_correct()
         rows.append({"layer": layer, "head": h, "hidden_sink_fraction": freq.get((layer, h), 0.0),
                      "correct": k, "gain": k - base_k, "kept": k - base_k >= min_gain, "chosen": False,
-                     "rows_touched": act.total_touched})
+                     "rows_touched": sw.touched[(layer, h)]})
         say(f"head ({layer}, {h}): {k}/{len(items)} ({k - base_k:+d})")
+    chosen, best, combos = _combine(hf, tok, splits, rows, base_k, combine, batch_size, params, say, len(items))
+    search = {
+        "keep_rule": ("candidates = heads with a hidden sink on the calibration prompts"
+                      + (f" (max {max_candidates})" if max_candidates is not None else "")
+                      + (f"; screening: every candidate scored on {screen_items} items per task by the mean change "
+                         f"of log P(right option), the best {shortlist} with a positive change go on"
+                         if screening else "")
+                      + f"; keep a head if alone it gains >= {min_gain} items over baseline on the whole "
+                        f"calibration set; "
+                      + ("combine greedily by gain, accepting a head only if the combination gains strictly"
+                         if combine else "use all kept heads")),
+        "n_items": len(items), "tasks": [s.task for s in splits], "seeds": [s.seed for s in splits],
+        "n_heads_total": n_heads_total, "n_candidates": len(cands), "screen_items_per_task": screen_items,
+        "shortlist": [list(hd) for hd in short], "screening": screening,
+        "baseline_correct": base_k, "final_correct": best if combine else None,
+        "candidates": rows, "combinations": combos, "path": sw.path if sw is not None else None,
+    }
+    name = getattr(hf.config, "_name_or_path", "") or hf.config.model_type
+    return ACTConfig(heads=chosen, model=str(name), search=search, **params)
+
+
+def _combine(hf, tok, splits, rows, base_k, combine, batch_size, params, say, n_items):
+    """Step d of the keep rule: add kept heads by gain, each only if the combination gains strictly."""
+    from steer.tasks import evaluate
+
     kept = sorted((r for r in rows if r["kept"]), key=lambda r: -r["gain"])
     chosen: list[tuple[int, int]] = []
     best = base_k
@@ -371,19 +570,9 @@ def calibrate_heads(
             k = evaluate(hf, tok, splits, batch_size=batch_size,
                          interventions=[ACT(trial, on_no_effect="ignore", **params)]).n_correct()
             combos.append({"heads": trial, "correct": k})
-            say(f"combination {trial}: {k}/{len(items)}")
+            say(f"combination {trial}: {k}/{n_items}")
         else:
             k = r["correct"]
         if k > best:
             chosen, best, r["chosen"] = trial, k, True
-    search = {
-        "keep_rule": (f"candidates = heads with a hidden sink on the calibration prompts "
-                      f"(max {max_candidates}); keep a head if alone it gains >= {min_gain} items over "
-                      f"baseline; " + ("combine greedily by gain, accepting a head only if the combination "
-                                       "gains strictly" if combine else "use all kept heads")),
-        "n_items": len(items), "tasks": [s.task for s in splits], "seeds": [s.seed for s in splits],
-        "baseline_correct": base_k, "final_correct": best if combine else None,
-        "candidates": rows, "combinations": combos,
-    }
-    name = getattr(hf.config, "_name_or_path", "") or hf.config.model_type
-    return ACTConfig(heads=chosen, model=str(name), search=search, **params)
+    return chosen, best, combos

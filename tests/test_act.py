@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from steer.act import ACT, ACTConfig, calibrate_heads
+from steer.act import ACT, ACTConfig, UnsupportedAttentionError, calibrate_heads, sweep_heads
 from steer.attention import attention_probs_reference
 from steer.hooks import attach
 from steer.interventions import NoEffectError
-from steer.tasks import Item, TaskSplit
+from steer.tasks import Item, TaskSplit, evaluate
 from steer.tiny import tiny_model, tiny_tokenizer
 
 TAU, BETA, MINQ = 0.15, 0.4, 2
@@ -198,9 +198,10 @@ def test_bad_inputs():
             pass
     with pytest.raises(ValueError, match="at least one"):
         ACT([])
-    with pytest.raises(NotImplementedError, match="learned sink"):
+    with pytest.raises(UnsupportedAttentionError, match="learned sink logits.*Fix: run ACT on a model"):
         with ACT([(0, 0)]).apply(tiny_model("gpt_oss")):
             pass
+    assert issubclass(UnsupportedAttentionError, ValueError)
     tok = tiny_tokenizer()
     small = TaskSplit("x", "calibration", 0, [Item("x", f"p{i}", ("a", "b"), 0, f"u{i}") for i in range(5)])
     with pytest.raises(ValueError, match="calibration set too small"):
@@ -236,6 +237,52 @@ def test_calibrate_heads_and_config_roundtrip(tmp_path):
     again = ACTConfig.load(path)
     assert again.heads == cfg.heads and again.beta == cfg.beta and again.search == json.loads(cfg.to_json())["search"]
     assert len(again.to_dataframe()) == 4
+
+
+def _items(n):
+    return [Item("x", f"in {i}: " + "ab " * (i % 7 + 3) + "cd" * (i % 3), ("a", " bb", "c"), i % 3, f"u{i}")
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
+def test_sweep_suffix_path_equals_whole_forwards(family):
+    """The layer-suffix shortcut gives the scores of whole forwards with ACT on each head."""
+    model, tok = tiny_model(family), tiny_tokenizer()
+    items = _items(9)
+    heads = [(0, 1), (1, 0), (1, 3)]
+    params = dict(tau=TAU, min_queries=MINQ)
+    sw = sweep_heads(model, tok, items, heads, batch_size=4, **params)
+    assert sw.path == "suffix"
+    split = TaskSplit("x", "calibration", 0, items)
+    base = evaluate(model, tok, split, batch_size=4)
+    assert torch.allclose(torch.tensor(sw.baseline), torch.tensor(base.logprobs), atol=1e-5)
+    changed = 0
+    for hd in heads:
+        act = ACT([hd], on_no_effect="ignore", **params)
+        res = evaluate(model, tok, split, batch_size=4, interventions=[act])
+        assert torch.allclose(torch.tensor(sw.per_head[hd]), torch.tensor(res.logprobs), atol=1e-5)
+        assert sw.touched[hd] == act.total_touched
+        changed += sw.touched[hd] > 0 and not torch.allclose(torch.tensor(sw.per_head[hd]), torch.tensor(base.logprobs))
+    assert changed  # ACT really acted in the sweep, so the equality above is not vacuous
+    slow = sweep_heads(model, tok, items, heads[:1], batch_size=4, fast=False, **params)
+    assert slow.path == "full" and torch.allclose(torch.tensor(slow.per_head[heads[0]]),
+                                                  torch.tensor(sw.per_head[heads[0]]), atol=1e-5)
+
+
+def test_calibrate_screens_every_head_then_keep_rule_on_shortlist():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    split = TaskSplit("x", "calibration", 0, _items(21))
+    cfg = calibrate_heads(model, tok, split, tau=TAU, min_queries=MINQ, shortlist=2, screen_items=6, min_gain=0)
+    search = cfg.search
+    screened = search["screening"]
+    assert search["n_candidates"] == len(screened) > 2  # every candidate head was scored
+    ranked = sorted(screened, key=lambda r: -r["delta_logp"])
+    want = [(r["layer"], r["head"]) for r in ranked if r["delta_logp"] > 0][:2]
+    assert [tuple(hd) for hd in search["shortlist"]] == want
+    assert [(r["layer"], r["head"]) for r in search["candidates"]] == want  # keep rule on the shortlist only
+    assert all(r["shortlisted"] == ((r["layer"], r["head"]) in want) for r in screened)
+    with pytest.raises(ValueError, match="shortlist must be"):
+        calibrate_heads(model, tok, split, shortlist=0)
 
 
 @pytest.fixture(scope="module")

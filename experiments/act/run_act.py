@@ -1,6 +1,9 @@
 """ACT on a packaged model: sink rate, calibration head search, held-out accuracy baseline vs ACT.
 
-    .venv/bin/python experiments/act/run_act.py --model smollm2 --cal 20 --heldout 80 --candidates 12
+    .venv/bin/python experiments/act/run_act.py --model smollm2 --cal 30 --screen 8 --shortlist 16 --heldout 80
+
+Head search: every head with a hidden sink is screened on --screen items per task, the best --shortlist
+go to the keep rule on --cal items per task (steer.act.calibrate_heads).
 
 Writes experiments/act/out/<model>/{sinks.safetensors, sink_*.html, act_config.json, results.json}.
 Everything is measured in this run; RESULTS.md quotes results.json.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -32,9 +36,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--sink-inputs", type=int, default=100)
-    ap.add_argument("--cal", type=int, default=20, help="calibration items per task")
+    ap.add_argument("--cal", type=int, default=30, help="calibration items per task (keep rule)")
+    ap.add_argument("--screen", type=int, default=8, help="calibration items per task in the screening pass")
+    ap.add_argument("--shortlist", type=int, default=16, help="heads sent from screening to the keep rule")
+    ap.add_argument("--candidates", type=int, default=None, help="max candidate heads (default: all with a hidden sink)")
     ap.add_argument("--heldout", type=int, default=80, help="held-out items per task")
-    ap.add_argument("--candidates", type=int, default=12, help="max candidate heads in the search")
     ap.add_argument("--beta", type=float, default=0.4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -53,7 +59,7 @@ def main() -> int:
         "model": args.model, "weights_hash": lm.weights_hash, "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
                    f"{args.threads} thread(s), CPU",
-        "args": vars(args),
+        "args": vars(args), "load_average_start": os.getloadavg(),
     }
 
     # 1. sink rate on 64-token book inputs
@@ -79,11 +85,14 @@ def main() -> int:
     # 2. calibration search
     t = time.time()
     cal = task_suite("calibration", n=args.cal, seed=args.seed)
-    cfg = calibrate_heads(model, tok, cal, max_candidates=args.candidates, beta=args.beta, progress=log)
+    cfg = calibrate_heads(model, tok, cal, max_candidates=args.candidates, shortlist=args.shortlist,
+                          screen_items=args.screen, beta=args.beta, progress=log)
     cfg.save(out / "act_config.json")
     results["calibration"] = {"heads": cfg.heads, "baseline_correct": cfg.search["baseline_correct"],
                               "final_correct": cfg.search["final_correct"], "n_items": cfg.search["n_items"],
                               "candidates": cfg.search["candidates"], "combinations": cfg.search["combinations"],
+                              "n_candidates": cfg.search["n_candidates"], "n_heads_total": cfg.search["n_heads_total"],
+                              "shortlist": cfg.search["shortlist"],
                               "seconds": time.time() - t}
     log(f"chosen heads {cfg.heads}")
 
@@ -107,6 +116,7 @@ def main() -> int:
         log("calibration kept no head: ACT is not applied (held-out ACT == baseline)")
     results["heldout_seconds"] = time.time() - t
     results["total_seconds"] = time.time() - t0
+    results["load_average_end"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     log(f"done in {time.time() - t0:.0f} s")
     return 0
