@@ -1,7 +1,7 @@
 """Shared pieces of the explorer's pages: the cached model, saved-result inputs, display helpers.
 
 No analysis lives here: pages call steer's Python API and render the result objects' `.figure()`.
-The few helpers below only lay out what a result already holds (a table, a trajectory plot).
+The helpers below only move results in and out (files, downloads) and show progress.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
+
+try:  # the exceptions Streamlit raises inside a script to stop or rerun it
+    from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
+except ImportError:  # older/newer layouts: fall back to the base class's old home
+    from streamlit.runtime.scriptrunner.exceptions import ScriptControlException  # type: ignore[no-redef]
 
 DEFAULT_MODEL = "smollm2-moe"
 MAX_UPLOAD_MB = 50  # per file; the CLI also sets server.maxUploadSize to this
@@ -85,6 +90,38 @@ def model_picker() -> Any | None:
                  f"{info.heads} heads{experts}; {info.params / 1e6:.1f}M params")
     st.session_state["model_spec"], st.session_state["model_error"] = spec, None
     return lm
+
+
+class LiveProgress:
+    """A progress bar that is also a `progress(done, total)` callback and a cancel flag for steer's runs.
+
+    Streamlit interrupts a running script (Stop button, or a widget changed meanwhile) by raising a
+    control exception at the script's next st.* call, which during a run is this callback. Raised
+    from inside steer's loop it would lose everything computed so far, so the callback keeps it, sets
+    `cancel` (steer stops at its next batch boundary and returns the partial result) and `finish()`
+    raises it again once the page has stored that result.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        self.bar = st.progress(0.0, text=text)
+        self.cancel = threading.Event()
+        self.interrupt: BaseException | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.interrupt is not None:
+            return
+        try:
+            self.bar.progress(min(1.0, done / total) if total else 1.0, text=f"{self.text} ({done}/{total})")
+        except ScriptControlException as exc:
+            self.interrupt = exc
+            self.cancel.set()
+
+    def finish(self) -> None:
+        """Hand a held stop/rerun request back to Streamlit; otherwise remove the bar."""
+        if self.interrupt is not None:
+            raise self.interrupt
+        self.bar.empty()
 
 
 @contextlib.contextmanager
@@ -173,54 +210,6 @@ def parse_pairs(text: str, what: str = "LAYER:EXPERT") -> list[tuple[int, int]]:
 def show_figure(fig, key: str, **kw):
     """Every chart goes through here (one place for sizing and the selection callback)."""
     return st.plotly_chart(fig, key=key, width="stretch", **kw)
-
-
-def probe_trajectory_figure(events, scores, exits, q_text: str):
-    """Display only: probe confidence at each cue event of one generation, the conformal exit marked.
-
-    `events` are the GenerationResult's CueEvents, `scores` the probe's p at them and `exits` the
-    calibration's should_exit decisions (both computed by probes.*, not here).
-    TODO(probes): this belongs on GenerationResult as `.figure()`.
-    """
-    import plotly.graph_objects as go
-
-    x = [e.cue_token for e in events]
-    fig = go.Figure(go.Scatter(x=x, y=scores, mode="lines+markers", name="probe p(correct)",
-                               text=[e.cue for e in events], hovertemplate="token %{x}: p=%{y:.3f} (%{text})"))
-    first = next((i for i, e in enumerate(exits) if e), None)
-    if first is not None:
-        fig.add_vline(x=x[first], line={"color": "red", "dash": "dash"},
-                      annotation_text=f"exit (cue at token {x[first]})")
-    fig.update_layout(title=f"LYNX confidence over the generation ({len(events)} cue events){q_text}",
-                      xaxis_title="generated token", yaxis_title="p(correct if exiting here)",
-                      yaxis_range=[0, 1])
-    return fig
-
-
-def expert_tokens(lm, prompt: str, layer: int, expert: int, chat_template: bool | None = None):
-    """Display only: which tokens of `prompt` the router (its own output, read with steer.hooks.capture)
-    sent to (layer, expert), and in which top-k slot. TODO(ftri): an `expert_tokens` API next to
-    `profile` would let the CLI and notebooks show this too."""
-    import pandas as pd
-    import torch
-
-    from steer.hooks import capture
-    from steer.prompts import format_prompt, uses_chat_template
-
-    tok = lm.tokenizer
-    text = format_prompt(tok, prompt, chat_template)
-    enc = tok(text, return_tensors="pt", add_special_tokens=not uses_chat_template(tok, chat_template))
-    point = f"blocks.{layer}.mlp.router.indices"
-    with MODEL_LOCK, torch.no_grad(), capture(lm.model, [point]) as cap:
-        lm.model(**enc)
-    idx = cap[point][0].reshape(enc.input_ids.shape[1], -1)
-    hit = idx == expert
-    ids = enc.input_ids[0].tolist()
-    return pd.DataFrame({
-        "position": range(len(ids)), "token": [tok.decode([i]) for i in ids],
-        "routed": hit.any(-1).tolist(),
-        "slot": [int(r.nonzero()[0]) if r.any() else None for r in hit],
-    })
 
 
 def result_bytes(save: Callable[[Path], Any], name: str) -> bytes:

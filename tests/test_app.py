@@ -92,8 +92,16 @@ def test_experts_profile_tokens_and_switch(app):
     # one heatmap per class, the top-k bar chart
     assert _charts(at) == 3
     assert any("12 prompts" in c.value for c in at.caption)
-    assert any("tokens were routed to layer" in c.value for c in at.caption)
-    assert len(at.dataframe) >= 2
+    assert not at.get("progress")  # the bar is removed once the run is complete
+    # tokens routed to the chosen expert: steer.ftri.expert_tokens' table and its token counts
+    routed = next(c.value for c in at.caption if "tokens were routed to layer" in c.value)
+    n = int(routed.split()[0])
+    table = at.dataframe[1].value
+    assert len(table) == n and {"prompt", "position", "token", "slot", "weight", "context"} <= set(table.columns)
+    assert at.dataframe[2].value.times.sum() == n
+    at.number_input(key="sel_expert").set_value(5).run()
+    _ok(at)
+    assert any("layer 1, expert 5" in c.value for c in at.caption)
     _text_input(at, "Experts (LAYER:EXPERT").set_value("1:0, 1:1, 2:3").run()
     _click(at, "run_switch")
     msg = at.success[0].value
@@ -281,6 +289,28 @@ def test_upload_limit_and_pair_parsing(monkeypatch):
     assert ec.parse_pairs("7:3, 12:0\n1:1") == [(7, 3), (12, 0), (1, 1)]
     with pytest.raises(ValueError, match="'7-3' is not LAYER:EXPERT"):
         ec.parse_pairs("7-3")
+
+
+def test_live_progress_keeps_a_stop_request_until_the_partial_result_is_stored(monkeypatch):
+    """Streamlit raises its stop/rerun exception at the next st.* call, i.e. inside the progress
+    callback: the callback must turn it into steer's cancel flag and hand it back at finish()."""
+    monkeypatch.syspath_prepend(str(APP.parent))
+    import explorer_common as ec
+    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+    bar = ec.LiveProgress("profiling")
+    bar(1, 4)
+    assert not bar.cancel.is_set()
+
+    def stop(*a, **k):
+        raise StopException()
+
+    monkeypatch.setattr(bar.bar, "progress", stop)
+    bar(2, 4)  # the user pressed Stop: no exception escapes into steer's loop
+    assert bar.cancel.is_set()
+    bar(3, 4)  # later calls are quiet
+    with pytest.raises(StopException):
+        bar.finish()
 
 
 def test_steer_app_command(monkeypatch, capsys):

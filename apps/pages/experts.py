@@ -7,9 +7,10 @@ from dataclasses import asdict
 import pandas as pd
 import streamlit as st
 from explorer_common import (
+    MODEL_LOCK,
     MOTE_KEY,
+    LiveProgress,
     current_model,
-    expert_tokens,
     lines,
     parse_pairs,
     result_bytes,
@@ -20,7 +21,7 @@ from explorer_common import (
 
 from steer.adapters import model_map
 from steer.config import MoTESection
-from steer.ftri import SCORES, Profile, ProfileConfig, profile
+from steer.ftri import SCORES, Profile, ProfileCancelled, ProfileConfig, expert_tokens, profile
 from steer.mote import MODES, ExpertSwitch, behaviour_labels
 from steer.prompts import builtin
 
@@ -52,13 +53,16 @@ if source == "run live":
     cfg = ProfileConfig(tokens=tokens, score=score, n_bootstrap=int(n_boot), max_new_tokens=24)
     run_key = (spec, name_a, prompts_a, name_b, prompts_b, tokens, score, int(n_boot))
     if st.button("Profile experts", type="primary", key="run_profile"):
+        bar = LiveProgress("Profiling (Streamlit's Stop button keeps the prompts counted so far)…")
         try:
-            with using_model("Profiling (Streamlit's Stop button cancels)…"):
+            with MODEL_LOCK:
                 st.session_state["profile"] = (run_key, profile(
                     lm.model, lm.tokenizer, {name_a: lines(prompts_a), name_b: lines(prompts_b)}, cfg,
-                    progress=False, weights_hash=lm.weights_hash))
-        except ValueError as exc:
+                    progress=bar, cancel=bar.cancel, weights_hash=lm.weights_hash))
+        except (ValueError, ProfileCancelled) as exc:
+            st.session_state.pop("profile", None)
             st.error(str(exc))
+        bar.finish()
     saved = st.session_state.get("profile")
     if saved and saved[0][0] == spec:
         prof = saved[1]
@@ -77,6 +81,10 @@ sel_layer, sel_expert = mm.moe_layers[0], 0
 if prof is not None:
     st.caption(f"{prof.stats.get('prompts', '?')} prompts, {prof.stats.get('tokens', '?')} tokens, "
                f"{prof.stats.get('seconds', '?')} s; classes {prof.classes}")
+    if prof.cancelled:
+        st.warning(f"Partial profile: the run was stopped after {prof.stats['prompts']} of "
+                   f"{prof.stats['prompts_requested']} prompts ({prof.stats['prompts_per_class']} per class). "
+                   "Press *Profile experts* again for the full run.")
     score = st.selectbox("Score shown", SCORES, index=SCORES.index(prof.config.score), key="view_score")
     tabs = st.tabs([f"{c} vs rest" for c in prof.classes])
     for c, tab in zip(prof.classes, tabs):
@@ -99,16 +107,29 @@ if prof is not None:
 
 # ---- 2. tokens routed to one expert ----------------------------------------------------------------
 st.header("2. Tokens routed to an expert")
-st.caption("Click a cell of a heatmap above to pick its expert, or choose it here.")
+st.caption("Click a cell of a heatmap above to pick its expert, or choose it here. Tokens are read from the "
+           "router's own top-k output, on the sequences the profile counts (its chat template and token setting).")
 c1, c2, c3 = st.columns([1, 1, 3])
 layer = c1.selectbox("MoE layer", mm.moe_layers, key="sel_layer")
 expert = c2.number_input("Expert", 0, mm.num_experts - 1, key="sel_expert")
-default_prompt = (prof and st.session_state.get("prompts_a", "").splitlines()[:1] or ["Pourquoi le ciel est-il bleu ?"])[0]
-prompt = c3.text_input("Prompt", default_prompt, key="route_prompt")
-if prompt:
-    df = expert_tokens(lm, prompt, int(layer), int(expert), prof.config.chat_template if prof else None)
-    st.caption(f"{int(df.routed.sum())} of {len(df)} tokens were routed to layer {layer}, expert {expert}")
-    st.dataframe(df, hide_index=True, width="stretch", height=240)
+default_prompts = "\n".join(lines(st.session_state.get("prompts_a", ""))[:3])  # the first target prompts
+route_prompts = lines(c3.text_area("Prompts to route (one per line)", default_prompts or "Pourquoi le ciel est-il bleu ?",
+                                   key="route_prompts", height=100))
+if route_prompts:
+    try:
+        with MODEL_LOCK:
+            df = expert_tokens(lm.model, lm.tokenizer, route_prompts, int(layer), int(expert),
+                               prof.config if prof is not None else None, routed_only=False)
+    except ValueError as exc:
+        st.error(str(exc))
+    else:
+        routed = df[df.routed]
+        st.caption(f"{len(routed)} of {len(df)} tokens were routed to layer {layer}, expert {expert} "
+                   f"({int(routed.counted.sum())} of them counted by the profile)")
+        c1, c2 = st.columns([3, 1])
+        c1.dataframe(routed.drop(columns=["routed"]), hide_index=True, width="stretch", height=240)
+        c2.dataframe(routed.token.value_counts().rename_axis("token").reset_index(name="times"),
+                     hide_index=True, width="stretch", height=240)
 
 # ---- 3. switching ------------------------------------------------------------------------------------
 st.header("3. Switch experts and generate (MoTE)")
