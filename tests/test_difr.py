@@ -182,8 +182,11 @@ def test_teacher_forcing_reproduces_the_provider(llama, tok):
     fp = _fp(llama, tok, keep_hidden=True)
     ref = teacher_force(llama, fp, batch_size=3)
     torch.testing.assert_close(ref.hidden, fp.hidden, atol=1e-4, rtol=1e-4)
-    d = activation_distances(fp, ref.hidden)  # in fp16 steps: rounding alone is U(-1/2, 1/2) per component
-    assert d.max() < 0.75 and abs(float(d.mean()) - 12 ** -0.5) < 0.05
+    # in each component's own fp16 steps, rounding alone is U(-1/2, 1/2) per component: RMS 12**-0.5
+    raw = activation_distances(fp, ref.hidden, "ulp_unfloored")
+    assert raw.max() < 0.75 and abs(float(raw.mean()) - 12 ** -0.5) < 0.05
+    d = activation_distances(fp, ref.hidden)  # floored steps are never smaller, so distances never larger
+    assert d.max() < 0.75 and bool((d <= raw + 1e-6).all()) and float(d.mean()) > 0.1
     assert activation_distances(fp, ref.hidden, "l2").max() < 0.05
     assert ref.margins is not None and ref.margins.abs().max() < 1e-3
 
@@ -239,3 +242,40 @@ def test_calibration_round_trip(llama, tok, tmp_path):
     assert back.method == "token" and back.clip == cal.clip and torch.equal(back.benign, cal.benign)
     assert back.threshold(3) == cal.threshold(3)
     assert len(back.to_dataframe()) > 3 and back.figure().data
+
+
+def test_ulp_floor_bounds_benign_noise_on_near_zero_components(llama, tok):
+    """A fingerprint component near 0 has a tiny fp16 step; fp32-sized noise must not blow it up."""
+    fp = _fp(llama, tok, keep_hidden=True)
+    p = projection_matrix(fp.config, llama.config.hidden_size)
+    h = fp.hidden.clone()
+    col = p[:, 0] / p[:, 0].norm()
+    h -= (h @ col).unsqueeze(1) * col  # f_0 = 0 exactly: the worst case for per-component steps
+    g = torch.Generator().manual_seed(0)
+    noisy = h + 1e-6 * h.norm(dim=1, keepdim=True) * torch.randn(h.shape, generator=g)  # benign fp32-sized noise
+    claim = fp.with_config((h @ p).to(torch.float16), fp.config)
+    unfloored = activation_distances(claim, noisy, "ulp_unfloored")
+    floored = activation_distances(claim, noisy)
+    assert float(unfloored.median()) > 5  # the unfloored tail that broke the held-out FPR on SmolLM2
+    assert float(floored.max()) < 0.75
+    # a real weight perturbation still stands far above the floored benign range
+    wrong = activation_distances(claim, h * 1.01)
+    assert float(wrong.min()) > 3
+
+
+def test_version_1_calibration_files_keep_their_statistic(llama, tok, tmp_path):
+    """Files written when "ulp" meant the unfloored distance load as "ulp_unfloored", not silently re-labelled."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cal = calibrate(llama, [_fp(llama, tok)], statistic="ulp_unfloored")
+    path = cal.save(tmp_path / "cal.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == "steer.difr.calibration/2"
+    save_file(tensors, str(tmp_path / "v1.safetensors"),
+              metadata=meta | {"format": "steer.difr.calibration/1", "statistic": "ulp"})
+    old = Calibration.load(tmp_path / "v1.safetensors")
+    assert old.statistic == "ulp_unfloored" and old.threshold(4) == cal.threshold(4)
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        calibrate(llama, [_fp(llama, tok)], statistic="cosine")

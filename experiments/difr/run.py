@@ -184,7 +184,9 @@ def per_token(fp: Fingerprints, ref, clip: float) -> dict[str, np.ndarray]:
         out[f"activation k={k}"] = activation_distances(fp.reproject(DiFRConfig(k=k)), ref.hidden).numpy()
     out["activation k=8 orthonormal"] = activation_distances(
         fp.reproject(DiFRConfig(k=8, projection="orthonormal")), ref.hidden).numpy()
-    out["activation k=8 L2"] = activation_distances(fp.reproject(DiFRConfig(k=8)), ref.hidden, "l2").numpy()
+    k8 = fp.reproject(DiFRConfig(k=8))
+    out["activation k=8 L2"] = activation_distances(k8, ref.hidden, "l2").numpy()
+    out["activation k=8 ulp unfloored"] = activation_distances(k8, ref.hidden, "ulp_unfloored").numpy()
     out["token"] = clip_margins(ref.margins, clip).numpy()
     return out
 
@@ -200,57 +202,35 @@ def bytes_per_token(method: str, n: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--n-calib", type=int, default=9, help="calibration prompts (honest runs)")
-    ap.add_argument("--n-heldout", type=int, default=9, help="held-out prompts (honest + cheating runs)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--target-fpr", type=float, default=0.01)
-    ap.add_argument("--toploc-cap", type=int, default=80, help="max TOPLOC windows per claim and n")
-    ap.add_argument("--steer-scale", type=float, default=4.0, help="size of the stand-in steering vector")
-    ap.add_argument("--conditions", nargs="*", help="only cheating runs whose name contains one of these words")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    out = args.out or HERE / f"results_{args.model}"
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
+def steering_for(model, args, out: Path):
+    """The steering intervention a provider exports, and the digest its claim names.
 
-    from steer.interventions import AddVector
-    from steer.models import load
-    from steer.packages import packaged_file
-
-    lm = load(args.model, progress=False)
-    model, tok = lm.model, lm.tokenizer
-    claim_id, claim_hash = lm.name, config_hash(model)
-    prompts = json.loads(packaged_file("aplomb", "0.3.0", "aplomb/data/benign_anchors_v1.json").read_text())["benign"]
-    calib_prompts = prompts[: args.n_calib]
-    held_prompts = prompts[args.n_calib: args.n_calib + args.n_heldout]
-    kw = dict(claim_id=claim_id, claim_hash=claim_hash, max_new_tokens=args.max_new_tokens)
-    log(f"model {claim_id} ({lm.weights_hash[:12]}), {len(calib_prompts)} calibration + {len(held_prompts)} held-out prompts")
-
-    # the steering intervention a provider exports: MoTE expert switching on an MoE; on the dense
-    # model a residual-stream addition (a real change to the forward; ACT needs calibrated heads)
+    On an MoE: MoTE expert switching, written as a steer.config InterventionConfig and applied from
+    that file (what a server would load). On the dense model a residual-stream addition (a real change
+    of the forward; ACT needs calibrated heads).
+    """
     layer = model.config.num_hidden_layers // 2
     if getattr(model.config, "num_experts", None):
+        from steer.config import InterventionConfig, MoTESection
+        from steer.difr import intervention_digest
         from steer.mote import ExpertSwitch
 
-        steering = ExpertSwitch(experts=[(layer, 0), (layer, 1), (layer + 1, 0)], mode="off_mask")
-        steering_desc = f"MoTE ExpertSwitch off_mask {steering.experts}"
-    else:
-        g = torch.Generator().manual_seed(7)
-        direction = torch.randn(model.config.hidden_size, generator=g)
-        steering = AddVector(f"blocks.{layer}.resid_post", direction / direction.norm(), scale=args.steer_scale)
-        steering_desc = f"AddVector(blocks.{layer}.resid_post, random unit vector, scale {args.steer_scale})"
+        switch = ExpertSwitch(experts=[(layer, 0), (layer, 1), (layer + 1, 0)], mode="off_mask")
+        cfg = InterventionConfig.for_model(model, mote=MoTESection.from_switch(switch, source="experiments/difr"),
+                                           description="DiFR verifiable-steering experiment: 3 experts off (mask)")
+        path = cfg.save(out / "steering_config")
+        (steering,) = InterventionConfig.load(path).interventions(model)
+        return steering, f"MoTE ExpertSwitch off_mask {switch.experts} from {path.name}/", intervention_digest(path)
+    from steer.interventions import AddVector
 
-    claims: dict[str, Fingerprints] = {}
-    log(f"honest runs (calibration prompts, seed 0): variants {BENIGN_VARIANTS}")
-    calib = benign_mix(model, tok, calib_prompts, seed=0, **kw)
-    log("honest runs (held-out prompts, seed 1)")
-    claims["benign"] = benign_mix(model, tok, held_prompts, seed=1, **kw)
-    held = dict(seed=1, **kw)
-    cheats = {
+    g = torch.Generator().manual_seed(7)
+    direction = torch.randn(model.config.hidden_size, generator=g)
+    steering = AddVector(f"blocks.{layer}.resid_post", direction / direction.norm(), scale=args.steer_scale)
+    return steering, f"AddVector(blocks.{layer}.resid_post, random unit vector, scale {args.steer_scale})", None
+
+
+def cheat_specs(model, layer: int, steering) -> dict[str, dict]:
+    return {
         "4-bit RTN g128": dict(model=lambda: quantize_rtn(model, 4, 128)),
         "8-bit RTN g128": dict(model=lambda: quantize_rtn(model, 8, 128)),
         "4-bit RTN g32": dict(model=lambda: quantize_rtn(model, 4, 32)),
@@ -263,18 +243,46 @@ def main(argv=None) -> int:
         "1% sampling bug": dict(sampler_factory=lambda s, seeds, pl: BuggySampler(s, seeds, pl)),
         "steering applied, not claimed": dict(intervention=steering),
     }
+
+
+def collect(args, lm, out: Path) -> dict:
+    """Every provider run and every teacher-forced reference (the slow part; cached by main)."""
+    from steer.packages import packaged_file
+
+    model, tok = lm.model, lm.tokenizer
+    claim_id, claim_hash = lm.name, config_hash(model)
+    prompts = json.loads(packaged_file("aplomb", "0.3.0", "aplomb/data/benign_anchors_v1.json").read_text())["benign"]
+    calib_prompts = prompts[: args.n_calib]
+    held_prompts = prompts[args.n_calib: args.n_calib + args.n_heldout]
+    kw = dict(claim_id=claim_id, claim_hash=claim_hash, max_new_tokens=args.max_new_tokens)
+    log(f"model {claim_id} ({lm.weights_hash[:12]}), {len(calib_prompts)} calibration + {len(held_prompts)} held-out prompts")
+    layer = model.config.num_hidden_layers // 2
+    steering, steering_desc, steering_digest = steering_for(model, args, out)
+
+    claims: dict[str, Fingerprints] = {}
+    log(f"honest runs (calibration prompts, seed 0): variants {BENIGN_VARIANTS}")
+    calib = benign_mix(model, tok, calib_prompts, seed=0, **kw)
+    log("honest runs (held-out prompts, seed 1)")
+    claims["benign"] = benign_mix(model, tok, held_prompts, seed=1, **kw)
+    held = dict(seed=1, **kw)
+    cheats = cheat_specs(model, layer, steering)
     if args.conditions:
         cheats = {n: c for n, c in cheats.items() if any(w in n for w in args.conditions)}
+    touched = {}
     for name, spec in cheats.items():
         log(f"cheating run: {name}")
         m = spec.pop("model", lambda: model)()
         claims[name] = provide(m, tok, held_prompts, **spec, **held)
+        if "intervention" in spec:
+            touched[name] = steering.total_touched
         if m is not model:
             del m
-    # verifiable steering: the claim includes the intervention; the verifier runs it too
-    log("honest steered run (claims the steering intervention)")
-    steered_benign = provide(model, tok, held_prompts, intervention=steering, **held)
-    steered_calib = provide(model, tok, calib_prompts, intervention=steering, seed=0, **kw)
+    # verifiable steering: the claim includes the intervention; the verifier runs it too. The honest
+    # steered provider runs under the same benign noise variants as the plain honest runs.
+    log("honest steered runs (claim the steering intervention)")
+    steered_benign = benign_mix(model, tok, held_prompts, intervention=steering, **held)
+    touched["honest steered provider (held-out)"] = steering.total_touched
+    steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=0, **kw)
 
     log("verifier: teacher forcing every claim through the reference model")
     refs = {name: teacher_force(model, fp, VERIFIER_BATCH) for name, fp in claims.items()}
@@ -282,20 +290,88 @@ def main(argv=None) -> int:
     with steering.apply(model):
         ref_steer = {"benign": teacher_force(model, steered_benign, VERIFIER_BATCH),
                      "steering claimed, not applied": teacher_force(model, claims["benign"], VERIFIER_BATCH)}
+    touched["verifier, steering claimed, not applied"] = steering.total_touched
+    with steering.apply(model):
         ref_steer_calib = teacher_force(model, steered_calib, VERIFIER_BATCH)
-    log(f"steering touched {steering.total_touched} token positions in the last run")
+    log(f"steering touched token positions: {touched}")
+    return dict(claim_id=claim_id, weights_hash=lm.weights_hash, calib=calib, claims=claims, refs=refs,
+                ref_calib=ref_calib, steered_benign=steered_benign, steered_calib=steered_calib,
+                ref_steer=ref_steer, ref_steer_calib=ref_steer_calib, cheats=list(cheats), touched=touched,
+                steering=steering_desc, steering_digest=steering_digest, args=vars(args) | {"out": str(out)})
+
+
+def raw_path(out: Path) -> Path:
+    """Where the raw runs (fingerprints with hidden states, references) are kept between analyses."""
+    from steer.packages import cache_dir
+
+    return cache_dir() / "difr" / f"raw_{out.resolve().name}.pt"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--n-calib", type=int, default=9, help="calibration prompts (honest runs)")
+    ap.add_argument("--n-heldout", type=int, default=9, help="held-out prompts (honest + cheating runs)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--target-fpr", type=float, default=0.01)
+    ap.add_argument("--toploc-cap", type=int, default=80, help="max TOPLOC windows per claim and n")
+    ap.add_argument("--steer-scale", type=float, default=4.0, help="size of the stand-in steering vector")
+    ap.add_argument("--conditions", nargs="*", help="only cheating runs whose name contains one of these words")
+    ap.add_argument("--rescore", action="store_true",
+                    help="skip generation and teacher forcing: re-analyse the raw runs kept by the last full run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = args.out or HERE / f"results_{args.model}"
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    from steer.models import load
+
+    lm = load(args.model, progress=False)
+    raw_file = raw_path(out)
+    if args.rescore:
+        if not raw_file.is_file():
+            raise SystemExit(f"no raw runs at {raw_file}: run without --rescore first")
+        raw = torch.load(raw_file, weights_only=False)
+        if raw["weights_hash"] != lm.weights_hash:
+            raise SystemExit(f"{raw_file} was made with other weights ({raw['weights_hash']}); rerun without --rescore")
+        log(f"re-analysing raw runs from {raw_file} (collected {raw.get('date')})")
+    else:
+        raw = collect(args, lm, out)
+        raw["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+        raw["collect_minutes"] = round((time.time() - t_start) / 60, 1)
+        raw_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(raw, raw_file)
+        log(f"raw runs kept in {raw_file}")
+    analyse(raw, lm.model, args, out)
+    log(f"done in {round((time.time() - t_start) / 60, 1)} min: {out}")
+    return 0
+
+
+def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
+    """AUCs, calibrated thresholds, held-out FPR and power from the raw runs; writes the csv/html files."""
+    import pandas as pd
+
+    claims, refs, cheats = raw["claims"], raw["refs"], raw["cheats"]
+    steered_benign, ref_steer = raw["steered_benign"], raw["ref_steer"]
 
     # calibration (on honest runs with other prompts and seeds)
     cals: dict[str, Calibration] = {}
+    calib, ref_calib = raw["calib"], raw["ref_calib"]
     for k in (2, 8, 32):
         cals[f"activation k={k}"] = calibrate(model, [calib.reproject(DiFRConfig(k=k))], target_fpr=args.target_fpr,
                                               references=[ref_calib])
-    cals["activation k=8 L2"] = calibrate(model, [calib.reproject(DiFRConfig(k=8))], statistic="l2",
-                                                target_fpr=args.target_fpr, references=[ref_calib])
+    for stat, name in (("l2", "activation k=8 L2"), ("ulp_unfloored", "activation k=8 ulp unfloored")):
+        cals[name] = calibrate(model, [calib.reproject(DiFRConfig(k=8))], statistic=stat,
+                               target_fpr=args.target_fpr, references=[ref_calib])
     cals["token"] = calibrate(model, [calib], target_fpr=args.target_fpr, method="token", references=[ref_calib])
     clip = cals["token"].clip
-    scal_k8 = calibrate(model, [steered_calib.reproject(DiFRConfig(k=8))], target_fpr=args.target_fpr,
-                        references=[ref_steer_calib])
+    steered_cals = {
+        name: calibrate(model, [raw["steered_calib"].reproject(DiFRConfig(k=8))], target_fpr=args.target_fpr,
+                        references=[raw["ref_steer_calib"]], statistic=stat)
+        for stat, name in (("ulp", "activation k=8"), ("ulp_unfloored", "activation k=8 ulp unfloored"))
+    }
 
     # scores per token and per window
     rows = []
@@ -325,9 +401,6 @@ def main(argv=None) -> int:
         add_rows(name, scores["benign"], scores[name], tl["benign"], tl[name], "plain reference")
     add_rows("steering claimed, not applied", steer_scores["benign"], steer_scores["steering claimed, not applied"],
              tl_steer["benign"], tl_steer["steering claimed, not applied"], "steered reference")
-
-    import pandas as pd
-
     df = pd.DataFrame(rows)
     df.to_csv(out / "auc.csv", index=False)
 
@@ -338,38 +411,40 @@ def main(argv=None) -> int:
             thr = cal.threshold(n)
             neg = windows(scores["benign"][cname], n)
             r = dict(method=cname, n_tokens=n, threshold=thr, heldout_fpr=float((neg > thr).mean()),
-                     n_heldout_windows=len(neg), target_fpr=args.target_fpr)
+                     n_heldout_false_positives=int((neg > thr).sum()), n_heldout_windows=len(neg),
+                     target_fpr=args.target_fpr)
             for name in cheats:
                 r[f"tpr: {name}"] = float((windows(scores[name][cname], n) > thr).mean())
             fpr_rows.append(r)
-    for n in NS:
-        thr = scal_k8.threshold(n)
-        neg = windows(steer_scores["benign"]["activation k=8"], n)
-        pos = windows(steer_scores["steering claimed, not applied"]["activation k=8"], n)
-        fpr_rows.append(dict(method="activation k=8, steered reference", n_tokens=n, threshold=thr,
-                             heldout_fpr=float((neg > thr).mean()), n_heldout_windows=len(neg),
-                             target_fpr=args.target_fpr,
-                             **{"tpr: steering claimed, not applied": float((pos > thr).mean())}))
+    for cname, cal in steered_cals.items():
+        for n in NS:
+            thr = cal.threshold(n)
+            neg = windows(steer_scores["benign"][cname], n)
+            pos = windows(steer_scores["steering claimed, not applied"][cname], n)
+            fpr_rows.append(dict(method=f"{cname}, steered reference", n_tokens=n, threshold=thr,
+                                 heldout_fpr=float((neg > thr).mean()), n_heldout_false_positives=int((neg > thr).sum()),
+                                 n_heldout_windows=len(neg), target_fpr=args.target_fpr,
+                                 **{"tpr: steering claimed, not applied": float((pos > thr).mean())}))
     fpr = pd.DataFrame(fpr_rows)
     fpr.to_csv(out / "fpr.csv", index=False)
 
-    benign_tokens = int(claims["benign"].n_tokens)
     meta = dict(
-        model=claim_id, weights_hash=lm.weights_hash, date=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=raw["claim_id"], weights_hash=raw["weights_hash"], collected=raw.get("date"),
+        collect_minutes=raw.get("collect_minutes"), analysed=datetime.now(UTC).isoformat(timespec="seconds"),
         machine=f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, 1 thread",
-        calib_tokens=int(calib.n_tokens), heldout_benign_tokens=benign_tokens,
+        run_args={k: v for k, v in raw["args"].items() if k not in ("rescore",)},
+        calib_tokens=int(calib.n_tokens), heldout_benign_tokens=int(claims["benign"].n_tokens),
+        steered_heldout_benign_tokens=int(steered_benign.n_tokens),
         cheat_tokens={n: int(fp.n_tokens) for n, fp in claims.items()},
         claim=CLAIM.to_dict(), benign_variants=BENIGN_VARIANTS, verifier_batch=VERIFIER_BATCH,
-        steering=steering_desc,
+        steering=raw["steering"], steering_config_digest=raw["steering_digest"], steering_touched=raw["touched"],
         token_clip=clip, benign_max_distance_k8=float(scores["benign"]["activation k=8"].max()),
+        benign_max_distance_k8_unfloored=float(scores["benign"]["activation k=8 ulp unfloored"].max()),
         benign_mean_distance_k8=float(scores["benign"]["activation k=8"].mean()),
         mean_hidden_norm=float(claims["benign"].hidden.norm(dim=-1).mean()),
-        minutes=round((time.time() - t_start) / 60, 1),
     )
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     figures(df, out)
-    log(f"done in {meta['minutes']} min: {out}")
-    return 0
 
 
 def figures(df, out: Path) -> None:

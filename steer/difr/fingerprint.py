@@ -266,8 +266,10 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def read_safetensors(path: str | Path, fmt: str, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors + metadata of a steer file, with clear errors for missing, truncated or corrupt files."""
+def read_safetensors(path: str | Path, fmt: str | tuple[str, ...], what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors + metadata of a steer file, with clear errors for missing, truncated or corrupt files.
+
+    `fmt`: the format tag the file must carry (or a tuple of accepted tags, newest first)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -279,8 +281,9 @@ def read_safetensors(path: str | Path, fmt: str, what: str) -> tuple[dict[str, T
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for bad headers/sizes
         raise ValueError(f"{path} is not a readable {what} file (truncated or corrupt?): {exc}") from None
-    if meta.get("format") != fmt:
-        raise ValueError(f"{path} is not a {what} file (format {meta.get('format')!r}, expected {fmt!r})")
+    accepted = (fmt,) if isinstance(fmt, str) else tuple(fmt)
+    if meta.get("format") not in accepted:
+        raise ValueError(f"{path} is not a {what} file (format {meta.get('format')!r}, expected {accepted[0]!r})")
     if meta.get("checksum") != _checksum(tensors):
         raise ValueError(f"{path} is corrupt: its checksum does not match its contents; regenerate it")
     return tensors, meta

@@ -27,9 +27,11 @@ from steer.difr.fingerprint import (
 )
 from steer.difr.sampling import SamplingParams, token_margins
 
-CALIBRATION_FORMAT = "steer.difr.calibration/1"
+CALIBRATION_FORMAT = "steer.difr.calibration/2"
+# version 1 files named the unfloored distance "ulp" (see activation_distances); they still load
+_CALIBRATION_FORMAT_V1 = "steer.difr.calibration/1"
 METHODS = ("activation", "token")
-STATISTICS = ("ulp", "l2")  # Activation-DiFR per-token distance, see activation_distances
+STATISTICS = ("ulp", "l2", "ulp_unfloored")  # Activation-DiFR per-token distance, see activation_distances
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,12 +116,16 @@ def fp16_ulp(x: Tensor) -> Tensor:
 def activation_distances(fp: Fingerprints, hidden: Tensor, statistic: str = "ulp") -> Tensor:
     """Per-token fingerprint distance (fp32 [N]) between the provider's fp16 f and the verifier's fp32 f.
 
+    "ulp" (default): the RMS over components of (f_provider - f_verifier) in fp16 steps, where each
+    component's step is floored at the step of the fingerprint's RMS: max(ulp(f_j), ulp(rms(f))).
+    Storage rounding then contributes at most half a step per component whatever the content, so a
+    threshold calibrated on some prompts transfers to others; with plain L2 the rounding term scales
+    with |h| and the threshold drifts with content. The floor matters: a component near 0 has a tiny
+    fp16 step, so benign fp32 noise (batching, kernels) is many of its steps, and the unfloored form
+    gets a heavy benign tail that a few hundred calibration tokens do not sample (held-out FPR above
+    target on SmolLM2, experiments/difr/RESULTS.md).
+    "ulp_unfloored": the same without the floor (each component in its own fp16 steps).
     "l2": ||f_provider - f_verifier||_2, the paper's statistic.
-    "ulp" (default): the RMS over components of (f_provider - f_verifier) in fp16 steps of f_verifier.
-    Storage rounding alone then contributes a content-independent U(-1/2, 1/2) per component, so
-    benign scores have one distribution across prompts and a threshold calibrated on some prompts
-    transfers to others; with plain L2 the rounding term scales with |h| and the threshold drifts
-    with content (on fp32 CPU, rounding is nearly all the benign noise there is).
     """
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
@@ -129,7 +135,11 @@ def activation_distances(fp: Fingerprints, hidden: Tensor, statistic: str = "ulp
     diff = fp.values.float().to(mine.device) - mine
     if statistic == "l2":
         return diff.norm(dim=-1).cpu()
-    return (diff / fp16_ulp(mine)).pow(2).mean(-1).sqrt().cpu()
+    step = fp16_ulp(mine)
+    if statistic == "ulp":
+        rms = mine.pow(2).mean(-1, keepdim=True).sqrt()
+        step = torch.maximum(step, fp16_ulp(rms))
+    return (diff / step).pow(2).mean(-1).sqrt().cpu()
 
 
 def clip_margins(margins: Tensor, clip: float | None) -> Tensor:
@@ -174,6 +184,8 @@ class Calibration:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0 < self.target_fpr < 1:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if int(self.lengths.sum()) != self.benign.numel() or self.benign.numel() == 0:
             raise ValueError("calibration needs benign scores, one per token of its benign sequences")
 
@@ -247,7 +259,9 @@ class Calibration:
 
     @classmethod
     def from_safetensors(cls, path: str | Path) -> Calibration:
-        t, m = read_safetensors(path, CALIBRATION_FORMAT, "calibration")
+        t, m = read_safetensors(path, (CALIBRATION_FORMAT, _CALIBRATION_FORMAT_V1), "calibration")
+        if m["format"] == _CALIBRATION_FORMAT_V1 and m.get("statistic") == "ulp":
+            m["statistic"] = "ulp_unfloored"  # what "ulp" meant when the file was written
         try:
             return cls(
                 m["method"], float(m["target_fpr"]), t["benign"], t["lengths"],
