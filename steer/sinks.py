@@ -41,6 +41,33 @@ SINK_RATE_LENGTH = 64  # tokens per input in the sink-rate protocol
 MIN_QUERIES = 8  # observers a key needs before its score can call it a sink (excludes tail tokens)
 KEEP_MAPS_UP_TO = 128  # per-head maps of the first input are kept (for figures) up to this length
 PUBLISHED_SINK_RATES = {"Llama-2-7B": 0.925, "Mistral-7B": 0.975, "Llama-3-8B": 0.990}
+STRIP_CELL_TEXT_UP_TO = 24  # token strip: tokens written inside the cells up to this length
+STRIP_MAX_LABELS = 48  # longer strips get rotated axis labels, at most this many (hover names all)
+STRIP_LABEL_CHARS = 12  # a label longer than this is cut with an ellipsis
+
+
+def token_label(token: str) -> str:
+    """A short, visible label for a token (whitespace shown, long tokens cut)."""
+    t = token.replace("\n", "\\n").replace("\t", "\\t").strip() or repr(token)[1:-1].replace(" ", "\u2423") or "\u2205"
+    return t if len(t) <= STRIP_LABEL_CHARS else t[: STRIP_LABEL_CHARS - 1] + "\u2026"
+
+
+def _strip_ticks(frac, step: int) -> list[int]:
+    """Positions to label: the strongest sinks first (sink in >= 25% of heads), then every step-th
+    position, never two labels closer than `step` (rotated labels a step apart do not overlap)."""
+    n = len(frac)
+    if step == 1:
+        return list(range(n))
+    salient = sorted((p for p in range(n) if frac[p] >= 0.25), key=lambda p: -frac[p])
+    chosen: list[int] = []
+    for p in salient + list(range(0, n, step)):
+        if all(abs(p - q) >= step for q in chosen):
+            chosen.append(p)
+    return sorted(chosen)
+
+
+def _ordinal(n: int) -> str:
+    return "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
 
 
 def sink_threshold(tau: float | None, alpha: float | None, n_tokens: torch.Tensor | int) -> torch.Tensor:
@@ -289,10 +316,25 @@ class SinkResult:
             n = int(self.lengths[input])
             frac = self.sink_mask()[input, ..., :n].float().mean((0, 1)).numpy()
             toks = self.tokens[input][:n]
-            fig = go.Figure(go.Heatmap(z=[frac], x=list(range(n)), text=[toks], texttemplate="%{text}",
-                                       colorscale="Reds", zmin=0, zmax=1, colorbar={"title": "heads"}))
+            labels = [token_label(t) for t in toks]
+            # Long inputs: labels go on the axis, rotated, at most STRIP_MAX_LABELS of them (every step-th);
+            # text inside the cells only while it fits. Hover always names every token.
+            step = max(1, math.ceil(n / STRIP_MAX_LABELS))
+            ticks = _strip_ticks(frac, step)
+            in_cells = n <= STRIP_CELL_TEXT_UP_TO
+            hover = [f"position {p}: {t!r}" for p, t in enumerate(toks)]
+            fig = go.Figure(go.Heatmap(
+                z=[frac], x=list(range(n)), text=[labels], customdata=[hover], colorscale="Reds", zmin=0, zmax=1,
+                colorbar={"title": "heads"}, texttemplate="%{text}" if in_cells else None, xgap=1,
+                hovertemplate="%{customdata}<br>sink in %{z:.0%} of heads<extra></extra>"))
+            longest = max((len(labels[p]) for p in ticks), default=1)
+            fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=[labels[p] for p in ticks],
+                             tickangle=0 if in_cells else -90, tickfont={"size": 11}, showticklabels=not in_cells,
+                             title=f"token (about every {step}{_ordinal(step)} labelled, and the strongest sinks; hover for all)" if step > 1
+                             else "token")
             fig.update_layout(title=f"Input {input}: fraction of heads in which each token is a sink",
-                              yaxis={"visible": False}, xaxis_title="position", height=260)
+                              yaxis={"visible": False}, height=230 + (0 if in_cells else 7 * longest),
+                              margin={"b": 40 if in_cells else 40 + 7 * longest})
             return fig
         raise ValueError(f"kind must be 'heatmap', 'map' or 'tokens' (got {kind!r})")
 

@@ -162,3 +162,31 @@ def test_cancel_before_every_class_is_counted_raises(tok):
     with pytest.raises(ProfileCancelled, match=r"before class\(es\) \['b'\] had a counted prompt"):
         profile(model, tok, {"a": A, "b": B[:1]}, ProfileConfig(n_bootstrap=0, batch_size=1), progress=False,
                 cancel=lambda: True)
+
+
+# ---- sinks token strip -------------------------------------------------------------------------------
+
+def test_token_strip_labels_stay_apart_on_long_inputs_and_hover_names_every_token(tok):
+    from steer.sinks import STRIP_CELL_TEXT_UP_TO, STRIP_MAX_LABELS, detect_sinks, token_label
+
+    model = tiny("llama")
+    long_ids = [(7 * i) % 200 + 3 for i in range(150)]
+    res = detect_sinks(model, tok, [long_ids, [5, 6, 7, 8, 9, 10]], tau=0.05)
+    fig = res.figure("tokens", input=0)
+    heat, ax = fig.data[0], fig.layout.xaxis
+    ticks = list(ax.tickvals)
+    step = -(-150 // STRIP_MAX_LABELS)
+    assert step > 1 and ax.tickangle == -90 and heat.texttemplate is None  # no text crammed into cells
+    assert all(b - a >= step for a, b in zip(ticks, ticks[1:]))  # labels a step apart never overlap
+    assert len(ticks) <= STRIP_MAX_LABELS and ticks[0] == 0
+    frac = res.sink_mask()[0, ..., :150].float().mean((0, 1))
+    strongest = int(frac[1:].argmax()) + 1
+    if frac[strongest] >= 0.25:  # the strongest hidden sink is labelled even off the regular grid
+        assert strongest in ticks or any(abs(strongest - t) < step and frac[t] >= frac[strongest] for t in ticks)
+    assert list(ax.ticktext) == [token_label(res.tokens[0][p]) for p in ticks]
+    hover = list(heat.customdata[0])
+    assert len(hover) == 150 and all(f"position {p}: " in h for p, h in enumerate(hover))
+    short = res.figure("tokens", input=1)
+    assert 6 <= STRIP_CELL_TEXT_UP_TO and short.data[0].texttemplate == "%{text}"
+    assert token_label(" the") == "the" and token_label("\n") == "\\n" and token_label("  ") == "\u2423\u2423"
+    assert token_label("x" * 40) == "x" * 11 + "\u2026"
