@@ -38,6 +38,67 @@ def _visible(rows, cols, Tq, Tk, b, mask_ptr, smb, smq, smk, SW, HAS_MASK: tl.co
 
 
 @triton.jit
+def _dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """a @ b + acc: 3xTF32 for fp32 operands (and the interpreter), tensor cores in the operand dtype else."""
+    if FP32_DOT:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
+def _load_q(q_ptr, b, h, sqb, sqh, sqt, rows, d, Tq, D, UPCAST: tl.constexpr):
+    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqt + d[None, :],
+                mask=(rows[:, None] < Tq) & (d[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _load_kt(k_ptr, b, hk, skb, skh, skt, cols, d, Tk, D, UPCAST: tl.constexpr):
+    """K^T block [DP, BN]."""
+    kt = tl.load(k_ptr + b * skb + hk * skh + cols[None, :].to(tl.int64) * skt + d[:, None],
+                 mask=(cols[None, :] < Tk) & (d[:, None] < D), other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    return kt
+
+
+@triton.jit
+def _key_blocks(pid_m, Tq, Tk, SW, HAS_MASK: tl.constexpr, HAS_SW: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr):
+    """[lo, hi) key range a query block can see: causal stops at its last query, a window starts late."""
+    lo = 0
+    hi = Tk
+    if not HAS_MASK:
+        hi = tl.minimum(Tk, pid_m * BM + BM + (Tk - Tq))
+    if HAS_SW:
+        lo = tl.maximum(0, pid_m * BM + (Tk - Tq) - SW + 1)
+        lo = (lo // BN) * BN
+    return lo, hi
+
+
+@triton.jit
+def _row_scores(q, k_ptr, b, hk, skb, skh, skt, n0, rows, d, Tq, Tk, D, scale, mask_ptr, smb, smq, smk, SW,
+                HAS_MASK: tl.constexpr, HAS_SW: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr):
+    """(key cols, scaled scores [BM, BN] with -inf where a query may not attend) of key block n0."""
+    cols = n0 + tl.arange(0, BN)
+    kt = _load_kt(k_ptr, b, hk, skb, skh, skt, cols, d, Tk, D, UPCAST)
+    qk = _dot(q, kt, tl.zeros([BM, BN], tl.float32), FP32_DOT)
+    ok = _visible(rows, cols, Tq, Tk, b, mask_ptr, smb, smq, smk, SW, HAS_MASK, HAS_SW)
+    return cols, tl.where(ok, qk * scale, float("-inf"))
+
+
+@triton.jit
+def _online_softmax(m_i, s):
+    """Online-softmax step: (new row max, rescale factor of the old sums, exp(s - new max))."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp(m_i - m_safe), tl.exp(s - m_safe[:, None])
+
+
+@triton.jit
 def _act_fwd(
     q_ptr, k_ptr, v_ptr, o_ptr, sink_ptr, head_ptr, mask_ptr, touched_ptr,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
@@ -54,40 +115,18 @@ def _act_fwd(
     rows = pid_m * BM + tl.arange(0, BM)
     d = tl.arange(0, DP)
     dv = tl.arange(0, DVP)
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqt + d[None, :],
-                mask=(rows[:, None] < Tq) & (d[None, :] < D), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_q(q_ptr, b, h, sqb, sqh, sqt, rows, d, Tq, D, UPCAST)
     calibrated = tl.load(head_ptr + h) != 0
-    NEG: tl.constexpr = float("-inf")
-    m_i = tl.full([BM], NEG, tl.float32)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
     l_s = tl.zeros([BM], tl.float32)
     l_r = tl.zeros([BM], tl.float32)
     acc_s = tl.zeros([BM, DVP], tl.float32)
     acc_r = tl.zeros([BM, DVP], tl.float32)
-    lo = 0
-    hi = Tk
-    if not HAS_MASK:
-        hi = tl.minimum(Tk, pid_m * BM + BM + (Tk - Tq))
-    if HAS_SW:
-        lo = tl.maximum(0, pid_m * BM + (Tk - Tq) - SW + 1)
-        lo = (lo // BN) * BN
+    lo, hi = _key_blocks(pid_m, Tq, Tk, SW, HAS_MASK, HAS_SW, BM, BN)
     for n0 in range(lo, hi, BN):
-        cols = n0 + tl.arange(0, BN)
-        kt = tl.load(k_ptr + b * skb + hk * skh + cols[None, :].to(tl.int64) * skt + d[:, None],
-                     mask=(cols[None, :] < Tk) & (d[:, None] < D), other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        if FP32_DOT:
-            qk = tl.dot(q, kt, input_precision="tf32x3")
-        else:
-            qk = tl.dot(q, kt)
-        ok = _visible(rows, cols, Tq, Tk, b, mask_ptr, smb, smq, smk, SW, HAS_MASK, HAS_SW)
-        s = tl.where(ok, qk * scale, NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == NEG, 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
+        cols, s = _row_scores(q, k_ptr, b, hk, skb, skh, skt, n0, rows, d, Tq, Tk, D, scale, mask_ptr, smb, smq,
+                              smk, SW, HAS_MASK, HAS_SW, UPCAST, FP32_DOT, BM, BN)
+        m_i, alpha, p = _online_softmax(m_i, s)
         sink = (tl.load(sink_ptr + b * ssb + h * ssh + cols, mask=cols < Tk, other=0) != 0) & calibrated
         p_sink = tl.where(sink[None, :], p, 0.0)
         p_rest = p - p_sink
@@ -97,18 +136,10 @@ def _act_fwd(
                      mask=(cols[:, None] < Tk) & (dv[None, :] < DV), other=0.0)
         if UPCAST:
             vb = vb.to(tl.float32)
-        acc_r = acc_r * alpha[:, None]
+        acc_r = _dot(p_rest, vb, acc_r * alpha[:, None], FP32_DOT)
         acc_s = acc_s * alpha[:, None]
-        if FP32_DOT:
-            acc_r = tl.dot(p_rest, vb, acc_r, input_precision="tf32x3")
-        else:
-            acc_r = tl.dot(p_rest.to(vb.dtype), vb, acc_r)
         if tl.max(sink.to(tl.int32), axis=0) > 0:  # only blocks holding a sink pay the second product
-            if FP32_DOT:
-                acc_s = tl.dot(p_sink, vb, acc_s, input_precision="tf32x3")
-            else:
-                acc_s = tl.dot(p_sink.to(vb.dtype), vb, acc_s)
-        m_i = m_new
+            acc_s = _dot(p_sink, vb, acc_s, FP32_DOT)
     l_all = l_s + l_r
     rescale = calibrated & (l_s > 0) & (l_r > 0) & (rows < Tq)
     c = tl.where(rescale, (l_r + (1.0 - beta) * l_s) / tl.where(rescale, l_r, 1.0), 1.0)
@@ -136,37 +167,16 @@ def _lse_fwd(
     hk = h // GROUP
     rows = pid_m * BM + tl.arange(0, BM)
     d = tl.arange(0, DP)
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqt + d[None, :],
-                mask=(rows[:, None] < Tq) & (d[None, :] < D), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    NEG: tl.constexpr = float("-inf")
-    m_i = tl.full([BM], NEG, tl.float32)
+    q = _load_q(q_ptr, b, h, sqb, sqh, sqt, rows, d, Tq, D, UPCAST)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
-    lo = 0
-    hi = Tk
-    if not HAS_MASK:
-        hi = tl.minimum(Tk, pid_m * BM + BM + (Tk - Tq))
-    if HAS_SW:
-        lo = tl.maximum(0, pid_m * BM + (Tk - Tq) - SW + 1)
-        lo = (lo // BN) * BN
+    lo, hi = _key_blocks(pid_m, Tq, Tk, SW, HAS_MASK, HAS_SW, BM, BN)
     for n0 in range(lo, hi, BN):
-        cols = n0 + tl.arange(0, BN)
-        kt = tl.load(k_ptr + b * skb + hk * skh + cols[None, :].to(tl.int64) * skt + d[:, None],
-                     mask=(cols[None, :] < Tk) & (d[:, None] < D), other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        if FP32_DOT:
-            qk = tl.dot(q, kt, input_precision="tf32x3")
-        else:
-            qk = tl.dot(q, kt)
-        ok = _visible(rows, cols, Tq, Tk, b, mask_ptr, smb, smq, smk, SW, HAS_MASK, HAS_SW)
-        s = tl.where(ok, qk * scale, NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == NEG, 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
-        m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), NEG)
+        _cols, s = _row_scores(q, k_ptr, b, hk, skb, skh, skt, n0, rows, d, Tq, Tk, D, scale, mask_ptr, smb, smq,
+                               smk, SW, HAS_MASK, HAS_SW, UPCAST, FP32_DOT, BM, BN)
+        m_i, alpha, p = _online_softmax(m_i, s)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(lse_ptr + bh.to(tl.int64) * Tq + rows, lse, mask=rows < Tq)
 
 
@@ -186,10 +196,7 @@ def _colsum_fwd(
     hk = h // GROUP
     cols = pid_n * BN + tl.arange(0, BN)
     d = tl.arange(0, DP)
-    kt = tl.load(k_ptr + b * skb + hk * skh + cols[None, :].to(tl.int64) * skt + d[:, None],
-                 mask=(cols[None, :] < Tk) & (d[:, None] < D), other=0.0)
-    if UPCAST:
-        kt = kt.to(tl.float32)
+    kt = _load_kt(k_ptr, b, hk, skb, skh, skt, cols, d, Tk, D, UPCAST)
     col = tl.zeros([BN], tl.float32)
     lo = 0
     hi = Tq
@@ -200,14 +207,8 @@ def _colsum_fwd(
         hi = tl.minimum(Tq, pid_n * BN + BN + SW - (Tk - Tq))
     for m0 in range(lo, hi, BM):
         rows = m0 + tl.arange(0, BM)
-        q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqt + d[None, :],
-                    mask=(rows[:, None] < Tq) & (d[None, :] < D), other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-        if FP32_DOT:
-            qk = tl.dot(q, kt, input_precision="tf32x3")
-        else:
-            qk = tl.dot(q, kt)
+        q = _load_q(q_ptr, b, h, sqb, sqh, sqt, rows, d, Tq, D, UPCAST)
+        qk = _dot(q, kt, tl.zeros([BM, BN], tl.float32), FP32_DOT)
         lse = tl.load(lse_ptr + bh.to(tl.int64) * Tq + rows, mask=rows < Tq, other=float("-inf"))
         ok = _visible(rows, cols, Tq, Tk, b, mask_ptr, smb, smq, smk, SW, HAS_MASK, HAS_SW)
         ok = ok & (lse[:, None] > float("-inf"))
