@@ -10,13 +10,15 @@ from steer.cli import print_json
 
 EXAMPLES = """\
 examples:
-  steer calibrate --out act.json                          SmolLM2, 20 items per task, <= 12 candidate heads
+  steer calibrate --out act.json                          SmolLM2, 20 items per task, every head screened
+  steer calibrate --screen-items 8 --shortlist 16 --out act.json   screening size / keep-rule shortlist
   steer calibrate --tasks kv_retrieval,fewshot --n 40 --beta 0.4 --out act.json
   steer calibrate --heads 3:1,7:4 --out act.json          search only these (layer:head) candidates
   steer calibrate --alpha 2 --min-gain 2 --no-combine --json --out act.json
 
 The config is JSON (steer.act.ACTConfig.load): the chosen heads, beta/tau/alpha/min_queries, and the
-whole search (baseline, every candidate's gain, the combinations tried). Apply it with
+whole search (the screening score of every head, baseline, every shortlisted head's gain, the
+combinations tried). Apply it with
   ACTConfig.load("act.json").intervention().apply(model)
 Evaluate on the held-out split (never used here): experiments/act/run_act.py.
 """
@@ -37,8 +39,9 @@ def _heads(text: str) -> list[tuple[int, int]]:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "calibrate", help="ACT head search on the calibration split; writes an ACT config",
-        description="One-head-at-a-time ACT calibration: baseline accuracy, then each candidate head alone "
-                    "(keep it if it gains >= --min-gain items), then a greedy combination of the kept heads.",
+        description="One-head-at-a-time ACT calibration: every head with a hidden sink is screened alone on "
+                    "--screen-items items per task, the best --shortlist go on: baseline accuracy, each head "
+                    "alone (keep it if it gains >= --min-gain items), then a greedy combination of the kept heads.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="smollm2", help="packaged model name, checkpoint dir or .gguf")
@@ -51,7 +54,10 @@ def add_parser(sub) -> None:
     rule.add_argument("--alpha", type=float)
     p.add_argument("--min-queries", type=int, default=8)
     p.add_argument("--heads", type=_heads, help="candidate heads LAYER:HEAD,... (default: heads with hidden sinks)")
-    p.add_argument("--max-candidates", type=int, default=12, help="search at most this many candidates")
+    p.add_argument("--max-candidates", type=int, help="search at most this many candidates (default: all)")
+    p.add_argument("--screen-items", type=int, default=8, help="items per task in the screening pass (default 8)")
+    p.add_argument("--shortlist", type=int, default=16,
+                   help="heads sent from screening to the keep rule (0 = no screening, keep rule on every head)")
     p.add_argument("--min-gain", type=int, default=1, help="items a head must add alone to be kept")
     p.add_argument("--no-combine", action="store_true", help="keep every head that passes, no greedy check")
     p.add_argument("--batch-size", type=int, default=16)
@@ -73,17 +79,21 @@ def run(args) -> int:
         lm.model, lm.tokenizer, splits, candidates=args.heads, max_candidates=args.max_candidates,
         beta=args.beta, tau=None if args.alpha is not None else args.tau, alpha=args.alpha,
         min_queries=args.min_queries, min_gain=args.min_gain, combine=not args.no_combine,
-        batch_size=args.batch_size, progress=say,
+        shortlist=args.shortlist or None, screen_items=args.screen_items, batch_size=args.batch_size, progress=say,
     )
     cfg.save(args.out)
     s = cfg.search
     summary = {"heads": cfg.heads, "baseline_correct": s["baseline_correct"], "final_correct": s["final_correct"],
-               "n_items": s["n_items"], "candidates": len(s["candidates"]), "config": str(args.out)}
+               "n_items": s["n_items"], "screened": len(s["screening"]), "candidates": len(s["candidates"]),
+               "config": str(args.out)}
     if args.json:
         print_json(summary)
         return 0
     n = s["n_items"]
     print(f"calibration: {n} items ({', '.join(tasks)}), baseline {s['baseline_correct']}/{n}")
+    if s["screening"]:
+        print(f"screened {len(s['screening'])} heads on {s['screen_items_per_task']} items per task; "
+              f"shortlist {s['shortlist']}")
     print(cfg.to_dataframe().to_string(index=False))
     if cfg.heads:
         print(f"chosen heads {cfg.heads}: {s['final_correct']}/{n} on the calibration items")
