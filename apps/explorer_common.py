@@ -102,8 +102,8 @@ class LiveProgress:
     raises it again once the page has stored that result.
     """
 
-    def __init__(self, text: str):
-        self.text = text
+    def __init__(self, text: str, keep_partial: bool = True):
+        self.text, self.keep_partial = text, keep_partial
         self.bar = st.progress(0.0, text=text)
         self.cancel = threading.Event()
         self.interrupt: BaseException | None = None
@@ -114,8 +114,16 @@ class LiveProgress:
         try:
             self.bar.progress(min(1.0, done / total) if total else 1.0, text=f"{self.text} ({done}/{total})")
         except ScriptControlException as exc:
+            if not self.keep_partial:  # a run with no partial result to keep: stop it right here
+                raise
             self.interrupt = exc
             self.cancel.set()
+
+    def stage(self, text: str) -> LiveProgress:
+        """The same bar for the next stage of a run."""
+        self.text = text
+        self(0, 1)
+        return self
 
     def finish(self) -> None:
         """Hand a held stop/rerun request back to Streamlit; otherwise remove the bar."""

@@ -204,6 +204,7 @@ def saved_probe(ckpts, tmp_path_factory):
 
 def test_probes_page_confidence_and_exit(app, saved_probe):
     at = app("probes")
+    at.radio(key="probe_source").set_value("load saved").run()
     at.radio(key="probe_dir_how").set_value("path on this machine").run()
     at.text_input(key="probe_dir_path").set_value(str(saved_probe / "probe")).run()
     _ok(at)
@@ -211,18 +212,50 @@ def test_probes_page_confidence_and_exit(app, saved_probe):
     at.radio(key="cal_cues_how").set_value("path on this machine").run()
     at.text_input(key="cal_cues_path").set_value(str(saved_probe / "cal.safetensors")).run()
     _ok(at)
-    assert [m.value for m in at.metric][0] == "0.1"
+    assert [m.value for m in at.metric][0] == "0.3"  # the demo's documented delta
     at.slider(key="lynx_gen_budget").set_value(16).run()
     _click(at, "run_lynx_gen")
-    assert _charts(at) == 1
-    assert len(_codes(at)) == 2  # full generation and the online exit
-    at.slider(key="lynx_delta").set_value(0.3).run()
+    # one tab per default question, each with GenerationResult.figure() and both texts
+    assert len(at.tabs) == 4 and _charts(at) == 4
+    assert len(_codes(at)) == 8
+    # the probe (trained on late cues = right) exits for real during generation
+    msg = next(s.value for s in at.success if "generations exited early" in s.value)
+    n_exit = int(msg.split(": ")[1].split(" of ")[0])
+    assert n_exit > 0 and sum("exit at token" in t.label for t in at.tabs) == n_exit
+    assert sum("online exit" in c.value and "stop: exit" in c.value for c in at.caption) == n_exit
+    at.slider(key="lynx_delta").set_value(0.1).run()
     _ok(at)
-    assert [m.value for m in at.metric][0] == "0.3"
+    assert [m.value for m in at.metric][0] == "0.1"
+    assert "replay the probe at the slider's delta = 0.1" in next(
+        s.value for s in at.success if "exited early" in s.value)
+
+
+def test_probes_page_trains_live_once_then_loads_from_the_cache(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path / "cache"))
+    at = app("probes")
+    for key, value in (("lynx_ntrain", 4), ("lynx_ncal", 4), ("lynx_budget", 8)):
+        at.number_input(key=key).set_value(value).run()
+    at.text_input(key="lynx_cues").set_value("re:[a-z]").run()
+    assert not any("is cached" in c.value for c in at.caption)
+    _click(at, "run_lynx_train")
+    # a random tiny model is never right: the page says the probe has nothing to learn from
+    assert any("nothing to learn from" in w.value for w in at.warning)
+    assert any(c.value.startswith("Training: ") for c in at.caption)
+    cached = list((tmp_path / "cache" / "app" / "lynx").glob("*/probe/probe.json"))
+    assert len(cached) == 1 and (cached[0].parents[1] / "cues_calibration.safetensors").exists()
+    assert [m.label for m in at.metric][1].startswith("q0")
+    at2 = app("probes")  # a new session with the same settings loads the cached probe
+    for key, value in (("lynx_ntrain", 4), ("lynx_ncal", 4), ("lynx_budget", 8)):
+        at2.number_input(key=key).set_value(value).run()
+    at2.text_input(key="lynx_cues").set_value("re:[a-z]").run()
+    assert any("is cached" in c.value for c in at2.caption)
+    _click(at2, "run_lynx_train")
+    assert any(c.value.startswith("Training: ") for c in at2.caption)
 
 
 def test_probes_page_refuses_a_probe_for_another_model(app, saved_probe):
     at = app("probes", family="llama")  # same shape but dense: accepted; a wrong file is refused
+    at.radio(key="probe_source").set_value("load saved").run()
     at.radio(key="probe_dir_how").set_value("path on this machine").run()
     at.text_input(key="probe_dir_path").set_value(str(saved_probe)).run()
     assert any("is not a saved probe" in e.value for e in at.error)
@@ -311,6 +344,10 @@ def test_live_progress_keeps_a_stop_request_until_the_partial_result_is_stored(m
     bar(3, 4)  # later calls are quiet
     with pytest.raises(StopException):
         bar.finish()
+    now = ec.LiveProgress("labelling", keep_partial=False)  # nothing partial to keep: stop at once
+    monkeypatch.setattr(now.bar, "progress", stop)
+    with pytest.raises(StopException):
+        now(1, 4)
 
 
 def test_steer_app_command(monkeypatch, capsys):

@@ -1,15 +1,24 @@
-"""Probes (LYNX): confidence over a generation at each cue, and where a probe calibrated at delta exits."""
+"""Probes (LYNX): confidence at each cue of live generations, and where a probe calibrated at delta exits.
+
+The live probe is labelled, trained and calibrated here once per model and settings, then cached on
+disk (labelling runs a forced-exit answer at every cue, minutes on a CPU). Exits happen for real: the
+questions are generated twice, without exits (every cue scored, for the figure) and with the
+calibrated probe deciding online (KV cache rolled back, exit string fed, answer decoded).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import streamlit as st
-import torch
 from explorer_common import (
     LYNX_KEY,
     MODEL_LOCK,
+    LiveProgress,
     current_model,
     folder_zip,
-    probe_trajectory_figure,
+    lines,
     result_bytes,
     saved_result,
     show_figure,
@@ -26,17 +35,62 @@ from probes import (
     arithmetic_problems,
     lynx,
 )
-from probes.data import chat_prompts
+from probes.answers import get_checker
+from probes.conformal import min_calibration_size
+from probes.data import SPLITS, chat_prompts
 from probes.features import default_points
 from probes.generate import generate_with_exit
 from steer.config import LynxSection
+from steer.packages import cache_dir
+
+# The demo's delta: a 135M model is right at few cue events, so its probe is rarely sure; at 0.3 up to
+# 30% of the cue events where exiting is wrong may exit (per event, marginally), which lets the demo
+# show exits on a handful of questions. Published LYNX settings are 0.05-0.1; the slider goes there.
+DEMO_DELTA = 0.3
+DEMO_QUESTIONS = 4
+CACHE_VERSION = 1
+
+
+def probe_cache(lm, settings: dict):
+    return cache_dir() / "app" / "lynx" / hashlib.sha256(
+        json.dumps({"model": lm.weights_hash, "v": CACHE_VERSION, **settings}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+
+
+def label_train_cached(lm, folder, n: dict[str, int], cues: CueSet, cfg: ExitConfig, bar: LiveProgress):
+    """Each split's labelled cue events and the trained probe, from `folder` or made now and saved there."""
+    points = default_points(lm.model)
+    labs = {}
+    for split, count in n.items():
+        path = folder / f"cues_{split}.safetensors"
+        if path.exists():
+            labs[split] = LabelledCues.from_safetensors(path)
+            continue
+        bar.stage(f"labelling {split} problems (a forced-exit answer at every cue)")
+        labs[split], _ = lynx.label(lm.model, lm.tokenizer, arithmetic_problems(count, split=split), points, cues,
+                                    cfg, batch_size=8, model_name=lm.name, progress=bar)
+        folder.mkdir(parents=True, exist_ok=True)
+        labs[split].to_safetensors(path)
+    if (folder / "probe" / "probe.json").exists():
+        probe = LynxProbe.load(folder / "probe")
+    else:
+        bar.stage("training the probe")
+        probe = lynx.train(labs["train"], ProbeConfig(max_epochs=100))
+        probe.save(folder / "probe")
+    return probe, labs["calibration"], labs["train"]
+
+
+def known_answers() -> dict[str, int]:
+    """Gold answers of the seeded problems (the default questions come from the test split)."""
+    return {p.question: p.answer for split in SPLITS for p in arithmetic_problems(200, split=split)}
+
 
 st.title("Probes: LYNX confidence and online early exit")
 lm = current_model()
 spec = st.session_state["model_spec"]
 
 st.header("1. A probe and its calibration cue events")
-source = st.radio("Probe source", ("load saved", "train live (small)"), horizontal=True, key="probe_source")
+source = st.radio("Probe source", ("train live (cached)", "load saved"), horizontal=True, key="probe_source")
 probe: LynxProbe | None = None
 cal_cues: LabelledCues | None = None
 if source == "load saved":
@@ -54,34 +108,39 @@ if source == "load saved":
             probe = None
 else:
     c1, c2, c3 = st.columns(3)
-    n_train = c1.number_input("Training problems", 4, 200, 12, key="lynx_ntrain")
-    n_cal = c2.number_input("Calibration problems", 4, 200, 12, key="lynx_ncal")
-    budget = c3.number_input("Reasoning tokens", 8, 256, 48, key="lynx_budget")
+    n_train = c1.number_input("Training problems", 4, 400, 32, key="lynx_ntrain")
+    n_cal = c2.number_input("Calibration problems", 4, 400, 32, key="lynx_ncal")
+    budget = c3.number_input("Reasoning tokens", 8, 256, 64, key="lynx_budget")
     cues_text = st.text_input("Cues (words, structural cues, re:REGEX)", "newline,blank_line,sentence_end",
                               key="lynx_cues")
     exit_string = st.text_input("Exit string", "\n\nThe answer is ", key="lynx_exit")
+    settings = dict(train=int(n_train), calibration=int(n_cal), budget=int(budget), cues=cues_text,
+                    exit=exit_string, answer_max_tokens=8)
+    folder = probe_cache(lm, settings)
+    cached = (folder / "probe" / "probe.json").exists()
+    st.caption(("A probe for these settings is cached: pressing the button loads it. " if cached else
+                "Labelling runs a forced-exit answer at every cue of every problem (minutes on a CPU). ")
+               + f"Cache: `{folder}`.")
     if st.button("Label, train and calibrate", type="primary", key="run_lynx_train"):
+        bar = LiveProgress("preparing", keep_partial=False)  # Stop ends the run; finished splits stay cached
         try:
             cues = CueSet.parse(cues_text)
             cfg = ExitConfig(exit_string=exit_string, max_new_tokens=int(budget), answer_max_tokens=8)
-            points = default_points(lm.model)
-            bar = st.progress(0.0, "labelling cue events (Streamlit's Stop button cancels)…")
             with MODEL_LOCK:
-                labs = []
-                for i, (split, n) in enumerate((("train", n_train), ("calibration", n_cal))):
-                    def step(done, total, i=i, split=split):
-                        bar.progress((i + done / total) / 2, f"labelling {split} problems: {done}/{total}")
-                    lab, _ = lynx.label(lm.model, lm.tokenizer, arithmetic_problems(int(n), split=split), points, cues,
-                                        cfg, batch_size=4, model_name=lm.name, progress=step)
-                    labs.append(lab)
-                bar.progress(1.0, "training the probe…")
-                trained = lynx.train(labs[0], ProbeConfig(max_epochs=100))
-            st.session_state["lynx"] = (spec, trained, labs[1])
+                trained, cal, train = label_train_cached(
+                    lm, folder, {"train": int(n_train), "calibration": int(n_cal)}, cues, cfg, bar)
+            st.session_state["lynx"] = (spec, trained, cal, train)
         except ValueError as exc:
             st.error(str(exc))
+        bar.finish()
     saved = st.session_state.get("lynx")
     if saved and saved[0] == spec:
-        probe, cal_cues = saved[1], saved[2]
+        probe, cal_cues, train = saved[1], saved[2], saved[3]
+        st.caption(f"Training: {len(train)} cue events, {int(train.labels.sum())} where exiting gives the right "
+                   f"answer; calibration: {len(cal_cues)} cue events, {int(cal_cues.labels.sum())} right.")
+        if int(train.labels.sum()) < 2:
+            st.warning("Almost no training cue event is labelled correct, so the probe has nothing to learn from: "
+                       "use more training problems or cues that fall after the model has computed its answer.")
         c1, c2 = st.columns(2)
         c1.download_button("Download probe (.zip)", folder_zip(probe.save), file_name="probe.zip", key="dl_probe")
         c2.download_button("Download calibration cue events", result_bytes(cal_cues.to_safetensors, "cal.safetensors"),
@@ -89,11 +148,13 @@ else:
 
 if probe is not None:
     info = probe.info
-    st.caption(f"Probe on {info.model or '?'}: points {info.points}, {info.n_train} training events, "
-               f"validation AUC {info.val_auc:.3f}" if info else "Probe without training info")
-    st.header("2. Confidence over a generation")
+    auc = f"validation AUC {info.val_auc:.3f}" if info and info.val_auc == info.val_auc else "no validation AUC"
+    st.caption(f"Probe on {info.model or '?'}: points {info.points}, {info.n_train} training events, {auc}"
+               if info else "Probe without training info")
+    st.header("2. Confidence over generations, and online exits")
     if cal_cues is not None:
-        delta = st.slider("delta (tolerated premature-exit rate)", 0.01, 0.5, 0.1, 0.01, key="lynx_delta")
+        delta = st.slider("delta (tolerated premature-exit rate per cue event)", 0.01, 0.5, DEMO_DELTA, 0.01,
+                          key="lynx_delta", help=f"the demo starts at {DEMO_DELTA}: see the page's source for why")
         try:
             lynx.calibrate_probe(probe, cal_cues, delta, warn=False)
         except ValueError as exc:
@@ -111,37 +172,54 @@ if probe is not None:
     c1.metric("delta", f"{cal.delta:g}")
     c2.metric("q0 (exit needs p > q0)", f"{cal.q0:.3f}")
     c3.metric("calibration events (y=0 / y=1)", f"{cal.n0} / {cal.n1}")
-    for note in cal.notes:
-        st.warning(note)
-    question = st.text_input("Question", arithmetic_problems(1, split="test")[0].question, key="lynx_q")
-    budget = st.slider("Reasoning tokens", 8, 256, 64, key="lynx_gen_budget")
+    if not cal.can_exit:
+        st.warning(f"No exit is possible at delta = {cal.delta:g}: a finite threshold needs at least "
+                   f"{min_calibration_size(cal.delta)} negative calibration events, there are {cal.n0}. Raise delta "
+                   f"to {1 / (cal.n0 + 1):.2f} or more, or label more calibration problems.")
+    defaults = "\n".join(p.question for p in arithmetic_problems(DEMO_QUESTIONS, split="test"))
+    questions = lines(st.text_area("Questions (one per line)", defaults, key="lynx_questions"))
+    # calibration holds for cue events like the calibration ones: by default, the labelling budget
+    budget = st.slider("Reasoning tokens", 8, 256, int(st.session_state.get("lynx_budget", 64)), key="lynx_gen_budget")
     if st.button("Generate", type="primary", key="run_lynx_gen"):
+        if not questions:
+            st.error("give at least one question")
+            st.stop()
         cfg = ExitConfig(exit_string=info.exit_string if info and info.exit_string else ExitConfig().exit_string,
                          max_new_tokens=int(budget), answer_max_tokens=8)
-        prompts = chat_prompts(lm.tokenizer, [question])
-        with using_model("Generating (all cues scored), then with online exit…"):
+        prompts = chat_prompts(lm.tokenizer, questions)
+        with using_model(f"Generating {len(questions)} answers with every cue scored, then with online exits…"):
             full = generate_with_exit(lm.model, lm.tokenizer, prompts, NeverExit(), cues=probe.cue_set, config=cfg,
                                       points=info.points, record_features=True)
-            with torch.no_grad():
-                scores = probe(full.features).tolist() if full.features.numel() else []
-            exits = cal.should_exit(torch.tensor(scores)).tolist() if scores else []
             online = lynx.generate(lm.model, lm.tokenizer, prompts, probe, config=cfg)
-        st.session_state["lynx_out"] = dict(spec=spec, delta=cal.delta, events=full.rows[0].events, scores=scores,
-                                            exits=exits, full=full.rows[0], online=online.rows[0],
-                                            exit_len=len(online.exit_ids))
+        st.session_state["lynx_out"] = dict(spec=spec, delta=cal.delta, questions=questions, full=full, online=online)
         st.session_state[LYNX_KEY] = LynxSection.from_probe(probe)
     out = st.session_state.get("lynx_out")
     if out and out["spec"] == spec:
-        if out["events"]:
-            show_figure(probe_trajectory_figure(out["events"], out["scores"], out["exits"],
-                                                f", delta = {out['delta']:g}"), key="lynx_traj")
-        else:
-            st.warning("The generation produced no cue: nothing was scored. Use cues this model emits.")
-        row, on = out["full"], out["online"]
-        c1, c2 = st.columns(2)
-        c1.caption(f"full generation ({row.kept} tokens, stop: {row.stop})")
-        c1.code(row.reasoning_text, language=None, wrap_lines=True)
-        c2.caption(f"online exit ({on.n_tokens(out['exit_len'])} tokens, stop: {on.stop}); answer:")
-        c2.code(on.reasoning_text + (f"\n→ {on.answer.answer_text}" if on.answer else ""), language=None,
-                wrap_lines=True)
+        full, online, qs = out["full"], out["online"], out["questions"]
+        gold, check = known_answers(), get_checker("numeric")
+        exited = [r.stop == "exit" for r in online.rows]
+        st.success(f"Online run at delta = {out['delta']:g}: {sum(exited)} of {len(qs)} generations exited early, "
+                   f"{sum(full.n_tokens()) - sum(online.n_tokens())} output tokens saved in all."
+                   + ("" if abs(out["delta"] - cal.delta) < 1e-12 else
+                      f" The figures replay the probe at the slider's delta = {cal.delta:g}."))
+        labels = []
+        for i, r in enumerate(online.rows):
+            cut = next((e.cue_token for e in r.events if e.exited), None)
+            labels.append(f"Q{i + 1}: " + (f"exit at token {cut}" if cut is not None else f"no exit ({r.stop})"))
+        for i, tab in enumerate(st.tabs(labels)):
+            with tab:
+                st.markdown(f"**{qs[i]}**")
+                if full.rows[i].events:
+                    show_figure(full.figure(i, probe=probe, calibration=cal), key=f"lynx_traj_{i}")
+                else:
+                    st.warning("This generation produced no cue: nothing was scored. Use cues this model emits.")
+                row, on = full.rows[i], online.rows[i]
+                right = gold.get(qs[i])
+                c1, c2 = st.columns(2)
+                for col, r, name in ((c1, row, "full generation"), (c2, on, "online exit")):
+                    verdict = "" if right is None else \
+                        (" — right" if check.check(r.final_text, right, forced=r.forced) else f" — wrong (gold {right})")
+                    col.caption(f"{name} ({r.n_tokens(len(full.exit_ids))} tokens, stop: {r.stop}){verdict}")
+                    col.code(r.reasoning_text + (f"\n→ {r.answer.answer_text}" if r.answer else ""), language=None,
+                             wrap_lines=True)
         st.caption("The calibrated probe was added to the Config page.")
