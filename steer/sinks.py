@@ -12,8 +12,10 @@ Sink rate ("When Attention Sink Emerges"): the fraction of (layer, head) whose f
 exceeds eps = 0.3, averaged over 64-token inputs.
 
 Statistics stream: for each layer, an `attn.impl` override runs the model's own attention for the
-output and `kernels.sink_stats` for column sums from q and k in key blocks, so no N x N map is kept
-(memory O(B H N) per layer). Families whose attention is not plain softmax(q k^T) -- logit
+output (SDPA with is_causal when the batch has no padding and no sliding window reaches back: the
+same numbers without a materialised mask) and `kernels.sink_stats` for column sums from q and k in
+key blocks, so no N x N map is kept (memory O(B H N) per layer). Families whose attention is not
+plain softmax(q k^T) -- logit
 soft-capping (Gemma 2 style) or GPT-OSS's learned sink logits -- go through the exact eager path
 instead (`attn.pattern`), one layer's map alive at a time, reduced immediately.
 
@@ -122,6 +124,8 @@ class _Collector:
         self.maps: dict[int, torch.Tensor] = {}
         self.keep_maps = keep_maps
         self.n_layers = n_layers
+        self.unpadded = False  # the current batch has no padding: plain causal attention suffices
+        self.causal_calls = 0  # layer calls that took the is_causal path (for tests and benchmarks)
 
     def reset(self) -> None:
         self.col, self.obs = {}, {}
@@ -131,12 +135,25 @@ def _streaming_hook(coll: _Collector):
     def fn(call, ctx: HookContext):
         from kernels.act import sink_stats
 
-        if call.query.shape[2] != call.key.shape[2]:
+        q, k = call.query, call.key
+        t = q.shape[2]
+        if t != k.shape[2]:
             raise ValueError("detect_sinks analyses whole inputs; run it without a KV cache")
-        result = call.base()
-        # steer's mask already holds the sliding window; the kernel applies its own only without one
-        window = call.sliding_window if call.mask is None else None
-        col, n_obs = sink_stats(call.query, call.key, scale=call.scaling, mask=call.mask, sliding_window=window)
+        window = call.sliding_window
+        if coll.unpadded and (window is None or t <= window):
+            # No padding and no window in reach: the mask is plain causal. SDPA with is_causal keeps its
+            # fused kernels (an explicit mask sends CPU SDPA to its math path: a [B, H, T, T] score
+            # tensor per layer), and sink_stats counts observers in closed form.
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, call.value, is_causal=True, scale=call.scaling, enable_gqa=q.shape[1] != k.shape[1])
+            result = (out.transpose(1, 2).contiguous(), None)
+            col, n_obs = sink_stats(q, k, scale=call.scaling)
+            coll.causal_calls += 1
+        else:
+            result = call.base()
+            # steer's mask already holds the sliding window; the kernel applies its own only without one
+            col, n_obs = sink_stats(q, k, scale=call.scaling, mask=call.mask,
+                                    sliding_window=window if call.mask is None else None)
         coll.col[ctx.layer] = col.float().cpu()
         coll.obs[ctx.layer] = n_obs[:, 0].cpu()
         if coll.keep_maps:
@@ -464,6 +481,7 @@ def detect_sinks(
                 mask[b, width - len(s):] = 1
             coll.reset()
             coll.keep_maps = keep_maps and start == 0
+            coll.unpadded = all(len(s) == width for s in batch)
             base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             if len(coll.col) != n_layers:
                 raise RuntimeError(f"sink statistics came from {len(coll.col)} of {n_layers} layers")

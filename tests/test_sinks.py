@@ -44,6 +44,25 @@ def test_streaming_scores_match_full_maps_with_left_padding(family):
         assert res.scores[i, :, :, n:].isnan().all()
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])
+def test_unpadded_batches_take_the_causal_sdpa_path_with_same_numbers(family):
+    """Without padding the streaming hook runs SDPA is_causal (no explicit mask): same outputs, same scores."""
+    from steer.hooks import attach
+    from steer.sinks import _Collector, _streaming_hook
+
+    model, tok = tiny_model(family), tiny_tokenizer()
+    text = TEXTS[0] + " and more words to pass a small sliding window " * 2
+    ids = torch.tensor([tok(text).input_ids] * 2)
+    coll = _Collector(model.config.num_hidden_layers, keep_maps=False)
+    coll.unpadded = True
+    with attach(model, {"blocks.*.attn.impl": _streaming_hook(coll)}):
+        got = model(ids).logits
+    assert coll.causal_calls > 0
+    assert torch.allclose(got, model(ids).logits, atol=1e-5)
+    res = detect_sinks(model, tok, [text], min_queries=1)
+    assert torch.allclose(res.scores[0].double(), _reference_scores(model, tok, text), atol=1e-5)
+
+
 def test_force_exact_path_agrees_with_streaming():
     model, tok = tiny_model("gemma3_text"), tiny_tokenizer()
     a = detect_sinks(model, tok, TEXTS)
