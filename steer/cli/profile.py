@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 from steer.cli import CLIError, print_json
 
 DEFAULT_MODEL = "smollm2-moe"
+# Overrides the default model (e.g. a tiny checkpoint in tests, or your own MoE for every run).
+MODEL_ENV = "STEER_PROFILE_MODEL"
 # French vs English everyday questions (steer/data/prompts): a behaviour SmolLM2 shows reliably
 # (it mostly answers French questions in French) that a transparent labeller can measure.
 DEFAULT_CLASSES = ("french=builtin:questions-fr", "english=builtin:questions-en")
@@ -25,7 +28,9 @@ examples:
 Class SOURCE is a .txt (one prompt per line), .jsonl, .yaml (list, {prompts: [...]}, PyRIT seeds, or
 {template: "What happened {time} {place}?", slots: {...}}) or builtin:NAME (questions-en,
 questions-fr, advbench, benign, prose). The first class is the target unless --target says.
-Writes DIR/profile.safetensors, DIR/profile.json, DIR/heatmap.html, DIR/top.html.
+Writes DIR/profile.safetensors, DIR/profile.json, DIR/heatmap.png, DIR/heatmap.html, DIR/top.html
+(the HTML files load DIR/plotly.min.js, so they open offline). The default model is
+$STEER_PROFILE_MODEL if set, else smollm2-moe (built from SmolLM2 on first use, minutes).
 """
 
 
@@ -35,8 +40,9 @@ def add_parser(sub) -> None:
         description="Run prompt classes through an MoE, count per (layer, expert) the tokens routed there, "
                     "score experts (mote / risk_diff / npmi) with bootstrap CIs, save the profile and heatmaps.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="packaged name, checkpoint dir or .gguf (default %(default)s, built on first use)")
+    p.add_argument("--model", default=os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
+                   help=f"packaged name, checkpoint dir or .gguf (default %(default)s, built on first use; "
+                        f"${MODEL_ENV} changes it)")
     p.add_argument("--class", dest="classes", action="append", metavar="NAME=SOURCE",
                    help=f"a prompt class (repeat; default {' '.join(DEFAULT_CLASSES)})")
     p.add_argument("--prompts", metavar="SOURCE", help="one pooled prompt set whose classes come from --labeller")
@@ -104,10 +110,11 @@ def run(args) -> int:
     out = args.out or Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     st, js = prof.save(out)
-    prof.figure().write_html(out / "heatmap.html", include_plotlyjs="cdn")
-    prof.bar_figure(min(args.top, prof.scores.numel())).write_html(out / "top.html", include_plotlyjs="cdn")
+    png = write_heatmap_png(prof, out / "heatmap.png")
+    prof.figure().write_html(out / "heatmap.html", include_plotlyjs="directory")
+    prof.bar_figure(min(args.top, prof.scores.numel())).write_html(out / "top.html", include_plotlyjs="directory")
     top = prof.top(args.top)
-    summary = {"out": str(out), "files": [str(st), str(js), str(out / "heatmap.html"), str(out / "top.html")],
+    summary = {"out": str(out), "files": [str(st), str(js), str(png), str(out / "heatmap.html"), str(out / "top.html")],
                "model": lm.name, "classes": prof.classes, "target": prof.target, "score": config.score,
                "tokens": config.tokens, "stats": prof.stats,
                "top": [t.__dict__ for t in top]}
@@ -121,5 +128,54 @@ def run(args) -> int:
     for t in top:
         tail = f"  [{t.ci_low:+.4f}, {t.ci_high:+.4f}]" if t.ci_low is not None else ""
         print(f"{t.rank:>4} {t.layer:>5} {t.expert:>6} {t.score:+9.4f}{tail}")
-    print(f"wrote {out}/ (profile.safetensors, profile.json, heatmap.html, top.html)", file=sys.stderr)
+    print(f"wrote {out}/ (profile.safetensors, profile.json, heatmap.png, heatmap.html, top.html)", file=sys.stderr)
     return 0
+
+
+def _diverging(v: float) -> tuple[int, int, int]:
+    """Blue (-1) - white (0) - red (+1), like plotly's RdBu_r at its ends."""
+    v = max(-1.0, min(1.0, v))
+    end = (178, 24, 43) if v > 0 else (33, 102, 172)
+    a = abs(v)
+    return tuple(round(255 + (c - 255) * a) for c in end)
+
+
+def write_heatmap_png(prof, path: Path, cell: tuple[int, int] = (22, 14)) -> Path:
+    """The profile's layer x expert heatmap as a PNG drawn with Pillow.
+
+    Plotly's PNG export needs kaleido and a browser; a PNG that any viewer opens offline only needs
+    the score grid, so it is drawn directly (same colours and symmetric range as `Profile.figure`).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    z = prof.scores.float()
+    n_rows, n_cols = z.shape
+    lim = float(z.abs().max()) or 1.0
+    font = ImageFont.load_default(size=11)
+    cw, ch = cell
+    left, top, bar_w = 60, 40, 14
+    width = left + n_cols * cw + 30 + bar_w + 70
+    height = top + n_rows * ch + 40
+    img = Image.new("RGB", (width, max(height, top + 160)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), f"{prof.config.score}: {prof.target} vs rest (max |score| {lim:.3g})", fill="black", font=font)
+    for r in range(n_rows):
+        y = top + r * ch
+        if n_rows <= 40 or r % 2 == 0:
+            d.text((left - 6, y + ch / 2), str(prof.layers[r]), fill="black", font=font, anchor="rm")
+        for c in range(n_cols):
+            x = left + c * cw
+            d.rectangle([x, y, x + cw - 1, y + ch - 1], fill=_diverging(float(z[r, c]) / lim))
+    for c in range(n_cols):
+        if n_cols <= 32 or c % 4 == 0:
+            d.text((left + c * cw + cw / 2, top + n_rows * ch + 4), str(c), fill="black", font=font, anchor="mt")
+    d.text((left + n_cols * cw / 2, top + n_rows * ch + 20), "expert", fill="black", font=font, anchor="mt")
+    d.text((6, top - 16), "MoE layer", fill="black", font=font)
+    bx, bh = left + n_cols * cw + 30, n_rows * ch
+    for i in range(bh):
+        d.line([bx, top + i, bx + bar_w, top + i], fill=_diverging(1 - 2 * i / max(bh - 1, 1)))
+    d.text((bx + bar_w + 4, top), f"{lim:+.3g}", fill="black", font=font, anchor="lt")
+    d.text((bx + bar_w + 4, top + bh / 2), "0", fill="black", font=font, anchor="lm")
+    d.text((bx + bar_w + 4, top + bh), f"{-lim:+.3g}", fill="black", font=font, anchor="lb")
+    img.save(path)
+    return path
