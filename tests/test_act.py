@@ -3,7 +3,14 @@ import json
 import pytest
 import torch
 
-from steer.act import ACT, ACTConfig, UnsupportedAttentionError, calibrate_heads, sweep_heads
+from steer.act import (
+    ACT,
+    ACTConfig,
+    UnsupportedAttentionError,
+    attribution_screen,
+    calibrate_heads,
+    sweep_heads,
+)
 from steer.attention import attention_probs_reference
 from steer.hooks import attach
 from steer.interventions import NoEffectError
@@ -269,20 +276,41 @@ def test_sweep_suffix_path_equals_whole_forwards(family):
                                                   torch.tensor(sw.per_head[heads[0]]), atol=1e-5)
 
 
-def test_calibrate_screens_every_head_then_keep_rule_on_shortlist():
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_attribution_screen_is_the_first_order_effect(family):
+    """For a small perturbation (beta near 1) the estimate equals the exact one-head effect to first order."""
+    model, tok = tiny_model(family), tiny_tokenizer()
+    items = _items(9)
+    params = dict(beta=0.98, tau=TAU, min_queries=MINQ)
+    est = attribution_screen(model, tok, items, batch_size=4, **params)
+    heads = sorted(est, key=lambda hd: -abs(est[hd]))[:4]  # the heads with the largest estimated effects
+    sw = sweep_heads(model, tok, items, heads, batch_size=4, **params)
+    exact = torch.tensor([sw.delta_logp(hd) for hd in heads], dtype=torch.float64)
+    approx = torch.tensor([est[hd] for hd in heads], dtype=torch.float64)
+    assert exact.abs().max() > 1e-5  # the effects are not vacuous
+    assert torch.allclose(approx, exact, rtol=0.1, atol=0.05 * float(exact.abs().max()))
+    assert all(p.requires_grad for p in model.parameters())  # parameters unfrozen again
+
+
+@pytest.mark.parametrize("screen", ["attribution", "exact"])
+def test_calibrate_screens_every_head_then_keep_rule_on_shortlist(screen):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     split = TaskSplit("x", "calibration", 0, _items(21))
-    cfg = calibrate_heads(model, tok, split, tau=TAU, min_queries=MINQ, shortlist=2, screen_items=6, min_gain=0)
+    cfg = calibrate_heads(model, tok, split, tau=TAU, min_queries=MINQ, shortlist=2, screen=screen, screen_items=6,
+                          min_gain=0)
     search = cfg.search
     screened = search["screening"]
+    assert search["screen"] == screen
     assert search["n_candidates"] == len(screened) > 2  # every candidate head was scored
-    ranked = sorted(screened, key=lambda r: -r["delta_logp"])
-    want = [(r["layer"], r["head"]) for r in ranked if r["delta_logp"] > 0][:2]
-    assert [tuple(hd) for hd in search["shortlist"]] == want
+    ranked = sorted(screened, key=lambda r: -r["screen_score"])
+    want = [(r["layer"], r["head"]) for r in ranked if r["screen_score"] > 0][:2]
+    assert want and [tuple(hd) for hd in search["shortlist"]] == want
     assert [(r["layer"], r["head"]) for r in search["candidates"]] == want  # keep rule on the shortlist only
     assert all(r["shortlisted"] == ((r["layer"], r["head"]) in want) for r in screened)
     with pytest.raises(ValueError, match="shortlist must be"):
         calibrate_heads(model, tok, split, shortlist=0)
+    with pytest.raises(ValueError, match="screen must be"):
+        calibrate_heads(model, tok, split, screen="fast")
 
 
 @pytest.fixture(scope="module")

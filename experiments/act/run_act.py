@@ -1,9 +1,10 @@
 """ACT on a packaged model: sink rate, calibration head search, held-out accuracy baseline vs ACT.
 
-    .venv/bin/python experiments/act/run_act.py --model smollm2 --cal 30 --screen 8 --shortlist 16 --heldout 80
+    .venv/bin/python experiments/act/run_act.py --model smollm2 --cal 20 --shortlist 10 --heldout 60
 
-Head search: every head with a hidden sink is screened on --screen items per task, the best --shortlist
-go to the keep rule on --cal items per task (steer.act.calibrate_heads).
+Head search (steer.act.calibrate_heads): every head with a hidden sink is screened (attribution: a
+first-order estimate for all heads from one forward + backward; exact: each head alone on --screen
+items per task), the best --shortlist go to the keep rule on --cal items per task.
 
 Writes experiments/act/out/<model>/{sinks.safetensors, sink_*.html, act_config.json, results.json}.
 Everything is measured in this run; RESULTS.md quotes results.json.
@@ -37,7 +38,9 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--sink-inputs", type=int, default=100)
     ap.add_argument("--cal", type=int, default=30, help="calibration items per task (keep rule)")
-    ap.add_argument("--screen", type=int, default=8, help="calibration items per task in the screening pass")
+    ap.add_argument("--screen-method", choices=("attribution", "exact"), default="attribution",
+                    help="screening: first-order estimate for all heads at once, or each head alone on --screen items")
+    ap.add_argument("--screen", type=int, default=8, help="items per task in an exact screening pass")
     ap.add_argument("--shortlist", type=int, default=16, help="heads sent from screening to the keep rule")
     ap.add_argument("--candidates", type=int, default=None, help="max candidate heads (default: all with a hidden sink)")
     ap.add_argument("--heldout", type=int, default=80, help="held-out items per task")
@@ -86,13 +89,14 @@ def main() -> int:
     t = time.time()
     cal = task_suite("calibration", n=args.cal, seed=args.seed)
     cfg = calibrate_heads(model, tok, cal, max_candidates=args.candidates, shortlist=args.shortlist,
-                          screen_items=args.screen, beta=args.beta, progress=log)
+                          screen=args.screen_method, screen_items=args.screen, beta=args.beta, progress=log)
     cfg.save(out / "act_config.json")
     results["calibration"] = {"heads": cfg.heads, "baseline_correct": cfg.search["baseline_correct"],
                               "final_correct": cfg.search["final_correct"], "n_items": cfg.search["n_items"],
                               "candidates": cfg.search["candidates"], "combinations": cfg.search["combinations"],
                               "n_candidates": cfg.search["n_candidates"], "n_heads_total": cfg.search["n_heads_total"],
-                              "shortlist": cfg.search["shortlist"],
+                              "shortlist": cfg.search["shortlist"], "screen": cfg.search["screen"],
+                              "screening": cfg.search["screening"],
                               "seconds": time.time() - t}
     log(f"chosen heads {cfg.heads}")
 

@@ -11,7 +11,7 @@ from steer.cli import print_json
 EXAMPLES = """\
 examples:
   steer calibrate --out act.json                          SmolLM2, 20 items per task, every head screened
-  steer calibrate --screen-items 8 --shortlist 16 --out act.json   screening size / keep-rule shortlist
+  steer calibrate --screen exact --screen-items 8 --shortlist 16 --out act.json   each head alone in screening
   steer calibrate --tasks kv_retrieval,fewshot --n 40 --beta 0.4 --out act.json
   steer calibrate --heads 3:1,7:4 --out act.json          search only these (layer:head) candidates
   steer calibrate --alpha 2 --min-gain 2 --no-combine --json --out act.json
@@ -39,8 +39,8 @@ def _heads(text: str) -> list[tuple[int, int]]:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "calibrate", help="ACT head search on the calibration split; writes an ACT config",
-        description="One-head-at-a-time ACT calibration: every head with a hidden sink is screened alone on "
-                    "--screen-items items per task, the best --shortlist go on: baseline accuracy, each head "
+        description="One-head-at-a-time ACT calibration: every head with a hidden sink is screened (--screen), "
+                    "the best --shortlist go on: baseline accuracy, each head "
                     "alone (keep it if it gains >= --min-gain items), then a greedy combination of the kept heads.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -55,7 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--min-queries", type=int, default=8)
     p.add_argument("--heads", type=_heads, help="candidate heads LAYER:HEAD,... (default: heads with hidden sinks)")
     p.add_argument("--max-candidates", type=int, help="search at most this many candidates (default: all)")
-    p.add_argument("--screen-items", type=int, default=8, help="items per task in the screening pass (default 8)")
+    p.add_argument("--screen", choices=("attribution", "exact"), default="attribution",
+                   help="screening: first-order estimate of every head at once (default), or each head alone")
+    p.add_argument("--screen-items", type=int, default=8, help="items per task in an exact screening pass (default 8)")
     p.add_argument("--shortlist", type=int, default=16,
                    help="heads sent from screening to the keep rule (0 = no screening, keep rule on every head)")
     p.add_argument("--min-gain", type=int, default=1, help="items a head must add alone to be kept")
@@ -79,7 +81,8 @@ def run(args) -> int:
         lm.model, lm.tokenizer, splits, candidates=args.heads, max_candidates=args.max_candidates,
         beta=args.beta, tau=None if args.alpha is not None else args.tau, alpha=args.alpha,
         min_queries=args.min_queries, min_gain=args.min_gain, combine=not args.no_combine,
-        shortlist=args.shortlist or None, screen_items=args.screen_items, batch_size=args.batch_size, progress=say,
+        shortlist=args.shortlist or None, screen=args.screen, screen_items=args.screen_items,
+        batch_size=args.batch_size, progress=say,
     )
     cfg.save(args.out)
     s = cfg.search
@@ -92,8 +95,7 @@ def run(args) -> int:
     n = s["n_items"]
     print(f"calibration: {n} items ({', '.join(tasks)}), baseline {s['baseline_correct']}/{n}")
     if s["screening"]:
-        print(f"screened {len(s['screening'])} heads on {s['screen_items_per_task']} items per task; "
-              f"shortlist {s['shortlist']}")
+        print(f"screened {len(s['screening'])} heads ({s['screen']}); shortlist {s['shortlist']}")
     print(cfg.to_dataframe().to_string(index=False))
     if cfg.heads:
         print(f"chosen heads {cfg.heads}: {s['final_correct']}/{n} on the calibration items")
