@@ -56,7 +56,7 @@ class DenseModelError(ValueError):
 
 
 class ProfileCancelled(RuntimeError):
-    """`profile` was cancelled before every class had a counted prompt, so there is nothing to score."""
+    """`profile` was cancelled before every class had a counted prompt: there is nothing to score yet."""
 
     def __init__(self, message: str, done: int, total: int):
         super().__init__(message)
