@@ -102,6 +102,13 @@ def test_right_padding_is_refused(llama):
     ids = torch.tensor([[5, 6, 0]])
     with pytest.raises(ValueError, match="left"):
         generate(llama, ids, torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+    # the recorder on its own (no up-front check) refuses too, once, when the block ends
+    from steer.difr import FingerprintRecorder
+
+    with pytest.raises(ValueError, match="left padding"):
+        with FingerprintRecorder(llama, DiFRConfig()) as rec, torch.no_grad():
+            llama(input_ids=ids, attention_mask=torch.tensor([[1, 1, 0]]))
+    assert len(rec.steps) == 1
 
 
 # ---- file format and bad inputs -------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kernels._triton import backend_for
 from kernels.fingerprint import fingerprint as _kernel_fingerprint
 from kernels.fingerprint import projection_matrix as _kernel_projection_matrix
 
@@ -307,22 +308,37 @@ class FingerprintRecorder:
 
     Each forward call contributes the last position of every row: the prompt's last token on the
     prefill call, then the single new token of each decode step (generation must left-pad).
+
+    The per-token work stays on the model's device and never waits for it: P is copied there once,
+    the left-padding check accumulates on the device and is read once on exit, and the fp16 rows
+    are only stacked (and moved to the host) after generation.
     """
 
     def __init__(self, model: nn.Module, config: DiFRConfig, keep_hidden: bool = False):
         self.model, self.config, self.keep_hidden = model, config, keep_hidden
         self.p = projection_matrix(config, model.config.hidden_size)
+        self._p_on: dict[torch.device, tuple[Tensor, str]] = {}  # (P, kernel backend) per device
+        self._last_real: Tensor | None = None  # Bool on the device: every row's last position was real
         self.steps: list[Tensor] = []  # fp16 [B, k] per forward call
         self.hidden: list[Tensor] = []  # fp32 [B, D] per forward call, if keep_hidden
 
     def _record(self, h: Tensor, token_mask: Tensor | None) -> None:
-        if token_mask is not None and not bool(token_mask[:, -1].all()):
-            raise ValueError("fingerprinting needs left padding (the last position of every row must be a "
-                             "real token); set tokenizer.padding_side = 'left'")
         last = h[:, -1, :].detach()
-        self.steps.append(project(last, self.p.to(last.device)))
+        if token_mask is not None:
+            real = token_mask[:, -1].all()
+            self._last_real = real if self._last_real is None else self._last_real & real
+        on = self._p_on.get(last.device)
+        if on is None:  # once per device: P there, and which kernel path its tensors take
+            on = self._p_on[last.device] = (self.p.to(last.device), backend_for(last))
+        self.steps.append(_kernel_fingerprint(last, on[0], backend=on[1]))
         if self.keep_hidden:
             self.hidden.append(last.float().cpu())
+
+    def check_padding(self) -> None:
+        """Raise if any recorded call had a padded last position (right padding: wrong positions)."""
+        if self._last_real is not None and not bool(self._last_real):
+            raise ValueError("fingerprinting needs left padding (the last position of every row must be a "
+                             "real token); set tokenizer.padding_side = 'left'")
 
     def __enter__(self):
         self._cm = _on_lm_head_input(self.model, self._record)
@@ -330,7 +346,10 @@ class FingerprintRecorder:
         return self
 
     def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
+        suppress = self._cm.__exit__(*exc)
+        if exc[0] is None:
+            self.check_padding()
+        return suppress
 
 
 # ---------------------------------------------------------------------------------------------
