@@ -98,6 +98,10 @@ def export_vllm(config: InterventionConfig, out: str | Path, *, model_path: str 
     if config.act is not None:
         problems.append("act: ACT cannot run inside vLLM (fused attention kernels expose no attention weights); "
                         "export without the act section")
+    if config.lynx is not None:
+        problems.append("lynx: LYNX early exit cannot run inside vLLM (an exit rolls the request's KV cache back to "
+                        "before the cue, which vLLM's scheduler cannot do); export without the lynx section and run "
+                        "early exit with `steer generate`")
     if model_path is not None:
         problems += checkpoint_problems(config, model_path)
     if problems:
@@ -209,12 +213,17 @@ def to_easysteer(config: InterventionConfig, *, norm_topk_prob: bool | None = No
 
 def export_easysteer(config: InterventionConfig, out: str | Path, *, norm_topk_prob: bool | None = None) -> ExportResult:
     doc, notes = to_easysteer(config, norm_topk_prob=norm_topk_prob)
-    problems = easysteer_problems(doc)
-    if problems:  # pragma: no cover - our own output must satisfy the documented format
-        raise AssertionError(f"internal error: EasySteer export is invalid: {problems}")
-    path = _json_out(out, "moe_router.json")
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path = _write_checked("EasySteer", doc, easysteer_problems(doc), out, "moe_router.json")
     return ExportResult("easysteer", path, notes)
+
+
+def _write_checked(target: str, doc: Any, problems: list[str], out: str | Path, default_name: str) -> Path:
+    """Write an export document that passed its target's validator (our own output must satisfy it)."""
+    if problems:  # pragma: no cover
+        raise AssertionError(f"internal error: {target} export is invalid: {problems}")
+    path = _json_out(out, default_name)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,11 +314,7 @@ def to_sglang(config: InterventionConfig, *, norm_topk_prob: bool | None = None)
 
 def export_sglang(config: InterventionConfig, out: str | Path, *, norm_topk_prob: bool | None = None) -> ExportResult:
     specs, notes = to_sglang(config, norm_topk_prob=norm_topk_prob)
-    problems = sglang_problems(specs)
-    if problems:  # pragma: no cover - our own output must satisfy the documented format
-        raise AssertionError(f"internal error: SGLang export is invalid: {problems}")
-    path = _json_out(out, "forward_hooks.json")
-    path.write_text(json.dumps({"forward_hooks": specs}, indent=2) + "\n")
+    path = _write_checked("SGLang", {"forward_hooks": specs}, sglang_problems(specs), out, "forward_hooks.json")
     notes.insert(0, f"launch with: python -m sglang.launch_server --model-path MODEL --forward-hooks "
                     f"\"$(jq -c .forward_hooks {path.name})\" (steer must be importable by the server)")
     return ExportResult("sglang", path, notes)

