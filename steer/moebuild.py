@@ -604,7 +604,15 @@ def _moe_layers(model) -> list[int]:
     return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
 
 
-def _routing(model, input_ids: torch.Tensor, noise: float = 0.0, seed: int = 0):
+def _rank_logits(value, _ctx):
+    """Router output with top-k taken on the logits (an engine that never rounds to probabilities)."""
+    logits, weights, indices = value
+    idx = logits.topk(indices.shape[-1], dim=-1).indices
+    w = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, idx).to(weights.dtype)
+    return (logits, w, idx)
+
+
+def _routing(model, input_ids: torch.Tensor, noise: float = 0.0, seed: int = 0, rank_logits: bool = False):
     """Per MoE layer: the sorted top-k sets [N, k], the MLP inputs [N, D] and router logits [N, E]."""
     from steer.hooks import attach
 
@@ -622,6 +630,8 @@ def _routing(model, input_ids: torch.Tensor, noise: float = 0.0, seed: int = 0):
     hooks = {}
     for i in _moe_layers(model):
         hooks[f"blocks.{i}.mlp.in"] = lambda x, ctx, i=i: perturb(x, ctx, i)
+        if rank_logits:  # registered first: hooks on one module run in this order, readers see the edit
+            hooks[f"blocks.{i}.mlp.router"] = _rank_logits
         hooks[f"blocks.{i}.mlp.router.indices"] = lambda v, _ctx, i=i: sets.__setitem__(i, v.sort(-1).values)
         hooks[f"blocks.{i}.mlp.router.logits"] = lambda v, _ctx, i=i: logits.__setitem__(i, v.detach().float())
     with attach(model, hooks), torch.no_grad():
@@ -649,7 +659,9 @@ def routing_robustness(model, input_ids: torch.Tensor, *, noise: float = 1e-6, s
     - bf16_end_to_end: the whole model in bf16.
     - topk_of_logits: top-k taken on the fp32 logits instead of on the softmax probabilities (as HF
       does): engines that rank logits disagree wherever near-equal logits round to equal
-      probabilities near 1/E and HF breaks the tie by expert index (`fp32_prob_ties`).
+      probabilities near 1/E and HF breaks the tie by expert index (`fp32_prob_ties`);
+      topk_of_logits_end_to_end: a whole forward routed that way (each changed choice moves the
+      hidden state by a whole expert's output, so later layers and tokens can change too).
     Also the k-th vs (k+1)-th logit gap relative to the token's logit range (median, and the share of
     token-layers under 1e-3 of it) and the fp32 logit range itself.
     """
@@ -681,6 +693,7 @@ def routing_robustness(model, input_ids: torch.Tensor, *, noise: float = 1e-6, s
     out["topk_of_logits"] = _changed(ref, by_logit)
     out["bf16_local"] = _changed(ref, local_bf16)
     out["noise_end_to_end"] = _changed(ref, _routing(model, input_ids, noise=noise, seed=seed + 1)[0])
+    out["topk_of_logits_end_to_end"] = _changed(ref, _routing(model, input_ids, rank_logits=True)[0])
     if bf16:
         m16 = copy.deepcopy(model).to(torch.bfloat16)
         out["bf16_end_to_end"] = _changed(ref, _routing(m16, input_ids)[0])

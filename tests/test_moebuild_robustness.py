@@ -64,6 +64,19 @@ def test_zero_noise_changes_nothing_and_fractions_are_fractions(moe):
     assert r["logit_range_median"] <= 2e-3
 
 
+def test_logit_ranking_hook_edits_the_routing_the_readers_see(moe):
+    from steer.moebuild import _routing
+
+    set_router_spread(moe, 1e-7, 1e-3)
+    try:
+        sets, _, logits = _routing(moe, IDS, rank_logits=True)
+    finally:
+        set_router_spread(moe, 1e-3, 1e-7)
+    first = min(sets)
+    want = logits[first].topk(TINY.top_k, dim=-1).indices.sort(-1).values
+    assert torch.equal(sets[first], want)
+
+
 def test_spread_too_small_ties_probabilities_and_logit_ranking_disagrees(moe):
     """fp32 softmax probabilities near 1/E cannot resolve logit gaps below ~1e-7: HF's top-k then breaks
     ties by expert index, and an engine that ranks the logits picks other experts. A wide spread
@@ -79,6 +92,8 @@ def test_spread_too_small_ties_probabilities_and_logit_ranking_disagrees(moe):
     finally:
         set_router_spread(moe, 1e-3, 1e-1)
     assert tiny["fp32_prob_ties"] > 0.2 and tiny["topk_of_logits"] > 0.05
+    assert tiny["topk_of_logits_end_to_end"] >= tiny["topk_of_logits"] / 2
     assert wide["fp32_prob_ties"] == 0.0 and wide["topk_of_logits"] == 0.0
+    assert wide["topk_of_logits_end_to_end"] == 0.0
     # bf16 rounds logits relative to their own scale: some token-layers flip whatever the spread
     assert wide["bf16_end_to_end"] > 0
