@@ -120,6 +120,9 @@ def test_experts_page_profile_and_switch_changes_output(page):
     _click(pg, "Profile experts")
     _charts(pg, 3)  # a heatmap per class + the top-k bars
     _shot(pg, "experts_profile")
+    pg.get_by_text("tokens were routed to layer").first.wait_for()  # steer.ftri.expert_tokens' table
+    pg.get_by_role("heading", name="2. Tokens routed to an expert").scroll_into_view_if_needed()
+    _shot(pg, "experts_tokens")
     _click(pg, "Generate baseline and switched")
     pg.get_by_text("routing changed for").wait_for()
     _idle(pg)

@@ -116,10 +116,16 @@ default_prompts = "\n".join(lines(st.session_state.get("prompts_a", ""))[:3])  #
 route_prompts = lines(c3.text_area("Prompts to route (one per line)", default_prompts or "Pourquoi le ciel est-il bleu ?",
                                    key="route_prompts", height=100))
 if route_prompts:
-    try:
-        with MODEL_LOCK:
-            df = expert_tokens(lm.model, lm.tokenizer, route_prompts, int(layer), int(expert),
-                               prof.config if prof is not None else None, routed_only=False)
+    route_cfg = prof.config if prof is not None else None
+    memo_key = (spec, tuple(route_prompts), int(layer), int(expert), repr(route_cfg))
+    try:  # memoised: other widgets rerun the page, and with response tokens this generates answers
+        memo = st.session_state.get("route_memo")
+        if not memo or memo[0] != memo_key:
+            with MODEL_LOCK:
+                memo = (memo_key, expert_tokens(lm.model, lm.tokenizer, route_prompts, int(layer), int(expert),
+                                                route_cfg, routed_only=False))
+            st.session_state["route_memo"] = memo
+        df = memo[1]
     except ValueError as exc:
         st.error(str(exc))
     else:
