@@ -61,6 +61,18 @@ prof.bar_figure(k=12)
 prof.to_dataframe().sort_values("rank").head(8)
 
 # %% [markdown]
+# What is behind a cell of the map: the tokens the router sent to the top expert, read from the
+# router's own top-k output on the same sequences the profile counted (slot = place in the top-k,
+# weight = the router's weight for the expert, context = the text around the token).
+
+# %%
+best = prof.top(1)[0]
+routed = prof.expert_tokens(model, tok, fr[:4], best.layer, best.expert)
+print(f"layer {best.layer} expert {best.expert}: {len(routed)} tokens of 4 French prompts, most often",
+      routed.token.value_counts().head(5).to_dict())
+routed.head(8)
+
+# %% [markdown]
 # ## 2. MoTE: switch the French experts off and generate
 # `ExpertSwitch` edits the router's output (mask the expert before top-k); `touched` counts the
 # tokens whose routing changed, so a switch that did nothing is an error rather than a silent no-op.
@@ -145,6 +157,9 @@ res = lynx.generate(model, tok, chat_prompts(tok, [p.question for p in test]), p
 df = res.to_dataframe()
 df["gold"] = [p.answer for p in test]
 df
+
+# %%
+res.figure(0)  # the probe's p at each cue of the first problem, q0 at this delta, and where it stopped
 
 # %% [markdown]
 # ## 6. DiFR: fingerprint generations, verify them against the model
