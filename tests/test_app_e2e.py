@@ -153,7 +153,8 @@ def test_probes_page_trains_and_exits_live(page):
         field.fill(value)
         field.press("Enter")
     _click(pg, "Label, train and calibrate")
-    pg.get_by_role("button", name="Generate", exact=True).wait_for()
+    # labelling runs a forced-exit answer at every cue of 32 problems: the page's longest step
+    pg.get_by_role("button", name="Generate", exact=True).wait_for(timeout=3 * LONG)
     _click(pg, "Generate")
     pg.get_by_text("generations exited early").wait_for()
     _charts(pg, 1)
