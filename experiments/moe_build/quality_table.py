@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -38,12 +39,16 @@ RESULTS = HERE / "results.json"
 # name -> (config overrides, k with prompt evaluation, k with perplexity only)
 SETTINGS: dict[str, tuple[dict, list[int], list[int]]] = {
     "S1024-coact-ridge": (dict(shared_neurons=1024), [12], [8]),
-    "S1024-coact-ridge-mix": (dict(shared_neurons=1024, calib_format="mix"), [12, 8], [16, 4]),
-    "S768-coact-ridge-mix": (dict(shared_neurons=768, calib_format="mix"), [12], [8]),
+    # levers measured against the default (S=1024, prompts where the lever aims at chat answers)
+    "S1024-coact-ridgelog": (dict(shared_neurons=1024, router="ridge-log"), [12], []),
+    "S1024-coact-ridge-mix": (dict(shared_neurons=1024, calib_format="mix"), [12], []),
+    "S1024-random-ridge": (dict(shared_neurons=1024, clustering="random"), [], [12]),
+    "S0-coact-ridge": (dict(shared_neurons=0), [], [12]),
+    "S0-random-ridge": (dict(shared_neurons=0, clustering="random"), [], [12]),
+    # earlier candidates, kept runnable
     "S768-coact-ridge": (dict(shared_neurons=768), [12, 8], [16, 4]),
-    "S0-random-ridge": (dict(shared_neurons=0, clustering="random"), [], [12, 8]),
+    "S768-coact-ridge-mix": (dict(shared_neurons=768, calib_format="mix"), [12], [8]),
     "S768-random-ridge": (dict(shared_neurons=768, clustering="random"), [], [12, 8]),
-    "S0-coact-ridge": (dict(shared_neurons=0), [], [12, 8]),
     "S768-coact-ridgelog": (dict(shared_neurons=768, router="ridge-log"), [], [12, 8]),
 }
 
@@ -54,12 +59,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--inputs-cache", default=None, help="file to keep the dense MLP inputs in between runs")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite RESULTS.md from results.json")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="results file (a second process running other settings must use its own)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="add the settings of these results files to results.json, then rewrite RESULTS.md")
     args = ap.parse_args()
+    if args.merge:
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        for f in args.merge:
+            results.update(json.loads(f.read_text()))
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        write_markdown(results)
+        return
     if args.markdown_only:
         write_markdown(json.loads(RESULTS.read_text()) if RESULTS.exists() else {})
         return
     torch.set_num_threads(args.threads)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    out = args.results
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if out != RESULTS and RESULTS.exists():  # the dense answers measured there
+        results = {k: v for k, v in json.loads(RESULTS.read_text()).items() if "dense_answers" in v} | results
     base = MoEBuildConfig()
     t0 = time.time()
     dense, tok = load_dense("smollm2")
@@ -85,6 +104,9 @@ def main() -> None:
 
     print(f"dense load: {time.time() - t0:.0f}s", flush=True)
     dense_cache: dict = {}
+    done = [r for r in results.values() if "dense_answers" in r]
+    if done:  # the dense model's greedy answers do not depend on the setting: measured once
+        dense_cache["answers"] = done[0]["dense_answers"]
     probe = heldout[:4]
     with torch.no_grad():
         dense_logits = dense(input_ids=probe).logits
@@ -119,10 +141,13 @@ def main() -> None:
                     row["dense_answers"] = ev["dense_answers"]
                 row["eval"].update({str(k): v for k, v in ev["by_k"].items()})
         row["total_seconds"] = round(time.time() - t1, 1)
+        row["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
+        row["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         results[name] = row
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"{name}: done in {row['total_seconds']}s", flush=True)
-    write_markdown(results)
+    if out == RESULTS:
+        write_markdown(results)
 
 
 def write_markdown(results: dict) -> None:

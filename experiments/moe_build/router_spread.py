@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--robust-chunks", type=int, default=8, help="held-out chunks of 128 tokens for robustness")
     ap.add_argument("--prompts-for", type=float, nargs="*", default=None,
                     help="spreads that also get the 20 greedy chat prompts (slow; default: all)")
+    ap.add_argument("--robustness-only", action="store_true",
+                    help="recompute only the robustness numbers of spreads already measured")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,6 +75,13 @@ def main() -> None:
         key = f"{spread:g}"
         set_router_spread(moe, spread, current)
         current = spread
+        if args.robustness_only:
+            if key in results:
+                results[key]["robustness"] = routing_robustness(moe, heldout[: args.robust_chunks])
+                results[key]["robustness_load_average"] = os.getloadavg()
+                OUT.write_text(json.dumps(results, indent=1) + "\n")
+                print(f"spread {key}: {results[key]['robustness']}", flush=True)
+            continue
         want_prompts = args.prompts_for is None or any(abs(spread - p) < 1e-12 for p in args.prompts_for)
         if key in results and ("agreement" in results[key]["eval"] or not want_prompts):
             continue
