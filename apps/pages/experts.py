@@ -129,7 +129,7 @@ if route_prompts:
     except ValueError as exc:
         st.error(str(exc))
     else:
-        routed = df[df.routed]
+        routed = df[df.routed].assign(token=lambda d: d.token.map(lambda t: repr(t)[1:-1]))  # "\n" visible
         st.caption(f"{len(routed)} of {len(df)} tokens were routed to layer {layer}, expert {expert} "
                    f"({int(routed.counted.sum())} of them counted by the profile)")
         c1, c2 = st.columns([3, 1])
