@@ -286,3 +286,17 @@ def test_version_1_calibration_files_keep_their_statistic(llama, tok, tmp_path):
     assert old.statistic == "ulp_unfloored" and old.threshold(4) == cal.threshold(4)
     with pytest.raises(ValueError, match="statistic must be one of"):
         calibrate(llama, [_fp(llama, tok)], statistic="cosine")
+
+
+def test_ulp_thresholds_never_go_below_the_rounding_bound(llama, tok):
+    """Storage rounding alone gives up to half a step per component; a calibration whose benign
+    tokens happened to round less must not reject another prompt's honest rounding."""
+    fp = _fp(llama, tok)
+    cal = calibrate(llama, [fp])
+    assert cal.min_threshold == 0.5 and all(cal.threshold(n) >= 0.5 for n in (1, 4, 16))
+    low = Calibration("activation", 0.01, torch.full((40,), 0.1), torch.tensor([40]), fp.config, "h", "m",
+                      min_threshold=0.5)
+    assert low.threshold(1) == 0.5
+    l2 = calibrate(llama, [fp], statistic="l2")
+    assert l2.min_threshold is None and l2.threshold(1) < 0.05  # L2 has no content-free bound
+    assert calibrate(llama, [fp], method="token").min_threshold is None

@@ -22,7 +22,7 @@ def md(t: pd.DataFrame, index: bool = True) -> str:
 
 
 MAIN = ["activation k=2", "activation k=8", "activation k=32", "activation k=128", "activation k=8 orthonormal",
-        "activation k=8 L2", "token", "TOPLOC"]
+        "activation k=8 L2", "activation k=8 ulp unfloored", "token", "TOPLOC"]
 
 
 def auc_table(df: pd.DataFrame, n: int) -> str:
@@ -43,6 +43,29 @@ def fpr_table(fpr: pd.DataFrame) -> str:
     return md(fpr[cols + tpr], index=False)
 
 
+def fpr_summary(fpr: pd.DataFrame) -> str:
+    """False positives / held-out windows per method and n (the 1% target, cell by cell)."""
+    f = fpr[fpr.n_heldout_windows > 0].copy()
+    if "n_heldout_false_positives" not in f:  # files from before the count was written
+        f["n_heldout_false_positives"] = (f.heldout_fpr * f.n_heldout_windows).round()
+    f["cell"] = [f"{int(c)}/{int(w)}" + (" **over**" if r > t else "") for c, w, r, t in
+                 zip(f.n_heldout_false_positives, f.n_heldout_windows, f.heldout_fpr, f.target_fpr)]
+    t = f.pivot(index="method", columns="n_tokens", values="cell").reindex(list(dict.fromkeys(f.method)))
+    over = int((f.heldout_fpr > f.target_fpr).sum())
+    return md(t) + f"\n\ncells over the target: {over} of {len(f)}"
+
+
+def min_n_table(df: pd.DataFrame, level: float = 0.999) -> str:
+    """Smallest n with AUC >= level per condition and method ("-" if never)."""
+    sub = df[df.method.isin(MAIN)]
+    rows = {}
+    for (cond, method), g in sub.groupby(["condition", "method"]):
+        ok = g[g.auc >= level].n_tokens
+        rows.setdefault(cond, {})[method] = int(ok.min()) if len(ok) else "-"
+    t = pd.DataFrame(rows).T.reindex(columns=[m for m in MAIN if m in set(sub.method)])
+    return md(t)
+
+
 def main(argv=None) -> int:
     out = Path((argv or sys.argv[1:])[0])
     df, fpr = pd.read_csv(out / "auc.csv"), pd.read_csv(out / "fpr.csv")
@@ -53,6 +76,8 @@ def main(argv=None) -> int:
     for cond in ("4-bit RTN g128", "8-bit RTN g128", "1% sampling bug", "temperature 0.9 (claims 1.0)"):
         if cond in set(df.condition):
             print(f"## AUC vs n: {cond}\n\n{auc_vs_n(df, cond)}\n")
+    print(f"## smallest n with AUC >= 0.999\n\n{min_n_table(df)}\n")
+    print(f"## held-out false positives / windows\n\n{fpr_summary(fpr)}\n")
     print(f"## calibrated thresholds: held-out FPR and power\n\n{fpr_table(fpr)}\n")
     return 0
 

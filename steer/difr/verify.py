@@ -32,6 +32,9 @@ CALIBRATION_FORMAT = "steer.difr.calibration/2"
 _CALIBRATION_FORMAT_V1 = "steer.difr.calibration/1"
 METHODS = ("activation", "token")
 STATISTICS = ("ulp", "l2", "ulp_unfloored")  # Activation-DiFR per-token distance, see activation_distances
+# The most that fp16 storage rounding alone adds to a per-token distance: half a step per component.
+# A mean at or below it is explained by rounding whatever the content, so no threshold goes lower.
+ROUNDING_BOUND = {"ulp": 0.5}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +180,7 @@ class Calibration:
     seed: int = 0
     statistic: str = "ulp"  # Activation-DiFR distance the benign scores were measured with
     intervention: str | None = None  # digest of the intervention config the benign runs applied
+    min_threshold: float | None = None  # no threshold below this (ROUNDING_BOUND of the statistic)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -216,10 +220,13 @@ class Calibration:
         return self._cache[n]
 
     def threshold(self, n: int) -> float:
-        """Smallest t with at most target_fpr of benign n-token means above it (conformal rank)."""
+        """Smallest t with at most target_fpr of benign n-token means above it (conformal rank),
+        never below `min_threshold`: a few hundred calibration tokens can sit lower than what storage
+        rounding gives other prompts, and thresholds under that bound caused held-out false positives."""
         null = self.null_means(n)
         rank = min(math.ceil((null.numel() + 1) * (1 - self.target_fpr)), null.numel()) - 1
-        return float(null[rank])
+        t = float(null[rank])
+        return t if self.min_threshold is None else max(t, float(self.min_threshold))
 
     def p_value(self, score: float, n: int) -> float:
         """Share of benign n-token means at least as large as `score` (+1 smoothed)."""
@@ -252,7 +259,8 @@ class Calibration:
             "config_hash": self.config_hash, "model_id": self.model_id, "clip": repr(self.clip),
             "clip_percentile": repr(self.clip_percentile), "n_resamples": str(self.n_resamples),
             "resample_seed": str(self.seed), "statistic": self.statistic,
-            "intervention": self.intervention or "", "checksum": _checksum(tensors),
+            "intervention": self.intervention or "", "min_threshold": repr(self.min_threshold),
+            "checksum": _checksum(tensors),
         }
         save_file(tensors, str(path), metadata=meta)
         return Path(path)
@@ -268,6 +276,7 @@ class Calibration:
                 DiFRConfig(int(m["k"]), int(m["seed"]), m["projection"]), m["config_hash"], m["model_id"],
                 None if m["clip"] == "None" else float(m["clip"]), float(m["clip_percentile"]),
                 int(m["n_resamples"]), int(m["resample_seed"]), m["statistic"], m["intervention"] or None,
+                None if m.get("min_threshold", "None") == "None" else float(m["min_threshold"]),
             )
         except KeyError as exc:
             raise ValueError(f"{path}: calibration file lacks {exc}") from None
@@ -311,6 +320,7 @@ def calibrate(model: nn.Module, benign: list[Fingerprints], *, target_fpr: float
 
     Token-DiFR clips margins at the `clip_percentile` of benign margins, but never below `min_clip`
     logits: in fp32 almost every honest margin is exactly 0, and a clip at 0 would erase every signal.
+    Activation-DiFR thresholds with the "ulp" statistic never go below ROUNDING_BOUND (0.5 steps).
 
     `references` (one per claim) reuses teacher-forcing results already computed for them.
     """
@@ -336,8 +346,10 @@ def calibrate(model: nn.Module, benign: list[Fingerprints], *, target_fpr: float
         pct = float(torch.quantile(finite, clip_percentile / 100)) if finite.numel() else 0.0
         clip = max(pct, float(min_clip))
         s = clip_margins(s, clip)
+    floor = ROUNDING_BOUND.get(statistic) if method == "activation" else None
     return Calibration(method, target_fpr, s.float(), torch.cat(lengths), first.config, first.config_hash,
-                       first.model_id, clip, clip_percentile, statistic=statistic, intervention=intervention)
+                       first.model_id, clip, clip_percentile, statistic=statistic, intervention=intervention,
+                       min_threshold=floor)
 
 
 # ---------------------------------------------------------------------------------------------
