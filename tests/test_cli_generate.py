@@ -138,3 +138,17 @@ def test_generate_bad_inputs(ckpt, model, busiest, tmp_path, capsys):
     assert rc == 2 and "model" in out.err
     rc, out = _run(capsys, "--config", tmp_path / "missing", *base)
     assert rc == 2
+
+
+def test_verify_statistic_choices_track_the_library():
+    """`steer verify --statistic` lists every distance steer.difr implements (kept literal in the CLI
+    so `steer --help` does not import torch)."""
+    import argparse
+
+    from steer.cli import verify as verify_cli
+    from steer.difr.verify import STATISTICS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    verify_cli.add_parser(sub)
+    action = next(a for a in sub.choices["verify"]._actions if a.dest == "statistic")
+    assert tuple(action.choices) == tuple(STATISTICS)

@@ -39,8 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--out", type=Path, help="calibration output file (with --calibrate)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate to hold (default %(default)s)")
     p.add_argument("--method", choices=("activation", "token"), help="default: the calibration's, else activation")
-    p.add_argument("--statistic", choices=("ulp", "l2"), default="ulp",
-                   help="Activation-DiFR distance for --calibrate (default %(default)s; l2 = the paper's)")
+    p.add_argument("--statistic", choices=("ulp", "l2", "ulp_unfloored"), default="ulp",
+                   help="Activation-DiFR distance for --calibrate (default %(default)s: per-component fp16 steps, "
+                        "floored at the step of the fingerprint's RMS; l2 = the paper's; ulp_unfloored = without the floor)")
     p.add_argument("--config", help="intervention config the claim says was applied (verifiable steering)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher-forcing batch size")
     p.add_argument("--attn", choices=("sdpa", "eager"), help="attention implementation")
