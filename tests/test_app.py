@@ -320,6 +320,11 @@ def test_upload_limit_and_pair_parsing(monkeypatch):
     with pytest.raises(ValueError, match="limit is 50 MB"):
         ec._write_upload(Big(), Path("/nonexistent"))
     assert ec.parse_pairs("7:3, 12:0\n1:1") == [(7, 3), (12, 0), (1, 1)]
+    monkeypatch.setenv("STEER_APP_THREADS", "1")
+    assert ec.app_threads() == 1
+    monkeypatch.setenv("STEER_APP_THREADS", "two")
+    with pytest.raises(ValueError, match="STEER_APP_THREADS must be a positive integer, got 'two'"):
+        ec.app_threads()
     with pytest.raises(ValueError, match="'7-3' is not LAYER:EXPERT"):
         ec.parse_pairs("7-3")
 

@@ -40,7 +40,8 @@ def server():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set STEER_CHROMIUM)")
     port = _free_port()
-    env = {**os.environ, "STEER_APP_MODEL": os.environ.get("STEER_APP_E2E_MODEL", "smollm2-moe")}
+    env = {**os.environ, "STEER_APP_MODEL": os.environ.get("STEER_APP_E2E_MODEL", "smollm2-moe"),
+           "STEER_APP_THREADS": os.environ.get("STEER_APP_THREADS", "1")}  # CI and dev boxes are shared
     SHOTS.mkdir(parents=True, exist_ok=True)
     log = open(SHOTS / "streamlit.log", "w")
     proc = subprocess.Popen(
