@@ -18,6 +18,7 @@ from probes.generate import (
     GenerationResult,
     LynxPolicy,
     NeverExit,
+    UnsupportedCacheError,
     generate_with_exit,
     premature_exit_rates,
 )
@@ -26,7 +27,7 @@ from probes.probe import LynxProbe, ProbeConfig, ProbeInfo, train_probe
 __all__ = [
     "BoxedChecker", "ChoiceChecker", "ConformalCalibration", "CueSet", "DeerPolicy", "ExitConfig",
     "GenerationResult", "LabelledCues", "LynxPolicy", "LynxProbe", "NeverExit", "NumericChecker", "Problem",
-    "ProbeConfig", "ProbeInfo", "STRUCTURAL_CUES", "arithmetic_problems", "calibrate", "capture_features",
+    "ProbeConfig", "ProbeInfo", "STRUCTURAL_CUES", "UnsupportedCacheError", "arithmetic_problems", "calibrate", "capture_features",
     "chat_prompts", "default_points", "find_cues", "generate_with_exit", "get_checker", "min_calibration_size",
     "premature_exit_rates", "train_probe",
 ]

@@ -39,6 +39,7 @@ class CueSet:
     words: tuple[str, ...] = DEFAULT_CUE_WORDS
     structural: tuple[str, ...] = ()
     patterns: dict[str, str] = field(default_factory=dict)
+    max_chars: int = 64  # longest match looked for; also bounds how far back an exit can cut
 
     def __post_init__(self):
         unknown = [s for s in self.structural if s not in STRUCTURAL_CUES]
@@ -49,6 +50,8 @@ class CueSet:
             )
         self.words = tuple(self.words)
         self.structural = tuple(self.structural)
+        if self.max_chars < 1:
+            raise ValueError(f"max_chars must be >= 1 (the longest cue match in characters), got {self.max_chars}")
         if not (self.words or self.structural or self.patterns):
             raise ValueError("empty cue set: give at least one cue word, structural cue or pattern")
         self._compiled = [(w, re.compile(word_cue(w))) for w in self.words]
@@ -65,11 +68,13 @@ class CueSet:
                    structural=tuple(i for i in items if i in STRUCTURAL_CUES), patterns=pats)
 
     def to_json(self) -> dict:
-        return {"words": list(self.words), "structural": list(self.structural), "patterns": dict(self.patterns)}
+        return {"words": list(self.words), "structural": list(self.structural), "patterns": dict(self.patterns),
+                "max_chars": self.max_chars}
 
     @classmethod
     def from_json(cls, d: dict) -> CueSet:
-        return cls(tuple(d.get("words", ())), tuple(d.get("structural", ())), dict(d.get("patterns", {})))
+        return cls(tuple(d.get("words", ())), tuple(d.get("structural", ())), dict(d.get("patterns", {})),
+                   int(d.get("max_chars", 64)))
 
     def matches(self, text: str) -> list[tuple[str, int, int]]:
         """All (cue name, start, end) char spans in `text`, sorted by end then start."""
@@ -97,8 +102,9 @@ class CueTracker:
     token *before* the one just pushed (the look-ahead described in the module docstring).
     """
 
-    def __init__(self, cues: CueSet, tokenizer, max_cue_chars: int = 64):
-        self.cues, self.tok, self.max_cue_chars = cues, tokenizer, max_cue_chars
+    def __init__(self, cues: CueSet, tokenizer, max_cue_chars: int | None = None):
+        self.cues, self.tok = cues, tokenizer
+        self.max_cue_chars = cues.max_chars if max_cue_chars is None else max_cue_chars
         self.ids: list[int] = []
         self.offsets: list[int] = [0]  # offsets[i] = len(decode(ids[:i]))
         self.text = ""
@@ -121,6 +127,15 @@ class CueTracker:
                 cut = self._token_at(s)
                 events.append(CueMatch(name, t, cut, s, e))
         return events
+
+    def earliest_cut(self) -> int:
+        """A lower bound on the cut of every cue later pushes can report: the next push searches from
+        offsets[len(ids) - 1] - max_cue_chars on. A KV cache may drop positions before it (sliding
+        layers); decoders whose text shrinks when a byte sequence completes can undercut it by a few
+        characters, which the generation loop covers with slack and a recompute fallback."""
+        if not self.ids:
+            return 0
+        return self._token_at(max(0, self.offsets[len(self.ids) - 1] - self.max_cue_chars))
 
     def _token_at(self, char: int) -> int:
         """Index of the token whose decoded span holds character `char`."""

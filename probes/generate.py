@@ -7,7 +7,15 @@ and the answer is decoded greedily. The row then leaves the batch; other rows go
 
 The same rollback serves forced-exit labelling (a *trial* exit at every cue, whose answer is the
 label) and the DEER baseline (exit when the trial answer's confidence exceeds a threshold), so the
-labels the probe is trained on are exactly the answers an online exit would produce.
+labels the probe is trained on are exactly the answers an online exit would produce. The trials of
+one step are decoded as one batch: the rolled-back rows are right-aligned to a common length with
+extra left padding (tested to give the same greedy tokens as one row at a time).
+
+The cache has the layout model.generate uses, so sliding-window layers (gemma3) stay bounded. A
+sliding layer keeps only the last window-1 positions, so the loop keeps a margin: every position a
+later cue's cut could need (CueTracker.earliest_cut) plus SLIDING_SLACK; a rollback that still finds
+a position gone recomputes that row instead. Cache kinds that cannot be rolled back (linear attention,
+chunked attention) are refused with UnsupportedCacheError.
 
 Loop invariant: when token t+1 has just been sampled for a row, the last forward call computed the
 hidden states of token t, and cue detection (probes.cues) reports cues whose last token is t.
@@ -22,10 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from probes.conformal import ConformalCalibration, check_delta
-from probes.cues import CueMatch, CueSet, CueTracker
+from probes.cues import CueSet, CueTracker
 from probes.features import HookRecorder, hidden_state_index, validate_points
 from probes.probe import LynxProbe
 
@@ -44,6 +52,7 @@ class ExitConfig:
     temperature: float = 1.0
     seed: int = 0
     ignore_eos: bool = False  # for benchmarks: every row runs to max_new_tokens
+    batch_trials: bool = True  # False decodes trial answers one row at a time (the tested reference)
 
 
 # ---- policies ------------------------------------------------------------------------------------
@@ -146,6 +155,7 @@ class GenerationResult:
     seconds: float = 0.0
     config: ExitConfig | None = None
     calibration: ConformalCalibration | None = None  # the LYNX policy's thresholds, when one ran
+    reprefills: int = 0  # rollbacks that recomputed a row because a sliding layer had dropped positions
 
     @property
     def events(self) -> list[CueEvent]:
@@ -271,14 +281,88 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _fork_row(cache: DynamicCache, row: int, keep: int) -> DynamicCache:
-    """A one-row cache holding row `row`'s first `keep` positions (the rollback)."""
-    fork = DynamicCache()
+class UnsupportedCacheError(ValueError):
+    """The model's KV cache has a layer kind whose rows cannot be rolled back to an earlier position."""
+
+
+# A sliding-window cache layer normally keeps only its last window-1 positions, so a rollback to
+# just before a cue could need positions it already dropped. The loop keeps, in sliding layers,
+# every position a future cue's cut could need (CueTracker.earliest_cut) plus this many tokens of
+# slack; if a rollback still finds a position missing (decoders whose text can shrink when a byte
+# sequence completes), that row's cache is recomputed by a fresh forward pass instead (exact).
+SLIDING_SLACK = 8
+
+
+def _cache_for(model) -> DynamicCache:
+    """The cache layout model.generate uses (sliding layers bounded to their window), recording past
+    positions in sliding layers so they can be rolled back; refused for layers that cannot be."""
+    text = model.config.get_text_config(decoder=True)
+    chunked = [i for i, t in enumerate(getattr(text, "layer_types", None) or []) if t == "chunked_attention"]
+    if chunked:
+        raise UnsupportedCacheError(
+            f"layers {chunked} use chunked attention, whose chunks start at absolute cache positions: left "
+            f"padding and rollback alignment would move them, so early exit could not be exact. Generate one "
+            f"prompt at a time with model.generate, or use a model without chunked attention")
+    cache = DynamicCache(config=model.config)
     for li, layer in enumerate(cache.layers):
-        if type(layer).__name__ != "DynamicLayer":
-            raise NotImplementedError(f"rollback of cache layer type {type(layer).__name__} is not supported")
-        fork.update(layer.keys[row: row + 1, :, :keep], layer.values[row: row + 1, :, :keep], li)
-    return fork
+        if type(layer) is DynamicSlidingWindowLayer:
+            layer.activate_past_recording()  # we trim it ourselves (_Runner.trim), keeping a margin
+        elif type(layer) is not DynamicLayer:
+            raise UnsupportedCacheError(
+                f"early exit rolls the KV cache back, which is implemented for full-attention (DynamicLayer) "
+                f"and sliding-window (DynamicSlidingWindowLayer) cache layers; layer {li} of this model uses "
+                f"{type(layer).__name__}. Use a model with standard attention layers, or run without exits "
+                f"(model.generate) for this architecture")
+    return cache
+
+
+@dataclass
+class _TrialRequest:
+    """Roll row `row` (index in the live batch) back to `keep` cache positions, then feed `extra`."""
+
+    row: int
+    keep: int
+    extra: list[int]
+    tokens: torch.Tensor  # the row's token ids at cache positions [0, keep) (for a re-prefill)
+    mask: torch.Tensor  # the row's attention mask over [0, keep)
+
+
+class _MissingPositions(Exception):
+    pass
+
+
+def _fork_rows(cache: DynamicCache, reqs: Sequence[_TrialRequest], config) -> tuple[DynamicCache, int]:
+    """A batch cache, one row per request, holding request j's first keep_j positions right-aligned
+    to a common length K (extra left padding is zeros, masked by the caller): the rollback.
+
+    Full layers copy positions [0, keep_j). Sliding layers hold only the window before keep_j, so
+    sliding distances are unchanged by the alignment (every position of a row shifts by K - keep_j).
+    """
+    K = max(r.keep for r in reqs)
+    rows = torch.tensor([r.row for r in reqs])
+    fork = DynamicCache(config=config)
+    while len(fork.layers) < len(cache.layers):  # config-less layouts grow lazily
+        fork.layers.append(DynamicLayer())
+    for li, layer in enumerate(cache.layers):
+        src_k, src_v = layer.keys[rows], layer.values[rows]
+        R, H, _, D = src_k.shape
+        sliding = type(layer) is DynamicSlidingWindowLayer
+        width = min(layer.sliding_window - 1, K) if sliding else K
+        held_from = (layer.cumulative_length - layer.keys.shape[-2]) if sliding else 0
+        k = src_k.new_zeros(R, H, width, D)
+        v = src_v.new_zeros(R, H, width, src_v.shape[-1])
+        for j, r in enumerate(reqs):
+            lo = max(0, r.keep - width)  # first real position request j needs in this layer
+            if lo < held_from:
+                raise _MissingPositions
+            n = r.keep - lo
+            k[j, :, width - n:] = src_k[j, :, lo - held_from: r.keep - held_from]
+            v[j, :, width - n:] = src_v[j, :, lo - held_from: r.keep - held_from]
+        target = fork.layers[li]
+        target.update(k, v)
+        if type(target) is DynamicSlidingWindowLayer:
+            target.cumulative_length = K  # positions seen, not positions held
+    return fork, K
 
 
 class _Runner:
@@ -290,6 +374,7 @@ class _Runner:
         self.points, self.backend = points, feature_backend
         self.device = next(model.parameters()).device
         self.gen = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.reprefills = 0  # rollbacks that had to recompute a row (see SLIDING_SLACK)
 
     def forward(self, ids, mask, pos, cache, hidden: bool = False):
         kw = {self.ckw: cache}
@@ -302,35 +387,90 @@ class _Runner:
         probs = torch.softmax(logits.float() / self.cfg.temperature, -1).cpu()
         return torch.multinomial(probs, 1, generator=self.gen).squeeze(-1).to(logits.device)
 
+    @staticmethod
+    def trim(cache: DynamicCache, keep_from: int) -> None:
+        """Drop sliding-layer positions before `keep_from` (never the window itself)."""
+        for layer in cache.layers:
+            if type(layer) is DynamicSlidingWindowLayer and layer.is_initialized:
+                n = max(layer.sliding_window - 1, layer.cumulative_length - keep_from)
+                if layer.keys.shape[-2] > n:
+                    layer.keys, layer.values = layer.keys[:, :, -n:], layer.values[:, :, -n:]
+
     @torch.no_grad()
-    def trial(self, cache, row, keep, mask_row, extra: list[int]) -> Trial:
-        """Roll row back to `keep` cache positions, feed `extra` (+ exit string), decode greedily."""
-        fork = _fork_row(cache, row, keep)
-        feed = list(extra) + list(self.exit_ids)
-        mask = mask_row[:keep].unsqueeze(0)
-        n_real = int(mask.sum())
-        forward_tokens, answer, probs = 0, [], []
-        ids = torch.tensor([feed], device=self.device)
+    def trials(self, cache, reqs: Sequence[_TrialRequest]) -> list[Trial]:
+        """Forced-exit trials: each request's row rolled back, `extra` + exit string fed, answer decoded
+        greedily. Batched (cfg.batch_trials) in groups of equal feed length; else one row at a time."""
+        out: list[Trial | None] = [None] * len(reqs)
+        groups: dict[int, list[int]] = {}
+        for j, r in enumerate(reqs):
+            groups.setdefault(len(r.extra) if self.cfg.batch_trials else -1 - j, []).append(j)
+        for idx in groups.values():
+            try:
+                fork, K = _fork_rows(cache, [reqs[j] for j in idx], self.model.config)
+                prefix = [0] * len(idx)
+            except _MissingPositions:  # recompute: one fresh forward per request
+                for j in idx:
+                    out[j] = self._decode([reqs[j]], *self._prefill_fork(reqs[j]))[0]
+                continue
+            for j, t in zip(idx, self._decode([reqs[j] for j in idx], fork, K, prefix)):
+                out[j] = t
+        return out
+
+    def _prefill_fork(self, req: _TrialRequest) -> tuple[DynamicCache, int, list[int]]:
+        self.reprefills += 1
+        fork = DynamicCache(config=self.model.config)
+        mask = req.mask[None]
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.forward(req.tokens[None], mask, pos, fork)
+        return fork, req.keep, [int(mask.sum())]
+
+    def _decode(self, reqs, fork, K: int, prefix: list[int]) -> list[Trial]:
+        R = len(reqs)
+        mask = torch.zeros(R, K, dtype=reqs[0].mask.dtype, device=self.device)
+        for j, r in enumerate(reqs):
+            mask[j, K - r.keep:] = r.mask[: r.keep]
+        n_real = mask.long().sum(-1)
+        ids = torch.tensor([list(r.extra) + list(self.exit_ids) for r in reqs], device=self.device)
+        fwd = list(prefix)
+        answers: list[list[int]] = [[] for _ in reqs]
+        probs: list[list[float]] = [[] for _ in reqs]
+        live = list(range(R))  # request index of each row of the fork
         for _ in range(self.cfg.answer_max_tokens):
             m = ids.shape[1]
-            mask = torch.cat([mask, torch.ones(1, m, dtype=mask.dtype, device=mask.device)], 1)
-            pos = torch.arange(n_real, n_real + m, device=self.device).unsqueeze(0)
+            mask = torch.cat([mask, torch.ones(len(live), m, dtype=mask.dtype, device=mask.device)], 1)
+            pos = n_real[:, None] + torch.arange(m, device=self.device)[None]
             out = self.forward(ids, mask, pos, fork)
-            n_real += m
-            forward_tokens += m
-            p = torch.softmax(out.logits[0, -1].float(), -1)
-            tid = int(p.argmax())
-            if tid in self.eos:
+            n_real = n_real + m
+            p = torch.softmax(out.logits[:, -1].float(), -1)
+            tids = p.argmax(-1)
+            ptop = p.gather(-1, tids[:, None]).squeeze(-1).tolist()
+            keep = []
+            for k, j in enumerate(live):
+                fwd[j] += m
+                tid = int(tids[k])
+                if tid in self.eos:
+                    continue
+                answers[j].append(tid)
+                probs[j].append(float(ptop[k]))
+                if self.cfg.answer_stop:
+                    text = self.tok.decode(answers[j], skip_special_tokens=True)
+                    if text.strip() and any(s in text.lstrip() for s in self.cfg.answer_stop):
+                        continue
+                keep.append(k)
+            if not keep:
                 break
-            answer.append(tid)
-            probs.append(float(p[tid]))
-            text = self.tok.decode(answer, skip_special_tokens=True)
-            if self.cfg.answer_stop and text.strip() and any(s in text.lstrip() for s in self.cfg.answer_stop):
-                break
-            ids = torch.tensor([[tid]], device=self.device)
-        text = self.tok.decode(answer, skip_special_tokens=True)
-        conf = sum(probs) / len(probs) if probs else 0.0
-        return Trial(answer, text, conf, forward_tokens)
+            if len(keep) < len(live):
+                sel = torch.tensor(keep, device=self.device)
+                fork.batch_select_indices(sel)
+                mask, n_real, tids = mask[sel], n_real[sel], tids[sel]
+                live = [live[k] for k in keep]
+            ids = tids[:, None]
+        trials = []
+        for j in range(R):
+            text = self.tok.decode(answers[j], skip_special_tokens=True)
+            conf = sum(probs[j]) / len(probs[j]) if probs[j] else 0.0
+            trials.append(Trial(answers[j], text, conf, fwd[j]))
+        return trials
 
 
 @torch.no_grad()
@@ -369,6 +509,8 @@ def generate_with_exit(
         if not points:
             raise ValueError("feature points are needed to score or record features (probes.features.default_points)")
         validate_points(points, model)
+    if feature_backend not in ("hooks", "hidden_states"):
+        raise ValueError(f"feature_backend must be 'hooks' or 'hidden_states', not {feature_backend!r}")
     if cfg.max_new_tokens < 1 or cfg.answer_max_tokens < 1:
         raise ValueError("max_new_tokens and answer_max_tokens must be >= 1")
     if tokenizer.pad_token_id is None:
@@ -391,8 +533,20 @@ def generate_with_exit(
     results: list[RowResult | None] = [None] * B
     feats_out: list[torch.Tensor] = []
     active = list(range(B))
-    cache = DynamicCache()
+    cache = _cache_for(model)
+    sliding = any(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def request(i: int, r: int, keep: int, extra: list[int]) -> _TrialRequest:
+        toks = torch.cat([ids[r], torch.tensor(gens[r], dtype=ids.dtype, device=run.device)])[:keep]
+        if not extra and not run.exit_ids:  # nothing to feed: re-feed the last kept token for its logits
+            keep, extra = keep - 1, [int(toks[keep - 1])]
+            toks = toks[:keep]
+        return _TrialRequest(i, keep, extra, toks, mask[i, :keep])
+
+    def trim():
+        if sliding and active:
+            run.trim(cache, min(T + trackers[r].earliest_cut() for r in active) - SLIDING_SLACK)
 
     recorder = HookRecorder(points) if need_feats and feature_backend == "hooks" else None
     hooks_ctx = None
@@ -404,76 +558,85 @@ def generate_with_exit(
     try:
         use_hs = need_feats and feature_backend == "hidden_states"
         out = run.forward(ids, mask, pos, cache, hidden=use_hs)
+        trim()
         last_pos = pos[:, -1]
         for _ in range(cfg.max_new_tokens):
-            logits = out.logits[:, -1]
-            # Features of the token fed last (one row per active row), gathered lazily: only at a
-            # step with a cue, and always before a trial's forward passes overwrite the hooks' record.
-            step = {"feats": None, "scores": None, "out": out, "n": len(active)}
-
-            def features_now(step=step):
-                if need_feats and step["feats"] is None:
+            nxt = run.choose(out.logits[:, -1])
+            nxt_list = nxt.tolist()
+            # 1. the new tokens, the cue events they complete, and the features/scores there. Features
+            # are those of the token fed last, read before any trial's forward passes overwrite them.
+            feats = scores = None
+            found: list[list[CueEvent]] = []
+            for i, r in enumerate(active):
+                gens[r].append(nxt_list[i])
+                evs = [CueEvent(r, m.cue, m.cue_token, m.cut) for m in trackers[r].push(nxt_list[i])]
+                if evs and need_feats and feats is None:
                     if use_hs:
-                        hs = step["out"].hidden_states
+                        hs = out.hidden_states
                         hidden = [hs[hidden_state_index(p, len(hs) - 1)] for p in points]
                     else:
                         hidden = [recorder.last[p] for p in points]
-                    last = torch.full((step["n"],), hidden[0].shape[1] - 1, dtype=torch.long, device=run.device)
-                    step["feats"] = torch.cat([h[:, -1].float() for h in hidden], dim=-1)
+                    feats = torch.cat([h[:, -1].float() for h in hidden], dim=-1)
                     if policy.needs_score:  # fused kernel on CUDA (kernels.probe_score), torch elsewhere
-                        step["scores"] = policy.probe.score_hidden(hidden, last).float().cpu().tolist()
-                return step["feats"]
-
-            nxt = run.choose(logits)
-            nxt_list = nxt.tolist()
-            finished: list[int] = []
+                        last = torch.full((len(active),), hidden[0].shape[1] - 1, dtype=torch.long,
+                                          device=run.device)
+                        scores = policy.probe.score_hidden(hidden, last).float().cpu().tolist()
+                for ev in evs:
+                    if policy.needs_score:
+                        ev.score = scores[i]
+                found.append(evs)
+            # 2. trial exits at every cue event (labelling, DEER), batched across rows
+            if record_trials or policy.needs_trial:
+                reqs = [(ev, request(i, r, T + ev.cut, [])) for i, r in enumerate(active) for ev in found[i]]
+                for (ev, _), tr in zip(reqs, run.trials(cache, [q for _, q in reqs]) if reqs else []):
+                    ev.trial = tr
+            # 3. decisions, in cue order within each row: the first accepted cue exits
+            pending: list[tuple[int, str, CueEvent | None, _TrialRequest]] = []
+            decided: dict[int, tuple[str, CueEvent | None]] = {}
             for i, r in enumerate(active):
                 tid = nxt_list[i]
-                gens[r].append(tid)
-                found: list[CueMatch] = trackers[r].push(tid)
-                done = False
-                for m in found:
-                    ev = CueEvent(r, m.cue, m.cue_token, m.cut)
-                    if need_feats:
-                        feats = features_now()
-                        if record_features:
-                            ev.feature_index = len(feats_out)
-                            feats_out.append(feats[i].cpu())
-                        if policy.needs_score:
-                            ev.score = step["scores"][i]
-                    if record_trials or policy.needs_trial:
-                        features_now()
-                        keep = T + m.cut
-                        ev.trial = run.trial(cache, i, keep, mask[i], [])
+                for ev in found[i]:
+                    if record_features:
+                        ev.feature_index = len(feats_out)
+                        feats_out.append(feats[i].cpu())
+                    if ev.trial is not None:
                         fwd[r] += ev.trial.forward_tokens
                     events[r].append(ev)
                     if policy.decide(ev.score, ev.trial):
                         ev.exited = True
-                        features_now()
-                        tr = ev.trial or run.trial(cache, i, T + m.cut, mask[i], [])
+                        decided[i] = ("exit", ev)
                         if ev.trial is None:
-                            fwd[r] += tr.forward_tokens
-                        kept = gens[r][: m.cut]
-                        results[r] = RowResult(prompts[r], kept, m.cut, "exit",
-                                               tokenizer.decode(kept, skip_special_tokens=True), tr, events[r])
-                        done = True
+                            pending.append((i, "exit", ev, request(i, r, T + ev.cut, [])))
                         break
-                if not done and tid in run.eos:
+                if i in decided:
+                    continue
+                if tid in run.eos:
+                    decided[i] = ("eos", None)
+                elif len(gens[r]) >= cfg.max_new_tokens:  # the budget cut: keep all, feed the last token too
+                    decided[i] = ("budget", None)
+                    pending.append((i, "budget", None, request(i, r, T + len(gens[r]) - 1, [tid])))
+            done_trials = dict(zip([p[0] for p in pending], run.trials(cache, [p[3] for p in pending]))) \
+                if pending else {}
+            # 4. rows that stop leave the batch
+            for i, (stop, ev) in decided.items():
+                r = active[i]
+                if stop == "exit":
+                    tr = ev.trial if ev.trial is not None else done_trials[i]
+                    if ev.trial is None:
+                        fwd[r] += tr.forward_tokens
+                    kept = gens[r][: ev.cut]
+                    results[r] = RowResult(prompts[r], kept, ev.cut, "exit",
+                                           tokenizer.decode(kept, skip_special_tokens=True), tr, events[r])
+                elif stop == "eos":
                     results[r] = RowResult(prompts[r], gens[r], len(gens[r]), "eos",
                                            tokenizer.decode(gens[r], skip_special_tokens=True), None, events[r])
-                    done = True
-                if not done and len(gens[r]) >= cfg.max_new_tokens:
-                    keep = T + len(gens[r]) - 1  # everything fed so far; feed the last sampled token too
-                    features_now()
-                    tr = run.trial(cache, i, keep, mask[i], [tid])
+                else:
+                    tr = done_trials[i]
                     fwd[r] += tr.forward_tokens
                     results[r] = RowResult(prompts[r], gens[r], len(gens[r]), "budget",
                                            tokenizer.decode(gens[r], skip_special_tokens=True), tr, events[r])
-                    done = True
-                if done:
-                    finished.append(i)
-            if finished:
-                keep_idx = [i for i in range(len(active)) if i not in set(finished)]
+            if decided:
+                keep_idx = [i for i in range(len(active)) if i not in decided]
                 active = [active[i] for i in keep_idx]
                 if not active:
                     break
@@ -485,6 +648,7 @@ def generate_with_exit(
             for r in active:
                 fwd[r] += 1
             out = run.forward(nxt[:, None], mask, last_pos[:, None], cache, hidden=use_hs)
+            trim()
     finally:
         if hooks_ctx is not None:
             hooks_ctx.__exit__(None, None, None)
@@ -492,7 +656,7 @@ def generate_with_exit(
         results[r].forward_tokens = fwd[r]
     feats_t = torch.stack(feats_out) if feats_out else (torch.empty(0, 0) if record_features else None)
     return GenerationResult(results, run.exit_ids, feats_t, time.perf_counter() - t0, cfg,
-                            policy.calibration if isinstance(policy, LynxPolicy) else None)
+                            policy.calibration if isinstance(policy, LynxPolicy) else None, run.reprefills)
 
 
 def premature_exit_rates(p: torch.Tensor, y: torch.Tensor, traj: torch.Tensor,

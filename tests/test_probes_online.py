@@ -207,3 +207,141 @@ def test_generation_result_figure(llama):
     fig = deer.figure(0)
     conf = next(t for t in fig.data if t.name.startswith("trial answer"))
     assert list(conf.y) == pytest.approx([e.trial.confidence for e in deer.rows[0].events])
+
+
+# ---- sliding-window caches (gemma3) and batched trials ------------------------------------------
+
+LONG = ["the quick brown fox jumps over it", "a"]  # 33 and 1 prompt tokens; the window is 8
+# About one cue every other token (the tiny tokenizer decodes most bytes as "<0xNN>"), matches of at
+# most 2 chars: exits cut at most a few tokens back, so sliding layers keep a short tail.
+SHORT = CueSet(words=(), patterns={"byte": r"<|[A-Z]"}, max_chars=2)
+
+
+def _sliding_sizes(model):
+    """Records, at every forward call, how many positions each sliding cache layer holds."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    seen = []
+
+    def pre(mod, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            seen.extend((layer.keys.shape[-2], layer.cumulative_length) for layer in cache.layers
+                        if type(layer) is DynamicSlidingWindowLayer and layer.is_initialized)
+    return seen, model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("slack", [None, -10**6])
+def test_sliding_window_rollback_equals_rerun_from_scratch(slack, monkeypatch):
+    """gemma3_text with a window (8) far shorter than the sequence: generation, trial exits far back
+    in the sequence and the budget cut equal greedy decoding from scratch, and sliding layers stay
+    bounded. slack=-1e6 trims them to the bare window, so rollbacks take the recompute fallback."""
+    import probes.generate as gen
+
+    if slack is not None:
+        monkeypatch.setattr(gen, "SLIDING_SLACK", slack)
+    model, tok = tiny_model("gemma3_text"), tiny_tokenizer()
+    window = model.config.sliding_window
+    assert window == 8
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=3, max_new_tokens=24)
+    seen, handle = _sliding_sizes(model)
+    try:
+        res = generate_with_exit(model, tok, LONG, cues=SHORT, config=cfg, record_trials=True)
+    finally:
+        handle.remove()
+    assert max(c for _, c in seen) >= 33 + 23  # sequences ran far past the window...
+    held = max(n for n, _ in seen)  # ...but sliding layers kept a short tail (query included)
+    assert held <= window + (SHORT.max_chars + gen.SLIDING_SLACK + 2 if slack is None else 1)
+    assert (res.reprefills == 0) if slack is None else (res.reprefills > 0)
+    exit_ids = tok("=>", add_special_tokens=False)["input_ids"]
+    checked = 0
+    for prompt, row in zip(LONG, res.rows):
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert row.generated_ids == _greedy_from_scratch(model, p_ids, len(row.generated_ids))
+        late = [e for e in row.events if len(p_ids) + e.cut > 3 * window]
+        assert late or len(p_ids) == 1
+        for ev in row.events[:1] + late[:: max(1, len(late) // 3)]:
+            ref = _greedy_from_scratch(model, p_ids + row.generated_ids[: ev.cut] + exit_ids, 3)
+            assert ev.trial.answer_ids == ref[: len(ev.trial.answer_ids)], ev
+            checked += 1
+        if row.stop == "budget":
+            ref = _greedy_from_scratch(model, p_ids + row.generated_ids + exit_ids, 3)
+            assert row.answer.answer_ids == ref[: len(row.answer.answer_ids)]
+    assert checked >= 5
+
+
+class _ExitAtNthCue:
+    """A policy (single-row runs) that exits at its n-th cue event: puts an exit where the test wants it."""
+
+    needs_score = False
+    needs_trial = False
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def decide(self, score, trial) -> bool:
+        self.calls += 1
+        return self.calls == self.n
+
+
+@torch.no_grad()
+def test_sliding_window_online_exit_equals_rerun():
+    """Online exits early and deep into a gemma3 generation (far past the window): the kept tokens
+    and the answer equal a from-scratch greedy run of prompt + kept + exit string."""
+    model, tok = tiny_model("gemma3_text"), tiny_tokenizer()
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=3, max_new_tokens=40)
+    plain = generate_with_exit(model, tok, LONG[:1], cues=SHORT, config=cfg)
+    p_ids = tok(LONG[0], add_special_tokens=False)["input_ids"]
+    n_events = len(plain.rows[0].events)
+    assert len(p_ids) + plain.rows[0].events[-1].cut > 4 * model.config.sliding_window
+    for nth in (2, n_events // 2, n_events):
+        res = generate_with_exit(model, tok, LONG[:1], _ExitAtNthCue(nth), cues=SHORT, config=cfg)
+        row, ev = res.rows[0], plain.rows[0].events[nth - 1]
+        assert row.stop == "exit" and row.kept == ev.cut and len(row.events) == nth
+        assert row.generated_ids == plain.rows[0].generated_ids[: ev.cut]
+        ref = _greedy_from_scratch(model, p_ids + row.generated_ids + tok("=>", add_special_tokens=False)["input_ids"],
+                                   3)
+        assert row.answer.answer_ids == ref[: len(row.answer.answer_ids)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", pytest.param("qwen2_moe", marks=pytest.mark.slow)])
+def test_batched_trials_equal_row_at_a_time(family):
+    """Trial answers decoded as one left-padded batch give exactly the tokens (and the confidences and
+    forward counts) of decoding them one row at a time: labelling trials, DEER and the budget cut."""
+    model, tok = tiny_model(family), tiny_tokenizer()
+    # "<" stops an answer at most non-ASCII bytes: rows leave the trial batch at different steps
+    base = dict(exit_string="=>", answer_max_tokens=4, max_new_tokens=16, answer_stop=("<",))
+    one = ExitConfig(**base, batch_trials=False)
+    many = ExitConfig(**base, batch_trials=True)
+    for kw in ({"record_trials": True}, {"policy": DeerPolicy(threshold=0.08)}):
+        a = generate_with_exit(model, tok, LONG + PROMPTS, cues=SHORT, config=one, **kw)
+        b = generate_with_exit(model, tok, LONG + PROMPTS, cues=SHORT, config=many, **kw)
+        trials = 0
+        for ra, rb in zip(a.rows, b.rows):
+            assert (ra.stop, ra.kept, ra.generated_ids, ra.forward_tokens) == (rb.stop, rb.kept, rb.generated_ids,
+                                                                             rb.forward_tokens)
+            for ea, eb in zip(ra.events, rb.events, strict=True):
+                assert ea.trial.answer_ids == eb.trial.answer_ids
+                assert ea.trial.forward_tokens == eb.trial.forward_tokens
+                assert ea.trial.confidence == pytest.approx(eb.trial.confidence, abs=1e-5)
+                trials += 1
+            if ra.answer is not None:
+                assert ra.answer.answer_ids == rb.answer.answer_ids
+        assert trials > 20
+        assert any(r.stop == "budget" for r in a.rows)
+        assert {len(e.trial.answer_ids) for e in a.events} != {base["answer_max_tokens"]}  # rows stop apart
+
+
+def test_unrollbackable_cache_is_refused():
+    """A cache layer kind that cannot be rolled back (linear attention state) is a clear ValueError."""
+    from probes.generate import UnsupportedCacheError
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    model.config.layer_types = ["full_attention", "linear_attention", "full_attention"]
+    with pytest.raises(UnsupportedCacheError, match="layer 1 of this model uses LinearAttentionLayer"):
+        generate_with_exit(model, tok, PROMPTS, cues=ANY, config=ExitConfig(max_new_tokens=2))
+    model.config.layer_types = ["chunked_attention"] * 3
+    with pytest.raises(ValueError, match="chunked attention"):
+        generate_with_exit(model, tok, PROMPTS, cues=ANY, config=ExitConfig(max_new_tokens=2))
