@@ -43,9 +43,11 @@ def test_label_train_calibrate_generate(files, capsys):
     cal = json.loads(capsys.readouterr().out)
     assert cal["delta"] == 0.2 and cal["n0"] + cal["n1"] == len(LabelledCues.from_safetensors(d / "cal.safetensors"))
     assert main(["probe", "generate", "--model", "tiny:llama", "--probe", str(d / "probe"), "--prompt", "abc",
-                 "--prompt", "hello", "--max-new-tokens", "8", "--json"]) == 0
+                 "--prompt", "hello", "--max-new-tokens", "8", "--json", "--figure", str(d / "fig.html")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["rows"]) == 2 and all(r["stop"] in ("exit", "eos", "budget") for r in out["rows"])
+    html = (d / "fig.html").read_text()
+    assert html.count("LYNX confidence over the generation") == 2
     # the Python API gives the same rows
     from probes.data import load_model
 

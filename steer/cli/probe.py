@@ -73,6 +73,8 @@ def add_parser(sub) -> None:
     src.add_argument("--prompt", action="append", help="a raw prompt (no template); repeatable")
     ge.add_argument("--max-new-tokens", type=int, default=128)
     ge.add_argument("--answer-max-tokens", type=int, default=8)
+    ge.add_argument("--figure", metavar="HTML", help="write each row's confidence figure (GenerationResult.figure) "
+                                                     "to this .html file (one file, rows stacked)")
     ge.add_argument("--json", action="store_true")
     ge.set_defaults(func=run_generate)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -166,6 +168,10 @@ def run_generate(args) -> int:
              "n_tokens": n, "cue_events": len(r.events),
              "exit_cue_token": next((e.cue_token for e in r.events if e.exited), None)}
             for r, n in zip(res.rows, res.n_tokens())]
+    if args.figure:
+        with open(args.figure, "w") as f:
+            for i in range(len(res.rows)):
+                f.write(res.figure(i).to_html(full_html=False, include_plotlyjs="cdn" if i == 0 else False))
     if args.json:
         print_json({"delta": probe.calibration.delta, "rows": rows})
     else:
