@@ -7,6 +7,8 @@ Stages (each saves its output under experiments/lynx/out/, so `--stage analyse` 
             budget cuts.
   analyse   train the probe, calibrate at several deltas, evaluate on the test split, write
             RESULTS.md tables (results.json holds every number).
+  resplit   the conformal check over 1000 random calibration/test splits of the pooled cue events
+            (by trajectory), with the saved probe: the guarantee is marginal over these draws.
 
 Test-split LYNX / DEER numbers at every delta are computed from the test labelling pass: greedy
 decoding is deterministic and the trial at cue j is exactly what exiting at cue j produces, so the
@@ -37,8 +39,8 @@ from probes.features import default_points
 from probes.generate import DeerPolicy, ExitConfig, LynxPolicy, generate_with_exit, premature_exit_rates
 from probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
 
-OUT = Path(__file__).parent / "out"
-N = {"train": 100, "calibration": 80, "test": 60}
+OUT = Path(__file__).parent / "out"  # --out changes it (e.g. out_moe for the embedded MoE)
+N = {"train": 100, "calibration": 80, "test": 60}  # --n changes it
 DELTAS = (0.05, 0.1, 0.2, 0.3)
 ONLINE_DELTA = 0.2
 BUDGETS = (16, 32)
@@ -246,6 +248,46 @@ def stage_analyse(tok):
     print(tables(out))
 
 
+def stage_resplit(n_splits: int = 1000):
+    """The guarantee is marginal over calibration draws; one calibration/test split is one draw. Pool
+    the calibration and test cue events, redraw the split by trajectory `n_splits` times (same
+    sizes), recalibrate the saved probe each time and measure P(exit | y=0) on the held-out part."""
+    probe = LynxProbe.load(OUT / "probe")
+    labs = [LabelledCues.from_safetensors(OUT / f"cues_{s}.safetensors") for s in ("calibration", "test")]
+    with torch.no_grad():
+        p = torch.cat([probe(lab.features).double() for lab in labs])
+    y = torch.cat([lab.labels for lab in labs])
+    traj = torch.cat([labs[0].trajectory, labs[1].trajectory + int(labs[0].trajectory.max()) + 1])
+    ids = torch.unique(traj)
+    n_cal = len(torch.unique(labs[0].trajectory))
+    gen = torch.Generator().manual_seed(0)
+    out = {"n_splits": n_splits, "n_trajectories": len(ids), "n_calibration_trajectories": n_cal, "deltas": {}}
+    rates = {d: [] for d in DELTAS}
+    traj_rates = {d: [] for d in DELTAS}
+    for _ in range(n_splits):
+        perm = ids[torch.randperm(len(ids), generator=gen)]
+        is_cal = torch.isin(traj, perm[:n_cal])
+        for d in DELTAS:
+            c = calibrate(p[is_cal], y[is_cal], d, warn=False)
+            r = premature_exit_rates(p[~is_cal], y[~is_cal], traj[~is_cal], c)
+            rates[d].append(r["per_event"])
+            traj_rates[d].append(r["per_trajectory"])
+    for d in DELTAS:
+        t = torch.tensor(rates[d], dtype=torch.float64)
+        t = t[~t.isnan()]
+        out["deltas"][str(d)] = {"mean_per_event": float(t.mean()), "sd_per_event": float(t.std()),
+                                 "share_of_splits_above_delta": float((t > d).double().mean()),
+                                 "mean_per_trajectory": float(torch.tensor(traj_rates[d]).mean())}
+    (OUT / "resplit.json").write_text(json.dumps(out, indent=1))
+    lines = ["| delta | mean P(exit given y=0) over splits | sd over splits | share of splits above delta | "
+             "mean premature exits per trajectory |", "|---|---|---|---|---|"]
+    for d, v in out["deltas"].items():
+        lines.append(f"| {d} | {v['mean_per_event']:.3f} | {v['sd_per_event']:.3f} | "
+                     f"{v['share_of_splits_above_delta']:.2f} | {v['mean_per_trajectory']:.3f} |")
+    print("\n".join(lines))
+    (OUT / "resplit.md").write_text("\n".join(lines) + "\n")
+
+
 def tables(out) -> str:
     """Markdown tables of results.json (pasted into RESULTS.md)."""
     full_tok = out["full"]["mean_tokens"]
@@ -297,16 +339,33 @@ def _deer_compute(test) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["label", "relabel", "online", "analyse", "all"], default="all")
+    ap.add_argument("--stage", choices=["label", "relabel", "online", "analyse", "resplit", "all"], default="all")
     ap.add_argument("--only", choices=["lynx", "deer", "budget"], help="online stage: run only these runs")
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="smollm2",
+                    help="smollm2, moe (the embedded SmolLM2 MoE, steer.moebuild.ensure_moe), or a checkpoint dir")
+    ap.add_argument("--out", help="output dir (default experiments/lynx/out)")
+    ap.add_argument("--n", help="problems per split as train,calibration,test (default 100,80,60)")
     args = ap.parse_args(argv)
+    global OUT
+    if args.out:
+        OUT = Path(args.out)
+    if args.n:
+        N.update(zip(("train", "calibration", "test"), (int(x) for x in args.n.split(","))))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if args.stage == "relabel":
         stage_relabel()
         return 0
-    model, tok, name = load_model(args.model)
+    if args.stage == "resplit":
+        stage_resplit()
+        return 0
+    if args.model == "moe":
+        from steer.moebuild import ensure_moe
+
+        model, tok, name = load_model(str(ensure_moe()))
+    else:
+        model, tok, name = load_model(args.model)
+    print(f"model {name}: {type(model).__name__}, splits {N}, out {OUT}", flush=True)
     if args.stage in ("label", "all"):
         stage_label(model, tok, name)
     if args.stage in ("online", "all"):
