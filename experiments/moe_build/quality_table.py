@@ -203,6 +203,9 @@ def write_markdown(results: dict) -> None:
                 kept = f"{ev['kept']}/{ev['dense_correct']} ({ev['agreement']:.0%})" if "agreement" in ev else ""
                 lines.append(f"| {f.parent.name} | {diff or 'default'} | {k} | {ev['ppl_ratio']:.3f} | {kept} | "
                              f"{info['build_seconds']} |")
+    spread_file = HERE / "router_spread.json"  # written by router_spread.py
+    if spread_file.exists():
+        lines += _spread_table(json.loads(spread_file.read_text()), results.get("S1024-coact-ridge"))
     first = next(iter(results.values()), None)
     if first and "dense_answers" in first:
         lines += ["", f"Dense held-out perplexity: {first['dense_ppl']:.2f} on {first['heldout_tokens']} tokens.", ""]
@@ -211,6 +214,36 @@ def write_markdown(results: dict) -> None:
         lines += ["", notes.read_text().strip()]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     _ = math
+
+
+def _spread_table(rows: dict, default_row: dict | None) -> list[str]:
+    """router_spread sensitivity of the default build (experiments/moe_build/router_spread.py).
+
+    The unscaled spread is the default build itself: its key answers come from the quality table's
+    row when router_spread.py skipped them (same weights: the same perplexity to the last digit).
+    """
+    pct = lambda x: f"{100 * x:.2f}%" if x is not None else ""  # noqa: E731
+    out = ["", "router_spread sensitivity of the default build (its routers rescaled, which is exactly a build "
+           "with that spread): quality at k = 12 and the share of token-layers whose top-12 set changes "
+           "(1,024 held-out tokens x 30 MoE layers; `steer.moebuild.routing_robustness`).", "",
+           "| router_spread | ppl ratio | key answers kept | max abs logit diff, k = E | fp32 prob ties at the k-th expert "
+           "| top-k of logits vs HF (local / end to end) | 1e-6 input noise (local / end to end) "
+           "| bf16 (local / end to end) | median logit range |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(rows.items(), key=lambda kv: float(kv[0])):
+        ev, rb = r["eval"], r["robustness"]
+        same = default_row and abs(default_row["config"]["router_spread"] - float(key)) < 1e-12 \
+            and abs(default_row["eval"]["12"]["ppl"] - ev["ppl"]) < 1e-9
+        if "agreement" not in ev and same:
+            ev = {**ev, **{k: default_row["eval"]["12"][k] for k in ("kept", "dense_correct", "agreement")}}
+        kept = f"{ev['kept']}/{ev['dense_correct']} ({ev['agreement']:.0%})" if "agreement" in ev else "not run"
+        out.append(
+            f"| {key} | {ev['ppl_ratio']:.3f} | {kept} | {r['max_abs_logit_diff_at_k_eq_E']:.2e} | "
+            f"{pct(rb.get('fp32_prob_ties'))} | {pct(rb.get('topk_of_logits'))} / "
+            f"{pct(rb.get('topk_of_logits_end_to_end')) or 'not run'} | {pct(rb['noise_local'])} / "
+            f"{pct(rb['noise_end_to_end'])} | {pct(rb['bf16_local'])} / {pct(rb.get('bf16_end_to_end'))} | "
+            f"{rb['logit_range_median']:.2e} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -69,6 +69,28 @@ def paired_contrast_ci(top: list[bool], randoms: list[list[bool]], n_boot: int =
     return float(d.mean()), lo, hi
 
 
+def render(rows: list[dict], contrasts: list[dict]) -> str:
+    """The markdown tables of RESULTS.md from the rows and contrasts in results.json."""
+    lines = ["| condition | French answers to French Qs (Wilson 95% CI) | change vs baseline (paired 95% CI) | "
+             "French answers to English Qs | prose perplexity (95% CI) | routing changed |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["fr_delta"]
+        en = f"{r['en_rate']:.2f} [{r['en_ci'][0]:.2f}, {r['en_ci'][1]:.2f}]" if "en_rate" in r else ""
+        lines.append(f"| {r['condition']} | {r['fr_rate']:.2f} [{r['fr_ci'][0]:.2f}, {r['fr_ci'][1]:.2f}] | "
+                     f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] | {en} | "
+                     f"{r['ppl']:.1f} [{r['ppl_ci'][0]:.1f}, {r['ppl_ci'][1]:.1f}] | {100 * r['fr_touched_fraction']:.1f}% |")
+    lines += ["", "| k | mode | top-k rate | random-k rates (seeds) | top minus random (paired 95% CI) | "
+              "randoms <= top | ppl top / random mean | routing changed top / random |", "|---|---|---|---|---|---|---|---|"]
+    for c in contrasts:
+        d = c["top_minus_random"]
+        lines.append(f"| {c['k']} | {c['mode']} | {c['top_rate']:.2f} | {', '.join(f'{x:.2f}' for x in c['random_rates'])} | "
+                     f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | {c['randoms_at_or_below_top']}/{len(c['random_rates'])} | "
+                     f"{c['top_ppl']:.1f} / {c['random_ppl_mean']:.1f} | {100 * c['top_touched']:.1f}% / "
+                     f"{100 * c['random_touched_mean']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-moe")
@@ -88,7 +110,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
     p.add_argument("--reuse-profile", action="store_true",
                    help="load the profile in --profile-dir if it was made on these weights (same split)")
+    p.add_argument("--table-only", action="store_true", help="re-render table.md from --out (also a partial run)")
     args = p.parse_args()
+    table_file = args.out.with_name("table.md" if args.out.name == "results.json" else args.out.stem + "_table.md")
+    if args.table_only:
+        saved = json.loads(args.out.read_text())
+        table_file.write_text(render(saved["rows"], saved["contrasts"]))
+        print(table_file.read_text())
+        return
     torch.set_num_threads(args.threads)
     t0 = time.time()
     lm = load(args.model, progress=False)
@@ -189,25 +218,8 @@ def main() -> None:
         write(rows, partial=True)
 
     contrasts = write(rows, partial=False)
-    lines = ["| condition | French answers to French Qs (Wilson 95% CI) | change vs baseline (paired 95% CI) | "
-             "French answers to English Qs | prose perplexity (95% CI) | routing changed |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        d = r["fr_delta"]
-        en = f"{r['en_rate']:.2f} [{r['en_ci'][0]:.2f}, {r['en_ci'][1]:.2f}]" if "en_rate" in r else ""
-        lines.append(f"| {r['condition']} | {r['fr_rate']:.2f} [{r['fr_ci'][0]:.2f}, {r['fr_ci'][1]:.2f}] | "
-                     f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] | {en} | "
-                     f"{r['ppl']:.1f} [{r['ppl_ci'][0]:.1f}, {r['ppl_ci'][1]:.1f}] | {100 * r['fr_touched_fraction']:.1f}% |")
-    lines += ["", "| k | mode | top-k rate | random-k rates (seeds) | top minus random (paired 95% CI) | "
-              "randoms <= top | ppl top / random mean | routing changed top / random |", "|---|---|---|---|---|---|---|---|"]
-    for c in contrasts:
-        d = c["top_minus_random"]
-        lines.append(f"| {c['k']} | {c['mode']} | {c['top_rate']:.2f} | {', '.join(f'{x:.2f}' for x in c['random_rates'])} | "
-                     f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | {c['randoms_at_or_below_top']}/{len(c['random_rates'])} | "
-                     f"{c['top_ppl']:.1f} / {c['random_ppl_mean']:.1f} | {100 * c['top_touched']:.1f}% / "
-                     f"{100 * c['random_touched_mean']:.1f}% |")
-    table = "\n".join(lines) + "\n"
-    args.out.with_name("table.md" if args.out.name == "results.json" else args.out.stem + "_table.md").write_text(table)
+    table = render(rows, contrasts)
+    table_file.write_text(table)
     print(table)
 
 
