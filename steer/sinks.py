@@ -15,9 +15,9 @@ Statistics stream: for each layer, an `attn.impl` override runs the model's own 
 output (SDPA with is_causal when the batch has no padding and no sliding window reaches back: the
 same numbers without a materialised mask) and `kernels.sink_stats` for column sums from q and k in
 key blocks, so no N x N map is kept (memory O(B H N) per layer). Families whose attention is not
-plain softmax(q k^T) -- logit
-soft-capping (Gemma 2 style) or GPT-OSS's learned sink logits -- go through the exact eager path
-instead (`attn.pattern`), one layer's map alive at a time, reduced immediately.
+plain softmax(q k^T) -- logit soft-capping (Gemma 2 style) or GPT-OSS's learned sink logits -- go
+through the exact eager path instead (`attn.pattern`), one layer's map alive at a time, reduced
+immediately.
 
     res = detect_sinks(model, tok, book_inputs(tok, n=100))
     res.sink_rate(), res.hidden_sinks(), res.figure("heatmap").show()
