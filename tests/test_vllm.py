@@ -261,7 +261,7 @@ def _http_json(url: str, body: dict | None = None, timeout: float = 120.0) -> di
 
 
 def test_fingerprints_come_back_over_http(tiny_ckpt, tmp_path):
-    """`vllm serve` (the OpenAI-compatible server, engine in its own process) with the plugin, the
+    """vLLM's OpenAI-compatible server (engine in its own process) with the plugin, the
     fingerprint processor and steer's HTTP route: a remote client sends a completion with
     vllm_xargs={"steer_fingerprint": key}, fetches the claim from the same server and verifies it."""
     import time
