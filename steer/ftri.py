@@ -620,8 +620,9 @@ def profile(
             for batch in prompt_batches(tokenizer, run_prompts, run_ids, config, run_resp):
                 acc.start(batch)
                 session.set_token_selection(batch.selection.to(device))
+                # only the routers are read: logits_to_keep=1 skips the lm_head over every position
                 hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                   use_cache=False)
+                   use_cache=False, logits_to_keep=1)
                 acc.fold(batch.classes)
                 n_tok += int(acc.batch_tokens.sum())
                 done += len(batch.classes)
@@ -706,7 +707,8 @@ def expert_tokens(
     with torch.no_grad(), attach(hf, {f"{point}.indices": grab("indices"), f"{point}.weights": grab("weights")}):
         for start, batch in zip(range(0, len(prompts), config.batch_size),
                                 prompt_batches(tokenizer, prompts, [0] * len(prompts), config, responses)):
-            hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
+               logits_to_keep=1)
             hit = seen["indices"] == expert  # [B, T, k]
             for j in range(batch.input_ids.shape[0]):
                 real = batch.attention_mask[j].bool()
