@@ -46,7 +46,7 @@ from steer.difr import (
     toploc,
 )
 from steer.difr.sampling import gumbel_noise
-from steer.difr.verify import activation_distances, clip_margins
+from steer.difr.verify import Reference, activation_distances, clip_margins
 
 HERE = Path(__file__).parent
 KS = (2, 4, 8, 16, 32, 64, 128)
@@ -333,7 +333,9 @@ def main(argv=None) -> int:
     if args.rescore:
         if not raw_file.is_file():
             raise SystemExit(f"no raw runs at {raw_file}: run without --rescore first")
-        raw = torch.load(raw_file, weights_only=False)
+        # weights_only: nothing is unpickled beyond tensors, plain containers and steer's own result types
+        with torch.serialization.safe_globals([Fingerprints, DiFRConfig, SamplingParams, Reference]):
+            raw = torch.load(raw_file, weights_only=True)
         if raw["weights_hash"] != lm.weights_hash:
             raise SystemExit(f"{raw_file} was made with other weights ({raw['weights_hash']}); rerun without --rescore")
         log(f"re-analysing raw runs from {raw_file} (collected {raw.get('date')})")
