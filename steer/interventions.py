@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -29,7 +30,7 @@ class NoEffectError(RuntimeError):
     """An intervention was applied but changed no token."""
 
 
-class Intervention:
+class Intervention(ABC):
     """Base class. Subclasses implement `hooks(mm) -> {point: fn}` and call `self.count(point, n)`."""
 
     on_no_effect: OnNoEffect = "raise"
@@ -41,10 +42,11 @@ class Intervention:
         self.touched: Counter[str] = Counter()
 
     # -- to implement ------------------------------------------------------------------------
-    def hooks(self, mm: ModelMap) -> dict[str, HookFn]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def hooks(self, mm: ModelMap) -> dict[str, HookFn]:
+        """The hook functions to attach, by canonical point (validated against `mm` first)."""
 
-    def validate(self, mm: ModelMap) -> None:
+    def validate(self, mm: ModelMap) -> None:  # noqa: B027 - optional check; the default accepts any model
         """Raise a clear error if this intervention does not fit the model (layer/expert ranges...)."""
 
     # -- shared machinery --------------------------------------------------------------------

@@ -13,6 +13,7 @@ Padding and deselected tokens are skipped via `ctx.token_mask`. One reducer may 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import defaultdict
 
 import torch
@@ -30,7 +31,7 @@ def real_tokens(value: torch.Tensor, ctx: HookContext) -> torch.Tensor:
     return value
 
 
-class Reducer:
+class Reducer(ABC):
     """Base class: subclasses implement `update(tokens [N, ...], ctx)` and `result()`."""
 
     def __call__(self, value, ctx: HookContext):
@@ -39,11 +40,13 @@ class Reducer:
         self.update(real_tokens(value.detach(), ctx), ctx)
         return None
 
-    def update(self, tokens: torch.Tensor, ctx: HookContext) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def update(self, tokens: torch.Tensor, ctx: HookContext) -> None:
+        """Fold the real (non-padding, selected) tokens of one hook call into the running state."""
 
-    def result(self):  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def result(self):
+        """The reduction so far."""
 
 
 class Count(Reducer):
@@ -112,7 +115,9 @@ class TopK(Reducer):
         self.k, self.score = k, score
         self.best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, value, ctx):
+    def update(self, value, ctx):
+        """Unlike other reducers, TopK reads the unfiltered value: it records each token's row and
+        position, then drops padding itself (so it is its own `__call__`)."""
         if isinstance(value, tuple):
             value = value[0]
         value = value.detach()
@@ -135,6 +140,8 @@ class TopK(Reducer):
             s, where = torch.cat([prev_s, s]), torch.cat([prev_w, where])
         top = torch.topk(s, min(self.k, s.numel()))
         self.best[ctx.point] = (top.values, where[top.indices])
+
+    __call__ = update
 
     def result(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{point: (scores [k], where [k, 3] = (call, row, position))}."""
