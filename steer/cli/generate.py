@@ -66,20 +66,16 @@ def _sections(cfg, skip: str) -> set[str]:
     return active
 
 
-def _read_prompts(args) -> list[str]:
-    from steer.cli.fingerprint import read_prompts
-
-    return read_prompts(args)
-
-
 def run(args) -> int:
     import contextlib
     import dataclasses
 
+    from steer.cli.fingerprint import read_prompts
     from steer.config import InterventionConfig
+    from steer.interventions import apply
     from steer.models import load
 
-    prompts = _read_prompts(args)
+    prompts = read_prompts(args)
     cfg = InterventionConfig.load(args.config)
     active = _sections(cfg, args.skip)
     if {"lynx", "difr"} <= active:
@@ -96,25 +92,20 @@ def run(args) -> int:
         raise CLIError("--fingerprints needs a config with a difr section (steer export / InterventionConfig "
                        "difr=DiFRSection(...))")
     lm = load(args.model or ("smollm2-moe" if cfg.mote is not None else "smollm2"), progress=not args.quiet)
-    # the applied part: mote/act sections not skipped (validated against the model here: exit 2 on a mismatch)
-    applied = dataclasses.replace(cfg, **{s: None for s in SECTIONS if s not in active or s in ("lynx", "difr")})
-    ivs = applied.interventions(lm.model) if {"mote", "act"} & active else []
+    # the sections that change the forward pass, validated against the model here (exit 2 on a mismatch)
+    forward = active & {"mote", "act"}
+    ivs = []
+    if forward:
+        ivs = dataclasses.replace(cfg, **{s: None for s in SECTIONS if s not in forward}).interventions(lm.model)
     if "lynx" in active or "difr" in active:
         cfg.validate(lm.model)
     chat = not args.no_chat_template
-
-    def context():
-        if not ivs:
-            return contextlib.nullcontext([])
-        from steer.interventions import apply
-
-        return apply(lm.model, *ivs)
 
     for iv in ivs:
         iv.on_no_effect = "warn"  # reported below with the counts, not raised mid-run
     rows = [{"prompt": p} for p in prompts]
     extra: dict = {}
-    with context():
+    with apply(lm.model, *ivs) if ivs else contextlib.nullcontext():
         if "lynx" in active:
             rows, extra = _lynx(args, cfg, lm, prompts, chat)
         elif "difr" in active:
