@@ -7,16 +7,13 @@ switched, ACT heads, a calibrated probe, fingerprint settings) are collected on 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import streamlit as st
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # pages import explorer_common
-    sys.path.insert(0, str(HERE))
+from steer.apps.explorer_common import model_picker
 
-from explorer_common import model_picker  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="steer explorer", layout="wide")
 

@@ -36,12 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import kernels._triton as kt  # noqa: E402
-from kernels import RouterEdit, RoutingRule, projection_matrix  # noqa: E402
-from kernels.act import act_attention, act_attention_reference, sink_stats, sink_stats_reference  # noqa: E402
-from kernels.fingerprint import fingerprint, fingerprint_reference  # noqa: E402
-from kernels.probe_score import probe_score, probe_score_reference  # noqa: E402
-from kernels.router import route, route_reference  # noqa: E402
+import steer.kernels._triton as kt  # noqa: E402
+from steer.kernels.act import act_attention, act_attention_reference, sink_stats, sink_stats_reference  # noqa: E402
+from steer.kernels.fingerprint import (  # noqa: E402
+    fingerprint,
+    fingerprint_reference,
+    projection_matrix,  # noqa: E402
+)
+from steer.kernels.probe_score import probe_score, probe_score_reference  # noqa: E402
+from steer.kernels.router import RouterEdit, RoutingRule, route, route_reference  # noqa: E402  # noqa: E402
 
 SPEEDUP_TARGET = 3.0  # x the eager torch reference
 BW_TARGET = 0.70  # fraction of measured copy bandwidth, memory-bound kernels

@@ -134,8 +134,11 @@ print("with ACT:   ", with_act[0])
 # calibrate conformal thresholds on another at delta, then exit online during generation.
 
 # %%
-from probes import CueSet, ExitConfig, arithmetic_problems, lynx
-from probes.features import default_points
+from steer.probes import lynx
+from steer.probes.cues import CueSet
+from steer.probes.data import arithmetic_problems
+from steer.probes.features import default_points
+from steer.probes.generate import ExitConfig
 
 cues = CueSet.parse("newline,blank_line")
 cfg = ExitConfig(exit_string="\n\nThe answer is ", max_new_tokens=32, answer_max_tokens=4)
@@ -150,7 +153,7 @@ cal = lynx.calibrate_probe(probe, lab_cal, delta=0.2, warn=False)
 print(cal)
 
 # %%
-from probes.data import chat_prompts
+from steer.probes.data import chat_prompts
 
 test = arithmetic_problems(2, split="test")
 res = lynx.generate(model, tok, chat_prompts(tok, [p.question for p in test]), probe, config=cfg)

@@ -1,4 +1,4 @@
-"""Triton kernels of `kernels.act`: ACT flash attention (two accumulators) and sink statistics.
+"""Triton kernels of `steer.kernels.act`: ACT flash attention (two accumulators) and sink statistics.
 
 Fixed launch configs (no autotune): BM = 64 queries, BN = 32 keys; 4 warps for head dims <= 64, else 8;
 2 stages (no register spills on sm_90 for bf16 D=128, see tests/test_kernels_compile.py).
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import empty, interpreting
+from steer.kernels._triton import empty, interpreting
 
 INTERPRETED = interpreting()
 BM, BN, NUM_STAGES = 64, 32, 2
@@ -262,7 +262,7 @@ def act_attention_triton(q, k, v, *, scale, sink_mask, head_mask, beta, mask=Non
 
 
 def sink_stats_triton(q, k, *, scale, mask=None, sliding_window=None):
-    from kernels.act import n_observers
+    from steer.kernels.act import n_observers
 
     q, k = _last_contig(q), _last_contig(k)
     B, H, Tq, D = q.shape

@@ -1,4 +1,4 @@
-"""Triton kernel of `kernels.fingerprint.fingerprint`: h [T, D] @ P [D, k] -> fp16, fp32 accumulate.
+"""Triton kernel of `steer.kernels.fingerprint.fingerprint`: h [T, D] @ P [D, k] -> fp16, fp32 accumulate.
 
 Fixed launch config (no autotune): BT=32 tokens per program, BD=64, 4 warps, 3 stages (no register
 spills on sm_90; BD=128 spills).
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import empty, interpreting
+from steer.kernels._triton import empty, interpreting
 
 INTERPRETED = interpreting()
 BT, BD, NUM_WARPS, NUM_STAGES = 32, 64, 4, 3

@@ -1,4 +1,4 @@
-"""Triton kernels of `kernels.probe_score.probe_score` (see that module).
+"""Triton kernels of `steer.kernels.probe_score.probe_score` (see that module).
 
 Fixed launch configs (no autotune): kernel 1 BB=16 rows, BJ=64 hidden units, feature chunks of
 CH=128 per program (BK=64 per step), 4 warps; kernel 2 BB=16 rows, 8 warps (the [H1, H2] = [256, 64]
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import empty, interpreting
+from steer.kernels._triton import empty, interpreting
 
 INTERPRETED = interpreting()
 BB, BJ, CH, BK, NUM_WARPS, HEAD_WARPS = 16, 64, 128, 64, 4, 8

@@ -1,4 +1,4 @@
-"""Triton kernel of `kernels.router.route` (see that module for the semantics).
+"""Triton kernel of `steer.kernels.router.route` (see that module for the semantics).
 
 One program per block of BT tokens; the [BT, groups, group size] logits tile stays in registers:
 scores, group choice, k argmax passes for the unedited and the edited routing, weights, the
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import empty, interpreting
+from steer.kernels._triton import empty, interpreting
 
 INTERPRETED = interpreting()
 _KIND = {"softmax_topk": 0, "topk_softmax": 1, "sigmoid_group": 2}
@@ -214,7 +214,7 @@ def launch_config(E: int, n_group: int) -> tuple[int, int, int]:
 
 
 def route_triton(logits, rule, edit=None, *, bias=None, token_mask=None):
-    from kernels.router import RouteResult  # circular at import time
+    from steer.kernels.router import RouteResult  # circular at import time
 
     T, E = logits.shape
     if logits.stride(1) != 1:

@@ -1,6 +1,6 @@
 """Which path a kernel call takes, and loading the Triton modules in the right mode.
 
-The Triton kernels live in private modules (`kernels._*_triton`) that are imported only when the
+The Triton kernels live in private modules (`steer.kernels._*_triton`) that are imported only when the
 Triton path is taken. `@triton.jit` decides at decoration time whether it compiles for the GPU or
 runs under the interpreter (env TRITON_INTERPRET=1), so `load()` re-imports a kernel module when
 the environment changed since it was first imported: tests can switch the interpreter on even if
@@ -56,7 +56,7 @@ def backend_for(tensor: torch.Tensor, backend: str | None = None) -> Backend:
 
 def load(name: str):
     """Import `kernels.<name>` with its jit functions in the mode the environment asks for now."""
-    module = importlib.import_module(f"kernels.{name}")
+    module = importlib.import_module(f"steer.kernels.{name}")
     if getattr(module, "INTERPRETED", None) != interpreting():
         module = importlib.reload(module)
     return module

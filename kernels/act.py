@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import backend_for, load
+from steer.kernels._triton import backend_for, load
 
 QUERY_BLOCK = 256  # reference: query rows per block in sink_stats_reference
 

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from kernels._triton import backend_for, load
+from steer.kernels._triton import backend_for, load
 
 
 def projection_matrix(seed: int, d: int, k: int, kind: Literal["gaussian", "orthonormal"] = "gaussian") -> torch.Tensor:

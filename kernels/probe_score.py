@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import backend_for, load
+from steer.kernels._triton import backend_for, load
 
 MAX_LAYERS = 8
 

@@ -44,7 +44,7 @@ from typing import Literal
 
 import torch
 
-from kernels._triton import backend_for, load
+from steer.kernels._triton import backend_for, load
 
 Kind = Literal["softmax_topk", "topk_softmax", "sigmoid_group"]
 KINDS = ("softmax_topk", "topk_softmax", "sigmoid_group")
@@ -225,7 +225,7 @@ def route(
     """(weights, indices, touched) of the family's routing of `logits` [T, E] after `edit`.
 
     `bias` = DeepSeek-V3's e_score_correction_bias. `backend`: None/"auto" (Triton on CUDA tensors),
-    "torch" or "triton" (see `kernels.backend_for`).
+    "torch" or "triton" (see `steer.kernels._triton.backend_for`).
     """
     _check(logits, rule, edit, bias, token_mask)
     if backend_for(logits, backend) == "triton":

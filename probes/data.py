@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from probes.answers import get_checker
-from probes.cues import CueSet
-from probes.features import num_layers
-from probes.generate import ExitConfig, GenerationResult, generate_with_exit
+from steer.probes.answers import get_checker
+from steer.probes.cues import CueSet
+from steer.probes.features import num_layers
+from steer.probes.generate import ExitConfig, GenerationResult, generate_with_exit
 
 SYSTEM_PROMPT = "Solve the math problem step by step. End with 'The answer is <number>.'"
 SPLITS = {"train": 0.5, "calibration": 0.25, "test": 0.25}

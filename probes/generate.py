@@ -18,7 +18,7 @@ a position gone recomputes that row instead. Cache kinds that cannot be rolled b
 chunked attention) are refused with UnsupportedCacheError.
 
 Loop invariant: when token t+1 has just been sampled for a row, the last forward call computed the
-hidden states of token t, and cue detection (probes.cues) reports cues whose last token is t.
+hidden states of token t, and cue detection (steer.probes.cues) reports cues whose last token is t.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from probes.conformal import ConformalCalibration, check_delta
-from probes.cues import CueSet, CueTracker
-from probes.features import HookRecorder, hidden_state_index, validate_points
-from probes.probe import LynxProbe
+from steer.probes.conformal import ConformalCalibration, check_delta
+from steer.probes.cues import CueSet, CueTracker
+from steer.probes.features import HookRecorder, hidden_state_index, validate_points
+from steer.probes.probe import LynxProbe
 
 LYNX_EXIT_STRING = "</think> Final Answer: \\boxed{"  # released code's exit string (reasoning models)
 
@@ -507,7 +507,7 @@ def generate_with_exit(
     need_feats = record_features or policy.needs_score
     if need_feats:
         if not points:
-            raise ValueError("feature points are needed to score or record features (probes.features.default_points)")
+            raise ValueError("feature points are needed to score or record features (steer.probes.features.default_points)")
         validate_points(points, model)
     if feature_backend not in ("hooks", "hidden_states"):
         raise ValueError(f"feature_backend must be 'hooks' or 'hidden_states', not {feature_backend!r}")
@@ -577,7 +577,7 @@ def generate_with_exit(
                     else:
                         hidden = [recorder.last[p] for p in points]
                     feats = torch.cat([h[:, -1].float() for h in hidden], dim=-1)
-                    if policy.needs_score:  # fused kernel on CUDA (kernels.probe_score), torch elsewhere
+                    if policy.needs_score:  # fused kernel on CUDA (steer.kernels.probe_score), torch elsewhere
                         last = torch.full((len(active),), hidden[0].shape[1] - 1, dtype=torch.long,
                                           device=run.device)
                         scores = policy.probe.score_hidden(hidden, last).float().cpu().tolist()

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from probes.conformal import ConformalCalibration, calibrate, check_delta
-from probes.cues import CueSet
-from probes.data import LabelledCues, label_cue_events
-from probes.generate import ExitConfig, GenerationResult, LynxPolicy, generate_with_exit
-from probes.probe import LynxProbe, ProbeConfig, ProbeInfo, train_probe
+from steer.probes.conformal import ConformalCalibration, calibrate, check_delta
+from steer.probes.cues import CueSet
+from steer.probes.data import LabelledCues, label_cue_events
+from steer.probes.generate import ExitConfig, GenerationResult, LynxPolicy, generate_with_exit
+from steer.probes.probe import LynxProbe, ProbeConfig, ProbeInfo, train_probe
 
 label = label_cue_events
 

@@ -4,7 +4,7 @@ standardise -> Linear(F, 256) -> ReLU -> Linear(256, 64) -> ReLU -> Linear(64, 1
 trained with class-balanced BCE, Adam, 20% validation split and early stopping on validation loss
 (the released code uses sklearn's MLPClassifier with these sizes; we keep it in torch so probes
 save as safetensors + JSON, never pickles, and so the same forward can run fused on GPU through
-kernels.probe_score).
+steer.kernels.probe_score).
 
 A probe remembers what it was trained on (model name, layer count, hidden size, feature points);
 applying it to anything else is an error, not a silent wrong answer.
@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from probes.conformal import ConformalCalibration
-from probes.cues import CueSet
+from steer.probes.conformal import ConformalCalibration
+from steer.probes.cues import CueSet
 
 
 @dataclass
@@ -91,11 +91,11 @@ class LynxProbe(nn.Module):
     def score_hidden(self, hidden: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
         """p for each row from per-point hidden states [B, T, D_l] at `positions` [B].
 
-        On CUDA uses the fused kernel kernels.probe_score when it is installed (one launch, no
+        On CUDA uses the fused kernel steer.kernels.probe_score when it is installed (one launch, no
         concatenated feature tensor); elsewhere the torch path. Both compute the same function."""
         if hidden[0].is_cuda:
             try:
-                from kernels.probe_score import probe_score
+                from steer.kernels.probe_score import probe_score
             except ImportError:
                 probe_score = None
             if probe_score is not None:

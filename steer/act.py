@@ -6,7 +6,7 @@ Per selected head and query row (ALGORITHMS.md section 2):
 2. scale the other sink columns by beta;
 3. give the freed mass (1 - beta) * P_S to the remaining keys in proportion to their attention, so
    every row still sums to 1.
-The math runs in `kernels.act` (fp32 softmax, no N x N map on the fused path); this module decides
+The math runs in `steer.kernels.act` (fp32 softmax, no N x N map on the fused path); this module decides
 which keys are sinks, per sequence and per head, and keeps them for decode steps.
 
 Fixed here, unlike the released code: every row of a batch is calibrated (not only map[0]); left
@@ -91,7 +91,7 @@ def _refuse_unsupported(model) -> None:
     reason = exact_path_reason(model)
     if reason is not None:
         raise UnsupportedAttentionError(
-            f"ACT does not support this model: {reason}, while ACT (kernels.act) calibrates plain softmax(q k^T) "
+            f"ACT does not support this model: {reason}, while ACT (steer.kernels.act) calibrates plain softmax(q k^T) "
             f"attention and would compute something else here. Fix: run ACT on a model with plain softmax "
             f"attention (llama, qwen2, gemma3, mistral, the MoE families); for this model, study its sinks with "
             f"steer.sinks.detect_sinks, which reads the exact probabilities"
@@ -142,7 +142,7 @@ class ACT(Intervention):
     # -- sink sets ---------------------------------------------------------------------------
     def prefill_sinks(self, q, k, scale: float, mask, window) -> torch.Tensor:
         """Bool[B, H, Tk]: calibrated sink columns (the kept first real token excluded)."""
-        from kernels.act import sink_stats
+        from steer.kernels.act import sink_stats
 
         col, n_obs = sink_stats(q, k, scale=scale, mask=mask, sliding_window=window)
         return self.sink_sets(col, n_obs)
@@ -238,7 +238,7 @@ class ACT(Intervention):
         on_device: dict[torch.device, torch.Tensor] = {}  # one host-to-device copy per device, not per call
 
         def fn(call, ctx: HookContext):
-            from kernels.act import act_attention
+            from steer.kernels.act import act_attention
 
             q, k, v, mask = call.query, call.key, call.value, call.mask
             window = call.sliding_window if mask is None else None  # steer's mask holds the window
@@ -453,8 +453,8 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     only that head's output in its layer. One forward without gradients (baseline scores, which fix
     dJ/dscores), then one forward + backward per batch give all heads' estimates: about three
     forwards in all instead of one per head. Returns {(layer, head): estimate}."""
-    from kernels.act import act_attention
     from steer.hooks import attach
+    from steer.kernels.act import act_attention
     from steer.tasks import batches, read_scores
 
     hf = unwrap_model(model)

@@ -33,7 +33,7 @@ class Adapter:
 
     family: str
     model_types: tuple[str, ...]
-    routing: str | None = None  # None: dense; else a kernels.router.RoutingRule kind
+    routing: str | None = None  # None: dense; else a steer.kernels.router.RoutingRule kind
     base: str = "model"  # the decoder stack (called once per forward with the attention mask)
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
@@ -212,8 +212,8 @@ class ModelMap:
         return get_module(self.model, path)
 
     def routing_rule(self):
-        """The kernels.router.RoutingRule this family's routers follow (read from the config)."""
-        from kernels.router import RoutingRule
+        """The steer.kernels.router.RoutingRule this family's routers follow (read from the config)."""
+        from steer.kernels.router import RoutingRule
 
         if not self.adapter.is_moe:
             raise UnsupportedModelError(f"{self.adapter.family} is a dense family: it has no router")

@@ -11,7 +11,7 @@ mask for an unknown implementation. Our mask function always materialises a bool
 
 Per attention module, three paths:
 - no handler on this layer: the model's previous implementation (SDPA, eager, ...), same numbers;
-- `attn.impl` override: the handler computes the output itself (e.g. ACT via kernels.act);
+- `attn.impl` override: the handler computes the output itself (e.g. ACT via steer.kernels.act);
 - `attn.pattern` readers: the family's own eager function (exact semantics, incl. Gemma soft-capping
   and GPT-OSS learned sinks) is run, and its probabilities are passed to the readers.
 """

@@ -216,7 +216,7 @@ def _checkpoint_hash(path: str | None) -> str | None:
 
 @dataclass
 class MoTESection:
-    """Expert switches: which (layer, expert) pairs, and how (kernels.router.RouterEdit semantics)."""
+    """Expert switches: which (layer, expert) pairs, and how (steer.kernels.router.RouterEdit semantics)."""
 
     experts: list[tuple[int, int]]
     mode: MoTEMode = "off_mask"
@@ -248,8 +248,8 @@ class MoTESection:
         return {la: sorted(set(es)) for la, es in sorted(out.items())}
 
     def router_edits(self, num_experts: int) -> dict:
-        """{layer: kernels.router.RouterEdit}: the same edit steer's HF path and the vLLM plugin apply."""
-        from kernels.router import RouterEdit
+        """{layer: steer.kernels.router.RouterEdit}: the same edit steer's HF path and the vLLM plugin apply."""
+        from steer.kernels.router import RouterEdit
 
         edits = {}
         for layer, experts in self.by_layer().items():
@@ -306,9 +306,9 @@ class LynxSection:
 
     @classmethod
     def from_probe(cls, probe) -> LynxSection:
-        """From a trained probes.probe.LynxProbe (its info names the feature points)."""
+        """From a trained steer.probes.probe.LynxProbe (its info names the feature points)."""
         if probe.info is None:
-            raise ValueError("the probe has no info (feature points, model shape); train it with probes.probe.train_probe")
+            raise ValueError("the probe has no info (feature points, model shape); train it with steer.probes.probe.train_probe")
         return cls(
             n_features=int(probe.n_features), hidden=[lin.out_features for lin in probe.linears[:-1]],
             points=list(probe.info.points), info=asdict(probe.info),
@@ -317,9 +317,9 @@ class LynxSection:
         )
 
     def probe(self):
-        """The probes.probe.LynxProbe this section holds (calibration attached)."""
-        from probes.conformal import ConformalCalibration
-        from probes.probe import LynxProbe, ProbeInfo
+        """The steer.probes.probe.LynxProbe this section holds (calibration attached)."""
+        from steer.probes.conformal import ConformalCalibration
+        from steer.probes.probe import LynxProbe, ProbeInfo
 
         info = ProbeInfo(**self.info) if self.info else None
         probe = LynxProbe(self.n_features, self.hidden, info)
@@ -361,7 +361,7 @@ class DiFRSection:
 
 
 def _jsonable(x):
-    """NaN/inf to strings (JSON has none), as probes.conformal does for thresholds."""
+    """NaN/inf to strings (JSON has none), as steer.probes.conformal does for thresholds."""
     if isinstance(x, float) and not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     if isinstance(x, dict):

@@ -2,7 +2,7 @@
 
 `ExpertSwitch` is an `Intervention` that rewrites the router output of the MoE layers it names: the
 hook on `blocks.{L}.mlp.router` receives the router's (logits, weights, indices) and returns new
-(weights, indices) from `kernels.router.route`, the one implementation of every family's routing
+(weights, indices) from `steer.kernels.router.route`, the one implementation of every family's routing
 rule with edits (Torch reference on CPU, fused Triton kernel on CUDA). Modes (ALGORITHMS.md 1):
 
 - off_mask  the expert's logit is removed before top-k; the next-best expert fills the slot (SteerMoE).
@@ -31,12 +31,12 @@ from typing import Any, Literal
 
 import torch
 
-from kernels.router import RouterEdit, RoutingRule, route
 from steer.adapters import ModelMap, dtype_of, model_map
 from steer.ftri import DenseModelError, Profile
 from steer.hooks import HookContext, HookFn, unwrap_model
 from steer.identity import check_same_model, model_identity
 from steer.interventions import Intervention, OnNoEffect
+from steer.kernels.router import RouterEdit, RoutingRule, route
 from steer.prompts import generate_responses, get_labeller
 
 Mode = Literal["off_mask", "off_zero", "on"]

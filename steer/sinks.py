@@ -13,7 +13,7 @@ exceeds eps = 0.3, averaged over 64-token inputs.
 
 Statistics stream: for each layer, an `attn.impl` override runs the model's own attention for the
 output (SDPA with is_causal when the batch has no padding and no sliding window reaches back: the
-same numbers without a materialised mask) and `kernels.sink_stats` for column sums from q and k in
+same numbers without a materialised mask) and `steer.kernels.act.sink_stats` for column sums from q and k in
 key blocks, so no N x N map is kept (memory O(B H N) per layer). Families whose attention is not
 plain softmax(q k^T) -- logit soft-capping (Gemma 2 style) or GPT-OSS's learned sink logits -- go
 through the exact eager path instead (`attn.pattern`), one layer's map alive at a time, reduced
@@ -133,7 +133,7 @@ class _Collector:
 
 def _streaming_hook(coll: _Collector):
     def fn(call, ctx: HookContext):
-        from kernels.act import sink_stats
+        from steer.kernels.act import sink_stats
 
         q, k = call.query, call.key
         t = q.shape[2]

@@ -25,7 +25,7 @@ def _batch(tok, texts):
 
 
 def reference_override(heads, beta=BETA, tau=TAU, min_queries=MINQ, prefill_len=None, rows_checked=None):
-    """ACT from the full probability map, written independently of steer.act / kernels.act."""
+    """ACT from the full probability map, written independently of steer.act / steer.kernels.act."""
     heads = set(heads)
 
     def fn(call, ctx):
@@ -139,7 +139,7 @@ def test_gqa_heads_are_selected_individually():
     seen = {}
 
     def spy(call, ctx):
-        from kernels.act import act_attention
+        from steer.kernels.act import act_attention
 
         act = ACT([(0, 1)], tau=TAU, min_queries=MINQ)
         sinks = act.prefill_sinks(call.query, call.key, call.scaling, call.mask, None)

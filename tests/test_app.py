@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.requires("streamlit")
+from steer.cli.app import APP_FILE as APP  # the explorer steer ships (steer.apps)
 
-ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "apps" / "explorer.py"
+pytestmark = pytest.mark.requires("streamlit")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,6 @@ def app(ckpts, monkeypatch):
     """A function: app(page, family) -> AppTest on that page with that tiny model loaded."""
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.syspath_prepend(str(APP.parent))
     torch.set_num_threads(1)
 
     def make(page: str | None = None, family: str = "qwen2_moe"):
@@ -182,9 +180,12 @@ def test_sinks_saved_result(app, ckpts, tmp_path):
 def saved_probe(ckpts, tmp_path_factory):
     """A probe trained on the tiny MoE's own cue events (labels from the cue position, since a random
     model never answers right), its calibration events, both saved the way `steer probe` saves them."""
-    from probes import CueSet, ExitConfig, arithmetic_problems, lynx
-    from probes.features import default_points
     from steer.models import load
+    from steer.probes import lynx
+    from steer.probes.cues import CueSet
+    from steer.probes.data import arithmetic_problems
+    from steer.probes.features import default_points
+    from steer.probes.generate import ExitConfig
 
     lm = load(str(ckpts["qwen2_moe"]), progress=False)
     cues = CueSet(words=(), patterns={"char": r"[!-~]"})
@@ -311,8 +312,7 @@ def test_config_page_collects_validates_and_exports(app, tmp_path):
 
 
 def test_upload_limit_and_pair_parsing(monkeypatch):
-    monkeypatch.syspath_prepend(str(APP.parent))
-    import explorer_common as ec
+    from steer.apps import explorer_common as ec
 
     class Big:
         name, size = "huge.safetensors", (ec.MAX_UPLOAD_MB + 1) * 2**20
@@ -332,9 +332,9 @@ def test_upload_limit_and_pair_parsing(monkeypatch):
 def test_live_progress_keeps_a_stop_request_until_the_partial_result_is_stored(monkeypatch):
     """Streamlit raises its stop/rerun exception at the next st.* call, i.e. inside the progress
     callback: the callback must turn it into steer's cancel flag and hand it back at finish()."""
-    monkeypatch.syspath_prepend(str(APP.parent))
-    import explorer_common as ec
     from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+    from steer.apps import explorer_common as ec
 
     bar = ec.LiveProgress("profiling")
     bar(1, 4)
@@ -368,4 +368,4 @@ def test_steer_app_command(monkeypatch, capsys):
     assert "--server.maxUploadSize" in cmd and "8599" in cmd and env["STEER_APP_MODEL"] == "tiny-dir"
     monkeypatch.setattr(app_cli, "APP_FILE", Path("/nonexistent/apps/explorer.py"))
     assert main(["app"]) == 2
-    assert "apps/explorer.py" in capsys.readouterr().err
+    assert "/nonexistent/apps/explorer.py" in capsys.readouterr().err

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from steer.cli.app import APP_FILE as APP  # the explorer steer ships (steer.apps)
+
 ROOT = Path(__file__).resolve().parents[1]
-APP = ROOT / "apps" / "explorer.py"
 SHOTS = ROOT / "artifacts" / "app"
 CHROMIUM = os.environ.get("STEER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -96,10 +96,10 @@ def test_generate_records_a_claim_that_verifies(ckpt, model, busiest, tmp_path, 
 
 
 def test_generate_exits_early_with_the_lynx_section(ckpt, model, tmp_path, capsys):
-    from probes.conformal import ConformalCalibration
-    from probes.cues import CueSet
-    from probes.features import default_points
-    from probes.probe import LynxProbe, ProbeInfo
+    from steer.probes.conformal import ConformalCalibration
+    from steer.probes.cues import CueSet
+    from steer.probes.features import default_points
+    from steer.probes.probe import LynxProbe, ProbeInfo
 
     points = default_points(model)
     d = model.config.hidden_size

@@ -37,8 +37,8 @@ def moe(moe_dir):
 
 
 def _probe(d_model: int, layer: int):
-    from probes.conformal import ConformalCalibration
-    from probes.probe import LynxProbe, ProbeInfo
+    from steer.probes.conformal import ConformalCalibration
+    from steer.probes.probe import LynxProbe, ProbeInfo
 
     torch.manual_seed(0)
     probe = LynxProbe(d_model, (8, 4), ProbeInfo("tiny", 3, d_model, [f"blocks.{layer}.resid_post"]))

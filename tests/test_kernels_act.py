@@ -1,4 +1,4 @@
-"""kernels.act: ACT calibration math on the reference, sink statistics, Triton (interpreter) == reference."""
+"""steer.kernels.act: ACT calibration math on the reference, sink statistics, Triton (interpreter) == reference."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import act_attention, act_probs_reference, sink_stats
-from kernels._triton import interpreter, interpreter_ready
-from kernels.act import act_attention_reference, sink_stats_reference, visibility
+from steer.kernels._triton import interpreter, interpreter_ready
+from steer.kernels.act import (
+    act_attention,
+    act_attention_reference,
+    act_probs_reference,
+    sink_stats,
+    sink_stats_reference,
+    visibility,
+)
 
 triton_interpreter = pytest.mark.skipif(
     not interpreter_ready(), reason="needs TRITON_INTERPRET=1 before triton import; run by test_kernels_interpreter.py")

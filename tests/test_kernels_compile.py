@@ -13,8 +13,9 @@ import time
 import pytest
 import torch
 
-import kernels._triton as kt
-from kernels import RouterEdit, RoutingRule, projection_matrix
+import steer.kernels._triton as kt
+from steer.kernels.fingerprint import projection_matrix
+from steer.kernels.router import RouterEdit, RoutingRule
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(kt.interpreting() or not kt.HAVE_TRITON,
                                 reason="AOT compilation needs the compiling (non-interpreter) Triton")]

@@ -1,13 +1,12 @@
-"""kernels.fingerprint: projection determinism/orthonormality; Triton (interpreter) == reference."""
+"""steer.kernels.fingerprint: projection determinism/orthonormality; Triton (interpreter) == reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import fingerprint, projection_matrix
-from kernels._triton import interpreter, interpreter_ready
-from kernels.fingerprint import fingerprint_reference
+from steer.kernels._triton import interpreter, interpreter_ready
+from steer.kernels.fingerprint import fingerprint, fingerprint_reference, projection_matrix
 
 triton_interpreter = pytest.mark.skipif(
     not interpreter_ready(), reason="needs TRITON_INTERPRET=1 before triton import; run by test_kernels_interpreter.py")

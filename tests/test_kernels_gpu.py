@@ -8,11 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import RouterEdit, RoutingRule, projection_matrix, route
-from kernels.act import act_attention, act_attention_reference, sink_stats, sink_stats_reference, visibility
-from kernels.fingerprint import fingerprint, fingerprint_reference
-from kernels.probe_score import probe_score, probe_score_reference
-from kernels.router import route_reference
+from steer.kernels.act import (
+    act_attention,
+    act_attention_reference,
+    sink_stats,
+    sink_stats_reference,
+    visibility,
+)
+from steer.kernels.fingerprint import fingerprint, fingerprint_reference, projection_matrix
+from steer.kernels.probe_score import probe_score, probe_score_reference
+from steer.kernels.router import RouterEdit, RoutingRule, route, route_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 DEV = "cuda"

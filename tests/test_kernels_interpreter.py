@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from kernels._triton import interpreter_ready
+from steer.kernels._triton import interpreter_ready
 
 TESTS = Path(__file__).parent
 KERNEL_TEST_FILES = sorted(
     str(p) for p in TESTS.glob("test_kernels_*.py")
-    if p.name not in ("test_kernels_interpreter.py", "test_kernels_shadowing.py", "test_kernels_gpu.py")
+    if p.name not in ("test_kernels_interpreter.py", "test_kernels_gpu.py")
 )
 
 
@@ -35,6 +35,8 @@ def test_all_triton_kernels_match_references_under_interpreter():
     assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], tail
 
 
+@pytest.mark.skipif(not (TESTS.parent / "experiments" / "bench_kernels.py").is_file(),
+                    reason="experiments/ ships with the source checkout, not the wheel")
 def test_bench_script_cpu_smoke(tmp_path):
     """experiments/bench_kernels.py runs end to end (tiny shapes, interpreter) and its checks pass."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEER_KERNELS": ""}

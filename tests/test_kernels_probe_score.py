@@ -1,13 +1,12 @@
-"""kernels.probe_score: reference == an independent nn.Sequential probe; Triton (interpreter) == reference."""
+"""steer.kernels.probe_score: reference == an independent nn.Sequential probe; Triton (interpreter) == reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import probe_score
-from kernels._triton import interpreter, interpreter_ready
-from kernels.probe_score import probe_score_reference
+from steer.kernels._triton import interpreter, interpreter_ready
+from steer.kernels.probe_score import probe_score, probe_score_reference
 
 triton_interpreter = pytest.mark.skipif(
     not interpreter_ready(), reason="needs TRITON_INTERPRET=1 before triton import; run by test_kernels_interpreter.py")

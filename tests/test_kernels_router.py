@@ -1,4 +1,4 @@
-"""kernels.router: exact reproduction of every MoE family's router, edit semantics, Triton == reference.
+"""steer.kernels.router: exact reproduction of every MoE family's router, edit semantics, Triton == reference.
 
 The `test_triton_*` tests run Triton under the interpreter on CPU tensors, with outputs poisoned
 (NaN / -1) before each launch so unwritten elements fail. The interpreter must be switched on before
@@ -13,9 +13,8 @@ import zlib
 import pytest
 import torch
 
-from kernels import RouterEdit, RoutingRule, route
-from kernels._triton import interpreter, interpreter_ready
-from kernels.router import route_reference
+from steer.kernels._triton import interpreter, interpreter_ready
+from steer.kernels.router import RouterEdit, RoutingRule, route, route_reference
 from steer.tiny import tiny_model
 
 triton_interpreter = pytest.mark.skipif(

@@ -10,18 +10,18 @@ import warnings
 import pytest
 import torch
 
-from probes.answers import BoxedChecker, ChoiceChecker, NumericChecker, get_checker
-from probes.conformal import (
+from steer.probes.answers import BoxedChecker, ChoiceChecker, NumericChecker, get_checker
+from steer.probes.conformal import (
     ConformalCalibration,
     calibrate,
     conformal_quantile,
     conformal_rank,
     min_calibration_size,
 )
-from probes.cues import CueSet, CueTracker, find_cues
-from probes.data import SPLITS, LabelledCues, arithmetic_problems, split_of
-from probes.features import default_points, hidden_state_index
-from probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
+from steer.probes.cues import CueSet, CueTracker, find_cues
+from steer.probes.data import SPLITS, LabelledCues, arithmetic_problems, split_of
+from steer.probes.features import default_points, hidden_state_index
+from steer.probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
 from steer.tiny import tiny_tokenizer
 
 # ---- cues ----------------------------------------------------------------------------------------
@@ -265,8 +265,8 @@ def test_problem_splits_are_disjoint_and_checkable(tmp_path):
 
 
 def test_probe_matches_fused_kernel_reference():
-    """The probe computes exactly what kernels.probe_score computes (its CPU reference)."""
-    probe_score = pytest.importorskip("kernels.probe_score")
+    """The probe computes exactly what steer.kernels.probe_score computes (its CPU reference)."""
+    probe_score = pytest.importorskip("steer.kernels.probe_score")
     torch.manual_seed(0)
     probe = LynxProbe(3 * 8, (256, 64)).eval()
     probe.mean.normal_()

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from probes.data import LabelledCues
-from probes.features import default_points
-from probes.lynx import calibrate_probe, generate
-from probes.probe import LynxProbe
 from steer.cli import main
+from steer.probes.data import LabelledCues
+from steer.probes.features import default_points
+from steer.probes.lynx import calibrate_probe, generate
+from steer.probes.probe import LynxProbe
 
 # byte-level tiny models: any printable char is a cue, so every generation has cue events
 CUES = "re:[!-~]"
@@ -49,11 +49,11 @@ def test_label_train_calibrate_generate(files, capsys):
     html = (d / "fig.html").read_text()
     assert html.count("LYNX confidence over the generation") == 2
     # the Python API gives the same rows
-    from probes.data import load_model
+    from steer.probes.data import load_model
 
     model, tok, _ = load_model("tiny:llama")
     probe = LynxProbe.load(d / "probe")
-    from probes.generate import ExitConfig
+    from steer.probes.generate import ExitConfig
 
     res = generate(model, tok, ["abc", "hello"], probe,
                    config=ExitConfig(exit_string="=>", max_new_tokens=8, answer_max_tokens=8, answer_stop=(".", "\n")))

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from probes.conformal import ConformalCalibration
-from probes.cues import CueSet
-from probes.features import capture_features, default_points
-from probes.generate import DeerPolicy, ExitConfig, LynxPolicy, NeverExit, generate_with_exit
-from probes.probe import LynxProbe, ProbeInfo
+from steer.probes.conformal import ConformalCalibration
+from steer.probes.cues import CueSet
+from steer.probes.features import capture_features, default_points
+from steer.probes.generate import DeerPolicy, ExitConfig, LynxPolicy, NeverExit, generate_with_exit
+from steer.probes.probe import LynxProbe, ProbeInfo
 from steer.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["hello there, how", "a", "the quick brown fox"]
@@ -237,7 +237,7 @@ def test_sliding_window_rollback_equals_rerun_from_scratch(slack, monkeypatch):
     """gemma3_text with a window (8) far shorter than the sequence: generation, trial exits far back
     in the sequence and the budget cut equal greedy decoding from scratch, and sliding layers stay
     bounded. slack=-1e6 trims them to the bare window, so rollbacks take the recompute fallback."""
-    import probes.generate as gen
+    import steer.probes.generate as gen
 
     if slack is not None:
         monkeypatch.setattr(gen, "SLIDING_SLACK", slack)
@@ -336,7 +336,7 @@ def test_batched_trials_equal_row_at_a_time(family):
 
 def test_unrollbackable_cache_is_refused():
     """A cache layer kind that cannot be rolled back (linear attention state) is a clear ValueError."""
-    from probes.generate import UnsupportedCacheError
+    from steer.probes.generate import UnsupportedCacheError
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     model.config.layer_types = ["full_attention", "linear_attention", "full_attention"]

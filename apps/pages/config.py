@@ -7,8 +7,16 @@ import tempfile
 from pathlib import Path
 
 import streamlit as st
-from explorer_common import ACT_KEY, DIFR_KEY, LYNX_KEY, MOTE_KEY, current_model, folder_zip, saved_result
 
+from steer.apps.explorer_common import (
+    ACT_KEY,
+    DIFR_KEY,
+    LYNX_KEY,
+    MOTE_KEY,
+    current_model,
+    folder_zip,
+    saved_result,
+)
 from steer.config import ConfigError, InterventionConfig, ModelIdentity
 from steer.export import TARGETS, export
 

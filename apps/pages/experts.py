@@ -6,7 +6,9 @@ from dataclasses import asdict
 
 import pandas as pd
 import streamlit as st
-from explorer_common import (
+
+from steer.adapters import model_map
+from steer.apps.explorer_common import (
     MODEL_LOCK,
     MOTE_KEY,
     LiveProgress,
@@ -18,8 +20,6 @@ from explorer_common import (
     show_figure,
     using_model,
 )
-
-from steer.adapters import model_map
 from steer.config import MoTESection
 from steer.ftri import SCORES, Profile, ProfileCancelled, ProfileConfig, expert_tokens, profile
 from steer.mote import MODES, ExpertSwitch, behaviour_labels

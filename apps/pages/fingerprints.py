@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import streamlit as st
-from explorer_common import (
+
+from steer.apps.explorer_common import (
     DIFR_KEY,
     current_model,
     lines,
@@ -12,7 +13,6 @@ from explorer_common import (
     show_figure,
     using_model,
 )
-
 from steer.config import DiFRSection
 from steer.difr import Calibration, DiFRConfig, Fingerprints, calibrate, fingerprint_prompts, verify
 from steer.difr.fingerprint import PROJECTIONS

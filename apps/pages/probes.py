@@ -12,7 +12,8 @@ import hashlib
 import json
 
 import streamlit as st
-from explorer_common import (
+
+from steer.apps.explorer_common import (
     LYNX_KEY,
     MODEL_LOCK,
     LiveProgress,
@@ -24,24 +25,16 @@ from explorer_common import (
     show_figure,
     using_model,
 )
-
-from probes import (
-    CueSet,
-    ExitConfig,
-    LabelledCues,
-    LynxProbe,
-    NeverExit,
-    ProbeConfig,
-    arithmetic_problems,
-    lynx,
-)
-from probes.answers import get_checker
-from probes.conformal import min_calibration_size
-from probes.data import SPLITS, chat_prompts
-from probes.features import default_points
-from probes.generate import generate_with_exit
 from steer.config import LynxSection
 from steer.packages import cache_dir
+from steer.probes import lynx
+from steer.probes.answers import get_checker
+from steer.probes.conformal import min_calibration_size
+from steer.probes.cues import CueSet
+from steer.probes.data import SPLITS, LabelledCues, arithmetic_problems, chat_prompts
+from steer.probes.features import default_points
+from steer.probes.generate import ExitConfig, NeverExit, generate_with_exit
+from steer.probes.probe import LynxProbe, ProbeConfig
 
 # The demo's delta. A 135M model is right at few cue events (smollm2-moe, the defaults below: 7 of 83
 # training and 4 of 83 calibration events), so its probe is rarely sure. Measured with those defaults

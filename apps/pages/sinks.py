@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import streamlit as st
-from explorer_common import (
+
+from steer.act import BETA, ACTConfig
+from steer.apps.explorer_common import (
     ACT_KEY,
     current_model,
     lines,
@@ -13,8 +15,6 @@ from explorer_common import (
     show_figure,
     using_model,
 )
-
-from steer.act import BETA, ACTConfig
 from steer.config import ACTSection
 from steer.prompts import generate_responses
 from steer.sinks import TAU, SinkResult, book_inputs, detect_sinks

@@ -4,7 +4,7 @@
 
 Modes, all in one process with one thread (ratios are to the SDPA forward of the same run):
   sdpa            model.model(ids): the decoder stack with SDPA (no lm_head: detect_sinks runs none)
-  sinks_stream    detect_sinks: per layer SDPA is_causal for the output (no padding) + kernels.sink_stats
+  sinks_stream    detect_sinks: per layer SDPA is_causal for the output (no padding) + steer.kernels.act.sink_stats
                   column sums (no N x N map)
   sinks_stream_masked  the same statistics with the layer's explicit boolean mask passed to SDPA (the
                   path padded batches take, and every batch took before is_causal was used)

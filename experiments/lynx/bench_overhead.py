@@ -2,7 +2,7 @@
 
 Variants (same prompts, greedy, same number of new tokens; rounds interleaved, medians reported):
   hf_generate    model.generate (reference for our loop's own cost)
-  loop_plain     probes.generate_with_exit with no policy (our loop: cue tracking only)
+  loop_plain     steer.probes.generate.generate_with_exit with no policy (our loop: cue tracking only)
   loop_lynx      + feature capture through steer.hooks + probe scoring at every cue (the probe's
                  calibration is set to never exit, so every variant generates the same tokens)
   loop_lynx_all  worst case: every token is a cue (feature capture + scoring at every token)
@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from probes.conformal import ConformalCalibration
-from probes.cues import CueSet
-from probes.data import arithmetic_problems, chat_prompts, load_model
-from probes.features import default_points
-from probes.generate import ExitConfig, LynxPolicy, NeverExit, generate_with_exit
-from probes.probe import LynxProbe, ProbeInfo
+from steer.probes.conformal import ConformalCalibration
+from steer.probes.cues import CueSet
+from steer.probes.data import arithmetic_problems, chat_prompts, load_model
+from steer.probes.features import default_points
+from steer.probes.generate import ExitConfig, LynxPolicy, NeverExit, generate_with_exit
+from steer.probes.probe import LynxProbe, ProbeInfo
 
 
 def main(argv=None):

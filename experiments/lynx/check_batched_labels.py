@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from probes.data import chat_prompts, load_model
-from probes.generate import generate_with_exit
+from steer.probes.data import chat_prompts, load_model
+from steer.probes.generate import generate_with_exit
 
 sys.path.insert(0, str(Path(__file__).parent))
 import run_lynx  # noqa: E402

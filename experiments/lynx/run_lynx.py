@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-from probes.answers import NumericChecker
-from probes.conformal import calibrate
-from probes.cues import CueSet
-from probes.data import LabelledCues, arithmetic_problems, chat_prompts, label_cue_events, load_model
-from probes.features import default_points
-from probes.generate import DeerPolicy, ExitConfig, LynxPolicy, generate_with_exit, premature_exit_rates
-from probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
+from steer.probes.answers import NumericChecker
+from steer.probes.conformal import calibrate
+from steer.probes.cues import CueSet
+from steer.probes.data import LabelledCues, arithmetic_problems, chat_prompts, label_cue_events, load_model
+from steer.probes.features import default_points
+from steer.probes.generate import DeerPolicy, ExitConfig, LynxPolicy, generate_with_exit, premature_exit_rates
+from steer.probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
 
 OUT = Path(__file__).parent / "out"  # --out changes it (e.g. out_moe for the embedded MoE)
 N = {"train": 100, "calibration": 80, "test": 60}  # --n changes it

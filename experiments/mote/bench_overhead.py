@@ -8,7 +8,7 @@ a shared machine hit all of them; we report the median time per condition and it
 forward measured in the same rounds. Conditions:
   bare      model(**batch)
   profile   + the fTRI router-indices hook and the per-batch fold into class sums (200 bootstrap reps)
-  switch    + ExpertSwitch(top-10 off_mask) rewriting the router output through kernels.router.route
+  switch    + ExpertSwitch(top-10 off_mask) rewriting the router output through steer.kernels.router.route
 Memory: `profile` on N = 100 and N = 1,000 prompts in fresh subprocesses; we report the accumulator's
 bytes (exact) and the process's peak RSS.
 """

@@ -1,4 +1,4 @@
-"""`steer app`: open the Streamlit explorer (apps/explorer.py) with `streamlit run`."""
+"""`steer app`: open the Streamlit explorer (`steer.apps`, the repository's apps/ folder) with `streamlit run`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,15 @@ from pathlib import Path
 
 from steer.cli import CLIError
 
-# apps/ is not an installed package: it sits beside steer/ in a source checkout (editable install).
-APP_FILE = Path(__file__).resolve().parents[2] / "apps" / "explorer.py"
+
+def _explorer() -> Path:
+    """explorer.py of the installed `steer.apps` (inside the wheel, or apps/ of a source checkout)."""
+    spec = importlib.util.find_spec("steer.apps")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return Path(folders[0] if folders else "steer/apps") / "explorer.py"
+
+
+APP_FILE = _explorer()
 MAX_UPLOAD_MB = 50
 
 EXAMPLES = """\
@@ -23,14 +30,14 @@ examples:
   steer app -- --server.address 0.0.0.0      anything after -- goes to `streamlit run`
 
 Pages: Experts (fTRI profile, MoTE switching), Attention sinks (ACT), Probes (LYNX), Fingerprints
-(DiFR), Intervention config. Needs the app extra: pip install -e '.[app]'.
+(DiFR), Intervention config. Needs the app extra: pip install 'steer[app]'.
 """
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "app", help="open the Streamlit explorer (experts, sinks, probes, fingerprints, config)",
-        description="Run `streamlit run apps/explorer.py` from this source checkout.",
+        description="Run `streamlit run` on the explorer that ships with steer (steer/apps/explorer.py).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model preselected in the sidebar (default smollm2-moe)")
     p.add_argument("--port", type=int, help="server port (streamlit's default 8501)")
@@ -42,16 +49,16 @@ def add_parser(sub) -> None:
 def app_file() -> Path:
     if not APP_FILE.is_file():
         raise CLIError(
-            f"the explorer is not at {APP_FILE}: apps/explorer.py ships with the source checkout, not the "
-            f"wheel. Clone the repository and install it editable (pip install -e '.[app]'), or run "
-            f"`streamlit run path/to/apps/explorer.py` yourself.")
+            f"the explorer is not at {APP_FILE}: this steer installation is incomplete (steer.apps ships "
+            f"apps/explorer.py). Reinstall steer (pip install --force-reinstall 'steer[app]'), or run "
+            f"`streamlit run path/to/apps/explorer.py` from a source checkout.")
     return APP_FILE
 
 
 def run(args) -> int:
     path = app_file()
     if importlib.util.find_spec("streamlit") is None:
-        raise CLIError("streamlit is not installed: pip install -e '.[app]'")
+        raise CLIError("streamlit is not installed: pip install 'steer[app]' (or -e '.[app]' in a checkout)")
     cmd = [sys.executable, "-m", "streamlit", "run", str(path), "--server.maxUploadSize", str(MAX_UPLOAD_MB)]
     if args.port:
         cmd += ["--server.port", str(args.port)]

@@ -148,9 +148,9 @@ def _greedy(args, lm, prompts, chat) -> list[str]:
 
 
 def _lynx(args, cfg, lm, prompts, chat):
-    from probes.data import chat_prompts
-    from probes.generate import ExitConfig
-    from probes.lynx import generate
+    from steer.probes.data import chat_prompts
+    from steer.probes.generate import ExitConfig
+    from steer.probes.lynx import generate
 
     probe = cfg.lynx.probe()
     if probe.calibration is None:

@@ -1,4 +1,4 @@
-"""`steer probe`: LYNX confidence probes and online early exit (probes.lynx)."""
+"""`steer probe`: LYNX confidence probes and online early exit (steer.probes.lynx)."""
 
 from __future__ import annotations
 
@@ -85,11 +85,11 @@ def _progress(done, total):
 
 
 def run_label(args) -> int:
-    from probes.cues import CueSet
-    from probes.data import arithmetic_problems, load_model
-    from probes.features import default_points
-    from probes.generate import ExitConfig
-    from probes.lynx import label
+    from steer.probes.cues import CueSet
+    from steer.probes.data import arithmetic_problems, load_model
+    from steer.probes.features import default_points
+    from steer.probes.generate import ExitConfig
+    from steer.probes.lynx import label
 
     model, tok, name = load_model(args.model)
     points = args.points.split(",") if args.points else default_points(model)
@@ -110,9 +110,9 @@ def run_label(args) -> int:
 
 
 def run_train(args) -> int:
-    from probes.data import LabelledCues
-    from probes.lynx import train
-    from probes.probe import ProbeConfig
+    from steer.probes.data import LabelledCues
+    from steer.probes.lynx import train
+    from steer.probes.probe import ProbeConfig
 
     lab = LabelledCues.from_safetensors(args.cues_file)
     hidden = tuple(int(h) for h in args.hidden.split(","))
@@ -130,9 +130,9 @@ def run_train(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    from probes.data import LabelledCues
-    from probes.lynx import calibrate_probe
-    from probes.probe import LynxProbe
+    from steer.probes.data import LabelledCues
+    from steer.probes.lynx import calibrate_probe
+    from steer.probes.probe import LynxProbe
 
     probe = LynxProbe.load(args.probe_dir)
     lab = LabelledCues.from_safetensors(args.cues_file)
@@ -149,10 +149,10 @@ def run_calibrate(args) -> int:
 
 
 def run_generate(args) -> int:
-    from probes.data import chat_prompts, load_model
-    from probes.generate import ExitConfig
-    from probes.lynx import generate
-    from probes.probe import LynxProbe
+    from steer.probes.data import chat_prompts, load_model
+    from steer.probes.generate import ExitConfig
+    from steer.probes.lynx import generate
+    from steer.probes.probe import LynxProbe
 
     probe = LynxProbe.load(args.probe)
     if probe.calibration is None:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kernels._triton import backend_for
-from kernels.fingerprint import fingerprint as _kernel_fingerprint
-from kernels.fingerprint import projection_matrix as _kernel_projection_matrix
+from steer.kernels._triton import backend_for
+from steer.kernels.fingerprint import fingerprint as _kernel_fingerprint
+from steer.kernels.fingerprint import projection_matrix as _kernel_projection_matrix
 
 FORMAT = "steer.difr.fingerprints/1"
 PROJECTIONS = ("gaussian", "orthonormal")
@@ -46,7 +46,7 @@ class DiFRConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Projection and fingerprint: kernels.fingerprint (fused Triton on GPU, torch on CPU)
+# Projection and fingerprint: steer.kernels.fingerprint (fused Triton on GPU, torch on CPU)
 
 
 def projection_matrix(config: DiFRConfig, d: int) -> Tensor:

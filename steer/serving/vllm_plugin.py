@@ -7,7 +7,7 @@ a subclass of vLLM's own model class that, when the engine is given a config,
   - checks the config against the served checkpoint (family, layers, experts, sha256 of the weight
     files): serving a config on the wrong model is an error at startup, not a silent no-op;
   - MoTE: replaces the routing of each steered layer's FusedMoE router (`router._compute_routing`,
-    the step between router logits and top-k weights/ids) with `kernels.router.route` and the same
+    the step between router logits and top-k weights/ids) with `steer.kernels.router.route` and the same
     `RouterEdit` steer's HF path uses, so served routing equals steer's, token for token;
   - DiFR: fingerprints f = h P of the lm_head input of every sampled row (`compute_logits`) and,
     through `FingerprintLogitsProcessor`, appends them to a per-request file that
@@ -213,7 +213,7 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
     STATE.config_path, STATE.layers = str(path), []
     STATE.reset_counts()
     if cfg.mote is not None:
-        from kernels.router import RoutingRule
+        from steer.kernels.router import RoutingRule
 
         rule = RoutingRule.from_config(hf_config)
         for layer, edit in cfg.mote.router_edits(cfg.model.num_experts).items():
@@ -258,8 +258,8 @@ def _checkpoint_config(vllm_config):
 
 
 def _steered_routing(layer: int, edit, rule):
-    """A `_compute_routing` replacement: kernels.router.route with `edit`, counting touched tokens."""
-    from kernels.router import route
+    """A `_compute_routing` replacement: steer.kernels.router.route with `edit`, counting touched tokens."""
+    from steer.kernels.router import route
 
     def compute_routing(hidden_states, router_logits, indices_type=None, *, input_ids=None):
         res = route(router_logits, rule, edit)
