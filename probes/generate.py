@@ -23,6 +23,7 @@ hidden states of token t, and cue detection (steer.probes.cues) reports cues who
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from steer.hooks import attach
 from steer.probes.conformal import ConformalCalibration, check_delta
 from steer.probes.cues import CueSet, CueTracker
 from steer.probes.features import HookRecorder, hidden_state_index, validate_points
@@ -473,6 +475,187 @@ class _Runner:
         return trials
 
 
+def _check_inputs(model, tokenizer, prompts, policy, cues, cfg: ExitConfig, points, need_feats: bool,
+                  feature_backend: str) -> tuple[CueSet, Sequence[str] | None]:
+    """The cue set and feature points this run uses; a clear error for every bad argument."""
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of strings (one per row)")
+    if isinstance(policy, LynxPolicy):
+        cues = cues or policy.probe.cue_set
+        points = points or (policy.probe.info.points if policy.probe.info else None)
+        policy.probe.check_compatible(model, points)
+    if need_feats:
+        if not points:
+            raise ValueError("feature points are needed to score or record features "
+                             "(steer.probes.features.default_points)")
+        validate_points(points, model)
+    if feature_backend not in ("hooks", "hidden_states"):
+        raise ValueError(f"feature_backend must be 'hooks' or 'hidden_states', not {feature_backend!r}")
+    if cfg.max_new_tokens < 1 or cfg.answer_max_tokens < 1:
+        raise ValueError("max_new_tokens and answer_max_tokens must be >= 1")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    return cues or CueSet(), points
+
+
+class _Generation:
+    """The state of one `generate_with_exit` call. Prompt rows are indexed r; the rows still
+    generating are `active`, indexed i in the batch cache. Each decoding step runs the named steps
+    `cue_events` -> `trial_exits` -> `decide` -> `retire` -> `advance`."""
+
+    def __init__(self, run: _Runner, prompts: Sequence[str], policy, cues: CueSet, *, record_features: bool,
+                 record_trials: bool, add_special_tokens: bool):
+        self.run, self.prompts, self.policy = run, list(prompts), policy
+        self.record_features = record_features
+        self.trials_each_cue = record_trials or policy.needs_trial
+        self.need_feats = record_features or policy.needs_score
+        self.use_hs = self.need_feats and run.backend == "hidden_states"
+        self.recorder = HookRecorder(run.points) if self.need_feats and not self.use_hs else None
+        tok = run.tok
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = tok(self.prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        finally:
+            tok.padding_side = side
+        self.ids, self.mask = enc["input_ids"].to(run.device), enc["attention_mask"].to(run.device)
+        B, self.T = self.ids.shape
+        self.gens: list[list[int]] = [[] for _ in range(B)]
+        self.trackers = [CueTracker(cues, tok) for _ in range(B)]
+        self.events: list[list[CueEvent]] = [[] for _ in range(B)]
+        self.fwd = [0] * B
+        self.results: list[RowResult | None] = [None] * B
+        self.feats_out: list[torch.Tensor] = []
+        self.feats: torch.Tensor | None = None  # features of this step's active rows, when a cue needs them
+        self.active = list(range(B))
+        self.cache = _cache_for(run.model)
+        self.sliding = any(type(layer) is DynamicSlidingWindowLayer for layer in self.cache.layers)
+        self.last_pos = (self.mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def prefill(self):
+        out = self.run.forward(self.ids, self.mask, self.last_pos, self.cache, hidden=self.use_hs)
+        self.last_pos = self.last_pos[:, -1]
+        self.trim()
+        return out
+
+    def request(self, i: int, r: int, keep: int, extra: list[int]) -> _TrialRequest:
+        toks = torch.cat([self.ids[r], torch.tensor(self.gens[r], dtype=self.ids.dtype, device=self.run.device)])
+        toks = toks[:keep]
+        if not extra and not self.run.exit_ids:  # nothing to feed: re-feed the last kept token for its logits
+            keep, extra = keep - 1, [int(toks[keep - 1])]
+            toks = toks[:keep]
+        return _TrialRequest(i, keep, extra, toks, self.mask[i, :keep])
+
+    def trim(self) -> None:
+        if self.sliding and self.active:
+            cut = min(self.T + self.trackers[r].earliest_cut() for r in self.active)
+            self.run.trim(self.cache, cut - SLIDING_SLACK)
+
+    def _hidden(self, out) -> list[torch.Tensor]:
+        """Feature-point states of the token fed last, read before any trial overwrites them."""
+        if self.use_hs:
+            hs = out.hidden_states
+            return [hs[hidden_state_index(p, len(hs) - 1)] for p in self.run.points]
+        return [self.recorder.last[p] for p in self.run.points]
+
+    def cue_events(self, out, nxt: list[int]) -> list[list[CueEvent]]:
+        """Append the sampled tokens; the cue events they complete, scored where a probe scores."""
+        self.feats, scores, found = None, None, []
+        for i, r in enumerate(self.active):
+            self.gens[r].append(nxt[i])
+            evs = [CueEvent(r, m.cue, m.cue_token, m.cut) for m in self.trackers[r].push(nxt[i])]
+            if evs and self.need_feats and self.feats is None:
+                hidden = self._hidden(out)
+                self.feats = torch.cat([h[:, -1].float() for h in hidden], dim=-1)
+                if self.policy.needs_score:  # fused kernel on CUDA (steer.kernels.probe_score), torch elsewhere
+                    last = torch.full((len(self.active),), hidden[0].shape[1] - 1, dtype=torch.long,
+                                      device=self.run.device)
+                    scores = self.policy.probe.score_hidden(hidden, last).float().cpu().tolist()
+            for ev in evs:
+                if self.policy.needs_score:
+                    ev.score = scores[i]
+            found.append(evs)
+        return found
+
+    def trial_exits(self, found: list[list[CueEvent]]) -> None:
+        """A forced-exit trial at every cue event (labelling, DEER), batched across rows."""
+        reqs = [(ev, self.request(i, r, self.T + ev.cut, []))
+                for i, r in enumerate(self.active) for ev in found[i]]
+        if reqs:
+            for (ev, _), trial in zip(reqs, self.run.trials(self.cache, [q for _, q in reqs])):
+                ev.trial = trial
+
+    def decide(self, nxt: list[int], found: list[list[CueEvent]]) -> tuple[dict, dict]:
+        """Which active rows stop and why ({i: (stop, event)}), in cue order within each row (the
+        first accepted cue exits), plus the exit trials still to run for them ({i: Trial})."""
+        pending: list[tuple[int, _TrialRequest]] = []
+        decided: dict[int, tuple[str, CueEvent | None]] = {}
+        for i, r in enumerate(self.active):
+            for ev in found[i]:
+                if self.record_features:
+                    ev.feature_index = len(self.feats_out)
+                    self.feats_out.append(self.feats[i].cpu())
+                if ev.trial is not None:
+                    self.fwd[r] += ev.trial.forward_tokens
+                self.events[r].append(ev)
+                if self.policy.decide(ev.score, ev.trial):
+                    ev.exited = True
+                    decided[i] = ("exit", ev)
+                    if ev.trial is None:
+                        pending.append((i, self.request(i, r, self.T + ev.cut, [])))
+                    break
+            if i in decided:
+                continue
+            if nxt[i] in self.run.eos:
+                decided[i] = ("eos", None)
+            elif len(self.gens[r]) >= self.run.cfg.max_new_tokens:  # budget cut: keep all, feed the last token
+                decided[i] = ("budget", None)
+                pending.append((i, self.request(i, r, self.T + len(self.gens[r]) - 1, [nxt[i]])))
+        trials = self.run.trials(self.cache, [q for _, q in pending]) if pending else []
+        return decided, dict(zip([i for i, _ in pending], trials))
+
+    def retire(self, decided: dict, trials: dict) -> None:
+        """The result of every row that stops this step."""
+        decode = self.run.tok.decode
+        for i, (stop, ev) in decided.items():
+            r = self.active[i]
+            trial = ev.trial if stop == "exit" and ev.trial is not None else trials.get(i)
+            if trial is not None and (stop == "budget" or ev.trial is None):
+                self.fwd[r] += trial.forward_tokens
+            kept = self.gens[r][: ev.cut] if stop == "exit" else self.gens[r]
+            self.results[r] = RowResult(self.prompts[r], kept, len(kept), stop,
+                                        decode(kept, skip_special_tokens=True), trial, self.events[r])
+
+    def advance(self, decided: dict, nxt: torch.Tensor):
+        """Drop the stopped rows from the batch and feed the others' new tokens; None when all stopped."""
+        if decided:
+            keep_idx = [i for i in range(len(self.active)) if i not in decided]
+            self.active = [self.active[i] for i in keep_idx]
+            if not self.active:
+                return None
+            sel = torch.tensor(keep_idx, device=self.run.device)
+            self.cache.batch_select_indices(sel)
+            self.mask, nxt, self.last_pos = self.mask[sel], nxt[sel], self.last_pos[sel]
+        ones = torch.ones(len(self.active), 1, dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], 1)
+        self.last_pos = self.last_pos + 1
+        for r in self.active:
+            self.fwd[r] += 1
+        out = self.run.forward(nxt[:, None], self.mask, self.last_pos[:, None], self.cache, hidden=self.use_hs)
+        self.trim()
+        return out
+
+    def result(self, seconds: float) -> GenerationResult:
+        for r, row in enumerate(self.results):
+            row.forward_tokens = self.fwd[r]
+        if self.feats_out:
+            feats = torch.stack(self.feats_out)
+        else:
+            feats = torch.empty(0, 0) if self.record_features else None
+        calibration = self.policy.calibration if isinstance(self.policy, LynxPolicy) else None
+        return GenerationResult(self.results, self.run.exit_ids, feats, seconds, self.run.cfg, calibration,
+                                self.run.reprefills)
+
+
 @torch.no_grad()
 def generate_with_exit(
     model,
@@ -497,166 +680,25 @@ def generate_with_exit(
     """
     policy = policy or NeverExit()
     cfg = config or ExitConfig()
-    if isinstance(prompts, str) or not len(prompts):
-        raise ValueError("prompts must be a non-empty list of strings (one per row)")
-    if isinstance(policy, LynxPolicy):
-        cues = cues or policy.probe.cue_set
-        points = points or (policy.probe.info.points if policy.probe.info else None)
-        policy.probe.check_compatible(model, points)
-    cues = cues or CueSet()
-    need_feats = record_features or policy.needs_score
-    if need_feats:
-        if not points:
-            raise ValueError("feature points are needed to score or record features (steer.probes.features.default_points)")
-        validate_points(points, model)
-    if feature_backend not in ("hooks", "hidden_states"):
-        raise ValueError(f"feature_backend must be 'hooks' or 'hidden_states', not {feature_backend!r}")
-    if cfg.max_new_tokens < 1 or cfg.answer_max_tokens < 1:
-        raise ValueError("max_new_tokens and answer_max_tokens must be >= 1")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
-    run = _Runner(model, tokenizer, cfg, points, feature_backend)
+    cues, points = _check_inputs(model, tokenizer, prompts, policy, cues, cfg, points,
+                                 record_features or policy.needs_score, feature_backend)
     t0 = time.perf_counter()
-
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    finally:
-        tokenizer.padding_side = side
-    ids, mask = enc["input_ids"].to(run.device), enc["attention_mask"].to(run.device)
-    B, T = ids.shape
-    gens: list[list[int]] = [[] for _ in range(B)]
-    trackers = [CueTracker(cues, tokenizer) for _ in range(B)]
-    events: list[list[CueEvent]] = [[] for _ in range(B)]
-    fwd = [0] * B
-    results: list[RowResult | None] = [None] * B
-    feats_out: list[torch.Tensor] = []
-    active = list(range(B))
-    cache = _cache_for(model)
-    sliding = any(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers)
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-    def request(i: int, r: int, keep: int, extra: list[int]) -> _TrialRequest:
-        toks = torch.cat([ids[r], torch.tensor(gens[r], dtype=ids.dtype, device=run.device)])[:keep]
-        if not extra and not run.exit_ids:  # nothing to feed: re-feed the last kept token for its logits
-            keep, extra = keep - 1, [int(toks[keep - 1])]
-            toks = toks[:keep]
-        return _TrialRequest(i, keep, extra, toks, mask[i, :keep])
-
-    def trim():
-        if sliding and active:
-            run.trim(cache, min(T + trackers[r].earliest_cut() for r in active) - SLIDING_SLACK)
-
-    recorder = HookRecorder(points) if need_feats and feature_backend == "hooks" else None
-    hooks_ctx = None
-    if recorder is not None:
-        from steer.hooks import attach
-
-        hooks_ctx = attach(model, recorder.hooks())
-        hooks_ctx.__enter__()
-    try:
-        use_hs = need_feats and feature_backend == "hidden_states"
-        out = run.forward(ids, mask, pos, cache, hidden=use_hs)
-        trim()
-        last_pos = pos[:, -1]
+    gen = _Generation(_Runner(model, tokenizer, cfg, points, feature_backend), prompts, policy, cues,
+                      record_features=record_features, record_trials=record_trials,
+                      add_special_tokens=add_special_tokens)
+    with attach(model, gen.recorder.hooks()) if gen.recorder is not None else contextlib.nullcontext():
+        out = gen.prefill()
         for _ in range(cfg.max_new_tokens):
-            nxt = run.choose(out.logits[:, -1])
-            nxt_list = nxt.tolist()
-            # 1. the new tokens, the cue events they complete, and the features/scores there. Features
-            # are those of the token fed last, read before any trial's forward passes overwrite them.
-            feats = scores = None
-            found: list[list[CueEvent]] = []
-            for i, r in enumerate(active):
-                gens[r].append(nxt_list[i])
-                evs = [CueEvent(r, m.cue, m.cue_token, m.cut) for m in trackers[r].push(nxt_list[i])]
-                if evs and need_feats and feats is None:
-                    if use_hs:
-                        hs = out.hidden_states
-                        hidden = [hs[hidden_state_index(p, len(hs) - 1)] for p in points]
-                    else:
-                        hidden = [recorder.last[p] for p in points]
-                    feats = torch.cat([h[:, -1].float() for h in hidden], dim=-1)
-                    if policy.needs_score:  # fused kernel on CUDA (steer.kernels.probe_score), torch elsewhere
-                        last = torch.full((len(active),), hidden[0].shape[1] - 1, dtype=torch.long,
-                                          device=run.device)
-                        scores = policy.probe.score_hidden(hidden, last).float().cpu().tolist()
-                for ev in evs:
-                    if policy.needs_score:
-                        ev.score = scores[i]
-                found.append(evs)
-            # 2. trial exits at every cue event (labelling, DEER), batched across rows
-            if record_trials or policy.needs_trial:
-                reqs = [(ev, request(i, r, T + ev.cut, [])) for i, r in enumerate(active) for ev in found[i]]
-                for (ev, _), tr in zip(reqs, run.trials(cache, [q for _, q in reqs]) if reqs else []):
-                    ev.trial = tr
-            # 3. decisions, in cue order within each row: the first accepted cue exits
-            pending: list[tuple[int, str, CueEvent | None, _TrialRequest]] = []
-            decided: dict[int, tuple[str, CueEvent | None]] = {}
-            for i, r in enumerate(active):
-                tid = nxt_list[i]
-                for ev in found[i]:
-                    if record_features:
-                        ev.feature_index = len(feats_out)
-                        feats_out.append(feats[i].cpu())
-                    if ev.trial is not None:
-                        fwd[r] += ev.trial.forward_tokens
-                    events[r].append(ev)
-                    if policy.decide(ev.score, ev.trial):
-                        ev.exited = True
-                        decided[i] = ("exit", ev)
-                        if ev.trial is None:
-                            pending.append((i, "exit", ev, request(i, r, T + ev.cut, [])))
-                        break
-                if i in decided:
-                    continue
-                if tid in run.eos:
-                    decided[i] = ("eos", None)
-                elif len(gens[r]) >= cfg.max_new_tokens:  # the budget cut: keep all, feed the last token too
-                    decided[i] = ("budget", None)
-                    pending.append((i, "budget", None, request(i, r, T + len(gens[r]) - 1, [tid])))
-            done_trials = dict(zip([p[0] for p in pending], run.trials(cache, [p[3] for p in pending]))) \
-                if pending else {}
-            # 4. rows that stop leave the batch
-            for i, (stop, ev) in decided.items():
-                r = active[i]
-                if stop == "exit":
-                    tr = ev.trial if ev.trial is not None else done_trials[i]
-                    if ev.trial is None:
-                        fwd[r] += tr.forward_tokens
-                    kept = gens[r][: ev.cut]
-                    results[r] = RowResult(prompts[r], kept, ev.cut, "exit",
-                                           tokenizer.decode(kept, skip_special_tokens=True), tr, events[r])
-                elif stop == "eos":
-                    results[r] = RowResult(prompts[r], gens[r], len(gens[r]), "eos",
-                                           tokenizer.decode(gens[r], skip_special_tokens=True), None, events[r])
-                else:
-                    tr = done_trials[i]
-                    fwd[r] += tr.forward_tokens
-                    results[r] = RowResult(prompts[r], gens[r], len(gens[r]), "budget",
-                                           tokenizer.decode(gens[r], skip_special_tokens=True), tr, events[r])
-            if decided:
-                keep_idx = [i for i in range(len(active)) if i not in decided]
-                active = [active[i] for i in keep_idx]
-                if not active:
-                    break
-                sel = torch.tensor(keep_idx, device=run.device)
-                cache.batch_select_indices(sel)
-                mask, nxt, last_pos = mask[sel], nxt[sel], last_pos[sel]
-            mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=mask.device)], 1)
-            last_pos = last_pos + 1
-            for r in active:
-                fwd[r] += 1
-            out = run.forward(nxt[:, None], mask, last_pos[:, None], cache, hidden=use_hs)
-            trim()
-    finally:
-        if hooks_ctx is not None:
-            hooks_ctx.__exit__(None, None, None)
-    for r in range(B):
-        results[r].forward_tokens = fwd[r]
-    feats_t = torch.stack(feats_out) if feats_out else (torch.empty(0, 0) if record_features else None)
-    return GenerationResult(results, run.exit_ids, feats_t, time.perf_counter() - t0, cfg,
-                            policy.calibration if isinstance(policy, LynxPolicy) else None, run.reprefills)
+            nxt = gen.run.choose(out.logits[:, -1])
+            found = gen.cue_events(out, nxt.tolist())
+            if gen.trials_each_cue:
+                gen.trial_exits(found)
+            decided, trials = gen.decide(nxt.tolist(), found)
+            gen.retire(decided, trials)
+            out = gen.advance(decided, nxt)
+            if out is None:
+                break
+    return gen.result(time.perf_counter() - t0)
 
 
 def premature_exit_rates(p: torch.Tensor, y: torch.Tensor, traj: torch.Tensor,
