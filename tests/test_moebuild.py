@@ -26,6 +26,7 @@ from steer.moebuild import (
     cluster_neurons,
     config_from_args,
     contains_key,
+    load_dense,
     neuron_acts,
     prompt_agreement,
     set_top_k,
@@ -163,6 +164,37 @@ def test_coactivation_clusters_tighter_than_random():
 def test_bad_options_name_the_problem(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         _build(tmp_path, dataclasses.replace(TINY, **bad))
+
+
+def test_qwen2_dense_with_attention_biases_and_tied_embeddings(tmp_path):
+    """Qwen2 sources (Qwen2.5-Coder) keep their q/k/v biases and tied embeddings: k = E still
+    reproduces the dense logits."""
+    torch.manual_seed(0)
+    dense = tiny_model("qwen2", tie_word_embeddings=True)
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)  # non-zero, so a dropped bias would show
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+    report, moe = build_moe(dense, dataclasses.replace(TINY, router_spread=1e-5), tmp_path / "q",
+                            tokenizer=tiny_tokenizer(), texts=_texts(), progress=False, num_threads=1,
+                            evaluate=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(report.out_dir).eval()
+    assert reloaded.config.tie_word_embeddings and reloaded.config.model_type == "qwen2_moe"
+    set_top_k(reloaded, TINY.num_experts)
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - ref).abs().max() < 1e-4 * ref.abs().max() + 1e-5
+
+
+def test_unknown_dense_source_names_the_choices(tmp_path, capsys):
+    with pytest.raises(ValueError, match="neither a path nor a packaged dense model; pass one of .*smollm2"):
+        load_dense("no-such-model")
+    from steer.cli import main
+
+    assert main(["models", "build-moe", "--dense", "smollm2-moe", "--quiet"]) == 2
+    assert "not a packaged dense model" in capsys.readouterr().err
 
 
 def test_non_llama_dense_rejected(tmp_path):
