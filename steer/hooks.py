@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,9 +61,7 @@ class Session:
     batch_shape: tuple[int, int] | None = None  # (B, T) of the current call
     attention_mask: torch.Tensor | None = None  # Bool[B, T] of the current call
     selection: torch.Tensor | None = None  # user token selection, Bool[B, T_total] or None
-    labels: Sequence | None = None  # per-row labels of the current batch (set by the caller)
     past_length: int = 0  # tokens already in the KV cache for this call
-    _user: dict = field(default_factory=dict)
 
     def set_token_selection(self, selection: torch.Tensor | None) -> None:
         """Restrict which tokens count (e.g. response tokens only). Bool[B, T_total] over the full

@@ -95,13 +95,6 @@ def apply(model: Any, *interventions: Intervention) -> Iterator[tuple[Interventi
         iv.check()
 
 
-def touched_rows(mask: torch.Tensor | None, changed: torch.Tensor) -> int:
-    """Real tokens among `changed` (Bool, per token)."""
-    if mask is not None:
-        changed = changed & mask.to(changed.device)
-    return int(changed.sum())
-
-
 class AddVector(Intervention):
     """Activation addition: x <- x + scale * vector at one point (the classic steering vector).
 
