@@ -27,7 +27,6 @@ skipped).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -87,11 +86,11 @@ CHAT_REQUESTS = (
 )
 
 CalibFormat = Literal["prose", "chat", "mix"]
-_CALIB_FORMATS = ("prose", "chat", "mix")
+CALIB_FORMATS = ("prose", "chat", "mix")
 Router = Literal["ridge", "ridge-log"]
 Clustering = Literal["coactivation", "random"]
-_ROUTERS = ("ridge", "ridge-log")
-_CLUSTERINGS = ("coactivation", "random")
+ROUTERS = ("ridge", "ridge-log")
+CLUSTERINGS = ("coactivation", "random")
 
 
 @dataclass(frozen=True)
@@ -126,12 +125,12 @@ class MoEBuildConfig:
             raise ValueError(f"top_k must be in 1..num_experts ({self.num_experts}), got {self.top_k}")
         if self.shared_neurons < 0:
             raise ValueError(f"shared_neurons must be >= 0, got {self.shared_neurons}")
-        if self.router not in _ROUTERS:
-            raise ValueError(f"router must be one of {', '.join(_ROUTERS)}; got {self.router!r}")
-        if self.clustering not in _CLUSTERINGS:
-            raise ValueError(f"clustering must be one of {', '.join(_CLUSTERINGS)}; got {self.clustering!r}")
-        if self.calib_format not in _CALIB_FORMATS:
-            raise ValueError(f"calib_format must be one of {', '.join(_CALIB_FORMATS)}; got {self.calib_format!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}; got {self.router!r}")
+        if self.clustering not in CLUSTERINGS:
+            raise ValueError(f"clustering must be one of {', '.join(CLUSTERINGS)}; got {self.clustering!r}")
+        if self.calib_format not in CALIB_FORMATS:
+            raise ValueError(f"calib_format must be one of {', '.join(CALIB_FORMATS)}; got {self.calib_format!r}")
         if not 0 < self.router_spread <= 1:
             raise ValueError(f"router_spread must be in (0, 1], got {self.router_spread}")
         if self.ridge < 0:
@@ -606,114 +605,6 @@ def set_router_spread(model, spread: float, current: float) -> None:
                 gate.weight.mul_(spread / current)
 
 
-def _moe_layers(model) -> list[int]:
-    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
-
-
-def _rank_logits(value, _ctx):
-    """Router output with top-k taken on the logits (an engine that never rounds to probabilities)."""
-    logits, weights, indices = value
-    idx = logits.topk(indices.shape[-1], dim=-1).indices
-    w = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(-1, idx).to(weights.dtype)
-    return (logits, w, idx)
-
-
-def _routing(model, input_ids: torch.Tensor, noise: float = 0.0, seed: int = 0, rank_logits: bool = False):
-    """Per MoE layer: the sorted top-k sets [N, k], the MLP inputs [N, D] and router logits [N, E]."""
-    from steer.hooks import attach
-
-    sets: dict[int, torch.Tensor] = {}
-    xs: dict[int, torch.Tensor] = {}
-    logits: dict[int, torch.Tensor] = {}
-    gen = torch.Generator().manual_seed(seed)
-
-    def perturb(x, _ctx, i):
-        if noise:
-            x = x * (1 + noise * torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype))
-        xs[i] = x.detach().reshape(-1, x.shape[-1])
-        return x if noise else None
-
-    hooks = {}
-    for i in _moe_layers(model):
-        hooks[f"blocks.{i}.mlp.in"] = lambda x, ctx, i=i: perturb(x, ctx, i)
-        if rank_logits:  # registered first: hooks on one module run in this order, readers see the edit
-            hooks[f"blocks.{i}.mlp.router"] = _rank_logits
-        hooks[f"blocks.{i}.mlp.router.indices"] = lambda v, _ctx, i=i: sets.__setitem__(i, v.sort(-1).values)
-        hooks[f"blocks.{i}.mlp.router.logits"] = lambda v, _ctx, i=i: logits.__setitem__(i, v.detach().float())
-    with attach(model, hooks), torch.no_grad():
-        model.model(input_ids=input_ids, use_cache=False)
-    return sets, xs, logits
-
-
-def _changed(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> float:
-    """Fraction of (token, layer) pairs whose top-k expert sets differ."""
-    diff = sum(int((a[i] != b[i]).any(-1).sum()) for i in a)
-    return diff / sum(a[i].shape[0] for i in a)
-
-
-def routing_robustness(model, input_ids: torch.Tensor, *, noise: float = 1e-6, seed: int = 0,
-                       bf16: bool = True) -> dict:
-    """How often a token-layer's top-k expert set changes under perturbations a served copy sees.
-
-    A built MoE has near-tied router logits by construction (`router_spread`), so another engine's
-    kernels (other GEMM order, bf16) can route some tokens differently from this fp32 model. Each
-    number is the fraction of (token, MoE layer) pairs whose selected set differs from the fp32 run:
-    - noise_local: each router re-applied to its own input times (1 + noise * N(0, 1)): tie
-      fragility alone, nothing propagates;
-    - noise_end_to_end: that noise on every MoE layer's input in one forward (changes propagate);
-    - bf16_local: each router in bf16 on its bf16-rounded input;
-    - bf16_end_to_end: the whole model in bf16.
-    - topk_of_logits: top-k taken on the fp32 logits instead of on the softmax probabilities (as HF
-      does): engines that rank logits disagree wherever near-equal logits round to equal
-      probabilities near 1/E and HF breaks the tie by expert index (`fp32_prob_ties`);
-      topk_of_logits_end_to_end: a whole forward routed that way (each changed choice moves the
-      hidden state by a whole expert's output, so later layers and tokens can change too).
-    Also the k-th vs (k+1)-th logit gap relative to the token's logit range (median, and the share of
-    token-layers under 1e-3 of it) and the fp32 logit range itself.
-    """
-    import copy
-
-    model = model.eval()
-    ref, xs, logits = _routing(model, input_ids)
-    k = next(iter(ref.values())).shape[-1]
-    out: dict = {"tokens": int(input_ids.numel()), "moe_layers": len(ref), "k": k, "noise": noise}
-    gen = torch.Generator().manual_seed(seed)
-    local, local_bf16, by_logit = {}, {}, {}
-    gaps, ranges, ties = [], [], 0
-    with torch.no_grad():
-        for i, x in xs.items():
-            gate = model.model.layers[i].mlp.gate
-            xn = x * (1 + noise * torch.randn(x.shape, generator=gen, dtype=x.dtype))
-            local[i] = gate(xn)[2].sort(-1).values
-            g16 = copy.deepcopy(gate).to(torch.bfloat16)
-            local_bf16[i] = g16(x.to(torch.bfloat16))[2].sort(-1).values
-            top = logits[i].topk(min(k + 1, logits[i].shape[-1]), dim=-1).values
-            rng = logits[i].max(-1).values - logits[i].min(-1).values
-            if k < logits[i].shape[-1]:
-                gaps.append((top[:, k - 1] - top[:, k]) / rng.clamp_min(1e-30))
-                probs = torch.softmax(logits[i], -1).topk(k + 1, dim=-1).values
-                ties += int((probs[:, k - 1] == probs[:, k]).sum())
-            by_logit[i] = logits[i].topk(k, dim=-1).indices.sort(-1).values
-            ranges.append(rng)
-    out["noise_local"] = _changed(ref, local)
-    out["topk_of_logits"] = _changed(ref, by_logit)
-    out["bf16_local"] = _changed(ref, local_bf16)
-    out["noise_end_to_end"] = _changed(ref, _routing(model, input_ids, noise=noise, seed=seed + 1)[0])
-    out["topk_of_logits_end_to_end"] = _changed(ref, _routing(model, input_ids, rank_logits=True)[0])
-    if bf16:
-        m16 = copy.deepcopy(model).to(torch.bfloat16)
-        out["bf16_end_to_end"] = _changed(ref, _routing(m16, input_ids)[0])
-        del m16
-    r = torch.cat(ranges)
-    out["logit_range_median"] = float(r.median())
-    if gaps:
-        g = torch.cat(gaps)
-        out["boundary_gap_rel_median"] = float(g.median())
-        out["boundary_gap_rel_below_1e-3"] = float((g < 1e-3).double().mean())
-        out["fp32_prob_ties"] = ties / int(g.numel())
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Optional step 6: distillation
 
@@ -959,79 +850,3 @@ def ensure_moe(config: MoEBuildConfig | None = None, progress: bool = True, dens
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return final
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI (steer/cli/models.py calls these for `steer models build-moe`)
-
-
-def add_build_moe_arguments(parser: argparse.ArgumentParser) -> None:
-    d = MoEBuildConfig()
-    parser.add_argument("--dense", default="smollm2",
-                        help="packaged dense model to split (smollm2, qwen2.5-coder) or, with --out, a checkpoint "
-                             "dir or .gguf file (default %(default)s)")
-    g = parser.add_argument_group("MoE build levers")
-    g.add_argument("--experts", type=int, default=d.num_experts, help="routed experts per layer (default %(default)s)")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="experts per token (default %(default)s)")
-    g.add_argument("--shared-neurons", type=int, default=d.shared_neurons,
-                   help="neurons per MLP in the always-on shared expert, 0 for none (default %(default)s)")
-    g.add_argument("--router", choices=_ROUTERS, default=d.router, help="router fit (default %(default)s)")
-    g.add_argument("--clustering", choices=_CLUSTERINGS, default=d.clustering,
-                   help="how routed neurons are grouped (default %(default)s)")
-    g.add_argument("--router-spread", type=float, default=d.router_spread,
-                   help="max router logit spread: selected weights stay ~1/E (default %(default)s)")
-    g.add_argument("--dense-layers", type=int, nargs="*", default=list(d.dense_layers),
-                   help="layers kept as dense MLPs (mlp_only_layers)")
-    g.add_argument("--calib-passages", type=int, default=d.calib_passages, help="default %(default)s")
-    g.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="default %(default)s")
-    g.add_argument("--calib-format", choices=_CALIB_FORMATS, default=d.calib_format,
-                   help="calibration text: prose, chat turns, or a mix (default %(default)s)")
-    g.add_argument("--distill-steps", type=int, default=d.distill_steps,
-                   help="KL distillation steps of norms and routers (default %(default)s: none)")
-    g.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write the checkpoint here instead of the cache (rebuilds)")
-    parser.add_argument("--eval-top-k", type=int, nargs="*", default=None,
-                        help="also evaluate these k (with --out)")
-    parser.add_argument("--json", action="store_true", help="print the build report as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-
-
-def config_from_args(args) -> MoEBuildConfig:
-    return MoEBuildConfig(
-        num_experts=args.experts, top_k=args.top_k, shared_neurons=args.shared_neurons, router=args.router,
-        clustering=args.clustering, router_spread=args.router_spread, dense_layers=tuple(args.dense_layers),
-        calib_passages=args.calib_passages, calib_tokens=args.calib_tokens, calib_format=args.calib_format,
-        distill_steps=args.distill_steps,
-        seed=args.seed,
-    )
-
-
-def run_build_moe(args) -> int:
-    config = config_from_args(args)
-    config.validate()
-    if args.out is not None:
-        report, _ = build_moe(args.dense, config, args.out, eval_top_ks=args.eval_top_k, progress=not args.quiet)
-        out, info = args.out, report.to_dict()
-    else:
-        from steer.models import resolve_name
-
-        entry = resolve_name(args.dense)
-        if entry is None or entry.built_by:
-            raise ValueError(f"--dense {args.dense!r} is not a packaged dense model: pass --out DIR to build "
-                             "from a checkpoint dir or .gguf file (only packaged sources are cached)")
-        out = ensure_moe(config, progress=not args.quiet, dense=entry.name)
-        info = json.loads((out / BUILD_FILE).read_text())
-    if args.json:
-        from steer.cli import print_json
-
-        print_json({"path": str(out), **info})
-    else:
-        print(out)
-        for k, row in info.get("evaluation", {}).get("by_k", {}).items():
-            line = (f"k={k}: held-out ppl {row['ppl_ratio']:.3f}x dense, routed compute skipped "
-                    f"{row['routed_skipped']:.0%}")
-            if "agreement" in row:
-                line += f", key answers kept {row['kept']}/{row['dense_correct']} ({row['agreement']:.0%})"
-            print(line)
-    return 0

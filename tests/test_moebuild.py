@@ -17,14 +17,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from steer.cli.models import add_build_moe_arguments, config_from_args
 from steer.moebuild import (
     BUILD_FILE,
     PROMPTS,
     MoEBuildConfig,
-    add_build_moe_arguments,
     build_moe,
     cluster_neurons,
-    config_from_args,
     contains_key,
     load_dense,
     neuron_acts,

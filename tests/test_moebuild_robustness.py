@@ -12,7 +12,8 @@ import random
 import pytest
 import torch
 
-from steer.moebuild import MoEBuildConfig, build_moe, routing_robustness, set_router_spread
+from steer.moe_routing import routing_robustness
+from steer.moebuild import MoEBuildConfig, build_moe, set_router_spread
 from steer.tiny import tiny_model, tiny_tokenizer
 
 WORDS = "the cat sat on a mat and a dog ran far away while birds sang in old green trees by the river".split()
@@ -65,7 +66,7 @@ def test_zero_noise_changes_nothing_and_fractions_are_fractions(moe):
 
 
 def test_logit_ranking_hook_edits_the_routing_the_readers_see(moe):
-    from steer.moebuild import _routing
+    from steer.moe_routing import _routing
 
     set_router_spread(moe, 1e-7, 1e-3)
     try:

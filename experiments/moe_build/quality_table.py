@@ -225,7 +225,7 @@ def _spread_table(rows: dict, default_row: dict | None) -> list[str]:
     pct = lambda x: f"{100 * x:.2f}%" if x is not None else ""  # noqa: E731
     out = ["", "router_spread sensitivity of the default build (its routers rescaled, which is exactly a build "
            "with that spread): quality at k = 12 and the share of token-layers whose top-12 set changes "
-           "(1,024 held-out tokens x 30 MoE layers; `steer.moebuild.routing_robustness`).", "",
+           "(1,024 held-out tokens x 30 MoE layers; `steer.moe_routing.routing_robustness`).", "",
            "| router_spread | ppl ratio | key answers kept | max abs logit diff, k = E | fp32 prob ties at the k-th expert "
            "| top-k of logits vs HF (local / end to end) | 1e-6 input noise (local / end to end) "
            "| bf16 (local / end to end) | median logit range |",

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from steer.moe_routing import routing_robustness
 from steer.moebuild import (
     BUILD_FILE,
     MoEBuildConfig,
@@ -33,7 +34,6 @@ from steer.moebuild import (
     ensure_moe,
     evaluate_moe,
     load_dense,
-    routing_robustness,
     set_router_spread,
     set_top_k,
     token_chunks,

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from steer.cli import EXIT_BAD_INPUT, CLIError, print_json
+from steer.moebuild import (
+    BUILD_FILE,
+    CALIB_FORMATS,
+    CLUSTERINGS,
+    ROUTERS,
+    MoEBuildConfig,
+    build_moe,
+    ensure_moe,
+)
 
 EXAMPLES = """\
 examples:
@@ -50,13 +61,11 @@ def add_parser(sub) -> None:
     ip.add_argument("--quiet", action="store_true", help="no progress bars")
     ip.set_defaults(func=_info)
 
-    # The builder's options belong to steer.moebuild; it is imported only when this command runs,
-    # so a broken or missing builder never breaks the other commands.
-    bp = msub.add_parser("build-moe", add_help=False, prefix_chars="\x00",
-                         help="build the SmolLM2 MoE (options: steer models build-moe --help)",
-                         description="Delegates to steer.moebuild.")
-    bp.add_argument("builder_args", nargs="*")
-    bp.set_defaults(func=_build_moe)
+    bp = msub.add_parser("build-moe", help="build an MoE from a packaged dense model (default SmolLM2)",
+                         description="Split a dense model's MLPs into an always-on shared expert and routed "
+                                     "experts with a fitted router (steer.moebuild); cached unless --out.")
+    add_build_moe_arguments(bp)
+    bp.set_defaults(func=run_build_moe)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -130,17 +139,73 @@ def _info(args) -> int:
     return 0
 
 
-def _build_moe(args) -> int:
-    try:
-        from steer.moebuild import add_build_moe_arguments, run_build_moe
-    except ImportError as exc:
-        raise CLIError(
-            f"`steer models build-moe` needs steer.moebuild, which could not be imported ({exc}); "
-            "`steer models list/fetch/info` still work"
-        ) from None
-    parser = argparse.ArgumentParser(prog="steer models build-moe",
-                                     description="Build the SmolLM2 MoE (steer.moebuild).")
-    add_build_moe_arguments(parser)
-    builder_args = parser.parse_args(args.builder_args)
-    return int(run_build_moe(builder_args) or 0)
+# The builder's options (`steer models build-moe`): every lever of steer.moebuild.MoEBuildConfig.
 
+def add_build_moe_arguments(parser: argparse.ArgumentParser) -> None:
+    d = MoEBuildConfig()
+    parser.add_argument("--dense", default="smollm2",
+                        help="packaged dense model to split (smollm2, qwen2.5-coder) or, with --out, a checkpoint "
+                             "dir or .gguf file (default %(default)s)")
+    g = parser.add_argument_group("MoE build levers")
+    g.add_argument("--experts", type=int, default=d.num_experts, help="routed experts per layer (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="experts per token (default %(default)s)")
+    g.add_argument("--shared-neurons", type=int, default=d.shared_neurons,
+                   help="neurons per MLP in the always-on shared expert, 0 for none (default %(default)s)")
+    g.add_argument("--router", choices=ROUTERS, default=d.router, help="router fit (default %(default)s)")
+    g.add_argument("--clustering", choices=CLUSTERINGS, default=d.clustering,
+                   help="how routed neurons are grouped (default %(default)s)")
+    g.add_argument("--router-spread", type=float, default=d.router_spread,
+                   help="max router logit spread: selected weights stay ~1/E (default %(default)s)")
+    g.add_argument("--dense-layers", type=int, nargs="*", default=list(d.dense_layers),
+                   help="layers kept as dense MLPs (mlp_only_layers)")
+    g.add_argument("--calib-passages", type=int, default=d.calib_passages, help="default %(default)s")
+    g.add_argument("--calib-tokens", type=int, default=d.calib_tokens, help="default %(default)s")
+    g.add_argument("--calib-format", choices=CALIB_FORMATS, default=d.calib_format,
+                   help="calibration text: prose, chat turns, or a mix (default %(default)s)")
+    g.add_argument("--distill-steps", type=int, default=d.distill_steps,
+                   help="KL distillation steps of norms and routers (default %(default)s: none)")
+    g.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the checkpoint here instead of the cache (rebuilds)")
+    parser.add_argument("--eval-top-k", type=int, nargs="*", default=None,
+                        help="also evaluate these k (with --out)")
+    parser.add_argument("--json", action="store_true", help="print the build report as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def config_from_args(args) -> MoEBuildConfig:
+    return MoEBuildConfig(
+        num_experts=args.experts, top_k=args.top_k, shared_neurons=args.shared_neurons, router=args.router,
+        clustering=args.clustering, router_spread=args.router_spread, dense_layers=tuple(args.dense_layers),
+        calib_passages=args.calib_passages, calib_tokens=args.calib_tokens, calib_format=args.calib_format,
+        distill_steps=args.distill_steps,
+        seed=args.seed,
+    )
+
+
+def run_build_moe(args) -> int:
+    config = config_from_args(args)
+    config.validate()
+    if args.out is not None:
+        report, _ = build_moe(args.dense, config, args.out, eval_top_ks=args.eval_top_k, progress=not args.quiet)
+        out, info = args.out, report.to_dict()
+    else:
+        from steer.models import resolve_name
+
+        entry = resolve_name(args.dense)
+        if entry is None or entry.built_by:
+            raise ValueError(f"--dense {args.dense!r} is not a packaged dense model: pass --out DIR to build "
+                             "from a checkpoint dir or .gguf file (only packaged sources are cached)")
+        out = ensure_moe(config, progress=not args.quiet, dense=entry.name)
+        info = json.loads((out / BUILD_FILE).read_text())
+    if args.json:
+        print_json({"path": str(out), **info})
+    else:
+        print(out)
+        for k, row in info.get("evaluation", {}).get("by_k", {}).items():
+            line = (f"k={k}: held-out ppl {row['ppl_ratio']:.3f}x dense, routed compute skipped "
+                    f"{row['routed_skipped']:.0%}")
+            if "agreement" in row:
+                line += f", key answers kept {row['kept']}/{row['dense_correct']} ({row['agreement']:.0%})"
+            print(line)
+    return 0
