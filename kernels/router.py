@@ -70,28 +70,6 @@ class RoutingRule:
         if self.n_group < 1 or not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"need 1 <= topk_group ({self.topk_group}) <= n_group ({self.n_group})")
 
-    @classmethod
-    def from_config(cls, config, hidden_dtype: torch.dtype | None = None) -> RoutingRule:
-        """The rule of a transformers config (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3,
-        gpt_oss, granitemoe). `hidden_dtype` = the model's dtype (GraniteMoE returns weights in it)."""
-        mt = getattr(config, "model_type", None)
-        k = config.num_experts_per_tok
-        if mt == "mixtral":
-            return cls("softmax_topk", k, norm_topk_prob=True, weights_dtype=torch.float32)
-        if mt in ("qwen2_moe", "qwen3_moe", "olmoe"):
-            return cls("softmax_topk", k, norm_topk_prob=bool(config.norm_topk_prob))
-        if mt == "gpt_oss":
-            return cls("topk_softmax", k)
-        if mt == "granitemoe":
-            return cls("topk_softmax", k, weights_dtype=hidden_dtype or getattr(config, "dtype", None) or torch.float32)
-        if mt == "deepseek_v3":
-            return cls(
-                "sigmoid_group", k, norm_topk_prob=bool(config.norm_topk_prob), n_group=config.n_group,
-                topk_group=config.topk_group, routed_scaling_factor=float(config.routed_scaling_factor),
-                weights_dtype=torch.float32,
-            )
-        raise ValueError(f"no routing rule known for model_type {mt!r}; build RoutingRule(...) by hand")
-
 
 @dataclass(eq=False)
 class RouterEdit:

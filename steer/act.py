@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from steer.adapters import ModelMap, model_map
+from steer.adapters import ModelMap, model_map, plain_attention_families
 from steer.hooks import HookContext, HookFn, unwrap_model
 from steer.interventions import Intervention, OnNoEffect
 from steer.sinks import MIN_QUERIES, TAU, exact_path_reason, sink_threshold
@@ -93,7 +93,7 @@ def _refuse_unsupported(model) -> None:
         raise UnsupportedAttentionError(
             f"ACT does not support this model: {reason}, while ACT (steer.kernels.act) calibrates plain softmax(q k^T) "
             f"attention and would compute something else here. Fix: run ACT on a model with plain softmax "
-            f"attention (llama, qwen2, gemma3, mistral, the MoE families); for this model, study its sinks with "
+            f"attention (families without an attention quirk: {plain_attention_families()}); for this model, study its sinks with "
             f"steer.sinks.detect_sinks, which reads the exact probabilities"
         )
 

@@ -4,13 +4,19 @@ A canonical point is a TransformerLens-like name (`blocks.3.resid_post`, `blocks
 `final_norm.out`) that means the same thing in every family. The table says where that tensor lives
 in the Hugging Face module tree; `steer.hooks` turns a point into a hook on that module.
 
-Adding a family is adding one `Adapter(...)` entry to `ADAPTERS` (copy the closest family and change
-the module paths and routing rule). Paths are relative to the decoder layer unless they say otherwise.
+This table is the one place that knows model families: module paths, the routing rule of MoE
+families, attention quirks, the Hugging Face architecture class (also vLLM's name for it), the vLLM
+module the serving plugin steers, and the tiny config the tests build. Every other module asks it
+(`adapter_for`, `model_map`, `routing_rule`, `supported_families`), so adding a family, dense or MoE,
+is adding one `Adapter(...)` entry with `register` (or to `ADAPTERS`): copy the closest family and
+change the paths, rule and names. Paths are relative to the decoder layer unless they say otherwise.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -27,13 +33,52 @@ ROUTER_POINTS = ("mlp.router", "mlp.router.logits", "mlp.router.weights", "mlp.r
 GLOBAL_POINTS = ("embed.out", "final_norm.out", "lm_head.out")
 
 
+# Routing-rule options per MoE family: (config, the model's dtype) -> RoutingRule keyword arguments
+# besides kind and top_k (steer.kernels.router.RoutingRule; ALGORITHMS.md section 1).
+RuleOptions = Callable[[object, "torch.dtype | None"], dict]
+
+
+def _norm_from_config(config, dtype) -> dict:
+    return dict(norm_topk_prob=bool(config.norm_topk_prob))
+
+
+def _mixtral_rule(config, dtype) -> dict:
+    return dict(norm_topk_prob=True, weights_dtype=torch.float32)
+
+
+def _granite_rule(config, dtype) -> dict:  # GraniteMoE returns its weights in the hidden dtype
+    return dict(weights_dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+
+
+def _deepseek_rule(config, dtype) -> dict:
+    return dict(
+        norm_topk_prob=bool(config.norm_topk_prob), n_group=config.n_group, topk_group=config.topk_group,
+        routed_scaling_factor=float(config.routed_scaling_factor), weights_dtype=torch.float32,
+    )
+
+
+def _no_options(config, dtype) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """Where each canonical point lives in one model family (paths in the HF module tree)."""
+    """Everything steer knows about one model family.
+
+    Module paths say where each canonical point lives in the HF module tree. `routing` is the
+    RoutingRule kind of an MoE family (None: dense) and `rule_options` reads the rest of its rule
+    from the config. `attention_quirk` says why the family's attention is not plain
+    softmax(q k^T * scale) (None: it is), which rules out steer's exact attention path. `architecture`
+    is the HF class (vLLM registers the same name), `vllm` the vLLM module whose MoE layers steer's
+    plugin steers (None: not servable with steer's plugin), `tiny` the config overrides of the tiny
+    test model (None: no tiny model).
+    """
 
     family: str
     model_types: tuple[str, ...]
+    architecture: str
     routing: str | None = None  # None: dense; else a steer.kernels.router.RoutingRule kind
+    rule_options: RuleOptions = _no_options
     base: str = "model"  # the decoder stack (called once per forward with the attention mask)
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
@@ -49,33 +94,83 @@ class Adapter:
     experts: str | None = None
     shared_expert: str | None = None
     num_experts_attr: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
+    attention_quirk: str | None = None
+    vllm: str | None = None
+    tiny: dict | None = field(default_factory=dict)
     notes: str = ""
 
     @property
     def is_moe(self) -> bool:
         return self.routing is not None
 
+    @property
+    def model_type(self) -> str:
+        """The primary transformers model_type (the one tiny configs are built with)."""
+        return self.model_types[0]
+
+
+_WINDOWED = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 ADAPTERS: dict[str, Adapter] = {
     a.family: a
     for a in [
-        Adapter("llama", ("llama",)),
-        Adapter("qwen2", ("qwen2",)),
-        Adapter("gemma3", ("gemma3_text", "gemma3"), notes="sliding-window and global layers alternate"),
-        Adapter("mixtral", ("mixtral",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts"),
-        Adapter("qwen2_moe", ("qwen2_moe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts",
-                shared_expert="mlp.shared_expert", notes="dense MLP on mlp_only_layers"),
-        Adapter("qwen3_moe", ("qwen3_moe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts"),
-        Adapter("olmoe", ("olmoe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts"),
-        Adapter("deepseek_v3", ("deepseek_v3",), routing="sigmoid_group", router="mlp.gate",
-                experts="mlp.experts", shared_expert="mlp.shared_experts", q=None, k=None, v=None,
+        Adapter("llama", ("llama",), "LlamaForCausalLM"),
+        Adapter("qwen2", ("qwen2",), "Qwen2ForCausalLM"),
+        Adapter("gemma3", ("gemma3_text", "gemma3"), "Gemma3ForCausalLM", tiny=_WINDOWED,
+                notes="sliding-window and global layers alternate"),
+        Adapter("mixtral", ("mixtral",), "MixtralForCausalLM", routing="softmax_topk", rule_options=_mixtral_rule,
+                router="mlp.gate", experts="mlp.experts", vllm="vllm.model_executor.models.mixtral",
+                tiny=dict(num_local_experts=8, num_experts_per_tok=2)),
+        Adapter("qwen2_moe", ("qwen2_moe",), "Qwen2MoeForCausalLM", routing="softmax_topk",
+                rule_options=_norm_from_config, router="mlp.gate", experts="mlp.experts",
+                shared_expert="mlp.shared_expert", vllm="vllm.model_executor.models.qwen2_moe",
+                tiny=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[0]),
+                notes="dense MLP on mlp_only_layers"),
+        Adapter("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", routing="softmax_topk",
+                rule_options=_norm_from_config, router="mlp.gate", experts="mlp.experts",
+                vllm="vllm.model_executor.models.qwen3_moe",
+                tiny=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False)),
+        Adapter("olmoe", ("olmoe",), "OlmoeForCausalLM", routing="softmax_topk", rule_options=_norm_from_config,
+                router="mlp.gate", experts="mlp.experts", vllm="vllm.model_executor.models.olmoe",
+                tiny=dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)),
+        Adapter("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", routing="sigmoid_group",
+                rule_options=_deepseek_rule, router="mlp.gate", experts="mlp.experts",
+                shared_expert="mlp.shared_experts", q=None, k=None, v=None,
+                tiny=dict(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=32,
+                          first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                          qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4, head_dim=8,
+                          routed_scaling_factor=2.5, norm_topk_prob=True),
                 notes="MLA attention (no plain q/k/v projections); first_k_dense_replace dense layers"),
-        Adapter("gpt_oss", ("gpt_oss",), routing="topk_softmax", router="mlp.router", experts="mlp.experts",
+        Adapter("gpt_oss", ("gpt_oss",), "GptOssForCausalLM", routing="topk_softmax", router="mlp.router",
+                experts="mlp.experts", attention_quirk="GPT-OSS adds learned sink logits to every softmax",
+                tiny=dict(num_local_experts=8, num_experts_per_tok=2, **_WINDOWED),
                 notes="learned attention sinks; eager attention by default"),
-        Adapter("granitemoe", ("granitemoe",), routing="topk_softmax", mlp="block_sparse_moe",
-                router="block_sparse_moe.router", experts="block_sparse_moe.experts"),
+        Adapter("granitemoe", ("granitemoe",), "GraniteMoeForCausalLM", routing="topk_softmax",
+                rule_options=_granite_rule, mlp="block_sparse_moe", router="block_sparse_moe.router",
+                experts="block_sparse_moe.experts", tiny=dict(num_local_experts=8, num_experts_per_tok=2)),
     ]
 }
+
+
+@contextmanager
+def register(adapter: Adapter, *, replace: bool = False) -> Iterator[Adapter]:
+    """Add `adapter` to the table for the duration of a `with` block (tests, notebooks).
+
+    For a permanent family, add the entry to `ADAPTERS`. Every module reads the table when it is
+    called, so a registered family is picked up by attach, the methods, export and the vLLM plugin.
+    """
+    if adapter.family in ADAPTERS and not replace:
+        raise ValueError(f"family {adapter.family!r} already has an adapter; pass replace=True to override it")
+    previous = ADAPTERS.get(adapter.family)
+    ADAPTERS[adapter.family] = adapter
+    try:
+        yield adapter
+    finally:
+        if previous is None:
+            del ADAPTERS[adapter.family]
+        else:
+            ADAPTERS[adapter.family] = previous
 
 
 class UnsupportedModelError(ValueError):
@@ -89,8 +184,47 @@ class UnknownPointError(KeyError):
         return str(self.args[0])
 
 
-def supported_families() -> list[str]:
-    return sorted(ADAPTERS)
+def supported_families(*, moe: bool | None = None) -> list[str]:
+    """Family names in the table; `moe=True` only MoE families, `moe=False` only dense ones."""
+    return sorted(f for f, a in ADAPTERS.items() if moe is None or a.is_moe == moe)
+
+
+def family_list(*, moe: bool | None = None) -> str:
+    """The families as a comma-separated list, for error messages."""
+    return ", ".join(supported_families(moe=moe))
+
+
+def plain_attention_families() -> str:
+    """The families whose adapter names no attention quirk, for error messages."""
+    return ", ".join(sorted(f for f, a in ADAPTERS.items() if a.attention_quirk is None))
+
+
+def routing_rule(config, hidden_dtype: torch.dtype | None = None):
+    """The steer.kernels.router.RoutingRule of an MoE config (`hidden_dtype`: the model's dtype)."""
+    from steer.kernels.router import RoutingRule
+
+    adapter = adapter_for_model_type(getattr(config, "model_type", ""))
+    if not adapter.is_moe:
+        raise UnsupportedModelError(
+            f"{adapter.family} is a dense family: it has no router. MoE families: {family_list(moe=True)}"
+        )
+    return RoutingRule(adapter.routing, int(config.num_experts_per_tok), **adapter.rule_options(config, hidden_dtype))
+
+
+def attention_quirk(config) -> str | None:
+    """Why this config's attention is not plain softmax(q k^T * scale), or None if it is."""
+    config = getattr(config, "text_config", None) or config
+    quirk = adapter_for_model_type(getattr(config, "model_type", "")).attention_quirk
+    if quirk:
+        return quirk
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"attention logits are soft-capped at {config.attn_logit_softcapping}"
+    return None
+
+
+def vllm_architectures() -> dict[str, str]:
+    """vLLM architecture name -> the vLLM module implementing it, for every family steer can serve."""
+    return {a.architecture: a.vllm for a in ADAPTERS.values() if a.vllm}
 
 
 def _model_type(model: nn.Module) -> str:
@@ -213,11 +347,7 @@ class ModelMap:
 
     def routing_rule(self):
         """The steer.kernels.router.RoutingRule this family's routers follow (read from the config)."""
-        from steer.kernels.router import RoutingRule
-
-        if not self.adapter.is_moe:
-            raise UnsupportedModelError(f"{self.adapter.family} is a dense family: it has no router")
-        return RoutingRule.from_config(self.config, hidden_dtype=dtype_of(self.model))
+        return routing_rule(self.config, hidden_dtype=dtype_of(self.model))
 
     # ---- canonical points -------------------------------------------------------------------
     def all_points(self) -> list[str]:

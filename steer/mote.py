@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from steer.adapters import ModelMap, dtype_of, model_map
+from steer.adapters import ModelMap, model_map
 from steer.ftri import DenseModelError, Profile
 from steer.hooks import HookContext, HookFn, unwrap_model
 from steer.identity import check_same_model, model_identity
@@ -47,11 +47,7 @@ _MODE_ALIASES = {"off": "off_mask", "mask": "off_mask", "off/mask": "off_mask", 
 
 def routing_rule_for(model) -> RoutingRule:
     """The family's rule, with the weight dtype the model's own router emits."""
-    hf = unwrap_model(model)
-    try:
-        return RoutingRule.from_config(hf.config, hidden_dtype=dtype_of(hf))
-    except ValueError:
-        return model_map(hf).routing_rule()
+    return model_map(unwrap_model(model)).routing_rule()
 
 
 def _router_bias(mm: ModelMap, layer: int) -> torch.Tensor | None:

@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from steer.adapters import model_map
+from steer.adapters import attention_quirk, model_map
 from steer.hooks import HookContext, attach, unwrap_model
 
 TAU = 0.1  # fixed threshold of the ACT code
@@ -85,14 +85,9 @@ def sink_threshold(tau: float | None, alpha: float | None, n_tokens: torch.Tenso
 
 
 def exact_path_reason(model) -> str | None:
-    """Why this model's attention is not plain softmax(q k^T * scale) (None if it is)."""
-    cfg = unwrap_model(model).config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    if cfg.model_type == "gpt_oss":
-        return "GPT-OSS adds learned sink logits to every softmax"
-    if getattr(cfg, "attn_logit_softcapping", None):
-        return f"attention logits are soft-capped at {cfg.attn_logit_softcapping}"
-    return None
+    """Why this model's attention is not plain softmax(q k^T * scale) (None if it is): the adapter
+    entry's `attention_quirk`, or soft-capped logits (steer.adapters.attention_quirk)."""
+    return attention_quirk(unwrap_model(model).config)
 
 
 def _layer_window(cfg, layer: int) -> int | None:

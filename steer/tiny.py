@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from steer.adapters import ADAPTERS, Adapter
+
 _COMMON = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -24,44 +26,29 @@ _COMMON = dict(
     tie_word_embeddings=False,
 )
 
-# Per-family overrides: expert counts, top-k, and each family's routing switches.
-TINY_CONFIGS: dict[str, dict] = {
-    "llama": {},
-    "qwen2": {},
-    "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[0],
-    ),
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False),
-    "olmoe": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
-    "deepseek_v3": dict(
-        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=32,
-        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=16, num_key_value_heads=4, head_dim=8, routed_scaling_factor=2.5, norm_topk_prob=True,
-    ),
-    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
-                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2),
-}
+def _tiny_adapters() -> dict[str, Adapter]:
+    """model_type -> adapter, for the families whose adapter entry carries a tiny config."""
+    return {a.model_type: a for a in ADAPTERS.values() if a.tiny is not None}
 
-# What `config.architectures` should say, so TransformerLens can boot a model built from a config.
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-    "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
-    "granitemoe": "GraniteMoeForCausalLM",
-}
+
+def tiny_families() -> tuple[str, ...]:
+    """The model types a tiny model can be built for (read from the adapter table when called)."""
+    return tuple(_tiny_adapters())
 
 
 def tiny_config(family: str, **overrides):
-    """The config of a tiny `family` model; `overrides` win over the defaults."""
-    if family not in TINY_CONFIGS:
-        raise ValueError(f"no tiny config for family {family!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
-    kwargs = {**_COMMON, **TINY_CONFIGS[family], **overrides}
-    config = AutoConfig.for_model(family, **kwargs)
-    config.architectures = [_ARCHITECTURES[family]]
+    """The config of a tiny model of `family` (a model_type such as gemma3_text, or a family name
+    such as gemma3); `overrides` win over the adapter entry's tiny config and the shared sizes."""
+    adapters = _tiny_adapters()
+    adapter = adapters.get(family) or next((a for a in adapters.values() if a.family == family), None)
+    if adapter is None:
+        raise ValueError(
+            f"no tiny config for family {family!r}; known: {', '.join(sorted(adapters))}. A family gets one "
+            f"through the `tiny` field of its steer.adapters.Adapter entry."
+        )
+    kwargs = {**_COMMON, **adapter.tiny, **overrides}
+    config = AutoConfig.for_model(adapter.model_type, **kwargs)
+    config.architectures = [adapter.architecture]  # so TransformerLens can boot a model built from a config
     return config
 
 
@@ -105,4 +92,5 @@ def tiny_tokenizer():
     return fast
 
 
-FAMILIES = tuple(TINY_CONFIGS)
+# The built-in tiny families (a snapshot at import; tiny_families() also sees families registered later).
+FAMILIES = tiny_families()

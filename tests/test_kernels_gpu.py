@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from steer.adapters import routing_rule
 from steer.kernels.act import (
     act_attention,
     act_attention_reference,
@@ -70,7 +71,7 @@ def test_router_cuda_reproduces_tiny_family_routers():
             model(input_ids=torch.randint(3, 256, (2, 17), device=DEV))
         for h in hooks:
             h.remove()
-        rule = RoutingRule.from_config(model.config)
+        rule = routing_rule(model.config)
         for mod, (logits, w, i) in seen:
             res = route(logits, rule, bias=getattr(mod, "e_score_correction_bias", None))
             assert res.weights.dtype == w.dtype

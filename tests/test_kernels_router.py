@@ -13,6 +13,7 @@ import zlib
 import pytest
 import torch
 
+from steer.adapters import routing_rule
 from steer.kernels._triton import interpreter, interpreter_ready
 from steer.kernels.router import RouterEdit, RoutingRule, route, route_reference
 from steer.tiny import tiny_model
@@ -53,7 +54,7 @@ def test_route_reproduces_family_router(family, dtype):
         model(input_ids=ids)
     for h in hooks:
         h.remove()
-    rule = RoutingRule.from_config(model.config, hidden_dtype=dtype)
+    rule = routing_rule(model.config, hidden_dtype=dtype)
     for mod, (logits, weights, indices) in seen:
         bias = getattr(mod, "e_score_correction_bias", None)
         res = route(logits, rule, bias=bias)

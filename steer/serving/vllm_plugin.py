@@ -45,21 +45,13 @@ from typing import Any
 
 import torch
 
+from steer.adapters import routing_rule, vllm_architectures
 from steer.serving import ENV_FINGERPRINT_DIR
 
 ENV_CONFIG = "STEER_CONFIG"
 ENV_SKIP_ACT = "STEER_VLLM_SKIP_ACT"
 ENV_SKIP_LYNX = "STEER_VLLM_SKIP_LYNX"
 HF_OVERRIDE_KEY = "steer_config"
-
-# vLLM architecture name -> module of vLLM's implementation (FusedMoE with a separate router).
-ARCHITECTURES = {
-    "Qwen2MoeForCausalLM": "vllm.model_executor.models.qwen2_moe",
-    "Qwen3MoeForCausalLM": "vllm.model_executor.models.qwen3_moe",
-    "MixtralForCausalLM": "vllm.model_executor.models.mixtral",
-    "OlmoeForCausalLM": "vllm.model_executor.models.olmoe",
-}
-
 
 @dataclass
 class ServingState:
@@ -89,7 +81,7 @@ def register() -> None:
 
     from vllm import ModelRegistry
 
-    for arch, module_name in ARCHITECTURES.items():
+    for arch, module_name in vllm_architectures().items():
         try:
             base = getattr(importlib.import_module(module_name), arch)
         except (ImportError, AttributeError):  # an architecture this vLLM version lacks
@@ -213,9 +205,7 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
     STATE.config_path, STATE.layers = str(path), []
     STATE.reset_counts()
     if cfg.mote is not None:
-        from steer.kernels.router import RoutingRule
-
-        rule = RoutingRule.from_config(hf_config)
+        rule = routing_rule(hf_config)
         for layer, edit in cfg.mote.router_edits(cfg.model.num_experts).items():
             edit.validate(rule, cfg.model.num_experts)
             router = routers[layer]
