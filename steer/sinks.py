@@ -391,7 +391,7 @@ def book_inputs(tok, n: int = 100, length: int = SINK_RATE_LENGTH, seed: int = 0
     joined), starting with the tokenizer's special prefix (BOS) when it adds one."""
     import random
 
-    from steer.tasks import book_passages
+    from steer.prompts import book_passages
 
     if n < 1 or length < 2:
         raise ValueError(f"need n >= 1 inputs of length >= 2 tokens (got n={n}, length={length})")

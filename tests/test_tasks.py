@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from steer import tasks
+from steer.prompts import book_passages
 from steer.tasks import EvalResult, Item, TaskSplit, evaluate, load_task, score_items, wilson_interval
 from steer.tiny import tiny_model, tiny_tokenizer
 
@@ -25,7 +26,7 @@ def test_splits_never_overlap_and_are_seeded(task):
 def test_cloze_passages_partitioned():
     cal = load_task("cloze", "calibration")
     held = load_task("cloze", "heldout")
-    passages = tasks.book_passages()
+    passages = book_passages()
     assert len(cal) + len(held) <= len(passages) and len(cal) > 100 and len(held) > 300
     for it in cal.items[:20]:
         text = passages[int(it.uid.split("/p")[1])]
