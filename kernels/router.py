@@ -163,9 +163,6 @@ class RouteResult:
     indices: torch.Tensor  # [T, k] int64, always in [0, E)
     touched: torch.Tensor  # 0-dim int64: tokens in token_mask whose routing the edit changed
 
-    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.weights, self.indices
-
 
 def _check(logits: torch.Tensor, rule: RoutingRule, edit: RouterEdit | None, bias, token_mask) -> None:
     if logits.dim() != 2:

@@ -295,10 +295,6 @@ class Profile:
         return self.config.target or self.classes[0]
 
     @property
-    def target_index(self) -> int:
-        return self.classes.index(self.target)
-
-    @property
     def num_experts(self) -> int:
         return int(self.scores.shape[1])
 
