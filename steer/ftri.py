@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 
 from steer.adapters import family_list, model_map
+from steer.batching import left_pad
 from steer.hooks import HookContext, attach, unwrap_model
 from steer.identity import check_same_model, model_identity
 from steer.prompts import (
@@ -138,14 +139,8 @@ def prompt_batches(tokenizer, prompts: Sequence[str], classes: Sequence[int], co
                 sel[:shared] = [False] * shared
             rows.append(ids)
             sels.append(sel)
-        width = max(len(r) for r in rows)
-        ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        sel_t = torch.zeros(len(rows), width, dtype=torch.bool)
-        for j, (r, s) in enumerate(zip(rows, sels)):
-            ids_t[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[j, width - len(r):] = 1
-            sel_t[j, width - len(r):] = torch.tensor(s, dtype=torch.bool)
+        ids_t, mask = left_pad(rows, pad_id)
+        sel_t = left_pad([[int(x) for x in s] for s in sels], 0)[0].bool()
         yield Batch(ids_t, mask, sel_t, torch.tensor(list(classes[start:start + len(rows)]), dtype=torch.long))
 
 

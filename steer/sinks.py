@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from steer.adapters import attention_quirk, model_map
+from steer.batching import left_pad
 from steer.hooks import HookContext, attach, unwrap_model
 
 TAU = 0.1  # fixed threshold of the ACT code
@@ -468,12 +469,8 @@ def detect_sinks(
     with attach(hf, {point: hook}):
         for start in range(0, len(seqs), batch_size):
             batch = seqs[start : start + batch_size]
-            width = max(len(s) for s in batch)
-            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, s in enumerate(batch):
-                ids[b, width - len(s):] = torch.tensor(s)
-                mask[b, width - len(s):] = 1
+            ids, mask = left_pad(batch, pad_token_id)
+            width = ids.shape[1]
             coll.reset()
             coll.keep_maps = keep_maps and start == 0
             coll.unpadded = all(len(s) == width for s in batch)

@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from steer.batching import left_pad
 from steer.prompts import book_passages
 
 TASKS = ("cloze", "kv_retrieval", "fewshot")
@@ -332,12 +333,7 @@ def batches(tok, items: Sequence[Item], batch_size: int = 16) -> list[Batch]:
     out = []
     for start in range(0, len(order), batch_size):
         batch = [reqs[r] for r in order[start : start + batch_size]]
-        width = max(len(r[2]) for r in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, r in enumerate(batch):
-            ids[b, width - len(r[2]):] = torch.tensor(r[2])
-            mask[b, width - len(r[2]):] = 1
+        ids, mask = left_pad([r[2] for r in batch], pad)
         # single-token options are read at the last position; an option of n tokens needs the last n + 1
         keep = max(1 if j == -1 else len(t[0]) + 1 for _i, j, _s, t in batch)
         out.append(Batch(batch, ids, mask, keep))

@@ -47,8 +47,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
+    from steer.batching import left_pad
     from steer.difr import DiFRConfig, generate
-    from steer.difr.fingerprint import FingerprintRecorder, encode_prompts, left_pad
+    from steer.difr.fingerprint import FingerprintRecorder, encode_prompts
 
     if args.model == "tiny":
         from steer.tiny import tiny_model, tiny_tokenizer

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from steer.batching import left_pad
 from steer.kernels._triton import backend_for
 from steer.kernels.fingerprint import fingerprint as _kernel_fingerprint
 from steer.kernels.fingerprint import projection_matrix as _kernel_projection_matrix
@@ -459,17 +460,6 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool = True) -> list[lis
             out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
         return out
     return [tokenizer(p)["input_ids"] for p in prompts]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-    return ids, mask
 
 
 def fingerprint_prompts(
