@@ -1,0 +1,54 @@
+"""MkDocs hook: lay out the import tree `steer.*` for mkdocstrings' static loader (griffe).
+
+In the repository `steer.kernels`, `steer.probes` and `steer.apps` live in the top-level folders
+kernels/, probes/ and apps/, which have no `__init__.py` on purpose (a top-level `kernels` would
+shadow Hugging Face's `kernels`); steer/__init__.py maps them at import time, and a wheel installs
+them inside steer/. Griffe reads files without importing, so it sees neither mapping. This hook
+builds build/docs-api/site-packages/steer/ from symlinks, exactly the layout a wheel installs (pyproject's
+package-dir), and mkdocs.yml points the Python handler there. The `__init__.py` files it writes for
+the three folders exist only in that build tree: they are empty and carry no docstring.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Named like an install directory: mkdocstrings then labels source blocks "steer/kernels/router.py",
+# the path a wheel installs, instead of the build folder.
+TREE = ROOT / "build" / "docs-api" / "site-packages"
+FOLDERS = {"kernels": "kernels", "probes": "probes", "apps": "apps"}  # steer.<name> -> repo folder
+
+
+def _link_python_tree(src: Path, dst: Path) -> None:
+    """Mirror src's Python files and folders into dst as symlinks (no __pycache__)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in sorted(src.iterdir()):
+        if item.name == "__pycache__":
+            continue
+        if item.is_dir() and not (item / "__init__.py").exists() and any(item.rglob("*.py")):
+            _link_python_tree(item, dst / item.name)  # a folder of modules (apps/pages)
+            (dst / item.name / "__init__.py").touch()
+        else:
+            (dst / item.name).symlink_to(item)
+
+
+def build_tree() -> Path:
+    if TREE.parent.exists():
+        shutil.rmtree(TREE.parent)
+    steer = TREE / "steer"
+    steer.mkdir(parents=True)
+    for item in sorted((ROOT / "steer").iterdir()):
+        if item.name != "__pycache__":
+            (steer / item.name).symlink_to(item)
+    for name, folder in FOLDERS.items():
+        _link_python_tree(ROOT / folder, steer / name)
+        (steer / name / "__init__.py").touch()
+    return TREE
+
+
+def on_startup(command, dirty):
+    # Before any plugin's on_config: mkdocstrings' handler may scan its search paths as soon as it
+    # starts, and a tree that appears later is then not seen on a fresh checkout.
+    build_tree()
