@@ -34,10 +34,11 @@ def _link_python_tree(src: Path, dst: Path) -> None:
             (dst / item.name).symlink_to(item)
 
 
-def build_tree() -> Path:
-    if TREE.parent.exists():
-        shutil.rmtree(TREE.parent)
-    steer = TREE / "steer"
+def build_tree(tree: Path = TREE) -> Path:
+    """(Re)build the `steer` import tree under `tree`; returns `tree`."""
+    if tree.exists():
+        shutil.rmtree(tree)
+    steer = tree / "steer"
     steer.mkdir(parents=True)
     for item in sorted((ROOT / "steer").iterdir()):
         if item.name != "__pycache__":
@@ -45,7 +46,7 @@ def build_tree() -> Path:
     for name, folder in FOLDERS.items():
         _link_python_tree(ROOT / folder, steer / name)
         (steer / name / "__init__.py").touch()
-    return TREE
+    return tree
 
 
 def on_startup(command, dirty):
