@@ -11,6 +11,7 @@ the three folders exist only in that build tree: they are empty and carry no doc
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,49 @@ def build_tree(tree: Path = TREE) -> Path:
         _link_python_tree(ROOT / folder, steer / name)
         (steer / name / "__init__.py").touch()
     return tree
+
+
+_LIST_ITEM = re.compile(r"^\s*(?:[-*+]|\d+\.)\s")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def blank_line_before_lists(lines: list[str]) -> list[str]:
+    """Start a list where a docstring starts one: steer's docstrings write `Intro:` and `- item` on the
+    next line, which Python-Markdown (unlike GitHub) reads as one paragraph unless a blank line
+    separates them. Inserts that blank line, outside code fences only."""
+    out: list[str] = []
+    fenced = False
+    for line in lines:
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and _LIST_ITEM.match(line) and out and out[-1].strip():
+            prev = out[-1]
+            if not _LIST_ITEM.match(prev) and not prev.startswith((" ", "\t", "|")):
+                out.append("")
+        out.append(line)
+    return out
+
+
+def lists_after_text():
+    """The Markdown extension running `blank_line_before_lists` (markdown comes with mkdocs)."""
+    from markdown import Extension
+    from markdown.preprocessors import Preprocessor
+
+    class _Pre(Preprocessor):
+        def run(self, lines):
+            return blank_line_before_lists(lines)
+
+    class _Ext(Extension):
+        def extendMarkdown(self, md):  # noqa: N802 (Markdown's API)
+            md.preprocessors.register(_Pre(md), "steer_lists_after_text", 25)
+
+    return _Ext()
+
+
+def on_config(config, **kwargs):
+    # The same list object is what mkdocstrings renders docstrings with, so docstrings get it too.
+    config.markdown_extensions.append(lists_after_text())
+    return config
 
 
 def on_startup(command, dirty):

@@ -179,3 +179,23 @@ def test_readme_example_runs():
     assert pattern.shape[:2] == (2, 9) and pattern.shape[2] == pattern.shape[3] == batch["input_ids"].shape[1]
     # steered generation touched real tokens at the point it names
     assert scope["iv"].touched["blocks.12.resid_post"] > 0
+
+
+def test_docstring_lists_get_their_blank_line():
+    fix = _hooks().blank_line_before_lists
+    lines = ["Rules:", "- a", "  more of a", "- b", "", "```", "x:", "- not a list", "```", "| t |", "- c"]
+    assert fix(lines) == [
+        "Rules:",
+        "",
+        "- a",
+        "  more of a",
+        "- b",
+        "",
+        "```",
+        "x:",
+        "- not a list",
+        "```",
+        "| t |",
+        "- c",
+    ]
+    assert fix(["1. one", "2. two"]) == ["1. one", "2. two"]
