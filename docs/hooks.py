@@ -87,6 +87,48 @@ def lists_after_text():
     return _Ext()
 
 
+WALKTHROUGH = ROOT / "experiments" / "walkthrough.py"
+_WALKTHROUGH_MARK = re.compile(r"^<!-- walkthrough: (\d+) -->$", re.M)
+
+
+def walkthrough_section(number: int, source: Path = WALKTHROUGH) -> str:
+    """The code cells of section `number` ("## N. ...") of the executed walkthrough notebook (a jupytext
+    percent file), as one Python block: guides show code that CI runs (tests/test_notebook.py)."""
+    parts = re.split(r"^# %%(.*)$", source.read_text(), flags=re.M)  # [preamble, kind, body, kind, body, ...]
+    code, inside = [], False
+    for kind, body in zip(parts[1::2], parts[2::2]):
+        if "[markdown]" in kind:
+            heading = re.match(r"\s*# ## (\d+)\.", body)
+            if heading:
+                inside = int(heading.group(1)) == number
+        elif inside and body.strip():
+            code.append(
+                "\n".join(line for line in body.strip().splitlines() if not line.startswith("# ruff:"))
+            )
+    if not code:
+        raise ValueError(f"{source.name} has no section '## {number}.' with code cells")
+    return "\n\n".join(code)
+
+
+def on_page_markdown(markdown, page, **kwargs):
+    def block(match):
+        number = int(match.group(1))
+        try:
+            code = walkthrough_section(number)
+        except ValueError as error:
+            from mkdocs.exceptions import PluginError
+
+            raise PluginError(f"{page.file.src_path}: {error}") from error
+        return (
+            f"From section {number} of the walkthrough notebook `experiments/walkthrough.py`, which CI "
+            'executes (setup cell: `lm = load("smollm2-moe"); model, tok = lm.model, lm.tokenizer`; names '
+            "such as `prof`, `fr` and `switch` come from the sections before):\n\n"
+            f"```python\n{code}\n```"
+        )
+
+    return _WALKTHROUGH_MARK.sub(block, markdown)
+
+
 def on_config(config, **kwargs):
     # The same list object is what mkdocstrings renders docstrings with, so docstrings get it too.
     config.markdown_extensions.append(lists_after_text())

@@ -205,3 +205,20 @@ def test_docstring_lists_get_their_blank_line():
         "- c",
     ]
     assert fix(["1. one", "2. two"]) == ["1. one", "2. two"]
+
+
+def test_guides_show_walkthrough_sections_that_exist():
+    """Guides embed code from experiments/walkthrough.py (executed by tests/test_notebook.py) by section."""
+    hooks = _hooks()
+    marks = [
+        (p.name, int(n))
+        for p in DOCS.rglob("*.md")
+        for n in re.findall(r"<!-- walkthrough: (\d+) -->", p.read_text())
+    ]
+    assert {n for _, n in marks} == set(range(1, 8)), (
+        "each of the walkthrough's 7 sections belongs in a guide"
+    )
+    for _, n in marks:
+        assert "import" in hooks.walkthrough_section(n)
+    with pytest.raises(ValueError, match="no section '## 99.'"):
+        hooks.walkthrough_section(99)
