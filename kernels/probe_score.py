@@ -4,7 +4,7 @@
 - hidden: list of [B, T, D_l] tensors (one per probed layer, e.g. ~30/50/75% depth and the final
   post-norm state; D_l may differ, dtypes may differ) or one stacked [L, B, T, D] tensor;
 - positions: Long[B], the cue token's index in each row (0 <= p < T);
-- features x[b] = concat_l hidden[l][b, positions[b]] (F = sum D_l), standardised (x - mean) / std;
+- features `x[b] = concat_l hidden[l][b, positions[b]]` (F = sum D_l), standardised `(x - mean) / std`;
 - layers: [(W1 [H1, F], b1), (W2 [H2, H1], b2), (W3 [1, H2], b3)] with ReLU between (LYNX: 256, 64);
 - returns Float32[B] = sigmoid(MLP(x)), computed in fp32.
 
