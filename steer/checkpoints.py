@@ -300,7 +300,7 @@ def _convert(entry: PackagedModel, dest: Path, progress: bool) -> None:
         gguf = packaged_gguf(entry.name, progress=progress)
         bar.update()
         bar.set_postfix_str(steps[1])
-        model, tokenizer = _load_gguf(gguf, dtype=torch.float32, attn_implementation=None, progress=progress)
+        model, tokenizer = load_gguf(gguf, dtype=torch.float32, attn_implementation=None, progress=progress)
         bar.update()
         bar.set_postfix_str(steps[2])
         try:
@@ -484,7 +484,7 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
             gguf_utils.tqdm = bare_tqdm
 
 
-def _load_gguf(path: Path, *, dtype, attn_implementation, progress: bool):
+def load_gguf(path: Path, *, dtype, attn_implementation, progress: bool):
     """Dequantise a GGUF into a plain (unquantised, saveable) model plus the GGUF's tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

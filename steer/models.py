@@ -38,13 +38,13 @@ from steer.checkpoints import (
     _is_current,
     _is_gguf,
     _known_names,
-    _load_gguf,
     _prepare_tokenizer,
     _transformers_progress,
     _transformers_version,
     _weight_files,
     fetch_packaged,
     gguf_architecture,
+    load_gguf,
     model_cache_dir,
     packaged_gguf,
     packaged_models,
@@ -209,7 +209,7 @@ def load(
             with _transformers_progress(progress):
                 model, tokenizer = _load_dir(path, trust_remote_code=trust_remote_code, **kwargs)
         elif _is_gguf(path):
-            model, tokenizer = _load_gguf(path, progress=progress, **kwargs)
+            model, tokenizer = load_gguf(path, progress=progress, **kwargs)
         elif path.suffix == ".safetensors":
             raise ModelLoadError(
                 f"{path} is a single weights file; pass the directory that holds it together with "

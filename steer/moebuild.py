@@ -27,7 +27,6 @@ skipped).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -46,7 +45,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from steer.checkpoints import fetch_packaged, packaged_models, resolve_name, sha256_file
+from steer.checkpoints import fetch_packaged, load_gguf, packaged_models, resolve_name, sha256_file
 from steer.prompts import book_passages
 
 # Bump when the build algorithm changes, so cached builds of the same config are not reused.
@@ -242,12 +241,8 @@ def load_dense(dense="smollm2", tokenizer=None):
     if path.suffix == ".gguf":
         if not path.exists():
             raise FileNotFoundError(f"no GGUF file at {path}")
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tok = tokenizer or AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model.config.quantization_config = None
-        with contextlib.suppress(AttributeError):
-            del model.config.quantization_config
-        return model.eval(), tok
+        model, tok = load_gguf(path, dtype=torch.float32, attn_implementation=None, progress=False)
+        return model, tokenizer or tok
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"{path} is not a checkpoint directory (no config.json); pass a packaged dense model's name "

@@ -404,7 +404,7 @@ def tiny_conversion(fresh_cache, monkeypatch):
         return tiny_model("llama"), tiny_tokenizer()
 
     monkeypatch.setattr(checkpoints, "packaged_gguf", lambda name, progress=True: fake_gguf)
-    monkeypatch.setattr(checkpoints, "_load_gguf", fake_load_gguf)
+    monkeypatch.setattr(checkpoints, "load_gguf", fake_load_gguf)
     return calls
 
 
@@ -454,7 +454,7 @@ def test_concurrent_fetches_convert_once(tiny_conversion):
 _FETCH_IN_PROCESS = """
 import os, sys, time
 from pathlib import Path
-from steer import models
+from steer import checkpoints, models
 from steer.tiny import tiny_model, tiny_tokenizer
 
 fake_gguf, log, ready_dir, n = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
@@ -465,8 +465,8 @@ def fake_load_gguf(path, *, dtype, attn_implementation, progress):
     time.sleep(1.0)
     return tiny_model("llama"), tiny_tokenizer()
 
-models.packaged_gguf = lambda name, progress=True: fake_gguf
-models._load_gguf = fake_load_gguf
+checkpoints.packaged_gguf = lambda name, progress=True: fake_gguf
+checkpoints.load_gguf = fake_load_gguf
 (ready_dir / str(os.getpid())).touch()
 while len(list(ready_dir.iterdir())) < n:  # start fetching together, like pytest-xdist workers
     time.sleep(0.05)
