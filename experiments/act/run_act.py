@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/act/run_act.py --model smollm2 --cal 20 --shortlist 10 --heldout 60
 
-Head search (steer.act.calibrate_heads): every head with a hidden sink is screened (attribution: a
+Head search (steer.act_search.calibrate_heads): every head with a hidden sink is screened (attribution: a
 first-order estimate for all heads from one forward + backward; exact: each head alone on --screen
 items per task), the best --shortlist go to the keep rule on --cal items per task.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from steer.act import calibrate_heads
+from steer.act_search import calibrate_heads
 from steer.models import load
 from steer.sinks import PUBLISHED_SINK_RATES, SinkResult, book_inputs, detect_sinks, sink_rate_interval
 from steer.tasks import evaluate, task_suite

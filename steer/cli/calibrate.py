@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from steer.act import calibrate_heads
+    from steer.act_search import calibrate_heads
     from steer.models import load
     from steer.tasks import load_task
 
