@@ -1,24 +1,30 @@
 """ACT head search: which heads to calibrate (steer.act runs the calibration at inference).
 
-Head selection (`calibrate_heads`) is a one-head-at-a-time search on a calibration split with this
-keep rule (the paper leaves it implicit):
-  a. candidates: every head that shows a hidden (non-initial) sink on the calibration prompts -- ACT
-     is the identity elsewhere;
-  b. screening, when there are more than `shortlist` candidates: every candidate is scored by the
-     change of mean log P(right option) that ACT on it alone makes -- by default estimated to first
-     order for all heads at once (`attribution_screen`: attribution patching, one forward + backward
-     per batch on the whole calibration set), or exactly, each head alone on `screen_items` items
-     per task (screen="exact"); the best `shortlist` heads with a positive score go on. The score is
-     continuous, so it ranks heads where an item count on few items would be ties;
-  c. baseline: items right without ACT on the whole calibration set; each shortlisted head alone:
-     gain = items right - baseline; keep a head if gain >= `min_gain` items (default 1);
-  d. combine greedily: add kept heads in order of gain, accepting one only if the combination gets
-     strictly more items right than the best set so far (baseline included).
-Steps b (exact) and c use `sweep_heads`, which reruns only the layers from the head's layer on (the
-earlier layers are the baseline's): half the compute of whole forwards, same numbers.
-The result is an `ACTConfig` (JSON) naming the heads; `config.intervention()` applies it.
+Head selection (`calibrate_heads`), one of two named procedures (`PROCEDURES`), both on a
+calibration split that the held-out evaluation never sees:
 
-    cfg = calibrate_heads(model, tok, task_suite("calibration", n=30))  # all heads, screened
+procedure="paper" (the default; the rule of the paper's released code, ALGORITHMS.md section 2):
+  1. candidates: every head with a hidden (non-initial) sink on the calibration prompts -- ACT is the
+     identity on every other head, so this drops no result (`candidate_heads`);
+  2. exact one-head sweep: each candidate alone on every calibration item (`sweep_heads`);
+  3. keep every head whose gain alone (items right - baseline) is >= `min_gain` (`keep_alone`);
+  4. apply all kept heads together (`select_paper`); their joint calibration score is recorded, not used.
+
+procedure="shortlist" (cheaper, not the paper's; what steer did before):
+  1. candidates as above;
+  2. screen every candidate by the change of mean log P(right option) with ACT on it alone, estimated
+     to first order for all heads at once (`attribution_screen`, ~3 forwards) or exactly on
+     `screen_items` items per task (screen="exact"); the best `shortlist` (SHORTLIST = 16) with a
+     positive score go on (`screen_heads`);
+  3. exact sweep and keep rule of the shortlist on the whole calibration set, as paper steps 2-3;
+  4. greedy combination: add kept heads by gain, each accepted only if the combination gets strictly
+     more items right than the best set so far (`combine_greedy`).
+
+`sweep_heads` reruns only the layers from the head's layer on (the earlier layers are the baseline's):
+about half the compute of whole forwards, same numbers (tested). The search log (`ACTConfig.search`)
+records the procedure, every swept head's gain, and the combinations tried.
+
+    cfg = calibrate_heads(model, tok, task_suite("calibration", n=70))  # procedure="paper"
     cfg.save("act.json")   # steer.act.ACTConfig; apply with cfg.intervention().apply(model)
 """
 
@@ -269,14 +275,144 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     return {(layer, h): float(est[layer, h]) for layer in range(n_layers) for h in range(n_heads)}
 
 
+PROCEDURES = {
+    "paper": "the released code's rule: every candidate head swept alone on the whole calibration set; "
+             "keep every head that alone gains >= min_gain items over baseline; apply all kept heads together",
+    "shortlist": "screen every candidate (attribution or exact on screen_items items per task); the best "
+                 "`shortlist` heads with a positive score are swept alone on the whole calibration set; keep a "
+                 "head if alone it gains >= min_gain items; combine kept heads greedily by gain, accepting a "
+                 "head only if the combination gains strictly",
+}
+PROCEDURE = "paper"  # the default: the procedure of the paper's released code
+SCREENS = ("attribution", "exact")
+
+
+def _check_search(items: list, procedure: str, shortlist: int, screen: str, screen_items: int,
+                  min_items: int) -> None:
+    if len(items) < min_items:
+        raise ValueError(f"calibration set too small: {len(items)} items, need at least {min_items} (one item "
+                         f"would be worth {100 / max(len(items), 1):.0f}% accuracy); load more calibration items")
+    if procedure not in PROCEDURES:
+        raise ValueError(f"procedure must be one of {', '.join(PROCEDURES)} (got {procedure!r})")
+    if shortlist < 1:
+        raise ValueError(f"shortlist must be >= 1 head (got {shortlist})")
+    if screen_items < 1:
+        raise ValueError(f"screen_items must be >= 1 item per task (got {screen_items})")
+    if screen not in SCREENS:
+        raise ValueError(f"screen must be one of {', '.join(SCREENS)} (got {screen!r})")
+
+
+def candidate_heads(hf, tok, items: list, candidates, max_candidates: int | None, batch_size: int,
+                    params: dict) -> tuple[list[tuple[int, int]], dict[tuple[int, int], float]]:
+    """Step 1: the heads to search and each head's hidden-sink frequency on the calibration prompts.
+
+    Default candidates are the heads with a hidden sink on some calibration prompt: ACT is the identity
+    on every other head (no sink column to scale), so leaving them out changes no result."""
+    from steer.sinks import detect_sinks
+
+    sinks = detect_sinks(hf, tok, [it.prompt for it in items], tau=params["tau"], alpha=params["alpha"],
+                         min_queries=params["min_queries"], batch_size=batch_size, keep_maps=False)
+    freq = {(layer, h): f for layer, h, f in sinks.heads_with_hidden_sinks()}
+    cands = list(freq) if candidates is None else check_heads(model_map(hf), candidates)
+    if max_candidates is not None:
+        cands = cands[:max_candidates]
+    return cands, freq
+
+
+def screen_heads(hf, tok, splits: list, cands: list, *, screen: str, screen_items: int, shortlist: int,
+                 batch_size: int, fast: bool, params: dict, say) -> tuple[list[tuple[int, int]], list[dict]]:
+    """Step 2 of the shortlist procedure: score every candidate, keep the best `shortlist` with a positive
+    score. The score is the change of mean log P(right option) with ACT on the head alone: continuous,
+    so it ranks heads where an item count on few items would be ties."""
+    items = [it for s in splits for it in s.items]
+    if len(cands) <= shortlist:
+        return list(cands), []
+    rows: list[dict] = []
+    if screen == "attribution":
+        say(f"screening {len(cands)} heads by attribution on {len(items)} items")
+        est = attribution_screen(hf, tok, items, batch_size=batch_size, **params)
+        rows = [{"layer": hd[0], "head": hd[1], "screen_score": est[hd]} for hd in cands]
+    else:
+        sub = [it for s in splits for it in s.items[:screen_items]]
+        say(f"screening {len(cands)} heads exactly on {len(sub)} items")
+        sw = sweep_heads(hf, tok, sub, cands, batch_size=batch_size, fast=fast, progress=say, **params)
+        base = sw.result().n_correct()
+        for hd in cands:
+            k = sw.result(hd).n_correct()
+            rows.append({"layer": hd[0], "head": hd[1], "screen_score": sw.delta_logp(hd), "correct": k,
+                         "gain": k - base, "rows_touched": sw.touched[hd]})
+    ranked = sorted(rows, key=lambda r: -r["screen_score"])
+    short = [(r["layer"], r["head"]) for r in ranked if r["screen_score"] > 0][:shortlist]
+    for r in rows:
+        r["shortlisted"] = (r["layer"], r["head"]) in short
+    say(f"shortlist {short}")
+    return short, rows
+
+
+def keep_alone(sweep: HeadSweep, heads: Sequence[tuple[int, int]], min_gain: int,
+               freq: dict | None = None) -> tuple[int, list[dict]]:
+    """Step 3, both procedures: baseline items right, and per head its items right with ACT on it alone,
+    gain over baseline, and kept = gain >= min_gain. Pure function of the sweep (re-scorable)."""
+    base = sweep.result().n_correct()
+    rows = []
+    for layer, h in heads:
+        k = sweep.result((layer, h)).n_correct()
+        rows.append({"layer": layer, "head": h, "hidden_sink_fraction": (freq or {}).get((layer, h), 0.0),
+                     "correct": k, "gain": k - base, "kept": k - base >= min_gain, "chosen": False,
+                     "rows_touched": sweep.touched[(layer, h)]})
+    return base, rows
+
+
+def select_paper(rows: list[dict]) -> list[tuple[int, int]]:
+    """Step 4, paper: every head kept alone is applied, all together (no combination check)."""
+    chosen = []
+    for r in rows:
+        r["chosen"] = bool(r["kept"])
+        if r["kept"]:
+            chosen.append((r["layer"], r["head"]))
+    return chosen
+
+
+def combine_greedy(rows: list[dict], base_k: int, score: Callable[[list], int],
+                   say=lambda msg: None) -> tuple[list[tuple[int, int]], int, list[dict]]:
+    """Step 4, shortlist: add kept heads in order of gain, each accepted only if the combination gets
+    strictly more items right than the best set so far (baseline included). score(heads) -> items right
+    on the calibration set with ACT on those heads."""
+    kept = sorted((r for r in rows if r["kept"]), key=lambda r: -r["gain"])
+    chosen: list[tuple[int, int]] = []
+    best, combos = base_k, []
+    for r in kept:
+        trial = [*chosen, (r["layer"], r["head"])]
+        if chosen:
+            k = score(trial)
+            combos.append({"heads": [list(hd) for hd in trial], "correct": k})
+            say(f"combination {trial}: {k}")
+        else:
+            k = r["correct"]
+        if k > best:
+            chosen, best, r["chosen"] = trial, k, True
+    return chosen, best, combos
+
+
+def _scorer(hf, tok, splits, batch_size: int, params: dict) -> Callable[[list], int]:
+    from steer.tasks import evaluate
+
+    def score(heads: list) -> int:
+        act = ACT(heads, on_no_effect="ignore", **params)
+        return evaluate(hf, tok, splits, batch_size=batch_size, interventions=[act]).n_correct()
+
+    return score
+
+
 def calibrate_heads(
     model,
     tok,
     calibration,
     *,
+    procedure: str = PROCEDURE,
     candidates: Sequence[tuple[int, int]] | None = None,
     max_candidates: int | None = None,
-    shortlist: int | None = SHORTLIST,
+    shortlist: int = SHORTLIST,
     screen: str = "attribution",
     screen_items: int = SCREEN_ITEMS,
     beta: float = BETA,
@@ -285,132 +421,53 @@ def calibrate_heads(
     min_queries: int = MIN_QUERIES,
     keep_first: bool = True,
     min_gain: int = MIN_GAIN,
-    combine: bool = True,
     min_items: int = MIN_CALIBRATION_ITEMS,
     batch_size: int = 16,
     fast: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> ACTConfig:
-    """One-head-at-a-time ACT head search with the keep rule in the module docstring.
+    """ACT head search on a calibration split by `procedure` (PROCEDURES; module docstring).
 
-    candidates: None = every head with a hidden sink on the calibration prompts. shortlist: when
-    there are more candidates than this, a screening pass scores every candidate and only the best
-    `shortlist` heads with a positive score go to the keep rule on the whole calibration set (None =
-    no screening: the keep rule on every candidate). screen: "attribution" (`attribution_screen`
-    on every calibration item: ~3 forwards for all heads) or "exact" (`sweep_heads` on the first
-    `screen_items` items of each task: one partial forward per head, `HeadSweep.delta_logp`)."""
-    from steer.sinks import detect_sinks
-
+    candidates: None = every head with a hidden sink on the calibration prompts (ACT is the identity on
+    the others). procedure="paper": every candidate alone, keep all that gain (the default);
+    "shortlist": screen (`screen`, `screen_items`), sweep the best `shortlist`, combine greedily."""
     _check_beta(beta)
     sink_threshold(tau, alpha, 1)
     hf = unwrap_model(model)
-    mm = model_map(hf)
     splits = _items_of(calibration)
     items = [it for s in splits for it in s.items]
-    if len(items) < min_items:
-        raise ValueError(f"calibration set too small: {len(items)} items, need at least {min_items} (one item "
-                         f"would be worth {100 / max(len(items), 1):.0f}% accuracy); load more calibration items")
-    if shortlist is not None and shortlist < 1:
-        raise ValueError(f"shortlist must be >= 1 head or None (got {shortlist})")
-    if screen_items < 1:
-        raise ValueError(f"screen_items must be >= 1 item per task (got {screen_items})")
-    if screen not in ("attribution", "exact"):
-        raise ValueError(f"screen must be 'attribution' or 'exact' (got {screen!r})")
+    _check_search(items, procedure, shortlist, screen, screen_items, min_items)
     _refuse_unsupported(hf)
     say = progress or (lambda msg: None)
     params = dict(beta=beta, tau=tau, alpha=alpha, min_queries=min_queries, keep_first=keep_first)
-
-    sinks = detect_sinks(hf, tok, [it.prompt for it in items], tau=tau, alpha=alpha, min_queries=min_queries,
-                         batch_size=batch_size, keep_maps=False)
-    freq = {(layer, h): f for layer, h, f in sinks.heads_with_hidden_sinks()}
-    cands = list(freq) if candidates is None else check_heads(mm, candidates)
-    if max_candidates is not None:
-        cands = cands[:max_candidates]
-    n_heads_total = mm.n_layers * _n_heads(mm)
-    say(f"{len(cands)} candidate heads of {n_heads_total} ({len(freq)} show a hidden sink on the calibration prompts)")
-
+    cands, freq = candidate_heads(hf, tok, items, candidates, max_candidates, batch_size, params)
+    n_total = model_map(hf).n_layers * _n_heads(model_map(hf))
+    say(f"{len(cands)} candidate heads of {n_total} ({len(freq)} show a hidden sink on the calibration prompts)")
     screening: list[dict] = []
-    if shortlist is not None and len(cands) > shortlist:
-        if screen == "attribution":
-            say(f"screening {len(cands)} heads by attribution on {len(items)} items")
-            est = attribution_screen(hf, tok, items, batch_size=batch_size, **params)
-            screening = [{"layer": hd[0], "head": hd[1], "screen_score": est[hd]} for hd in cands]
-        else:
-            sub = [it for s in splits for it in s.items[:screen_items]]
-            say(f"screening {len(cands)} heads exactly on {len(sub)} items")
-            sw = sweep_heads(hf, tok, sub, cands, batch_size=batch_size, fast=fast, progress=say, **params)
-            base_screen = sw.result().n_correct()
-            for hd in cands:
-                k = sw.result(hd).n_correct()
-                screening.append({"layer": hd[0], "head": hd[1], "screen_score": sw.delta_logp(hd), "correct": k,
-                                  "gain": k - base_screen, "rows_touched": sw.touched[hd]})
-        ranked = sorted(screening, key=lambda r: -r["screen_score"])
-        short = [(r["layer"], r["head"]) for r in ranked if r["screen_score"] > 0][:shortlist]
-        for r in screening:
-            r["shortlisted"] = (r["layer"], r["head"]) in short
-        say(f"shortlist {short}")
+    swept = cands
+    if procedure == "shortlist":
+        swept, screening = screen_heads(hf, tok, splits, cands, screen=screen, screen_items=screen_items,
+                                        shortlist=shortlist, batch_size=batch_size, fast=fast, params=params, say=say)
+    sw = sweep_heads(hf, tok, items, swept, batch_size=batch_size, fast=fast, progress=say, **params)
+    base_k, rows = keep_alone(sw, swept, min_gain, freq)
+    say(f"baseline {base_k}/{len(items)}; {sum(r['kept'] for r in rows)} of {len(rows)} heads gain alone")
+    score = _scorer(hf, tok, splits, batch_size, params)
+    combos: list[dict] = []
+    if procedure == "paper":
+        chosen = select_paper(rows)
+        alone = {(r["layer"], r["head"]): r["correct"] for r in rows}
+        best = score(chosen) if len(chosen) > 1 else alone[chosen[0]] if chosen else base_k
     else:
-        short = cands
-
-    rows = []
-    if short:
-        sw = sweep_heads(hf, tok, items, short, batch_size=batch_size, fast=fast, **params)
-        base_k = sw.result().n_correct()
-    else:
-        sw = None
-        from steer.tasks import evaluate
-
-        base_k = evaluate(hf, tok, splits, batch_size=batch_size).n_correct()
-    say(f"baseline {base_k}/{len(items)}; keep rule on {len(short)} heads")
-    for layer, h in short:
-        k = sw.result((layer, h)).n_correct()
-        rows.append({"layer": layer, "head": h, "hidden_sink_fraction": freq.get((layer, h), 0.0),
-                     "correct": k, "gain": k - base_k, "kept": k - base_k >= min_gain, "chosen": False,
-                     "rows_touched": sw.touched[(layer, h)]})
-        say(f"head ({layer}, {h}): {k}/{len(items)} ({k - base_k:+d})")
-    chosen, best, combos = _combine(hf, tok, splits, rows, base_k, combine, batch_size, params, say, len(items))
+        chosen, best, combos = combine_greedy(rows, base_k, score, say)
     search = {
-        "keep_rule": ("candidates = heads with a hidden sink on the calibration prompts"
-                      + (f" (max {max_candidates})" if max_candidates is not None else "")
-                      + (("; screening: every candidate scored by the mean change of log P(right option) "
-                          + ("estimated to first order (attribution patching) on every calibration item"
-                             if screen == "attribution" else f"with ACT on it alone on {screen_items} items per task")
-                          + f", the best {shortlist} with a positive score go on") if screening else "")
-                      + f"; keep a head if alone it gains >= {min_gain} items over baseline on the whole "
-                        f"calibration set; "
-                      + ("combine greedily by gain, accepting a head only if the combination gains strictly"
-                         if combine else "use all kept heads")),
-        "n_items": len(items), "tasks": [s.task for s in splits], "seeds": [s.seed for s in splits],
-        "n_heads_total": n_heads_total, "n_candidates": len(cands), "screen": screen if screening else None,
+        "procedure": procedure, "rule": PROCEDURES[procedure], "min_gain": min_gain,
+        "screen": screen if screening else None,
         "screen_items_per_task": screen_items if screening and screen == "exact" else None,
-        "shortlist": [list(hd) for hd in short], "screening": screening,
-        "baseline_correct": base_k, "final_correct": best if combine else None,
-        "candidates": rows, "combinations": combos, "path": sw.path if sw is not None else None,
+        "shortlist_size": shortlist if procedure == "shortlist" else None, "max_candidates": max_candidates,
+        "n_items": len(items), "tasks": [s.task for s in splits], "seeds": [s.seed for s in splits],
+        "n_heads_total": n_total, "n_candidates": len(cands), "swept": [list(hd) for hd in swept],
+        "screening": screening, "baseline_correct": base_k, "final_correct": best, "candidates": rows,
+        "combinations": combos, "path": sw.path,
     }
     name = getattr(hf.config, "_name_or_path", "") or hf.config.model_type
     return ACTConfig(heads=chosen, model=str(name), search=search, **params)
-
-
-def _combine(hf, tok, splits, rows, base_k, combine, batch_size, params, say, n_items):
-    """Step d of the keep rule: add kept heads by gain, each only if the combination gains strictly."""
-    from steer.tasks import evaluate
-
-    kept = sorted((r for r in rows if r["kept"]), key=lambda r: -r["gain"])
-    chosen: list[tuple[int, int]] = []
-    best = base_k
-    combos = []
-    for r in kept:
-        trial = [*chosen, (r["layer"], r["head"])]
-        if not combine:
-            chosen, r["chosen"] = trial, True
-            continue
-        if chosen:
-            k = evaluate(hf, tok, splits, batch_size=batch_size,
-                         interventions=[ACT(trial, on_no_effect="ignore", **params)]).n_correct()
-            combos.append({"heads": trial, "correct": k})
-            say(f"combination {trial}: {k}/{n_items}")
-        else:
-            k = r["correct"]
-        if k > best:
-            chosen, best, r["chosen"] = trial, k, True
-    return chosen, best, combos

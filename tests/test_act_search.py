@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from steer.act import ACT, ACTConfig
-from steer.act_search import attribution_screen, calibrate_heads, sweep_heads
+from steer.act_search import (
+    HeadSweep,
+    attribution_screen,
+    calibrate_heads,
+    combine_greedy,
+    keep_alone,
+    select_paper,
+    sweep_heads,
+)
 from steer.tasks import Item, TaskSplit, evaluate
 from steer.tiny import tiny_model, tiny_tokenizer
 
@@ -24,19 +32,20 @@ def test_calibrate_bad_inputs():
 
 
 def test_calibrate_heads_and_config_roundtrip(tmp_path):
+    """The default (paper) procedure: every candidate alone, all heads that gain applied together."""
     model, tok = tiny_model("llama"), tiny_tokenizer()
     items = [Item("x", f"in {i}: " + "ab" * (i % 5 + 2), ("a", "b", "c"), i % 3, f"u{i}") for i in range(21)]
     split = TaskSplit("x", "calibration", 0, items)
     cfg = calibrate_heads(model, tok, split, tau=TAU, min_queries=MINQ, max_candidates=4, min_gain=0)
     rows = cfg.search["candidates"]
+    assert cfg.search["procedure"] == "paper" and cfg.search["screening"] == []
     assert len(rows) == 4 and cfg.search["n_items"] == 21
     assert all(r["kept"] == (r["gain"] >= 0) for r in rows)
-    assert set(cfg.heads) == {(r["layer"], r["head"]) for r in rows if r["chosen"]}
-    if cfg.heads:  # the chosen combination really scores what the search recorded
-        from steer.tasks import evaluate
-
+    assert all(r["chosen"] == r["kept"] for r in rows)  # every kept head is applied, no combination check
+    assert set(cfg.heads) == {(r["layer"], r["head"]) for r in rows if r["kept"]}
+    if cfg.heads:  # the kept heads together really score what the search recorded
         res = evaluate(model, tok, split, interventions=[cfg.intervention(on_no_effect="ignore")])
-        assert res.n_correct() == cfg.search["final_correct"] > cfg.search["baseline_correct"]
+        assert res.n_correct() == cfg.search["final_correct"]
     path = tmp_path / "act.json"
     cfg.save(path)
     again = ACTConfig.load(path)
@@ -94,21 +103,23 @@ def test_attribution_screen_is_the_first_order_effect(family):
 def test_calibrate_screens_every_head_then_keep_rule_on_shortlist(screen):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     split = TaskSplit("x", "calibration", 0, _items(21))
-    cfg = calibrate_heads(model, tok, split, tau=TAU, min_queries=MINQ, shortlist=2, screen=screen, screen_items=6,
-                          min_gain=0)
+    cfg = calibrate_heads(model, tok, split, procedure="shortlist", tau=TAU, min_queries=MINQ, shortlist=2,
+                          screen=screen, screen_items=6, min_gain=0)
     search = cfg.search
     screened = search["screening"]
     assert search["screen"] == screen
     assert search["n_candidates"] == len(screened) > 2  # every candidate head was scored
     ranked = sorted(screened, key=lambda r: -r["screen_score"])
     want = [(r["layer"], r["head"]) for r in ranked if r["screen_score"] > 0][:2]
-    assert want and [tuple(hd) for hd in search["shortlist"]] == want
+    assert want and [tuple(hd) for hd in search["swept"]] == want
     assert [(r["layer"], r["head"]) for r in search["candidates"]] == want  # keep rule on the shortlist only
     assert all(r["shortlisted"] == ((r["layer"], r["head"]) in want) for r in screened)
     with pytest.raises(ValueError, match="shortlist must be"):
         calibrate_heads(model, tok, split, shortlist=0)
     with pytest.raises(ValueError, match="screen must be"):
         calibrate_heads(model, tok, split, screen="fast")
+    with pytest.raises(ValueError, match="procedure must be one of paper, shortlist"):
+        calibrate_heads(model, tok, split, procedure="greedy")
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +152,36 @@ def test_cli_calibrate_bad_inputs(tiny_dir, tmp_path, capsys, argv, message):
     rc = main(["calibrate", "--model", str(tiny_dir), "--tasks", "kv_retrieval", "--n", "20",
                "--out", str(tmp_path / "a.json"), *argv])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+def _sweep(answers, base_right, per_head_right):
+    """A HeadSweep whose items are right exactly where the given sets say (two options per item)."""
+    items = [Item("x", f"p{i}", ("a", "b"), a, f"u{i}") for i, a in enumerate(answers)]
+
+    def scores(right):
+        return [[0.0, -1.0] if (i in right) == (a == 0) else [-1.0, 0.0] for i, a in enumerate(answers)]
+
+    per_head = {hd: scores(r) for hd, r in per_head_right.items()}
+    return HeadSweep(items, scores(base_right), per_head, dict.fromkeys(per_head, 1), "suffix")
+
+
+def test_keep_rules_paper_keeps_every_gain_shortlist_combines_greedily():
+    answers = [0, 1] * 5
+    base = {0, 1, 2, 3, 4}
+    per_head = {(0, 0): base | {5, 6}, (0, 1): base | {7}, (1, 0): base - {0}, (1, 1): base}
+    sw = _sweep(answers, base, per_head)
+    base_k, rows = keep_alone(sw, list(per_head), min_gain=1)
+    assert base_k == 5 and [r["gain"] for r in rows] == [2, 1, -1, 0]
+    assert select_paper([dict(r) for r in rows]) == [(0, 0), (0, 1)]  # all that gain, applied together
+
+    calls = []
+
+    def score(heads):  # (0, 0) and (0, 1) together do worse than (0, 0) alone
+        calls.append(list(heads))
+        return 6
+
+    chosen, best, combos = combine_greedy([dict(r) for r in rows], base_k, score)
+    assert chosen == [(0, 0)] and best == 7 and calls == [[(0, 0), (0, 1)]]
+    assert combos == [{"heads": [[0, 0], [0, 1]], "correct": 6}]
+    _, rows2 = keep_alone(sw, list(per_head), min_gain=2)
+    assert select_paper(rows2) == [(0, 0)]
