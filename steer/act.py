@@ -14,6 +14,8 @@ padding is ignored (the kept initial sink is each row's first REAL token, never 
 steps the prefill's per-head sink sets are reused at their absolute key positions (rows keep summing
 to 1, A[0, 0] is never forced); late keys need `min_queries` observers; if the first token is not a
 sink nothing is dropped from the sink set for it; GQA query heads are selected individually.
+tests/test_act_parity.py checks this against the released code's outputs on SmolLM2's maps: equal
+where that code is right, and both behaviours where steer deliberately differs (late keys, first token).
 
 Head selection (which heads to calibrate) lives in steer.act_search; its result is an `ACTConfig`.
 
