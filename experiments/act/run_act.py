@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/act/run_act.py --model smollm2 --cal 20 --shortlist 10 --heldout 60
 
-Head search (steer.act.calibrate_heads): every head with a hidden sink is screened (attribution: a
+Head search (steer.act_search.calibrate_heads): every head with a hidden sink is screened (attribution: a
 first-order estimate for all heads from one forward + backward; exact: each head alone on --screen
 items per task), the best --shortlist go to the keep rule on --cal items per task.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from steer.act import calibrate_heads
+from steer.act_search import calibrate_heads
 from steer.models import load
 from steer.sinks import PUBLISHED_SINK_RATES, SinkResult, book_inputs, detect_sinks, sink_rate_interval
 from steer.tasks import evaluate, task_suite
@@ -38,6 +38,9 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--sink-inputs", type=int, default=100)
     ap.add_argument("--cal", type=int, default=30, help="calibration items per task (keep rule)")
+    ap.add_argument("--procedure", choices=("paper", "shortlist"), default="shortlist",
+                    help="head selection (steer.act_search.PROCEDURES); the 2026-11-26 run used shortlist; "
+                         "the paper's procedure at scale is paper_sweep.py")
     ap.add_argument("--screen-method", choices=("attribution", "exact"), default="attribution",
                     help="screening: first-order estimate for all heads at once, or each head alone on --screen items")
     ap.add_argument("--screen", type=int, default=8, help="items per task in an exact screening pass")
@@ -88,14 +91,15 @@ def main() -> int:
     # 2. calibration search
     t = time.time()
     cal = task_suite("calibration", n=args.cal, seed=args.seed)
-    cfg = calibrate_heads(model, tok, cal, max_candidates=args.candidates, shortlist=args.shortlist,
+    cfg = calibrate_heads(model, tok, cal, procedure=args.procedure, max_candidates=args.candidates,
+                          shortlist=args.shortlist,
                           screen=args.screen_method, screen_items=args.screen, beta=args.beta, progress=log)
     cfg.save(out / "act_config.json")
     results["calibration"] = {"heads": cfg.heads, "baseline_correct": cfg.search["baseline_correct"],
                               "final_correct": cfg.search["final_correct"], "n_items": cfg.search["n_items"],
                               "candidates": cfg.search["candidates"], "combinations": cfg.search["combinations"],
                               "n_candidates": cfg.search["n_candidates"], "n_heads_total": cfg.search["n_heads_total"],
-                              "shortlist": cfg.search["shortlist"], "screen": cfg.search["screen"],
+                              "swept": cfg.search["swept"], "screen": cfg.search["screen"],
                               "screening": cfg.search["screening"],
                               "seconds": time.time() - t}
     log(f"chosen heads {cfg.heads}")

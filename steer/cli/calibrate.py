@@ -10,15 +10,18 @@ from steer.cli import print_json
 
 EXAMPLES = """\
 examples:
-  steer calibrate --out act.json                          SmolLM2, 20 items per task, every head screened
-  steer calibrate --screen exact --screen-items 8 --shortlist 16 --out act.json   each head alone in screening
-  steer calibrate --tasks kv_retrieval,fewshot --n 40 --beta 0.4 --out act.json
+  steer calibrate --out act.json                  SmolLM2, the paper's procedure: every head alone, keep all that gain
+  steer calibrate --procedure shortlist --out act.json                  screen, best 16, greedy combination
+  steer calibrate --procedure shortlist --screen exact --screen-items 8 --out act.json
+  steer calibrate --tasks kv_retrieval,fewshot --n 100 --beta 0.4 --out act.json
   steer calibrate --heads 3:1,7:4 --out act.json          search only these (layer:head) candidates
-  steer calibrate --alpha 2 --min-gain 2 --no-combine --json --out act.json
+  steer calibrate --alpha 2 --min-gain 2 --json --out act.json
 
+Procedures (steer.act_search.PROCEDURES): `paper` (default) sweeps every candidate head alone on all
+calibration items and applies every head that gains >= --min-gain items; `shortlist` screens every
+head, sweeps the best --shortlist and combines the kept ones greedily (cheaper, not the paper's).
 The config is JSON (steer.act.ACTConfig.load): the chosen heads, beta/tau/alpha/min_queries, and the
-whole search (the screening score of every head, baseline, every shortlisted head's gain, the
-combinations tried). Apply it with
+whole search (procedure, baseline, every swept head's gain, screening scores and combinations). Apply it with
   ACTConfig.load("act.json").intervention().apply(model)
 Evaluate on the held-out split (never used here): experiments/act/run_act.py.
 """
@@ -37,16 +40,20 @@ def _heads(text: str) -> list[tuple[int, int]]:
 
 
 def add_parser(sub) -> None:
+    from steer.act_search import MIN_GAIN, PROCEDURE, PROCEDURES, SCREEN_ITEMS, SCREENS, SHORTLIST
+
     p = sub.add_parser(
         "calibrate", help="ACT head search on the calibration split; writes an ACT config",
-        description="One-head-at-a-time ACT calibration: every head with a hidden sink is screened (--screen), "
-                    "the best --shortlist go on: baseline accuracy, each head "
-                    "alone (keep it if it gains >= --min-gain items), then a greedy combination of the kept heads.",
+        description="One-head-at-a-time ACT calibration. --procedure paper (default): every head with a hidden "
+                    "sink alone on every calibration item; every head that gains >= --min-gain items is applied. "
+                    "--procedure shortlist: screen every head (--screen), the best --shortlist alone, then a greedy "
+                    "combination of the kept heads.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="smollm2", help="packaged model name, checkpoint dir or .gguf")
     p.add_argument("--tasks", default="cloze,kv_retrieval,fewshot", help="comma-separated tasks")
-    p.add_argument("--n", type=int, default=20, help="calibration items per task (default 20)")
+    p.add_argument("--n", type=int, default=70,
+                   help="calibration items per task (default 70: 210 items in all, one item < 0.5%%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beta", type=float, default=0.4, help="scale of non-initial sinks, in (0, 1]")
     rule = p.add_mutually_exclusive_group()
@@ -55,13 +62,16 @@ def add_parser(sub) -> None:
     p.add_argument("--min-queries", type=int, default=8)
     p.add_argument("--heads", type=_heads, help="candidate heads LAYER:HEAD,... (default: heads with hidden sinks)")
     p.add_argument("--max-candidates", type=int, help="search at most this many candidates (default: all)")
-    p.add_argument("--screen", choices=("attribution", "exact"), default="attribution",
-                   help="screening: first-order estimate of every head at once (default), or each head alone")
-    p.add_argument("--screen-items", type=int, default=8, help="items per task in an exact screening pass (default 8)")
-    p.add_argument("--shortlist", type=int, default=16,
-                   help="heads sent from screening to the keep rule (0 = no screening, keep rule on every head)")
-    p.add_argument("--min-gain", type=int, default=1, help="items a head must add alone to be kept")
-    p.add_argument("--no-combine", action="store_true", help="keep every head that passes, no greedy check")
+    p.add_argument("--procedure", choices=tuple(PROCEDURES), default=PROCEDURE,
+                   help="head selection: paper (every head alone, keep all that gain; default) or shortlist")
+    p.add_argument("--screen", choices=SCREENS, default="attribution",
+                   help="shortlist procedure's screen: first-order estimate of every head at once (default), "
+                        "or each head alone on --screen-items items per task")
+    p.add_argument("--screen-items", type=int, default=SCREEN_ITEMS,
+                   help=f"items per task in an exact screening pass (default {SCREEN_ITEMS})")
+    p.add_argument("--shortlist", type=int, default=SHORTLIST,
+                   help=f"shortlist procedure: heads sent from screening to the exact sweep (default {SHORTLIST})")
+    p.add_argument("--min-gain", type=int, default=MIN_GAIN, help="items a head must add alone to be kept")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, required=True, help="where to write the ACT config (JSON)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
@@ -69,7 +79,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from steer.act import calibrate_heads
+    from steer.act_search import calibrate_heads
     from steer.models import load
     from steer.tasks import load_task
 
@@ -80,25 +90,26 @@ def run(args) -> int:
     cfg = calibrate_heads(
         lm.model, lm.tokenizer, splits, candidates=args.heads, max_candidates=args.max_candidates,
         beta=args.beta, tau=None if args.alpha is not None else args.tau, alpha=args.alpha,
-        min_queries=args.min_queries, min_gain=args.min_gain, combine=not args.no_combine,
-        shortlist=args.shortlist or None, screen=args.screen, screen_items=args.screen_items,
+        min_queries=args.min_queries, min_gain=args.min_gain, procedure=args.procedure,
+        shortlist=args.shortlist, screen=args.screen, screen_items=args.screen_items,
         batch_size=args.batch_size, progress=say,
     )
     cfg.save(args.out)
     s = cfg.search
-    summary = {"heads": cfg.heads, "baseline_correct": s["baseline_correct"], "final_correct": s["final_correct"],
+    summary = {"procedure": s["procedure"], "heads": cfg.heads, "baseline_correct": s["baseline_correct"], "final_correct": s["final_correct"],
                "n_items": s["n_items"], "screened": len(s["screening"]), "candidates": len(s["candidates"]),
                "config": str(args.out)}
     if args.json:
         print_json(summary)
         return 0
     n = s["n_items"]
-    print(f"calibration: {n} items ({', '.join(tasks)}), baseline {s['baseline_correct']}/{n}")
+    print(f"calibration: {n} items ({', '.join(tasks)}), baseline {s['baseline_correct']}/{n}; "
+          f"procedure {s['procedure']}: {s['rule']}")
     if s["screening"]:
-        print(f"screened {len(s['screening'])} heads ({s['screen']}); shortlist {s['shortlist']}")
+        print(f"screened {len(s['screening'])} heads ({s['screen']}); shortlist {s['swept']}")
     print(cfg.to_dataframe().to_string(index=False))
     if cfg.heads:
-        print(f"chosen heads {cfg.heads}: {s['final_correct']}/{n} on the calibration items")
+        print(f"chosen heads {cfg.heads}: {s['final_correct']}/{n} on the calibration items together")
     else:
         print("no head improved calibration accuracy: the config holds no heads (ACT would not be applied)")
     print(f"wrote {args.out}")

@@ -1,0 +1,307 @@
+"""ACT head selection, the paper's procedure vs the screen + shortlist + greedy alternative, with raw outputs.
+
+    nice -n 10 .venv/bin/python experiments/act/paper_sweep.py sweep --model smollm2 --cal 70 --until 20:45
+    nice -n 10 .venv/bin/python experiments/act/paper_sweep.py heldout --model smollm2 --heldout 80
+    .venv/bin/python experiments/act/paper_sweep.py rescore --model smollm2      # tables from the raw files
+
+Phase `sweep` (calibration split only):
+1. attribution screen of every head (steer.act_search.attribution_screen) on the calibration items --
+   the alternative procedure's ranking; its best SHORTLIST heads with a positive score are swept first;
+2. the exact one-head sweep (steer.act_search.sweep_heads, ACT on one head alone, every calibration
+   item), head by head in chunks, the shortlist first and then every other head in a seeded random
+   order, until the time box (--until, UTC) -- the paper's procedure sweeps every head; what was swept
+   is recorded, so a partial sweep is reported as such.
+Phase `heldout`: both procedures choose heads from the raw sweep (steer.act_search.select_paper,
+select_shortlist; the greedy step evaluates combinations on the calibration items), then the held-out
+split is scored without ACT and with each procedure's heads.
+Phase `rescore`: recomputes every number of RESULTS.md from the raw per-item files alone.
+
+Raw files, out/<model>/paper/: items_calibration.json, screen.json, sweep_NNN.json (per-item option
+log-probabilities of the baseline and of every head of the chunk), combinations.json,
+items_heldout.json, heldout.json (per-item option log-probabilities per configuration), summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).parent / "out"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _key(hd) -> str:
+    return f"{hd[0]},{hd[1]}"
+
+
+def _unkey(s: str) -> tuple[int, int]:
+    a, b = s.split(",")
+    return int(a), int(b)
+
+
+def _items_json(splits) -> list[dict]:
+    return [{"task": it.task, "uid": it.uid, "answer": it.answer, "n_options": len(it.options)}
+            for s in splits for it in s.items]
+
+
+def _deadline(hhmm: str) -> float:
+    now = datetime.now(UTC)
+    h, m = (int(x) for x in hhmm.split(":"))
+    return now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+
+
+def phase_sweep(args, out: Path) -> None:
+    from steer.act_search import SHORTLIST, attribution_screen, sweep_heads
+    from steer.models import load
+    from steer.tasks import task_suite
+
+    lm = load(args.model, progress=False)
+    model, tok = lm.model, lm.tokenizer
+    cal = task_suite("calibration", n=args.cal, seed=args.seed)
+    items = [it for s in cal for it in s.items]
+    (out / "items_calibration.json").write_text(json.dumps(
+        {"model": args.model, "weights_hash": lm.weights_hash, "seed": args.seed, "n_per_task": args.cal,
+         "items": _items_json(cal)}, indent=1))
+    cfg = model.config
+    heads = [(layer, h) for layer in range(cfg.num_hidden_layers) for h in range(cfg.num_attention_heads)]
+    params = dict(beta=args.beta)
+    screen_path = out / "screen.json"
+    if screen_path.exists():
+        est = {_unkey(k): v for k, v in json.loads(screen_path.read_text())["estimate"].items()}
+        log("screen reused from screen.json")
+    else:
+        t = time.time()
+        log(f"attribution screen of {len(heads)} heads on {len(items)} items")
+        est = attribution_screen(model, tok, items, batch_size=args.batch_size, **params)
+        screen_path.write_text(json.dumps({"estimate": {_key(hd): v for hd, v in est.items()},
+                                           "seconds": time.time() - t, "load_average": os.getloadavg()}))
+        log(f"screen done in {time.time() - t:.0f} s")
+    ranked = sorted(est, key=lambda hd: -est[hd])
+    short = [hd for hd in ranked if est[hd] > 0][:SHORTLIST]
+    rest = [hd for hd in heads if hd not in short]
+    random.Random(args.seed).shuffle(rest)
+    order = short + rest
+    done = set()
+    for f in sorted(out.glob("sweep_*.json")):
+        done |= {_unkey(k) for k in json.loads(f.read_text())["per_head"]}
+    todo = [hd for hd in order if hd not in done]
+    stop = _deadline(args.until)
+    chunk_s = None
+    n = len(list(out.glob("sweep_*.json")))
+    while todo:
+        if chunk_s is not None and time.time() + chunk_s > stop:
+            log(f"time box: stopping with {len(todo)} heads not swept")
+            break
+        chunk, todo = todo[: args.chunk], todo[args.chunk :]
+        t = time.time()
+        sw = sweep_heads(model, tok, items, chunk, batch_size=args.batch_size, **params)
+        chunk_s = time.time() - t
+        (out / f"sweep_{n:03d}.json").write_text(json.dumps(
+            {"heads": [list(hd) for hd in chunk], "baseline": sw.baseline,
+             "per_head": {_key(hd): sw.per_head[hd] for hd in chunk},
+             "touched": {_key(hd): sw.touched[hd] for hd in chunk}, "path": sw.path,
+             "seconds": chunk_s, "load_average": os.getloadavg(),
+             "finished": datetime.now(UTC).isoformat(timespec="seconds")}))
+        n += 1
+        log(f"chunk {n}: {len(chunk)} heads in {chunk_s:.0f} s; {len(todo)} left")
+
+
+def _load_sweep(out: Path):
+    """HeadSweep of every head swept so far, on the calibration items regenerated from their seed."""
+    from steer.act_search import HeadSweep
+    from steer.tasks import task_suite
+
+    meta = json.loads((out / "items_calibration.json").read_text())
+    cal = task_suite("calibration", n=meta["n_per_task"], seed=meta["seed"])
+    items = [it for s in cal for it in s.items]
+    if [it.uid for it in items] != [r["uid"] for r in meta["items"]]:
+        raise SystemExit("the calibration items regenerated from the seed differ from items_calibration.json")
+    base, per_head, touched, seconds = None, {}, {}, 0.0
+    for f in sorted(out.glob("sweep_*.json")):
+        d = json.loads(f.read_text())
+        if base is None:
+            base = d["baseline"]
+        elif not torch.allclose(torch.tensor(sum(base, [])), torch.tensor(sum(d["baseline"], [])), atol=1e-4):
+            raise SystemExit(f"{f.name}: baseline scores differ from the first chunk's")
+        per_head.update({_unkey(k): v for k, v in d["per_head"].items()})
+        touched.update({_unkey(k): v for k, v in d["touched"].items()})
+        seconds += d["seconds"]
+    return cal, HeadSweep(items, base, per_head, touched, "suffix"), seconds
+
+
+def _shortlist(out: Path) -> list[tuple[int, int]]:
+    from steer.act_search import SHORTLIST
+
+    est = {_unkey(k): v for k, v in json.loads((out / "screen.json").read_text())["estimate"].items()}
+    return [hd for hd in sorted(est, key=lambda hd: -est[hd]) if est[hd] > 0][:SHORTLIST]
+
+
+def select(out: Path, min_gain: int, score=None) -> dict:
+    """Both procedures from the raw sweep. score(heads) -> calibration items right (None: combinations
+    are read from combinations.json only, as in rescore)."""
+    from steer.act_search import combine_greedy, keep_alone, select_paper
+
+    cal, sw, seconds = _load_sweep(out)
+    swept = sorted(sw.per_head)
+    base_k, rows = keep_alone(sw, swept, min_gain)
+    paper = select_paper([dict(r) for r in rows])
+    short = _shortlist(out)
+    missing = [hd for hd in short if hd not in sw.per_head]
+    if missing:
+        raise SystemExit(f"shortlisted heads not swept yet: {missing}")
+    combos_path = out / "combinations.json"
+    known = json.loads(combos_path.read_text()) if combos_path.exists() else {}
+
+    def cached(heads):
+        key = ";".join(_key(hd) for hd in heads)
+        if key not in known:
+            if score is None:
+                raise SystemExit(f"combination {heads} was never scored: run the heldout phase")
+            known[key] = score(heads)
+            combos_path.write_text(json.dumps(known, indent=1))
+        return known[key]
+
+    _, short_rows = keep_alone(sw, short, min_gain)
+    greedy, greedy_k, combos = combine_greedy(short_rows, base_k, cached, log)
+    paper_k = cached(paper) if len(paper) > 1 else (base_k if not paper else sw.result(paper[0]).n_correct())
+    return {"n_items": len(sw.items), "baseline_correct": base_k, "n_swept": len(swept), "sweep_seconds": seconds,
+            "swept": [list(hd) for hd in swept], "rows": rows, "shortlist": [list(hd) for hd in short],
+            "paper": {"heads": [list(hd) for hd in paper], "calibration_correct": paper_k},
+            "shortlist_greedy": {"heads": [list(hd) for hd in greedy], "calibration_correct": greedy_k,
+                                 "combinations": combos, "kept_alone": [(r["layer"], r["head"], r["gain"])
+                                                                        for r in short_rows if r["kept"]]}}
+
+
+def phase_heldout(args, out: Path) -> None:
+    from steer.act import ACT
+    from steer.models import load
+    from steer.tasks import evaluate, task_suite
+
+    lm = load(args.model, progress=False)
+    model, tok = lm.model, lm.tokenizer
+    cal_splits = task_suite("calibration", n=json.loads((out / "items_calibration.json").read_text())["n_per_task"],
+                            seed=args.seed)
+    params = dict(beta=args.beta)
+
+    def score(heads):
+        t = time.time()
+        k = evaluate(model, tok, cal_splits, batch_size=args.batch_size,
+                     interventions=[ACT(heads, on_no_effect="ignore", **params)]).n_correct()
+        log(f"calibration with {len(heads)} heads: {k} ({time.time() - t:.0f} s)")
+        return k
+
+    sel = None if args.baseline_only else select(out, args.min_gain, score)
+    if sel is not None:
+        (out / "selection.json").write_text(json.dumps(sel, indent=1))
+    held = task_suite("heldout", n=args.heldout, seed=args.seed)
+    (out / "items_heldout.json").write_text(json.dumps({"n_per_task": args.heldout, "seed": args.seed,
+                                                        "items": _items_json(held)}, indent=1))
+    path = out / "heldout.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    configs = {"baseline": []}
+    if sel is not None:
+        configs.update(paper=sel["paper"]["heads"], shortlist_greedy=sel["shortlist_greedy"]["heads"])
+    for name, heads in configs.items():
+        key = ";".join(_key(hd) for hd in heads)
+        if key in res:
+            continue
+        t = time.time()
+        acts = [ACT([tuple(hd) for hd in heads], on_no_effect="warn", **params)] if heads else []
+        r = evaluate(model, tok, held, batch_size=args.batch_size, interventions=acts)
+        res[key] = {"config": name, "heads": heads, "logprobs": r.logprobs, "uids": r.uids,
+                    "rows_touched": acts[0].total_touched if acts else 0, "seconds": time.time() - t}
+        path.write_text(json.dumps(res))
+        log(f"held-out {name}: {r.n_correct()}/{len(r.uids)} ({time.time() - t:.0f} s)")
+    if sel is not None:
+        rescore(args, out)
+
+
+def _mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value: binomial(gained + lost, 1/2) on the discordant pairs."""
+    from math import comb
+
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def _correct(logprobs, answers) -> list[bool]:
+    return [max(range(len(lp)), key=lp.__getitem__) == a for lp, a in zip(logprobs, answers)]
+
+
+def rescore(args, out: Path) -> dict:
+    """Every number of the RESULTS.md tables, from the raw files alone (no model)."""
+    from steer.tasks import wilson_interval
+
+    sel = select(out, args.min_gain)
+    held_items = json.loads((out / "items_heldout.json").read_text())["items"]
+    answers = [r["answer"] for r in held_items]
+    tasks = [r["task"] for r in held_items]
+    res = json.loads((out / "heldout.json").read_text())
+    by_name = {v["config"]: v for v in res.values()}
+    base = _correct(by_name["baseline"]["logprobs"], answers)
+    table = []
+    for name in ("paper", "shortlist_greedy"):
+        heads = sel[name]["heads"]
+        new = _correct(by_name[name]["logprobs"], answers) if heads else base
+        for task in [*dict.fromkeys(tasks), "all"]:
+            idx = [i for i, t in enumerate(tasks) if task in ("all", t)]
+            kb, kn = sum(base[i] for i in idx), sum(new[i] for i in idx)
+            g = sum(new[i] and not base[i] for i in idx)
+            lo = sum(base[i] and not new[i] for i in idx)
+            table.append({"procedure": name, "task": task, "n": len(idx), "baseline": kb,
+                          "baseline_ci": wilson_interval(kb, len(idx)), "act": kn,
+                          "act_ci": wilson_interval(kn, len(idx)), "delta_pts": 100 * (kn - kb) / len(idx),
+                          "gained": g, "lost": lo, "mcnemar_p": _mcnemar_exact(g, lo), "n_heads": len(heads)})
+    summary = {"selection": {k: v for k, v in sel.items() if k != "rows"}, "heldout": table,
+               "kept_alone": [(r["layer"], r["head"], r["gain"]) for r in sel["rows"] if r["kept"]],
+               "gain_histogram": {str(g): sum(r["gain"] == g for r in sel["rows"])
+                                  for g in sorted({r["gain"] for r in sel["rows"]})}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    for row in table:
+        print(json.dumps(row))
+    return summary
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=("sweep", "heldout", "rescore"))
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--cal", type=int, default=70, help="calibration items per task")
+    ap.add_argument("--heldout", type=int, default=80, help="held-out items per task")
+    ap.add_argument("--beta", type=float, default=0.4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=8, help="heads per sweep_heads call (one baseline forward each)")
+    ap.add_argument("--until", default="20:45", help="UTC time box of the sweep phase (HH:MM)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--baseline-only", action="store_true",
+                    help="heldout phase: score only the held-out baseline (it needs no selection; run it early)")
+    ap.add_argument("--min-gain", type=int, default=1, help="items a head must gain alone to be kept")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = OUT / args.model / "paper"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.phase == "sweep":
+        phase_sweep(args, out)
+    elif args.phase == "heldout":
+        phase_heldout(args, out)
+    else:
+        rescore(args, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
