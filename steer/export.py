@@ -200,8 +200,9 @@ def to_easysteer(config: InterventionConfig, *, norm_topk_prob: bool | None = No
     if mote.mode == "off_mask":
         if norm_topk_prob is False:
             notes.append("deactivate equals steer's off_mask in selection; the weights differ slightly because this "
-                         "model does not renormalise top-k weights (norm_topk_prob=False) and EasySteer replaces the "
-                         "switched-off experts' scores instead of keeping them in the softmax denominator")
+                         "model does not renormalise top-k weights (norm_topk_prob=False) and EasySteer sets a "
+                         "switched-off expert's log-probability to the per-token min - epsilon, where steer's "
+                         "off_mask sets its logit to -inf (its residual share stays in EasySteer's denominator)")
         elif norm_topk_prob is None:
             notes.append("deactivate equals off_mask exactly only for models with norm_topk_prob=True (selection is "
                          "always the same); pass the model to check")

@@ -5,7 +5,9 @@ hook on `blocks.{L}.mlp.router` receives the router's (logits, weights, indices)
 (weights, indices) from `steer.kernels.router.route`, the one implementation of every family's routing
 rule with edits (Torch reference on CPU, fused Triton kernel on CUDA). Modes (ALGORITHMS.md 1):
 
-- off_mask  the expert's logit is removed before top-k; the next-best expert fills the slot (SteerMoE).
+- off_mask  the expert's logit is -inf before the family's softmax/top-k (SteerMoE; a logit-level mask):
+            the next-best expert fills the slot, and with norm_topk_prob=False the remaining weights are
+            renormalised over the unmasked experts.
 - off_zero  selection kept, the expert's weight set to 0 (optionally renormalise the rest) (MoTE).
 - on        the expert is forced into the top-k, replacing the lowest selected; weight = its own gate
             value ("gate") or the largest selected value ("max").
