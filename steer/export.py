@@ -304,9 +304,7 @@ def to_sglang(config: InterventionConfig, *, norm_topk_prob: bool | None = None)
         "config": {"mode": mote.mode, "experts": experts, "num_experts": config.model.num_experts},
     } for layer, experts in mote.by_layer().items()]
     notes = []
-    if mote.mode == "off_mask" and norm_topk_prob is not True:
-        notes.append("the hook sets switched-off logits to -inf: selection equals off_mask; weights are exact only "
-                     "for models that renormalise top-k weights (norm_topk_prob=True)")
+    # off_mask: the hook's -inf logit IS steer's off_mask (a logit-level mask) for the softmax families
     if mote.mode == "on":
         notes.append("the hook raises forced logits to the per-token max + 1e-3: the expert is selected and its "
                      "weight is close to force_weight='max'")
