@@ -156,6 +156,18 @@ def _router_kernel(
         else:
             choice = score
     choice = tl.where(choice == choice, choice, NEG)  # NaN never wins a slot
+    score1 = score  # the edited routing's scores: off_mask drops a logit from the softmax (logit-level mask)
+    choice1 = choice
+    if HAS_EDIT:
+        if HAS_MASK:
+            masked3 = tl.load(mask_ptr + eid3, mask=ev3, other=0) != 0
+            if KIND == 0 and not NORM:  # with NORM the top-k renormalisation cancels the denominator
+                xm1 = tl.where(ev3 & (masked3 == 0), x, NEG)
+                mx1 = _max3(xm1)
+                mx1 = tl.where(mx1 == NEG, 0.0, mx1)
+                ex1 = tl.exp(xm1 - mx1[:, None, None])
+                score1 = tl.math.div_rn(ex1, _sum3(ex1)[:, None, None])
+                choice1 = tl.where(score1 == score1, score1, NEG)
 
     # unedited routing
     elig0 = ev3 & rvalid[:, None, None]
@@ -169,16 +181,16 @@ def _router_kernel(
     if HAS_EDIT:
         elig1 = ev3 & rvalid[:, None, None]
         if HAS_MASK:
-            elig1 = elig1 & (tl.load(mask_ptr + eid3, mask=ev3, other=0) == 0)
+            elig1 = elig1 & (masked3 == 0)
         if KIND == 2:
-            elig1 = _group_filter(choice, elig1, j3, gvalid, TOPK_GROUP, BT, GP)
+            elig1 = _group_filter(choice1, elig1, j3, gvalid, TOPK_GROUP, BT, GP)
         if HAS_FORCE:
             forced3 = (tl.load(force_ptr + eid3, mask=ev3, other=0) != 0) & m3
-            taken, idx1, val1 = _select(choice, elig1 & (forced3 == 0), eid3, score, K - NF, K, KP, BT)
-            order_key = tl.maximum(choice, -3.4028234663852886e38)
-            _t1, idx1, val1 = _select(order_key, taken | forced3, eid3, score, K, K, KP, BT)
+            taken, idx1, val1 = _select(choice1, elig1 & (forced3 == 0), eid3, score1, K - NF, K, KP, BT)
+            order_key = tl.maximum(choice1, -3.4028234663852886e38)
+            _t1, idx1, val1 = _select(order_key, taken | forced3, eid3, score1, K, K, KP, BT)
         else:
-            _t1, idx1, val1 = _select(choice, elig1, eid3, score, K, K, KP, BT)
+            _t1, idx1, val1 = _select(choice1, elig1, eid3, score1, K, K, KP, BT)
         w1 = _weights(val1, idx1, force_ptr, zero_ptr, RSF, KIND, K, KP, NORM, FORCE_MAX, HAS_ZERO, RENORM)
         # touched: the selected set or the emitted (rounded) weights differ
         w0c = w0.to(wty).to(tl.float32)

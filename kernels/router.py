@@ -16,10 +16,18 @@ Rules (ALGORITHMS.md section 1):
   `routed_scaling_factor`.
 
 Edits (semantics shared by both paths):
-- off_mask: the expert is removed before selection (as if absent from the router, and from its
-  group's score); the next best fills the slot. Weights are each selected expert's own gate value
-  under the family rule (softmax_topk keeps the full softmax denominator), so tokens that never chose
-  a masked expert are untouched.
+- off_mask: a logit-level mask, the expert is absent from the router: its logit is -inf before the
+  family's scoring, so it is never selected and the next best fills the slot. softmax_topk: the softmax
+  runs over the unmasked experts only, so with `norm_topk_prob=False` (Qwen2/3-MoE, OLMoE, the
+  steer-built MoE) every remaining weight is p_e / (1 - p_masked) and every token's weights change,
+  not only those that chose a masked expert (with normalisation the top-k renormalisation cancels the
+  denominator: same weights either way). topk_softmax: the softmax is over the selected logits, so
+  the mask only changes the selection. sigmoid_group: a -inf logit gives sigmoid 0 but DeepSeek-V3
+  selects on sigmoid + bias, which could still pick the expert; it is instead removed from selection
+  and from its group's score, and its gate value (0) is never used. This matches SteerMoE's routing
+  edit (which sets the logit to min - 0.01 rather than -inf; see tests/test_mote_steermoe_parity.py
+  for where the two differ). The earlier "selection-only" semantics (masked expert kept in the
+  softmax denominator) had no use beyond locality and is gone.
 - off_zero: selection kept, weight set to 0; with `renormalize` the rest are scaled so the selected
   weights keep their original sum (1 for normalised rules, x routed_scaling_factor for DeepSeek).
 - force_on: each forced expert joins the top-k, replacing the lowest-ranked selected non-forced
@@ -259,7 +267,11 @@ def _route_generic(logits, rule: RoutingRule, bias, masked, zeroed, forced, reno
     neg = float("-inf")
     x = logits.float()
     if rule.kind == "softmax_topk":
-        score = torch.softmax(x, dim=-1)
+        # off_mask is a logit-level mask: a switched-off expert's logit is -inf before the softmax, so
+        # it leaves the denominator too. With norm_topk_prob the top-k renormalisation cancels the
+        # denominator exactly, so the full softmax is used there (no rounding-only "touched" tokens).
+        drop = masked is not None and not rule.norm_topk_prob
+        score = torch.softmax(x.masked_fill(masked, neg) if drop else x, dim=-1)
         choice = score.clone()
     elif rule.kind == "topk_softmax":
         score = x

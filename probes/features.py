@@ -2,8 +2,18 @@
 concatenated in a fixed order.
 
 Points use steer's canonical names: "blocks.{L}.resid_post" (output of decoder layer L) and
-"final_norm.out" (the post-final-norm state that feeds lm_head). The released code takes layers at
-about 30/50/75% depth plus the final post-norm state; `default_points` does the same.
+"final_norm.out" (the post-final-norm state that feeds lm_head).
+
+Which layers (`default_points`): the released code (farukakgul/LYNX @ e62c6c2, `feature_layers` in
+lynx/early_exit_eval.py and the dataset builders) picks HF hidden-state indices from a table keyed by
+model id or depth, always adding the last entry (post-final-norm): 64 layers (QwQ-32B) 16/32/48,
+36 layers (Qwen3-8B) 12/18/24, 32 layers (Nemotron-8B) 8/16/24, and otherwise 9/16, its original
+DeepSeek-R1-Distill-Qwen-1.5B setup (28 layers). steer follows that table for the depths it covers
+(`LYNX_LAYERS`, keyed by num_hidden_layers; 28 = R1-1.5B) and converts hidden-state index i to
+"blocks.{i-1}.resid_post". For any other depth the reference's fallback (9, 16) is not depth-aware
+(meaningless under 17 layers), so steer uses its own fallback instead: blocks at about 30/50/75% of
+the depth (`DEFAULT_DEPTHS`) plus the final post-norm state. That fallback is steer's choice, not the
+reference's; the packaged models (smollm2: 30 layers, qwen2.5-coder: 24, gemma3-270m: 18) all use it.
 
 How this maps onto Hugging Face `output_hidden_states=True` (checked in transformers 5.24): the
 tuple has num_layers + 1 tensors; index 0 is the embedding output, index i (1 <= i < n) is the
@@ -21,7 +31,10 @@ from collections.abc import Sequence
 
 import torch
 
-DEFAULT_DEPTHS: tuple[float, ...] = (0.30, 0.50, 0.75)  # LYNX code: ~30/50/75% depth + final norm
+# The reference's table: num_hidden_layers -> HF hidden-state indices (1-based: i = output of block i-1),
+# always followed by the last (post-final-norm) entry. 28 layers = its default, DeepSeek-R1-Distill-Qwen-1.5B.
+LYNX_LAYERS: dict[int, tuple[int, ...]] = {64: (16, 32, 48), 36: (12, 18, 24), 32: (8, 16, 24), 28: (9, 16)}
+DEFAULT_DEPTHS: tuple[float, ...] = (0.30, 0.50, 0.75)  # steer's fallback for depths the table does not cover
 FINAL = "final_norm.out"
 _BLOCK = re.compile(r"^blocks\.(\d+)\.resid_post$")
 
@@ -30,11 +43,16 @@ def num_layers(model) -> int:
     return int(model.config.get_text_config(decoder=True).num_hidden_layers)
 
 
-def default_points(model_or_layers, depths: Sequence[float] = DEFAULT_DEPTHS, final: bool = True) -> list[str]:
-    """Canonical points at `depths` (fractions of depth) plus the final post-norm state.
+def default_points(model_or_layers, depths: Sequence[float] | None = None, final: bool = True) -> list[str]:
+    """The probe's feature points: the reference's layers for the depths in `LYNX_LAYERS`, otherwise
+    blocks at `depths` (fractions of depth, default `DEFAULT_DEPTHS`), plus the final post-norm state.
 
-    Depth f means hidden_states index k = floor(f * n + 0.5), i.e. block k-1."""
+    Passing `depths` always uses them. Depth f means hidden_states index k = floor(f * n + 0.5), i.e.
+    block k-1."""
     n = model_or_layers if isinstance(model_or_layers, int) else num_layers(model_or_layers)
+    if depths is None and n in LYNX_LAYERS:
+        return [f"blocks.{i - 1}.resid_post" for i in LYNX_LAYERS[n]] + ([FINAL] if final else [])
+    depths = DEFAULT_DEPTHS if depths is None else depths
     blocks = []
     for f in depths:
         if not 0 < f <= 1:

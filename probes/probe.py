@@ -33,7 +33,12 @@ class ProbeConfig:
     hidden: tuple[int, ...] = (256, 64)
     validation_fraction: float = 0.2
     lr: float = 1e-3
-    weight_decay: float = 1e-4  # sklearn's alpha
+    # Adam's coupled L2 (torch.optim.Adam weight_decay): weight_decay * theta is added to the gradient of
+    # every parameter, biases included, i.e. a penalty 0.5 * weight_decay * ||theta||^2 on the mean batch
+    # loss. It is NOT sklearn's alpha: the reference's MLPClassifier (alpha=1e-4, its default) penalises
+    # 0.5 * alpha * ||W||^2 / batch_size on the weight matrices only (batch_size = min(200, n) there), an
+    # effective coefficient of alpha / batch_size ~ 5e-7, so this default regularises ~200x more strongly.
+    weight_decay: float = 1e-4
     batch_size: int = 64
     max_epochs: int = 200
     patience: int = 10  # epochs without validation-loss improvement before stopping

@@ -200,8 +200,9 @@ def to_easysteer(config: InterventionConfig, *, norm_topk_prob: bool | None = No
     if mote.mode == "off_mask":
         if norm_topk_prob is False:
             notes.append("deactivate equals steer's off_mask in selection; the weights differ slightly because this "
-                         "model does not renormalise top-k weights (norm_topk_prob=False) and EasySteer replaces the "
-                         "switched-off experts' scores instead of keeping them in the softmax denominator")
+                         "model does not renormalise top-k weights (norm_topk_prob=False) and EasySteer sets a "
+                         "switched-off expert's log-probability to the per-token min - epsilon, where steer's "
+                         "off_mask sets its logit to -inf (its residual share stays in EasySteer's denominator)")
         elif norm_topk_prob is None:
             notes.append("deactivate equals off_mask exactly only for models with norm_topk_prob=True (selection is "
                          "always the same); pass the model to check")
@@ -303,9 +304,7 @@ def to_sglang(config: InterventionConfig, *, norm_topk_prob: bool | None = None)
         "config": {"mode": mote.mode, "experts": experts, "num_experts": config.model.num_experts},
     } for layer, experts in mote.by_layer().items()]
     notes = []
-    if mote.mode == "off_mask" and norm_topk_prob is not True:
-        notes.append("the hook sets switched-off logits to -inf: selection equals off_mask; weights are exact only "
-                     "for models that renormalise top-k weights (norm_topk_prob=True)")
+    # off_mask: the hook's -inf logit IS steer's off_mask (a logit-level mask) for the softmax families
     if mote.mode == "on":
         notes.append("the hook raises forced logits to the per-token max + 1e-3: the expert is selected and its "
                      "weight is close to force_weight='max'")

@@ -5,7 +5,9 @@ hook on `blocks.{L}.mlp.router` receives the router's (logits, weights, indices)
 (weights, indices) from `steer.kernels.router.route`, the one implementation of every family's routing
 rule with edits (Torch reference on CPU, fused Triton kernel on CUDA). Modes (ALGORITHMS.md 1):
 
-- off_mask  the expert's logit is removed before top-k; the next-best expert fills the slot (SteerMoE).
+- off_mask  the expert's logit is -inf before the family's softmax/top-k (SteerMoE; a logit-level mask):
+            the next-best expert fills the slot, and with norm_topk_prob=False the remaining weights are
+            renormalised over the unmasked experts.
 - off_zero  selection kept, the expert's weight set to 0 (optionally renormalise the rest) (MoTE).
 - on        the expert is forced into the top-k, replacing the lowest selected; weight = its own gate
             value ("gate") or the largest selected value ("max").
@@ -38,6 +40,7 @@ from steer.identity import check_same_model, model_identity
 from steer.interventions import Intervention, OnNoEffect
 from steer.kernels.router import RouterEdit, RoutingRule, route
 from steer.prompts import generate_responses, get_labeller
+from steer.stats import wilson_ci  # noqa: F401  (re-exported: steer.mote.wilson_ci)
 
 Mode = Literal["off_mask", "off_zero", "on"]
 MODES = ("off_mask", "off_zero", "on")
@@ -221,22 +224,6 @@ class ExpertSwitch(Intervention):
 
 
 # ---- evaluation: behaviour rate and neutral-text perplexity -----------------------------------------
-
-def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (better than the normal interval near 0 and 1)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    z = _z(level)
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def _z(level: float) -> float:
-    return float(torch.distributions.Normal(0, 1).icdf(torch.tensor(0.5 + level / 2)))
-
 
 @dataclass
 class Evaluation:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ import torch
 
 from steer.batching import left_pad
 from steer.prompts import book_passages
+from steer.stats import wilson_ci
 
 TASKS = ("cloze", "kv_retrieval", "fewshot")
 Split = Literal["calibration", "heldout"]
@@ -228,15 +228,9 @@ def task_suite(split: Split = "calibration", n: int | None = None, seed: int = 0
 
 # ---- scoring -----------------------------------------------------------------------------------
 
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for k successes in n trials (good at small n and near 0 or 1)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval for k successes in n trials (`steer.stats.wilson_ci`)."""
+    return wilson_ci(k, n)
 
 
 @dataclass

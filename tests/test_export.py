@@ -98,6 +98,16 @@ def test_sglang_spec(model, tmp_path):
     assert torch.isinf(out[:, [1, 5]]).all() and torch.equal(out[:, [0, 2, 3, 4, 6, 7]], logits[:, [0, 2, 3, 4, 6, 7]])
     with pytest.raises(ValueError, match="router logits have 6 experts"):
         hook(None, (), torch.randn(2, 6))
+    # the -inf hook followed by the family's own router is steer's off_mask, with or without renormalisation
+    from steer.kernels.router import RouterEdit, RoutingRule, route
+
+    off = torch.zeros(8, dtype=torch.bool)
+    off[[1, 5]] = True
+    for norm in (False, True):
+        rule = RoutingRule("softmax_topk", 3, norm_topk_prob=norm)
+        got, want = route(out, rule), route(logits, rule, RouterEdit(off_mask=off))
+        assert torch.equal(got.indices.sort(-1).values, want.indices.sort(-1).values)
+        torch.testing.assert_close(got.weights.sort(-1).values, want.weights.sort(-1).values)
 
 
 def test_sglang_validator_catches_bad_specs():

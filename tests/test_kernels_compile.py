@@ -107,6 +107,7 @@ def _router_launches():
     def run():
         for rule, E, dtype in [
             (RoutingRule("softmax_topk", 8, norm_topk_prob=True), 128, torch.bfloat16),
+            (RoutingRule("softmax_topk", 8, norm_topk_prob=False), 64, torch.bfloat16),  # off_mask re-softmax
             (RoutingRule("topk_softmax", 4), 128, torch.bfloat16),
             (RoutingRule("sigmoid_group", 8, True, 8, 4, 2.5, torch.float32), 256, torch.float32),
         ]:

@@ -84,13 +84,39 @@ def test_off_mask_next_best_fills_slot_and_counts():
     assert torch.allclose(res.weights[0], p[[1, 2]] / p[[1, 2]].sum())
 
 
-def test_off_mask_keeps_full_softmax_denominator_without_norm():
+def test_off_mask_is_a_logit_mask_without_norm():
+    """norm_topk_prob=False: the masked expert leaves the softmax denominator (logit -> -inf), so the
+    remaining weights are renormalised over the unmasked experts and every token's weights change."""
+    torch.manual_seed(0)
     logits = torch.randn(5, 6)
     rule = RoutingRule("softmax_topk", 2, norm_topk_prob=False)
     res = route_reference(logits, rule, RouterEdit(off_mask=_mask(6, [0])))
-    p = torch.softmax(logits, -1)
-    assert torch.equal(res.weights, p.gather(1, res.indices))
+    p = torch.softmax(logits[:, 1:], -1)  # the router without expert 0
     assert not (res.indices == 0).any()
+    assert torch.allclose(res.weights, p.gather(1, res.indices - 1), atol=1e-7, rtol=0)
+    full = torch.softmax(logits, -1)
+    assert torch.allclose(res.weights, full.gather(1, res.indices) / (1 - full[:, :1]), atol=1e-7, rtol=0)
+    assert int(res.touched) == 5  # every token: the denominator changed for all of them
+    # with norm_topk_prob=True the top-k renormalisation cancels the denominator: same as selection-only
+    norm = route_reference(logits, RoutingRule("softmax_topk", 2, norm_topk_prob=True), RouterEdit(off_mask=_mask(6, [0])))
+    sel = full.gather(1, norm.indices)
+    assert torch.allclose(norm.weights, sel / sel.sum(-1, keepdim=True), atol=1e-7, rtol=0)
+
+
+def test_off_mask_equals_minus_inf_logit_for_every_rule():
+    """For softmax_topk and topk_softmax, off_mask == the unedited router run on logits with the masked
+    expert's logit set to -inf (the spec's definition)."""
+    torch.manual_seed(1)
+    logits = torch.randn(7, 8)
+    m = _mask(8, [2, 5])
+    for rule in (RoutingRule("softmax_topk", 3), RoutingRule("softmax_topk", 3, norm_topk_prob=True),
+                 RoutingRule("topk_softmax", 3)):
+        got = route_reference(logits, rule, RouterEdit(off_mask=m))
+        want = route_reference(logits.masked_fill(m, float("-inf")), rule)
+        gi, gw = _as_sets(got.weights, got.indices)
+        wi, ww = _as_sets(want.weights, want.indices)
+        assert torch.equal(gi, wi)
+        torch.testing.assert_close(gw, ww, atol=1e-7, rtol=1e-6)
 
 
 def test_off_zero_keeps_index_zero_weight_and_renormalises():

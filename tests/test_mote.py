@@ -61,9 +61,11 @@ def _hand_route(router, family, hidden, off=(), zero=(), on=(), renorm=False, fo
         value = logits.clone()
         choice = logits.clone()
         choice[:, list(off)] = neg
-    else:  # softmax_topk
+    else:  # softmax_topk: a switched-off expert's logit is -inf before the softmax (SteerMoE, the spec)
         logits = F.linear(x, router.weight)
-        value = F.softmax(logits, dim=-1, dtype=torch.float)
+        masked_logits = logits.clone()
+        masked_logits[:, list(off)] = neg
+        value = F.softmax(masked_logits, dim=-1, dtype=torch.float)
         choice = value.clone()
         choice[:, list(off)] = neg
     idx = torch.topk(choice, k, dim=-1)[1]  # descending

