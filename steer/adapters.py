@@ -49,6 +49,9 @@ class Adapter:
     experts: str | None = None
     shared_expert: str | None = None
     num_experts_attr: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
+    # The router-logits module in SGLang's implementation of the family (SGLang's names, not HF's), for
+    # `steer export --target sglang`; None: no SGLang module where a logits hook switches experts exactly.
+    sglang_gate: str | None = None
     notes: str = ""
 
     @property
@@ -62,18 +65,22 @@ ADAPTERS: dict[str, Adapter] = {
         Adapter("llama", ("llama",)),
         Adapter("qwen2", ("qwen2",)),
         Adapter("gemma3", ("gemma3_text", "gemma3"), notes="sliding-window and global layers alternate"),
-        Adapter("mixtral", ("mixtral",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts"),
+        Adapter("mixtral", ("mixtral",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts",
+                sglang_gate="block_sparse_moe.gate"),
         Adapter("qwen2_moe", ("qwen2_moe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts",
-                shared_expert="mlp.shared_expert", notes="dense MLP on mlp_only_layers"),
-        Adapter("qwen3_moe", ("qwen3_moe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts"),
-        Adapter("olmoe", ("olmoe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts"),
+                shared_expert="mlp.shared_expert", sglang_gate="mlp.gate", notes="dense MLP on mlp_only_layers"),
+        Adapter("qwen3_moe", ("qwen3_moe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts",
+                sglang_gate="mlp.gate"),
+        Adapter("olmoe", ("olmoe",), routing="softmax_topk", router="mlp.gate", experts="mlp.experts",
+                sglang_gate="mlp.gate"),
         Adapter("deepseek_v3", ("deepseek_v3",), routing="sigmoid_group", router="mlp.gate",
                 experts="mlp.experts", shared_expert="mlp.shared_experts", q=None, k=None, v=None,
                 notes="MLA attention (no plain q/k/v projections); first_k_dense_replace dense layers"),
         Adapter("gpt_oss", ("gpt_oss",), routing="topk_softmax", router="mlp.router", experts="mlp.experts",
-                notes="learned attention sinks; eager attention by default"),
+                sglang_gate="mlp.router", notes="learned attention sinks; eager attention by default"),
         Adapter("granitemoe", ("granitemoe",), routing="topk_softmax", mlp="block_sparse_moe",
-                router="block_sparse_moe.router", experts="block_sparse_moe.experts"),
+                router="block_sparse_moe.router", experts="block_sparse_moe.experts",
+                sglang_gate="block_sparse_moe.gate"),
     ]
 }
 

@@ -3,7 +3,7 @@ EasySteer's `moe_router` JSON and SGLang's `forward_hooks` server argument.
 
     export(config, "vllm", out_dir, model_path=ckpt)      # config dir + vllm_args.json, checked vs ckpt
     export(config, "easysteer", "moe_router.json")
-    export(config, "sglang", "forward_hooks.json")
+    export(config, "sglang", "forward_hooks.json")    # or .yaml (an SGLang --config), or a dir (both)
 
 Each exporter validates what it writes against the target's documented format (schemas below,
 each citing its source) and returns an `ExportResult` whose `notes` say where the target's
@@ -229,17 +229,43 @@ def _write_checked(target: str, doc: Any, problems: list[str], out: str | Path, 
 # ---------------------------------------------------------------------------------------------
 # SGLang `forward_hooks`
 #
-# Format documented in sgl-project/sglang docs/advanced_features/forward_hooks.md and implemented by
-# python/sglang/srt/model_executor/hook_manager.py (register_forward_hooks): ServerArgs.forward_hooks is a
-# list of {"name": optional str, "target_modules": [fnmatch patterns over model.named_modules()],
-# "hook_factory": "pkg.module:factory" (or dotted), "config": JSON object passed to the factory,
-# "hook_type": "forward" | "forward_pre" (newer versions), "with_kwargs": bool}; the factory returns a
-# torch forward hook (module, inputs, output) -> output. SGLang's MoE layers keep the HF module names
-# (model.layers.N.mlp.gate returns the router logits), so a hook on the gate edits logits before top-k.
+# Checked against the sglang 0.5.23 wheel (PyPI):
+# - `--forward-hooks` takes a JSON *list* (ServerArgs.forward_hooks, parsed by utils.common.json_list_type)
+#   of {"name": str, "target_modules": [fnmatch patterns over model.named_modules()], "hook_factory":
+#   "pkg.module:factory" (or dotted), "config": object passed to the factory}; srt/model_executor/
+#   hook_manager.py:register_forward_hooks calls factory(config) once and registers the returned
+#   (module, inputs, output) -> output hook on every module whose name matches. A spec whose patterns
+#   match nothing is skipped with a warning ("No modules matched hook spec ..."): the server runs unsteered.
+# - `--config FILE.yaml` (utils/server_args_config_parser.py) turns each key into `--key value`; a list value
+#   becomes several arguments, so forward-hooks must be written there as one JSON string.
+# - The module names are SGLang's own, not Hugging Face's: the router-logits module is a ReplicatedLinear
+#   (returns (logits, bias)) at `model.layers.N.<Adapter.sglang_gate>` (Mixtral/GraniteMoE
+#   block_sparse_moe.gate, GPT-OSS mlp.router, Qwen2/3-MoE and OLMoE mlp.gate).
+# - Hooks are registered after CUDA-graph capture (model_runner_components/cuda_graph_setup.py:
+#   finalize_cuda_graph_capture) and graph replay runs no Python hook: with CUDA graphs on (the default),
+#   every step that replays a graph (decode, and prefill where a prefill graph is captured) is
+#   unsteered. The server must run without CUDA graphs: `--disable-cuda-graph` (deprecated in 0.5.23 but
+#   accepted; it disables both phases) or `--cuda-graph-backend-decode disabled
+#   --cuda-graph-backend-prefill disabled` (the 0.5.23 spelling, and the only one its --config accepts).
+
+SGLANG_VERSION_CHECKED = "0.5.23"
+SGLANG_NO_CUDA_GRAPH_FLAG = "--disable-cuda-graph"
+SGLANG_NO_CUDA_GRAPH_YAML = {"cuda-graph-backend-decode": "disabled", "cuda-graph-backend-prefill": "disabled"}
+SGLANG_CUDA_GRAPH_NOTE = (
+    "CUDA graphs: SGLang registers forward hooks after CUDA-graph capture and graph replay runs no hook, so "
+    "with CUDA graphs on (SGLang's default) decode is served UNSTEERED. Launch with --disable-cuda-graph "
+    "(or, in a --config YAML, cuda-graph-backend-decode/prefill: disabled, as the .yaml export writes)")
+_SGLANG_REFUSED = {
+    "deepseek_v3": "its routing adds e_score_correction_bias after a sigmoid and picks groups first, so a -inf "
+                   "logit does not exclude an expert (a hook on the gate cannot switch experts exactly)",
+}
 
 
 def sglang_problems(specs: Any, resolve: bool = True) -> list[str]:
-    """Problems of a forward_hooks list against SGLang's documented hook spec."""
+    """Problems of a `--forward-hooks` value (a list of hook specs) against SGLang's hook manager."""
+    if isinstance(specs, dict) and "forward_hooks" in specs:
+        return ["(top level): --forward-hooks takes the JSON list itself, not an object {\"forward_hooks\": [...]}; "
+                "write the list (re-export with `steer export --target sglang`)"]
     if not isinstance(specs, list):
         return ["forward_hooks: must be a list of hook specs"]
     problems = []
@@ -248,9 +274,10 @@ def sglang_problems(specs: Any, resolve: bool = True) -> list[str]:
         if not isinstance(spec, dict):
             problems.append(f"{where}: must be an object")
             continue
-        extra = set(spec) - {"name", "target_modules", "hook_factory", "config", "hook_type", "with_kwargs"}
+        extra = set(spec) - {"name", "target_modules", "hook_factory", "config"}
         if extra:
-            problems.append(f"{where}: unknown fields {sorted(extra)}")
+            problems.append(f"{where}: unknown fields {sorted(extra)} (SGLang {SGLANG_VERSION_CHECKED} reads name, "
+                            "target_modules, hook_factory, config)")
         if "name" in spec and not isinstance(spec["name"], str):
             problems.append(f"{where}.name: must be a string")
         tm = spec.get("target_modules")
@@ -268,8 +295,6 @@ def sglang_problems(specs: Any, resolve: bool = True) -> list[str]:
                 problems.append(f"{where}.hook_factory: cannot import {factory}: {exc}")
         if "config" in spec and not isinstance(spec["config"], dict):
             problems.append(f"{where}.config: must be a JSON object")
-        if spec.get("hook_type", "forward") not in ("forward", "forward_pre"):
-            problems.append(f"{where}.hook_type: must be 'forward' or 'forward_pre'")
     return problems
 
 
@@ -287,7 +312,28 @@ def resolve_callable(path: str):
     return getattr(importlib.import_module(module_name), fn_name)
 
 
+def sglang_gate_module(family: str) -> str:
+    """SGLang's router-logits module path (relative to a decoder layer) for `family`, or a ConfigError."""
+    from steer.adapters import ADAPTERS
+
+    adapter = ADAPTERS.get(family)
+    if adapter is not None and adapter.sglang_gate:
+        return adapter.sglang_gate
+    known = sorted(f for f, a in ADAPTERS.items() if a.sglang_gate)
+    if adapter is None:
+        why = "it has no steer adapter"
+    elif not adapter.is_moe:
+        why = "it is a dense family (no router)"
+    else:
+        why = _SGLANG_REFUSED.get(family, "no SGLang module name is known for its router")
+    raise ConfigError([f"model.family: {family!r} cannot be exported for SGLang: {why}. SGLang export knows "
+                       f"{', '.join(known)}; serve {family} with steer's vLLM plugin (--target vllm), or add the "
+                       f"family's SGLang gate path as Adapter.sglang_gate in steer.adapters"],
+                      "config cannot be exported for SGLang")
+
+
 def to_sglang(config: InterventionConfig, *, norm_topk_prob: bool | None = None) -> tuple[list[dict], list[str]]:
+    """(the `--forward-hooks` list, notes). Module names come from the family's Adapter.sglang_gate."""
     mote = config.mote
     if mote is None:
         raise ConfigError(["mote: the SGLang export holds router hooks; the config has no mote section"],
@@ -296,13 +342,14 @@ def to_sglang(config: InterventionConfig, *, norm_topk_prob: bool | None = None)
         raise ConfigError(["mote.mode: off_zero keeps the selection and zeroes a weight, which a hook on the router "
                            "logits cannot express; use off_mask or serve with steer's vLLM plugin"],
                           "config cannot be exported for SGLang")
+    gate = sglang_gate_module(config.model.family)
     specs = [{
         "name": f"steer-mote-layer-{layer}",
-        "target_modules": [f"model.layers.{layer}.mlp.gate"],
+        "target_modules": [f"model.layers.{layer}.{gate}"],
         "hook_factory": SGLANG_HOOK_FACTORY,
         "config": {"mode": mote.mode, "experts": experts, "num_experts": config.model.num_experts},
     } for layer, experts in mote.by_layer().items()]
-    notes = []
+    notes = [SGLANG_CUDA_GRAPH_NOTE]
     if mote.mode == "off_mask" and norm_topk_prob is not True:
         notes.append("the hook sets switched-off logits to -inf: selection equals off_mask; weights are exact only "
                      "for models that renormalise top-k weights (norm_topk_prob=True)")
@@ -312,18 +359,51 @@ def to_sglang(config: InterventionConfig, *, norm_topk_prob: bool | None = None)
     return specs, notes
 
 
+def sglang_yaml(specs: list[dict]) -> str:
+    """An SGLang `--config` YAML holding the hooks (as the JSON string its parser needs) and CUDA graphs off."""
+    import yaml
+
+    doc = {"forward-hooks": json.dumps(specs), **SGLANG_NO_CUDA_GRAPH_YAML}
+    head = (f"# steer export --target sglang (checked against SGLang {SGLANG_VERSION_CHECKED}).\n"
+            "# python -m sglang.launch_server --model-path MODEL --config THIS_FILE\n"
+            "# CUDA graphs stay off: SGLang's graph replay runs no forward hook (decode would be unsteered).\n")
+    return head + yaml.safe_dump(doc, sort_keys=False, width=1 << 20)
+
+
 def export_sglang(config: InterventionConfig, out: str | Path, *, norm_topk_prob: bool | None = None) -> ExportResult:
+    """`out` .json: the `--forward-hooks` list; .yaml/.yml: an SGLang `--config` file (hooks + CUDA graphs off);
+    a directory: both (forward_hooks.json, sglang.yaml)."""
     specs, notes = to_sglang(config, norm_topk_prob=norm_topk_prob)
-    path = _write_checked("SGLang", {"forward_hooks": specs}, sglang_problems(specs), out, "forward_hooks.json")
-    notes.insert(0, f"launch with: python -m sglang.launch_server --model-path MODEL --forward-hooks "
-                    f"\"$(jq -c .forward_hooks {path.name})\" (steer must be importable by the server)")
-    return ExportResult("sglang", path, notes)
+    problems = sglang_problems(specs)
+    if problems:  # pragma: no cover
+        raise AssertionError(f"internal error: SGLang export is invalid: {problems}")
+    path = Path(out)
+    json_path = yaml_path = None
+    if path.suffix == ".json":
+        json_path = path
+    elif path.suffix in (".yaml", ".yml"):
+        yaml_path = path
+    else:
+        json_path, yaml_path = path / "forward_hooks.json", path / "sglang.yaml"
+    launch = []
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(specs, indent=2) + "\n")
+        launch.append(f"python -m sglang.launch_server --model-path MODEL {SGLANG_NO_CUDA_GRAPH_FLAG} "
+                      f"--forward-hooks \"$(cat {json_path})\"")
+    if yaml_path is not None:
+        yaml_path.parent.mkdir(parents=True, exist_ok=True)
+        yaml_path.write_text(sglang_yaml(specs))
+        launch.append(f"python -m sglang.launch_server --model-path MODEL --config {yaml_path}")
+    notes.insert(0, "launch with: " + "  or  ".join(launch) + " (steer must be importable by the server)")
+    return ExportResult("sglang", yaml_path if json_path is None else json_path, notes)
 
 
 def register_forward_hooks(model, specs: list[dict]) -> list:
-    """Attach `specs` to a torch model exactly as SGLang's hook_manager does (fnmatch over
-    named_modules, forward hooks); returns the handles. Lets tests run the SGLang export on a real
-    engine's modules (vLLM's share SGLang's names)."""
+    """Attach `specs` to a torch model as SGLang's hook_manager does (fnmatch over named_modules,
+    forward hooks), returning the handles so they can be removed. Lets the vLLM tests run the SGLang
+    export on a real engine's modules (vLLM's Qwen2-MoE shares SGLang's names); tests/test_sglang.py
+    loads the export with SGLang's own hook_manager instead."""
     problems = sglang_problems(specs)
     if problems:
         raise ConfigError(problems, "forward_hooks")

@@ -76,11 +76,12 @@ def test_unexpressible_configs_are_errors(model):
 
 
 def test_sglang_spec(model, tmp_path):
-    """The spec SGLang's docs describe; that the hooks reproduce steer's routing inside a real engine
-    (vLLM, whose gate modules SGLang shares) is tested in tests/test_vllm.py."""
+    """The list SGLang's --forward-hooks takes; SGLang's own hook manager loads it in tests/test_sglang.py,
+    and the hooks reproduce steer's routing inside a real engine (vLLM) in tests/test_vllm.py."""
     cfg = InterventionConfig.for_model(model, mote=MoTESection([(1, 3), (2, 5), (2, 1)], "off_mask"))
     res = export(cfg, "sglang", tmp_path / "hooks.json", norm_topk_prob=True)
-    specs = json.loads(res.path.read_text())["forward_hooks"]
+    specs = json.loads(res.path.read_text())
+    assert any("--disable-cuda-graph" in n for n in res.notes)
     assert sglang_problems(specs) == []
     assert specs == [
         {"name": "steer-mote-layer-1", "target_modules": ["model.layers.1.mlp.gate"],
@@ -106,7 +107,7 @@ def test_sglang_validator_catches_bad_specs():
     assert "forward_hooks[0].target_modules: must be a non-empty list of module name patterns" in problems
     assert "forward_hooks[0].hook_factory: must be 'module.sub:factory' or 'module.sub.factory'" in problems
     assert "forward_hooks[0].config: must be a JSON object" in problems
-    assert "forward_hooks[0]: unknown fields ['colour']" in problems
+    assert any(p.startswith("forward_hooks[0]: unknown fields ['colour']") for p in problems)
     assert any(p.startswith("forward_hooks[1].hook_factory: cannot import steer.nope:factory") for p in problems)
 
 
