@@ -124,27 +124,32 @@ def export_vllm(config: InterventionConfig, out: str | Path, *, model_path: str 
 # ---------------------------------------------------------------------------------------------
 # EasySteer `moe_router`
 #
-# Format documented in ZJU-REAL/EasySteer replications/steermoe/README.md ("A steering config is a JSON
-# file mapping layers to expert lists": {"layer_configs": {"7": {"mode": "deactivate", "expert_ids":
-# [30, 25]}, "9": {"mode": "activate", "activate_ids": [12], "deactivate_ids": [35]}}}) and in the
-# payload docstring of its MoERouterAlgorithm (`@register_algorithm("moe_router")`): mode one of
-# activate | deactivate | soft | soft_topk | soft_random; expert_ids, activate_ids, deactivate_ids
-# lists of ints; optional epsilon (tie margin, default 0.01) and lambda (soft strength).
+# Format read by MoERouterAlgorithm.load_from_path (ZJU-REAL/EasySteer-vllm-v1,
+# vllm/steer_vectors/algorithms/moe_router.py; verdicts of that loader on fixed documents are recorded in
+# tests/fixtures/easysteer_moe_router): {"layer_configs": {"7": {"mode": "deactivate", "expert_ids": [30]},
+# "9": {"activate_ids": [12], "deactivate_ids": [35]}}}. Per layer: mode optional (default "activate"), one of
+# activate | deactivate | soft | soft_topk | soft_random or a deprecated alias (boost, soft_hard, steermoe ->
+# activate; suppress -> deactivate); expert_ids / activate_ids / deactivate_ids lists of ints (activate and
+# deactivate need one non-empty, soft modes need expert_ids); optional epsilon (tie margin, default 0.01),
+# lambda (soft strength), topk (soft_topk's k, default 8). Other top-level keys are ignored by the loader.
 # Its activate/deactivate log-softmax the logits and set experts to the per-token max + eps / min - eps.
+# The PyPI package named `easysteer` is an unrelated empty placeholder.
 
 EASYSTEER_MODES = ("activate", "deactivate", "soft", "soft_topk", "soft_random")
+EASYSTEER_MODE_ALIASES = {"boost": "activate", "soft_hard": "activate", "steermoe": "activate", "suppress": "deactivate"}
+EASYSTEER_FIELDS = ("mode", "expert_ids", "activate_ids", "deactivate_ids", "epsilon", "lambda", "topk")
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 EASYSTEER_SCHEMA = {
-    "type": "object", "required": ["layer_configs"], "additionalProperties": False,
+    "type": "object", "required": ["layer_configs"],
     "properties": {"layer_configs": {
-        "type": "object", "patternProperties": {"^[0-9]+$": {
-            "type": "object", "required": ["mode"], "additionalProperties": False,
+        "type": "object", "minProperties": 1, "patternProperties": {"^[0-9]+$": {
+            "type": "object", "additionalProperties": False,
             "properties": {
-                "mode": {"enum": list(EASYSTEER_MODES)},
-                "expert_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                "activate_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                "deactivate_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "mode": {"enum": list(EASYSTEER_MODES) + list(EASYSTEER_MODE_ALIASES)},
+                "expert_ids": _IDS, "activate_ids": _IDS, "deactivate_ids": _IDS,
                 "epsilon": {"type": "number", "exclusiveMinimum": 0},
                 "lambda": {"type": "number"},
+                "topk": {"type": "integer", "minimum": 1},
             },
         }},
         "additionalProperties": False,
@@ -153,33 +158,49 @@ EASYSTEER_SCHEMA = {
 
 
 def easysteer_problems(doc: Any) -> list[str]:
-    """Problems of an EasySteer moe_router document against its documented format."""
-    if not isinstance(doc, dict) or set(doc) != {"layer_configs"} or not isinstance(doc["layer_configs"], dict):
-        return ["(top level): must be an object with exactly one field, layer_configs (an object)"]
+    """Problems of an EasySteer moe_router document: what EasySteer's loader rejects, plus what it loads but
+    then ignores (an unknown field, a negative layer, a soft mode without experts), which would be a
+    silent no-op."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("layer_configs"), dict):
+        return ["(top level): must be an object with a layer_configs object ({\"layer_configs\": {\"7\": {...}}})"]
+    if not doc["layer_configs"]:
+        return ["layer_configs: is empty (EasySteer refuses a file with no layer configurations)"]
     problems = []
     for layer, payload in doc["layer_configs"].items():
         where = f"layer_configs.{layer}"
         if not layer.isdigit():
-            problems.append(f"{where}: layer keys must be decimal layer indices")
+            problems.append(f"{where}: layer keys must be decimal layer indices (0, 1, ...)")
         if not isinstance(payload, dict):
             problems.append(f"{where}: must be an object")
             continue
-        extra = set(payload) - {"mode", "expert_ids", "activate_ids", "deactivate_ids", "epsilon", "lambda"}
+        extra = set(payload) - set(EASYSTEER_FIELDS)
         if extra:
-            problems.append(f"{where}: unknown fields {sorted(extra)}")
-        if payload.get("mode") not in EASYSTEER_MODES:
-            problems.append(f"{where}.mode: {payload.get('mode')!r} is not one of {', '.join(EASYSTEER_MODES)}")
+            problems.append(f"{where}: unknown fields {sorted(extra)} (EasySteer would ignore them; known: "
+                            f"{', '.join(EASYSTEER_FIELDS)})")
+        mode = payload.get("mode", "activate")
+        canonical = EASYSTEER_MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else None
+        if canonical not in EASYSTEER_MODES:
+            problems.append(f"{where}.mode: {mode!r} is not one of {', '.join(EASYSTEER_MODES)} (or an alias: "
+                            f"{', '.join(EASYSTEER_MODE_ALIASES)})")
         for key in ("expert_ids", "activate_ids", "deactivate_ids"):
             ids = payload.get(key, [])
             if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                     for i in ids):
                 problems.append(f"{where}.{key}: must be a list of non-negative integers")
-        if payload.get("mode") in ("activate", "deactivate") and not any(
+        if canonical in ("activate", "deactivate") and not any(
                 payload.get(k) for k in ("expert_ids", "activate_ids", "deactivate_ids")):
-            problems.append(f"{where}: activate/deactivate needs expert ids (EasySteer treats it as invalid)")
+            problems.append(f"{where}: {mode} needs expert ids (expert_ids, activate_ids or deactivate_ids)")
+        if canonical in ("soft", "soft_topk", "soft_random") and not payload.get("expert_ids"):
+            problems.append(f"{where}.expert_ids: {mode} needs a non-empty expert_ids")
         eps = payload.get("epsilon", 0.01)
-        if not isinstance(eps, (int, float)) or eps <= 0:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
             problems.append(f"{where}.epsilon: must be a positive number")
+        lam = payload.get("lambda", 0.5)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            problems.append(f"{where}.lambda: must be a number")
+        topk = payload.get("topk", 8)
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            problems.append(f"{where}.topk: must be a positive integer")
     return problems
 
 
