@@ -70,8 +70,9 @@ class Adapter:
     from the config. `attention_quirk` says why the family's attention is not plain
     softmax(q k^T * scale) (None: it is), which rules out steer's exact attention path. `architecture`
     is the HF class (vLLM registers the same name), `vllm` the vLLM module whose MoE layers steer's
-    plugin steers (None: not servable with steer's plugin), `tiny` the config overrides of the tiny
-    test model (None: no tiny model).
+    plugin steers (None: not servable with steer's plugin), `sglang_gate` the router-logits module in
+    SGLang's implementation (None: no SGLang export), `tiny` the config overrides of the tiny test
+    model (None: no tiny model).
     """
 
     family: str
@@ -96,6 +97,9 @@ class Adapter:
     num_experts_attr: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
     attention_quirk: str | None = None
     vllm: str | None = None
+    # The router-logits module in SGLang's implementation of the family (SGLang's names, not HF's), for
+    # `steer export --target sglang`; None: no SGLang module where a logits hook switches experts exactly.
+    sglang_gate: str | None = None
     tiny: dict | None = field(default_factory=dict)
     notes: str = ""
 
@@ -120,19 +124,20 @@ ADAPTERS: dict[str, Adapter] = {
                 notes="sliding-window and global layers alternate"),
         Adapter("mixtral", ("mixtral",), "MixtralForCausalLM", routing="softmax_topk", rule_options=_mixtral_rule,
                 router="mlp.gate", experts="mlp.experts", vllm="vllm.model_executor.models.mixtral",
+                sglang_gate="block_sparse_moe.gate",
                 tiny=dict(num_local_experts=8, num_experts_per_tok=2)),
-        Adapter("qwen2_moe", ("qwen2_moe",), "Qwen2MoeForCausalLM", routing="softmax_topk",
+        Adapter("qwen2_moe", ("qwen2_moe",), "Qwen2MoeForCausalLM", routing="softmax_topk", sglang_gate="mlp.gate",
                 rule_options=_norm_from_config, router="mlp.gate", experts="mlp.experts",
                 shared_expert="mlp.shared_expert", vllm="vllm.model_executor.models.qwen2_moe",
                 tiny=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                           shared_expert_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[0]),
                 notes="dense MLP on mlp_only_layers"),
-        Adapter("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", routing="softmax_topk",
+        Adapter("qwen3_moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", routing="softmax_topk", sglang_gate="mlp.gate",
                 rule_options=_norm_from_config, router="mlp.gate", experts="mlp.experts",
                 vllm="vllm.model_executor.models.qwen3_moe",
                 tiny=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False)),
         Adapter("olmoe", ("olmoe",), "OlmoeForCausalLM", routing="softmax_topk", rule_options=_norm_from_config,
-                router="mlp.gate", experts="mlp.experts", vllm="vllm.model_executor.models.olmoe",
+                sglang_gate="mlp.gate", router="mlp.gate", experts="mlp.experts", vllm="vllm.model_executor.models.olmoe",
                 tiny=dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)),
         Adapter("deepseek_v3", ("deepseek_v3",), "DeepseekV3ForCausalLM", routing="sigmoid_group",
                 rule_options=_deepseek_rule, router="mlp.gate", experts="mlp.experts",
@@ -143,11 +148,11 @@ ADAPTERS: dict[str, Adapter] = {
                           routed_scaling_factor=2.5, norm_topk_prob=True),
                 notes="MLA attention (no plain q/k/v projections); first_k_dense_replace dense layers"),
         Adapter("gpt_oss", ("gpt_oss",), "GptOssForCausalLM", routing="topk_softmax", router="mlp.router",
-                experts="mlp.experts", attention_quirk="GPT-OSS adds learned sink logits to every softmax",
+                sglang_gate="mlp.router", experts="mlp.experts", attention_quirk="GPT-OSS adds learned sink logits to every softmax",
                 tiny=dict(num_local_experts=8, num_experts_per_tok=2, **_WINDOWED),
                 notes="learned attention sinks; eager attention by default"),
         Adapter("granitemoe", ("granitemoe",), "GraniteMoeForCausalLM", routing="topk_softmax",
-                rule_options=_granite_rule, mlp="block_sparse_moe", router="block_sparse_moe.router",
+                sglang_gate="block_sparse_moe.gate", rule_options=_granite_rule, mlp="block_sparse_moe", router="block_sparse_moe.router",
                 experts="block_sparse_moe.experts", tiny=dict(num_local_experts=8, num_experts_per_tok=2)),
     ]
 }

@@ -3,7 +3,7 @@ EasySteer's `moe_router` JSON and SGLang's `forward_hooks` server argument.
 
     export(config, "vllm", out_dir, model_path=ckpt)      # config dir + vllm_args.json, checked vs ckpt
     export(config, "easysteer", "moe_router.json")
-    export(config, "sglang", "forward_hooks.json")
+    export(config, "sglang", "forward_hooks.json")    # or .yaml (an SGLang --config), or a dir (both)
 
 Each exporter validates what it writes against the target's documented format (schemas below,
 each citing its source) and returns an `ExportResult` whose `notes` say where the target's
@@ -124,27 +124,32 @@ def export_vllm(config: InterventionConfig, out: str | Path, *, model_path: str 
 # ---------------------------------------------------------------------------------------------
 # EasySteer `moe_router`
 #
-# Format documented in ZJU-REAL/EasySteer replications/steermoe/README.md ("A steering config is a JSON
-# file mapping layers to expert lists": {"layer_configs": {"7": {"mode": "deactivate", "expert_ids":
-# [30, 25]}, "9": {"mode": "activate", "activate_ids": [12], "deactivate_ids": [35]}}}) and in the
-# payload docstring of its MoERouterAlgorithm (`@register_algorithm("moe_router")`): mode one of
-# activate | deactivate | soft | soft_topk | soft_random; expert_ids, activate_ids, deactivate_ids
-# lists of ints; optional epsilon (tie margin, default 0.01) and lambda (soft strength).
+# Format read by MoERouterAlgorithm.load_from_path (ZJU-REAL/EasySteer-vllm-v1,
+# vllm/steer_vectors/algorithms/moe_router.py; verdicts of that loader on fixed documents are recorded in
+# tests/fixtures/easysteer_moe_router): {"layer_configs": {"7": {"mode": "deactivate", "expert_ids": [30]},
+# "9": {"activate_ids": [12], "deactivate_ids": [35]}}}. Per layer: mode optional (default "activate"), one of
+# activate | deactivate | soft | soft_topk | soft_random or a deprecated alias (boost, soft_hard, steermoe ->
+# activate; suppress -> deactivate); expert_ids / activate_ids / deactivate_ids lists of ints (activate and
+# deactivate need one non-empty, soft modes need expert_ids); optional epsilon (tie margin, default 0.01),
+# lambda (soft strength), topk (soft_topk's k, default 8). Other top-level keys are ignored by the loader.
 # Its activate/deactivate log-softmax the logits and set experts to the per-token max + eps / min - eps.
+# The PyPI package named `easysteer` is an unrelated empty placeholder.
 
 EASYSTEER_MODES = ("activate", "deactivate", "soft", "soft_topk", "soft_random")
+EASYSTEER_MODE_ALIASES = {"boost": "activate", "soft_hard": "activate", "steermoe": "activate", "suppress": "deactivate"}
+EASYSTEER_FIELDS = ("mode", "expert_ids", "activate_ids", "deactivate_ids", "epsilon", "lambda", "topk")
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 EASYSTEER_SCHEMA = {
-    "type": "object", "required": ["layer_configs"], "additionalProperties": False,
+    "type": "object", "required": ["layer_configs"],
     "properties": {"layer_configs": {
-        "type": "object", "patternProperties": {"^[0-9]+$": {
-            "type": "object", "required": ["mode"], "additionalProperties": False,
+        "type": "object", "minProperties": 1, "patternProperties": {"^[0-9]+$": {
+            "type": "object", "additionalProperties": False,
             "properties": {
-                "mode": {"enum": list(EASYSTEER_MODES)},
-                "expert_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                "activate_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                "deactivate_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                "mode": {"enum": list(EASYSTEER_MODES) + list(EASYSTEER_MODE_ALIASES)},
+                "expert_ids": _IDS, "activate_ids": _IDS, "deactivate_ids": _IDS,
                 "epsilon": {"type": "number", "exclusiveMinimum": 0},
                 "lambda": {"type": "number"},
+                "topk": {"type": "integer", "minimum": 1},
             },
         }},
         "additionalProperties": False,
@@ -153,33 +158,49 @@ EASYSTEER_SCHEMA = {
 
 
 def easysteer_problems(doc: Any) -> list[str]:
-    """Problems of an EasySteer moe_router document against its documented format."""
-    if not isinstance(doc, dict) or set(doc) != {"layer_configs"} or not isinstance(doc["layer_configs"], dict):
-        return ["(top level): must be an object with exactly one field, layer_configs (an object)"]
+    """Problems of an EasySteer moe_router document: what EasySteer's loader rejects, plus what it loads but
+    then ignores (an unknown field, a negative layer, a soft mode without experts), which would be a
+    silent no-op."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("layer_configs"), dict):
+        return ["(top level): must be an object with a layer_configs object ({\"layer_configs\": {\"7\": {...}}})"]
+    if not doc["layer_configs"]:
+        return ["layer_configs: is empty (EasySteer refuses a file with no layer configurations)"]
     problems = []
     for layer, payload in doc["layer_configs"].items():
         where = f"layer_configs.{layer}"
         if not layer.isdigit():
-            problems.append(f"{where}: layer keys must be decimal layer indices")
+            problems.append(f"{where}: layer keys must be decimal layer indices (0, 1, ...)")
         if not isinstance(payload, dict):
             problems.append(f"{where}: must be an object")
             continue
-        extra = set(payload) - {"mode", "expert_ids", "activate_ids", "deactivate_ids", "epsilon", "lambda"}
+        extra = set(payload) - set(EASYSTEER_FIELDS)
         if extra:
-            problems.append(f"{where}: unknown fields {sorted(extra)}")
-        if payload.get("mode") not in EASYSTEER_MODES:
-            problems.append(f"{where}.mode: {payload.get('mode')!r} is not one of {', '.join(EASYSTEER_MODES)}")
+            problems.append(f"{where}: unknown fields {sorted(extra)} (EasySteer would ignore them; known: "
+                            f"{', '.join(EASYSTEER_FIELDS)})")
+        mode = payload.get("mode", "activate")
+        canonical = EASYSTEER_MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else None
+        if canonical not in EASYSTEER_MODES:
+            problems.append(f"{where}.mode: {mode!r} is not one of {', '.join(EASYSTEER_MODES)} (or an alias: "
+                            f"{', '.join(EASYSTEER_MODE_ALIASES)})")
         for key in ("expert_ids", "activate_ids", "deactivate_ids"):
             ids = payload.get(key, [])
             if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                     for i in ids):
                 problems.append(f"{where}.{key}: must be a list of non-negative integers")
-        if payload.get("mode") in ("activate", "deactivate") and not any(
+        if canonical in ("activate", "deactivate") and not any(
                 payload.get(k) for k in ("expert_ids", "activate_ids", "deactivate_ids")):
-            problems.append(f"{where}: activate/deactivate needs expert ids (EasySteer treats it as invalid)")
+            problems.append(f"{where}: {mode} needs expert ids (expert_ids, activate_ids or deactivate_ids)")
+        if canonical in ("soft", "soft_topk", "soft_random") and not payload.get("expert_ids"):
+            problems.append(f"{where}.expert_ids: {mode} needs a non-empty expert_ids")
         eps = payload.get("epsilon", 0.01)
-        if not isinstance(eps, (int, float)) or eps <= 0:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
             problems.append(f"{where}.epsilon: must be a positive number")
+        lam = payload.get("lambda", 0.5)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            problems.append(f"{where}.lambda: must be a number")
+        topk = payload.get("topk", 8)
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            problems.append(f"{where}.topk: must be a positive integer")
     return problems
 
 
@@ -230,17 +251,44 @@ def _write_checked(target: str, doc: Any, problems: list[str], out: str | Path, 
 # ---------------------------------------------------------------------------------------------
 # SGLang `forward_hooks`
 #
-# Format documented in sgl-project/sglang docs/advanced_features/forward_hooks.md and implemented by
-# python/sglang/srt/model_executor/hook_manager.py (register_forward_hooks): ServerArgs.forward_hooks is a
-# list of {"name": optional str, "target_modules": [fnmatch patterns over model.named_modules()],
-# "hook_factory": "pkg.module:factory" (or dotted), "config": JSON object passed to the factory,
-# "hook_type": "forward" | "forward_pre" (newer versions), "with_kwargs": bool}; the factory returns a
-# torch forward hook (module, inputs, output) -> output. SGLang's MoE layers keep the HF module names
-# (model.layers.N.mlp.gate returns the router logits), so a hook on the gate edits logits before top-k.
+# Checked against the sglang 0.5.23 wheel (PyPI):
+# - `--forward-hooks` takes a JSON *list* (ServerArgs.forward_hooks, parsed by utils.common.json_list_type)
+#   of {"name": str, "target_modules": [fnmatch patterns over model.named_modules()], "hook_factory":
+#   "pkg.module:factory" (or dotted), "config": object passed to the factory}; srt/model_executor/
+#   hook_manager.py:register_forward_hooks calls factory(config) once and registers the returned
+#   (module, inputs, output) -> output hook on every module whose name matches. A spec whose patterns
+#   match nothing is skipped with a warning ("No modules matched hook spec ..."): the server runs unsteered.
+# - `--config FILE.yaml` (utils/server_args_config_parser.py) turns each key into `--key value`; a list value
+#   becomes several arguments, so forward-hooks must be written there as one JSON string.
+# - The module names are SGLang's own, not Hugging Face's: the router-logits module is a ReplicatedLinear
+#   (returns (logits, bias)) at `model.layers.N.<Adapter.sglang_gate>` (Mixtral/GraniteMoE
+#   block_sparse_moe.gate, GPT-OSS mlp.router, Qwen2/3-MoE and OLMoE mlp.gate).
+# - Hooks are registered after CUDA-graph capture (model_runner_components/cuda_graph_setup.py:
+#   finalize_cuda_graph_capture) and graph replay runs no Python hook: with CUDA graphs on (the default),
+#   every step that replays a graph (decode, and prefill where a prefill graph is captured) is
+#   unsteered. The server must run without CUDA graphs: `--disable-cuda-graph` (deprecated in 0.5.23 but
+#   accepted; it disables both phases) or `--cuda-graph-backend-decode disabled
+#   --cuda-graph-backend-prefill disabled` (the 0.5.23 spelling, and the only one its --config accepts).
+
+SGLANG_VERSION_CHECKED = "0.5.23"
+SGLANG_NO_CUDA_GRAPH_FLAG = "--disable-cuda-graph"
+SGLANG_NO_CUDA_GRAPH_YAML = {"cuda-graph-backend-decode": "disabled", "cuda-graph-backend-prefill": "disabled"}
+SGLANG_CUDA_GRAPH_NOTE = (
+    "CUDA graphs: SGLang registers forward hooks after CUDA-graph capture and graph replay runs no hook, so "
+    "with CUDA graphs on (SGLang's default) decode is served UNSTEERED. Launch with --disable-cuda-graph "
+    "(or, in a --config YAML, cuda-graph-backend-decode/prefill: disabled, as the .yaml export writes)")
+# Routing kinds whose experts a logits hook cannot switch exactly (keyed by the adapter's routing kind).
+_SGLANG_REFUSED = {
+    "sigmoid_group": "its routing adds e_score_correction_bias after a sigmoid and picks groups first, so a -inf "
+                     "logit does not exclude an expert (a hook on the gate cannot switch experts exactly)",
+}
 
 
 def sglang_problems(specs: Any, resolve: bool = True) -> list[str]:
-    """Problems of a forward_hooks list against SGLang's documented hook spec."""
+    """Problems of a `--forward-hooks` value (a list of hook specs) against SGLang's hook manager."""
+    if isinstance(specs, dict) and "forward_hooks" in specs:
+        return ["(top level): --forward-hooks takes the JSON list itself, not an object {\"forward_hooks\": [...]}; "
+                "write the list (re-export with `steer export --target sglang`)"]
     if not isinstance(specs, list):
         return ["forward_hooks: must be a list of hook specs"]
     problems = []
@@ -249,9 +297,10 @@ def sglang_problems(specs: Any, resolve: bool = True) -> list[str]:
         if not isinstance(spec, dict):
             problems.append(f"{where}: must be an object")
             continue
-        extra = set(spec) - {"name", "target_modules", "hook_factory", "config", "hook_type", "with_kwargs"}
+        extra = set(spec) - {"name", "target_modules", "hook_factory", "config"}
         if extra:
-            problems.append(f"{where}: unknown fields {sorted(extra)}")
+            problems.append(f"{where}: unknown fields {sorted(extra)} (SGLang {SGLANG_VERSION_CHECKED} reads name, "
+                            "target_modules, hook_factory, config)")
         if "name" in spec and not isinstance(spec["name"], str):
             problems.append(f"{where}.name: must be a string")
         tm = spec.get("target_modules")
@@ -269,8 +318,6 @@ def sglang_problems(specs: Any, resolve: bool = True) -> list[str]:
                 problems.append(f"{where}.hook_factory: cannot import {factory}: {exc}")
         if "config" in spec and not isinstance(spec["config"], dict):
             problems.append(f"{where}.config: must be a JSON object")
-        if spec.get("hook_type", "forward") not in ("forward", "forward_pre"):
-            problems.append(f"{where}.hook_type: must be 'forward' or 'forward_pre'")
     return problems
 
 
@@ -288,7 +335,28 @@ def resolve_callable(path: str):
     return getattr(importlib.import_module(module_name), fn_name)
 
 
+def sglang_gate_module(family: str) -> str:
+    """SGLang's router-logits module path (relative to a decoder layer) for `family`, or a ConfigError."""
+    from steer.adapters import ADAPTERS
+
+    adapter = ADAPTERS.get(family)
+    if adapter is not None and adapter.sglang_gate:
+        return adapter.sglang_gate
+    known = sorted(f for f, a in ADAPTERS.items() if a.sglang_gate)
+    if adapter is None:
+        why = "it has no steer adapter"
+    elif not adapter.is_moe:
+        why = "it is a dense family (no router)"
+    else:
+        why = _SGLANG_REFUSED.get(adapter.routing, "no SGLang module name is known for its router")
+    raise ConfigError([f"model.family: {family!r} cannot be exported for SGLang: {why}. SGLang export knows "
+                       f"{', '.join(known)}; serve {family} with steer's vLLM plugin (--target vllm), or add the "
+                       f"family's SGLang gate path as Adapter.sglang_gate in steer.adapters"],
+                      "config cannot be exported for SGLang")
+
+
 def to_sglang(config: InterventionConfig, *, norm_topk_prob: bool | None = None) -> tuple[list[dict], list[str]]:
+    """(the `--forward-hooks` list, notes). Module names come from the family's Adapter.sglang_gate."""
     mote = config.mote
     if mote is None:
         raise ConfigError(["mote: the SGLang export holds router hooks; the config has no mote section"],
@@ -297,13 +365,14 @@ def to_sglang(config: InterventionConfig, *, norm_topk_prob: bool | None = None)
         raise ConfigError(["mote.mode: off_zero keeps the selection and zeroes a weight, which a hook on the router "
                            "logits cannot express; use off_mask or serve with steer's vLLM plugin"],
                           "config cannot be exported for SGLang")
+    gate = sglang_gate_module(config.model.family)
     specs = [{
         "name": f"steer-mote-layer-{layer}",
-        "target_modules": [f"model.layers.{layer}.mlp.gate"],
+        "target_modules": [f"model.layers.{layer}.{gate}"],
         "hook_factory": SGLANG_HOOK_FACTORY,
         "config": {"mode": mote.mode, "experts": experts, "num_experts": config.model.num_experts},
     } for layer, experts in mote.by_layer().items()]
-    notes = []
+    notes = [SGLANG_CUDA_GRAPH_NOTE]
     # off_mask: the hook's -inf logit IS steer's off_mask (a logit-level mask) for the softmax families
     if mote.mode == "on":
         notes.append("the hook raises forced logits to the per-token max + 1e-3: the expert is selected and its "
@@ -311,18 +380,51 @@ def to_sglang(config: InterventionConfig, *, norm_topk_prob: bool | None = None)
     return specs, notes
 
 
+def sglang_yaml(specs: list[dict]) -> str:
+    """An SGLang `--config` YAML holding the hooks (as the JSON string its parser needs) and CUDA graphs off."""
+    import yaml
+
+    doc = {"forward-hooks": json.dumps(specs), **SGLANG_NO_CUDA_GRAPH_YAML}
+    head = (f"# steer export --target sglang (checked against SGLang {SGLANG_VERSION_CHECKED}).\n"
+            "# python -m sglang.launch_server --model-path MODEL --config THIS_FILE\n"
+            "# CUDA graphs stay off: SGLang's graph replay runs no forward hook (decode would be unsteered).\n")
+    return head + yaml.safe_dump(doc, sort_keys=False, width=1 << 20)
+
+
 def export_sglang(config: InterventionConfig, out: str | Path, *, norm_topk_prob: bool | None = None) -> ExportResult:
+    """`out` .json: the `--forward-hooks` list; .yaml/.yml: an SGLang `--config` file (hooks + CUDA graphs off);
+    a directory: both (forward_hooks.json, sglang.yaml)."""
     specs, notes = to_sglang(config, norm_topk_prob=norm_topk_prob)
-    path = _write_checked("SGLang", {"forward_hooks": specs}, sglang_problems(specs), out, "forward_hooks.json")
-    notes.insert(0, f"launch with: python -m sglang.launch_server --model-path MODEL --forward-hooks "
-                    f"\"$(jq -c .forward_hooks {path.name})\" (steer must be importable by the server)")
-    return ExportResult("sglang", path, notes)
+    problems = sglang_problems(specs)
+    if problems:  # pragma: no cover
+        raise AssertionError(f"internal error: SGLang export is invalid: {problems}")
+    path = Path(out)
+    json_path = yaml_path = None
+    if path.suffix == ".json":
+        json_path = path
+    elif path.suffix in (".yaml", ".yml"):
+        yaml_path = path
+    else:
+        json_path, yaml_path = path / "forward_hooks.json", path / "sglang.yaml"
+    launch = []
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(specs, indent=2) + "\n")
+        launch.append(f"python -m sglang.launch_server --model-path MODEL {SGLANG_NO_CUDA_GRAPH_FLAG} "
+                      f"--forward-hooks \"$(cat {json_path})\"")
+    if yaml_path is not None:
+        yaml_path.parent.mkdir(parents=True, exist_ok=True)
+        yaml_path.write_text(sglang_yaml(specs))
+        launch.append(f"python -m sglang.launch_server --model-path MODEL --config {yaml_path}")
+    notes.insert(0, "launch with: " + "  or  ".join(launch) + " (steer must be importable by the server)")
+    return ExportResult("sglang", yaml_path if json_path is None else json_path, notes)
 
 
 def register_forward_hooks(model, specs: list[dict]) -> list:
-    """Attach `specs` to a torch model exactly as SGLang's hook_manager does (fnmatch over
-    named_modules, forward hooks); returns the handles. Lets tests run the SGLang export on a real
-    engine's modules (vLLM's share SGLang's names)."""
+    """Attach `specs` to a torch model as SGLang's hook_manager does (fnmatch over named_modules,
+    forward hooks), returning the handles so they can be removed. Lets the vLLM tests run the SGLang
+    export on a real engine's modules (vLLM's Qwen2-MoE shares SGLang's names); tests/test_sglang.py
+    loads the export with SGLang's own hook_manager instead."""
     problems = sglang_problems(specs)
     if problems:
         raise ConfigError(problems, "forward_hooks")

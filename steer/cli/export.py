@@ -14,7 +14,10 @@ examples:
   steer export --target easysteer cfg/ -o moe_router.json --model ./smollm2-moe
       EasySteer `moe_router` steer-vector file ({"layer_configs": {...}})
   steer export --target sglang cfg/ -o forward_hooks.json
-      SGLang `--forward-hooks` spec (hooks on model.layers.N.mlp.gate)
+      the JSON list SGLang's `--forward-hooks` takes (hooks on each MoE layer's gate, by SGLang's
+      module name for the family); serve with --disable-cuda-graph (graph replay runs no hook)
+  steer export --target sglang cfg/ -o sglang.yaml
+      an SGLang `--config` file: the hooks plus CUDA graphs disabled
   steer export --target steer cfg/config.json -o copy/ --json
       validate (schema, tensors, version) and rewrite in canonical form
 
@@ -32,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("config", help="intervention config directory or its config.json")
     p.add_argument("--target", required=True, choices=["steer", "vllm", "easysteer", "sglang"],
                    help="output format")
-    p.add_argument("-o", "--out", required=True, help="output directory (steer, vllm) or .json file")
+    p.add_argument("-o", "--out", required=True, help="output directory (steer, vllm; sglang: both files) or .json file (sglang: or .yaml)")
     p.add_argument("--model", help="checkpoint directory the config will be served on: checked before writing")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
