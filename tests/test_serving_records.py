@@ -286,3 +286,67 @@ def test_claim_values_round_trip(tmp_path):
     fp = served_fingerprints(tmp_path, "v", [1, 2, 3], list(range(5)))
     expect = torch.from_numpy(np.frombuffer(b"".join(rows), dtype=np.float16).copy()).view(5, 4)
     assert torch.equal(fp.values, expect)
+
+
+def test_processor_writes_only_kept_rows_and_never_raises(tmp_path, monkeypatch):
+    """FingerprintLogitsProcessor driven through vLLM's v1 logits-processor protocol (update_state with
+    BatchUpdate-shaped values, then apply after each compute_logits): a partial-prefill step (its
+    sampled token discarded, the output list does not grow) writes no row; a request moved in the
+    batch keeps its rows; leaving the batch publishes the record; a request the engine cannot
+    record (no difr section) is filed as an error, not raised."""
+    from enum import Enum
+
+    from steer.config import DiFRSection, InterventionConfig, ModelIdentity
+    from steer.serving.vllm_plugin import STATE, FingerprintLogitsProcessor
+
+    class Dir(Enum):
+        SWAP = 1
+        UNIDIRECTIONAL = 2
+
+    ident = ModelIdentity("qwen2_moe", "qwen2_moe", 2, 8, 4, "c", "p", [0, 1], 2)
+    cfg_dir = InterventionConfig(ident, difr=DiFRSection(k=4, seed=0)).save(tmp_path / "cfg")
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(steer_config=str(cfg_dir))))
+    monkeypatch.setenv("STEER_FINGERPRINT_DIR", str(tmp_path / "fp"))
+    monkeypatch.setattr(STATE, "difr_meta", dict(META))
+    monkeypatch.setattr(STATE, "fingerprinting", None)
+    proc = FingerprintLogitsProcessor(vllm_config, "cpu", False)
+
+    def params(key):
+        return SimpleNamespace(extra_args={"steer_fingerprint": key} if key else None)
+
+    def step(rows: torch.Tensor):
+        STATE.pending = rows
+        proc.apply(torch.zeros(rows.shape[0], 10))
+
+    out_a, out_b, out_c = [], [], []
+    proc.update_state(SimpleNamespace(removed=[], moved=[], added=[(0, params("a"), [1, 2], out_a),
+                                                                  (1, params(None), [3], out_c),
+                                                                  (2, params("b"), [4], out_b)]))
+    step(torch.full((3, 4), 0.0))  # a: partial prefill (discarded), b: prefill done (kept)
+    out_b.append(7)
+    proc.update_state(None)
+    step(torch.stack([torch.full((4,), 1.0), torch.full((4,), 9.0), torch.full((4,), 2.0)]))  # a kept, b kept
+    out_a.append(5)
+    out_b.append(8)
+    # b moves to index 1 (c left), a stays
+    proc.update_state(SimpleNamespace(removed=[1], added=[], moved=[(2, 1, Dir.UNIDIRECTIONAL)]))
+    step(torch.stack([torch.full((4,), 3.0), torch.full((4,), 4.0)]))
+    out_a.append(6)  # a kept; b's last row was discarded (aborted)
+    proc.update_state(SimpleNamespace(removed=[0, 1], added=[], moved=[]))
+    meta_a, raw_a = read_record(tmp_path / "fp", "a")
+    meta_b, raw_b = read_record(tmp_path / "fp", "b")
+    vals_a = np.frombuffer(raw_a, dtype=np.float16).reshape(-1, 4)[:, 0].tolist()
+    vals_b = np.frombuffer(raw_b, dtype=np.float16).reshape(-1, 4)[:, 0].tolist()
+    assert vals_a == [1.0, 3.0] and meta_a["prompt_ids"] == [1, 2]
+    assert vals_b == [0.0, 2.0] and meta_b["prompt_ids"] == [4]
+    assert not list((tmp_path / "fp").glob("*.part"))
+    # a reused key and an engine without difr: filed/refused, never raised inside the engine
+    proc.update_state(SimpleNamespace(removed=[], moved=[], added=[(0, params("a"), [1], [])]))
+    step(torch.zeros(1, 4))
+    proc.update_state(SimpleNamespace(removed=[0], added=[], moved=[]))
+    assert read_record(tmp_path / "fp", "a")[1] == raw_a
+    monkeypatch.setattr(STATE, "difr_meta", None)
+    proc.update_state(SimpleNamespace(removed=[], moved=[], added=[(0, params("z"), [1], [])]))
+    step(torch.zeros(1, 4))
+    with pytest.raises(RecordError, match="no difr projection"):
+        read_record(tmp_path / "fp", "z")

@@ -319,6 +319,9 @@ class FingerprintLogitsProcessor(_LogitsProcessorBase):
 
         self.key_name = FINGERPRINT_KEY
         self.rows: dict[int, str] = {}  # batch index -> request key
+        # key -> [the request's live output-token list, its length when the held row was computed, held row]:
+        # a row is written only once its token was kept (a partial-prefill step samples a token vLLM discards)
+        self.held: dict[str, list] = {}
         self.writer: RecordWriter | None = None
         directory = os.environ.get(ENV_FINGERPRINT_DIR)
         difr = served_difr(vllm_config)
@@ -356,16 +359,21 @@ class FingerprintLogitsProcessor(_LogitsProcessorBase):
         for index in batch_update.removed:
             key = self.rows.pop(index, None)
             if key is not None and self.writer is not None:
+                self._settle(key)
+                self.held.pop(key, None)
                 self.writer.finish(key)  # left the batch: finished, aborted or preempted (resumed below)
         for index, params, prompt_ids, output_ids in batch_update.added:
             key = (params.extra_args or {}).get(self.key_name) if params is not None else None
+            old = self.rows.pop(index, None)
+            if old is not None and old not in self.rows.values() and self.writer is not None:
+                self._settle(old)  # replaced without a removal: it left the batch too
+                self.held.pop(old, None)
+                self.writer.finish(old)
             if key is None:
-                self.rows.pop(index, None)
                 continue
             if self._start(str(key), list(prompt_ids or []), resume=bool(output_ids)):
                 self.rows[index] = str(key)
-            else:
-                self.rows.pop(index, None)
+                self.held[str(key)] = [output_ids if output_ids is not None else [], 0, None]
         for a, b, direction in batch_update.moved:
             ka, kb = self.rows.pop(a, None), self.rows.pop(b, None)
             if ka is not None:
@@ -402,12 +410,25 @@ class FingerprintLogitsProcessor(_LogitsProcessorBase):
                                       f"{logits.shape[0]}: speculative decoding and prompt logprobs are not "
                                       f"supported with fingerprints")
             self.rows.clear()
+            self.held.clear()
             return logits
         rows = pending.to(torch.float16).numpy()
         for index, key in self.rows.items():
             if index < rows.shape[0]:
-                self.writer.append(key, rows[index].tobytes())
+                self._settle(key)
+                held = self.held.get(key)
+                if held is not None:
+                    held[1], held[2] = len(held[0]), rows[index].tobytes()
         return logits
+
+    def _settle(self, key: str) -> None:
+        """Write `key`'s held row if the token sampled from it was kept (its output list grew since)."""
+        held = self.held.get(key)
+        if held is None or held[2] is None:
+            return
+        if len(held[0]) > held[1]:
+            self.writer.append(key, held[2])
+        held[2] = None
 
 
 def _admission_problem(key, params, admitted) -> str | None:
