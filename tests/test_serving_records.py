@@ -318,27 +318,47 @@ def test_processor_writes_only_kept_rows_and_never_raises(tmp_path, monkeypatch)
         STATE.pending = rows
         proc.apply(torch.zeros(rows.shape[0], 10))
 
-    out_a, out_b, out_c = [], [], []
+    out_a, out_b, out_c, out_p = [], [], [], []
     proc.update_state(SimpleNamespace(removed=[], moved=[], added=[(0, params("a"), [1, 2], out_a),
-                                                                  (1, params(None), [3], out_c),
-                                                                  (2, params("b"), [4], out_b)]))
-    step(torch.full((3, 4), 0.0))  # a: partial prefill (discarded), b: prefill done (kept)
+                                                                  (1, params("c"), [3], out_c),
+                                                                  (2, params("b"), [4], out_b),
+                                                                  (3, params(None), [5], out_p)]))
+    step(torch.full((4, 4), 0.0))  # a: partial prefill (discarded), b, c: prefill done (kept)
     out_b.append(7)
+    out_c.append(7)
+    out_p.append(7)
     proc.update_state(None)
-    step(torch.stack([torch.full((4,), 1.0), torch.full((4,), 9.0), torch.full((4,), 2.0)]))  # a kept, b kept
+    step(torch.stack([torch.full((4,), 1.0), torch.full((4,), 9.0), torch.full((4,), 2.0), torch.zeros(4)]))
     out_a.append(5)
     out_b.append(8)
-    # b moves to index 1 (c left), a stays
-    proc.update_state(SimpleNamespace(removed=[1], added=[], moved=[(2, 1, Dir.UNIDIRECTIONAL)]))
-    step(torch.stack([torch.full((4,), 3.0), torch.full((4,), 4.0)]))
-    out_a.append(6)  # a kept; b's last row was discarded (aborted)
-    proc.update_state(SimpleNamespace(removed=[0, 1], added=[], moved=[]))
+    out_c.append(8)
+    # c finished: vLLM condenses by moving b into c's slot, reporting only the move (the slot is reused);
+    # the plain request at 3 finished too and a new fingerprinted one takes its slot (only an add)
+    out_d = []
+    proc.update_state(SimpleNamespace(removed=[], added=[(3, params("d"), [6], out_d)],
+                                      moved=[(2, 1, Dir.UNIDIRECTIONAL)]))
+    assert read_record(tmp_path / "fp", "c")[0]["rows"] == 2  # published when its slot was reused
+    step(torch.stack([torch.full((4,), 3.0), torch.full((4,), 4.0), torch.zeros(4), torch.full((4,), 6.0)]))
+    out_a.append(6)  # a kept; b is aborted: its token is discarded
+    out_d.append(1)
+    proc.update_state(SimpleNamespace(removed=[0, 1, 3], added=[], moved=[]))
+    assert np.frombuffer(read_record(tmp_path / "fp", "d")[1], dtype=np.float16)[0] == 6.0
     meta_a, raw_a = read_record(tmp_path / "fp", "a")
     meta_b, raw_b = read_record(tmp_path / "fp", "b")
     vals_a = np.frombuffer(raw_a, dtype=np.float16).reshape(-1, 4)[:, 0].tolist()
     vals_b = np.frombuffer(raw_b, dtype=np.float16).reshape(-1, 4)[:, 0].tolist()
     assert vals_a == [1.0, 3.0] and meta_a["prompt_ids"] == [1, 2]
-    assert vals_b == [0.0, 2.0] and meta_b["prompt_ids"] == [4]
+    assert vals_b == [0.0, 2.0, 4.0] and meta_b["prompt_ids"] == [4]  # aborted after its third row
+    # a request's last row (max_tokens reached) publishes the record at once, without waiting for a
+    # later engine step (an in-process engine may never run one)
+    out_e = []
+    proc.update_state(SimpleNamespace(removed=[], moved=[], added=[(0, SimpleNamespace(
+        extra_args={"steer_fingerprint": "e"}, max_tokens=2), [1], out_e)]))
+    step(torch.full((1, 4), 1.5))
+    out_e.append(3)
+    step(torch.full((1, 4), 2.5))
+    assert np.frombuffer(read_record(tmp_path / "fp", "e")[1], dtype=np.float16)[::4].tolist() == [1.5, 2.5]
+    proc.update_state(SimpleNamespace(removed=[0], added=[], moved=[]))
     assert not list((tmp_path / "fp").glob("*.part"))
     # a reused key and an engine without difr: filed/refused, never raised inside the engine
     proc.update_state(SimpleNamespace(removed=[], moved=[], added=[(0, params("a"), [1], [])]))

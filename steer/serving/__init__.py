@@ -87,10 +87,13 @@ class FingerprintTicket:
 
 
 def fetch_fingerprints(base_url: str, ticket: FingerprintTicket, prompt_ids: list[int], output_ids: list[int], *,
-                       api_key: str | None = None, model_id: str | None = None, timeout: float = 30.0):
+                       api_key: str | None = None, model_id: str | None = None, timeout: float = 30.0,
+                       wait: float = 10.0):
     """`served_fingerprints` over HTTP: the claim of the request `ticket` was issued for, from a vLLM
     OpenAI-compatible server started with `--middleware steer.serving.fingerprint_route` (same checks
-    on counts and prompt). `api_key`: the server's --api-key, if it has one."""
+    on counts and prompt). `api_key`: the server's --api-key, if it has one. A record is published when
+    its request leaves the engine's batch, which can be a step after the response ended (a stop token):
+    a 409 "still being generated" is retried for up to `wait` seconds."""
     import urllib.error
     import urllib.request
 
@@ -101,13 +104,19 @@ def fetch_fingerprints(base_url: str, ticket: FingerprintTicket, prompt_ids: lis
     headers = {TOKEN_HEADER: ticket.token}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
-            doc = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:500]
-        cls = FileNotFoundError if exc.code in (404, 409) else (RecordError if exc.code == 410 else PermissionError)
-        raise cls(f"{url}: HTTP {exc.code}: {detail}") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+                doc = json.loads(resp.read())
+            break
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            if exc.code == 409 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            cls = FileNotFoundError if exc.code in (404, 409) else (RecordError if exc.code == 410 else PermissionError)
+            raise cls(f"{url}: HTTP {exc.code}: {detail}") from None
     return _claim(doc["meta"], base64.b64decode(doc["rows"]), ticket.key, prompt_ids, output_ids, model_id, where=url)
 
 

@@ -319,8 +319,9 @@ class FingerprintLogitsProcessor(_LogitsProcessorBase):
 
         self.key_name = FINGERPRINT_KEY
         self.rows: dict[int, str] = {}  # batch index -> request key
-        # key -> [the request's live output-token list, its length when the held row was computed, held row]:
-        # a row is written only once its token was kept (a partial-prefill step samples a token vLLM discards)
+        # key -> the request's live output-token list and a held row: a row computed before the request's
+        # first kept token is written only once that token was kept (a partial-prefill step samples a token
+        # vLLM discards)
         self.held: dict[str, list] = {}
         self.writer: RecordWriter | None = None
         directory = os.environ.get(ENV_FINGERPRINT_DIR)
@@ -356,30 +357,37 @@ class FingerprintLogitsProcessor(_LogitsProcessorBase):
     def update_state(self, batch_update) -> None:
         if batch_update is None:
             return
+        # A request leaves the batch (finished, aborted, or preempted: resumed below) either as a removed
+        # index or, when vLLM reuses its slot in the same step, by being replaced by an added or moved one.
         for index in batch_update.removed:
-            key = self.rows.pop(index, None)
-            if key is not None and self.writer is not None:
-                self._settle(key)
-                self.held.pop(key, None)
-                self.writer.finish(key)  # left the batch: finished, aborted or preempted (resumed below)
+            self._leave(self.rows.pop(index, None))
         for index, params, prompt_ids, output_ids in batch_update.added:
             key = (params.extra_args or {}).get(self.key_name) if params is not None else None
-            old = self.rows.pop(index, None)
-            if old is not None and old not in self.rows.values() and self.writer is not None:
-                self._settle(old)  # replaced without a removal: it left the batch too
-                self.held.pop(old, None)
-                self.writer.finish(old)
+            self._leave(self.rows.pop(index, None))
             if key is None:
                 continue
             if self._start(str(key), list(prompt_ids or []), resume=bool(output_ids)):
                 self.rows[index] = str(key)
-                self.held[str(key)] = [output_ids if output_ids is not None else [], 0, None]
+                out = output_ids if output_ids is not None else []
+                # [live output list, its length at the held row, held row, its length on joining, max_tokens]
+                self.held[str(key)] = [out, 0, None, len(out), getattr(params, "max_tokens", None)]
         for a, b, direction in batch_update.moved:
             ka, kb = self.rows.pop(a, None), self.rows.pop(b, None)
             if ka is not None:
                 self.rows[b] = ka
-            if kb is not None and direction.name == "SWAP":
-                self.rows[a] = kb
+            if direction.name == "SWAP":
+                if kb is not None:
+                    self.rows[a] = kb
+            else:
+                self._leave(kb)
+
+    def _leave(self, key: str | None) -> None:
+        """`key`'s request left the batch: write its last kept row and publish its record."""
+        if key is None or self.writer is None:
+            return
+        self._settle(key)
+        self.held.pop(key, None)
+        self.writer.finish(key)
 
     def _start(self, key: str, prompt_ids: list[int], *, resume: bool = False) -> bool:
         """Open the request's record; False (logged, filed as its error record) when it cannot be."""
@@ -413,12 +421,20 @@ class FingerprintLogitsProcessor(_LogitsProcessorBase):
             self.held.clear()
             return logits
         rows = pending.to(torch.float16).numpy()
-        for index, key in self.rows.items():
-            if index < rows.shape[0]:
-                self._settle(key)
-                held = self.held.get(key)
-                if held is not None:
-                    held[1], held[2] = len(held[0]), rows[index].tobytes()
+        for index, key in list(self.rows.items()):
+            held = self.held.get(key)
+            if index >= rows.shape[0] or held is None:
+                continue
+            self._settle(key)
+            out, _, _, joined_at, max_tokens = held
+            if len(out) == joined_at:
+                # no token kept since the request (re)joined the batch: this step may be a partial prefill,
+                # whose sampled token vLLM discards; keep the row until the output list grows
+                held[1], held[2] = len(out), rows[index].tobytes()
+                continue
+            self.writer.append(key, rows[index].tobytes())  # decoding: every step's token is kept
+            if max_tokens and len(out) + 1 >= max_tokens:
+                self._leave(key)  # its last row: publish now (an in-process engine may not step again)
         return logits
 
     def _settle(self, key: str) -> None:
