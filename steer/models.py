@@ -242,16 +242,27 @@ def _check_safetensors(files: list[Path]) -> None:
             ) from None
 
 
+def _config_json(path: Path) -> dict:
+    config_file = path / "config.json"
+    try:
+        raw = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{config_file} is not valid JSON ({exc}): it is truncated or was edited by hand; fix it, or save the "
+            "model again (model.save_pretrained(dir))"
+        ) from None
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(f"{config_file} holds a JSON {type(raw).__name__}, not an object: not a "
+                                     "Hugging Face config")
+    return raw
+
+
 def _read_config(path: Path, trust_remote_code: bool):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config_file = path / "config.json"
-    try:
-        raw = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{config_file} is not valid JSON ({exc})") from None
+    raw = _config_json(path)
     model_type = raw.get("model_type")
     custom = "auto_map" in raw and model_type not in CONFIG_MAPPING_NAMES
     if custom and not trust_remote_code:
@@ -280,6 +291,7 @@ def _load_dir(path: Path, *, dtype, attn_implementation, trust_remote_code):
         hint = f" It holds {ggufs[0].name}: pass that file instead." if ggufs else (
             " A checkpoint dir is what model.save_pretrained(dir) and tokenizer.save_pretrained(dir) write.")
         raise ModelLoadError(f"{path} has no config.json, so it is not a Hugging Face checkpoint.{hint}")
+    _config_json(path)  # a broken config.json is the first thing to say, whatever else is missing
     files = _weight_files(path)
     if not files:
         raise ModelLoadError(f"{path} has a config.json but no weight files (*.safetensors or *.bin)")

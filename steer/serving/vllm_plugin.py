@@ -23,7 +23,8 @@ Use:
     python -m vllm.entrypoints.openai.api_server --model CKPT --hf-overrides '{"steer_config": "cfg_dir"}' \
         --logits-processors steer.serving.vllm_plugin:FingerprintLogitsProcessor \
         --middleware steer.serving.fingerprint_route    # GET /steer/fingerprints/KEY; client: fetch_fingerprints
-    # requests carry "vllm_xargs": {"steer_fingerprint": KEY} (and "return_token_ids": true)
+    # requests carry "vllm_xargs": {"steer_fingerprint": true} (and "return_token_ids": true); the server
+    # issues the key and a read token in the response headers (docs/serving-security.md)
 
 Without a config the subclasses behave exactly as vLLM's. `VLLM_PLUGINS=""` turns the plugin off.
 ACT is not applied inside vLLM: vLLM's attention backends compute softmax inside fused kernels and
@@ -63,6 +64,7 @@ class ServingState:
     routed_tokens: Counter = field(default_factory=Counter)  # layer -> tokens routed through the steered router
     pending: torch.Tensor | None = None  # fp16 [rows, k] fingerprints of the last compute_logits call
     difr_meta: dict | None = None
+    fingerprinting: bool | None = None  # set by FingerprintLogitsProcessor in the engine's process
 
     def reset_counts(self) -> None:
         self.touched, self.routed_tokens = Counter(), Counter()
@@ -271,30 +273,73 @@ except ImportError:  # steer without vLLM: the class stays importable for docume
     _LogitsProcessorBase = object
 
 
+def served_difr(vllm_config) -> bool:
+    """Whether the engine's steer config (if any) has a difr section: fingerprints can be recorded."""
+    from steer.config import InterventionConfig
+
+    path = config_path(vllm_config)
+    if not path:
+        return False
+    try:
+        return InterventionConfig.load(path).difr is not None
+    except Exception:  # an unreadable config stops the engine itself at startup, with its own error
+        return False
+
+
 class FingerprintLogitsProcessor(_LogitsProcessorBase):
     """vLLM v1 logits processor that files each row's fingerprint under its request's key.
 
     vLLM calls `apply(logits)` right after `compute_logits` on the same rows, in the persistent
     batch's order; `update_state` says which request sits at which row. A request opts in with
-    `SamplingParams(extra_args={"steer_fingerprint": key})`; rows go to `$STEER_FINGERPRINT_DIR/key.f16`
-    (fp16, k per row, appended per step) with `key.json` holding the claim's metadata and prompt.
-    Logits are never changed.
+    `SamplingParams(extra_args={"steer_fingerprint": key})` (over HTTP the server issues the key:
+    `steer.serving.fingerprint_route`). Rows go to a record in `$STEER_FINGERPRINT_DIR`
+    (`steer.serving.records`: one open file per request, published atomically when it leaves the batch,
+    never overwritten, bounded by retention). Logits are never changed.
+
+    Nothing a client sends may raise here, inside the engine core: requests are checked at admission
+    (`validate_params`, in the API server process), and anything that still goes wrong for one request
+    is logged and filed as that request's error record while the engine keeps serving.
     """
+
+    _admitted: dict[str, None] = {}  # keys admitted in this process (bounded): a key is used once
 
     def __init__(self, vllm_config, device, is_pin_memory: bool):
         from steer.serving import FINGERPRINT_KEY
+        from steer.serving.records import ENGINE_FILE, RecordWriter
 
         self.key_name = FINGERPRINT_KEY
-        self.directory = os.environ.get(ENV_FINGERPRINT_DIR)
         self.rows: dict[int, str] = {}  # batch index -> request key
+        # key -> the request's live output-token list and a held row: a row computed before the request's
+        # first kept token is written only once that token was kept (a partial-prefill step samples a token
+        # vLLM discards)
+        self.held: dict[str, list] = {}
+        self.writer: RecordWriter | None = None
+        directory = os.environ.get(ENV_FINGERPRINT_DIR)
+        difr = served_difr(vllm_config)
+        self.disabled = None if difr else ("the engine's steer config has no difr section (or no config was given): "
+                                           "it records no fingerprints")
+        STATE.fingerprinting = difr
+        if directory:
+            self.writer = RecordWriter(directory)  # ValueError for a bad retention setting: a startup error
+            tmp = Path(directory) / f"{ENGINE_FILE}.{os.getpid()}"
+            tmp.write_text(json.dumps({"difr": difr, "pid": os.getpid()}))
+            os.replace(tmp, Path(directory) / ENGINE_FILE)  # what the API server process reads at admission
+        elif difr:
+            self.disabled = f"{ENV_FINGERPRINT_DIR} is not set: the engine records no fingerprints"
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
+        """Admission (API server process): ValueError (HTTP 400) for a fingerprinted request the engine
+        could not record, with the problem and the fix."""
         key = (sampling_params.extra_args or {}).get("steer_fingerprint")
-        if key is not None:
-            from steer.serving import fingerprint_paths
-
-            fingerprint_paths(".", str(key))  # raises ValueError for unsafe names
+        if key is None:
+            return
+        problem = _admission_problem(key, sampling_params, cls._admitted)
+        if problem:
+            raise ValueError(f"vllm_xargs.steer_fingerprint: {problem}")
+        cls._admitted[key] = None
+        while len(cls._admitted) > 65536:
+            cls._admitted.pop(next(iter(cls._admitted)))
 
     def is_argmax_invariant(self) -> bool:
         return False  # must be called for greedy requests too: it records every step
@@ -302,46 +347,125 @@ class FingerprintLogitsProcessor(_LogitsProcessorBase):
     def update_state(self, batch_update) -> None:
         if batch_update is None:
             return
+        # A request leaves the batch (finished, aborted, or preempted: resumed below) either as a removed
+        # index or, when vLLM reuses its slot in the same step, by being replaced by an added or moved one.
         for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, prompt_ids, _output_ids in batch_update.added:
+            self._leave(self.rows.pop(index, None))
+        for index, params, prompt_ids, output_ids in batch_update.added:
             key = (params.extra_args or {}).get(self.key_name) if params is not None else None
+            self._leave(self.rows.pop(index, None))
             if key is None:
-                self.rows.pop(index, None)
                 continue
-            self._start(str(key), list(prompt_ids or []))
-            self.rows[index] = str(key)
+            if self._start(str(key), list(prompt_ids or []), resume=bool(output_ids)):
+                self.rows[index] = str(key)
+                out = output_ids if output_ids is not None else []
+                # [live output list, its length at the held row, held row, its length on joining, max_tokens]
+                self.held[str(key)] = [out, 0, None, len(out), getattr(params, "max_tokens", None)]
         for a, b, direction in batch_update.moved:
             ka, kb = self.rows.pop(a, None), self.rows.pop(b, None)
             if ka is not None:
                 self.rows[b] = ka
-            if kb is not None and direction.name == "SWAP":
-                self.rows[a] = kb
+            if direction.name == "SWAP":
+                if kb is not None:
+                    self.rows[a] = kb
+            else:
+                self._leave(kb)
 
-    def _start(self, key: str, prompt_ids: list[int]) -> None:
-        from steer.serving import fingerprint_paths
+    def _leave(self, key: str | None) -> None:
+        """`key`'s request left the batch: write its last kept row and publish its record."""
+        if key is None or self.writer is None:
+            return
+        self._settle(key)
+        self.held.pop(key, None)
+        self.writer.finish(key)
 
-        if STATE.difr_meta is None:
-            raise RuntimeError(f"request {key!r} asks for fingerprints but the engine's steer config has no difr "
-                               f"section (or no config was given)")
-        if not self.directory:
-            raise RuntimeError(f"request {key!r} asks for fingerprints but {ENV_FINGERPRINT_DIR} is not set")
-        meta_path, rows_path = fingerprint_paths(self.directory, key)
-        meta_path.parent.mkdir(parents=True, exist_ok=True)
-        meta_path.write_text(json.dumps({**STATE.difr_meta, "prompt_ids": prompt_ids}))
-        rows_path.write_bytes(b"")
+    def _start(self, key: str, prompt_ids: list[int], *, resume: bool = False) -> bool:
+        """Open the request's record; False (logged, filed as its error record) when it cannot be."""
+        import logging
+
+        from steer.serving.records import check_key
+
+        try:
+            check_key(key)
+        except ValueError as exc:
+            logging.getLogger("steer.serving").error("not recording a request: %s", exc)
+            return False
+        if self.writer is None:
+            logging.getLogger("steer.serving").error("request %r asks for fingerprints but %s", key, self.disabled)
+            return False
+        if self.disabled or STATE.difr_meta is None:
+            self.writer.fail(key, self.disabled or "the engine has no difr projection installed")
+            return False
+        return self.writer.start(key, {**STATE.difr_meta, "prompt_ids": prompt_ids}, resume=resume)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         pending, STATE.pending = STATE.pending, None
-        if not self.rows or pending is None:
+        if not self.rows or pending is None or self.writer is None:
             return logits
-        if pending.shape[0] != logits.shape[0]:
-            raise RuntimeError(f"fingerprinted {pending.shape[0]} rows but the sampler got {logits.shape[0]}: "
-                               f"speculative decoding and prompt logprobs are not supported with fingerprints")
-        from steer.serving import fingerprint_paths
-
-        for index, key in self.rows.items():
-            _, rows_path = fingerprint_paths(self.directory, key)
-            with open(rows_path, "ab") as fh:
-                fh.write(pending[index].to(torch.float16).numpy().tobytes())
+        if pending.shape[0] != logits.shape[0]:  # admission refuses what causes this; never crash the engine
+            for key in list(self.rows.values()):
+                self.writer.fail(key, f"fingerprinted {pending.shape[0]} rows but the sampler got "
+                                      f"{logits.shape[0]}: speculative decoding and prompt logprobs are not "
+                                      f"supported with fingerprints")
+            self.rows.clear()
+            self.held.clear()
+            return logits
+        rows = pending.to(torch.float16).numpy()
+        for index, key in list(self.rows.items()):
+            held = self.held.get(key)
+            if index >= rows.shape[0] or held is None:
+                continue
+            self._settle(key)
+            out, _, _, joined_at, max_tokens = held
+            if len(out) == joined_at:
+                # no token kept since the request (re)joined the batch: this step may be a partial prefill,
+                # whose sampled token vLLM discards; keep the row until the output list grows
+                held[1], held[2] = len(out), rows[index].tobytes()
+                continue
+            self.writer.append(key, rows[index].tobytes())  # decoding: every step's token is kept
+            if max_tokens and len(out) + 1 >= max_tokens:
+                self._leave(key)  # its last row: publish now (an in-process engine may not step again)
         return logits
+
+    def _settle(self, key: str) -> None:
+        """Write `key`'s held row if the token sampled from it was kept (its output list grew since)."""
+        held = self.held.get(key)
+        if held is None or held[2] is None:
+            return
+        if len(held[0]) > held[1]:
+            self.writer.append(key, held[2])
+        held[2] = None
+
+
+def _admission_problem(key, params, admitted) -> str | None:
+    """Why a fingerprinted request must be refused at admission (None: admit it)."""
+    from steer.serving import claim_issued, route_active
+    from steer.serving.records import ENGINE_FILE, check_key, record_paths
+
+    try:
+        check_key(key)
+    except ValueError as exc:
+        return str(exc)
+    directory = os.environ.get(ENV_FINGERPRINT_DIR)
+    if not directory:
+        return f"the server was started without {ENV_FINGERPRINT_DIR}: it records no fingerprints"
+    if STATE.fingerprinting is False:  # the engine runs in this process and has no difr section
+        return "the engine's steer config has no difr section (or no config was given): it records no fingerprints"
+    if STATE.fingerprinting is None:  # engine in another process: it announced what it can record
+        try:
+            engine = json.loads((Path(directory) / ENGINE_FILE).read_text())
+        except (OSError, ValueError):
+            engine = {}
+        if engine.get("difr") is False:
+            return ("the engine's steer config has no difr section (or no config was given): it records no "
+                    "fingerprints")
+    if int(getattr(params, "n", 1) or 1) != 1:
+        return f"n={params.n}: a fingerprinted request generates one sequence (n=1)"
+    if getattr(params, "prompt_logprobs", None) is not None:
+        return "prompt_logprobs cannot be fingerprinted (the engine scores extra rows)"
+    if route_active() and not claim_issued(key):
+        return ("keys are issued by the server: send vllm_xargs.steer_fingerprint = true and read the key and "
+                "token from the X-Steer-Fingerprint-Key / -Token response headers")
+    if key in admitted or record_paths(directory, key).exists():
+        return f"key {key!r} was already used: records are never overwritten; use a new key"
+    return None
