@@ -121,6 +121,23 @@ def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
     return _attention_lse_blocked(q, k, v, scale, vis)
 
 
+def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_window=None):
+    """(out [B, H, Tq, Dv], lse [B, Hs, Tq] fp32 of the query heads `heads` only), for decode steps.
+
+    The output is PyTorch's SDPA call as transformers makes it (GQA without copying k/v); the lse is
+    computed for the few calibrated heads alone: fewer kernel launches than attention_lse for one row."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    cuts = _window_cuts(Tk, sliding_window)
+    vis = None if (mask is None and not cuts and Tq == 1) else visibility(Tq, Tk, mask, sliding_window, device=q.device)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale, enable_gqa=H != Hkv)
+    kh = k[:, heads // (H // Hkv)]
+    s = torch.matmul(q[:, heads].float(), kh.float().transpose(-1, -2)).mul_(scale)  # [B, Hs, Tq, Tk]
+    if vis is not None:
+        s = s.masked_fill(~vis, float("-inf"))
+    return out, torch.logsumexp(s, dim=-1)
+
+
 def _attention_lse_math(q, k, v, scale, vis):
     """Grouped (GQA without copies) explicit attention for a few query rows; fp32."""
     B, H, Tq, D = q.shape
@@ -191,8 +208,9 @@ def act_from_lse(
 ):
     """ACT applied to an attention output computed with its lse (module docstring).
 
-    out [B, H, Tq, Dv] (the ordinary attention output; not modified), lse [B, H, Tq] fp32; heads
-    Long[Hs] the calibrated query heads; cols Long[B, Hs, S] their sink key columns (0..Tk-1), valid
+    out [B, H, Tq, Dv] (the ordinary attention output; not modified), lse [B, H, Tq] fp32 (or
+    [B, Hs, Tq]: the calibrated heads' rows only, as attention_head_lse gives); heads Long[Hs] the
+    calibrated query heads (sorted); cols Long[B, Hs, S] their sink key columns (0..Tk-1), valid
     Bool[B, Hs, S]. Returns (out' [B, H, Tq, Dv] in out's dtype, touched int64 0-dim): the same as
     steer.kernels.act.act_attention with sink_mask/head_mask holding these sets."""
     B, H, Tq, _ = q.shape
@@ -208,7 +226,8 @@ def act_from_lse(
     vs = v[bi, kvh, cols].float()
     s = torch.matmul(q[:, heads].float(), ks.transpose(-1, -2)).mul_(scale)  # [B, Hs, Tq, S]
     ok = _column_visibility(cols, Tq, Tk, mask, sliding_window) & valid.unsqueeze(2)
-    p = torch.where(ok, torch.exp(s - lse[:, heads].unsqueeze(-1)), 0.0)
+    lse_h = lse if lse.shape[1] == heads.numel() else lse[:, heads]
+    p = torch.where(ok, torch.exp(s - lse_h.unsqueeze(-1)), 0.0)
     P = p.sum(-1)  # P_S per row [B, Hs, Tq]
     o_s = torch.matmul(p, vs)  # [B, Hs, Tq, Dv]
     rest_exists = _visible_keys(Tq, Tk, mask, sliding_window, q.device) > ok.sum(-1)

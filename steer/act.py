@@ -289,12 +289,12 @@ class ACT(Intervention):
 
     def _lse_call(self, layer, heads, n_heads, q, k, v, scale, mask, window):
         """ACT on `heads` (Long) of one attention call through steer.kernels.lse: (out [B, H, Tq, Dv], touched)."""
-        from steer.kernels.lse import act_from_lse, attention_lse, sink_index, sink_stats_lse
+        from steer.kernels.lse import act_from_lse, attention_head_lse, attention_lse, sink_index, sink_stats_lse
 
         b, _, tq, _ = q.shape
         tk = k.shape[2]
-        out, lse = attention_lse(q, k, v, scale=scale, mask=mask, sliding_window=window)
         if tq == tk:  # prefill: exact sink scores of the calibrated heads only, from the lse just computed
+            out, lse = attention_lse(q, k, v, scale=scale, mask=mask, sliding_window=window)
             col, n_obs = sink_stats_lse(q, k, lse, scale=scale, mask=mask, sliding_window=window, heads=heads)
             sinks = self.sink_sets(col, n_obs)  # [B, Hs, Tk]
             _, cols, valid = sink_index(sinks, torch.ones(sinks.shape[1], dtype=torch.bool, device=q.device))
@@ -306,9 +306,12 @@ class ACT(Intervention):
             if state.cols is None:
                 raise RuntimeError("ACT's prefill of this sequence ran on another path; keep ACT.path fixed "
                                    "for a whole generate() call")
-            cols = state.cols.to(q.device) - offset
-            valid = state.valid.to(q.device) & (cols >= 0) & (cols < tk)
-            cols = cols.clamp(0, tk - 1)
+            out, lse = attention_head_lse(q, k, v, scale=scale, heads=heads, mask=mask, sliding_window=window)
+            cols, valid = state.cols, state.valid
+            if offset:  # a sliding cache dropped the oldest keys: shift, and drop the sinks that left
+                cols = cols - offset
+                valid = valid & (cols >= 0)
+                cols = cols.clamp_min(0)
         return act_from_lse(q, k, v, out, lse, scale=scale, heads=heads, cols=cols, valid=valid, beta=self.beta,
                             mask=mask, sliding_window=window)
 

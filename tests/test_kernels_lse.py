@@ -10,6 +10,7 @@ import torch
 from steer.kernels.act import act_attention_reference, sink_stats_reference, visibility
 from steer.kernels.lse import (
     act_from_lse,
+    attention_head_lse,
     attention_lse,
     sink_index,
     sink_stats_columns,
@@ -218,3 +219,20 @@ def test_lse_errors_are_clear():
         sink_stats_columns(q, k, lse, scale=0.3, cols=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="kv heads"):
         attention_lse(q, k[:, :1].expand(2, 4, 40, 16)[:, :4], v[:, :1].expand(2, 4, 40, 16), scale=0.3)
+
+
+@pytest.mark.parametrize("case", ["decode", "decode_padded", "decode_window", "chunk"])
+def test_attention_head_lse_equals_attention_lse_on_its_heads(case):
+    q, k, v, sinks, heads, mask, window = _case(case)
+    out, lse = attention_lse(q, k, v, scale=0.3, mask=mask, sliding_window=window)
+    h = heads.nonzero().flatten()
+    out2, lse2 = attention_head_lse(q, k, v, scale=0.3, heads=h, mask=mask, sliding_window=window)
+    torch.testing.assert_close(out2, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse2, lse[:, h], atol=1e-5, rtol=1e-5)
+    _, cols, valid = sink_index(sinks, heads)
+    a, ta = act_from_lse(q, k, v, out, lse, scale=0.3, heads=h, cols=cols, valid=valid, beta=0.4, mask=mask,
+                         sliding_window=window)
+    b, tb = act_from_lse(q, k, v, out2, lse2, scale=0.3, heads=h, cols=cols, valid=valid, beta=0.4, mask=mask,
+                         sliding_window=window)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert int(ta) == int(tb)
