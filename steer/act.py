@@ -289,7 +289,13 @@ class ACT(Intervention):
 
     def _lse_call(self, layer, heads, n_heads, q, k, v, scale, mask, window):
         """ACT on `heads` (Long) of one attention call through steer.kernels.lse: (out [B, H, Tq, Dv], touched)."""
-        from steer.kernels.lse import act_from_lse, attention_head_lse, attention_lse, sink_index, sink_stats_lse
+        from steer.kernels.lse import (
+            act_from_lse,
+            attention_head_lse,
+            attention_lse,
+            sink_index,
+            sink_stats_lse,
+        )
 
         b, _, tq, _ = q.shape
         tk = k.shape[2]

@@ -230,9 +230,80 @@ def test_attention_head_lse_equals_attention_lse_on_its_heads(case):
     torch.testing.assert_close(out2, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse2, lse[:, h], atol=1e-5, rtol=1e-5)
     _, cols, valid = sink_index(sinks, heads)
-    a, ta = act_from_lse(q, k, v, out, lse, scale=0.3, heads=h, cols=cols, valid=valid, beta=0.4, mask=mask,
-                         sliding_window=window)
-    b, tb = act_from_lse(q, k, v, out2, lse2, scale=0.3, heads=h, cols=cols, valid=valid, beta=0.4, mask=mask,
-                         sliding_window=window)
+    a, ta = act_from_lse(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        scale=0.3,
+        heads=h,
+        cols=cols,
+        valid=valid,
+        beta=0.4,
+        mask=mask,
+        sliding_window=window,
+    )
+    b, tb = act_from_lse(
+        q,
+        k,
+        v,
+        out2,
+        lse2,
+        scale=0.3,
+        heads=h,
+        cols=cols,
+        valid=valid,
+        beta=0.4,
+        mask=mask,
+        sliding_window=window,
+    )
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert int(ta) == int(tb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "case", ["prefill", "padded", "window", "padded_window", "decode", "decode_padded", "chunk"]
+)
+def test_cuda_lse_paths_match_the_fp32_reference(case, dtype):
+    """CUDA: flash (bf16, no mask) / memory-efficient (fp32 or masked) kernels with lse, then ACT and sink
+    statistics from lse, against the CPU fp32 references on the same (rounded) inputs."""
+    q, k, v, sinks, heads, mask, window = _case(case)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    ref, touched_ref = act_attention_reference(
+        q, k, v, scale=0.3, sink_mask=sinks, head_mask=heads, beta=0.4, mask=mask, sliding_window=window
+    )
+    col_ref, _ = (
+        sink_stats_reference(q, k, scale=0.3, mask=mask, sliding_window=window)
+        if q.shape[2] > 1
+        else (None, 0)
+    )
+    dev = torch.device("cuda")
+    qc, kc, vc = q.to(dev), k.to(dev), v.to(dev)
+    mc = mask.to(dev) if mask is not None else None
+    out, lse = attention_lse(qc, kc, vc, scale=0.3, mask=mc, sliding_window=window)
+    h, cols, valid = sink_index(sinks.to(dev), heads.to(dev))
+    got, touched = act_from_lse(
+        qc,
+        kc,
+        vc,
+        out,
+        lse,
+        scale=0.3,
+        heads=h,
+        cols=cols,
+        valid=valid,
+        beta=0.4,
+        mask=mc,
+        sliding_window=window,
+    )
+    torch.testing.assert_close(got.float().cpu(), ref.float(), **tol)
+    if dtype == torch.float32:
+        assert int(touched) == int(touched_ref)
+    if col_ref is not None:
+        col, _ = sink_stats_lse(qc, kc, lse, scale=0.3, mask=mc, sliding_window=window)
+        torch.testing.assert_close(col.cpu(), col_ref, **tol)
