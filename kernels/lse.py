@@ -111,7 +111,10 @@ def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
                 q, kk, vv, 0.0, is_causal, False, scale=scale
             )
             return res[0], res[1].float()
-        if attn is not None:
+        if attn is not None:  # the kernel wants the bias's row stride 16-aligned, as F.sdpa pads it
+            pad = (-Tk) % 16
+            if pad:
+                attn = torch.nn.functional.pad(attn, (0, pad))[..., :Tk]
             attn = attn.expand(B, H, Tq, Tk)
         res = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, kk, vv, attn, True, 0.0, is_causal, scale=scale
@@ -129,8 +132,14 @@ def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_windo
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cuts = _window_cuts(Tk, sliding_window)
-    vis = None if (mask is None and not cuts and Tq == 1) else visibility(Tq, Tk, mask, sliding_window, device=q.device)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=scale, enable_gqa=H != Hkv)
+    vis = (
+        None
+        if (mask is None and not cuts and Tq == 1)
+        else visibility(Tq, Tk, mask, sliding_window, device=q.device)
+    )
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=vis, scale=scale, enable_gqa=H != Hkv
+    )
     kh = k[:, heads // (H // Hkv)]
     s = torch.matmul(q[:, heads].float(), kh.float().transpose(-1, -2)).mul_(scale)  # [B, Hs, Tq, Tk]
     if vis is not None:
