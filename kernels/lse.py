@@ -258,6 +258,43 @@ def act_from_lse(
     return result, rescale.sum()
 
 
+def gather_sinks(k, v, *, heads, cols, scale: float, n_heads: int):
+    """(ks * scale, vs) fp32 [B, Hs, S, D]: the sink keys (pre-scaled) and values of the calibrated query
+    heads `heads` (of n_heads; GQA mapped), gathered once at prefill for `act_decode_from_lse`."""
+    bi = torch.arange(cols.shape[0], device=k.device).view(-1, 1, 1)
+    kvh = (heads // (n_heads // k.shape[1])).view(1, -1, 1)
+    return k[bi, kvh, cols].float().mul_(scale), v[bi, kvh, cols].float()
+
+
+def act_decode_from_lse(
+    q, out, lse_h, *, heads, ks, vs, valid, beta: float, n_keys: int, cols, k, v, scale: float
+):
+    """ACT on a few causal query rows (decode, no mask, no window cutting) with the sink keys/values
+    gathered at prefill (`gather_sinks`, with kv heads already mapped): the same result as act_from_lse
+    with about half the tensor operations, which dominate a decode step's cost on CPU.
+
+    lse_h [B, Hs, Tq] (attention_head_lse); valid Bool[B, Hs, S]; n_keys: keys in the cache (every
+    row sees all of them and every valid sink). k, v, cols: for the exact recompute of rows with c > C_MAX."""
+    p = torch.exp(torch.matmul(q[:, heads].float(), ks.transpose(-1, -2)).sub_(lse_h.unsqueeze(-1)))
+    p = p.mul_(valid.unsqueeze(2))  # [B, Hs, Tq, S]
+    P = p.sum(-1, keepdim=True)
+    o_s = torch.matmul(p, vs)
+    rescale = (P > 0) & (valid.sum(-1) < n_keys).view(*valid.shape[:2], 1, 1)
+    c = (1.0 - beta * P) / (1.0 - P)
+    o = out[:, heads].float()
+    new = torch.where(rescale, c * (o - o_s) + beta * o_s, o)
+    ill = rescale & (c > C_MAX)
+    rescale = rescale.squeeze(-1)
+    if bool(ill.any()):
+        b_i, j_i, r_i = ill.squeeze(-1).nonzero(as_tuple=True)
+        rows, moved = _exact_rows(q, k, v, scale, heads, cols, valid, beta, None, None, b_i, j_i, r_i)
+        new[b_i, j_i, r_i] = torch.where(moved.unsqueeze(-1), rows, o[b_i, j_i, r_i])
+        rescale[b_i, j_i, r_i] = moved
+    result = out.clone()
+    result[:, heads] = new.to(out.dtype)
+    return result, rescale.sum()
+
+
 def _exact_rows(q, k, v, scale, heads, cols, valid, beta, mask, sliding_window, b_i, j_i, r_i):
     """(calibrated output [n, Dv], rescaled Bool[n]) of the listed (batch, calibrated head, query row)
     rows, from their full score rows; rows whose non-sink mass underflows to 0 are not rescaled."""

@@ -113,6 +113,7 @@ class _LayerState:
     seen: int  # key columns this layer has seen so far (prefill + decoded tokens)
     cols: torch.Tensor | None = None  # lse path: Long[B, Hs, S] sink columns of the calibrated heads
     valid: torch.Tensor | None = None  # Bool[B, Hs, S]
+    sink_kv: tuple | None = None  # lse path: (scaled sink keys, sink values) fp32 [B, Hs, S, D], for decode steps
 
 
 class ACT(Intervention):
@@ -290,9 +291,11 @@ class ACT(Intervention):
     def _lse_call(self, layer, heads, n_heads, q, k, v, scale, mask, window):
         """ACT on `heads` (Long) of one attention call through steer.kernels.lse: (out [B, H, Tq, Dv], touched)."""
         from steer.kernels.lse import (
+            act_decode_from_lse,
             act_from_lse,
             attention_head_lse,
             attention_lse,
+            gather_sinks,
             sink_index,
             sink_stats_lse,
         )
@@ -306,7 +309,8 @@ class ACT(Intervention):
             _, cols, valid = sink_index(sinks, torch.ones(sinks.shape[1], dtype=torch.bool, device=q.device))
             full = torch.zeros(b, n_heads, tk, dtype=torch.bool, device=q.device)
             full[:, heads] = sinks
-            self._state[layer] = _LayerState(full, b, tk, cols, valid)
+            sink_kv = gather_sinks(k, v, heads=heads, cols=cols, scale=scale, n_heads=n_heads)
+            self._state[layer] = _LayerState(full, b, tk, cols, valid, sink_kv)
         else:  # decode: the prefill's sink columns at their absolute positions, O(|S| d) per row
             state, offset = self._decode_state(layer, b, tq, tk)
             if state.cols is None:
@@ -314,6 +318,9 @@ class ACT(Intervention):
                                    "for a whole generate() call")
             out, lse = attention_head_lse(q, k, v, scale=scale, heads=heads, mask=mask, sliding_window=window)
             cols, valid = state.cols, state.valid
+            if not offset and mask is None and (window is None or tk <= window):  # every sink visible
+                return act_decode_from_lse(q, out, lse, heads=heads, ks=state.sink_kv[0], vs=state.sink_kv[1],
+                                           valid=valid, beta=self.beta, n_keys=tk, cols=cols, k=k, v=v, scale=scale)
             if offset:  # a sliding cache dropped the oldest keys: shift, and drop the sinks that left
                 cols = cols - offset
                 valid = valid & (cols >= 0)

@@ -9,9 +9,11 @@ import torch
 
 from steer.kernels.act import act_attention_reference, sink_stats_reference, visibility
 from steer.kernels.lse import (
+    act_decode_from_lse,
     act_from_lse,
     attention_head_lse,
     attention_lse,
+    gather_sinks,
     sink_index,
     sink_stats_columns,
     sink_stats_lse,
@@ -307,3 +309,28 @@ def test_cuda_lse_paths_match_the_fp32_reference(case, dtype):
     if col_ref is not None:
         col, _ = sink_stats_lse(qc, kc, lse, scale=0.3, mask=mc, sliding_window=window)
         torch.testing.assert_close(col.cpu(), col_ref, **tol)
+
+
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_act_decode_from_lse_equals_act_from_lse(Tq):
+    q, k, v, sinks, heads = _inputs(Tq=Tq, Tk=40, seed=5)
+    sinks[..., 30:] = False  # sink sets come from a prefill of 30 tokens
+    h, cols, valid = sink_index(sinks, heads)
+    out, lse = attention_head_lse(q, k, v, scale=0.3, heads=h)
+    ref, t_ref = act_from_lse(q, k, v, out, lse, scale=0.3, heads=h, cols=cols, valid=valid, beta=0.4)
+    ks, vs = gather_sinks(k, v, heads=h, cols=cols, scale=0.3, n_heads=q.shape[1])
+    got, t = act_decode_from_lse(
+        q, out, lse, heads=h, ks=ks, vs=vs, valid=valid, beta=0.4, n_keys=40, cols=cols, k=k, v=v, scale=0.3
+    )
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert int(t) == int(t_ref) > 0
+    k2 = k.clone()
+    k2[:, :, 7] *= 6  # rows with c > C_MAX take the exact recompute
+    out, lse = attention_head_lse(q, k2, v, scale=0.3, heads=h)
+    ref, t_ref = act_attention_reference(q, k2, v, scale=0.3, sink_mask=sinks, head_mask=heads, beta=0.4)
+    ks, vs = gather_sinks(k2, v, heads=h, cols=cols, scale=0.3, n_heads=q.shape[1])
+    got, t = act_decode_from_lse(
+        q, out, lse, heads=h, ks=ks, vs=vs, valid=valid, beta=0.4, n_keys=40, cols=cols, k=k2, v=v, scale=0.3
+    )
+    torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
+    assert int(t) == int(t_ref)

@@ -144,7 +144,7 @@ def decode_times(model, tok, n_cache: int, steps: int) -> dict[str, list[float]]
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[512, 2048])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slow-max", type=int, default=2048, help="time act_kernel/sinks_previous/eager up to this")
     ap.add_argument("--sample-rows", type=int, default=256)
