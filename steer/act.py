@@ -92,10 +92,21 @@ class _LayerState:
     sinks: torch.Tensor  # Bool[B, H, P]: calibrated sink columns of the prefill (absolute key columns)
     batch: int
     seen: int  # key columns this layer has seen so far (prefill + decoded tokens)
+    cols: torch.Tensor | None = None  # lse path: Long[B, Hs, S] sink columns of the calibrated heads
+    valid: torch.Tensor | None = None  # Bool[B, Hs, S]
+    sink_kv: tuple | None = None  # lse path: (scaled sink keys, sink values) fp32 [B, Hs, S, D], for decode steps
 
 
 class ACT(Intervention):
-    """Attention calibration on `heads` [(layer, head)]; `touched` counts the rows rescaled."""
+    """Attention calibration on `heads` [(layer, head)]; `touched` counts the rows rescaled.
+
+    path: "lse" computes attention with SDPA's fused kernel plus its row log-sum-exp, the sink scores
+    of the calibrated heads from that lse, and ACT as o' = beta o_S + c (o - o_S) (steer.kernels.lse:
+    O(N |S| d) on top of SDPA, decode steps O(|S| d)); "kernel" runs steer.kernels.act.act_attention
+    (the Triton flash kernel on CUDA, the exact fp32 reference on CPU); "auto" = "lse" on CPU, "kernel"
+    on CUDA. Both give the same numbers within fp32 tolerance (tests/test_act.py)."""
+
+    path = "auto"
 
     def __init__(self, heads: Sequence[tuple[int, int]], beta: float = BETA, tau: float | None = TAU,
                  alpha: float | None = None, min_queries: int = MIN_QUERIES, keep_first: bool = True,
@@ -183,6 +194,16 @@ class ACT(Intervention):
                 for layer in layers]
 
     def _decode_sinks(self, layer: int, b: int, tq: int, tk: int, device) -> torch.Tensor:
+        state, offset = self._decode_state(layer, b, tq, tk)
+        p = state.sinks.shape[-1]
+        sinks = torch.zeros(b, state.sinks.shape[1], tk, dtype=torch.bool, device=device)
+        n = max(0, min(tk, p - offset))
+        if n:
+            sinks[:, :, :n] = state.sinks[:, :, offset : offset + n].to(device)
+        return sinks
+
+    def _decode_state(self, layer: int, b: int, tq: int, tk: int) -> tuple[_LayerState, int]:
+        """This layer's prefill state and the absolute column of key 0 in this decode step."""
         state = self._state.get(layer)
         if state is None:
             raise RuntimeError(
@@ -192,17 +213,12 @@ class ACT(Intervention):
         if state.batch != b:
             raise RuntimeError(f"ACT's prefill had batch {state.batch}, this decode step has {b} rows "
                                f"(beam search / reordered caches are not supported)")
-        p = state.sinks.shape[-1]
         state.seen += tq
         offset = state.seen - tk  # absolute column of key 0 (> 0 when a sliding cache dropped old keys)
         if offset < 0:
             raise RuntimeError(f"the cache holds {tk} keys but ACT saw only {state.seen} positions of this "
                                f"sequence; apply ACT before the prompt is processed")
-        sinks = torch.zeros(b, state.sinks.shape[1], tk, dtype=torch.bool, device=device)
-        n = max(0, min(tk, p - offset))
-        if n:
-            sinks[:, :, :n] = state.sinks[:, :, offset : offset + n].to(device)
-        return sinks
+        return state, offset
 
     # -- hooks -------------------------------------------------------------------------------
     def hooks(self, mm: ModelMap) -> dict[str, HookFn]:
@@ -217,14 +233,26 @@ class ACT(Intervention):
         head_mask = torch.zeros(n_heads, dtype=torch.bool)
         head_mask[heads] = True
         on_device: dict[torch.device, torch.Tensor] = {}  # one host-to-device copy per device, not per call
+        head_idx: dict[torch.device, torch.Tensor] = {}
 
         def fn(call, ctx: HookContext):
             from steer.kernels.act import act_attention
 
-            q, k, v, mask = call.query, call.key, call.value, call.mask
+            q, k, v = call.query, call.key, call.value
+            mask = None if call.causal else call.mask  # plain causal: the kernels' mask=None fast path
             window = call.sliding_window if mask is None else None  # steer's mask holds the window
             b, _, tq, _ = q.shape
             tk = k.shape[2]
+            path = self.path if self.path != "auto" else ("kernel" if q.is_cuda else "lse")
+            if path == "lse":
+                idx = head_idx.get(q.device)
+                if idx is None:
+                    idx = head_idx[q.device] = torch.tensor(heads, dtype=torch.long, device=q.device)
+                out, touched = self._lse_call(layer, idx, n_heads, q, k, v, call.scaling, mask, window)
+                self.count(ctx.point, touched)
+                return out.transpose(1, 2).contiguous(), None
+            if path != "kernel":
+                raise ValueError(f"ACT.path must be 'auto', 'lse' or 'kernel' (got {path!r})")
             if tq == tk:  # prefill: no cached keys (a decode step always has more keys than queries)
                 sinks = self.prefill_sinks(q, k, call.scaling, mask, window)
                 self._state[layer] = _LayerState(sinks.detach(), b, tk)
@@ -240,6 +268,46 @@ class ACT(Intervention):
             return out.transpose(1, 2).contiguous(), None
 
         return fn
+
+    def _lse_call(self, layer, heads, n_heads, q, k, v, scale, mask, window):
+        """ACT on `heads` (Long) of one attention call through steer.kernels.lse: (out [B, H, Tq, Dv], touched)."""
+        from steer.kernels.lse import (
+            act_decode_from_lse,
+            act_from_lse,
+            attention_head_lse,
+            attention_lse,
+            gather_sinks,
+            sink_index,
+            sink_stats_lse,
+        )
+
+        b, _, tq, _ = q.shape
+        tk = k.shape[2]
+        if tq == tk:  # prefill: exact sink scores of the calibrated heads only, from the lse just computed
+            out, lse = attention_lse(q, k, v, scale=scale, mask=mask, sliding_window=window)
+            col, n_obs = sink_stats_lse(q, k, lse, scale=scale, mask=mask, sliding_window=window, heads=heads)
+            sinks = self.sink_sets(col, n_obs)  # [B, Hs, Tk]
+            _, cols, valid = sink_index(sinks, torch.ones(sinks.shape[1], dtype=torch.bool, device=q.device))
+            full = torch.zeros(b, n_heads, tk, dtype=torch.bool, device=q.device)
+            full[:, heads] = sinks
+            sink_kv = gather_sinks(k, v, heads=heads, cols=cols, scale=scale, n_heads=n_heads)
+            self._state[layer] = _LayerState(full, b, tk, cols, valid, sink_kv)
+        else:  # decode: the prefill's sink columns at their absolute positions, O(|S| d) per row
+            state, offset = self._decode_state(layer, b, tq, tk)
+            if state.cols is None:
+                raise RuntimeError("ACT's prefill of this sequence ran on another path; keep ACT.path fixed "
+                                   "for a whole generate() call")
+            out, lse = attention_head_lse(q, k, v, scale=scale, heads=heads, mask=mask, sliding_window=window)
+            cols, valid = state.cols, state.valid
+            if not offset and mask is None and (window is None or tk <= window):  # every sink visible
+                return act_decode_from_lse(q, out, lse, heads=heads, ks=state.sink_kv[0], vs=state.sink_kv[1],
+                                           valid=valid, beta=self.beta, n_keys=tk, cols=cols, k=k, v=v, scale=scale)
+            if offset:  # a sliding cache dropped the oldest keys: shift, and drop the sinks that left
+                cols = cols - offset
+                valid = valid & (cols >= 0)
+                cols = cols.clamp_min(0)
+        return act_from_lse(q, k, v, out, lse, scale=scale, heads=heads, cols=cols, valid=valid, beta=self.beta,
+                            mask=mask, sliding_window=window)
 
 
 @dataclass

@@ -8,6 +8,10 @@ switches the model's config to it, restoring the previous implementation afterwa
 "steer" registers its own mask function too: without one, transformers silently builds no causal
 mask for an unknown implementation. Our mask function always materialises a boolean mask
 (True = may attend), so every path below sees the same causal/padding/sliding-window structure.
+It also remembers which masks are the plain causal pattern (no padding, no window in reach: where
+transformers' SDPA integration would pass no mask and is_causal): layers without a handler then run
+SDPA exactly as without steer (its fused causal kernel, not the masked path), and handlers see
+`AttentionCall.causal` and may use fused causal kernels themselves.
 
 Per attention module, three paths:
 - no handler on this layer: the model's previous implementation (SDPA, eager, ...), same numbers;
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,7 +44,9 @@ class AttentionCall:
     """One attention call, as an `attn.impl` override sees it.
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D]; mask: Bool[B, 1, Tq, Tk] (True = may attend) or None
-    (no masking at all). `base()` runs the model's own implementation. An override returns
+    (no masking at all). `causal`: the mask is the plain causal pattern with the queries at the last
+    Tq key positions (no padding, no sliding window in reach), so fused causal kernels give the same
+    numbers without it. `base()` runs the model's own implementation. An override returns
     `(out [B, Tq, H, Dv], weights or None)` exactly like a transformers attention function.
     """
 
@@ -52,6 +59,7 @@ class AttentionCall:
     scaling: float
     kwargs: dict
     _base: Callable = field(repr=False, default=None)
+    causal: bool = False
 
     def base(self):
         return self._base()
@@ -73,9 +81,29 @@ class _ModuleState:
 _ACTIVE: dict[int, _ModuleState] = {}
 
 
+# id(mask) -> weak reference, for the boolean masks `_bool_mask` built where SDPA could skip the mask
+_CAUSAL: dict[int, weakref.ref] = {}
+
+
 def _bool_mask(*args, **kwargs):
+    kwargs["allow_is_causal_skip"] = True
+    mask = sdpa_mask(*args, **kwargs)  # None exactly when transformers would rely on is_causal (or no mask)
+    if mask is not None:
+        return mask
     kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    # Causal with queries at the last positions: prefill (Tq == Tk) or one decode row. A longer query
+    # chunk with Tq < Tk that transformers skips relies on SDPA's top-left alignment: not marked.
+    if mask is not None and mask.shape[-2] in (1, mask.shape[-1]):
+        _CAUSAL[id(mask)] = weakref.ref(mask)
+        weakref.finalize(mask, _CAUSAL.pop, id(mask), None)
+    return mask
+
+
+def is_causal_mask(mask: torch.Tensor | None) -> bool:
+    """True if `mask` is a boolean mask steer built for the plain causal pattern (see the module docstring)."""
+    ref = _CAUSAL.get(id(mask)) if mask is not None else None
+    return ref is not None and ref() is mask
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -106,15 +134,22 @@ def steer_attention_forward(module, query, key, value, attention_mask, scaling=N
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
 
+    causal = is_causal_mask(attention_mask)
+
     def run_base():
         fn = _impl_fn(base_name, module)
-        mask = _additive(attention_mask, query.dtype) if base_name in (None, "eager") else attention_mask
+        if base_name in (None, "eager"):
+            mask = _additive(attention_mask, query.dtype)
+        elif causal and base_name == "sdpa":
+            mask = None  # what transformers passes without steer: SDPA's is_causal fused path, same numbers
+        else:
+            mask = attention_mask
         return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
     if state is None or not (state.overrides or state.pattern_readers):
         return run_base()
     if state.overrides:
-        call = AttentionCall(module, state.layer, query, key, value, attention_mask, scaling, kwargs, run_base)
+        call = AttentionCall(module, state.layer, query, key, value, attention_mask, scaling, kwargs, run_base, causal)
         result = None
         for override in state.overrides:
             result = override(call)

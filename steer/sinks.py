@@ -11,10 +11,13 @@ of those few rows, not a sink. Sinks other than the first real token are "hidden
 Sink rate ("When Attention Sink Emerges"): the fraction of (layer, head) whose first-token score
 exceeds eps = 0.3, averaged over 64-token inputs.
 
-Statistics stream: for each layer, an `attn.impl` override runs the model's own attention for the
-output (SDPA with is_causal when the batch has no padding and no sliding window reaches back: the
-same numbers without a materialised mask) and `steer.kernels.act.sink_stats` for column sums from q and k in
-key blocks, so no N x N map is kept (memory O(B H N) per layer). Families whose attention is not
+Statistics stream: for each layer, an `attn.impl` override computes the attention output with SDPA's
+fused kernel together with each row's log-sum-exp (`steer.kernels.lse.attention_lse`; is_causal when
+the batch has no padding and no sliding window reaches back), and the column sums from that lse
+(`sink_stats_lse`: one q k^T pass over each query block's visible keys, no softmax; no N x N map,
+memory O(B H N) per layer). Two cheaper options: `candidates` (scores of known key positions only,
+e.g. the first tokens or delimiters: O(N |C| d)) and `sample_rows` (every key's score estimated from a
+uniform sample of query rows, unbiased, with its standard error in `SinkResult.stderr`). Families whose attention is not
 plain softmax(q k^T) -- logit soft-capping (Gemma 2 style) or GPT-OSS's learned sink logits -- go
 through the exact eager path instead (`attn.pattern`), one layer's map alive at a time, reduced
 immediately.
@@ -122,34 +125,50 @@ class _Collector:
         self.n_layers = n_layers
         self.unpadded = False  # the current batch has no padding: plain causal attention suffices
         self.causal_calls = 0  # layer calls that took the is_causal path (for tests and benchmarks)
+        self.candidates: torch.Tensor | None = None  # Long[B, C] key columns of this batch, or None = all
+        self.no_candidates: list[int] = []  # batch rows with no candidate inside the input
+        self.sample_rows: int | None = None
+        self.generator: torch.Generator | None = None
+        self.se: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
-        self.col, self.obs = {}, {}
+        self.col, self.obs, self.se = {}, {}, {}
 
 
 def _streaming_hook(coll: _Collector):
     def fn(call, ctx: HookContext):
-        from steer.kernels.act import sink_stats
+        from steer.kernels.act import n_observers
+        from steer.kernels.lse import attention_lse, sink_stats_columns, sink_stats_lse, sink_stats_sampled
 
         q, k = call.query, call.key
-        t = q.shape[2]
+        b, h, t, _ = q.shape
         if t != k.shape[2]:
             raise ValueError("detect_sinks analyses whole inputs; run it without a KV cache")
         window = call.sliding_window
-        if coll.unpadded and (window is None or t <= window):
-            # No padding and no window in reach: the mask is plain causal. SDPA with is_causal keeps its
-            # fused kernels (an explicit mask sends CPU SDPA to its math path: a [B, H, T, T] score
-            # tensor per layer), and sink_stats counts observers in closed form.
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, call.value, is_causal=True, scale=call.scaling, enable_gqa=q.shape[1] != k.shape[1])
-            result = (out.transpose(1, 2).contiguous(), None)
-            col, n_obs = sink_stats(q, k, scale=call.scaling)
-            coll.causal_calls += 1
+        # No padding and no window in reach: the mask is plain causal, and the fused kernel runs with
+        # is_causal (an explicit mask costs a [T, T] mask and, on CPU, a slower kernel); observers are
+        # counted in closed form. steer's mask already holds the sliding window otherwise.
+        causal = call.causal or (coll.unpadded and (window is None or t <= window))
+        mask = None if causal else call.mask
+        win = window if mask is None else None
+        coll.causal_calls += causal
+        out, lse = attention_lse(q, k, call.value, scale=call.scaling, mask=mask, sliding_window=win)
+        result = (out.transpose(1, 2).contiguous(), None)
+        if coll.candidates is not None:
+            cols = coll.candidates.to(q.device)
+            got, _ = sink_stats_columns(q, k, lse, scale=call.scaling, cols=cols, mask=mask, sliding_window=win)
+            col = torch.full((b, h, t), float("nan"), device=q.device)
+            col.scatter_(2, cols.unsqueeze(1).expand(b, h, -1), got)
+            col[coll.no_candidates] = float("nan")
+            n_obs = n_observers(b, t, t, mask, win, device=q.device)
+        elif coll.sample_rows is not None and coll.sample_rows < t:
+            col, se, n_obs = sink_stats_sampled(q, k, lse, scale=call.scaling, n_rows=coll.sample_rows, mask=mask,
+                                                sliding_window=win, generator=coll.generator)
+            coll.se[ctx.layer] = se.cpu()
         else:
-            result = call.base()
-            # steer's mask already holds the sliding window; the kernel applies its own only without one
-            col, n_obs = sink_stats(q, k, scale=call.scaling, mask=call.mask,
-                                    sliding_window=window if call.mask is None else None)
+            col, n_obs = sink_stats_lse(q, k, lse, scale=call.scaling, mask=mask, sliding_window=win)
+            if coll.sample_rows is not None:  # every row "sampled": the exact sums, standard error 0
+                coll.se[ctx.layer] = torch.zeros_like(col).cpu()
         coll.col[ctx.layer] = col.float().cpu()
         coll.obs[ctx.layer] = n_obs[:, 0].cpu()
         if coll.keep_maps:
@@ -182,7 +201,9 @@ def _exact_hook(coll: _Collector, cfg):
 class SinkResult:
     """Sink scores of every (input, layer, head, key), keys left-aligned at each input's first real token.
 
-    scores: Float[n, L, H, T] (NaN beyond an input's length); n_obs: Int[n, L, T] observing queries.
+    scores: Float[n, L, H, T] (NaN beyond an input's length, and at positions not scored when
+    `candidates` were given); n_obs: Int[n, L, T] observing queries; stderr: Float[n, L, H, T], the
+    standard error of each score when it was estimated from sampled query rows (None when exact).
     """
 
     scores: torch.Tensor
@@ -196,6 +217,7 @@ class SinkResult:
     model: str = ""
     path: str = "streaming"
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> Float[H, T, T] of input 0
+    stderr: torch.Tensor | None = None
 
     @property
     def n_inputs(self) -> int:
@@ -368,6 +390,8 @@ class SinkResult:
         tensors = {"scores": self.scores.contiguous(), "n_obs": self.n_obs.contiguous(),
                    "lengths": self.lengths.contiguous()}
         tensors.update({f"map.{layer}": m.contiguous() for layer, m in self.maps.items()})
+        if self.stderr is not None:
+            tensors["stderr"] = self.stderr.contiguous()
         meta = {"tokens": json.dumps(self.tokens), "params": json.dumps({
             "tau": self.tau, "alpha": self.alpha, "eps": self.eps, "min_queries": self.min_queries,
             "model": self.model, "path": self.path})}
@@ -382,7 +406,7 @@ class SinkResult:
             t = {k: f.get_tensor(k) for k in f.keys()}
         maps = {int(k.split(".")[1]): v for k, v in t.items() if k.startswith("map.")}
         return cls(t["scores"], t["n_obs"], t["lengths"], json.loads(meta["tokens"]), maps=maps,
-                   **json.loads(meta["params"]))
+                   stderr=t.get("stderr"), **json.loads(meta["params"]))
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -435,15 +459,31 @@ def detect_sinks(
     keep_maps: bool | None = None,
     pad_token_id: int | None = None,
     force_exact: bool = False,
+    candidates: Sequence[int] | None = None,
+    sample_rows: int | None = None,
+    seed: int = 0,
 ) -> SinkResult:
     """Sink scores of every head for `inputs` (texts, or token id lists), batched with left padding.
 
     keep_maps: keep the per-head attention maps of the first input for `figure("map")` (default:
     when it has at most KEEP_MAPS_UP_TO tokens). force_exact: use the eager map path everywhere.
+    candidates: score only these key positions (counted from each input's first token; positions past
+    an input's end are skipped), exactly, at O(N |C| d) per head; the other scores are NaN.
+    sample_rows: estimate every score from this many query rows per input and layer, drawn uniformly
+    without replacement (generator seeded with `seed`): unbiased, standard errors in `result.stderr`.
     """
     sink_threshold(tau, alpha, 1)  # validates the rule
     if min_queries < 1:
         raise ValueError(f"min_queries must be >= 1 (got {min_queries})")
+    if candidates is not None and sample_rows is not None:
+        raise ValueError("pass candidates (exact scores of a few positions) or sample_rows (estimates of every "
+                         "position), not both")
+    if candidates is not None:
+        candidates = sorted({int(c) for c in candidates})
+        if not candidates or candidates[0] < 0:
+            raise ValueError(f"candidates must be a non-empty list of key positions >= 0 (got {candidates})")
+    if sample_rows is not None and sample_rows < 2:
+        raise ValueError(f"sample_rows must be >= 2 query rows (got {sample_rows}): a standard error needs two")
     hf = unwrap_model(model)
     mm = model_map(hf)
     cfg = getattr(hf.config, "text_config", None) or hf.config
@@ -456,11 +496,18 @@ def detect_sinks(
     if keep_maps is None:
         keep_maps = len(seqs[0]) <= KEEP_MAPS_UP_TO
     exact = force_exact or exact_path_reason(hf) is not None
+    if exact and (candidates is not None or sample_rows is not None):
+        why = "force_exact=True" if force_exact else exact_path_reason(hf)
+        raise ValueError(f"candidates and sample_rows need the streaming path, but this call takes the exact path "
+                         f"({why}), which reads whole maps anyway; drop them (the exact scores cost the same)")
     n_layers, n_heads = mm.n_layers, cfg.num_attention_heads
     t_max = max(len(s) for s in seqs)
     scores = torch.full((len(seqs), n_layers, n_heads, t_max), float("nan"))
     n_obs = torch.zeros((len(seqs), n_layers, t_max), dtype=torch.long)
     coll = _Collector(n_layers, keep_maps)
+    coll.sample_rows = sample_rows
+    coll.generator = torch.Generator().manual_seed(seed) if sample_rows is not None else None
+    stderr = torch.full_like(scores, float("nan")) if sample_rows is not None else None
     hook = _exact_hook(coll, cfg) if exact else _streaming_hook(coll)
     point = "blocks.*.attn.pattern" if exact else "blocks.*.attn.impl"
     device = next(hf.parameters()).device
@@ -474,6 +521,12 @@ def detect_sinks(
             coll.reset()
             coll.keep_maps = keep_maps and start == 0
             coll.unpadded = all(len(s) == width for s in batch)
+            if candidates is not None:  # absolute key columns of each row (left padding shifts them)
+                # positions past an input's end are dropped; rows are padded with a repeat of their own
+                # first candidate (the same value written twice), or NaN-ed when none is in range
+                rows = [[width - len(s) + c for c in candidates if c < len(s)] for s in batch]
+                coll.candidates = torch.tensor([r + [r[0] if r else 0] * (len(candidates) - len(r)) for r in rows])
+                coll.no_candidates = [b for b, r in enumerate(rows) if not r]
             base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             if len(coll.col) != n_layers:
                 raise RuntimeError(f"sink statistics came from {len(coll.col)} of {n_layers} layers")
@@ -484,14 +537,17 @@ def detect_sinks(
                     o = obs[b, off:]
                     scores[start + b, layer, :, : len(s)] = col[b, :, off:] / o.clamp_min(1)
                     n_obs[start + b, layer, : len(s)] = o
+                    if stderr is not None:
+                        stderr[start + b, layer, :, : len(s)] = coll.se[layer][b, :, off:] / o.clamp_min(1)
             if coll.keep_maps:
                 off = width - len(batch[0])
                 maps = {layer: m[:, off:, off:].clone() for layer, m in coll.maps.items()}
     tokens = [[tok.decode([t]) if tok is not None else str(t) for t in s] for s in seqs]
     name = getattr(hf.config, "_name_or_path", "") or cfg.model_type
+    path = "exact" if exact else "candidates" if candidates is not None else \
+        "sampled" if sample_rows is not None else "streaming"
     return SinkResult(scores, n_obs, torch.tensor([len(s) for s in seqs]), tokens, tau=tau, alpha=alpha,
-                      eps=eps, min_queries=min_queries, model=str(name), path="exact" if exact else "streaming",
-                      maps=maps)
+                      eps=eps, min_queries=min_queries, model=str(name), path=path, maps=maps, stderr=stderr)
 
 
 def sink_rate_interval(result: SinkResult, eps: float | None = None, z: float = 1.96) -> tuple[float, float]:

@@ -271,3 +271,61 @@ def test_smollm2_generate_batched_equals_rows(smollm2):
         with ACT(heads, on_no_effect="ignore").apply(model):
             alone = model.generate(**one, **kw)[0, one.input_ids.shape[1]:]
         assert torch.equal(alone, batch[i]), (tok.decode(alone), tok.decode(batch[i]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
+@pytest.mark.parametrize("texts", [TEXTS, TEXTS[:1]], ids=["padded", "causal"])
+def test_lse_path_equals_kernel_path_prefill_and_decode(family, texts):
+    """ACT from SDPA's lse (path="lse") == the exact kernel path, on prefill (padded, or unpadded:
+    the is_causal fast path) and on cached decode steps, with the same rows touched."""
+    model, tok = tiny_model(family), tiny_tokenizer()
+    heads = [(0, 1), (1, 0), (1, 3), (2, 2)]
+    batch = _batch(tok, texts)
+    new = torch.tensor([[65, 66, 67]] * len(texts))
+    results = {}
+    for path in ("lse", "kernel"):
+        act = ACT(heads, beta=BETA, tau=0.05, min_queries=MINQ)
+        act.path = path
+        with act.apply(model):
+            out = model(**batch, use_cache=True)
+            logits, cache, mask = [out.logits], out.past_key_values, batch["attention_mask"]
+            for j in range(new.shape[1]):
+                mask = torch.cat([mask, torch.ones(len(texts), 1, dtype=mask.dtype)], 1)
+                o = model(input_ids=new[:, j : j + 1], attention_mask=mask, cache=cache, use_cache=True)
+                cache = o.past_key_values
+                logits.append(o.logits)
+        results[path] = (torch.cat(logits, 1), act.total_touched)
+    (lse, touched_lse), (ref, touched_ref) = results["lse"], results["kernel"]
+    torch.testing.assert_close(lse, ref, atol=1e-4, rtol=1e-4)
+    assert touched_lse == touched_ref > 0
+
+
+def test_bad_path_is_refused():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    act = ACT([(0, 1)], on_no_effect="ignore")
+    act.path = "fast"
+    with pytest.raises(ValueError, match="ACT.path"), act.apply(model):
+        model(**_batch(tok, TEXTS[:1]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,n_tokens", [("smollm2", 384), ("gemma3-270m", 640)])
+def test_real_model_lse_path_equals_kernel_path(name, n_tokens):
+    """A real model slice (decoder stack, 10 calibrated heads, one input long enough for Gemma's
+    512-token sliding window to cut): the lse path's hidden states == the exact reference path's."""
+    from steer.models import load
+    from steer.sinks import book_inputs
+
+    lm = load(name, progress=False)
+    model, tok = lm.model, lm.tokenizer
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    heads = [(layer, (3 * layer) % n_heads) for layer in range(2, min(12, n_layers))]
+    ids = torch.tensor(book_inputs(tok, n=1, length=n_tokens))
+    states = {}
+    for path in ("lse", "kernel"):
+        act = ACT(heads)
+        act.path = path
+        with torch.no_grad(), act.apply(model):
+            states[path] = (model.model(input_ids=ids, use_cache=False).last_hidden_state, act.total_touched)
+    torch.testing.assert_close(states["lse"][0], states["kernel"][0], atol=2e-4, rtol=1e-4)
+    assert states["lse"][1] == states["kernel"][1] > 0

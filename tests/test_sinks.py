@@ -193,3 +193,51 @@ def test_smollm2_streaming_equals_exact_and_has_sinks(smollm2):
     assert torch.allclose(stream.scores, exact.scores, atol=1e-4)
     assert 0.3 < stream.sink_rate() <= 1.0
     assert len(stream.hidden_sinks()) > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_candidate_scores_equal_the_full_scan_on_their_positions(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    full = detect_sinks(model, tok, TEXTS, min_queries=1)
+    cand = detect_sinks(model, tok, TEXTS, min_queries=1, candidates=[3, 0, 1, 40])
+    assert cand.path == "candidates" and cand.stderr is None
+    for i in range(len(TEXTS)):
+        n = int(full.lengths[i])
+        keep = [p for p in (0, 1, 3) if p < n]
+        torch.testing.assert_close(cand.scores[i, ..., keep], full.scores[i, ..., keep], atol=1e-6, rtol=1e-5)
+        others = [p for p in range(cand.scores.shape[-1]) if p not in keep]
+        assert cand.scores[i, ..., others].isnan().all()
+    assert torch.equal(cand.n_obs, full.n_obs)
+    assert detect_sinks(model, tok, TEXTS, min_queries=1, candidates=[40]).scores.isnan().all()  # all past the end
+
+
+def test_sampled_scores_carry_standard_errors(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    full = detect_sinks(model, tok, TEXTS, min_queries=1)
+    est = detect_sinks(model, tok, TEXTS, min_queries=1, sample_rows=4, seed=1)
+    assert est.path == "sampled"
+    real = ~full.scores.isnan()
+    assert torch.equal(real, ~est.scores.isnan()) and torch.equal(real, ~est.stderr.isnan())
+    assert (est.stderr[real] >= 0).all() and (est.stderr[real] > 0).any()
+    # every input's first key is seen by all rows; the estimate is within a few standard errors there
+    z = (est.scores[..., 0] - full.scores[..., 0]) / est.stderr[..., 0].clamp_min(1e-6)
+    assert z.abs().max() < 6
+    # as many sampled rows as the input has: the exact scores, standard error 0
+    one = detect_sinks(model, tok, TEXTS[:1], min_queries=1, sample_rows=1000)
+    torch.testing.assert_close(one.scores[0], full.scores[0, ..., : one.scores.shape[-1]], atol=1e-6, rtol=1e-5)
+    assert (one.stderr == 0).all()
+    est.to_safetensors(tmp_path / "s.safetensors")
+    back = SinkResult.from_safetensors(tmp_path / "s.safetensors")
+    assert torch.equal(back.stderr.nan_to_num(), est.stderr.nan_to_num()) and back.path == "sampled"
+
+
+def test_candidates_and_sampling_are_refused_where_they_cannot_apply():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    with pytest.raises(ValueError, match="not both"):
+        detect_sinks(model, tok, TEXTS, candidates=[0], sample_rows=4)
+    with pytest.raises(ValueError, match="exact path"):
+        detect_sinks(model, tok, TEXTS, candidates=[0], force_exact=True)
+    with pytest.raises(ValueError, match="sample_rows"):
+        detect_sinks(model, tok, TEXTS, sample_rows=1)
+    with pytest.raises(ValueError, match="candidates"):
+        detect_sinks(model, tok, TEXTS, candidates=[])

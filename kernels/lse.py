@@ -1,0 +1,481 @@
+"""Attention from the fused kernel's row log-sum-exp: ACT and sink statistics at SDPA speed.
+
+SDPA's fused kernels compute each query row's log-sum-exp (lse) and throw it away;
+`attention_lse` keeps it (CPU: `aten._scaled_dot_product_flash_attention_for_cpu`; CUDA: the flash
+kernel for fp16/bf16 without a mask, the memory-efficient kernel otherwise; a grouped math path for
+decode steps, where a few query rows make the fused kernels' setup the larger cost). With lse, the
+probability of any key is one dot product away: p_ij = exp(q_i.k_j * scale - lse_i). Hence
+(ALGORITHMS.md, "kernel-friendly forms"):
+
+- ACT (`act_from_lse`) on a head with sink set S: o' = beta o_S + c (o - o_S), o_S = sum_S p_s v_s,
+  c = (1 - beta P_S) / (1 - P_S). Extra work O(Tq |S| d) on top of one ordinary attention. The fused
+  kernel's rounding error in o (~1e-6) reaches o' multiplied by c, which grows as the non-sink mass
+  1 - P_S vanishes; rows with c > C_MAX are recomputed exactly from their full score row (rare: only
+  rows that put nearly all their attention on hidden sinks).
+- Sink statistics: column sums sum_i exp(q_i.k_j * scale - lse_i) for every key
+  (`sink_stats_lse`: one pass over the visible key range of each query block, no softmax
+  reductions, O(QUERY_BLOCK x Tk) memory), for a known candidate set (`sink_stats_columns`:
+  O(Tq |C| d)), or estimated from a uniform sample of query rows (`sink_stats_sampled`, unbiased,
+  with its standard error).
+
+Conventions are steer.kernels.act's: q [B, H, Tq, D], k/v [B, Hkv, Tk, D] (GQA: query head h reads kv
+head h // (H / Hkv)), `mask` Bool[B or 1, 1, Tq, Tk] (True = may attend) or None = causal with the
+queries at the last Tq key positions, `sliding_window` w keeps keys with query_pos - key_pos < w.
+Scores are computed in fp32. The exact references stay in steer.kernels.act (act_attention_reference,
+sink_stats_reference); tests hold these paths equal to them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from steer.kernels.act import _check, n_observers, visibility
+
+QUERY_BLOCK = (
+    256  # query rows per block in the column-sum passes (memory ~ B * H * QUERY_BLOCK * Tk * 4 bytes)
+)
+C_MAX = 8.0  # ACT rows whose factor c exceeds this are recomputed exactly (c amplifies o's rounding error)
+EXACT_ROW_CHUNK = 32  # rows per chunk in that exact recomputation
+MATH_MAX_ROWS = 16  # query rows up to which attention_lse takes the grouped math path (decode steps)
+
+# Additive float masks made from boolean ones, kept while the boolean mask lives: the model builds one
+# mask per forward and hands the same tensor to every layer, so the conversion happens once per forward.
+_ADDITIVE: dict[tuple[int, torch.dtype], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    key = (id(mask), dtype)
+    hit = _ADDITIVE.get(key)
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    _ADDITIVE[key] = (weakref.ref(mask), add)
+    weakref.finalize(mask, _ADDITIVE.pop, key, None)
+    return add
+
+
+def _window_cuts(Tk: int, sliding_window: int | None) -> bool:
+    """True if the window hides some key from some query (the largest distance is Tk - 1)."""
+    return sliding_window is not None and Tk > sliding_window
+
+
+def _rep(x: torch.Tensor, H: int) -> torch.Tensor:
+    return x.repeat_interleave(H // x.shape[1], dim=1) if x.shape[1] != H else x
+
+
+# ----------------------------------------------------------------------------------------------
+# attention with its log-sum-exp
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
+    """(out [B, H, Tq, Dv] in q's dtype, lse [B, H, Tq] fp32) of softmax attention.
+
+    Fully masked rows give out = 0 and an lse that is never used (their keys are all masked)."""
+    _check(q, k, v, None, None, mask, sliding_window)
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
+    cuts = _window_cuts(Tk, sliding_window)
+    if Tq * (H // k.shape[1]) <= MATH_MAX_ROWS * 4 and Tq <= MATH_MAX_ROWS:
+        vis = (
+            None
+            if (mask is None and not cuts and Tq == 1)
+            else visibility(Tq, Tk, mask, sliding_window, device=q.device)
+        )
+        return _attention_lse_math(q, k, v, scale, vis)
+    is_causal, attn = False, None
+    if mask is None and not cuts and Tq == Tk:
+        is_causal = True
+    else:
+        vis = (
+            mask
+            if (mask is not None and not cuts)
+            else visibility(Tq, Tk, mask, sliding_window, device=q.device)
+        )
+        attn = (
+            _additive(vis, q.dtype)
+            if vis is mask
+            else torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, float("-inf"))
+        )
+    kk, vv = _rep(k, H), _rep(v, H)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, kk, vv, 0.0, is_causal, attn_mask=attn, scale=scale
+        )
+        return out, lse.float()
+    if q.device.type == "cuda":
+        if attn is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, kk, vv, 0.0, is_causal, False, scale=scale
+            )
+            return res[0], res[1].float()
+        if attn is not None:  # the kernel wants the bias's row stride 16-aligned, as F.sdpa pads it
+            pad = (-Tk) % 16
+            if pad:
+                attn = torch.nn.functional.pad(attn, (0, pad))[..., :Tk]
+            attn = attn.expand(B, H, Tq, Tk)
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, kk, vv, attn, True, 0.0, is_causal, scale=scale
+        )
+        return res[0], res[1][..., :Tq].float()
+    vis = visibility(Tq, Tk, mask, sliding_window, device=q.device)
+    return _attention_lse_blocked(q, k, v, scale, vis)
+
+
+def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_window=None):
+    """(out [B, H, Tq, Dv], lse [B, Hs, Tq] fp32 of the query heads `heads` only), for decode steps.
+
+    The output is PyTorch's SDPA call as transformers makes it (GQA without copying k/v); the lse is
+    computed for the few calibrated heads alone: fewer kernel launches than attention_lse for one row."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    cuts = _window_cuts(Tk, sliding_window)
+    vis = (
+        None
+        if (mask is None and not cuts and Tq == 1)
+        else visibility(Tq, Tk, mask, sliding_window, device=q.device)
+    )
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=vis, scale=scale, enable_gqa=H != Hkv
+    )
+    kh = k[:, heads // (H // Hkv)]
+    s = torch.matmul(q[:, heads].float(), kh.float().transpose(-1, -2)).mul_(scale)  # [B, Hs, Tq, Tk]
+    if vis is not None:
+        s = s.masked_fill(~vis, float("-inf"))
+    return out, torch.logsumexp(s, dim=-1)
+
+
+def _attention_lse_math(q, k, v, scale, vis):
+    """Grouped (GQA without copies) explicit attention for a few query rows; fp32."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    s = torch.matmul(q.float().reshape(B, Hkv, rep * Tq, D), k.float().transpose(-1, -2)).mul_(scale)
+    s = s.view(B, Hkv, rep, Tq, Tk)
+    if vis is not None:
+        s = s.masked_fill(~vis.unsqueeze(2), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, rep, Tq]
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num_(0.0)  # fully masked rows: 0
+    out = torch.matmul(p.view(B, Hkv, rep * Tq, Tk), v.float()).view(B, H, Tq, v.shape[-1])
+    return out.to(q.dtype), lse.reshape(B, H, Tq)
+
+
+def _attention_lse_blocked(q, k, v, scale, vis):
+    """Any device: QUERY_BLOCK query rows at a time, fp32."""
+    outs, lses = [], []
+    for r0 in range(0, q.shape[2], QUERY_BLOCK):
+        r1 = min(q.shape[2], r0 + QUERY_BLOCK)
+        o, lse = _attention_lse_math(q[:, :, r0:r1], k, v, scale, vis[:, :, r0:r1])
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# ACT from lse
+# ----------------------------------------------------------------------------------------------
+
+
+def sink_index(sink_mask: torch.Tensor, head_mask: torch.Tensor):
+    """(heads Long[Hs], cols Long[B, Hs, S], valid Bool[B, Hs, S]): sink_mask Bool[B or 1, H, Tk] as
+    padded column lists for the heads in head_mask (S = the largest set; padding has valid=False)."""
+    heads = head_mask.nonzero().flatten()
+    sm = sink_mask[:, heads]
+    S = int(sm.sum(-1).max()) if sm.numel() else 0
+    order = torch.sort(sm.to(torch.uint8), dim=-1, descending=True, stable=True).indices[..., :S]
+    return heads, order, torch.gather(sm, -1, order)
+
+
+def _column_visibility(cols, Tq: int, Tk: int, mask=None, sliding_window=None):
+    """Bool[B or 1, Hs, Tq, S]: may query row i see key column cols[b, j, s]."""
+    pos = (torch.arange(Tq, device=cols.device) + (Tk - Tq)).view(1, 1, Tq, 1)
+    c = cols.unsqueeze(2)  # [B, Hs, 1, S]
+    if mask is None:
+        ok = c <= pos
+    else:
+        B = max(mask.shape[0], cols.shape[0])
+        m = mask[:, 0].unsqueeze(1).expand(B, cols.shape[1], Tq, Tk)
+        ok = torch.gather(m, 3, c.expand(B, cols.shape[1], Tq, cols.shape[2]))
+    if sliding_window is not None:
+        ok = ok & ((pos - c) < sliding_window)
+    return ok
+
+
+def _visible_keys(Tq: int, Tk: int, mask=None, sliding_window=None, device=None) -> torch.Tensor:
+    """Int64[B or 1, 1, Tq]: keys each query row may see."""
+    if mask is None:
+        pos = torch.arange(Tq, device=device) + (Tk - Tq)
+        n = pos + 1 if sliding_window is None else (pos + 1).clamp(max=sliding_window)
+        return n.view(1, 1, Tq)
+    return visibility(Tq, Tk, mask, sliding_window).sum(-1, dtype=torch.int64)
+
+
+def act_from_lse(
+    q, k, v, out, lse, *, scale: float, heads, cols, valid, beta: float, mask=None, sliding_window=None
+):
+    """ACT applied to an attention output computed with its lse (module docstring).
+
+    out [B, H, Tq, Dv] (the ordinary attention output; not modified), lse [B, H, Tq] fp32 (or
+    [B, Hs, Tq]: the calibrated heads' rows only, as attention_head_lse gives); heads Long[Hs] the
+    calibrated query heads (sorted); cols Long[B, Hs, S] their sink key columns (0..Tk-1), valid
+    Bool[B, Hs, S]. Returns (out' [B, H, Tq, Dv] in out's dtype, touched int64 0-dim): the same as
+    steer.kernels.act.act_attention with sink_mask/head_mask holding these sets."""
+    B, H, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    touched = torch.zeros((), dtype=torch.int64, device=q.device)
+    if heads.numel() == 0 or cols.shape[-1] == 0:
+        return out, touched
+    kvh = (heads // (H // Hkv)).view(1, -1, 1)
+    bi = torch.arange(B, device=q.device).view(-1, 1, 1)
+    cols = cols.expand(B, -1, -1)
+    valid = valid.expand(B, -1, -1)
+    ks = k[bi, kvh, cols].float()  # [B, Hs, S, D]
+    vs = v[bi, kvh, cols].float()
+    s = torch.matmul(q[:, heads].float(), ks.transpose(-1, -2)).mul_(scale)  # [B, Hs, Tq, S]
+    ok = _column_visibility(cols, Tq, Tk, mask, sliding_window) & valid.unsqueeze(2)
+    lse_h = lse if lse.shape[1] == heads.numel() else lse[:, heads]
+    p = torch.where(ok, torch.exp(s - lse_h.unsqueeze(-1)), 0.0)
+    P = p.sum(-1)  # P_S per row [B, Hs, Tq]
+    o_s = torch.matmul(p, vs)  # [B, Hs, Tq, Dv]
+    rest_exists = _visible_keys(Tq, Tk, mask, sliding_window, q.device) > ok.sum(-1)
+    rescale = (P > 0) & rest_exists
+    rest = 1.0 - P
+    ill = rescale & ((1.0 - beta * P) > C_MAX * rest)
+    o = out[:, heads].float()
+    c = ((1.0 - beta * P) / torch.where(rescale & ~ill, rest, 1.0)).unsqueeze(-1)
+    new = torch.where((rescale & ~ill).unsqueeze(-1), beta * o_s + c * (o - o_s), o)
+    if bool(ill.any()):
+        b_i, j_i, r_i = ill.nonzero(as_tuple=True)
+        rows, moved = _exact_rows(
+            q, k, v, scale, heads, cols, valid, beta, mask, sliding_window, b_i, j_i, r_i
+        )
+        new[b_i, j_i, r_i] = torch.where(moved.unsqueeze(-1), rows, o[b_i, j_i, r_i])
+        rescale[b_i, j_i, r_i] = moved  # non-sink mass that underflows to 0: nothing to move it to
+    result = out.clone()
+    result[:, heads] = new.to(out.dtype)
+    return result, rescale.sum()
+
+
+def gather_sinks(k, v, *, heads, cols, scale: float, n_heads: int):
+    """(ks * scale, vs) fp32 [B, Hs, S, D]: the sink keys (pre-scaled) and values of the calibrated query
+    heads `heads` (of n_heads; GQA mapped), gathered once at prefill for `act_decode_from_lse`."""
+    bi = torch.arange(cols.shape[0], device=k.device).view(-1, 1, 1)
+    kvh = (heads // (n_heads // k.shape[1])).view(1, -1, 1)
+    return k[bi, kvh, cols].float().mul_(scale), v[bi, kvh, cols].float()
+
+
+def act_decode_from_lse(
+    q, out, lse_h, *, heads, ks, vs, valid, beta: float, n_keys: int, cols, k, v, scale: float
+):
+    """ACT on a few causal query rows (decode, no mask, no window cutting) with the sink keys/values
+    gathered at prefill (`gather_sinks`, with kv heads already mapped): the same result as act_from_lse
+    with about half the tensor operations, which dominate a decode step's cost on CPU.
+
+    lse_h [B, Hs, Tq] (attention_head_lse); valid Bool[B, Hs, S]; n_keys: keys in the cache (every
+    row sees all of them and every valid sink). k, v, cols: for the exact recompute of rows with c > C_MAX."""
+    p = torch.exp(torch.matmul(q[:, heads].float(), ks.transpose(-1, -2)).sub_(lse_h.unsqueeze(-1)))
+    p = p.mul_(valid.unsqueeze(2))  # [B, Hs, Tq, S]
+    P = p.sum(-1, keepdim=True)
+    o_s = torch.matmul(p, vs)
+    rescale = (P > 0) & (valid.sum(-1) < n_keys).view(*valid.shape[:2], 1, 1)
+    c = (1.0 - beta * P) / (1.0 - P)
+    o = out[:, heads].float()
+    new = torch.where(rescale, c * (o - o_s) + beta * o_s, o)
+    ill = rescale & (c > C_MAX)
+    rescale = rescale.squeeze(-1)
+    if bool(ill.any()):
+        b_i, j_i, r_i = ill.squeeze(-1).nonzero(as_tuple=True)
+        rows, moved = _exact_rows(q, k, v, scale, heads, cols, valid, beta, None, None, b_i, j_i, r_i)
+        new[b_i, j_i, r_i] = torch.where(moved.unsqueeze(-1), rows, o[b_i, j_i, r_i])
+        rescale[b_i, j_i, r_i] = moved
+    result = out.clone()
+    result[:, heads] = new.to(out.dtype)
+    return result, rescale.sum()
+
+
+def _exact_rows(q, k, v, scale, heads, cols, valid, beta, mask, sliding_window, b_i, j_i, r_i):
+    """(calibrated output [n, Dv], rescaled Bool[n]) of the listed (batch, calibrated head, query row)
+    rows, from their full score rows; rows whose non-sink mass underflows to 0 are not rescaled."""
+    B, H, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    sinks = torch.zeros(B, heads.numel(), Tk, dtype=torch.int32, device=q.device)
+    sinks.scatter_add_(2, cols, valid.int())
+    sinks = sinks > 0
+    outs, moved = [], []
+    for c0 in range(0, b_i.numel(), EXACT_ROW_CHUNK):
+        b, j, r = (
+            b_i[c0 : c0 + EXACT_ROW_CHUNK],
+            j_i[c0 : c0 + EXACT_ROW_CHUNK],
+            r_i[c0 : c0 + EXACT_ROW_CHUNK],
+        )
+        h = heads[j]
+        kv = h // (H // Hkv)
+        qr = q[b, h, r].float()  # [n, D]
+        s = torch.einsum("nd,ntd->nt", qr, k[b, kv].float()) * scale  # [n, Tk]
+        pos = (r + (Tk - Tq)).unsqueeze(1)
+        col = torch.arange(Tk, device=q.device).unsqueeze(0)
+        vis = mask[b if mask.shape[0] > 1 else torch.zeros_like(b), 0, r] if mask is not None else col <= pos
+        if sliding_window is not None:
+            vis = vis & ((pos - col) < sliding_window)
+        p = torch.softmax(s.masked_fill(~vis, float("-inf")), -1)
+        sk = sinks[b, j]
+        p_s = torch.where(sk, p, 0.0).sum(-1, keepdim=True)
+        p_r = torch.where(sk, 0.0, p).sum(-1, keepdim=True)
+        share = p / torch.where(p_r > 0, p_r, 1.0)  # <= 1 for the non-sink keys: no overflow when p_r is tiny
+        p2 = torch.where(sk, beta * p, share * (p_r + (1 - beta) * p_s))
+        outs.append(torch.einsum("nt,ntd->nd", p2, v[b, kv].float()))
+        moved.append((p_r[:, 0] > 0) & (p_s[:, 0] > 0))
+    return torch.cat(outs, 0), torch.cat(moved, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# sink statistics from lse
+# ----------------------------------------------------------------------------------------------
+
+
+def _select_heads(q, k, lse, heads):
+    """Restrict to the query heads `heads` (their kv heads copied: O(Tk d) per head)."""
+    if heads is None:
+        return q, k, lse
+    H, Hkv = q.shape[1], k.shape[1]
+    return q[:, heads], k[:, heads // (H // Hkv)], lse[:, heads]
+
+
+def _key_range(r0: int, r1: int, Tq: int, Tk: int, mask, sliding_window) -> tuple[int, int]:
+    """Key columns [lo, hi) that query rows r0..r1-1 may see (a superset)."""
+    off = Tk - Tq
+    if mask is not None:
+        any_col = mask[:, 0, r0:r1].any(0).any(0).nonzero()
+        if any_col.numel() == 0:
+            return 0, 0
+        lo, hi = int(any_col[0]), int(any_col[-1]) + 1
+    else:
+        lo, hi = 0, min(Tk, r1 + off)
+    if sliding_window is not None:
+        lo = max(lo, r0 + off - sliding_window + 1)
+    return lo, hi
+
+
+def _prob_block(qg, kf, lse_g, rows, lo, hi, Tq, Tk, scale, mask, sliding_window):
+    """fp32 [B, Hkv, rep, n, hi - lo]: probabilities of `rows` (a slice or Long index) on keys lo..hi-1."""
+    B, Hkv, rep, _, D = qg.shape
+    qb = qg[:, :, :, rows]
+    n = qb.shape[3]
+    s = torch.matmul(qb.reshape(B, Hkv, rep * n, D), kf[:, :, lo:hi].transpose(-1, -2)).view(
+        B, Hkv, rep, n, hi - lo
+    )
+    s.mul_(scale).sub_(lse_g[:, :, :, rows].unsqueeze(-1))
+    if isinstance(rows, slice):
+        vis = visibility(Tq, Tk, mask, sliding_window, rows=rows, device=qg.device)
+    else:
+        pos = (rows + (Tk - Tq)).view(-1, 1)
+        col = torch.arange(Tk, device=qg.device).view(1, -1)
+        vis = mask[:, :, rows] if mask is not None else (col <= pos).view(1, 1, -1, Tk)
+        if sliding_window is not None:
+            vis = vis & ((pos - col) < sliding_window)
+    vis = vis[..., lo:hi]
+    s.masked_fill_(~vis.unsqueeze(2), float("-inf"))
+    return s.exp_()
+
+
+def _grouped(q, k, lse):
+    B, H, Tq, D = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    return q.float().view(B, Hkv, rep, Tq, D), k.float(), lse.view(B, Hkv, rep, Tq)
+
+
+def sink_stats_lse(q, k, lse, *, scale: float, mask=None, sliding_window=None, heads=None):
+    """Exact (col_sum [B, Hs, Tk] fp32, n_obs [B, 1, Tk] int64) from the rows' lse: every key column.
+
+    Equal to steer.kernels.act.sink_stats_reference; heads (Long) restricts to those query heads
+    (None = all). Each query block multiplies only against the keys it may see (causal: half of Tq x Tk)."""
+    _check(q, k, None, None, None, mask, sliding_window)
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
+    q, k, lse = _select_heads(q, k, lse, heads)
+    qg, kf, lse_g = _grouped(q, k, lse)
+    col = torch.zeros(B, *qg.shape[1:3], Tk, dtype=torch.float32, device=q.device)
+    for r0 in range(0, Tq, QUERY_BLOCK):
+        r1 = min(Tq, r0 + QUERY_BLOCK)
+        lo, hi = _key_range(r0, r1, Tq, Tk, mask, sliding_window)
+        if hi <= lo:
+            continue
+        col[..., lo:hi] += _prob_block(
+            qg, kf, lse_g, slice(r0, r1), lo, hi, Tq, Tk, scale, mask, sliding_window
+        ).sum(3)
+    return col.view(B, -1, Tk), n_observers(B, Tq, Tk, mask, sliding_window, device=q.device)
+
+
+def sink_stats_columns(q, k, lse, *, scale: float, cols, mask=None, sliding_window=None, heads=None):
+    """Exact (col_sum [B, Hs, C] fp32, n_obs [B, 1, C] int64) for the key columns cols Long[B or 1, C]:
+    O(Tq C d) work. Equal to sink_stats_lse's columns `cols`."""
+    _check(q, k, None, None, None, mask, sliding_window)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if cols.dim() != 2 or cols.shape[0] not in (1, B) or cols.dtype != torch.int64:
+        raise ValueError(f"cols must be Long[B or 1, C] key columns, got {cols.dtype} {tuple(cols.shape)}")
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= Tk):
+        raise ValueError(
+            f"cols must lie in 0..{Tk - 1} (the key columns), got {int(cols.min())}..{int(cols.max())}"
+        )
+    q, k, lse = _select_heads(q, k, lse, heads)
+    Hs, Hkv = q.shape[1], k.shape[1]
+    rep = Hs // Hkv
+    cols = cols.expand(B, -1)
+    C = cols.shape[1]
+    ks = torch.gather(k.float(), 2, cols.view(B, 1, C, 1).expand(B, Hkv, C, D))  # [B, Hkv, C, D]
+    s = torch.matmul(q.float().reshape(B, Hkv, rep * Tq, D), ks.transpose(-1, -2)).view(B, Hs, Tq, C)
+    s.mul_(scale).sub_(lse.unsqueeze(-1))
+    ok = _column_visibility(cols.unsqueeze(1), Tq, Tk, mask, sliding_window)  # [B, 1, Tq, C]
+    col = torch.where(ok, s.exp_(), 0.0).sum(2)
+    n_obs = torch.gather(n_observers(B, Tq, Tk, mask, sliding_window, device=q.device), 2, cols.unsqueeze(1))
+    return col, n_obs
+
+
+def sink_stats_sampled(
+    q,
+    k,
+    lse,
+    *,
+    scale: float,
+    n_rows: int,
+    mask=None,
+    sliding_window=None,
+    heads=None,
+    generator: torch.Generator | None = None,
+):
+    """(col_sum estimate [B, Hs, Tk], its standard error [B, Hs, Tk], n_obs [B, 1, Tk]) from `n_rows`
+    query rows drawn uniformly without replacement (the same rows for every batch row and head).
+
+    The column sum T_k = sum_i A[i, k] over all Tq rows is estimated by (Tq / m) sum_{sampled i} A[i, k]
+    (unbiased under simple random sampling); its variance Tq^2 (1 - m / Tq) S_k^2 / m is estimated
+    with the sample variance S_k^2 of A[:, k] over the drawn rows (unbiased too). Divide both by n_obs
+    for the score and its standard error. Work O(m Tk d) instead of O(Tq Tk d)."""
+    _check(q, k, None, None, None, mask, sliding_window)
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
+    if not 2 <= n_rows <= Tq:
+        raise ValueError(
+            f"n_rows must be between 2 and the {Tq} query rows (got {n_rows}); with all rows "
+            f"use sink_stats_lse, which is exact"
+        )
+    q, k, lse = _select_heads(q, k, lse, heads)
+    qg, kf, lse_g = _grouped(q, k, lse)
+    rows = torch.randperm(Tq, generator=generator)[:n_rows].sort().values.to(q.device)
+    acc = torch.zeros(B, *qg.shape[1:3], Tk, dtype=torch.float64, device=q.device)
+    acc2 = torch.zeros_like(acc)
+    for c0 in range(0, n_rows, QUERY_BLOCK):
+        p = _prob_block(
+            qg, kf, lse_g, rows[c0 : c0 + QUERY_BLOCK], 0, Tk, Tq, Tk, scale, mask, sliding_window
+        )
+        acc += p.sum(3, dtype=torch.float64)
+        acc2 += p.double().square().sum(3)
+    m = n_rows
+    var_rows = ((acc2 - acc.square() / m) / (m - 1)).clamp_min(0)
+    est = acc * (Tq / m)
+    se = (var_rows * (Tq * Tq * (1 - m / Tq) / m)).sqrt()
+    n_obs = n_observers(B, Tq, Tk, mask, sliding_window, device=q.device)
+    return est.float().view(B, -1, Tk), se.float().view(B, -1, Tk), n_obs

@@ -1,0 +1,47 @@
+"""steer.attention: the causal-mask fast path keeps unhooked layers on SDPA's own kernels."""
+
+import torch
+
+from steer import attention
+from steer.adapters import model_map
+from steer.hooks import attach
+from steer.tiny import tiny_model, tiny_tokenizer
+
+
+def _modules(model):
+    mm = model_map(model)
+    return {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
+
+
+def test_unpadded_batches_are_marked_causal_and_unhooked_layers_match_sdpa_exactly():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    ids = tok(["the quick brown fox jumps over the lazy dog"], return_tensors="pt").input_ids
+    plain = model(input_ids=ids).logits
+    with attention.activate(model, _modules(model), {}, {}):
+        routed = model(input_ids=ids).logits
+    assert torch.equal(routed, plain)  # not merely close: the same SDPA call as without steer
+    seen = []
+    with attach(model, {"blocks.0.attn.impl": lambda call, ctx: seen.append(call.causal)}):
+        model(input_ids=ids)
+        out = model(input_ids=ids, use_cache=True)
+        model(input_ids=ids[:, :1], cache=out.past_key_values, use_cache=True)  # decode row: causal
+        enc = tok(["a b", "a much longer text here"], return_tensors="pt", padding=True)
+        model(**enc)  # left padding: not causal
+    assert seen == [True, True, True, False]
+
+
+def test_windowed_layers_are_not_marked_causal_once_the_window_cuts():
+    model = tiny_model("gemma3_text")
+    window = model.config.sliding_window
+    ids = torch.randint(5, 200, (1, window + 3))
+    seen = {}
+    layers = {i: t for i, t in enumerate(model.config.layer_types)}
+
+    def record(call, ctx):
+        seen.setdefault(ctx.layer, call.causal)  # returns None: the layer runs its own attention
+
+    hooks = {f"blocks.{i}.attn.impl": record for i in layers}
+    with attach(model, hooks):
+        model(input_ids=ids)
+    for i, t in layers.items():
+        assert seen[i] == (t != "sliding_attention"), (i, t)
