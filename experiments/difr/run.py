@@ -260,8 +260,8 @@ def collect(args, lm, out: Path) -> dict:
     steering, steering_desc, steering_digest = steering_for(model, args, out)
 
     claims: dict[str, Fingerprints] = {}
-    log(f"honest runs (calibration prompts, seed 0): variants {BENIGN_VARIANTS}")
-    calib = benign_mix(model, tok, calib_prompts, seed=0, **kw)
+    log(f"honest runs (calibration prompts, seeds {args.calib_seeds}): variants {BENIGN_VARIANTS}")
+    calib = Fingerprints.concat([benign_mix(model, tok, calib_prompts, seed=s, **kw) for s in args.calib_seeds])
     log("honest runs (held-out prompts, seed 1)")
     claims["benign"] = benign_mix(model, tok, held_prompts, seed=1, **kw)
     held = dict(seed=1, **kw)
@@ -282,7 +282,7 @@ def collect(args, lm, out: Path) -> dict:
     log("honest steered runs (claim the steering intervention)")
     steered_benign = benign_mix(model, tok, held_prompts, intervention=steering, **held)
     touched["honest steered provider (held-out)"] = steering.total_touched
-    steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=0, **kw)
+    steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=args.calib_seeds[0], **kw)
 
     log("verifier: teacher forcing every claim through the reference model")
     refs = {name: teacher_force(model, fp, VERIFIER_BATCH) for name, fp in claims.items()}
@@ -312,6 +312,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--n-calib", type=int, default=9, help="calibration prompts (honest runs)")
     ap.add_argument("--n-heldout", type=int, default=9, help="held-out prompts (honest + cheating runs)")
+    ap.add_argument("--calib-seeds", type=int, nargs="+", default=[0],
+                    help="sampling seeds of the honest calibration runs (one sequence per prompt and seed; "
+                         "never the held-out seed 1)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--target-fpr", type=float, default=0.01)
     ap.add_argument("--toploc-cap", type=int, default=80, help="max TOPLOC windows per claim and n")
