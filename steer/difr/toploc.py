@@ -181,6 +181,7 @@ def to_base64(proofs: Tensor) -> list[str]:
 
 def from_bytes(proofs: list[bytes]) -> Tensor:
     """Int32 [n_chunks, 1 + topk] from toploc-format proofs (all chunks must have the same topk)."""
+    proofs = list(proofs)
     sizes = {len(b) for b in proofs}
     if len(sizes) > 1 or any(n < 2 or n % 2 for n in sizes):
         raise ValueError(f"toploc proofs are 2 + 2*topk bytes each, all the same size; got sizes {sorted(sizes)}")
