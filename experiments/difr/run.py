@@ -397,6 +397,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def per_item_scores(out: Path, runs: dict) -> None:
+    """Every per-token score of every run (scores.csv.gz): what all tables are computed from, so they
+    can be re-derived without the raw hidden states (the full --rescore needs the raw .pt file)."""
+    import pandas as pd
+
+    parts = []
+    for name, (fp, sc) in runs.items():
+        seq = torch.repeat_interleave(torch.arange(fp.n_sequences), fp.output_lengths).numpy()
+        pos = torch.cat([torch.arange(int(n)) for n in fp.output_lengths]).numpy()
+        parts.append(pd.DataFrame({"run": name, "sequence": seq, "position": pos, "token_id": fp.output_ids.numpy(),
+                                   **{m: np.round(v.astype(np.float64), 7) for m, v in sc.items()}}))
+    pd.concat(parts).to_csv(out / "scores.csv.gz", index=False)
+
+
 def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
     """AUCs, conformal thresholds, held-out FPR and power from the raw runs; writes the csv/html files."""
     import pandas as pd
@@ -439,6 +453,10 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
              tl_steer["steering claimed, not applied"], "steered reference")
     df = pd.DataFrame(rows)
     df.to_csv(out / "auc.csv", index=False)
+    per_item_scores(out, {"calibration": (calib, per_token(calib, ref_calib))}
+                    | {name: (claims[name], scores[name]) for name in claims}
+                    | {f"steered reference: {name}": (fp, steer_scores[name]) for name, fp in
+                       (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))})
 
     # conformal thresholds (calibration runs), false positives on held-out honest runs, and power
     calib_scores = per_token(calib, ref_calib)
@@ -496,7 +514,7 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
         benign_max_ulp_k8=float(scores["benign"]["activation k=8 ulp"].max()),
         benign_max_ulp_k8_unfloored=float(scores["benign"]["activation k=8 ulp unfloored"].max()),
         # why "ulp" exists: the L2 rounding floor grows with |f|; this is how much on the benign runs
-        benign_l2_vs_fingerprint_norm_spearman=float(pd.Series(benign_k8).corr(pd.Series(f_norm), method="spearman")),
+        benign_l2_vs_fingerprint_norm_spearman=float(pd.Series(benign_k8).rank().corr(pd.Series(f_norm).rank())),
         mean_hidden_norm=float(hid.norm(dim=-1).mean()),
     )
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def fpr_table(fpr: pd.DataFrame) -> str:
     return md(fpr[cols + tpr], index=False)
 
 
+def binom_tail(x: int, n: int, p: float) -> float:
+    """P(X >= x) for X ~ Binomial(n, p): how surprising x false positives in n windows are at rate p."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(x, n + 1))
+
+
 def fpr_summary(fpr: pd.DataFrame) -> str:
     """Per (method, target FPR) and n: false positives / held-out windows, or "insuff. (m/needed)"."""
     out = []
@@ -59,13 +65,15 @@ def fpr_summary(fpr: pd.DataFrame) -> str:
             elif r.n_heldout_windows == 0:
                 cells.append("no held-out window")
             else:
-                c = int(round(r.heldout_fpr * r.n_heldout_windows))
-                cells.append(f"{c}/{int(r.n_heldout_windows)}" + (" **over**" if r.heldout_fpr > target else ""))
+                c, w = int(round(r.heldout_fpr * r.n_heldout_windows)), int(r.n_heldout_windows)
+                over = f" **over** (p = {binom_tail(c, w, target):.2f})" if r.heldout_fpr > target else ""
+                cells.append(f"{c}/{w}{over}")
         f["cell"] = cells
         t = f.pivot(index="method", columns="n_tokens", values="cell").reindex(list(dict.fromkeys(f.method)))
         ok = f[(f.status == "calibrated") & (f.n_heldout_windows > 0)]
         over = int((ok.heldout_fpr > target).sum())
-        out.append(f"target FPR {target:g}:\n\n{md(t)}\n\ncalibrated cells over the target: {over} of {len(ok)}; "
+        out.append(f"target FPR {target:g} (p: exact binomial P(>= this many | FPR = target)):\n\n{md(t)}\n\n"
+                   f"calibrated cells over the target: {over} of {len(ok)}; "
                    f"insufficient cells: {int((f.status != 'calibrated').sum())} of {len(f)}")
     return "\n\n".join(out)
 
