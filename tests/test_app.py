@@ -268,7 +268,9 @@ def test_fingerprints_make_verify_and_bad_claim(app, ckpts, tmp_path):
     at.number_input(key="fp_tokens").set_value(6).run()
     _click(at, "run_fp")
     _click(at, "run_verify")
-    assert any(s.value.startswith("VERIFIED") for s in at.success), [s.value for s in at.success + at.error]
+    # the demo's benign rerun has no disjoint benign windows as long as the whole claim: no decision
+    assert any(s.value.startswith("INSUFFICIENT") and "windows" in s.value for s in at.warning), \
+        [s.value for s in at.success + at.error + at.warning]
     assert _charts(at) == 1
     # a fingerprint file made on the other model is refused with the reason
     from steer.difr import fingerprint_prompts

@@ -159,7 +159,7 @@ def test_mismatched_token_counts_are_errors(llama, tok):
 
 def test_wrong_model_seed_or_k_never_verifies(llama, tok):
     fp = _fp(llama, tok, model_id="tiny-llama")
-    cal = calibrate(llama, [fp])
+    cal = calibrate(llama, [fp], target_fpr=0.1)
     with pytest.raises(ValueError, match="different model configuration"):
         verify(tiny_model("qwen2"), fp, cal)
     with pytest.raises(ValueError, match="claim model"):
@@ -167,12 +167,13 @@ def test_wrong_model_seed_or_k_never_verifies(llama, tok):
     other = _fp(llama, tok, model_id="tiny-llama", config=DiFRConfig(k=4))
     with pytest.raises(ValueError, match="calibration was made for k=8"):
         verify(llama, other, cal)
-    reseeded = _fp(llama, tok, model_id="tiny-llama", config=DiFRConfig(k=8, seed=1))
+    reseeded = _fp(llama, tok, PROMPTS[:1], model_id="tiny-llama", config=DiFRConfig(k=8, seed=1), max_new_tokens=2)
     with pytest.raises(ValueError, match="seed=0"):
         verify(llama, reseeded, cal)
     # fingerprints made with another seed but relabelled as seed 0: a plain rejection, not a pass
     forged = reseeded.with_config(reseeded.values, DiFRConfig(k=8, seed=0))
-    assert verify(llama, forged, cal).decision == "rejected"
+    report = verify(llama, forged, cal)
+    assert cal.sufficient(report.n_tokens) and report.decision == "rejected"
 
 
 def test_out_of_vocabulary_tokens_are_errors(llama, tok):
@@ -192,9 +193,10 @@ def test_teacher_forcing_reproduces_the_provider(llama, tok):
     # in each component's own fp16 steps, rounding alone is U(-1/2, 1/2) per component: RMS 12**-0.5
     raw = activation_distances(fp, ref.hidden, "ulp_unfloored")
     assert raw.max() < 0.75 and abs(float(raw.mean()) - 12 ** -0.5) < 0.05
-    d = activation_distances(fp, ref.hidden)  # floored steps are never smaller, so distances never larger
+    d = activation_distances(fp, ref.hidden, "ulp")  # floored steps are never smaller, so distances never larger
     assert d.max() < 0.75 and bool((d <= raw + 1e-6).all()) and float(d.mean()) > 0.1
-    assert activation_distances(fp, ref.hidden, "l2").max() < 0.05
+    l2 = activation_distances(fp, ref.hidden)  # the default: the paper's L2
+    assert l2.max() < 0.05 and torch.equal(l2, activation_distances(fp, ref.hidden, "l2"))
     assert ref.margins is not None and ref.margins.abs().max() < 1e-3
 
 
@@ -205,19 +207,31 @@ def test_uncalibrated_report_never_says_verified(llama, tok):
 
 
 def test_calibrated_verification_accepts_benign_and_rejects_quantised(llama, tok):
-    benign = [_fp(llama, tok, seed=s, batch_size=b) for s, b in ((0, 4), (1, 1), (2, 3))]
-    cal = calibrate(llama, benign, target_fpr=0.01)
-    assert isinstance(cal, Calibration) and cal.n_benign == 12
-    honest = _fp(llama, tok, seed=7, batch_size=2)
+    benign = [_fp(llama, tok, seed=s, batch_size=b, max_new_tokens=20) for s, b in ((0, 4), (1, 1), (2, 3))]
+    cal = calibrate(llama, benign, target_fpr=0.05)
+    assert isinstance(cal, Calibration) and cal.n_benign == 12 and cal.statistic == "l2"
+    honest = _fp(llama, tok, ["the quick brown fox"], seed=7, batch_size=1, max_new_tokens=6)
     ok = verify(llama, honest, cal, batch_size=4)
-    assert ok.verified and ok.p_value > 0.01
-    q4 = _fp(quantize_rtn(llama, bits=4, group_size=32), tok, seed=7)
+    assert cal.n_units(ok.n_tokens) >= 20 and ok.verified and ok.p_value > 0.05
+    q4 = _fp(quantize_rtn(llama, bits=4, group_size=32), tok, ["the quick brown fox"], seed=7, max_new_tokens=6)
     bad = verify(llama, q4, cal)
     assert bad.decision == "rejected" and bad.score > 10 * cal.threshold(bad.n_tokens)
-    assert bad.p_value < 0.01
+    assert bad.p_value < 0.05
     df = bad.to_dataframe()
-    assert len(df) == bad.n_tokens and {"distance", "margin", "token_id"} <= set(df.columns)
+    assert len(df) == bad.n_tokens and {"distance", "l2", "ulp", "margin", "token_id"} <= set(df.columns)
+    assert torch.equal(bad.distances, bad.l2) and bad.summary()["mean_ulp"] > bad.summary()["mean_l2"]
     assert bad.figure().data
+
+
+def test_too_few_calibration_windows_is_insufficient_never_a_pass(llama, tok):
+    """A claim longer than the benign sequences has no disjoint benign windows of its length."""
+    cal = calibrate(llama, [_fp(llama, tok, max_new_tokens=6)], target_fpr=0.05)
+    claim = _fp(llama, tok, seed=7)  # 4 sequences: ~40 tokens, longer than any benign sequence
+    report = verify(llama, claim, cal)
+    assert cal.n_units(report.n_tokens) == 0 and cal.threshold(report.n_tokens) is None
+    assert report.decision == "insufficient" and not report.verified and report.threshold is None
+    assert report.summary()["windows_needed"] == 20 and cal.max_tokens() < report.n_tokens
+    assert report.figure().data  # no threshold line, still a figure
 
 
 def test_attention_kernel_is_benign(tok):
@@ -242,12 +256,59 @@ def test_calibration_threshold_holds_its_false_positive_rate():
     assert cal.p_value(10.0, 1) < 0.001 and cal.p_value(0.0, 1) == 1.0
 
 
+def test_windows_are_disjoint_and_never_cross_sequences():
+    from steer.difr.verify import window_means
+
+    scores = torch.tensor([1.0, 2, 3, 10, 20, 30, 40, 50])  # sequences of 3 and 5 tokens
+    means = window_means(scores, torch.tensor([3, 5]), 2)
+    assert means.tolist() == [1.5, 15.0, 35.0]  # [1,2] | [10,20] [30,40]; 3 and 50 are remainders
+    assert window_means(scores, torch.tensor([3, 5]), 4).tolist() == [25.0]
+    with pytest.raises(ValueError, match="scores for sequences"):
+        window_means(scores, torch.tensor([3, 4]), 2)
+
+
+def test_threshold_is_the_exact_conformal_rank():
+    """Units 1..m (one token per window): the threshold is the ceil((m+1)(1-alpha))-th smallest."""
+    from steer.difr.verify import conformal_rank
+
+    def cal(m, alpha):
+        return Calibration("activation", alpha, torch.arange(1.0, m + 1), torch.ones(m, dtype=torch.long),
+                           DiFRConfig(), "h", "m")
+
+    assert conformal_rank(199, 0.01) == 198 and conformal_rank(100, 0.01) == 100 and conformal_rank(99, 0.01) == 99
+    assert cal(199, 0.01).threshold(1) == 198.0
+    assert cal(100, 0.01).threshold(1) == 100.0  # the maximum: exactly 100 units hold 1%
+    assert cal(99, 0.01).threshold(1) is None and cal(99, 0.01).decide(0.0, 1) == "insufficient"
+    assert cal(19, 0.05).threshold(1) is None and cal(20, 0.05).threshold(1) == 20.0
+    assert cal(199, 0.01).decide(198.0, 1) == "verified" and cal(199, 0.01).decide(198.5, 1) == "rejected"
+    assert cal(199, 0.01).decide(float("nan"), 1) == "rejected"
+    # conformal p-value: (1 + #{units >= score}) / (m + 1)
+    assert cal(199, 0.01).p_value(198.5, 1) == pytest.approx(2 / 200)
+
+
+def test_conformal_threshold_holds_the_fpr_over_calibrations():
+    """Exchangeable units: P(fresh benign unit > threshold) = 1 - rank/(m+1) <= alpha, over draws."""
+    g = torch.Generator().manual_seed(1)
+    m, alpha, trials = 150, 0.05, 4000
+    units = torch.rand(trials, m, generator=g).sort(dim=1).values
+    fresh = torch.rand(trials, generator=g)
+    from steer.difr.verify import conformal_rank
+
+    rank = conformal_rank(m, alpha)
+    fpr = float((fresh > units[:, rank - 1]).float().mean())
+    exact = 1 - rank / (m + 1)
+    assert exact <= alpha and abs(fpr - exact) < 0.012, (fpr, exact)
+
+
 def test_calibration_round_trip(llama, tok, tmp_path):
-    cal = calibrate(llama, [_fp(llama, tok)], method="token")
-    assert cal.clip >= 1.0
+    cal = calibrate(llama, [_fp(llama, tok)], method="token", target_fpr=0.1)
+    assert cal.clip == 0.5 and cal.clip_percentile is None  # the paper's fixed clip
     back = Calibration.load(cal.save(tmp_path / "cal.safetensors"))
     assert back.method == "token" and back.clip == cal.clip and torch.equal(back.benign, cal.benign)
-    assert back.threshold(3) == cal.threshold(3)
+    assert back.threshold(3) == cal.threshold(3) and back.clip_percentile is None
+    pct = calibrate(llama, [_fp(llama, tok)], method="token", clip_percentile=99.9)
+    assert pct.clip >= 1.0 and pct.clip_percentile == 99.9  # steer's earlier rule, kept as an option
+    assert Calibration.load(pct.save(tmp_path / "pct.safetensors")).clip == pct.clip
     assert len(back.to_dataframe()) > 3 and back.figure().data
 
 
@@ -262,11 +323,11 @@ def test_ulp_floor_bounds_benign_noise_on_near_zero_components(llama, tok):
     noisy = h + 1e-6 * h.norm(dim=1, keepdim=True) * torch.randn(h.shape, generator=g)  # benign fp32-sized noise
     claim = fp.with_config((h @ p).to(torch.float16), fp.config)
     unfloored = activation_distances(claim, noisy, "ulp_unfloored")
-    floored = activation_distances(claim, noisy)
+    floored = activation_distances(claim, noisy, "ulp")
     assert float(unfloored.median()) > 5  # the unfloored tail that broke the held-out FPR on SmolLM2
     assert float(floored.max()) < 0.75
     # a real weight perturbation still stands far above the floored benign range
-    wrong = activation_distances(claim, h * 1.01)
+    wrong = activation_distances(claim, h * 1.01, "ulp")
     assert float(wrong.min()) > 3
 
 
@@ -275,15 +336,18 @@ def test_version_1_calibration_files_keep_their_statistic(llama, tok, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    cal = calibrate(llama, [_fp(llama, tok)], statistic="ulp_unfloored")
+    cal = calibrate(llama, [_fp(llama, tok)], statistic="ulp_unfloored", target_fpr=0.1)
     path = cal.save(tmp_path / "cal.safetensors")
     with safe_open(str(path), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    assert meta["format"] == "steer.difr.calibration/2"
+    assert meta["format"] == "steer.difr.calibration/3" and "disjoint" in meta["threshold_rule"]
     save_file(tensors, str(tmp_path / "v1.safetensors"),
               metadata=meta | {"format": "steer.difr.calibration/1", "statistic": "ulp"})
     old = Calibration.load(tmp_path / "v1.safetensors")
-    assert old.statistic == "ulp_unfloored" and old.threshold(4) == cal.threshold(4)
+    assert old.statistic == "ulp_unfloored" and old.threshold(2) == cal.threshold(2) is not None
+    save_file(tensors, str(tmp_path / "v2.safetensors"),
+              metadata=meta | {"format": "steer.difr.calibration/2", "statistic": "ulp", "n_resamples": "4000"})
+    assert Calibration.load(tmp_path / "v2.safetensors").statistic == "ulp"  # version 2 "ulp" was floored
     with pytest.raises(ValueError, match="statistic must be one of"):
         calibrate(llama, [_fp(llama, tok)], statistic="cosine")
 
@@ -292,11 +356,11 @@ def test_ulp_thresholds_never_go_below_the_rounding_bound(llama, tok):
     """Storage rounding alone gives up to half a step per component; a calibration whose benign
     tokens happened to round less must not reject another prompt's honest rounding."""
     fp = _fp(llama, tok)
-    cal = calibrate(llama, [fp])
-    assert cal.min_threshold == 0.5 and all(cal.threshold(n) >= 0.5 for n in (1, 4, 16))
-    low = Calibration("activation", 0.01, torch.full((40,), 0.1), torch.tensor([40]), fp.config, "h", "m",
-                      min_threshold=0.5)
+    cal = calibrate(llama, [fp], statistic="ulp", target_fpr=0.1)
+    assert cal.min_threshold == 0.5 and all(cal.threshold(n) >= 0.5 for n in (1, 2))
+    low = Calibration("activation", 0.05, torch.full((40,), 0.1), torch.tensor([40]), fp.config, "h", "m",
+                      statistic="ulp", min_threshold=0.5)
     assert low.threshold(1) == 0.5
-    l2 = calibrate(llama, [fp], statistic="l2")
-    assert l2.min_threshold is None and l2.threshold(1) < 0.05  # L2 has no content-free bound
+    l2 = calibrate(llama, [fp], target_fpr=0.1)
+    assert l2.statistic == "l2" and l2.min_threshold is None and l2.threshold(1) < 0.05  # no content-free bound
     assert calibrate(llama, [fp], method="token").min_threshold is None

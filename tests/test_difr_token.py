@@ -65,3 +65,12 @@ def test_wrong_sampler_shows_up_in_margins():
     assert m_honest.abs().max() < 1e-3
     assert (teacher_force(model, cold).margins > 1e-3).float().mean() > 0.05  # flat tiny logits: few flips
     assert (teacher_force(model, reseeded).margins > 1e-3).float().mean() > 0.5
+
+
+def test_margins_are_clipped_at_the_papers_fixed_half_logit():
+    """The paper's code scores min(margin, 0.5), and 0.5 for a token outside the support (margin inf)."""
+    from steer.difr.verify import TOKEN_CLIP, clip_margins
+
+    m = torch.tensor([0.0, 0.25, 0.5, 3.0, float("inf")])
+    assert TOKEN_CLIP == 0.5 and clip_margins(m, TOKEN_CLIP).tolist() == [0.0, 0.25, 0.5, 0.5, 0.5]
+    assert torch.equal(clip_margins(m, None), m)

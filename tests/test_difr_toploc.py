@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from steer.difr import quantize_dequantize, quantize_rtn, toploc
@@ -55,3 +56,30 @@ def test_quantize_rtn_copies_and_skips_the_head():
     assert "lm_head.weight" not in changed and "model.embed_tokens.weight" not in changed
     assert any("experts" in n for n in changed) and any("q_proj" in n for n in changed)
     assert q.steer_quantized["tensors"] > 0
+
+
+def test_proofs_round_trip_through_toplocs_wire_format():
+    h = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
+    proofs = toploc.build_proofs(h)
+    raw = toploc.to_bytes(proofs)
+    assert len(raw) == 2 and all(len(b) == 258 for b in raw)
+    assert int.from_bytes(raw[0][:2], "big") == int(proofs[0, 0])  # modulus first, big-endian uint16
+    assert int.from_bytes(raw[0][2:4], "big") == int(proofs[0, 1])
+    assert torch.equal(toploc.from_bytes(raw), proofs)
+    assert torch.equal(toploc.from_base64(toploc.to_base64(proofs)), proofs)
+    with pytest.raises(ValueError, match="2 \\+ 2\\*topk"):
+        toploc.from_bytes([raw[0], raw[1][:-1]])
+    with pytest.raises(ValueError, match="not toploc base64"):
+        toploc.from_base64(["not base64!"])
+
+
+def test_median_conventions():
+    """toploc's Python path averages the two middle errors, its C++ path takes the upper one."""
+    h = torch.randn(32, 64, generator=torch.Generator().manual_seed(5)) * 3
+    proofs = toploc.build_proofs(h)
+    noisy = h * (1 + 2e-2 * torch.randn(h.shape, generator=torch.Generator().manual_seed(6)))
+    avg = toploc.verify_proofs(noisy, proofs)[0]
+    upper = toploc.verify_proofs(noisy, proofs, toploc.TopLocParams(median="upper"))[0]
+    assert avg.mant_err_mean == upper.mant_err_mean and upper.mant_err_median >= avg.mant_err_median
+    with pytest.raises(ValueError, match="median"):
+        toploc.TopLocParams(median="lower")

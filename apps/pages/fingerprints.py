@@ -85,10 +85,17 @@ if fp is not None:
     if saved and saved[0] == spec:
         report = saved[1]
         s = report.summary()
-        {"verified": st.success, "rejected": st.error}.get(report.decision, st.info)(
+        if report.decision == "insufficient":
+            why = (f" (no decision: the calibration has {s['calibration_windows']} disjoint benign windows of "
+                   f"{report.n_tokens} tokens, a threshold at FPR {s['target_fpr']:g} needs {s['windows_needed']}; "
+                   f"calibrate on more or longer benign runs)")
+        elif report.threshold is not None:
+            why = f", threshold {report.threshold:.4g}, p = {report.p_value:.3g}"
+        else:
+            why = " (no calibration: no decision)"
+        {"verified": st.success, "rejected": st.error, "insufficient": st.warning}.get(report.decision, st.info)(
             f"{report.decision.upper()}: mean {report.method} score {report.score:.4g} over {report.n_tokens} tokens"
-            + (f", threshold {report.threshold:.4g}, p = {report.p_value:.3g}" if report.threshold is not None else
-               " (no calibration: no decision)"))
+            + why)
         show_figure(report.figure(), key="fp_report_fig")
         with st.expander("Per-token table and summary"):
             st.json(s)

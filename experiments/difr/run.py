@@ -7,13 +7,17 @@ different model, the wrong temperature / top-p / seed, a sampler with a 1% bug, 
 intervention that was (not) applied. The verifier teacher-forces every claim once through the
 reference model and scores it with Activation-DiFR (several k), Token-DiFR and TOPLOC.
 
-Scores are averaged over windows of n consecutive generated tokens of a claim (all sequences of a
-claim joined in order); ROC AUC compares the windows of the held-out honest runs with those of each
-cheating run. Thresholds are calibrated on separate honest runs (other prompts, other seeds) at the
-target FPR, and the FPR is measured on the held-out honest runs.
+Scores are averaged over disjoint windows of n consecutive generated tokens inside one sequence
+(never across a sequence boundary; a sequence's last len % n tokens are dropped); ROC AUC compares
+the windows of the held-out honest runs with those of each cheating run. Thresholds are split-
+conformal ranks over the same kind of windows of separate honest runs (other prompts, other seeds)
+at each target FPR; a cell with fewer than 1/FPR calibration windows is "insufficient" (no
+threshold, never counted as a pass). The FPR is measured on the held-out honest runs.
 
     .venv/bin/python experiments/difr/run.py                  # SmolLM2, ~20-40 min on 1 busy core
-    .venv/bin/python experiments/difr/run.py --model smollm2-moe --quick
+    .venv/bin/python experiments/difr/run.py --model smollm2-moe --n-calib 6 --n-heldout 6 \
+        --max-new-tokens 16 --conditions g128 steering
+    .venv/bin/python experiments/difr/run.py --rescore         # re-analyse the kept raw runs only
 """
 
 from __future__ import annotations
@@ -38,15 +42,22 @@ from steer.difr import (
     Fingerprints,
     GumbelSampler,
     SamplingParams,
-    calibrate,
     config_hash,
     fingerprint_prompts,
+    projection_matrix,
     quantize_rtn,
     teacher_force,
     toploc,
 )
 from steer.difr.sampling import gumbel_noise
-from steer.difr.verify import Reference, activation_distances, clip_margins
+from steer.difr.verify import (
+    ROUNDING_BOUND,
+    TOKEN_CLIP,
+    Reference,
+    activation_distances,
+    clip_margins,
+    window_means,
+)
 
 HERE = Path(__file__).parent
 KS = (2, 4, 8, 16, 32, 64, 128)
@@ -138,22 +149,26 @@ def layer_dropped(model: nn.Module, drop: tuple[int, ...]) -> nn.Module:
 # Scores per window of n tokens
 
 
-def windows(scores: np.ndarray, n: int) -> np.ndarray:
-    m = len(scores) // n
-    return scores[: m * n].reshape(m, n).mean(1) if m else np.zeros(0)
+def windows(scores: np.ndarray, lengths: torch.Tensor, n: int) -> np.ndarray:
+    """Means of the disjoint n-token windows inside each sequence (steer.difr.verify.window_means)."""
+    return window_means(torch.as_tensor(scores, dtype=torch.float64), lengths, n).numpy()
 
 
-def toploc_windows(hid_p: torch.Tensor, hid_v: torch.Tensor, n: int, cap: int, seed: int) -> np.ndarray:
-    """TOPLOC score per n-token window: the provider commits to the window's chunks of <= 32 tokens."""
+def toploc_windows(hid_p: torch.Tensor, hid_v: torch.Tensor, lengths: torch.Tensor, n: int, cap: int,
+                   seed: int) -> np.ndarray:
+    """TOPLOC score per within-sequence n-token window: the provider commits to its chunks of <= 32 tokens."""
     params = toploc.TopLocParams()
-    m = hid_p.shape[0] // n
-    idx = np.arange(m)
-    if m > cap:
-        idx = np.sort(np.random.default_rng(seed).choice(m, cap, replace=False))
+    spans, start = [], 0
+    for length in lengths.tolist():
+        spans += [(start + w * n, start + (w + 1) * n) for w in range(length // n)]
+        start += length
+    idx = np.arange(len(spans))
+    if len(spans) > cap:
+        idx = np.sort(np.random.default_rng(seed).choice(len(spans), cap, replace=False))
     out = []
     for w in idx:
-        hp, hv = hid_p[w * n:(w + 1) * n], hid_v[w * n:(w + 1) * n]
-        res = toploc.verify_proofs(hv, toploc.build_proofs(hp, params), params)
+        a, b = spans[w]
+        res = toploc.verify_proofs(hid_v[a:b], toploc.build_proofs(hid_p[a:b], params), params)
         out.append(np.mean([r.score for r in res]))
     return np.array(out)
 
@@ -177,18 +192,43 @@ def auc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def per_token(fp: Fingerprints, ref, clip: float) -> dict[str, np.ndarray]:
+# Every per-token score the analysis compares: (name, statistic) of Activation-DiFR variants; "token"
+# is Token-DiFR at the paper's clip 0.5, "token clip 1.0" the earlier rule's clip on these models
+OLD_TOKEN_CLIP = 1.0  # what max(99.9th percentile of benign margins, 1 logit) gave in the first runs
+
+
+def per_token(fp: Fingerprints, ref) -> dict[str, np.ndarray]:
     """Per-token scores of every method variant (TOPLOC is per window, computed separately)."""
     out = {}
     for k in KS:
-        out[f"activation k={k}"] = activation_distances(fp.reproject(DiFRConfig(k=k)), ref.hidden).numpy()
+        out[f"activation k={k}"] = activation_distances(fp.reproject(DiFRConfig(k=k)), ref.hidden, "l2").numpy()
     out["activation k=8 orthonormal"] = activation_distances(
-        fp.reproject(DiFRConfig(k=8, projection="orthonormal")), ref.hidden).numpy()
+        fp.reproject(DiFRConfig(k=8, projection="orthonormal")), ref.hidden, "l2").numpy()
     k8 = fp.reproject(DiFRConfig(k=8))
-    out["activation k=8 L2"] = activation_distances(k8, ref.hidden, "l2").numpy()
+    for k in (2, 8, 32):
+        out[f"activation k={k} ulp"] = activation_distances(fp.reproject(DiFRConfig(k=k)), ref.hidden, "ulp").numpy()
     out["activation k=8 ulp unfloored"] = activation_distances(k8, ref.hidden, "ulp_unfloored").numpy()
-    out["token"] = clip_margins(ref.margins, clip).numpy()
+    out["token"] = clip_margins(ref.margins, TOKEN_CLIP).numpy()
+    out["token clip 1.0"] = clip_margins(ref.margins, OLD_TOKEN_CLIP).numpy()
     return out
+
+
+# methods that get a calibrated threshold: name -> (statistic, min_threshold)
+CALIBRATED = {
+    "activation k=2": ("l2", None), "activation k=8": ("l2", None), "activation k=32": ("l2", None),
+    "activation k=2 ulp": ("ulp", ROUNDING_BOUND["ulp"]), "activation k=8 ulp": ("ulp", ROUNDING_BOUND["ulp"]),
+    "activation k=32 ulp": ("ulp", ROUNDING_BOUND["ulp"]), "activation k=8 ulp unfloored": ("ulp_unfloored", None),
+    "token": (None, None), "token clip 1.0": (None, None),
+}
+
+
+def calibration_of(scores: np.ndarray, lengths: torch.Tensor, name: str, fpr: float, fp: Fingerprints) -> Calibration:
+    """The steer Calibration these benign per-token scores give (what steer.difr.calibrate builds)."""
+    stat, floor = CALIBRATED[name]
+    method = "token" if name.startswith("token") else "activation"
+    return Calibration(method, fpr, torch.as_tensor(scores, dtype=torch.float32), lengths.to(torch.int64), fp.config,
+                       fp.config_hash, fp.model_id, statistic=stat or "l2", min_threshold=floor,
+                       clip=(TOKEN_CLIP if name == "token" else OLD_TOKEN_CLIP) if method == "token" else None)
 
 
 def bytes_per_token(method: str, n: int) -> float:
@@ -260,8 +300,8 @@ def collect(args, lm, out: Path) -> dict:
     steering, steering_desc, steering_digest = steering_for(model, args, out)
 
     claims: dict[str, Fingerprints] = {}
-    log(f"honest runs (calibration prompts, seed 0): variants {BENIGN_VARIANTS}")
-    calib = benign_mix(model, tok, calib_prompts, seed=0, **kw)
+    log(f"honest runs (calibration prompts, seeds {args.calib_seeds}): variants {BENIGN_VARIANTS}")
+    calib = Fingerprints.concat([benign_mix(model, tok, calib_prompts, seed=s, **kw) for s in args.calib_seeds])
     log("honest runs (held-out prompts, seed 1)")
     claims["benign"] = benign_mix(model, tok, held_prompts, seed=1, **kw)
     held = dict(seed=1, **kw)
@@ -282,7 +322,7 @@ def collect(args, lm, out: Path) -> dict:
     log("honest steered runs (claim the steering intervention)")
     steered_benign = benign_mix(model, tok, held_prompts, intervention=steering, **held)
     touched["honest steered provider (held-out)"] = steering.total_touched
-    steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=0, **kw)
+    steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=args.calib_seeds[0], **kw)
 
     log("verifier: teacher forcing every claim through the reference model")
     refs = {name: teacher_force(model, fp, VERIFIER_BATCH) for name, fp in claims.items()}
@@ -312,13 +352,19 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--n-calib", type=int, default=9, help="calibration prompts (honest runs)")
     ap.add_argument("--n-heldout", type=int, default=9, help="held-out prompts (honest + cheating runs)")
+    ap.add_argument("--calib-seeds", type=int, nargs="+", default=[0],
+                    help="sampling seeds of the honest calibration runs (one sequence per prompt and seed; "
+                         "never the held-out seed 1)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--target-fpr", type=float, default=0.01)
+    ap.add_argument("--target-fpr", type=float, nargs="+", default=[0.01, 0.05],
+                    help="false-positive rates to calibrate for (each needs 1/FPR calibration windows)")
     ap.add_argument("--toploc-cap", type=int, default=80, help="max TOPLOC windows per claim and n")
     ap.add_argument("--steer-scale", type=float, default=4.0, help="size of the stand-in steering vector")
     ap.add_argument("--conditions", nargs="*", help="only cheating runs whose name contains one of these words")
     ap.add_argument("--rescore", action="store_true",
                     help="skip generation and teacher forcing: re-analyse the raw runs kept by the last full run")
+    ap.add_argument("--raw", type=Path, default=None,
+                    help="raw-runs file to write, or with --rescore to read (default: steer's cache, named after --out)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -329,7 +375,7 @@ def main(argv=None) -> int:
     from steer.models import load
 
     lm = load(args.model, progress=False)
-    raw_file = raw_path(out)
+    raw_file = args.raw or raw_path(out)
     if args.rescore:
         if not raw_file.is_file():
             raise SystemExit(f"no raw runs at {raw_file}: run without --rescore first")
@@ -351,46 +397,46 @@ def main(argv=None) -> int:
     return 0
 
 
+def per_item_scores(out: Path, runs: dict) -> None:
+    """Every per-token score of every run (scores.csv.gz): what all tables are computed from, so they
+    can be re-derived without the raw hidden states (the full --rescore needs the raw .pt file)."""
+    import pandas as pd
+
+    parts = []
+    for name, (fp, sc) in runs.items():
+        seq = torch.repeat_interleave(torch.arange(fp.n_sequences), fp.output_lengths).numpy()
+        pos = torch.cat([torch.arange(int(n)) for n in fp.output_lengths]).numpy()
+        parts.append(pd.DataFrame({"run": name, "sequence": seq, "position": pos, "token_id": fp.output_ids.numpy(),
+                                   **{m: np.round(v.astype(np.float64), 7) for m, v in sc.items()}}))
+    pd.concat(parts).to_csv(out / "scores.csv.gz", index=False)
+
+
 def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
-    """AUCs, calibrated thresholds, held-out FPR and power from the raw runs; writes the csv/html files."""
+    """AUCs, conformal thresholds, held-out FPR and power from the raw runs; writes the csv/html files."""
     import pandas as pd
 
     claims, refs, cheats = raw["claims"], raw["refs"], raw["cheats"]
     steered_benign, ref_steer = raw["steered_benign"], raw["ref_steer"]
-
-    # calibration (on honest runs with other prompts and seeds)
-    cals: dict[str, Calibration] = {}
     calib, ref_calib = raw["calib"], raw["ref_calib"]
-    for k in (2, 8, 32):
-        cals[f"activation k={k}"] = calibrate(model, [calib.reproject(DiFRConfig(k=k))], target_fpr=args.target_fpr,
-                                              references=[ref_calib])
-    for stat, name in (("l2", "activation k=8 L2"), ("ulp_unfloored", "activation k=8 ulp unfloored")):
-        cals[name] = calibrate(model, [calib.reproject(DiFRConfig(k=8))], statistic=stat,
-                               target_fpr=args.target_fpr, references=[ref_calib])
-    cals["token"] = calibrate(model, [calib], target_fpr=args.target_fpr, method="token", references=[ref_calib])
-    clip = cals["token"].clip
-    steered_cals = {
-        name: calibrate(model, [raw["steered_calib"].reproject(DiFRConfig(k=8))], target_fpr=args.target_fpr,
-                        references=[raw["ref_steer_calib"]], statistic=stat)
-        for stat, name in (("ulp", "activation k=8"), ("ulp_unfloored", "activation k=8 ulp unfloored"))
-    }
+    lengths = {name: fp.output_lengths for name, fp in claims.items()}
 
-    # scores per token and per window
+    # scores per token and per within-sequence window
     rows = []
-    scores = {name: per_token(fp, refs[name], clip) for name, fp in claims.items()}
-    steer_scores = {"benign": per_token(steered_benign, ref_steer["benign"], clip),
-                    "steering claimed, not applied": per_token(claims["benign"], ref_steer["steering claimed, not applied"], clip)}
+    scores = {name: per_token(fp, refs[name]) for name, fp in claims.items()}
+    steer_scores = {"benign": per_token(steered_benign, ref_steer["benign"]),
+                    "steering claimed, not applied": per_token(claims["benign"], ref_steer["steering claimed, not applied"])}
+    steer_lengths = {"benign": steered_benign.output_lengths, "steering claimed, not applied": lengths["benign"]}
     log("TOPLOC proofs and checks")
-    tl = {}
-    for name, fp in claims.items():
-        tl[name] = {n: toploc_windows(fp.hidden, refs[name].hidden, n, args.toploc_cap, n) for n in NS}
-    tl_steer = {name: {n: toploc_windows(fp.hidden, ref_steer[name].hidden, n, args.toploc_cap, n) for n in NS}
+    tl = {name: {n: toploc_windows(fp.hidden, refs[name].hidden, fp.output_lengths, n, args.toploc_cap, n) for n in NS}
+          for name, fp in claims.items()}
+    tl_steer = {name: {n: toploc_windows(fp.hidden, ref_steer[name].hidden, fp.output_lengths, n, args.toploc_cap, n)
+                       for n in NS}
                 for name, fp in (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))}
 
-    def add_rows(cond, s_neg, s_pos, t_neg, t_pos, group):
+    def add_rows(cond, s_neg, s_pos, len_neg, len_pos, t_neg, t_pos, group):
         for method in s_neg:
             for n in NS:
-                neg, pos = windows(s_neg[method], n), windows(s_pos[method], n)
+                neg, pos = windows(s_neg[method], len_neg, n), windows(s_pos[method], len_pos, n)
                 rows.append(dict(condition=cond, group=group, method=method, n_tokens=n,
                                  bytes_per_token=bytes_per_token(method, n), auc=auc(neg, pos),
                                  n_honest_windows=len(neg), n_cheat_windows=len(pos)))
@@ -400,50 +446,76 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
                              n_honest_windows=len(t_neg[n]), n_cheat_windows=len(t_pos[n])))
 
     for name in cheats:
-        add_rows(name, scores["benign"], scores[name], tl["benign"], tl[name], "plain reference")
+        add_rows(name, scores["benign"], scores[name], lengths["benign"], lengths[name], tl["benign"], tl[name],
+                 "plain reference")
     add_rows("steering claimed, not applied", steer_scores["benign"], steer_scores["steering claimed, not applied"],
-             tl_steer["benign"], tl_steer["steering claimed, not applied"], "steered reference")
+             steer_lengths["benign"], steer_lengths["steering claimed, not applied"], tl_steer["benign"],
+             tl_steer["steering claimed, not applied"], "steered reference")
     df = pd.DataFrame(rows)
     df.to_csv(out / "auc.csv", index=False)
+    per_item_scores(out, {"calibration": (calib, per_token(calib, ref_calib))}
+                    | {name: (claims[name], scores[name]) for name in claims}
+                    | {f"steered reference: {name}": (fp, steer_scores[name]) for name, fp in
+                       (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))})
 
-    # false-positive rate on held-out honest runs, and power, at the calibrated thresholds
+    # conformal thresholds (calibration runs), false positives on held-out honest runs, and power
+    calib_scores = per_token(calib, ref_calib)
+    steered_calib_scores = per_token(raw["steered_calib"], raw["ref_steer_calib"])
     fpr_rows = []
-    for cname, cal in cals.items():
-        for n in NS:
-            thr = cal.threshold(n)
-            neg = windows(scores["benign"][cname], n)
-            r = dict(method=cname, n_tokens=n, threshold=thr, heldout_fpr=float((neg > thr).mean()),
-                     n_heldout_false_positives=int((neg > thr).sum()), n_heldout_windows=len(neg),
-                     target_fpr=args.target_fpr)
-            for name in cheats:
-                r[f"tpr: {name}"] = float((windows(scores[name][cname], n) > thr).mean())
-            fpr_rows.append(r)
-    for cname, cal in steered_cals.items():
-        for n in NS:
-            thr = cal.threshold(n)
-            neg = windows(steer_scores["benign"][cname], n)
-            pos = windows(steer_scores["steering claimed, not applied"][cname], n)
-            fpr_rows.append(dict(method=f"{cname}, steered reference", n_tokens=n, threshold=thr,
-                                 heldout_fpr=float((neg > thr).mean()), n_heldout_false_positives=int((neg > thr).sum()),
-                                 n_heldout_windows=len(neg), target_fpr=args.target_fpr,
-                                 **{"tpr: steering claimed, not applied": float((pos > thr).mean())}))
-    fpr = pd.DataFrame(fpr_rows)
-    fpr.to_csv(out / "fpr.csv", index=False)
 
+    def add_fpr(name, cal, neg, neg_len, pos: dict, pos_len: dict, label):
+        for n in NS:
+            thr, held = cal.threshold(n), windows(neg, neg_len, n)
+            r = dict(method=label, target_fpr=cal.target_fpr, n_tokens=n, n_calibration_windows=cal.n_units(n),
+                     windows_needed=cal.min_units, status="calibrated" if thr is not None else "insufficient",
+                     threshold=thr, n_heldout_windows=len(held))
+            if thr is not None:
+                fp_count = int((held > thr).sum())
+                r.update(n_heldout_false_positives=fp_count,
+                         heldout_fpr=fp_count / len(held) if len(held) else float("nan"))
+                for c, sc in pos.items():
+                    w = windows(sc, pos_len[c], n)
+                    r[f"tpr: {c}"] = float((w > thr).mean()) if len(w) else float("nan")
+            fpr_rows.append(r)
+
+    for fpr in args.target_fpr:
+        for name in CALIBRATED:
+            cal = calibration_of(calib_scores[name], calib.output_lengths, name, fpr, calib)
+            add_fpr(name, cal, scores["benign"][name], lengths["benign"], {c: scores[c][name] for c in cheats},
+                    {c: lengths[c] for c in cheats}, name)
+        for name in ("activation k=8", "activation k=8 ulp"):
+            cal = calibration_of(steered_calib_scores[name], raw["steered_calib"].output_lengths, name, fpr, calib)
+            add_fpr(name, cal, steer_scores["benign"][name], steer_lengths["benign"],
+                    {"steering claimed, not applied": steer_scores["steering claimed, not applied"][name]},
+                    {"steering claimed, not applied": steer_lengths["steering claimed, not applied"]},
+                    f"{name}, steered reference")
+    fpr_df = pd.DataFrame(fpr_rows)
+    fpr_df.to_csv(out / "fpr.csv", index=False)
+
+    benign_k8 = scores["benign"]["activation k=8"]
+    hid = claims["benign"].hidden
+    f_norm = (hid @ projection_matrix(DiFRConfig(k=8), hid.shape[1])).norm(dim=-1).numpy()
     meta = dict(
         model=raw["claim_id"], weights_hash=raw["weights_hash"], collected=raw.get("date"),
         collect_minutes=raw.get("collect_minutes"), analysed=datetime.now(UTC).isoformat(timespec="seconds"),
+        analysis="windows inside sequences; split-conformal thresholds over disjoint calibration windows; "
+                 "paper L2 default; Token-DiFR clip 0.5",
         machine=f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, 1 thread",
         run_args={k: v for k, v in raw["args"].items() if k not in ("rescore",)},
-        calib_tokens=int(calib.n_tokens), heldout_benign_tokens=int(claims["benign"].n_tokens),
+        analysis_args={"target_fpr": args.target_fpr, "toploc_cap": args.toploc_cap},
+        calib_tokens=int(calib.n_tokens), calib_sequences=int(calib.n_sequences),
+        heldout_benign_tokens=int(claims["benign"].n_tokens), heldout_benign_sequences=int(claims["benign"].n_sequences),
         steered_heldout_benign_tokens=int(steered_benign.n_tokens),
         cheat_tokens={n: int(fp.n_tokens) for n, fp in claims.items()},
         claim=CLAIM.to_dict(), benign_variants=BENIGN_VARIANTS, verifier_batch=VERIFIER_BATCH,
         steering=raw["steering"], steering_config_digest=raw["steering_digest"], steering_touched=raw["touched"],
-        token_clip=clip, benign_max_distance_k8=float(scores["benign"]["activation k=8"].max()),
-        benign_max_distance_k8_unfloored=float(scores["benign"]["activation k=8 ulp unfloored"].max()),
-        benign_mean_distance_k8=float(scores["benign"]["activation k=8"].mean()),
-        mean_hidden_norm=float(claims["benign"].hidden.norm(dim=-1).mean()),
+        token_clip=TOKEN_CLIP,
+        benign_max_l2_k8=float(benign_k8.max()), benign_mean_l2_k8=float(benign_k8.mean()),
+        benign_max_ulp_k8=float(scores["benign"]["activation k=8 ulp"].max()),
+        benign_max_ulp_k8_unfloored=float(scores["benign"]["activation k=8 ulp unfloored"].max()),
+        # why "ulp" exists: the L2 rounding floor grows with |f|; this is how much on the benign runs
+        benign_l2_vs_fingerprint_norm_spearman=float(pd.Series(benign_k8).rank().corr(pd.Series(f_norm).rank())),
+        mean_hidden_norm=float(hid.norm(dim=-1).mean()),
     )
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     figures(df, out)
@@ -452,7 +524,8 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
 def figures(df, out: Path) -> None:
     import plotly.express as px
 
-    main_methods = ["activation k=2", "activation k=8", "activation k=32", "activation k=128", "token", "TOPLOC"]
+    main_methods = ["activation k=2", "activation k=8", "activation k=32", "activation k=128", "activation k=8 ulp",
+                    "token", "TOPLOC"]
     sub = df[df.method.isin(main_methods)]
     fig = px.line(sub, x="n_tokens", y="auc", color="method", facet_col="condition", facet_col_wrap=4,
                   markers=True, log_x=True, title="DiFR: ROC AUC vs tokens averaged (held-out honest vs cheating runs)")

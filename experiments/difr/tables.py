@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def md(t: pd.DataFrame, index: bool = True) -> str:
 
 
 MAIN = ["activation k=2", "activation k=8", "activation k=32", "activation k=128", "activation k=8 orthonormal",
-        "activation k=8 L2", "activation k=8 ulp unfloored", "token", "TOPLOC"]
+        "activation k=8 L2", "activation k=8 ulp", "activation k=8 ulp unfloored", "token", "token clip 1.0", "TOPLOC"]
 
 
 def auc_table(df: pd.DataFrame, n: int) -> str:
@@ -38,21 +39,43 @@ def auc_vs_n(df: pd.DataFrame, condition: str) -> str:
 
 
 def fpr_table(fpr: pd.DataFrame) -> str:
-    cols = ["method", "n_tokens", "threshold", "heldout_fpr", "n_heldout_windows"]
+    cols = ["method", "target_fpr", "n_tokens", "n_calibration_windows", "status", "threshold", "heldout_fpr",
+            "n_heldout_windows"]
+    cols = [c for c in cols if c in fpr.columns]
     tpr = [c for c in fpr.columns if c.startswith("tpr: ") and any(w in c for w in ("4-bit RTN g128", "8-bit", "steering"))]
     return md(fpr[cols + tpr], index=False)
 
 
+def binom_tail(x: int, n: int, p: float) -> float:
+    """P(X >= x) for X ~ Binomial(n, p): how surprising x false positives in n windows are at rate p."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(x, n + 1))
+
+
 def fpr_summary(fpr: pd.DataFrame) -> str:
-    """False positives / held-out windows per method and n (the 1% target, cell by cell)."""
-    f = fpr[fpr.n_heldout_windows > 0].copy()
-    if "n_heldout_false_positives" not in f:  # files from before the count was written
-        f["n_heldout_false_positives"] = (f.heldout_fpr * f.n_heldout_windows).round()
-    f["cell"] = [f"{int(c)}/{int(w)}" + (" **over**" if r > t else "") for c, w, r, t in
-                 zip(f.n_heldout_false_positives, f.n_heldout_windows, f.heldout_fpr, f.target_fpr)]
-    t = f.pivot(index="method", columns="n_tokens", values="cell").reindex(list(dict.fromkeys(f.method)))
-    over = int((f.heldout_fpr > f.target_fpr).sum())
-    return md(t) + f"\n\ncells over the target: {over} of {len(f)}"
+    """Per (method, target FPR) and n: false positives / held-out windows, or "insuff. (m/needed)"."""
+    out = []
+    if "status" not in fpr:  # files from before the conformal rule: one target, every cell "calibrated"
+        fpr = fpr.assign(status="calibrated", n_calibration_windows=float("nan"), windows_needed=float("nan"))
+    for target, f in fpr.groupby("target_fpr", sort=True):
+        f = f.copy()
+        cells = []
+        for r in f.itertuples():
+            if r.status != "calibrated":
+                cells.append(f"insuff. ({int(r.n_calibration_windows)}/{int(r.windows_needed)})")
+            elif r.n_heldout_windows == 0:
+                cells.append("no held-out window")
+            else:
+                c, w = int(round(r.heldout_fpr * r.n_heldout_windows)), int(r.n_heldout_windows)
+                over = f" **over** (p = {binom_tail(c, w, target):.2f})" if r.heldout_fpr > target else ""
+                cells.append(f"{c}/{w}{over}")
+        f["cell"] = cells
+        t = f.pivot(index="method", columns="n_tokens", values="cell").reindex(list(dict.fromkeys(f.method)))
+        ok = f[(f.status == "calibrated") & (f.n_heldout_windows > 0)]
+        over = int((ok.heldout_fpr > target).sum())
+        out.append(f"target FPR {target:g} (p: exact binomial P(>= this many | FPR = target)):\n\n{md(t)}\n\n"
+                   f"calibrated cells over the target: {over} of {len(ok)}; "
+                   f"insufficient cells: {int((f.status != 'calibrated').sum())} of {len(f)}")
+    return "\n\n".join(out)
 
 
 def min_n_table(df: pd.DataFrame, level: float = 0.999) -> str:

@@ -9,11 +9,19 @@ from pathlib import Path
 from steer.cli import EXIT_CHECK_FAILED, EXIT_OK, CLIError, print_json
 from steer.cli.fingerprint import intervention_context, load_model
 
+# steer.difr.verify's STATISTICS, DEFAULT_STATISTIC and TOKEN_CLIP, spelled out so the CLI starts without
+# importing torch (tests/test_difr_cli.py checks they agree)
+STATISTICS = ("l2", "ulp", "ulp_unfloored")
+DEFAULT_STATISTIC = "l2"
+TOKEN_CLIP = 0.5
+
 EXAMPLES = """\
 examples:
   steer verify --calibrate benign1.safetensors benign2.safetensors -o calib.safetensors
       honest runs under benign noise (other batch sizes, attention kernels, threads) -> a threshold
-      holding the target false-positive rate (--target-fpr, default 0.01) for any number of tokens
+      split-conformal thresholds over disjoint benign n-token windows at the target false-positive
+      rate (--target-fpr, default 0.01); a claim of n tokens needs >= 1/FPR such windows, else its
+      decision is "insufficient" (more or longer benign runs, or a higher --target-fpr)
   steer verify fp.safetensors --calibration calib.safetensors
   steer verify fp.safetensors --calibration calib.safetensors --report report.html --csv tokens.csv --json
   steer verify fp.safetensors --calibration token_calib.safetensors --method token
@@ -21,7 +29,8 @@ examples:
   steer verify fp.safetensors --calibration calib.safetensors --config steering/
       verifiable steering: the reference runs the claimed intervention config
 
-Exit codes: 0 verified, 1 rejected (or no --calibration: no decision is made without one),
+Exit codes: 0 verified, 1 rejected (or no --calibration, or too few calibration windows for the claim's
+length: no decision is made then),
 2 bad input (unreadable/corrupt file, another model, seed, k or intervention than claimed ...).
 """
 
@@ -39,9 +48,12 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--out", type=Path, help="calibration output file (with --calibrate)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate to hold (default %(default)s)")
     p.add_argument("--method", choices=("activation", "token"), help="default: the calibration's, else activation")
-    p.add_argument("--statistic", choices=("ulp", "l2", "ulp_unfloored"), default="ulp",
-                   help="Activation-DiFR distance for --calibrate (default %(default)s: per-component fp16 steps, "
-                        "floored at the step of the fingerprint's RMS; l2 = the paper's; ulp_unfloored = without the floor)")
+    p.add_argument("--statistic", choices=STATISTICS, default=DEFAULT_STATISTIC,
+                   help="Activation-DiFR distance for --calibrate (default %(default)s: the paper's ||f - f'||_2; "
+                        "ulp = per-component fp16 steps floored at the step of the fingerprint's RMS, thresholds "
+                        "never below 0.5; ulp_unfloored = without the floor). Reports show l2 and ulp side by side")
+    p.add_argument("--clip", type=float, default=TOKEN_CLIP,
+                   help="Token-DiFR margin clip for --calibrate --method token (default %(default)s, the paper's code)")
     p.add_argument("--config", help="intervention config the claim says was applied (verifiable steering)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher-forcing batch size")
     p.add_argument("--attn", choices=("sdpa", "eager"), help="attention implementation")
@@ -65,17 +77,25 @@ def run(args) -> int:
         with intervention_context(args.config, lm.model):
             cal = calibrate(lm.model, claims, target_fpr=args.target_fpr, method=args.method or "activation",
                             batch_size=args.batch_size, model_id=lm.name, statistic=args.statistic,
-                            intervention=digest)
+                            intervention=digest, clip=args.clip)
         cal.save(args.out)
-        summary = {"file": str(args.out), "method": cal.method, "target_fpr": cal.target_fpr,
-                   "benign_sequences": cal.n_benign, "benign_tokens": int(cal.benign.numel()),
-                   "threshold_1_token": cal.threshold(1), "threshold_32_tokens": cal.threshold(32), "clip": cal.clip}
+        longest = cal.max_tokens()
+        summary = {"file": str(args.out), "method": cal.method, "statistic": cal.statistic,
+                   "target_fpr": cal.target_fpr, "benign_sequences": cal.n_benign,
+                   "benign_tokens": int(cal.benign.numel()), "threshold_1_token": cal.threshold(1),
+                   "max_tokens_calibrated": longest, f"threshold_{longest}_tokens": cal.threshold(longest) if longest else None,
+                   "windows_needed": cal.min_units, "clip": cal.clip}
         if args.json:
             print_json(summary)
+        elif longest == 0:
+            print(f"wrote {args.out}: {cal.benign.numel()} benign tokens are fewer than the {cal.min_units} "
+                  f"windows a threshold at FPR {cal.target_fpr:g} needs: every decision will be 'insufficient'; "
+                  f"calibrate on more benign runs or raise --target-fpr")
         else:
-            print(f"wrote {args.out}: {cal.method}-DiFR threshold at FPR {cal.target_fpr:g} from {cal.n_benign} benign "
-                  f"sequences ({cal.benign.numel()} tokens): {cal.threshold(1):.4g} for 1 token, "
-                  f"{cal.threshold(32):.4g} for the mean of 32")
+            print(f"wrote {args.out}: {cal.method}-DiFR ({cal.statistic}) conformal threshold at FPR {cal.target_fpr:g} "
+                  f"from {cal.n_benign} benign sequences ({cal.benign.numel()} tokens): {cal.threshold(1):.4g} for 1 "
+                  f"token, {cal.threshold(longest):.4g} for the mean of {longest}; claims longer than {longest} "
+                  f"tokens get 'insufficient' (need {cal.min_units} disjoint benign windows of their length)")
         return EXIT_OK
     if len(claims) != 1:
         raise CLIError(f"verify one fingerprint file at a time ({len(claims)} given); use --calibrate for several")
@@ -95,9 +115,17 @@ def run(args) -> int:
         if report.decision == "uncalibrated":
             print(f"UNCALIBRATED: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens; no decision "
                   f"without --calibration (see `steer verify --calibrate`)")
+        elif report.decision == "insufficient":
+            print(f"INSUFFICIENT: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens; the calibration "
+                  f"has {s['calibration_windows']} disjoint benign windows of {s['n_tokens']} tokens, a threshold at FPR "
+                  f"{s['target_fpr']:g} needs {s['windows_needed']}: no decision (calibrate on more or longer benign runs, "
+                  f"or raise --target-fpr)")
         else:
             print(f"{report.decision.upper()}: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens, "
                   f"threshold {s['threshold']:.4g} at FPR {s['target_fpr']:g}, p = {s['p_value']:.3g}")
     if report.decision == "uncalibrated":
         print("steer verify: no --calibration given, so nothing was verified", file=sys.stderr)
+    if report.decision == "insufficient":
+        print("steer verify: too few calibration windows for this claim's length, so nothing was verified",
+              file=sys.stderr)
     return EXIT_OK if report.verified else EXIT_CHECK_FAILED

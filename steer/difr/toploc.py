@@ -8,13 +8,33 @@ recomputes the chunk, takes its own top-k indices, evaluates the polynomial ther
 provider's values and compares exponents and mantissas (bf16: 8-bit exponent, 7-bit mantissa).
 Published acceptance: exponent matches >= 90/128, mantissa error mean <= 10 and median <= 8.
 
-Differences from the released code, on purpose: the interpolation is numpy-vectorised Python (no C
-extension); a chunk where every exponent mismatches scores like the worst mantissa error instead of
-2**64; prefill is not committed (all three methods here cover generated tokens only).
+Proofs travel in toploc's own wire format (`to_bytes` / `to_base64`, read back by `from_bytes` /
+`from_base64`): per chunk, the modulus then each coefficient as a big-endian uint16 (2 + 2 * topk
+bytes), base64 with padding; toploc.ProofPoly.from_bytes / from_base64 read them unchanged
+(tests/test_difr_toploc.py; tests/fixtures/toploc/ records toploc 0.1.6's own bytes).
+
+Conventions that differ from the released code (toploc 0.1.6), on purpose:
+- Prefill skipped: toploc's build_proofs commits activations[0] (the prompt) as a proof of its own
+  unless skip_prefill=True; steer commits only generated tokens (as all three methods here do), so
+  steer's proofs equal toploc's build_proofs(per-token states, chunk_size, topk, skip_prefill=True).
+- bf16 cast: toploc takes the served tensor as it is (bf16 under vLLM; fp32 is refused) and ranks
+  the top-k by |value| in that dtype; steer casts fp32 hidden states to bf16 first, then ranks, so
+  ties and order follow the bf16 values exactly as toploc sees a bf16 server's states.
+- Short chunks: toploc needs >= topk values per chunk (a shorter chunk raises, and build_proofs then
+  returns null proofs for every chunk); steer interpolates the k < topk points there and pads the
+  coefficients with zeros to topk (the same polynomial, the same 258 bytes). With D >= topk, as in
+  every real model, a chunk always holds enough values and the two agree.
+- Median: toploc's Python path (list activations) takes statistics.median (mean of the two middle
+  errors for an even count), its C++ path (tensor activations with skip_prefill) the upper middle
+  element; steer uses the former by default, `TopLocParams(median="upper")` gives the latter.
+- A chunk where every exponent mismatches scores like the worst mantissa error (MANTISSA_LEVELS)
+  instead of toploc's 2**64; the accept/reject decision is the same (rejected).
+- The interpolation is numpy-vectorised Python (no C extension).
 """
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +52,11 @@ class TopLocParams:
     min_exp_matches: int = 90
     max_mant_err_mean: float = 10.0
     max_mant_err_median: float = 8.0
+    median: str = "average"  # "average" (toploc's Python path) or "upper" (its C++ path): see module doc
+
+    def __post_init__(self):
+        if self.median not in ("average", "upper"):
+            raise ValueError(f"median must be 'average' or 'upper', got {self.median!r}")
 
     @property
     def bytes_per_chunk(self) -> int:
@@ -126,7 +151,46 @@ def verify_proofs(hidden: Tensor, proofs: Tensor, params: TopLocParams | None = 
         match = exp_c == exp_m
         err = np.abs(mant_c - mant_m)[match]
         mean = float(err.mean()) if err.size else float(MANTISSA_LEVELS)
-        median = float(np.median(err)) if err.size else float(MANTISSA_LEVELS)
+        if not err.size:
+            median = float(MANTISSA_LEVELS)
+        elif params.median == "upper":
+            median = float(np.sort(err)[err.size // 2])
+        else:
+            median = float(np.median(err))
         score = float(np.where(match, np.abs(mant_c - mant_m), MANTISSA_LEVELS).mean())
         out.append(ChunkResult(int((~match).sum()), mean, median, score))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# toploc's wire format
+
+
+def to_bytes(proofs: Tensor) -> list[bytes]:
+    """One toploc-format proof per chunk: modulus, then coefficients, each a big-endian uint16."""
+    rows = proofs.to(torch.int64).numpy()
+    if rows.ndim != 2 or rows.size and (rows.min() < 0 or rows.max() > 0xFFFF):
+        raise ValueError("proofs must be [n_chunks, 1 + topk] with values in 0..65535 (from build_proofs)")
+    return [row.astype(">u2").tobytes() for row in rows]
+
+
+def to_base64(proofs: Tensor) -> list[str]:
+    """`to_bytes`, base64-encoded (standard alphabet, padded), as toploc's build_proofs_base64 writes."""
+    return [base64.b64encode(b).decode("ascii") for b in to_bytes(proofs)]
+
+
+def from_bytes(proofs: list[bytes]) -> Tensor:
+    """Int32 [n_chunks, 1 + topk] from toploc-format proofs (all chunks must have the same topk)."""
+    proofs = list(proofs)
+    sizes = {len(b) for b in proofs}
+    if len(sizes) > 1 or any(n < 2 or n % 2 for n in sizes):
+        raise ValueError(f"toploc proofs are 2 + 2*topk bytes each, all the same size; got sizes {sorted(sizes)}")
+    rows = [np.frombuffer(b, dtype=">u2").astype(np.int64) for b in proofs]
+    return torch.from_numpy(np.stack(rows).astype(np.int32)) if rows else torch.zeros(0, 1, dtype=torch.int32)
+
+
+def from_base64(proofs: list[str]) -> Tensor:
+    try:
+        return from_bytes([base64.b64decode(p, validate=True) for p in proofs])
+    except ValueError as exc:
+        raise ValueError(f"not toploc base64 proofs: {exc}") from None

@@ -2,10 +2,17 @@
 
 The verifier runs the reference model (with the claimed intervention applied, if any: wrap the call
 in that intervention's context) on prompt + output, recomputes each generated token's fingerprint
-and scores it: Activation-DiFR by the L2 distance ||f_provider - f_verifier||, Token-DiFR by the
-clipped Gumbel margin. The decision statistic is the mean score over the file's n tokens; the
-threshold for that n comes from benign runs (same model, different batch composition, padding,
-attention kernel, threads) so that at most `target_fpr` of benign n-token means exceed it.
+and scores it: Activation-DiFR by the L2 distance ||f_provider - f_verifier||_2 (the paper's statistic),
+Token-DiFR by the Gumbel margin clipped at 0.5 (the paper's code). The decision statistic is the mean
+score over the file's n tokens.
+
+The threshold for n tokens is a split-conformal quantile: the benign runs (same model, different
+batch composition, padding, attention kernel, threads) are cut into disjoint windows of n
+consecutive tokens inside each sequence (never across a sequence boundary), each window's mean is one
+calibration unit, and the threshold is the ceil((m + 1)(1 - alpha))-th smallest of the m unit means.
+A claim whose score is exchangeable with those units then exceeds it with probability <= alpha. With
+fewer than 1/alpha units the rank does not exist (or sits on the maximum); the cell is reported as
+"insufficient", never as a pass.
 """
 
 from __future__ import annotations
@@ -27,14 +34,23 @@ from steer.difr.fingerprint import (
 )
 from steer.difr.sampling import SamplingParams, token_margins
 
-CALIBRATION_FORMAT = "steer.difr.calibration/2"
-# version 1 files named the unfloored distance "ulp" (see activation_distances); they still load
+CALIBRATION_FORMAT = "steer.difr.calibration/3"
+# version 1 files named the unfloored distance "ulp" (see activation_distances); version 2 files were
+# thresholded by a quantile of resampled overlapping windows. Both still load (same benign scores).
 _CALIBRATION_FORMAT_V1 = "steer.difr.calibration/1"
+_OLDER_CALIBRATION_FORMATS = (_CALIBRATION_FORMAT_V1, "steer.difr.calibration/2")
+THRESHOLD_RULE = "split-conformal rank over disjoint within-sequence windows"
 METHODS = ("activation", "token")
-STATISTICS = ("ulp", "l2", "ulp_unfloored")  # Activation-DiFR per-token distance, see activation_distances
-# The most that fp16 storage rounding alone adds to a per-token distance: half a step per component.
-# A mean at or below it is explained by rounding whatever the content, so no threshold goes lower.
+STATISTICS = ("l2", "ulp", "ulp_unfloored")  # Activation-DiFR per-token distance, see activation_distances
+DEFAULT_STATISTIC = "l2"  # the paper's
+# The most that fp16 storage rounding alone adds to a per-token "ulp" distance: half a step per
+# component. A mean at or below it is explained by rounding whatever the content, so no "ulp"
+# threshold goes lower (the paper's L2 has no such content-free bound).
 ROUNDING_BOUND = {"ulp": 0.5}
+# Token-DiFR margins are clipped here, as the paper's code does (margins above it, and the infinite
+# margin of a token outside the claimed support, all score 0.5).
+TOKEN_CLIP = 0.5
+DECISIONS = ("verified", "rejected", "uncalibrated", "insufficient")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,25 +132,35 @@ def fp16_ulp(x: Tensor) -> Tensor:
     return torch.exp2((e - 11).clamp_min(-24).float())
 
 
-def activation_distances(fp: Fingerprints, hidden: Tensor, statistic: str = "ulp") -> Tensor:
+def activation_distances(fp: Fingerprints, hidden: Tensor, statistic: str = DEFAULT_STATISTIC,
+                         projection: Tensor | None = None) -> Tensor:
     """Per-token fingerprint distance (fp32 [N]) between the provider's fp16 f and the verifier's fp32 f.
 
-    "ulp" (default): the RMS over components of (f_provider - f_verifier) in fp16 steps, where each
-    component's step is floored at the step of the fingerprint's RMS: max(ulp(f_j), ulp(rms(f))).
-    Storage rounding then contributes at most half a step per component whatever the content, so a
-    threshold calibrated on some prompts transfers to others; with plain L2 the rounding term scales
-    with |h| and the threshold drifts with content. The floor matters: a component near 0 has a tiny
-    fp16 step, so benign fp32 noise (batching, kernels) is many of its steps, and the unfloored form
-    gets a heavy benign tail that a few hundred calibration tokens do not sample (held-out FPR above
-    target on SmolLM2, experiments/difr/RESULTS.md).
-    "ulp_unfloored": the same without the floor (each component in its own fp16 steps).
-    "l2": ||f_provider - f_verifier||_2, the paper's statistic.
+    "l2" (default): ||f_provider - f_verifier||_2, the paper's statistic (adamkarvonen/difr computes
+    torch.norm(f_verifier - f_provider, p=2) per token). Its benign floor is fp16 storage rounding,
+    about 2**-12 |f| per component, so it scales with the size of the fingerprint: a threshold
+    calibrated on some prompts sits a little low or high for others.
+    "ulp": the RMS over components of (f_provider - f_verifier) in fp16 steps, each component's step
+    floored at the step of the fingerprint's RMS, max(ulp(f_j), ulp(rms(f))). Storage rounding then
+    adds at most half a step per component whatever the content, and calibrated thresholds never go
+    below that bound (ROUNDING_BOUND, 0.5). What justifies it as an option: on SmolLM2 and its MoE
+    (fp32 CPU, experiments/difr/RESULTS.md) every benign per-token "ulp" distance was below 0.5
+    (max 0.335 at k = 8) while the L2 threshold calibrated on 96 MoE tokens gave 1 false positive in
+    48 held-out windows. But with a fp32 reference nearly all benign "ulp" thresholds sit on the 0.5
+    bound itself, so its 0 false positives there hold by construction, not by calibration.
+    "ulp_unfloored": each component in its own fp16 steps (a component near 0 has a tiny step, so
+    benign fp32 noise is many of its steps: a heavy benign tail).
+
+    `projection` overrides P (fp32 [D, k]; e.g. the reference code's own matrix in a parity test).
     """
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if hidden.shape[0] != fp.n_tokens:
         raise ValueError(f"{hidden.shape[0]} recomputed positions for {fp.n_tokens} fingerprints")
-    mine = hidden.float() @ projection_matrix(fp.config, hidden.shape[1]).to(hidden.device)
+    p = projection_matrix(fp.config, hidden.shape[1]) if projection is None else projection.float()
+    if p.shape != (hidden.shape[1], fp.values.shape[1]):
+        raise ValueError(f"projection must be [{hidden.shape[1]}, {fp.values.shape[1]}], got {tuple(p.shape)}")
+    mine = hidden.float() @ p.to(hidden.device)
     diff = fp.values.float().to(mine.device) - mine
     if statistic == "l2":
         return diff.norm(dim=-1).cpu()
@@ -146,11 +172,17 @@ def activation_distances(fp: Fingerprints, hidden: Tensor, statistic: str = "ulp
 
 
 def clip_margins(margins: Tensor, clip: float | None) -> Tensor:
+    """Margins clamped at `clip` (inf, a token outside the support, becomes `clip`); None: unclipped."""
     return margins if clip is None else margins.clamp(max=clip)
 
 
 def window_means(scores: Tensor, lengths: Tensor, n: int) -> Tensor:
-    """Means over every non-overlapping n-token window inside each sequence (the unit a decision sees)."""
+    """Means of the disjoint n-token windows inside each sequence, in order; a sequence's last
+    len % n tokens are dropped and no window crosses a sequence boundary (the calibration units)."""
+    if n < 1:
+        raise ValueError(f"window length must be >= 1, got {n}")
+    if int(lengths.sum()) != scores.numel():
+        raise ValueError(f"{scores.numel()} scores for sequences of {int(lengths.sum())} tokens in all")
     out = []
     for seq in torch.split(scores, lengths.tolist()):
         m = seq.numel() // n
@@ -159,13 +191,31 @@ def window_means(scores: Tensor, lengths: Tensor, n: int) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def conformal_rank(m: int, alpha: float) -> int:
+    """1-based rank ceil((m + 1)(1 - alpha)) of the split-conformal quantile of m calibration units.
+
+    Above m the quantile is +inf: no finite threshold holds the FPR with m units.
+    """
+    return math.ceil((m + 1) * (1 - alpha) - 1e-9)
+
+
+def min_units(alpha: float) -> int:
+    """Calibration units needed before a cell counts as calibrated: 1/alpha (100 at 1%)."""
+    return math.ceil(1 / alpha - 1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # Step 3: calibration on benign runs
 
 
 @dataclass
 class Calibration:
-    """Benign per-token scores and the false-positive rate the threshold must hold."""
+    """Benign per-token scores, and the split-conformal threshold they give at `target_fpr`.
+
+    The calibration units for a claim of n tokens are the disjoint n-token windows inside each benign
+    sequence (`window_means`); `threshold(n)` is their conformal quantile, or None ("insufficient")
+    when there are fewer than 1/target_fpr of them.
+    """
 
     method: str
     target_fpr: float
@@ -174,11 +224,9 @@ class Calibration:
     config: DiFRConfig
     config_hash: str
     model_id: str
-    clip: float | None = None  # Token-DiFR: max(clip_percentile of benign margins, min_clip)
-    clip_percentile: float = 99.9
-    n_resamples: int = 4000  # benign n-token means drawn per threshold
-    seed: int = 0
-    statistic: str = "ulp"  # Activation-DiFR distance the benign scores were measured with
+    clip: float | None = None  # Token-DiFR: margins clamped here (TOKEN_CLIP, or a benign percentile)
+    clip_percentile: float | None = None  # set when `clip` came from a percentile of benign margins
+    statistic: str = DEFAULT_STATISTIC  # Activation-DiFR distance the benign scores were measured with
     intervention: str | None = None  # digest of the intervention config the benign runs applied
     min_threshold: float | None = None  # no threshold below this (ROUNDING_BOUND of the statistic)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -197,41 +245,53 @@ class Calibration:
     def n_benign(self) -> int:
         return int(self.lengths.numel())
 
-    def null_means(self, n: int) -> Tensor:
-        """Benign means of n tokens: contiguous windows of benign sequences (joined if too short)."""
+    def units(self, n: int) -> Tensor:
+        """Sorted means of the disjoint within-sequence n-token windows of the benign runs."""
         if n not in self._cache:
-            gen = torch.Generator().manual_seed(self.seed)
-            seqs = torch.split(self.benign, self.lengths.tolist())
-            long = [s for s in seqs if s.numel() >= n]
-            means = torch.empty(self.n_resamples)
-            for r in range(self.n_resamples):
-                if long:
-                    s = long[int(torch.randint(len(long), (1,), generator=gen))]
-                    o = int(torch.randint(s.numel() - n + 1, (1,), generator=gen))
-                    means[r] = s[o:o + n].mean()
-                else:  # files longer than any benign sequence: join random benign sequences
-                    parts, total = [], 0
-                    while total < n:
-                        s = seqs[int(torch.randint(len(seqs), (1,), generator=gen))]
-                        parts.append(s)
-                        total += s.numel()
-                    means[r] = torch.cat(parts)[:n].mean()
-            self._cache[n] = means.sort().values
+            self._cache[n] = window_means(self.benign, self.lengths, n).sort().values
         return self._cache[n]
 
-    def threshold(self, n: int) -> float:
-        """Smallest t with at most target_fpr of benign n-token means above it (conformal rank),
-        never below `min_threshold`: a few hundred calibration tokens can sit lower than what storage
-        rounding gives other prompts, and thresholds under that bound caused held-out false positives."""
-        null = self.null_means(n)
-        rank = min(math.ceil((null.numel() + 1) * (1 - self.target_fpr)), null.numel()) - 1
-        t = float(null[rank])
+    def n_units(self, n: int) -> int:
+        return int(self.units(n).numel())
+
+    @property
+    def min_units(self) -> int:
+        """Units a threshold needs: 1/target_fpr."""
+        return min_units(self.target_fpr)
+
+    def sufficient(self, n: int) -> bool:
+        return self.n_units(n) >= self.min_units
+
+    def max_tokens(self) -> int:
+        """The largest n whose threshold is calibrated (0 if none)."""
+        n = int(self.lengths.max())
+        while n >= 1 and not self.sufficient(n):
+            n -= 1
+        return n
+
+    def threshold(self, n: int) -> float | None:
+        """Split-conformal threshold for the mean of n tokens: the ceil((m + 1)(1 - target_fpr))-th
+        smallest of the m benign window means, never below `min_threshold`. None ("insufficient") with
+        fewer than 1/target_fpr windows: no calibrated threshold exists, and no claim passes on it."""
+        if not self.sufficient(n):
+            return None
+        units = self.units(n)
+        t = float(units[conformal_rank(units.numel(), self.target_fpr) - 1])
         return t if self.min_threshold is None else max(t, float(self.min_threshold))
 
-    def p_value(self, score: float, n: int) -> float:
-        """Share of benign n-token means at least as large as `score` (+1 smoothed)."""
-        null = self.null_means(n)
-        return float(((null >= score).sum() + 1) / (null.numel() + 1))
+    def p_value(self, score: float, n: int) -> float | None:
+        """Conformal p-value (1 + #{benign windows >= score}) / (m + 1); None without any window."""
+        units = self.units(n)
+        if units.numel() == 0:
+            return None
+        return float(((units >= score).sum() + 1) / (units.numel() + 1))
+
+    def decide(self, score: float, n: int) -> str:
+        """Decision on a mean `score` over n tokens: verified, rejected, or insufficient (no threshold)."""
+        t = self.threshold(n)
+        if t is None:
+            return "insufficient"
+        return "verified" if math.isfinite(score) and score <= t else "rejected"
 
     def check_compatible(self, fp: Fingerprints) -> None:
         if (self.config.k, self.config.seed, self.config.projection) != (fp.config.k, fp.config.seed,
@@ -257,8 +317,8 @@ class Calibration:
             "format": CALIBRATION_FORMAT, "method": self.method, "target_fpr": repr(self.target_fpr),
             "k": str(self.config.k), "seed": str(self.config.seed), "projection": self.config.projection,
             "config_hash": self.config_hash, "model_id": self.model_id, "clip": repr(self.clip),
-            "clip_percentile": repr(self.clip_percentile), "n_resamples": str(self.n_resamples),
-            "resample_seed": str(self.seed), "statistic": self.statistic,
+            "clip_percentile": repr(self.clip_percentile), "threshold_rule": THRESHOLD_RULE,
+            "statistic": self.statistic,
             "intervention": self.intervention or "", "min_threshold": repr(self.min_threshold),
             "checksum": _checksum(tensors),
         }
@@ -267,16 +327,17 @@ class Calibration:
 
     @classmethod
     def from_safetensors(cls, path: str | Path) -> Calibration:
-        t, m = read_safetensors(path, (CALIBRATION_FORMAT, _CALIBRATION_FORMAT_V1), "calibration")
+        t, m = read_safetensors(path, (CALIBRATION_FORMAT, *_OLDER_CALIBRATION_FORMATS), "calibration")
         if m["format"] == _CALIBRATION_FORMAT_V1 and m.get("statistic") == "ulp":
             m["statistic"] = "ulp_unfloored"  # what "ulp" meant when the file was written
+        opt = lambda key: None if m.get(key, "None") == "None" else float(m[key])  # noqa: E731
         try:
+            # files of formats 1-2 hold the same benign scores; their threshold is now the conformal one
             return cls(
                 m["method"], float(m["target_fpr"]), t["benign"], t["lengths"],
                 DiFRConfig(int(m["k"]), int(m["seed"]), m["projection"]), m["config_hash"], m["model_id"],
-                None if m["clip"] == "None" else float(m["clip"]), float(m["clip_percentile"]),
-                int(m["n_resamples"]), int(m["resample_seed"]), m["statistic"], m["intervention"] or None,
-                None if m.get("min_threshold", "None") == "None" else float(m["min_threshold"]),
+                opt("clip"), opt("clip_percentile") if m["method"] == "token" else None,
+                m["statistic"], m["intervention"] or None, opt("min_threshold"),
             )
         except KeyError as exc:
             raise ValueError(f"{path}: calibration file lacks {exc}") from None
@@ -287,22 +348,27 @@ class Calibration:
     def to_dataframe(self):
         import pandas as pd
 
-        ns = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, int(self.lengths.max())})
+        ns = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= int(self.lengths.max())}
+                    | {int(self.lengths.max())})
         return pd.DataFrame({"n_tokens": ns, "threshold": [self.threshold(n) for n in ns],
+                             "n_windows": [self.n_units(n) for n in ns],
+                             "status": ["calibrated" if self.sufficient(n) else "insufficient" for n in ns],
                              "target_fpr": self.target_fpr})
 
     def figure(self):
         import plotly.graph_objects as go
 
         df = self.to_dataframe()
-        fig = go.Figure(go.Scatter(x=df.n_tokens, y=df.threshold, mode="lines+markers", name="threshold"))
-        fig.update_layout(title=f"{self.method} threshold at FPR {self.target_fpr:g} ({self.n_benign} benign sequences)",
+        df = df[df.status == "calibrated"]
+        fig = go.Figure(go.Scatter(x=df.n_tokens, y=df.threshold, mode="lines+markers", name="conformal threshold"))
+        fig.update_layout(title=f"{self.method} threshold at FPR {self.target_fpr:g} ({self.n_benign} benign sequences; "
+                                f"calibrated up to {self.max_tokens()} tokens)",
                           xaxis_title="tokens averaged", yaxis_title="threshold", xaxis_type="log")
         return fig
 
 
 def benign_scores(model: nn.Module, fp: Fingerprints, method: str, batch_size: int = 8,
-                  reference: Reference | None = None, statistic: str = "ulp") -> Tensor:
+                  reference: Reference | None = None, statistic: str = DEFAULT_STATISTIC) -> Tensor:
     """Per-token raw scores of one claim (distances, or unclipped margins)."""
     ref = reference or teacher_force(model, fp, batch_size)
     if method == "activation":
@@ -314,12 +380,15 @@ def benign_scores(model: nn.Module, fp: Fingerprints, method: str, batch_size: i
 
 def calibrate(model: nn.Module, benign: list[Fingerprints], *, target_fpr: float = 0.01,
               method: str = "activation", batch_size: int = 8, model_id: str | None = None,
-              clip_percentile: float = 99.9, min_clip: float = 1.0, statistic: str = "ulp",
-              references: list[Reference] | None = None, intervention: str | None = None) -> Calibration:
+              clip: float | None = TOKEN_CLIP, clip_percentile: float | None = None, min_clip: float = 1.0,
+              statistic: str = DEFAULT_STATISTIC, references: list[Reference] | None = None,
+              intervention: str | None = None) -> Calibration:
     """Calibrate a threshold from benign claims (honest runs under benign numerical noise).
 
-    Token-DiFR clips margins at the `clip_percentile` of benign margins, but never below `min_clip`
-    logits: in fp32 almost every honest margin is exactly 0, and a clip at 0 would erase every signal.
+    Token-DiFR clips margins at `clip` logits (default 0.5, the paper's code: a token outside the
+    claimed support, margin inf, scores 0.5 too). `clip_percentile` instead clips at that percentile
+    of the benign margins, never below `min_clip` (steer's earlier rule; in fp32 nearly every honest
+    margin is exactly 0, so a percentile alone would clip at 0).
     Activation-DiFR thresholds with the "ulp" statistic never go below ROUNDING_BOUND (0.5 steps).
 
     `references` (one per claim) reuses teacher-forcing results already computed for them.
@@ -340,16 +409,22 @@ def calibrate(model: nn.Module, benign: list[Fingerprints], *, target_fpr: float
                                     statistic))
         lengths.append(fp.output_lengths)
     s = torch.cat(scores)
-    clip = None
     if method == "token":
-        finite = s[torch.isfinite(s)]
-        pct = float(torch.quantile(finite, clip_percentile / 100)) if finite.numel() else 0.0
-        clip = max(pct, float(min_clip))
-        s = clip_margins(s, clip)
+        if clip_percentile is not None:
+            if not 0 < clip_percentile <= 100:
+                raise ValueError(f"clip_percentile must be in (0, 100], got {clip_percentile}")
+            finite = s[torch.isfinite(s)]
+            pct = float(torch.quantile(finite, clip_percentile / 100)) if finite.numel() else 0.0
+            clip = max(pct, float(min_clip))
+        elif clip is None or not clip > 0:
+            raise ValueError(f"Token-DiFR needs a clip > 0 (default {TOKEN_CLIP}) or a clip_percentile, got {clip}")
+        s = clip_margins(s, float(clip))
+    else:
+        clip, clip_percentile = None, None
     floor = ROUNDING_BOUND.get(statistic) if method == "activation" else None
     return Calibration(method, target_fpr, s.float(), torch.cat(lengths), first.config, first.config_hash,
-                       first.model_id, clip, clip_percentile, statistic=statistic, intervention=intervention,
-                       min_threshold=floor)
+                       first.model_id, None if clip is None else float(clip), clip_percentile, statistic=statistic,
+                       intervention=intervention, min_threshold=floor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,12 +443,16 @@ class VerificationReport:
     threshold: float | None
     p_value: float | None
     target_fpr: float | None
-    decision: str  # "verified" | "rejected" | "uncalibrated"
+    decision: str  # "verified" | "rejected" | "uncalibrated" | "insufficient" (no calibrated threshold for n)
     model_id: str = ""
     k: int = 0
-    distances: Tensor | None = None  # Activation-DiFR distances, always computed
+    distances: Tensor | None = None  # Activation-DiFR distances in `statistic`, always computed
     margins: Tensor | None = None  # raw Token-DiFR margins when the claim was sampled
-    statistic: str = "ulp"
+    statistic: str = DEFAULT_STATISTIC
+    l2: Tensor | None = None  # per-token paper L2 distance, always reported
+    ulp: Tensor | None = None  # per-token floored-ulp distance, always reported beside it
+    n_windows: int | None = None  # calibration units behind the threshold (disjoint benign n-token windows)
+    min_windows: int | None = None  # units needed (1/target_fpr)
 
     @property
     def n_tokens(self) -> int:
@@ -387,7 +466,10 @@ class VerificationReport:
         return {"decision": self.decision, "method": self.method, "score": self.score,
                 "threshold": self.threshold, "p_value": self.p_value, "target_fpr": self.target_fpr,
                 "n_tokens": self.n_tokens, "n_sequences": int(self.lengths.numel()), "model_id": self.model_id,
-                "k": self.k, "statistic": self.statistic}
+                "k": self.k, "statistic": self.statistic,
+                "mean_l2": None if self.l2 is None else float(self.l2.mean()),
+                "mean_ulp": None if self.ulp is None else float(self.ulp.mean()),
+                "calibration_windows": self.n_windows, "windows_needed": self.min_windows}
 
     def to_dataframe(self):
         import pandas as pd
@@ -398,6 +480,10 @@ class VerificationReport:
                            "token_id": self.output_ids.numpy(), "score": self.scores.numpy()})
         if self.distances is not None:
             df["distance"] = self.distances.numpy()
+        if self.l2 is not None:
+            df["l2"] = self.l2.numpy()
+        if self.ulp is not None:
+            df["ulp"] = self.ulp.numpy()
         if self.margins is not None:
             df["margin"] = self.margins.numpy()
         return df
@@ -422,9 +508,13 @@ class VerificationReport:
 
 def verify(model: nn.Module, fingerprints: Fingerprints | str | Path, calibration: Calibration | None = None,
            *, method: str | None = None, model_id: str | None = None, batch_size: int = 8,
-           reference: Reference | None = None, statistic: str = "ulp",
+           reference: Reference | None = None, statistic: str = DEFAULT_STATISTIC,
            intervention: str | None = None) -> VerificationReport:
     """Check a claim against the reference `model`; decide only with a calibration (else "uncalibrated").
+
+    The decision compares the mean over the claim's n tokens with the calibration's conformal
+    threshold for n; with fewer than 1/target_fpr benign n-token windows it is "insufficient" (not a
+    pass). Both per-token distances, the paper's L2 and the floored ulp, are in the report.
 
     For verifiable steering, call this inside the claimed intervention's context manager and pass
     its digest as `intervention` (steer.difr.fingerprint.intervention_digest).
@@ -442,18 +532,22 @@ def verify(model: nn.Module, fingerprints: Fingerprints | str | Path, calibratio
         raise ValueError("Token-DiFR needs a sampled claim (steer fingerprint --temperature ...), this one is greedy")
     ref = reference or teacher_force(model, fp, batch_size)
     statistic = calibration.statistic if calibration is not None else statistic
-    distances = activation_distances(fp, ref.hidden, statistic)
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    side = {s: activation_distances(fp, ref.hidden, s) for s in ("l2", "ulp", statistic)}
+    distances = side[statistic]
     if method == "activation":
         scores = distances
     else:
-        scores = clip_margins(ref.margins, calibration.clip if calibration is not None else None)
+        scores = clip_margins(ref.margins, calibration.clip if calibration is not None else TOKEN_CLIP)
     score, n = float(scores.mean()), int(scores.numel())
     if calibration is None:
-        threshold = p = None
+        threshold = p = n_windows = need = None
         decision = "uncalibrated"
     else:
-        threshold, p = calibration.threshold(n), calibration.p_value(score, n)
-        decision = "verified" if math.isfinite(score) and score <= threshold else "rejected"
+        threshold, p, decision = calibration.threshold(n), calibration.p_value(score, n), calibration.decide(score, n)
+        n_windows, need = calibration.n_units(n), calibration.min_units
     return VerificationReport(method, scores.float(), fp.output_lengths, fp.output_ids, score, threshold, p,
                               calibration.target_fpr if calibration is not None else None, decision,
-                              fp.model_id, fp.config.k, distances, ref.margins, statistic)
+                              fp.model_id, fp.config.k, distances, ref.margins, statistic, side["l2"], side["ulp"],
+                              n_windows, need)
