@@ -149,7 +149,7 @@ class ProfileLogitsProcessor(_LogitsProcessorBase):
     """Files each profiled request's routing counts under its key (logits are never changed).
 
     A request opts in with `extra_args={"steer_profile": {"key": K, "class": NAME, "select": [lo, hi]}}`:
-    the tokens at positions lo..hi-1 of its sequence count. Each step appends to DIR/K.jsonl one line
+    the tokens at positions lo..hi-1 of its sequence count ("ids": true also files their expert sets). Each step appends to DIR/K.jsonl one line
     {"class", "tokens", "counts": {layer: [per-expert counts]}} for the request's tokens in that step.
     """
 
@@ -216,13 +216,17 @@ class ProfileLogitsProcessor(_LogitsProcessorBase):
             pos = positions[start:end]
             keep = (pos >= lo) & (pos < hi)
             n = int(keep.sum())
-            counts = {}
+            counts, per_token = {}, {}
             if n:
                 for layer in STEP.layers:
-                    ids = STEP.ids[layer][start:end][keep].reshape(-1)
-                    counts[str(layer)] = torch.bincount(ids, minlength=STEP.num_experts).tolist()
+                    ids = STEP.ids[layer][start:end][keep]
+                    counts[str(layer)] = torch.bincount(ids.reshape(-1), minlength=STEP.num_experts).tolist()
+                    if spec.get("ids"):  # the selected tokens' expert sets too (for comparisons)
+                        per_token[str(layer)] = ids.sort(dim=-1).values.tolist()
             line = {"class": spec.get("class"), "tokens": n, "counts": counts,
                     "positions": [int(pos[0]), int(pos[-1]) + 1]}
+            if spec.get("ids"):
+                line["ids"] = per_token
             with open(Path(self.directory) / f"{spec['key']}.jsonl", "a") as fh:
                 fh.write(json.dumps(line) + "\n")
         return logits
@@ -245,7 +249,7 @@ def _check_spec(spec: Any) -> None:
 
 
 def profiling_engine(model: str | os.PathLike, *, tensor_parallel_size: int = 1, directory: str | None = None,
-                     max_model_len: int = 1024, **kwargs):
+                     max_model_len: int | None = None, **kwargs):
     """A `vllm.LLM` that records routing for `profile_vllm` (eager, no prefix caching, the processor).
 
     `directory` receives the per-request count files (default: a fresh temporary directory).
@@ -356,10 +360,6 @@ class VLLMCounter:
             path.unlink()
         return counts, tokens, cls
 
-    def close(self) -> None:
-        if self.directory.name.startswith("steer-vllm-profile-"):
-            shutil.rmtree(self.directory, ignore_errors=True)
-
 
 def identity_from_checkpoint(path: str | os.PathLike, weights_hash: str | None = None) -> dict:
     """`steer.identity.model_identity` of a checkpoint without loading it all: the model is built on
@@ -445,17 +445,17 @@ def profile_vllm(
             weights_hash = _wh(ckpt)
         ident = identity_from_checkpoint(ckpt, weights_hash)
         counter = VLLMCounter(llm, ident["moe_layers"], ident["num_experts"], prompts_per_call)
-        try:
-            prof = profile_with(counter, tokenizer, classes, config, ident, responses=responses, labeller=labeller,
-                                progress=progress, cancel=cancel)
-        finally:
-            counter.close()
+        prof = profile_with(counter, tokenizer, classes, config, ident, responses=responses, labeller=labeller,
+                            progress=progress, cancel=cancel)
         tp = llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
         prof.stats.update(engine="vllm", tensor_parallel_size=tp)
         return prof
     finally:
         if own:
+            directory = engine_profile_dir(llm)
             _shutdown(llm)
+            if not engine_kwargs.get("directory"):
+                shutil.rmtree(directory, ignore_errors=True)  # the temporary directory profiling_engine made
 
 
 def _shutdown(llm) -> None:
