@@ -531,6 +531,38 @@ def _interleave(ids: Sequence[int]) -> list[int]:
     return sorted(range(len(ids)), key=lambda i: ((rank[i] + 0.5) / size[ids[i]], ids[i]))
 
 
+class HFCounter:
+    """The counting engine of `profile`: one forward per batch of an HF model, a hook on each router.
+
+    An engine for `profile_with` has `layers`, `num_experts`, `batches_per_call`, `answer(tokenizer,
+    prompts, config) -> responses` and `count(batches, acc, class_names)`, a generator that leaves
+    each batch's per-row counts in `acc.batch_counts` (after `acc.start(batch)`) and yields the batch.
+    steer.serving.vllm_profile.VLLMCounter is the other one (the routing a vLLM engine made).
+    """
+
+    batches_per_call = 1
+
+    def __init__(self, model: Any):
+        self.hf = unwrap_model(model)
+        mm = _require_moe(self.hf)
+        self.layers, self.num_experts = list(mm.moe_layers), mm.num_experts
+
+    def answer(self, tokenizer, prompts: Sequence[str], config: ProfileConfig) -> list[str]:
+        return generate_responses(self.hf, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                                  batch_size=config.batch_size, chat_template=config.chat_template)
+
+    def count(self, batches: list[Batch], acc: ProfileAccumulator, class_names: Sequence[str]):
+        device = next(self.hf.parameters()).device
+        with torch.no_grad(), attach(self.hf, {"blocks.*.mlp.router.indices": acc.hook}) as session:
+            for batch in batches:
+                acc.start(batch)
+                session.set_token_selection(batch.selection.to(device))
+                # only the routers are read: logits_to_keep=1 skips the lm_head over every position
+                self.hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                        use_cache=False, logits_to_keep=1)
+                yield batch
+
+
 def profile(
     model: Any,
     tokenizer,
@@ -557,13 +589,30 @@ def profile(
       are counted with the classes interleaved, so a run cancelled while counting returns the partial
       profile of the prompts counted so far (`Profile.cancelled`, stats["prompts"] says how many);
       cancelled before every class has a counted prompt, it raises ProfileCancelled.
+    The same profile through a vLLM engine: steer.serving.vllm_profile.profile_vllm.
     """
+    counter = HFCounter(model)
+    return profile_with(counter, tokenizer, classes, config, lambda: model_identity(counter.hf, weights_hash=weights_hash),
+                        responses=responses, labeller=labeller, progress=progress, cancel=cancel)
+
+
+def profile_with(
+    counter: Any,
+    tokenizer,
+    classes: Mapping[str, Sequence[str] | PromptSet] | Sequence[PromptSet] | PromptSet,
+    config: ProfileConfig | None,
+    identity: dict | Callable[[], dict],
+    *,
+    responses: Sequence[str] | None = None,
+    labeller=None,
+    progress: bool | ProgressFn = True,
+    cancel: CancelFlag | Any | None = None,
+) -> Profile:
+    """`profile` with another counting engine (see HFCounter); `identity` is the model's identity."""
     import time
 
     config = config or ProfileConfig()
     config.validate()
-    hf = unwrap_model(model)
-    mm = _require_moe(hf)
     names, prompts, ids = _as_classes(classes)
     if not prompts:
         raise EmptyPromptSetError("no prompts to profile: every class is empty")
@@ -577,13 +626,13 @@ def profile(
         raise ValueError(f"profiling needs at least two classes (a behaviour and a baseline), got {names}")
     generate = need_resp and responses is None
     bar = _Progress(progress, len(prompts) * (2 if generate else 1), "steer profile")
+    chunk_size = config.batch_size * counter.batches_per_call
     try:
         if generate:
             responses = []
-            for start in range(0, len(prompts), config.batch_size):
-                chunk = prompts[start:start + config.batch_size]
-                responses += generate_responses(hf, tokenizer, chunk, max_new_tokens=config.max_new_tokens,
-                                                batch_size=config.batch_size, chat_template=config.chat_template)
+            for start in range(0, len(prompts), chunk_size):
+                chunk = prompts[start:start + chunk_size]
+                responses += counter.answer(tokenizer, chunk, config)
                 bar.update(len(chunk))
                 if _is_cancelled(cancel) and len(responses) < len(prompts):
                     raise ProfileCancelled(
@@ -603,22 +652,26 @@ def profile(
         order = _interleave(ids)
         run_prompts, run_ids = [prompts[i] for i in order], [ids[i] for i in order]
         run_resp = [responses[i] for i in order] if responses is not None else None
-        acc = ProfileAccumulator(len(names), mm.moe_layers, mm.num_experts, config.n_bootstrap, config.seed)
-        device = next(hf.parameters()).device
+        acc = ProfileAccumulator(len(names), counter.layers, counter.num_experts, config.n_bootstrap, config.seed)
         n_tok = done = 0
-        with torch.no_grad(), attach(hf, {"blocks.*.mlp.router.indices": acc.hook}) as session:
-            for batch in prompt_batches(tokenizer, run_prompts, run_ids, config, run_resp):
-                acc.start(batch)
-                session.set_token_selection(batch.selection.to(device))
-                # only the routers are read: logits_to_keep=1 skips the lm_head over every position
-                hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                   use_cache=False, logits_to_keep=1)
-                acc.fold(batch.classes)
-                n_tok += int(acc.batch_tokens.sum())
-                done += len(batch.classes)
-                bar.update(len(batch.classes))
-                if _is_cancelled(cancel) and done < len(prompts):
-                    break
+        batches = prompt_batches(tokenizer, run_prompts, run_ids, config, run_resp)
+        stop = False
+        while not stop:
+            group = [b for _, b in zip(range(counter.batches_per_call), batches)]
+            if not group:
+                break
+            counted = counter.count(group, acc, names)
+            try:
+                for batch in counted:
+                    acc.fold(batch.classes)
+                    n_tok += int(acc.batch_tokens.sum())
+                    done += len(batch.classes)
+                    bar.update(len(batch.classes))
+                    if _is_cancelled(cancel) and done < len(prompts):
+                        stop = True
+                        break
+            finally:
+                counted.close()  # a generator left mid-group still holds its hooks
     finally:
         bar.close()
     cancelled = done < len(prompts)
@@ -629,14 +682,14 @@ def profile(
     if empty:
         raise EmptyPromptSetError(f"classes {empty} have no selected tokens (tokens={config.tokens!r}); "
                                   f"check the prompts/responses are non-empty")
-    ident = model_identity(hf, weights_hash=weights_hash)
+    ident = identity() if callable(identity) else identity
     sums = {"n": acc.n, "frac": acc.frac, "count": acc.count, "tokens": acc.tokens}
     stats = {"prompts": done, "prompts_per_class": {n: int(acc.n[i]) for i, n in enumerate(names)},
              "tokens": n_tok, "skipped_prompts": acc.skipped_prompts,
              "seconds": round(time.perf_counter() - t0, 2), "accumulator_bytes": acc.nbytes()}
     if cancelled:
         stats.update(cancelled=True, prompts_requested=len(prompts))
-    return _finish(sums, acc.boot if acc.R else None, names, mm.moe_layers, ident, config, stats)
+    return _finish(sums, acc.boot if acc.R else None, names, counter.layers, ident, config, stats)
 
 
 def expert_tokens(

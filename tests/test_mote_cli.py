@@ -78,3 +78,15 @@ def test_heatmap_png_colours_follow_the_scores(ckpt, tmp_path, monkeypatch):
     assert img.getpixel((left + cw // 2, top + ch // 2)) == (178, 24, 43)  # +max: red
     assert img.getpixel((left + (E - 1) * cw + cw // 2, top + (L - 1) * ch + ch // 2)) == (33, 102, 172)
     assert img.getpixel((left + cw + cw // 2, top + ch // 2)) == (255, 255, 255)  # 0: white
+
+
+def test_profile_engine_vllm_needs_vllm(ckpt, capsys):
+    """Where vLLM is not installed, --engine vllm is a bad-input error naming the fix (the profile
+    through a real engine is tests/test_vllm_profile.py, in the vLLM venv)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: tests/test_vllm_profile.py covers --engine vllm")
+    assert main(["profile", "--engine", "vllm", "--model", str(ckpt), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine vllm needs vLLM" in err and "--engine hf" in err

