@@ -67,7 +67,14 @@ def _engine_main(spec_path: str, out_path: str) -> None:
         return sorted(captured)
 
     llm.apply_model(hook_routers)
-    if spec.get("sglang_hooks"):  # attach steer's SGLang export the way SGLang's hook_manager does
+    if spec.get("sglang_hook_manager"):  # SGLang's own hook_manager.py (unmodified, from the sglang wheel)
+        import importlib.util
+
+        mod_spec = importlib.util.spec_from_file_location("sglang_hook_manager", spec["sglang_hook_manager"])
+        hook_manager = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(hook_manager)
+        llm.apply_model(lambda m: hook_manager.register_forward_hooks(m, spec["sglang_hooks"]))
+    elif spec.get("sglang_hooks"):  # attach steer's SGLang export the way SGLang's hook_manager does
         from steer.export import register_forward_hooks
 
         assert llm.apply_model(lambda m: len(register_forward_hooks(m, spec["sglang_hooks"])))[0] > 0
@@ -105,8 +112,9 @@ from steer.hooks import capture  # noqa: E402
 
 def run_engine(tmp: Path, name: str, *, model: Path, prompts: list[list[int]], max_tokens: int,
                config: Path | None = None, plugin: bool = True, fingerprint_dir: Path | None = None,
-               sglang_hooks: list | None = None) -> dict:
+               sglang_hooks: list | None = None, sglang_hook_manager: Path | None = None) -> dict:
     spec = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "sglang_hooks": sglang_hooks,
+            "sglang_hook_manager": str(sglang_hook_manager) if sglang_hook_manager else None,
             "config": str(config) if config else None,
             "fingerprint_dir": str(fingerprint_dir) if fingerprint_dir else None}
     spec_path, out_path = tmp / f"{name}.spec.json", tmp / f"{name}.out.json"
@@ -413,8 +421,11 @@ def test_sglang_export_hooks_in_a_real_engine(tiny_ckpt, tmp_path):
     specs, _ = to_sglang(cfg, norm_topk_prob=True)
     hf_on = hf_reference(model, PROMPTS, 8, cfg)
     hf_off = hf_reference(model, PROMPTS, 8, None)
+    # SGLang's own loader when the sglang wheel is around (.ci/sglang.sh), else steer's replica of it
+    manager = next(iter(sorted(ROOT.glob(".venv-sglang/lib/python*/site-packages/sglang/srt/model_executor/"
+                                         "hook_manager.py"))), None)
     out = run_engine(tmp_path, "sglang", model=tiny_ckpt, prompts=PROMPTS, max_tokens=8, plugin=False,
-                     sglang_hooks=specs)
+                     sglang_hooks=specs, sglang_hook_manager=manager)
     for h_on, h_off, got in zip(hf_on, hf_off, out["results"]):
         assert h_on["routing"] != h_off["routing"]
         assert got["routing"] == h_on["routing"] and got["output_ids"] == h_on["output_ids"]
