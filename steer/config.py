@@ -304,7 +304,8 @@ class ACTSection:
 
     @staticmethod
     def json_problems(d: dict) -> list[str]:
-        """Duplicate heads, unknown parameters, and steer.act's own checks of the known ones."""
+        """Duplicate heads, unknown parameters, and steer.act's own checks of the known ones (beta by
+        `_check_beta` for its field path, the rest by building the ACT intervention)."""
         from steer.act import ACTConfig, _check_beta
 
         problems = []
@@ -326,8 +327,8 @@ class ACTSection:
                 _check_beta(beta)
         except ValueError as exc:
             return problems + [f"act.params.beta: {exc}"]
-        try:
-            ACTConfig(heads=[], **{k: v for k, v in params.items() if k in ACT_PARAMS})
+        try:  # every parameter as ACT itself checks it (tau/alpha, min_queries, ...)
+            ACTConfig(heads=list(seen), **{k: v for k, v in params.items() if k in ACT_PARAMS}).intervention()
         except (TypeError, ValueError) as exc:
             problems.append(f"act.params: {exc}")
         return problems

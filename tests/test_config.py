@@ -250,6 +250,11 @@ def test_act_params_are_checked(moe, tmp_path):
         InterventionConfig.load(d)
     assert "act.params.gamma: unknown ACT parameter (known: beta, tau, alpha, min_queries, keep_first)" in err.value.problems
     assert any(p.startswith("act.params.beta: beta must be in (0, 1] (got 1.5)") for p in err.value.problems)
+    doc["act"]["params"] = {"min_queries": 0}  # checked by ACT itself, as when the intervention is built
+    _rewrite(d, doc)
+    with pytest.raises(ConfigError) as err:
+        InterventionConfig.load(d)
+    assert err.value.problems == ["act.params: min_queries must be >= 1 (got 0)"]
 
 
 def test_methods_own_their_checks(moe, moe_dir, tmp_path, monkeypatch):
