@@ -27,6 +27,11 @@ applying it to another model an error instead of a silent no-op.
 
 Errors (`ConfigError`) list every problem, each starting with the field path, e.g.
 `mote.experts[3].expert: 19 out of range 0..15`.
+
+Each section's checks are its method's: the mote section asks steer.mote (`spec_problems`,
+`fit_problems`, `router_edits`), the act section steer.act (`_check_beta`, `ACTConfig`,
+`check_heads`), so a rule added to a method holds for configs too. `checkpoint_problems` is the one
+check of a config against a checkpoint a server loads (steer export and every serving plugin).
 """
 
 from __future__ import annotations
