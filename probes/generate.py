@@ -200,44 +200,12 @@ class GenerationResult:
             scores = None
         cal = calibration or (probe.calibration if probe is not None else None) or self.calibration
         x = [e.cue_token for e in events]
-        cues = [e.cue for e in events]
         fig = go.Figure()
-        if scores is not None:
-            fig.add_trace(go.Scatter(
-                x=x, y=scores, mode="lines+markers", name="probe p(correct if exiting here)",
-                customdata=[[c, e.cut] for c, e in zip(cues, events)],
-                hovertemplate="cue token %{x} (%{customdata[0]}, cut at %{customdata[1]}): p=%{y:.3f}<extra></extra>"))
-        if has_trials:
-            conf = [e.trial.confidence if e.trial is not None else None for e in events]
-            fig.add_trace(go.Scatter(
-                x=x, y=conf, mode="markers", name="trial answer confidence (DEER)",
-                marker={"symbol": "diamond-open", "size": 9},
-                text=[e.trial.answer_text if e.trial is not None else "" for e in events],
-                hovertemplate="cue token %{x}: confidence %{y:.3f}, answer %{text}<extra></extra>"))
-        # cue markers along the bottom: one tick per cue event, named by its cue
-        fig.add_trace(go.Scatter(x=x, y=[0.0] * len(x), mode="markers", name="cue events",
-                                 marker={"symbol": "line-ns-open", "size": 12, "color": "grey"},
-                                 text=cues, hovertemplate="cue %{text} at token %{x}<extra></extra>"))
+        _add_confidence_traces(fig, events, x, scores, has_trials)
         sub = f"{len(events)} cue events, stop: {r.stop}"
         if cal is not None and scores is not None:
-            fig.add_hline(y=cal.q0, line={"color": "grey", "dash": "dot"},
-                          annotation_text=f"q0 = {cal.q0:.3f} (exit needs p > q0)")
-            ex = cal.should_exit(torch.tensor(scores, dtype=torch.float64)).tolist() if scores else []
-            first = next((i for i, e in enumerate(ex) if e), None)
-            if first is not None:
-                fig.add_vline(x=x[first], line={"color": "red", "dash": "dash"},
-                              annotation_text=f"exit at delta={cal.delta:g} (cue token {x[first]})")
-                sub += f", delta={cal.delta:g} exits at cue token {x[first]}"
-            else:
-                sub += f", delta={cal.delta:g} never exits"
-        done = next((e for e in events if e.exited), None)
-        if done is not None:
-            y = done.score if done.score is not None else (done.trial.confidence if done.trial else 1.0)
-            fig.add_trace(go.Scatter(x=[done.cue_token], y=[y], mode="markers", name="online exit (this run)",
-                                     marker={"symbol": "star", "size": 16, "color": "red"}))
-        # the boundary after the last kept reasoning token (an exit keeps the tokens before its cue)
-        fig.add_vline(x=r.kept - 0.5, line={"color": "black", "width": 1},
-                      annotation_text=f"stop: {r.stop}, {r.kept} tokens kept", annotation_position="bottom left")
+            sub += _mark_calibrated_exit(fig, cal, x, scores)
+        _mark_stop(fig, r)
         right = max([r.kept, len(r.generated_ids)] + [c + 1 for c in x])
         fig.update_layout(title=title or f"LYNX confidence over the generation ({sub})",
                           xaxis_title="generated token", yaxis_title="confidence", yaxis_range=[-0.02, 1.02],
@@ -316,6 +284,57 @@ def _cache_for(model) -> DynamicCache:
                 f"{type(layer).__name__}. Use a model with standard attention layers, or run without exits "
                 f"(model.generate) for this architecture")
     return cache
+
+
+
+def _add_confidence_traces(fig, events: list, x: list[int], scores: list[float] | None, has_trials: bool) -> None:
+    """The probe's p and the trial answers' confidence at each cue event, and the cue markers."""
+    import plotly.graph_objects as go
+
+    cues = [e.cue for e in events]
+    if scores is not None:
+        fig.add_trace(go.Scatter(
+            x=x, y=scores, mode="lines+markers", name="probe p(correct if exiting here)",
+            customdata=[[c, e.cut] for c, e in zip(cues, events)],
+            hovertemplate="cue token %{x} (%{customdata[0]}, cut at %{customdata[1]}): p=%{y:.3f}<extra></extra>"))
+    if has_trials:
+        conf = [e.trial.confidence if e.trial is not None else None for e in events]
+        fig.add_trace(go.Scatter(
+            x=x, y=conf, mode="markers", name="trial answer confidence (DEER)",
+            marker={"symbol": "diamond-open", "size": 9},
+            text=[e.trial.answer_text if e.trial is not None else "" for e in events],
+            hovertemplate="cue token %{x}: confidence %{y:.3f}, answer %{text}<extra></extra>"))
+    # cue markers along the bottom: one tick per cue event, named by its cue
+    fig.add_trace(go.Scatter(x=x, y=[0.0] * len(x), mode="markers", name="cue events",
+                             marker={"symbol": "line-ns-open", "size": 12, "color": "grey"},
+                             text=cues, hovertemplate="cue %{text} at token %{x}<extra></extra>"))
+
+
+def _mark_calibrated_exit(fig, cal: ConformalCalibration, x: list[int], scores: list[float]) -> str:
+    """The q0 line and the first cue where `cal` exits; returns the title's words for it."""
+    fig.add_hline(y=cal.q0, line={"color": "grey", "dash": "dot"},
+                  annotation_text=f"q0 = {cal.q0:.3f} (exit needs p > q0)")
+    ex = cal.should_exit(torch.tensor(scores, dtype=torch.float64)).tolist() if scores else []
+    first = next((i for i, e in enumerate(ex) if e), None)
+    if first is None:
+        return f", delta={cal.delta:g} never exits"
+    fig.add_vline(x=x[first], line={"color": "red", "dash": "dash"},
+                  annotation_text=f"exit at delta={cal.delta:g} (cue token {x[first]})")
+    return f", delta={cal.delta:g} exits at cue token {x[first]}"
+
+
+def _mark_stop(fig, r: RowResult) -> None:
+    """Where the row really stopped: its online exit (if any) and the last kept reasoning token."""
+    import plotly.graph_objects as go
+
+    done = next((e for e in r.events if e.exited), None)
+    if done is not None:
+        y = done.score if done.score is not None else (done.trial.confidence if done.trial else 1.0)
+        fig.add_trace(go.Scatter(x=[done.cue_token], y=[y], mode="markers", name="online exit (this run)",
+                                 marker={"symbol": "star", "size": 16, "color": "red"}))
+    # the boundary after the last kept reasoning token (an exit keeps the tokens before its cue)
+    fig.add_vline(x=r.kept - 0.5, line={"color": "black", "width": 1},
+                  annotation_text=f"stop: {r.stop}, {r.kept} tokens kept", annotation_position="bottom left")
 
 
 @dataclass

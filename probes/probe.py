@@ -184,16 +184,37 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeConfi
     the same side of the validation split, so early stopping is not fooled by near-duplicates."""
     cfg = config or ProbeConfig()
     x, y = features.float(), labels.float().flatten()
+    _check_training_data(x, y)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    val_mask = _validation_split(torch.arange(x.shape[0]) if groups is None else groups, cfg, gen)
+    xt, yt, xv, yv = x[~val_mask], y[~val_mask], x[val_mask], y[val_mask]
+
+    torch.manual_seed(cfg.seed)
+    probe = LynxProbe(x.shape[1], cfg.hidden, info)
+    probe.mean.copy_(xt.mean(0))
+    probe.std.copy_(xt.std(0, unbiased=False).clamp_min(1e-6))
+    weights = _class_weights(yt, cfg.class_balanced)
+    best, best_epoch = _fit(probe, xt, yt, xv, yv, weights, cfg, gen)
+    if probe.info is not None:
+        with torch.no_grad():
+            probe.info.val_auc = auc(probe(xv), yv)
+        probe.info.n_train, probe.info.n_val = int(len(yt)), int(len(yv))
+        probe.info.best_epoch, probe.info.val_loss = best_epoch, best
+    return probe
+
+
+def _check_training_data(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.ndim != 2 or x.shape[0] != y.numel():
         raise ValueError(f"features must be [N, F] with one label each; got {tuple(x.shape)} and {y.numel()} labels")
     if x.shape[0] < 4:
         raise ValueError(f"need at least 4 labelled cue events to train a probe, got {x.shape[0]}")
     if not bool(((y == 0) | (y == 1)).all()):
         raise ValueError("labels must be 0 or 1")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n = x.shape[0]
-    if groups is None:
-        groups = torch.arange(n)
+
+
+def _validation_split(groups: torch.Tensor, cfg: ProbeConfig, gen: torch.Generator) -> torch.Tensor:
+    """Bool[N]: the validation events, whole groups at a time (a random fifth if groups cannot split)."""
+    n = groups.shape[0]
     uniq = torch.unique(groups)
     perm = uniq[torch.randperm(len(uniq), generator=gen)]
     n_val_groups = max(1, int(round(cfg.validation_fraction * len(uniq))))
@@ -201,23 +222,27 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeConfi
     if val_mask.all() or not val_mask.any():
         val_mask = torch.zeros(n, dtype=torch.bool)
         val_mask[torch.randperm(n, generator=gen)[: max(1, n // 5)]] = True
-    xt, yt, xv, yv = x[~val_mask], y[~val_mask], x[val_mask], y[val_mask]
+    return val_mask
 
-    torch.manual_seed(cfg.seed)
-    probe = LynxProbe(x.shape[1], cfg.hidden, info)
-    probe.mean.copy_(xt.mean(0))
-    probe.std.copy_(xt.std(0, unbiased=False).clamp_min(1e-6))
-    pos = float(yt.sum())
-    neg = float(len(yt) - pos)
-    if cfg.class_balanced and pos > 0 and neg > 0:  # sklearn "balanced": n / (2 n_c)
-        w1, w0 = len(yt) / (2 * pos), len(yt) / (2 * neg)
-    else:
-        w1 = w0 = 1.0
 
-    def loss_of(xx, yy):
-        w = torch.where(yy > 0.5, torch.tensor(w1), torch.tensor(w0))
-        return nn.functional.binary_cross_entropy_with_logits(probe.logits(xx), yy, weight=w)
+def _class_weights(y: torch.Tensor, balanced: bool) -> tuple[float, float]:
+    """(weight of label 1, weight of label 0): sklearn's "balanced" n / (2 n_c), or 1 each."""
+    pos = float(y.sum())
+    neg = float(len(y) - pos)
+    if balanced and pos > 0 and neg > 0:
+        return len(y) / (2 * pos), len(y) / (2 * neg)
+    return 1.0, 1.0
 
+
+def _weighted_loss(probe: LynxProbe, x: torch.Tensor, y: torch.Tensor, weights: tuple[float, float]) -> torch.Tensor:
+    w = torch.where(y > 0.5, torch.tensor(weights[0]), torch.tensor(weights[1]))
+    return nn.functional.binary_cross_entropy_with_logits(probe.logits(x), y, weight=w)
+
+
+def _fit(probe: LynxProbe, xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
+         weights: tuple[float, float], cfg: ProbeConfig, gen: torch.Generator) -> tuple[float, int]:
+    """Adam with early stopping on the validation loss; leaves `probe` at its best epoch (eval mode)
+    and returns (best validation loss, best epoch)."""
     opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_state, best_epoch, bad = math.inf, None, 0, 0
     for epoch in range(cfg.max_epochs):
@@ -226,11 +251,11 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeConfi
         for i in range(0, len(yt), cfg.batch_size):
             idx = order[i: i + cfg.batch_size]
             opt.zero_grad()
-            loss_of(xt[idx], yt[idx]).backward()
+            _weighted_loss(probe, xt[idx], yt[idx], weights).backward()
             opt.step()
         probe.eval()
         with torch.no_grad():
-            vl = float(loss_of(xv, yv))
+            vl = float(_weighted_loss(probe, xv, yv, weights))
         if vl < best - 1e-6:
             best, best_epoch, bad = vl, epoch, 0
             best_state = {k: v.clone() for k, v in probe.state_dict().items()}
@@ -240,9 +265,4 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, config: ProbeConfi
                 break
     probe.load_state_dict(best_state)
     probe.eval()
-    if probe.info is not None:
-        with torch.no_grad():
-            probe.info.val_auc = auc(probe(xv), yv)
-        probe.info.n_train, probe.info.n_val = int(len(yt)), int(len(yv))
-        probe.info.best_epoch, probe.info.val_loss = best_epoch, best
-    return probe
+    return best, best_epoch

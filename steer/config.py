@@ -27,6 +27,11 @@ applying it to another model an error instead of a silent no-op.
 
 Errors (`ConfigError`) list every problem, each starting with the field path, e.g.
 `mote.experts[3].expert: 19 out of range 0..15`.
+
+Each section's checks are its method's: the mote section asks steer.mote (`spec_problems`,
+`fit_problems`, `router_edits`), the act section steer.act (`_check_beta`, `ACTConfig`,
+`check_heads`), so a rule added to a method holds for configs too. `checkpoint_problems` is the one
+check of a config against a checkpoint a server loads (steer export and every serving plugin).
 """
 
 from __future__ import annotations
@@ -247,21 +252,34 @@ class MoTESection:
             out.setdefault(int(layer), []).append(int(expert))
         return {la: sorted(set(es)) for la, es in sorted(out.items())}
 
+    def switch(self):
+        """The steer.mote.ExpertSwitch this section describes."""
+        from steer.mote import ExpertSwitch
+
+        return ExpertSwitch(experts=list(self.experts), mode=self.mode, renormalize=self.renormalize,
+                            force_weight=self.force_weight)
+
     def router_edits(self, num_experts: int) -> dict:
         """{layer: steer.kernels.router.RouterEdit}: the same edit steer's HF path and the vLLM plugin apply."""
-        from steer.kernels.router import RouterEdit
+        from steer.mote import router_edits
 
-        edits = {}
-        for layer, experts in self.by_layer().items():
-            mask = torch.zeros(num_experts, dtype=torch.bool)
-            mask[experts] = True
-            if self.mode == "off_mask":
-                edits[layer] = RouterEdit(off_mask=mask)
-            elif self.mode == "off_zero":
-                edits[layer] = RouterEdit(off_zero=mask, renormalize=self.renormalize)
-            else:
-                edits[layer] = RouterEdit(force_on=mask, force_weight=self.force_weight)
-        return edits
+        return router_edits(self.experts, self.mode, self.renormalize, self.force_weight, num_experts)
+
+    @staticmethod
+    def json_problems(d: dict) -> list[str]:
+        """steer.mote's checks of the switch settings (duplicates, contradictions), as field paths."""
+        from steer.mote import spec_problems
+
+        experts = [(x["layer"], x["expert"]) for x in d["experts"]]
+        return [str(p) for p in spec_problems(experts, d["mode"], d.get("renormalize", False),
+                                              d.get("force_weight", "gate"), prefix="mote.")]
+
+    def problems(self, shape) -> list[str]:
+        """steer.mote's check of this switch against a model (a ModelMap or CheckpointShape)."""
+        from steer.mote import fit_problems
+
+        return [str(p) for p in fit_problems(self.experts, self.mode, self.renormalize, self.force_weight, shape,
+                                             prefix="mote.")]
 
 
 @dataclass
@@ -288,6 +306,49 @@ class ACTSection:
         from steer.act import ACTConfig
 
         return ACTConfig(heads=list(self.heads), **self.params)
+
+    @staticmethod
+    def json_problems(d: dict) -> list[str]:
+        """Duplicate heads, unknown parameters, and steer.act's own checks of the known ones (beta by
+        `_check_beta` for its field path, the rest by building the ACT intervention)."""
+        from steer.act import ACTConfig, _check_beta
+
+        problems = []
+        seen: dict[tuple[int, int], int] = {}
+        for i, x in enumerate(d["heads"]):
+            key = (x["layer"], x["head"])
+            if key in seen:
+                problems.append(f"act.heads[{i}]: duplicate of act.heads[{seen[key]}]")
+            seen.setdefault(key, i)
+        params = d.get("params", {})
+        for key in params:
+            if key not in ACT_PARAMS:
+                problems.append(f"act.params.{key}: unknown ACT parameter (known: {', '.join(ACT_PARAMS)})")
+        beta = params.get("beta")
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
+            return problems + [f"act.params.beta: {beta!r} must be a number"]
+        try:
+            if beta is not None:
+                _check_beta(beta)
+        except ValueError as exc:
+            return problems + [f"act.params.beta: {exc}"]
+        try:  # every parameter as ACT itself checks it (tau/alpha, min_queries, ...)
+            ACTConfig(heads=list(seen), **{k: v for k, v in params.items() if k in ACT_PARAMS}).intervention()
+        except (TypeError, ValueError) as exc:
+            problems.append(f"act.params: {exc}")
+        return problems
+
+    def problems(self, shape) -> list[str]:
+        """steer.act's head-range check for each head (a ModelMap or CheckpointShape)."""
+        from steer.act import check_heads
+
+        problems = []
+        for i, head in enumerate(self.heads):
+            try:
+                check_heads(shape, [head])
+            except ValueError as exc:
+                problems.append(f"act.heads[{i}]: {exc}")
+        return problems
 
 
 ACT_PARAMS = ("beta", "tau", "alpha", "min_queries", "keep_first")  # steer.act.ACTConfig fields a config carries
@@ -338,6 +399,25 @@ class LynxSection:
         own = {name.removeprefix("lynx."): tensors[name] for name in d["tensors"] if name in tensors}
         return cls(int(d["n_features"]), list(d["hidden"]), list(d["points"]), d.get("info"), d.get("calibration"), own)
 
+    @staticmethod
+    def json_problems(d: dict) -> list[str]:
+        return [f"lynx.points[{i}]: {p!r} is not a canonical point name (e.g. blocks.20.resid_post)"
+                for i, p in enumerate(d["points"]) if not _POINT.match(p)]
+
+    def problems(self, shape) -> list[str]:
+        """The probe's points must resolve on the model (a ModelMap) and its width match."""
+        problems = []
+        if hasattr(shape, "resolve"):  # a loaded model: resolve each point (a checkpoint has no modules)
+            for i, point in enumerate(self.points):
+                try:
+                    shape.resolve(point)
+                except Exception as exc:  # UnknownPointError / IndexError: report its text
+                    problems.append(f"lynx.points[{i}]: {exc}")
+        d_model = (self.info or {}).get("d_model")
+        if d_model not in (None, shape.d_model):
+            problems.append(f"lynx.info.d_model: probe trained on d_model {d_model}, model has {shape.d_model}")
+        return problems
+
 
 @dataclass
 class DiFRSection:
@@ -358,6 +438,13 @@ class DiFRSection:
     @classmethod
     def from_json(cls, d: dict) -> DiFRSection:
         return cls(int(d["k"]), int(d["seed"]), d.get("projection", "gaussian"))
+
+    @staticmethod
+    def json_problems(d: dict) -> list[str]:
+        return []  # the schema says all there is (k >= 1, a known projection)
+
+    def problems(self, shape) -> list[str]:
+        return []  # fingerprints fit any model
 
 
 def _jsonable(x):
@@ -407,7 +494,7 @@ class InterventionConfig:
         if self.description:
             doc["description"] = self.description
         doc["model"] = self.model.to_json()
-        for name in ("mote", "act", "lynx", "difr"):
+        for name in SECTIONS:
             section = getattr(self, name)
             if section is not None:
                 doc[name] = section.to_json()
@@ -509,49 +596,12 @@ class InterventionConfig:
         problems = identity_problems(self.model.identity_dict(), current)
         if problems:
             return problems
-        mm = model_map(hf)
-        return self._range_problems(
-            n_layers=mm.n_layers, moe_layers=list(mm.moe_layers), num_experts=mm.num_experts, top_k=mm.top_k,
-            n_heads=mm.n_heads, d_model=mm.d_model, valid_point=_point_checker(mm),
-        )
+        return self.fit_problems(model_map(hf))
 
-    def _range_problems(self, *, n_layers: int, moe_layers: list[int], num_experts: int, top_k: int,
-                        n_heads: int | None, d_model: int, valid_point=None) -> list[str]:
-        problems: list[str] = []
-        if self.mote is not None:
-            if not moe_layers:
-                problems.append("mote: the model has no MoE layers (a dense model has no experts to switch)")
-            for i, (layer, expert) in enumerate(self.mote.experts):
-                if layer not in moe_layers:
-                    span = f"{moe_layers[0]}..{moe_layers[-1]}" if moe_layers else "none"
-                    problems.append(f"mote.experts[{i}].layer: {layer} is not an MoE layer (MoE layers: {span}"
-                                    f"{'' if moe_layers == list(range(moe_layers[0], moe_layers[-1] + 1)) else ', with gaps'})"
-                                    if moe_layers else f"mote.experts[{i}].layer: {layer} is not an MoE layer")
-                if not 0 <= expert < num_experts:
-                    problems.append(f"mote.experts[{i}].expert: {expert} out of range 0..{num_experts - 1}")
-            if not problems:
-                for layer, experts in self.mote.by_layer().items():
-                    if self.mote.mode == "off_mask" and num_experts - len(experts) < top_k:
-                        problems.append(f"mote.experts: layer {layer} switches off {len(experts)} of {num_experts} "
-                                        f"experts, leaving fewer than top_k={top_k}; use mode off_zero or fewer experts")
-                    if self.mote.mode == "on" and len(experts) > top_k:
-                        problems.append(f"mote.experts: layer {layer} forces {len(experts)} experts on but top_k is "
-                                        f"{top_k}; force at most top_k per layer")
-        if self.act is not None:
-            for i, (layer, head) in enumerate(self.act.heads):
-                if not 0 <= layer < n_layers:
-                    problems.append(f"act.heads[{i}].layer: {layer} out of range 0..{n_layers - 1}")
-                if n_heads is not None and not 0 <= head < n_heads:
-                    problems.append(f"act.heads[{i}].head: {head} out of range 0..{n_heads - 1}")
-        if self.lynx is not None and valid_point is not None:
-            for i, point in enumerate(self.lynx.points):
-                why = valid_point(point)
-                if why:
-                    problems.append(f"lynx.points[{i}]: {why}")
-            info = self.lynx.info or {}
-            if info.get("d_model") not in (None, d_model):
-                problems.append(f"lynx.info.d_model: probe trained on d_model {info['d_model']}, model has {d_model}")
-        return problems
+    def fit_problems(self, shape) -> list[str]:
+        """Each section's own check against a model's shape (a ModelMap, or a CheckpointShape for a
+        checkpoint a server loads); the identity is checked by the callers."""
+        return [p for name in SECTIONS if (section := getattr(self, name)) is not None for p in section.problems(shape)]
 
     def validate(self, model: Any) -> InterventionConfig:
         """Raise ConfigError (listing each bad field) unless this config fits `model`; returns self."""
@@ -569,10 +619,7 @@ class InterventionConfig:
         self.validate(model)
         out = []
         if self.mote is not None:
-            from steer.mote import ExpertSwitch
-
-            out.append(ExpertSwitch(experts=list(self.mote.experts), mode=self.mote.mode,
-                                    renormalize=self.mote.renormalize, force_weight=self.mote.force_weight))
+            out.append(self.mote.switch())
         if self.act is not None:
             out.append(self.act.act_config().intervention())
         return out
@@ -596,17 +643,6 @@ def identity_problems(saved: dict, current: dict) -> list[str]:
             hint = " (different weights: re-create the config on this model)" if key.endswith("hash") else ""
             problems.append(f"model.{key}: config was made for {saved[key]!r}, this model has {current[key]!r}{hint}")
     return problems
-
-
-def _point_checker(mm):
-    def check(point: str) -> str | None:
-        try:
-            mm.resolve(point)
-        except Exception as exc:  # UnknownPointError / IndexError: report its text
-            return str(exc)
-        return None
-
-    return check
 
 
 def _paths(path: Path) -> tuple[Path, Path]:
@@ -642,37 +678,94 @@ _POINT = re.compile(r"^(embed\.out|final_norm\.out|lm_head\.out|blocks\.\d+\.[a-
 
 
 def _section_problems(doc: dict) -> list[str]:
-    """Checks JSON Schema cannot express: duplicates, contradictions, point syntax."""
+    """Checks JSON Schema cannot express (duplicates, contradictions, parameter ranges, point syntax):
+    each section asks its method."""
+    return [p for name, section in SECTION_TYPES.items() if name in doc for p in section.json_problems(doc[name])]
+
+
+SECTION_TYPES = {"mote": MoTESection, "act": ACTSection, "lynx": LynxSection, "difr": DiFRSection}
+SECTIONS = tuple(SECTION_TYPES)
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint a server loads: the one check export and every serving plugin make
+
+
+@dataclass
+class CheckpointShape:
+    """A checkpoint's shape read from its config alone (no weights loaded): what steer.mote and
+    steer.act check a section against when no model is loaded. Same fields as a ModelMap."""
+
+    config: Any  # the (text) config of the checkpoint
+    moe_layers: list[int]
+
+    @property
+    def adapter(self):
+        from steer.adapters import adapter_for_model_type
+
+        return adapter_for_model_type(self.config.model_type)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def num_experts(self) -> int:
+        return next((int(v) for a in self.adapter.num_experts_attr if (v := getattr(self.config, a, None))), 0)
+
+    @property
+    def top_k(self) -> int:
+        return int(getattr(self.config, "num_experts_per_tok", 0) or 0)
+
+    def routing_rule(self):
+        from steer.adapters import routing_rule
+
+        return routing_rule(self.config)
+
+
+def checkpoint_problems(config: InterventionConfig, model_path: str | Path, hf_config: Any = None,
+                        moe_layers: list[int] | None = None) -> list[str]:
+    """Why `config` must not be served on the checkpoint at `model_path` ([] if it may).
+
+    Reads the checkpoint's config and hashes its weight files (no weights are loaded). `hf_config`:
+    the checkpoint's config when the caller has it (a server); `moe_layers`: the layers a server found
+    routers in (default: the config's own list). `steer export` and every serving plugin call this.
+    """
+    from steer.adapters import UnsupportedModelError, adapter_for_model_type
+    from steer.models import weights_hash
+
+    path = Path(model_path)
+    if hf_config is None:
+        if not path.is_dir():
+            return [f"model: {path} is not a checkpoint directory"]
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(path)
+    hf_config = getattr(hf_config, "text_config", None) or hf_config
+    try:
+        adapter_for_model_type(hf_config.model_type)
+    except UnsupportedModelError as exc:
+        return [f"model.family: {exc}"]
+    shape = CheckpointShape(hf_config, list(config.model.moe_layers) if moe_layers is None else sorted(moe_layers))
+    current = {"family": shape.adapter.family, "n_layers": shape.n_layers, "d_model": shape.d_model,
+               "num_experts": shape.num_experts}
+    if moe_layers is not None:
+        current["moe_layers"] = shape.moe_layers
     problems = []
-    mote = doc.get("mote")
-    if mote is not None:
-        seen: dict[tuple[int, int], int] = {}
-        for i, x in enumerate(mote["experts"]):
-            key = (x["layer"], x["expert"])
-            if key in seen:
-                problems.append(f"mote.experts[{i}]: duplicate of mote.experts[{seen[key]}] "
-                                f"(layer {key[0]}, expert {key[1]})")
-            seen.setdefault(key, i)
-        if mote.get("renormalize") and mote["mode"] != "off_zero":
-            problems.append(f"mote.renormalize: only applies to mode off_zero (mode is {mote['mode']})")
-    act = doc.get("act")
-    if act is not None:
-        seen_heads: dict[tuple[int, int], int] = {}
-        for i, x in enumerate(act["heads"]):
-            key = (x["layer"], x["head"])
-            if key in seen_heads:
-                problems.append(f"act.heads[{i}]: duplicate of act.heads[{seen_heads[key]}]")
-            seen_heads.setdefault(key, i)
-        for key in act.get("params", {}):
-            if key not in ACT_PARAMS:
-                problems.append(f"act.params.{key}: unknown ACT parameter (known: {', '.join(ACT_PARAMS)})")
-        params = act.get("params", {})
-        beta = params.get("beta")
-        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 1):
-            problems.append(f"act.params.beta: {beta!r} must be a number in (0, 1] (1 leaves attention unchanged)")
-    lynx = doc.get("lynx")
-    if lynx is not None:
-        for i, p in enumerate(lynx["points"]):
-            if not _POINT.match(p):
-                problems.append(f"lynx.points[{i}]: {p!r} is not a canonical point name (e.g. blocks.20.resid_post)")
-    return problems
+    if not config.model.weights_hash:
+        problems.append("model.weights_hash: missing; a server can only check the weight files, so create the config "
+                        "from a model loaded from its checkpoint directory (steer.models.load or from_pretrained(dir))")
+    elif path.is_dir():
+        current["weights_hash"] = weights_hash(path)
+    else:
+        problems.append(f"model.weights_hash: cannot hash {str(model_path)!r} (not a local checkpoint directory)")
+    problems += identity_problems(config.model.identity_dict(), current)
+    return problems or config.fit_problems(shape)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from steer.config import ConfigError, InterventionConfig
+from steer.config import ConfigError, InterventionConfig, checkpoint_problems
 
 TARGETS = ("steer", "vllm", "easysteer", "sglang")
 VLLM_PLUGIN_PROCESSOR = "steer.serving.vllm_plugin:FingerprintLogitsProcessor"
@@ -53,41 +53,6 @@ def export(config: InterventionConfig, target: str, out: str | Path, *, model_pa
 
 # ---------------------------------------------------------------------------------------------
 # vLLM (steer's own plugin: steer.serving.vllm_plugin)
-
-
-def checkpoint_problems(config: InterventionConfig, model_path: str | Path) -> list[str]:
-    """Whether `config` fits the checkpoint directory a server will load (no weights are loaded)."""
-    from transformers import AutoConfig
-
-    from steer.adapters import UnsupportedModelError, adapter_for_model_type
-    from steer.config import identity_problems
-    from steer.models import weights_hash
-
-    path = Path(model_path)
-    if not path.is_dir():
-        return [f"model: {path} is not a checkpoint directory"]
-    hf = AutoConfig.from_pretrained(path)
-    hf = getattr(hf, "text_config", None) or hf
-    try:
-        family = adapter_for_model_type(hf.model_type).family
-    except UnsupportedModelError as exc:
-        return [f"model.family: {exc}"]
-    num_experts = next((int(getattr(hf, a)) for a in ("num_experts", "num_local_experts", "n_routed_experts")
-                        if getattr(hf, a, None)), 0)
-    current = {"family": family, "n_layers": int(hf.num_hidden_layers), "d_model": int(hf.hidden_size),
-               "num_experts": num_experts, "weights_hash": weights_hash(path)}
-    problems = []
-    if not config.model.weights_hash:
-        problems.append("model.weights_hash: missing; the server checks the weight files, so create the config from a "
-                        "model loaded from its checkpoint directory")
-    problems += identity_problems(config.model.identity_dict(), current)
-    if problems:
-        return problems
-    return config._range_problems(
-        n_layers=current["n_layers"], moe_layers=list(config.model.moe_layers), num_experts=num_experts,
-        top_k=int(getattr(hf, "num_experts_per_tok", 0) or 0), n_heads=int(hf.num_attention_heads),
-        d_model=current["d_model"],
-    )
 
 
 def export_vllm(config: InterventionConfig, out: str | Path, *, model_path: str | Path | None = None) -> ExportResult:

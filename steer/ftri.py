@@ -614,82 +614,108 @@ def profile_with(
     config = config or ProfileConfig()
     config.validate()
     names, prompts, ids = _as_classes(classes)
+    _check_profile_inputs(names, prompts, responses, config, labeller)
+    t0 = time.perf_counter()
+    generate = (labeller is not None or config.tokens != "prompt") and responses is None
+    bar = _Progress(progress, len(prompts) * (2 if generate else 1), "steer profile")
+    try:
+        if generate:
+            responses = _answer_prompts(counter, tokenizer, prompts, config, bar, cancel)
+        if labeller is not None:
+            names, ids = _label_classes(labeller, responses, config.target)
+        acc, n_tok, done = _count_routing(counter, tokenizer, names, prompts, ids, responses, config, bar, cancel)
+    finally:
+        bar.close()
+    stats = _profile_stats(acc, names, len(prompts), done, n_tok, config, time.perf_counter() - t0)
+    ident = identity() if callable(identity) else identity
+    sums = {"n": acc.n, "frac": acc.frac, "count": acc.count, "tokens": acc.tokens}
+    return _finish(sums, acc.boot if acc.R else None, names, counter.layers, ident, config, stats)
+
+
+def _check_profile_inputs(names: list[str], prompts: list[str], responses: Sequence[str] | None,
+                          config: ProfileConfig, labeller) -> None:
     if not prompts:
         raise EmptyPromptSetError("no prompts to profile: every class is empty")
-    t0 = time.perf_counter()
-    need_resp = labeller is not None or config.tokens != "prompt"
     if responses is not None and len(responses) != len(prompts):
         raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts; give one per prompt")
     if config.target is not None and labeller is None and config.target not in names:
         raise ValueError(f"target class {config.target!r} is not one of the classes {names}")
     if labeller is None and len(names) < 2:
         raise ValueError(f"profiling needs at least two classes (a behaviour and a baseline), got {names}")
-    generate = need_resp and responses is None
-    bar = _Progress(progress, len(prompts) * (2 if generate else 1), "steer profile")
+
+
+def _answer_prompts(counter, tokenizer, prompts: list[str], config: ProfileConfig, bar: _Progress,
+                    cancel) -> list[str]:
+    """The model's greedy answers, chunk by chunk (a cancel here leaves nothing counted: an error)."""
     chunk_size = config.batch_size * counter.batches_per_call
-    try:
-        if generate:
-            responses = []
-            for start in range(0, len(prompts), chunk_size):
-                chunk = prompts[start:start + chunk_size]
-                responses += counter.answer(tokenizer, chunk, config)
-                bar.update(len(chunk))
-                if _is_cancelled(cancel) and len(responses) < len(prompts):
-                    raise ProfileCancelled(
-                        f"profiling was cancelled while answering the prompts ({len(responses)} of {len(prompts)}): "
-                        f"no token was counted yet, so there is no partial profile", 0, len(prompts))
-        if labeller is not None:
-            lab = get_labeller(labeller)
-            labels = [lab(r) for r in responses]
-            names = sorted(set(labels))
-            if config.target is not None and config.target not in names:
-                raise ValueError(f"no response was labelled {config.target!r} (labels seen: {names}); "
-                                 f"pick a target among them or change the prompts")
-            if len(names) < 2:
-                raise ValueError(f"every response got the label {names[0]!r}: profiling needs at least two classes. "
-                                 f"Use prompts that elicit both behaviours, or give the classes as prompt sets.")
-            ids = [names.index(x) for x in labels]
-        order = _interleave(ids)
-        run_prompts, run_ids = [prompts[i] for i in order], [ids[i] for i in order]
-        run_resp = [responses[i] for i in order] if responses is not None else None
-        acc = ProfileAccumulator(len(names), counter.layers, counter.num_experts, config.n_bootstrap, config.seed)
-        n_tok = done = 0
-        batches = prompt_batches(tokenizer, run_prompts, run_ids, config, run_resp)
-        stop = False
-        while not stop:
-            group = [b for _, b in zip(range(counter.batches_per_call), batches)]
-            if not group:
-                break
-            counted = counter.count(group, acc, names)
-            try:
-                for batch in counted:
-                    acc.fold(batch.classes)
-                    n_tok += int(acc.batch_tokens.sum())
-                    done += len(batch.classes)
-                    bar.update(len(batch.classes))
-                    if _is_cancelled(cancel) and done < len(prompts):
-                        stop = True
-                        break
-            finally:
-                counted.close()  # a generator left mid-group still holds its hooks
-    finally:
-        bar.close()
-    cancelled = done < len(prompts)
+    responses: list[str] = []
+    for start in range(0, len(prompts), chunk_size):
+        chunk = prompts[start:start + chunk_size]
+        responses += counter.answer(tokenizer, chunk, config)
+        bar.update(len(chunk))
+        if _is_cancelled(cancel) and len(responses) < len(prompts):
+            raise ProfileCancelled(
+                f"profiling was cancelled while answering the prompts ({len(responses)} of {len(prompts)}): "
+                f"no token was counted yet, so there is no partial profile", 0, len(prompts))
+    return responses
+
+
+def _label_classes(labeller, responses: list[str], target: str | None) -> tuple[list[str], list[int]]:
+    """Classes from the labels of the answers: (sorted label names, each prompt's class index)."""
+    lab = get_labeller(labeller)
+    labels = [lab(r) for r in responses]
+    names = sorted(set(labels))
+    if target is not None and target not in names:
+        raise ValueError(f"no response was labelled {target!r} (labels seen: {names}); "
+                         f"pick a target among them or change the prompts")
+    if len(names) < 2:
+        raise ValueError(f"every response got the label {names[0]!r}: profiling needs at least two classes. "
+                         f"Use prompts that elicit both behaviours, or give the classes as prompt sets.")
+    return names, [names.index(x) for x in labels]
+
+
+def _count_routing(counter, tokenizer, names: list[str], prompts: list[str], ids: list[int],
+                   responses: list[str] | None, config: ProfileConfig, bar: _Progress, cancel):
+    """Count the experts each class routes to through `counter`, classes interleaved so a cancelled run
+    stays balanced; returns (accumulator, selected tokens, prompts counted)."""
+    order = _interleave(ids)
+    run_prompts, run_ids = [prompts[i] for i in order], [ids[i] for i in order]
+    run_resp = [responses[i] for i in order] if responses is not None else None
+    acc = ProfileAccumulator(len(names), counter.layers, counter.num_experts, config.n_bootstrap, config.seed)
+    n_tok = done = 0
+    batches = prompt_batches(tokenizer, run_prompts, run_ids, config, run_resp)
+    while group := [b for _, b in zip(range(counter.batches_per_call), batches)]:
+        counted = counter.count(group, acc, names)
+        try:
+            for batch in counted:
+                acc.fold(batch.classes)
+                n_tok += int(acc.batch_tokens.sum())
+                done += len(batch.classes)
+                bar.update(len(batch.classes))
+                if _is_cancelled(cancel) and done < len(prompts):
+                    return acc, n_tok, done
+        finally:
+            counted.close()  # a generator left mid-group still holds its hooks
+    return acc, n_tok, done
+
+
+def _profile_stats(acc: ProfileAccumulator, names: list[str], n_prompts: int, done: int, n_tok: int,
+                   config: ProfileConfig, seconds: float) -> dict:
+    """The run's statistics, or an error when a class ended up with no counted token."""
+    cancelled = done < n_prompts
     empty = [names[c] for c in range(len(names)) if acc.n[c] == 0]
     if empty and cancelled:
-        raise ProfileCancelled(f"profiling was cancelled after {done} of {len(prompts)} prompts, before class(es) "
-                               f"{empty} had a counted prompt: no partial profile", done, len(prompts))
+        raise ProfileCancelled(f"profiling was cancelled after {done} of {n_prompts} prompts, before class(es) "
+                               f"{empty} had a counted prompt: no partial profile", done, n_prompts)
     if empty:
         raise EmptyPromptSetError(f"classes {empty} have no selected tokens (tokens={config.tokens!r}); "
                                   f"check the prompts/responses are non-empty")
-    ident = identity() if callable(identity) else identity
-    sums = {"n": acc.n, "frac": acc.frac, "count": acc.count, "tokens": acc.tokens}
     stats = {"prompts": done, "prompts_per_class": {n: int(acc.n[i]) for i, n in enumerate(names)},
              "tokens": n_tok, "skipped_prompts": acc.skipped_prompts,
-             "seconds": round(time.perf_counter() - t0, 2), "accumulator_bytes": acc.nbytes()}
+             "seconds": round(seconds, 2), "accumulator_bytes": acc.nbytes()}
     if cancelled:
-        stats.update(cancelled=True, prompts_requested=len(prompts))
-    return _finish(sums, acc.boot if acc.R else None, names, counter.layers, ident, config, stats)
+        stats.update(cancelled=True, prompts_requested=n_prompts)
+    return stats
 
 
 def expert_tokens(
@@ -720,6 +746,27 @@ def expert_tokens(
     config.validate()
     hf = unwrap_model(model)
     mm = _require_moe(hf)
+    prompts = _expert_tokens_inputs(mm, prompts, layer, expert, context, responses)
+    if config.tokens != "prompt" and responses is None:
+        responses = generate_responses(hf, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                                       batch_size=config.batch_size, chat_template=config.chat_template)
+    seen: dict[str, torch.Tensor] = {}
+    point = f"blocks.{layer}.mlp.router"
+    columns = ["prompt", "position", "token", "routed", "slot", "weight", "counted", "context"]
+    rows = []
+    device = next(hf.parameters()).device
+    with torch.no_grad(), attach(hf, {f"{point}.indices": _grab(seen, "indices"), f"{point}.weights": _grab(seen, "weights")}):
+        for start, batch in zip(range(0, len(prompts), config.batch_size),
+                                prompt_batches(tokenizer, prompts, [0] * len(prompts), config, responses)):
+            hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
+               logits_to_keep=1)
+            rows += _expert_rows(batch, start, seen, expert, tokenizer, routed_only, context)
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _expert_tokens_inputs(mm, prompts: str | Sequence[str], layer: int, expert: int, context: int,
+                          responses: Sequence[str] | None) -> list[str]:
+    """The prompts as a list, or a clear error for a bad layer, expert, context or prompt list."""
     if layer not in mm.moe_layers:
         raise ValueError(f"layer {layer} has no router; the MoE layers of this model are {mm.moe_layers}")
     if not 0 <= expert < mm.num_experts:
@@ -731,43 +778,38 @@ def expert_tokens(
         raise EmptyPromptSetError("expert_tokens needs at least one non-empty prompt (a string or a list of them)")
     if responses is not None and len(responses) != len(prompts):
         raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts; give one per prompt")
-    if config.tokens != "prompt" and responses is None:
-        responses = generate_responses(hf, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                                       batch_size=config.batch_size, chat_template=config.chat_template)
-    seen: dict[str, torch.Tensor] = {}
+    return prompts
 
-    def grab(name: str):
-        def fn(t: torch.Tensor, ctx: HookContext):
-            b, n = ctx.batch_shape
-            seen[name] = t.detach().reshape(b, n, -1).float().cpu() if name == "weights" else \
-                t.detach().reshape(b, n, -1).cpu()
-        return fn
 
-    point = f"blocks.{layer}.mlp.router"
-    columns = ["prompt", "position", "token", "routed", "slot", "weight", "counted", "context"]
+def _grab(seen: dict[str, torch.Tensor], name: str):
+    """A hook keeping the router's `name` output ([B, T, k], on the CPU) in `seen[name]`."""
+    def fn(t: torch.Tensor, ctx: HookContext):
+        b, n = ctx.batch_shape
+        seen[name] = t.detach().reshape(b, n, -1).float().cpu() if name == "weights" else \
+            t.detach().reshape(b, n, -1).cpu()
+    return fn
+
+
+def _expert_rows(batch: Batch, start: int, seen: dict[str, torch.Tensor], expert: int, tokenizer,
+                 routed_only: bool, context: int) -> list[dict]:
+    """One row per real token of the batch (routed tokens only if `routed_only`)."""
     rows = []
-    device = next(hf.parameters()).device
-    with torch.no_grad(), attach(hf, {f"{point}.indices": grab("indices"), f"{point}.weights": grab("weights")}):
-        for start, batch in zip(range(0, len(prompts), config.batch_size),
-                                prompt_batches(tokenizer, prompts, [0] * len(prompts), config, responses)):
-            hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
-               logits_to_keep=1)
-            hit = seen["indices"] == expert  # [B, T, k]
-            for j in range(batch.input_ids.shape[0]):
-                real = batch.attention_mask[j].bool()
-                ids = batch.input_ids[j][real].tolist()
-                toks = [tokenizer.decode([i]) for i in ids]
-                h, w, sel = hit[j][real], seen["weights"][j][real], batch.selection[j][real]
-                for p, tok in enumerate(toks):
-                    routed = bool(h[p].any())
-                    if routed_only and not routed:
-                        continue
-                    slot = int(h[p].nonzero()[0]) if routed else None
-                    rows.append({
-                        "prompt": start + j, "position": p, "token": tok, "routed": routed, "slot": slot,
-                        "weight": float(w[p, slot]) if routed else None, "counted": bool(sel[p]),
-                        "context": _context(toks, p, context)})
-    return pd.DataFrame(rows, columns=columns)
+    hit = seen["indices"] == expert  # [B, T, k]
+    for j in range(batch.input_ids.shape[0]):
+        real = batch.attention_mask[j].bool()
+        ids = batch.input_ids[j][real].tolist()
+        toks = [tokenizer.decode([i]) for i in ids]
+        h, w, sel = hit[j][real], seen["weights"][j][real], batch.selection[j][real]
+        for p, tok in enumerate(toks):
+            routed = bool(h[p].any())
+            if routed_only and not routed:
+                continue
+            slot = int(h[p].nonzero()[0]) if routed else None
+            rows.append({
+                "prompt": start + j, "position": p, "token": tok, "routed": routed, "slot": slot,
+                "weight": float(w[p, slot]) if routed else None, "counted": bool(sel[p]),
+                "context": _context(toks, p, context)})
+    return rows
 
 
 def _context(toks: list[str], p: int, n: int) -> str:

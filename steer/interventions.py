@@ -16,6 +16,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -28,6 +29,23 @@ OnNoEffect = Literal["raise", "warn", "ignore"]
 
 class NoEffectError(RuntimeError):
     """An intervention was applied but changed no token."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason an intervention's settings do not fit (a model): `field` is its path (e.g.
+    "experts[2].expert"), `error` the exception type `validate` raises for it. A method lists its
+    problems once; `validate` raises the first, an intervention config reports them all."""
+
+    field: str
+    message: str
+    error: type[Exception] = ValueError
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+    def exception(self, where: str = "") -> Exception:
+        return self.error(f"{where}{self}")
 
 
 class Intervention(ABC):

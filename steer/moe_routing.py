@@ -81,24 +81,7 @@ def routing_robustness(model, input_ids: torch.Tensor, *, noise: float = 1e-6, s
     ref, xs, logits = _routing(model, input_ids)
     k = next(iter(ref.values())).shape[-1]
     out: dict = {"tokens": int(input_ids.numel()), "moe_layers": len(ref), "k": k, "noise": noise}
-    gen = torch.Generator().manual_seed(seed)
-    local, local_bf16, by_logit = {}, {}, {}
-    gaps, ranges, ties = [], [], 0
-    with torch.no_grad():
-        for i, x in xs.items():
-            gate = model.model.layers[i].mlp.gate
-            xn = x * (1 + noise * torch.randn(x.shape, generator=gen, dtype=x.dtype))
-            local[i] = gate(xn)[2].sort(-1).values
-            g16 = copy.deepcopy(gate).to(torch.bfloat16)
-            local_bf16[i] = g16(x.to(torch.bfloat16))[2].sort(-1).values
-            top = logits[i].topk(min(k + 1, logits[i].shape[-1]), dim=-1).values
-            rng = logits[i].max(-1).values - logits[i].min(-1).values
-            if k < logits[i].shape[-1]:
-                gaps.append((top[:, k - 1] - top[:, k]) / rng.clamp_min(1e-30))
-                probs = torch.softmax(logits[i], -1).topk(k + 1, dim=-1).values
-                ties += int((probs[:, k - 1] == probs[:, k]).sum())
-            by_logit[i] = logits[i].topk(k, dim=-1).indices.sort(-1).values
-            ranges.append(rng)
+    local, local_bf16, by_logit = _local_routings(model, xs, logits, k, noise, torch.Generator().manual_seed(seed))
     out["noise_local"] = _changed(ref, local)
     out["topk_of_logits"] = _changed(ref, by_logit)
     out["bf16_local"] = _changed(ref, local_bf16)
@@ -108,8 +91,40 @@ def routing_robustness(model, input_ids: torch.Tensor, *, noise: float = 1e-6, s
         m16 = copy.deepcopy(model).to(torch.bfloat16)
         out["bf16_end_to_end"] = _changed(ref, _routing(m16, input_ids)[0])
         del m16
-    r = torch.cat(ranges)
-    out["logit_range_median"] = float(r.median())
+    out.update(_logit_gaps(logits, k))
+    return out
+
+
+def _local_routings(model, xs: dict, logits: dict, k: int, noise: float, gen: torch.Generator) -> tuple[dict, dict, dict]:
+    """Each router re-applied to its own recorded input: noised, in bf16, and top-k of the logits
+    ({layer: sorted expert ids} each)."""
+    import copy
+
+    local, local_bf16, by_logit = {}, {}, {}
+    with torch.no_grad():
+        for i, x in xs.items():
+            gate = model.model.layers[i].mlp.gate
+            xn = x * (1 + noise * torch.randn(x.shape, generator=gen, dtype=x.dtype))
+            local[i] = gate(xn)[2].sort(-1).values
+            g16 = copy.deepcopy(gate).to(torch.bfloat16)
+            local_bf16[i] = g16(x.to(torch.bfloat16))[2].sort(-1).values
+            by_logit[i] = logits[i].topk(k, dim=-1).indices.sort(-1).values
+    return local, local_bf16, by_logit
+
+
+def _logit_gaps(logits: dict, k: int) -> dict:
+    """The k-th vs (k+1)-th logit gap relative to each token's logit range, and fp32 probability ties."""
+    gaps, ranges, ties = [], [], 0
+    with torch.no_grad():
+        for lg in logits.values():
+            top = lg.topk(min(k + 1, lg.shape[-1]), dim=-1).values
+            rng = lg.max(-1).values - lg.min(-1).values
+            if k < lg.shape[-1]:
+                gaps.append((top[:, k - 1] - top[:, k]) / rng.clamp_min(1e-30))
+                probs = torch.softmax(lg, -1).topk(k + 1, dim=-1).values
+                ties += int((probs[:, k - 1] == probs[:, k]).sum())
+            ranges.append(rng)
+    out = {"logit_range_median": float(torch.cat(ranges).median())}
     if gaps:
         g = torch.cat(gaps)
         out["boundary_gap_rel_median"] = float(g.median())

@@ -37,7 +37,7 @@ from steer.adapters import ModelMap, model_map
 from steer.ftri import DenseModelError, Profile
 from steer.hooks import HookContext, HookFn, unwrap_model
 from steer.identity import check_same_model, model_identity
-from steer.interventions import Intervention, OnNoEffect
+from steer.interventions import Intervention, OnNoEffect, Problem
 from steer.kernels.router import RouterEdit, RoutingRule, route
 from steer.prompts import generate_responses, get_labeller
 from steer.stats import wilson_ci  # noqa: F401  (re-exported: steer.mote.wilson_ci)
@@ -61,6 +61,91 @@ def _router_bias(mm: ModelMap, layer: int) -> torch.Tensor | None:
     return getattr(router, "e_score_correction_bias", None)
 
 
+def spec_problems(experts: Sequence[tuple[int, int]], mode: str, renormalize: bool, force_weight: str,
+                  prefix: str = "") -> list[Problem]:
+    """What is wrong with a switch's own settings (no model needed); `prefix` starts each field path.
+
+    The one check of these settings: `ExpertSwitch` raises the first, an intervention config's mote
+    section (steer.config) reports them all."""
+    out = []
+    if mode not in MODES:
+        out.append(Problem(f"{prefix}mode", f"must be one of {', '.join(MODES)} (got {mode!r})"))
+    if force_weight not in ("gate", "max"):
+        out.append(Problem(f"{prefix}force_weight", f"must be 'gate' or 'max' (got {force_weight!r})"))
+    if renormalize and mode != "off_zero":
+        out.append(Problem(f"{prefix}renormalize", f"only applies to mode off_zero (mode is {mode})"))
+    seen: dict[tuple[int, int], int] = {}
+    for i, pair in enumerate(experts):
+        if pair in seen:
+            out.append(Problem(f"{prefix}experts[{i}]", f"duplicate of {prefix}experts[{seen[pair]}] "
+                                                         f"(layer {pair[0]}, expert {pair[1]})"))
+        seen.setdefault(pair, i)
+    return out
+
+
+def fit_problems(experts: Sequence[tuple[int, int]], mode: str, renormalize: bool, force_weight: str, shape: Any,
+                 prefix: str = "") -> list[Problem]:
+    """Why switching `experts` does not fit a model; [] if it does.
+
+    `shape` is a ModelMap, or anything with the same fields (`adapter`, `n_layers`, `moe_layers`,
+    `num_experts`, `routing_rule()`): steer.config.CheckpointShape describes a checkpoint a server
+    loads. Layer and expert ranges first, then each layer's RouterEdit under the family's routing rule
+    (e.g. off_mask must leave top_k experts, in the selectable groups for grouped routing)."""
+    moe = list(shape.moe_layers)
+    if not moe:
+        return [Problem(prefix.rstrip("."), f"ExpertSwitch needs an MoE model; this {shape.adapter.family} model is "
+                                            f"dense (no routers, so no experts to switch)", DenseModelError)]
+    E, span = shape.num_experts, _span(moe)
+    out = []
+    for i, (layer, expert) in enumerate(experts):
+        if not 0 <= layer < shape.n_layers:
+            out.append(Problem(f"{prefix}experts[{i}].layer", f"layer {layer} is out of range 0..{shape.n_layers - 1} "
+                                                               f"(MoE layers: {span})", IndexError))
+        elif layer not in moe:
+            out.append(Problem(f"{prefix}experts[{i}].layer", f"{layer} is not an MoE layer (MoE layers: {span})",
+                               IndexError))
+        if not 0 <= expert < E:
+            out.append(Problem(f"{prefix}experts[{i}].expert", f"{expert} out of range 0..{E - 1}", IndexError))
+    if out:
+        return out
+    rule = shape.routing_rule()
+    for layer, edit in router_edits(experts, mode, renormalize, force_weight, E).items():
+        try:
+            edit.validate(rule, E)
+        except ValueError as exc:
+            out.append(Problem(f"{prefix}experts", f"layer {layer}: {exc}"))
+    return out
+
+
+def router_edits(experts: Sequence[tuple[int, int]], mode: str, renormalize: bool, force_weight: str,
+                 num_experts: int) -> dict[int, RouterEdit]:
+    """{layer: RouterEdit} for switching `experts`: the one edit steer's HF path and its servers apply."""
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, expert in experts:
+        by_layer[int(layer)].append(int(expert))
+    return {layer: _layer_edit(es, mode, renormalize, force_weight, num_experts) for layer, es in sorted(by_layer.items())}
+
+
+def _layer_edit(experts: list[int], mode: str, renormalize: bool, force_weight: str, num_experts: int) -> RouterEdit:
+    mask = torch.zeros(num_experts, dtype=torch.bool)
+    mask[experts] = True
+    if mode == "off_mask":
+        return RouterEdit(off_mask=mask)
+    if mode == "off_zero":
+        return RouterEdit(off_zero=mask, renormalize=renormalize)
+    return RouterEdit(force_on=mask, force_weight=force_weight)
+
+
+def _span(layers: list[int]) -> str:
+    gaps = "" if layers == list(range(layers[0], layers[-1] + 1)) else ", with gaps"
+    return f"{layers[0]}..{layers[-1]}{gaps}"
+
+
+def _error(problems: list[Problem]) -> Exception:
+    """The first problem's exception type, naming every problem."""
+    return problems[0].error("; ".join(map(str, problems)))
+
+
 class ExpertSwitch(Intervention):
     """Switch (layer, expert) pairs off or on in the router (see the module docstring).
 
@@ -74,12 +159,6 @@ class ExpertSwitch(Intervention):
                  on_no_effect: OnNoEffect = "raise", model_id: dict | None = None, backend: str | None = None):
         super().__init__(on_no_effect)
         mode = _MODE_ALIASES.get(mode, mode)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)} (got {mode!r})")
-        if force_weight not in ("gate", "max"):
-            raise ValueError(f"force_weight must be 'gate' or 'max' (got {force_weight!r})")
-        if renormalize and mode != "off_zero":
-            raise ValueError("renormalize only applies to mode='off_zero'")
         pairs = []
         for item in experts:
             try:
@@ -89,9 +168,9 @@ class ExpertSwitch(Intervention):
                 raise ValueError(f"each expert must be a (layer, expert) pair of ints, got {item!r}") from None
         if not pairs:
             raise ValueError("ExpertSwitch needs at least one (layer, expert) pair")
-        dup = [p for p, n in Counter(pairs).items() if n > 1]
-        if dup:
-            raise ValueError(f"experts listed twice: {dup}")
+        problems = spec_problems(pairs, mode, renormalize, force_weight)
+        if problems:
+            raise _error(problems)
         if per_layer_cap is not None:
             if per_layer_cap < 1:
                 raise ValueError(f"per_layer_cap must be >= 1, got {per_layer_cap}")
@@ -163,31 +242,18 @@ class ExpertSwitch(Intervention):
 
     # ---- Intervention interface ---------------------------------------------------------------
     def validate(self, mm: ModelMap) -> None:
-        if not mm.moe_layers:
-            raise DenseModelError(
-                f"ExpertSwitch needs an MoE model; this {mm.adapter.family} model is dense (no routers)")
-        if self.model_id is not None:
+        if self.model_id is not None and mm.moe_layers:
             check_same_model(self.model_id, model_identity(mm.model), what="this expert switch (from a profile)")
-        for layer, e in self.experts:
-            if not isinstance(layer, int) or not 0 <= layer < mm.n_layers:
-                raise IndexError(f"layer {layer} is out of range: the model has layers 0..{mm.n_layers - 1} "
-                                 f"(MoE layers {mm.moe_layers})")
-            mm.check_expert(layer, e)
-        rule = routing_rule_for(mm.model)
-        for layer in self.by_layer():
-            try:
-                self._edit(layer, mm.num_experts).validate(rule, mm.num_experts)
-            except ValueError as exc:
-                raise ValueError(f"layer {layer}: {exc}") from None
+        problems = fit_problems(self.experts, self.mode, self.renormalize, self.force_weight, mm)
+        if problems:
+            raise _error(problems)
+
+    def router_edits(self, num_experts: int) -> dict[int, RouterEdit]:
+        """{layer: RouterEdit}: the edit this switch makes in each layer (what the vLLM plugin installs)."""
+        return router_edits(self.experts, self.mode, self.renormalize, self.force_weight, num_experts)
 
     def _edit(self, layer: int, num_experts: int) -> RouterEdit:
-        mask = torch.zeros(num_experts, dtype=torch.bool)
-        mask[self.by_layer()[layer]] = True
-        if self.mode == "off_mask":
-            return RouterEdit(off_mask=mask)
-        if self.mode == "off_zero":
-            return RouterEdit(off_zero=mask, renormalize=self.renormalize)
-        return RouterEdit(force_on=mask, force_weight=self.force_weight)
+        return _layer_edit(self.by_layer()[layer], self.mode, self.renormalize, self.force_weight, num_experts)
 
     def reset(self) -> None:
         super().reset()

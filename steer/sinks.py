@@ -314,64 +314,77 @@ class SinkResult:
                head: int | None = None, input: int = 0):
         """heatmap: layer x head sink rate; map: one head's attention map of input 0 with its sinks
         marked; tokens: a strip of input `input` coloured by the fraction of heads it is a sink in."""
+        if kind == "heatmap":
+            return self._heatmap_figure()
+        if kind == "map":
+            return self._map_figure(layer, head)
+        if kind == "tokens":
+            return self._tokens_figure(input)
+        raise ValueError(f"kind must be 'heatmap', 'map' or 'tokens' (got {kind!r})")
+
+    def _heatmap_figure(self):
         import plotly.graph_objects as go
 
-        if kind == "heatmap":
-            z = self.head_sink_rate().numpy()
-            fig = go.Figure(go.Heatmap(z=z, x=list(range(self.n_heads)), y=list(range(self.n_layers)),
-                                       zmin=0, zmax=1, colorscale="Viridis", colorbar={"title": "sink rate"}))
-            fig.update_layout(title=f"Sink rate per head (s_1 > {self.eps}): {self.sink_rate():.1%} overall",
-                              xaxis_title="head", yaxis_title="layer")
-            return fig
-        if kind == "map":
-            if layer is None or head is None:
-                layer, head = self._default_map_head()
-            self._check_head(layer, head)
-            if layer not in self.maps:
-                raise ValueError(
-                    f"no attention map kept for layer {layer}: maps are kept for the first input when it has "
-                    f"at most keep_maps tokens; rerun detect_sinks(..., keep_maps=True) on a short input"
-                )
-            n = int(self.lengths[0])
-            a = self.maps[layer][head].numpy()
-            toks = [f"{p}:{t}" for p, t in enumerate(self.tokens[0][:n])]
-            fig = go.Figure(go.Heatmap(z=a, x=toks, y=toks, colorscale="Blues", colorbar={"title": "A[i,k]"}))
-            sinks = self.sink_mask()[0, layer, head, :n].nonzero().flatten().tolist()
-            for p in sinks:
-                fig.add_vline(x=p, line={"color": "red", "dash": "dot"})
-            fig.add_trace(go.Scatter(x=[toks[p] for p in sinks], y=[toks[-1]] * len(sinks), mode="markers",
-                                     marker={"color": "red", "symbol": "triangle-down", "size": 10},
-                                     name="sink"))
-            fig.update_layout(title=f"Layer {layer} head {head}: sinks {[self.tokens[0][p] for p in sinks]}",
-                              yaxis={"autorange": "reversed", "title": "query"}, xaxis_title="key")
-            return fig
-        if kind == "tokens":
-            if not 0 <= input < self.n_inputs:
-                raise ValueError(f"input {input} out of range 0..{self.n_inputs - 1}")
-            n = int(self.lengths[input])
-            frac = self.sink_mask()[input, ..., :n].float().mean((0, 1)).numpy()
-            toks = self.tokens[input][:n]
-            labels = [token_label(t) for t in toks]
-            # Long inputs: labels go on the axis, rotated, at most STRIP_MAX_LABELS of them (every step-th);
-            # text inside the cells only while it fits. Hover always names every token.
-            step = max(1, math.ceil(n / STRIP_MAX_LABELS))
-            ticks = _strip_ticks(frac, step)
-            in_cells = n <= STRIP_CELL_TEXT_UP_TO
-            hover = [f"position {p}: {t!r}" for p, t in enumerate(toks)]
-            fig = go.Figure(go.Heatmap(
-                z=[frac], x=list(range(n)), text=[labels], customdata=[hover], colorscale="Reds", zmin=0, zmax=1,
-                colorbar={"title": "heads"}, texttemplate="%{text}" if in_cells else None, xgap=1,
-                hovertemplate="%{customdata}<br>sink in %{z:.0%} of heads<extra></extra>"))
-            longest = max((len(labels[p]) for p in ticks), default=1)
-            fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=[labels[p] for p in ticks],
-                             tickangle=0 if in_cells else -90, tickfont={"size": 11}, showticklabels=not in_cells,
-                             title=f"token (about every {step}{_ordinal(step)} labelled, and the strongest sinks; hover for all)" if step > 1
-                             else "token")
-            fig.update_layout(title=f"Input {input}: fraction of heads in which each token is a sink",
-                              yaxis={"visible": False}, height=230 + (0 if in_cells else 7 * longest),
-                              margin={"b": 40 if in_cells else 40 + 7 * longest})
-            return fig
-        raise ValueError(f"kind must be 'heatmap', 'map' or 'tokens' (got {kind!r})")
+        z = self.head_sink_rate().numpy()
+        fig = go.Figure(go.Heatmap(z=z, x=list(range(self.n_heads)), y=list(range(self.n_layers)),
+                                   zmin=0, zmax=1, colorscale="Viridis", colorbar={"title": "sink rate"}))
+        fig.update_layout(title=f"Sink rate per head (s_1 > {self.eps}): {self.sink_rate():.1%} overall",
+                          xaxis_title="head", yaxis_title="layer")
+        return fig
+
+    def _map_figure(self, layer: int | None, head: int | None):
+        import plotly.graph_objects as go
+
+        if layer is None or head is None:
+            layer, head = self._default_map_head()
+        self._check_head(layer, head)
+        if layer not in self.maps:
+            raise ValueError(
+                f"no attention map kept for layer {layer}: maps are kept for the first input when it has "
+                f"at most keep_maps tokens; rerun detect_sinks(..., keep_maps=True) on a short input"
+            )
+        n = int(self.lengths[0])
+        a = self.maps[layer][head].numpy()
+        toks = [f"{p}:{t}" for p, t in enumerate(self.tokens[0][:n])]
+        fig = go.Figure(go.Heatmap(z=a, x=toks, y=toks, colorscale="Blues", colorbar={"title": "A[i,k]"}))
+        sinks = self.sink_mask()[0, layer, head, :n].nonzero().flatten().tolist()
+        for p in sinks:
+            fig.add_vline(x=p, line={"color": "red", "dash": "dot"})
+        fig.add_trace(go.Scatter(x=[toks[p] for p in sinks], y=[toks[-1]] * len(sinks), mode="markers",
+                                 marker={"color": "red", "symbol": "triangle-down", "size": 10},
+                                 name="sink"))
+        fig.update_layout(title=f"Layer {layer} head {head}: sinks {[self.tokens[0][p] for p in sinks]}",
+                          yaxis={"autorange": "reversed", "title": "query"}, xaxis_title="key")
+        return fig
+
+    def _tokens_figure(self, input: int):
+        import plotly.graph_objects as go
+
+        if not 0 <= input < self.n_inputs:
+            raise ValueError(f"input {input} out of range 0..{self.n_inputs - 1}")
+        n = int(self.lengths[input])
+        frac = self.sink_mask()[input, ..., :n].float().mean((0, 1)).numpy()
+        toks = self.tokens[input][:n]
+        labels = [token_label(t) for t in toks]
+        # Long inputs: labels go on the axis, rotated, at most STRIP_MAX_LABELS of them (every step-th);
+        # text inside the cells only while it fits. Hover always names every token.
+        step = max(1, math.ceil(n / STRIP_MAX_LABELS))
+        ticks = _strip_ticks(frac, step)
+        in_cells = n <= STRIP_CELL_TEXT_UP_TO
+        hover = [f"position {p}: {t!r}" for p, t in enumerate(toks)]
+        fig = go.Figure(go.Heatmap(
+            z=[frac], x=list(range(n)), text=[labels], customdata=[hover], colorscale="Reds", zmin=0, zmax=1,
+            colorbar={"title": "heads"}, texttemplate="%{text}" if in_cells else None, xgap=1,
+            hovertemplate="%{customdata}<br>sink in %{z:.0%} of heads<extra></extra>"))
+        longest = max((len(labels[p]) for p in ticks), default=1)
+        fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=[labels[p] for p in ticks],
+                         tickangle=0 if in_cells else -90, tickfont={"size": 11}, showticklabels=not in_cells,
+                         title=f"token (about every {step}{_ordinal(step)} labelled, and the strongest sinks; hover for all)" if step > 1
+                         else "token")
+        fig.update_layout(title=f"Input {input}: fraction of heads in which each token is a sink",
+                          yaxis={"visible": False}, height=230 + (0 if in_cells else 7 * longest),
+                          margin={"b": 40 if in_cells else 40 + 7 * longest})
+        return fig
 
     def _default_map_head(self) -> tuple[int, int]:
         heads = self.heads_with_hidden_sinks()

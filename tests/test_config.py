@@ -163,8 +163,8 @@ def test_out_of_range_ids(moe):
     problems = cfg.problems(moe)
     assert "mote.experts[1].layer: 0 is not an MoE layer (MoE layers: 1..2)" in problems
     assert "mote.experts[2].expert: 19 out of range 0..7" in problems
-    assert "act.heads[0].layer: 5 out of range 0..2" in problems
-    assert "act.heads[1].head: 4 out of range 0..3" in problems
+    assert "act.heads[0]: head (layer 5, head 0) is out of range: this model has 3 layers (0..2) x 4 query heads (0..3)" in problems
+    assert any(p.startswith("act.heads[1]: head (layer 1, head 4) is out of range") for p in problems)
     assert any(p.startswith("lynx.points[0]:") and "7" in p for p in problems)
     with pytest.raises(ConfigError, match=r"mote.experts\[2\].expert: 19 out of range 0..7"):
         cfg.validate(moe)
@@ -174,7 +174,7 @@ def test_too_many_switched_experts(moe):
     off = InterventionConfig.for_model(moe, mote=MoTESection([(1, e) for e in range(7)], "off_mask"))
     assert any("leaving fewer than top_k=2" in p for p in off.problems(moe))
     on = InterventionConfig.for_model(moe, mote=MoTESection([(1, e) for e in range(3)], "on"))
-    assert any("forces 3 experts on but top_k is 2" in p for p in on.problems(moe))
+    assert any("layer 1: 3 experts forced on but top_k is 2" in p for p in on.problems(moe))
 
 
 def test_wrong_model_is_an_error(moe, moe_dir, tmp_path):
@@ -249,4 +249,64 @@ def test_act_params_are_checked(moe, tmp_path):
     with pytest.raises(ConfigError) as err:
         InterventionConfig.load(d)
     assert "act.params.gamma: unknown ACT parameter (known: beta, tau, alpha, min_queries, keep_first)" in err.value.problems
-    assert any(p.startswith("act.params.beta: 1.5 must be a number in (0, 1]") for p in err.value.problems)
+    assert any(p.startswith("act.params.beta: beta must be in (0, 1] (got 1.5)") for p in err.value.problems)
+    doc["act"]["params"] = {"min_queries": 0}  # checked by ACT itself, as when the intervention is built
+    _rewrite(d, doc)
+    with pytest.raises(ConfigError) as err:
+        InterventionConfig.load(d)
+    assert err.value.problems == ["act.params: min_queries must be >= 1 (got 0)"]
+
+
+def test_methods_own_their_checks(moe, moe_dir, tmp_path, monkeypatch):
+    """A new rule in steer.mote / steer.act reaches the config, export and every serving check with no
+    edit to steer.config: each method's checks have one implementation."""
+    import steer.act as act
+    import steer.mote as mote
+    from steer.config import checkpoint_problems
+    from steer.interventions import Problem
+    from steer.serving.vllm_plugin import served_problems
+
+    original = mote.fit_problems
+
+    def reserve_expert_7(experts, *args, prefix="", **kw):
+        return original(experts, *args, prefix=prefix, **kw) + [
+            Problem(f"{prefix}experts[{i}].expert", "expert 7 is reserved") for i, (_, e) in enumerate(experts) if e == 7]
+
+    monkeypatch.setattr(mote, "fit_problems", reserve_expert_7)
+    cfg = InterventionConfig.for_model(moe, mote=MoTESection([(1, 3), (2, 7)]))
+    expected = ["mote.experts[1].expert: expert 7 is reserved"]
+    assert cfg.problems(moe) == expected  # steer's HF path
+    assert checkpoint_problems(cfg, moe_dir) == expected  # steer export --target vllm --model DIR
+    assert served_problems(cfg, moe.config, str(moe_dir), {1: None, 2: None}) == expected  # the vLLM plugin
+    with pytest.raises(ValueError, match=r"experts\[1\].expert: expert 7 is reserved"):
+        with cfg.mote.switch().apply(moe):
+            pass
+
+    def stricter_beta(beta):
+        if beta > 0.5:
+            raise ValueError(f"beta {beta} is above 0.5")
+        return float(beta)
+
+    monkeypatch.setattr(act, "_check_beta", stricter_beta)
+    d, doc = _doc(moe, tmp_path, act=ACTSection([(0, 1)], {"beta": 0.4}))
+    doc["act"]["params"]["beta"] = 0.6
+    _rewrite(d, doc)
+    with pytest.raises(ConfigError) as err:
+        InterventionConfig.load(d)
+    assert err.value.problems == ["act.params.beta: beta 0.6 is above 0.5"]
+
+
+def test_checkpoint_check_is_shared(moe, moe_dir, tmp_path):
+    """export and the vLLM plugin give the same answer: the one check in steer.config."""
+    from steer.config import checkpoint_problems
+    from steer.serving.vllm_plugin import served_problems
+
+    cfg = InterventionConfig.for_model(moe, mote=MoTESection([(1, 3), (2, 19)]))
+    assert checkpoint_problems(cfg, moe_dir) == served_problems(cfg, moe.config, str(moe_dir), {1: None, 2: None}) \
+        == ["mote.experts[1].expert: 19 out of range 0..7"]
+    assert served_problems(cfg, moe.config, str(moe_dir), {2: None}) == [
+        "model.moe_layers: config was made for [1, 2], this model has [2]"]  # the server's own routers count
+    assert checkpoint_problems(cfg, tmp_path / "nowhere") == [f"model: {tmp_path / 'nowhere'} is not a checkpoint directory"]
+    no_hash = InterventionConfig.for_model(tiny_model("qwen2_moe"), mote=MoTESection([(1, 3)]))
+    assert no_hash.model.weights_hash is None
+    assert any(p.startswith("model.weights_hash: missing") for p in checkpoint_problems(no_hash, moe_dir))

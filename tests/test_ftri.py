@@ -222,7 +222,7 @@ def test_cli_profile_then_switch_on_a_local_checkpoint(tmp_path, tok, capsys):
     assert rc == 0
     assert '"touched"' in capsys.readouterr().out
     assert main(["switch", "--model", str(ckpt), "--experts", "1:9", "--prompt", "x", "--quiet"]) == 2
-    assert "expert 9 is out of range" in capsys.readouterr().err
+    assert "experts[0].expert: 9 out of range 0..7" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("\n")
     assert main(["profile", "--model", str(ckpt), "--class", f"a={tmp_path / 'a.txt'}", "--class",
                  f"b={tmp_path / 'empty.txt'}", "--quiet"]) == 2

@@ -66,3 +66,64 @@ def test_no_import_cycle_among_steer_modules():
     assert "steer.kernels.router" in graph and "steer.models" in graph["steer.cli.models"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+MAX_FUNCTION_LINES = 60
+# Functions another branch is splitting into named steps; the lead empties this list at merge.
+BEING_SPLIT_ELSEWHERE = {
+    "steer.act.calibrate_heads",  # being split on another branch (fidelity-act: head search module)
+    "steer.act.attribution_screen",  # being split on another branch (fidelity-act)
+    "steer.act.sweep_heads",  # being split on another branch (fidelity-act)
+    "steer.difr.fingerprint.generate",  # being split on another branch
+    "steer.sinks.detect_sinks",  # being split on another branch
+    "steer.kernels.router._route_generic",  # being split on another branch
+}
+
+
+def _is_triton_kernel(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Decorated with triton.jit / triton.autotune / triton.heuristics (or `jit` imported from triton)."""
+    for dec in fn.decorator_list:
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        name = ast.unparse(target)
+        if name.startswith("triton.") or name in ("jit", "tl.jit"):
+            return True
+    return False
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    """{module.qualname: lines} of every function longer than `limit` lines (Triton kernels excepted)."""
+    found = {}
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            module = _module_name(path)
+
+            def visit(node: ast.AST, prefix: str) -> None:
+                for child in ast.iter_child_nodes(node):
+                    if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        name = f"{prefix}.{child.name}"
+                        n = child.end_lineno - child.lineno + 1
+                        if n > limit and not _is_triton_kernel(child):
+                            found[name] = n
+                        visit(child, name)
+                    elif isinstance(child, ast.ClassDef):
+                        visit(child, f"{prefix}.{child.name}")
+
+            visit(ast.parse(path.read_text()), module)
+    return found
+
+
+def test_long_function_finder():
+    src = "@triton.jit\ndef k():\n" + "    x = 1\n" * 70 + "def f():\n" + "    x = 1\n" * 70
+    tree = ast.parse(src)
+    kernel, plain = tree.body
+    assert _is_triton_kernel(kernel) and not _is_triton_kernel(plain)
+
+
+def test_no_long_functions():
+    """No function over ~60 lines outside Triton kernels: long ones become small named steps."""
+    found = long_functions()
+    too_long = {name: n for name, n in found.items() if name not in BEING_SPLIT_ELSEWHERE}
+    assert not too_long, "functions over 60 lines (split them into named steps): " + ", ".join(
+        f"{name} ({n} lines)" for name, n in sorted(too_long.items(), key=lambda kv: -kv[1]))
+    stale = sorted(BEING_SPLIT_ELSEWHERE - set(found))
+    assert not stale, f"no longer over 60 lines, remove from BEING_SPLIT_ELSEWHERE: {stale}"

@@ -67,17 +67,33 @@ def _sections(cfg, skip: str) -> set[str]:
 
 
 def run(args) -> int:
-    import contextlib
-    import dataclasses
-
     from steer.cli.fingerprint import read_prompts
     from steer.config import InterventionConfig
-    from steer.interventions import apply
     from steer.models import load
 
     prompts = read_prompts(args)
     cfg = InterventionConfig.load(args.config)
     active = _sections(cfg, args.skip)
+    _check_sections(cfg, active, args)
+    lm = load(args.model or ("smollm2-moe" if cfg.mote is not None else "smollm2"), progress=not args.quiet)
+    ivs = _interventions(cfg, active, lm)
+    chat = not args.no_chat_template
+    rows, extra = _steered_rows(args, cfg, lm, prompts, active, ivs, chat)
+    if args.baseline:
+        for row, text in zip(rows, _greedy(args, lm, prompts, chat)):
+            row["baseline"] = text
+    touched = {type(iv).__name__: int(sum(iv.touched.values())) for iv in ivs}
+    result = {"model": lm.name, "config": str(args.config), "applied": sorted(active), "touched": touched,
+              "rows": rows, **extra}
+    if args.json:
+        print_json(result)
+    else:
+        _print_rows(rows, touched, extra, lm.name, args.config)
+    return 0
+
+
+def _check_sections(cfg, active: set[str], args) -> None:
+    """Refuse section combinations whose output would misrepresent what ran."""
     if {"lynx", "difr"} <= active:
         raise CLIError("the config has both lynx and difr sections: an early exit rewrites the token stream, so "
                        "its fingerprints could not be verified; run with --skip difr or --skip lynx")
@@ -91,18 +107,29 @@ def run(args) -> int:
     if args.fingerprints is not None and "difr" not in active:
         raise CLIError("--fingerprints needs a config with a difr section (steer export / InterventionConfig "
                        "difr=DiFRSection(...))")
-    lm = load(args.model or ("smollm2-moe" if cfg.mote is not None else "smollm2"), progress=not args.quiet)
-    # the sections that change the forward pass, validated against the model here (exit 2 on a mismatch)
+
+
+def _interventions(cfg, active: set[str], lm) -> list:
+    """The sections that change the forward pass, validated against the model here (exit 2 on a mismatch)."""
+    import dataclasses
+
     forward = active & {"mote", "act"}
     ivs = []
     if forward:
         ivs = dataclasses.replace(cfg, **{s: None for s in SECTIONS if s not in forward}).interventions(lm.model)
     if "lynx" in active or "difr" in active:
         cfg.validate(lm.model)
-    chat = not args.no_chat_template
-
     for iv in ivs:
         iv.on_no_effect = "warn"  # reported below with the counts, not raised mid-run
+    return ivs
+
+
+def _steered_rows(args, cfg, lm, prompts: list[str], active: set[str], ivs: list, chat: bool) -> tuple[list, dict]:
+    """Generate under the interventions: with early exit (lynx), fingerprints (difr) or plain greedy."""
+    import contextlib
+
+    from steer.interventions import apply
+
     rows = [{"prompt": p} for p in prompts]
     extra: dict = {}
     with apply(lm.model, *ivs) if ivs else contextlib.nullcontext():
@@ -116,28 +143,22 @@ def run(args) -> int:
             texts = _greedy(args, lm, prompts, chat)
             for row, text in zip(rows, texts):
                 row["output"] = text
-    if args.baseline:
-        for row, text in zip(rows, _greedy(args, lm, prompts, chat)):
-            row["baseline"] = text
-    touched = {type(iv).__name__: int(sum(iv.touched.values())) for iv in ivs}
-    result = {"model": lm.name, "config": str(args.config), "applied": sorted(active), "touched": touched,
-              "rows": rows, **extra}
-    if args.json:
-        print_json(result)
-    else:
-        for row in rows:
-            print(f"\n> {row['prompt']}")
-            if "baseline" in row:
-                print(f"  baseline: {row['baseline']!r}")
-            print(f"  steered:  {row['output']!r}" + (f"  [{row['stop']}]" if "stop" in row else ""))
-        for name, n in touched.items():
-            print(f"{name}: touched {n} token positions" + ("  (WARNING: no effect)" if n == 0 else ""),
-                  file=sys.stderr)
-        if "fingerprints" in extra:
-            print(f"wrote {extra['fingerprints']} ({extra['fingerprint_tokens']} tokens); verify with "
-                  f"`steer verify {extra['fingerprints']} --model {lm.name} --config {args.config} ...`",
-                  file=sys.stderr)
-    return 0
+    return rows, extra
+
+
+def _print_rows(rows: list[dict], touched: dict[str, int], extra: dict, model_name: str, config_path) -> None:
+    for row in rows:
+        print(f"\n> {row['prompt']}")
+        if "baseline" in row:
+            print(f"  baseline: {row['baseline']!r}")
+        print(f"  steered:  {row['output']!r}" + (f"  [{row['stop']}]" if "stop" in row else ""))
+    for name, n in touched.items():
+        print(f"{name}: touched {n} token positions" + ("  (WARNING: no effect)" if n == 0 else ""),
+              file=sys.stderr)
+    if "fingerprints" in extra:
+        print(f"wrote {extra['fingerprints']} ({extra['fingerprint_tokens']} tokens); verify with "
+              f"`steer verify {extra['fingerprints']} --model {model_name} --config {config_path} ...`",
+              file=sys.stderr)
 
 
 def _greedy(args, lm, prompts, chat) -> list[str]:

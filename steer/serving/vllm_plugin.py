@@ -154,36 +154,10 @@ def _monolithic(runner) -> bool:
 
 
 def served_problems(cfg, hf_config, model_path: str, routers: dict[int, Any]) -> list[str]:
-    """Why `cfg` must not be served on this checkpoint ([] if it may)."""
-    from steer.adapters import UnsupportedModelError, adapter_for_model_type
-    from steer.config import identity_problems
+    """Why `cfg` must not be served on this checkpoint ([] if it may): steer.config's one check."""
+    from steer.config import checkpoint_problems
 
-    try:
-        family = adapter_for_model_type(hf_config.model_type).family
-    except UnsupportedModelError as exc:
-        return [f"model.family: {exc}"]
-    num_experts = next((int(getattr(hf_config, a)) for a in ("num_experts", "num_local_experts", "n_routed_experts")
-                        if getattr(hf_config, a, None)), 0)
-    current = {"family": family, "n_layers": int(hf_config.num_hidden_layers), "d_model": int(hf_config.hidden_size),
-               "moe_layers": sorted(routers), "num_experts": num_experts}
-    problems = []
-    if not cfg.model.weights_hash:
-        problems.append("model.weights_hash: missing; a server can only check the weight files, so create the config "
-                        "from a model loaded from its checkpoint directory (steer.models.load or from_pretrained(dir))")
-    elif Path(model_path).is_dir():
-        from steer.models import weights_hash
-
-        current["weights_hash"] = weights_hash(model_path)
-    else:
-        problems.append(f"model.weights_hash: cannot hash {model_path!r} (not a local checkpoint directory)")
-    problems += identity_problems(cfg.model.identity_dict(), current)
-    if problems:
-        return problems
-    return cfg._range_problems(
-        n_layers=current["n_layers"], moe_layers=current["moe_layers"], num_experts=num_experts,
-        top_k=int(getattr(hf_config, "num_experts_per_tok", 0) or 0),
-        n_heads=int(hf_config.num_attention_heads), d_model=current["d_model"],
-    )
+    return checkpoint_problems(cfg, model_path, hf_config=hf_config, moe_layers=list(routers))
 
 
 def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
