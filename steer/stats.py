@@ -67,8 +67,13 @@ class McNemar:
         return (self.gained - self.lost) / self.n if self.n else float("nan")
 
     def as_dict(self) -> dict:
-        return {"n": self.n, "gained": self.gained, "lost": self.lost, "change": self.change,
-                "p_value": self.p_value}
+        return {
+            "n": self.n,
+            "gained": self.gained,
+            "lost": self.lost,
+            "change": self.change,
+            "p_value": self.p_value,
+        }
 
     def __str__(self) -> str:
         return f"{self.change:+.2f} (+{self.gained}/-{self.lost}, p={self.p_value:.2g})"
@@ -88,7 +93,9 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
     return McNemar(len(a), gained, lost, p)
 
 
-def sign_flip_test(d: Sequence[float], *, exact_max: int = 2**16, n_mc: int = 200_000, seed: int = 0) -> float:
+def sign_flip_test(
+    d: Sequence[float], *, exact_max: int = 2**16, n_mc: int = 200_000, seed: int = 0
+) -> float:
     """Two-sided p-value of mean(d) = 0 by flipping the signs of the paired differences d.
 
     Exact (all 2^m sign patterns of the m non-zero differences) when 2^m <= exact_max, otherwise
@@ -101,8 +108,11 @@ def sign_flip_test(d: Sequence[float], *, exact_max: int = 2**16, n_mc: int = 20
     tol = 1e-9 * max(1.0, obs)
     m = len(nz)
     if 2**m <= exact_max:
-        hits = sum(1 for signs in itertools.product((1, -1), repeat=m)
-                   if abs(sum(s * x for s, x in zip(signs, nz))) >= obs - tol)
+        hits = sum(
+            1
+            for signs in itertools.product((1, -1), repeat=m)
+            if abs(sum(s * x for s, x in zip(signs, nz))) >= obs - tol
+        )
         return hits / 2**m
     x = torch.tensor(nz, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)

@@ -18,8 +18,14 @@ def test_rescore_recomputes_mcnemar_from_raw_labels(tmp_path):
     out = tmp_path / "run.json"
     shutil.copy(SAVED, out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "experiments/mote/run_mote.py", "--rescore", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "experiments/mote/run_mote.py", "--rescore", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads(out.read_text())
     rows = {r["condition"]: r for r in saved["rows"]}
@@ -33,5 +39,7 @@ def test_rescore_recomputes_mcnemar_from_raw_labels(tmp_path):
     # the 3-discordant-pair row whose paired bootstrap CI was [-0.17, +0.00]: exact McNemar p = 2/8
     assert rows["random-10 off_zero (seed 3)"]["fr_vs_baseline"]["p_value"] == 0.25
     table = (tmp_path / "run_table.md").read_text()
-    assert "exact McNemar" in table and "| top-10 off_zero | 0.55 [0.40, 0.69] | +0.025 (+1/-0, p=1) |" in table
+    assert (
+        "exact McNemar" in table and "| top-10 off_zero | 0.55 [0.40, 0.69] | +0.025 (+1/-0, p=1) |" in table
+    )
     assert f"--rescore --out {out}" in table
