@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +86,52 @@ def test_median_conventions():
     assert avg.mant_err_mean == upper.mant_err_mean and upper.mant_err_median >= avg.mant_err_median
     with pytest.raises(ValueError, match="median"):
         toploc.TopLocParams(median="lower")
+
+
+# ---- parity with toploc 0.1.6 (recorded fixture; live when the package imports) -------------------
+
+TOPLOC_FIX = Path(__file__).parent / "fixtures" / "toploc"
+
+
+def _smollm2_states():
+    from safetensors.torch import load_file
+
+    inp = load_file(Path(__file__).parent / "fixtures" / "difr_reference" / "inputs.safetensors")
+    return inp["hidden_provider_honest"], inp["hidden_verifier_honest"], inp["hidden_provider_cheat"]
+
+
+def _results(rs):
+    return [[r.exp_mismatches, r.mant_err_mean, r.mant_err_median] for r in rs]
+
+
+def test_proofs_and_checks_match_recorded_toploc_0_1_6():
+    """SmolLM2 hidden states: toploc 0.1.6's own proof bytes and verification results (README there)."""
+    rec = json.loads((TOPLOC_FIX / "toploc_0.1.6.json").read_text())
+    assert rec["toploc_version"] == "0.1.6"
+    hp, hv, hc = _smollm2_states()
+    for case in rec["cases"]:
+        params = toploc.TopLocParams(chunk_size=case["chunk_size"], topk=case["topk"])
+        proofs = toploc.build_proofs(hp, params)
+        assert [b.hex() for b in toploc.to_bytes(proofs)] == case["proofs_hex"]  # byte-identical
+        assert toploc.to_base64(proofs) == case["proofs_base64"]
+        for name, h in (("verifier", hv), ("cheat", hc)):
+            assert _results(toploc.verify_proofs(h, proofs, params)) == case[f"results_{name}_python"]
+            upper = toploc.TopLocParams(chunk_size=case["chunk_size"], topk=case["topk"], median="upper")
+            mine = _results(toploc.verify_proofs(h, toploc.from_bytes([bytes.fromhex(x) for x in case["proofs_hex"]]),
+                                                 upper))
+            theirs = case[f"results_{name}_cpp"]
+            # identical except toploc's 2**64 for a chunk without any exponent match (steer: MANTISSA_LEVELS)
+            assert [r if r[1] < 2**63 else [r[0], 128.0, 128.0] for r in theirs] == mine
+
+
+def test_proofs_match_the_live_toploc_package():
+    tl = pytest.importorskip("toploc", reason="toploc not importable (0.1.6's wheel fails with torch 2.13)")
+    hp, hv, _ = _smollm2_states()
+    for chunk in (8, 32):
+        params = toploc.TopLocParams(chunk_size=chunk)
+        acts = [hp[i:i + 1].to(torch.bfloat16) for i in range(hp.shape[0])]
+        theirs = tl.build_proofs_bytes(acts, decode_batching_size=chunk, topk=128, skip_prefill=True)
+        assert toploc.to_bytes(toploc.build_proofs(hp, params)) == theirs
+        res = tl.verify_proofs_bytes([hv[i:i + 1].to(torch.bfloat16) for i in range(hv.shape[0])], theirs,
+                                     decode_batching_size=chunk, topk=128, skip_prefill=True)
+        assert _results(toploc.verify_proofs(hv, toploc.from_bytes(theirs), params)) == _results(res)

@@ -144,10 +144,10 @@ def activation_distances(fp: Fingerprints, hidden: Tensor, statistic: str = DEFA
     floored at the step of the fingerprint's RMS, max(ulp(f_j), ulp(rms(f))). Storage rounding then
     adds at most half a step per component whatever the content, and calibrated thresholds never go
     below that bound (ROUNDING_BOUND, 0.5). What justifies it as an option: on SmolLM2 and its MoE
-    (fp32 CPU, experiments/difr/RESULTS.md) every benign per-token "ulp" distance was below 0.5
-    (max 0.335 at k = 8) while the L2 threshold calibrated on 96 MoE tokens gave 1 false positive in
-    48 held-out windows. But with a fp32 reference nearly all benign "ulp" thresholds sit on the 0.5
-    bound itself, so its 0 false positives there hold by construction, not by calibration.
+    (fp32 CPU, experiments/difr/RESULTS.md) the benign L2 grows with |f| (Spearman 0.59 / 0.60 at
+    k = 8) while every benign per-token "ulp" distance stayed below 0.5 (max 0.335 / 0.388). But with
+    an fp32 reference the "ulp" thresholds sit on the 0.5 bound itself, so its 0 false positives
+    there hold by construction of the bound, not by calibration.
     "ulp_unfloored": each component in its own fp16 steps (a component near 0 has a tiny step, so
     benign fp32 noise is many of its steps: a heavy benign tail).
 
