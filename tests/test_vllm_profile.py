@@ -55,16 +55,25 @@ def _engine_main(spec_path: str, out_dir: str) -> None:
         if spec.get("raw_engine") is not None:  # a plain vLLM engine with the profile directory override
             from vllm import LLM
 
-            llm = LLM(model=spec["model"], dtype="float32",
-                      hf_overrides={"steer_profile_dir": str(out)}, **spec["raw_engine"])
+            llm = LLM(
+                model=spec["model"],
+                dtype="float32",
+                hf_overrides={"steer_profile_dir": str(out)},
+                **spec["raw_engine"],
+            )
         else:
             llm = profiling_engine(spec["model"], tensor_parallel_size=spec.get("tp", 1))
     except Exception as exc:  # the refusal test reads the message
         (out / "error.txt").write_text(f"{type(exc).__name__}: {exc}")
         return
     for i, run in enumerate(spec["runs"]):
-        prof = profile_vllm(llm, run["classes"], ProfileConfig(**run["config"]), responses=run.get("responses"),
-                            progress=False)
+        prof = profile_vllm(
+            llm,
+            run["classes"],
+            ProfileConfig(**run["config"]),
+            responses=run.get("responses"),
+            progress=False,
+        )
         prof.save(out / f"run{i}")
     if spec.get("ids"):  # per-token expert sets of given sequences (prompt ids, selected range)
         from vllm import SamplingParams
@@ -74,8 +83,15 @@ def _engine_main(spec_path: str, out_dir: str) -> None:
         reqs, params = [], []
         for j, (ids, lo, hi) in enumerate(spec["ids"]):
             reqs.append({"prompt_token_ids": ids})
-            params.append(SamplingParams(max_tokens=1, temperature=0.0, extra_args={
-                REQUEST_KEY: {"key": f"ids-{j}", "class": "x", "select": [lo, hi], "ids": True}}))
+            params.append(
+                SamplingParams(
+                    max_tokens=1,
+                    temperature=0.0,
+                    extra_args={
+                        REQUEST_KEY: {"key": f"ids-{j}", "class": "x", "select": [lo, hi], "ids": True}
+                    },
+                )
+            )
         llm.generate(reqs, params, use_tqdm=False)
         d = engine_profile_dir(llm)
         rows = []
@@ -96,7 +112,9 @@ if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--engine":
 # ---------------------------------------------------------------------------------------------
 # The test side
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm.sh runs this file in its own venv")
+vllm = pytest.importorskip(
+    "vllm", reason="vLLM is not installed here; .ci/vllm.sh runs this file in its own venv"
+)
 
 from steer.ftri import Profile, ProfileConfig, load_profile, profile  # noqa: E402
 from steer.models import weights_hash  # noqa: E402
@@ -111,8 +129,13 @@ def run_engine(tmp: Path, name: str, spec: dict, in_process: bool = True, refuse
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     if in_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    proc = subprocess.run([sys.executable, __file__, "--engine", str(spec_path), str(out)], env=env,
-                          capture_output=True, text=True, timeout=ENGINE_TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--engine", str(spec_path), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=ENGINE_TIMEOUT,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"vLLM engine {name} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
     if not refused and (out / "error.txt").exists():
@@ -157,9 +180,16 @@ def assert_same_profile(a: Profile, b: Profile) -> None:
 
 RUNS = [
     {"classes": CLASSES, "config": {"n_bootstrap": 20, "batch_size": 3}},
-    {"classes": CLASSES, "config": {"n_bootstrap": 0, "tokens": "both", "score": "risk_diff", "target": "en"},
-     "responses": RESPONSES},
-    {"classes": CLASSES, "config": {"n_bootstrap": 0, "tokens": "response", "max_length": 12}, "responses": RESPONSES},
+    {
+        "classes": CLASSES,
+        "config": {"n_bootstrap": 0, "tokens": "both", "score": "risk_diff", "target": "en"},
+        "responses": RESPONSES,
+    },
+    {
+        "classes": CLASSES,
+        "config": {"n_bootstrap": 0, "tokens": "response", "max_length": 12},
+        "responses": RESPONSES,
+    },
 ]
 
 
@@ -172,8 +202,15 @@ def test_vllm_profile_equals_hf(tiny_ckpt, tmp_path):
     out = run_engine(tmp_path, "tp1", {"model": str(tiny_ckpt), "runs": RUNS})
     for i, run in enumerate(RUNS):
         got = load_profile(out / f"run{i}")
-        want = profile(model, tok, run["classes"], ProfileConfig(**run["config"]), responses=run.get("responses"),
-                       progress=False, weights_hash=weights_hash(tiny_ckpt))
+        want = profile(
+            model,
+            tok,
+            run["classes"],
+            ProfileConfig(**run["config"]),
+            responses=run.get("responses"),
+            progress=False,
+            weights_hash=weights_hash(tiny_ckpt),
+        )
         assert got.stats["engine"] == "vllm" and got.stats["tokens"] == want.stats["tokens"] > 0
         assert_same_profile(got, want)
         got.check_model(model)  # the identity read from the checkpoint is the HF model's
@@ -189,13 +226,31 @@ def test_cli_profile_engine_vllm(tiny_ckpt, tmp_path):
     for name, prompts in CLASSES.items():
         (tmp_path / f"{name}.txt").write_text("\n".join(prompts) + "\n")
         files += ["--class", f"{name}={tmp_path / name}.txt"]
-    cli = ["profile", "--engine", "vllm", "--model", str(tiny_ckpt), *files, "--bootstrap", "0", "--quiet",
-           "--out", str(tmp_path / "cli"), "--json"]
+    cli = [
+        "profile",
+        "--engine",
+        "vllm",
+        "--model",
+        str(tiny_ckpt),
+        *files,
+        "--bootstrap",
+        "0",
+        "--quiet",
+        "--out",
+        str(tmp_path / "cli"),
+        "--json",
+    ]
     run_engine(tmp_path, "cli_run", {"cli": cli})
     got = load_profile(tmp_path / "cli")
     model, tok = _hf(tiny_ckpt)
-    want = profile(model, tok, CLASSES, ProfileConfig(n_bootstrap=0), progress=False,
-                   weights_hash=weights_hash(tiny_ckpt))
+    want = profile(
+        model,
+        tok,
+        CLASSES,
+        ProfileConfig(n_bootstrap=0),
+        progress=False,
+        weights_hash=weights_hash(tiny_ckpt),
+    )
     assert_same_profile(got, want)
     assert got.stats["model_name"] == str(tiny_ckpt) and (tmp_path / "cli" / "heatmap.png").exists()
 
@@ -213,19 +268,36 @@ def test_vllm_profile_tp2_equals_tp1(tiny_ckpt, tmp_path):
 def test_vllm_profile_refuses_engines_that_miss_tokens(tiny_ckpt, tmp_path):
     """Prefix caching would serve shared prefixes without routing them, a compiled graph would skip the
     recorder: an engine asked to profile with either is refused at startup, naming both fixes."""
-    out = run_engine(tmp_path, "cached", {"model": str(tiny_ckpt), "runs": [],
-                                          "raw_engine": {"enable_prefix_caching": True, "enforce_eager": False}},
-                     refused=True)
+    out = run_engine(
+        tmp_path,
+        "cached",
+        {
+            "model": str(tiny_ckpt),
+            "runs": [],
+            "raw_engine": {"enable_prefix_caching": True, "enforce_eager": False},
+        },
+        refused=True,
+    )
     err = (out / "error.txt").read_text() if (out / "error.txt").exists() else "(engine started)"
     assert "enable_prefix_caching=False" in err and "enforce_eager=True" in err, err
 
 
-FRENCH = ["Bonjour, comment allez-vous aujourd'hui ?", "Quelle est la capitale de la France ?",
-          "J'aime beaucoup lire des livres le soir.", "Le chat dort sur le canapé depuis ce matin.",
-          "Pouvez-vous m'expliquer la photosynthèse ?", "Nous allons au marché samedi prochain."]
-ENGLISH = ["Hello, how are you today?", "What is the capital of France?", "I really enjoy reading books at night.",
-           "The cat has been sleeping on the sofa since this morning.", "Can you explain photosynthesis to me?",
-           "We are going to the market next Saturday."]
+FRENCH = [
+    "Bonjour, comment allez-vous aujourd'hui ?",
+    "Quelle est la capitale de la France ?",
+    "J'aime beaucoup lire des livres le soir.",
+    "Le chat dort sur le canapé depuis ce matin.",
+    "Pouvez-vous m'expliquer la photosynthèse ?",
+    "Nous allons au marché samedi prochain.",
+]
+ENGLISH = [
+    "Hello, how are you today?",
+    "What is the capital of France?",
+    "I really enjoy reading books at night.",
+    "The cat has been sleeping on the sofa since this morning.",
+    "Can you explain photosynthesis to me?",
+    "We are going to the market next Saturday.",
+]
 
 
 @pytest.mark.slow
@@ -241,7 +313,9 @@ def test_vllm_profile_smollm2_moe(tmp_path):
     from steer.moebuild import ensure_moe
 
     torch.set_num_threads(1)
-    ckpt = Path(os.environ["STEER_MOE_DIR"]) if os.environ.get("STEER_MOE_DIR") else ensure_moe(progress=False)
+    ckpt = (
+        Path(os.environ["STEER_MOE_DIR"]) if os.environ.get("STEER_MOE_DIR") else ensure_moe(progress=False)
+    )
     model, tok = _hf(ckpt)
     classes = {"french": FRENCH, "english": ENGLISH}
     cfg = ProfileConfig(n_bootstrap=0)
@@ -251,8 +325,11 @@ def test_vllm_profile_smollm2_moe(tmp_path):
             real = batch.attention_mask[j].bool()
             sel = batch.selection[j][real].nonzero().flatten().tolist()
             rows.append((batch.input_ids[j][real].tolist(), sel[0], sel[-1] + 1))
-    out = run_engine(tmp_path, "moe", {"model": str(ckpt), "runs": [{"classes": classes, "config": {"n_bootstrap": 0}}],
-                                       "ids": rows})
+    out = run_engine(
+        tmp_path,
+        "moe",
+        {"model": str(ckpt), "runs": [{"classes": classes, "config": {"n_bootstrap": 0}}], "ids": rows},
+    )
     got = load_profile(out / "run0")
     want = profile(model, tok, classes, cfg, progress=False, weights_hash=weights_hash(ckpt))
     got.check_model(model)
@@ -273,8 +350,10 @@ def test_vllm_profile_smollm2_moe(tmp_path):
     share = differ / total
     count_gap = float((got.sums["count"] - want.sums["count"]).abs().sum() / (2 * want.sums["count"].sum()))
     overlap = len({(t.layer, t.expert) for t in got.top(10)} & {(t.layer, t.expert) for t in want.top(10)})
-    print(f"smollm2-moe, vLLM vs HF profile: {differ}/{total} token-layers ({share:.2%}) route to a different "
-          f"expert set; {count_gap:.3%} of expert assignments moved; top-10 overlap {overlap}/10")
+    print(
+        f"smollm2-moe, vLLM vs HF profile: {differ}/{total} token-layers ({share:.2%}) route to a different "
+        f"expert set; {count_gap:.3%} of expert assignments moved; top-10 overlap {overlap}/10"
+    )
     assert share < 0.10, share  # near-ties only (4% measured by test_vllm.py on this CPU)
     assert count_gap < 0.02, count_gap
     assert overlap >= 7

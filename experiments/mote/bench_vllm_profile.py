@@ -48,8 +48,10 @@ def main() -> None:
     from steer.serving.vllm_profile import profile_vllm, profiling_engine
 
     torch.set_num_threads(1)
-    classes = [parse_class_spec(s).sample(args.per_class, seed=0)
-               for s in ("french=builtin:questions-fr", "english=builtin:questions-en")]
+    classes = [
+        parse_class_spec(s).sample(args.per_class, seed=0)
+        for s in ("french=builtin:questions-fr", "english=builtin:questions-en")
+    ]
     ckpt = checkpoint_dir(args.model)
     lm = load(str(ckpt), progress=False)
     cfg = ProfileConfig()  # defaults: prompt tokens, mote, 200 bootstrap replicates, batch 8
@@ -61,23 +63,38 @@ def main() -> None:
     for r in range(args.rounds):
         for path in ("hf", "vllm"):
             if path == "hf":
-                prof = profile(lm.model, lm.tokenizer, classes, cfg, progress=False, weights_hash=lm.weights_hash)
+                prof = profile(
+                    lm.model, lm.tokenizer, classes, cfg, progress=False, weights_hash=lm.weights_hash
+                )
             else:
                 prof = profile_vllm(llm, classes, cfg, tokenizer=lm.tokenizer, progress=False)
-            rows[path].append({"round": r, "seconds": prof.stats["seconds"], "tokens": prof.stats["tokens"],
-                               "tokens_per_s": prof.stats["tokens"] / prof.stats["seconds"]})
+            rows[path].append(
+                {
+                    "round": r,
+                    "seconds": prof.stats["seconds"],
+                    "tokens": prof.stats["tokens"],
+                    "tokens_per_s": prof.stats["tokens"] / prof.stats["seconds"],
+                }
+            )
             profs[path] = prof
             print(path, rows[path][-1], flush=True)
     hf, vl = profs["hf"], profs["vllm"]
     gap = float((vl.sums["count"] - hf.sums["count"]).abs().sum() / (2 * hf.sums["count"].sum()))
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in rows.items()}
     result = {
-        "model": args.model, "checkpoint": str(ckpt), "prompts": sum(len(c) for c in classes),
-        "counted_tokens": hf.stats["tokens"], "rounds": rows, "median_tokens_per_s": med,
-        "ratio_vllm_over_hf": med["vllm"] / med["hf"], "vllm_startup_s": round(startup, 1),
+        "model": args.model,
+        "checkpoint": str(ckpt),
+        "prompts": sum(len(c) for c in classes),
+        "counted_tokens": hf.stats["tokens"],
+        "rounds": rows,
+        "median_tokens_per_s": med,
+        "ratio_vllm_over_hf": med["vllm"] / med["hf"],
+        "vllm_startup_s": round(startup, 1),
         "same_token_counts": bool(torch.equal(vl.sums["tokens"], hf.sums["tokens"])),
         "expert_assignments_moved": gap,
-        "top10_overlap": len({(t.layer, t.expert) for t in vl.top(10)} & {(t.layer, t.expert) for t in hf.top(10)}),
+        "top10_overlap": len(
+            {(t.layer, t.expert) for t in vl.top(10)} & {(t.layer, t.expert) for t in hf.top(10)}
+        ),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores shared, load {os.getloadavg()}",
         "torch": torch.__version__,
     }

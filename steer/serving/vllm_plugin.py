@@ -11,7 +11,9 @@ a subclass of vLLM's own model class that, when the engine is given a config,
     `RouterEdit` steer's HF path uses, so served routing equals steer's, token for token;
   - DiFR: fingerprints f = h P of the lm_head input of every sampled row (`compute_logits`) and,
     through `FingerprintLogitsProcessor`, appends them to a per-request file that
-    `steer.serving.served_fingerprints` turns into a `steer.difr.Fingerprints` for `steer verify`.
+    `steer.serving.served_fingerprints` turns into a `steer.difr.Fingerprints` for `steer verify`;
+  - fTRI profiling (when the engine gets a profile directory): `steer.serving.vllm_profile` records
+    the routing each MoE layer made, per request (`steer profile --engine vllm`).
 
 Use:
 

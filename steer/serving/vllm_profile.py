@@ -98,17 +98,25 @@ def install_recorder(model: torch.nn.Module, vllm_config) -> bool:
     par = vllm_config.parallel_config
     problems = []
     if par.pipeline_parallel_size > 1:
-        problems.append(f"profiling: pipeline_parallel_size={par.pipeline_parallel_size} splits the layers over "
-                        f"ranks; profile with tensor parallelism only")
+        problems.append(
+            f"profiling: pipeline_parallel_size={par.pipeline_parallel_size} splits the layers over "
+            f"ranks; profile with tensor parallelism only"
+        )
     if par.data_parallel_size > 1:
-        problems.append(f"profiling: data_parallel_size={par.data_parallel_size} routes other ranks' tokens in "
-                        f"this rank's MoE layers; profile with tensor parallelism only")
+        problems.append(
+            f"profiling: data_parallel_size={par.data_parallel_size} routes other ranks' tokens in "
+            f"this rank's MoE layers; profile with tensor parallelism only"
+        )
     if not vllm_config.model_config.enforce_eager:
-        problems.append("profiling: the recorder runs Python in each MoE layer, which a compiled or captured "
-                        "graph skips; start the engine with enforce_eager=True (profiling_engine does)")
+        problems.append(
+            "profiling: the recorder runs Python in each MoE layer, which a compiled or captured "
+            "graph skips; start the engine with enforce_eager=True (profiling_engine does)"
+        )
     if vllm_config.cache_config.enable_prefix_caching:
-        problems.append("profiling: prefix caching serves shared prompt prefixes from cache without routing them "
-                        "again, so they could not be counted; start the engine with enable_prefix_caching=False")
+        problems.append(
+            "profiling: prefix caching serves shared prompt prefixes from cache without routing them "
+            "again, so they could not be counted; start the engine with enable_prefix_caching=False"
+        )
     runners = moe_runners(model)
     if not runners:
         problems.append("profiling: the model has no MoE layer with a router to read")
@@ -178,9 +186,11 @@ class ProfileLogitsProcessor(_LogitsProcessorBase):
                 self.rows.pop(index, None)
                 continue
             if not self.directory:
-                raise RuntimeError(f"request {spec.get('key')!r} asks for routing counts but the engine was "
-                                   f"started without a profile directory (hf_overrides {HF_OVERRIDE_KEY!r} or "
-                                   f"{ENV_PROFILE_DIR})")
+                raise RuntimeError(
+                    f"request {spec.get('key')!r} asks for routing counts but the engine was "
+                    f"started without a profile directory (hf_overrides {HF_OVERRIDE_KEY!r} or "
+                    f"{ENV_PROFILE_DIR})"
+                )
             self.rows[index] = spec
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
@@ -201,13 +211,17 @@ class ProfileLogitsProcessor(_LogitsProcessorBase):
             return logits
         qsl, positions = STEP.query_start_loc, STEP.positions
         if qsl is None or positions is None or not STEP.ids:
-            raise RuntimeError("steer profiling: the step's routing was not recorded (the engine was started "
-                               "without steer's vLLM plugin, or its model class is not one the plugin wraps)")
+            raise RuntimeError(
+                "steer profiling: the step's routing was not recorded (the engine was started "
+                "without steer's vLLM plugin, or its model class is not one the plugin wraps)"
+            )
         n_tokens = int(qsl[-1])
         for layer, ids in STEP.ids.items():
             if ids.shape[0] < n_tokens:
-                raise RuntimeError(f"steer profiling: layer {layer} routed {ids.shape[0]} rows for {n_tokens} "
-                                   f"scheduled tokens (sequence-parallel MoE?); profile with tensor parallelism")
+                raise RuntimeError(
+                    f"steer profiling: layer {layer} routed {ids.shape[0]} rows for {n_tokens} "
+                    f"scheduled tokens (sequence-parallel MoE?); profile with tensor parallelism"
+                )
         for index, spec in self.rows.items():
             start, end = int(qsl[index]), int(qsl[index + 1])
             if end <= start:
@@ -223,8 +237,12 @@ class ProfileLogitsProcessor(_LogitsProcessorBase):
                     counts[str(layer)] = torch.bincount(ids.reshape(-1), minlength=STEP.num_experts).tolist()
                     if spec.get("ids"):  # the selected tokens' expert sets too (for comparisons)
                         per_token[str(layer)] = ids.sort(dim=-1).values.tolist()
-            line = {"class": spec.get("class"), "tokens": n, "counts": counts,
-                    "positions": [int(pos[0]), int(pos[-1]) + 1]}
+            line = {
+                "class": spec.get("class"),
+                "tokens": n,
+                "counts": counts,
+                "positions": [int(pos[0]), int(pos[-1]) + 1],
+            }
             if spec.get("ids"):
                 line["ids"] = per_token
             with open(Path(self.directory) / f"{spec['key']}.jsonl", "a") as fh:
@@ -234,22 +252,36 @@ class ProfileLogitsProcessor(_LogitsProcessorBase):
 
 def _check_spec(spec: Any) -> None:
     if not isinstance(spec, dict) or "key" not in spec or "select" not in spec:
-        raise ValueError(f"{REQUEST_KEY} must be {{'key': str, 'class': str, 'select': [lo, hi]}}, got {spec!r}")
+        raise ValueError(
+            f"{REQUEST_KEY} must be {{'key': str, 'class': str, 'select': [lo, hi]}}, got {spec!r}"
+        )
     key = str(spec["key"])
     if not key or "/" in key or key.startswith(".") or len(key) > 200:
         raise ValueError(f"{REQUEST_KEY} key {key!r} is not a safe file name")
     sel = spec["select"]
-    if not (isinstance(sel, list | tuple) and len(sel) == 2 and all(isinstance(x, int) for x in sel)
-            and 0 <= sel[0] <= sel[1]):
-        raise ValueError(f"{REQUEST_KEY} select must be [lo, hi] token positions with 0 <= lo <= hi, got {sel!r}")
+    if not (
+        isinstance(sel, list | tuple)
+        and len(sel) == 2
+        and all(isinstance(x, int) for x in sel)
+        and 0 <= sel[0] <= sel[1]
+    ):
+        raise ValueError(
+            f"{REQUEST_KEY} select must be [lo, hi] token positions with 0 <= lo <= hi, got {sel!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver side
 
 
-def profiling_engine(model: str | os.PathLike, *, tensor_parallel_size: int = 1, directory: str | None = None,
-                     max_model_len: int | None = None, **kwargs):
+def profiling_engine(
+    model: str | os.PathLike,
+    *,
+    tensor_parallel_size: int = 1,
+    directory: str | None = None,
+    max_model_len: int | None = None,
+    **kwargs,
+):
     """A `vllm.LLM` that records routing for `profile_vllm` (eager, no prefix caching, the processor).
 
     `directory` receives the per-request count files (default: a fresh temporary directory).
@@ -264,9 +296,16 @@ def profiling_engine(model: str | os.PathLike, *, tensor_parallel_size: int = 1,
         procs.append(PROCESSOR)
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("seed", 0)
-    return LLM(model=str(model), tensor_parallel_size=tensor_parallel_size, enforce_eager=True,
-               enable_prefix_caching=False, max_model_len=max_model_len, hf_overrides=overrides,
-               logits_processors=procs, **kwargs)
+    return LLM(
+        model=str(model),
+        tensor_parallel_size=tensor_parallel_size,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_model_len=max_model_len,
+        hf_overrides=overrides,
+        logits_processors=procs,
+        **kwargs,
+    )
 
 
 def engine_profile_dir(llm) -> Path:
@@ -274,9 +313,11 @@ def engine_profile_dir(llm) -> Path:
     hf_config = llm.llm_engine.model_config.hf_config
     d = getattr(hf_config, HF_OVERRIDE_KEY, None) or os.environ.get(ENV_PROFILE_DIR)
     if not d:
-        raise ValueError(f"this vLLM engine does not record routing: build it with steer.serving.vllm_profile."
-                         f"profiling_engine(...), or pass hf_overrides={{{HF_OVERRIDE_KEY!r}: DIR}} and "
-                         f"logits_processors=[{PROCESSOR!r}]")
+        raise ValueError(
+            f"this vLLM engine does not record routing: build it with steer.serving.vllm_profile."
+            f"profiling_engine(...), or pass hf_overrides={{{HF_OVERRIDE_KEY!r}: DIR}} and "
+            f"logits_processors=[{PROCESSOR!r}]"
+        )
     return Path(d)
 
 
@@ -302,8 +343,12 @@ class VLLMCounter:
         from steer.prompts import format_prompt, uses_chat_template
 
         chat = config.chat_template
-        ids = [tokenizer(format_prompt(tokenizer, p, chat), add_special_tokens=not uses_chat_template(tokenizer, chat))
-               ["input_ids"] for p in prompts]
+        ids = [
+            tokenizer(
+                format_prompt(tokenizer, p, chat), add_special_tokens=not uses_chat_template(tokenizer, chat)
+            )["input_ids"]
+            for p in prompts
+        ]
         params = SamplingParams(max_tokens=config.max_new_tokens, temperature=0.0)
         outs = self.llm.generate([{"prompt_token_ids": list(i)} for i in ids], params, use_tqdm=False)
         return [tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True).strip() for o in outs]
@@ -320,7 +365,9 @@ class VLLMCounter:
                 sel = batch.selection[j][real].nonzero().flatten().tolist()
                 lo, hi = (sel[0], sel[-1] + 1) if sel else (0, 0)
                 if sel and hi - lo != len(sel):
-                    raise ValueError("steer profiling: the selected tokens of a prompt are not one contiguous range")
+                    raise ValueError(
+                        "steer profiling: the selected tokens of a prompt are not one contiguous range"
+                    )
                 key = f"{self.run}-{self.next_key}"
                 self.next_key += 1
                 keys.append(key)
@@ -337,12 +384,15 @@ class VLLMCounter:
                 k += 1
                 want = int(acc.batch_tokens[j])
                 if tokens != want:
-                    raise RuntimeError(f"vLLM counted {tokens} selected tokens for a prompt of {want}: each routing "
-                                       f"decision must be counted exactly once (prefix caching on? a second "
-                                       f"recorder on another tensor-parallel rank?)")
+                    raise RuntimeError(
+                        f"vLLM counted {tokens} selected tokens for a prompt of {want}: each routing "
+                        f"decision must be counted exactly once (prefix caching on? a second "
+                        f"recorder on another tensor-parallel rank?)"
+                    )
                 if cls != class_names[int(batch.classes[j])]:
-                    raise RuntimeError(f"request class came back as {cls!r}, sent as "
-                                       f"{class_names[int(batch.classes[j])]!r}")
+                    raise RuntimeError(
+                        f"request class came back as {cls!r}, sent as {class_names[int(batch.classes[j])]!r}"
+                    )
                 acc.batch_counts[j] = counts
             yield batch
 
@@ -394,7 +444,11 @@ def identity_from_checkpoint(path: str | os.PathLike, weights_hash: str | None =
             for key in f.keys():
                 if key in names:
                     loaded[key] = f.get_tensor(key)
-    if f"{a.lm_head}.weight" in names and f"{a.lm_head}.weight" not in loaded and f"{a.embed}.weight" in loaded:
+    if (
+        f"{a.lm_head}.weight" in names
+        and f"{a.lm_head}.weight" not in loaded
+        and f"{a.embed}.weight" in loaded
+    ):
         loaded[f"{a.lm_head}.weight"] = loaded[f"{a.embed}.weight"]  # tied embeddings
     missing = sorted(set(names) - set(loaded))
     if missing:
@@ -432,8 +486,11 @@ def profile_vllm(
     from steer.models import _prepare_tokenizer
 
     own = not hasattr(llm_or_model, "generate")
-    llm = profiling_engine(llm_or_model, tensor_parallel_size=tensor_parallel_size, **engine_kwargs) if own \
+    llm = (
+        profiling_engine(llm_or_model, tensor_parallel_size=tensor_parallel_size, **engine_kwargs)
+        if own
         else llm_or_model
+    )
     ckpt = Path(str(llm.llm_engine.model_config.model))
     try:
         if tokenizer is None:
@@ -445,8 +502,17 @@ def profile_vllm(
             weights_hash = _wh(ckpt)
         ident = identity_from_checkpoint(ckpt, weights_hash)
         counter = VLLMCounter(llm, ident["moe_layers"], ident["num_experts"], prompts_per_call)
-        prof = profile_with(counter, tokenizer, classes, config, ident, responses=responses, labeller=labeller,
-                            progress=progress, cancel=cancel)
+        prof = profile_with(
+            counter,
+            tokenizer,
+            classes,
+            config,
+            ident,
+            responses=responses,
+            labeller=labeller,
+            progress=progress,
+            cancel=cancel,
+        )
         tp = llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
         prof.stats.update(engine="vllm", tensor_parallel_size=tp)
         return prof
