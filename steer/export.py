@@ -79,9 +79,12 @@ def export_vllm(config: InterventionConfig, out: str | Path, *, model_path: str 
              f"'{json.dumps(args['hf_overrides'])}'`; steer must be installed in vLLM's environment"]
     if config.difr is not None:
         args["logits_processors"] = [VLLM_PLUGIN_PROCESSOR]
-        notes.append("fingerprints: set STEER_FINGERPRINT_DIR for the server and send "
-                     "SamplingParams(extra_args={'steer_fingerprint': KEY}); read them with "
-                     "steer.serving.served_fingerprints")
+        notes.append("fingerprints: set STEER_FINGERPRINT_DIR for the engine. Offline (LLM in your process): "
+                     "SamplingParams(extra_args={'steer_fingerprint': KEY}), read with "
+                     "steer.serving.served_fingerprints. Over HTTP (--middleware steer.serving.fingerprint_route): "
+                     "send vllm_xargs={'steer_fingerprint': true}, the server issues a key and read token in the "
+                     "response headers; read with steer.serving.fetch_fingerprints(url, "
+                     "FingerprintTicket.from_headers(resp.headers), ...) (docs/serving-security.md)")
     (out_dir / "vllm_args.json").write_text(json.dumps(args, indent=2) + "\n")
     return ExportResult("vllm", out_dir, notes)
 
