@@ -209,8 +209,10 @@ def _brute_route(x: list[float], kind: str, k: int, norm: bool, masked: set, zer
     """{expert: weight} for one token, straight from the module docstring's rules."""
     E = len(x)
     if kind == "softmax_topk":
-        m = max(x)
-        ex = [math.exp(v - m) for v in x]
+        # off_mask is logit-level: a masked expert's logit is -inf, so it is absent from the softmax
+        # (its exp is 0 in the denominator too), not only from the selection
+        m = max(v for e, v in enumerate(x) if e not in masked)
+        ex = [0.0 if e in masked else math.exp(v - m) for e, v in enumerate(x)]
         score = [v / sum(ex) for v in ex]
     else:
         score = list(x)
