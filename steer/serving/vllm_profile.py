@@ -93,7 +93,7 @@ def install_recorder(model: torch.nn.Module, vllm_config) -> bool:
     if not profile_dir(vllm_config):
         return False
     from steer.config import ConfigError
-    from steer.serving.vllm_plugin import moe_runners
+    from steer.serving.vllm_moe import moe_runners
 
     par = vllm_config.parallel_config
     problems = []
