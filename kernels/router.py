@@ -262,10 +262,26 @@ def _stable_top(key: torch.Tensor, k: int) -> torch.Tensor:
 
 def _route_generic(logits, rule: RoutingRule, bias, masked, zeroed, forced, renormalize: bool, force_max: bool):
     """Edited routing (Triton semantics, stable order). Masks are Bool[E] or None."""
-    T, E = logits.shape
-    k = rule.top_k
     neg = float("-inf")
-    x = logits.float()
+    score, choice = _generic_scores(logits.float(), rule, bias, masked)
+    sel = _generic_selection(choice, rule, masked, forced)
+    finite_min = torch.finfo(torch.float32).min
+    idx = _stable_top(torch.where(sel, choice.clamp_min(finite_min), neg), rule.top_k)
+    val = score.gather(1, idx)
+    is_forced = forced[idx] if forced is not None else torch.zeros_like(idx, dtype=torch.bool)
+    if force_max and forced is not None:
+        others = val.masked_fill(is_forced, neg).amax(dim=-1, keepdim=True)
+        val = torch.where(is_forced & (others > neg), others, val)
+    w = _generic_weights(val, rule)
+    if zeroed is not None:
+        w = _zero_weights(w, zeroed[idx], renormalize)
+    return w.to(_out_dtype(logits, rule)), idx
+
+
+def _generic_scores(x: torch.Tensor, rule: RoutingRule, bias, masked) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score, choice) per token and expert: the value the weights come from, and the one selection
+    ranks by (probability, logit, or sigmoid + bias); NaN choices rank last."""
+    neg = float("-inf")
     if rule.kind == "softmax_topk":
         # off_mask is a logit-level mask: a switched-off expert's logit is -inf before the softmax, so
         # it leaves the denominator too. With norm_topk_prob the top-k renormalisation cancels the
@@ -279,9 +295,16 @@ def _route_generic(logits, rule: RoutingRule, bias, masked, zeroed, forced, reno
     else:
         score = x.sigmoid()
         choice = score + (bias.float() if bias is not None else 0.0)
-    choice = torch.nan_to_num(choice, nan=neg)
-    order_key = choice.clone()
-    eligible = torch.ones(T, E, dtype=torch.bool, device=logits.device)
+    return score, torch.nan_to_num(choice, nan=neg)
+
+
+def _generic_selection(choice: torch.Tensor, rule: RoutingRule, masked, forced) -> torch.Tensor:
+    """Bool[T, E] selected experts: the forced ones, plus the best k - #forced eligible ones (not
+    masked, not forced, and for sigmoid_group inside the token's best groups)."""
+    T, E = choice.shape
+    k = rule.top_k
+    neg = float("-inf")
+    eligible = torch.ones(T, E, dtype=torch.bool, device=choice.device)
     if masked is not None:
         eligible &= ~masked
     if rule.kind == "sigmoid_group":
@@ -289,42 +312,40 @@ def _route_generic(logits, rule: RoutingRule, bias, masked, zeroed, forced, reno
         cm = choice.masked_fill(~eligible, neg).view(T, G, S)
         top2 = torch.sort(cm, dim=-1, descending=True)[0][..., : min(2, S)]
         gscore = top2[..., 0] if S == 1 else torch.where(top2[..., 1] == neg, top2[..., 0], top2[..., 0] + top2[..., 1])
-        gsel = torch.zeros(T, G, dtype=torch.bool, device=logits.device)
+        gsel = torch.zeros(T, G, dtype=torch.bool, device=choice.device)
         gsel.scatter_(1, _stable_top(gscore, rule.topk_group), True)
         eligible &= gsel.repeat_interleave(S, dim=1)
     nf = 0
     if forced is not None:
         nf = int(forced.sum())  # reference only: host read is fine here
         eligible &= ~forced
-    sel = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+    sel = torch.zeros(T, E, dtype=torch.bool, device=choice.device)
     if k - nf > 0:
         pick = _stable_top(choice.masked_fill(~eligible, neg), k - nf)
         # an eligible expert ranked below -inf ties cannot exist: validation guarantees k - nf eligible
         sel.scatter_(1, pick, True)
     if forced is not None:
         sel |= forced
-    finite_min = torch.finfo(torch.float32).min
-    idx = _stable_top(torch.where(sel, order_key.clamp_min(finite_min), neg), k)
-    val = score.gather(1, idx)
-    is_forced = forced[idx] if forced is not None else torch.zeros_like(idx, dtype=torch.bool)
-    if force_max and forced is not None:
-        others = val.masked_fill(is_forced, neg).amax(dim=-1, keepdim=True)
-        val = torch.where(is_forced & (others > neg), others, val)
+    return sel
+
+
+def _generic_weights(val: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
+    """The family's weights from the selected experts' scores."""
     if rule.kind == "softmax_topk":
-        w = val / val.sum(dim=-1, keepdim=True) if rule.norm_topk_prob else val
-    elif rule.kind == "topk_softmax":
-        w = torch.softmax(val, dim=-1)
-    else:
-        w = val / (val.sum(dim=-1, keepdim=True) + 1e-20) if rule.norm_topk_prob else val
-        w = w * rule.routed_scaling_factor
-    if zeroed is not None:
-        z = zeroed[idx]
-        w0 = w.masked_fill(z, 0.0)
-        if renormalize:
-            before, after = w.sum(dim=-1, keepdim=True), w0.sum(dim=-1, keepdim=True)
-            w0 = torch.where(after > 0, w0 * (before / after), torch.zeros_like(w0))
-        w = torch.where(z.any(dim=-1, keepdim=True), w0, w)
-    return w.to(_out_dtype(logits, rule)), idx
+        return val / val.sum(dim=-1, keepdim=True) if rule.norm_topk_prob else val
+    if rule.kind == "topk_softmax":
+        return torch.softmax(val, dim=-1)
+    w = val / (val.sum(dim=-1, keepdim=True) + 1e-20) if rule.norm_topk_prob else val
+    return w * rule.routed_scaling_factor
+
+
+def _zero_weights(w: torch.Tensor, z: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """off_zero: weight 0 where z; with `renormalize` the rest keep the selected weights' sum."""
+    w0 = w.masked_fill(z, 0.0)
+    if renormalize:
+        before, after = w.sum(dim=-1, keepdim=True), w0.sum(dim=-1, keepdim=True)
+        w0 = torch.where(after > 0, w0 * (before / after), torch.zeros_like(w0))
+    return torch.where(z.any(dim=-1, keepdim=True), w0, w)
 
 
 def _dense(w: torch.Tensor, idx: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,11 +78,18 @@ def test_generate_records_a_claim_that_verifies(ckpt, model, busiest, tmp_path, 
     assert rc == 0, out.err
     assert json.loads(out.out)["fingerprint_tokens"] == 8 * len(PROMPTS)
     fp_common = [a for a in common if a != "--quiet"] + ["--k", 8, "--seed", 1]
+    # the claim's mean is over its 32 tokens, and the calibration units are disjoint 32-token windows
+    # inside benign runs: 32-token benign runs give 2 x 4 = 8 of them, enough for a threshold at FPR 0.2
+    # (1/0.2 = 5 windows needed; the default 1% would need 100)
+    fp_benign = [32 if a == 8 and prev == "--max-new-tokens" else a for prev, a in zip([None, *fp_common], fp_common)]
     for b, batch in ((1, 1), (2, 3)):
-        assert main(["fingerprint", *map(str, fp_common), "--config", str(cfg), "--batch-size", str(batch),
+        assert main(["fingerprint", *map(str, fp_benign), "--config", str(cfg), "--batch-size", str(batch),
                      "-o", str(tmp_path / f"b{b}.safetensors")]) == 0
+    capsys.readouterr()
     assert main(["verify", "--calibrate", str(tmp_path / "b1.safetensors"), str(tmp_path / "b2.safetensors"),
-                 "--model", str(ckpt / "moe"), "--config", str(cfg), "-o", str(tmp_path / "cal.safetensors")]) == 0
+                 "--model", str(ckpt / "moe"), "--config", str(cfg), "--target-fpr", "0.2",
+                 "-o", str(tmp_path / "cal.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_tokens_calibrated"] >= 8 * len(PROMPTS)
     capsys.readouterr()
     rc = main(["verify", str(tmp_path / "claim.safetensors"), "--model", str(ckpt / "moe"), "--config", str(cfg),
                "--calibration", str(tmp_path / "cal.safetensors"), "--json"])

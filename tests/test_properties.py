@@ -209,8 +209,10 @@ def _brute_route(x: list[float], kind: str, k: int, norm: bool, masked: set, zer
     """{expert: weight} for one token, straight from the module docstring's rules."""
     E = len(x)
     if kind == "softmax_topk":
-        m = max(x)
-        ex = [math.exp(v - m) for v in x]
+        # off_mask is logit-level: a masked expert's logit is -inf, so it is absent from the softmax
+        # (its exp is 0 in the denominator too), not only from the selection
+        m = max(v for e, v in enumerate(x) if e not in masked)
+        ex = [0.0 if e in masked else math.exp(v - m) for e, v in enumerate(x)]
         score = [v / sum(ex) for v in ex]
     else:
         score = list(x)
@@ -293,29 +295,62 @@ def test_route_matches_brute_force_semantics(data, kind, T, E, mode, norm, renor
 # The conformal quantile
 
 
+def _brute_windows(vals: list[float], lengths: list[int], n: int) -> list[float]:
+    """Means of the disjoint n-token windows inside each sequence (none crosses a boundary)."""
+    out, at = [], 0
+    for L in lengths:
+        seq = vals[at: at + L]
+        at += L
+        out += [sum(seq[i: i + n]) / n for i in range(0, L - L % n, n)]
+    return out
+
+
 @FAST
-@given(data=st.data(), fpr=st.floats(0.01, 0.5), n=st.integers(1, 12))
+@given(data=st.data(), fpr=st.floats(0.05, 0.5), n=st.integers(1, 6))
 def test_conformal_threshold_holds_the_false_positive_rate(data, fpr, n):
     from steer.difr import DiFRConfig
     from steer.difr.verify import Calibration
 
-    lengths = data.draw(st.lists(st.integers(1, 20), min_size=1, max_size=6))
+    lengths = data.draw(st.lists(st.integers(1, 30), min_size=1, max_size=8))
     vals = data.draw(st.lists(st.floats(0, 100, allow_nan=False, width=32), min_size=sum(lengths),
                               max_size=sum(lengths)))
-    cal = Calibration("activation", fpr, torch.tensor(vals, dtype=torch.float32), torch.tensor(lengths),
-                      DiFRConfig(k=8, seed=0), "c", "m", n_resamples=200)
-    null = cal.null_means(n)
+
+    def calibration(scores, lens, alpha):
+        return Calibration("activation", alpha, torch.tensor(scores, dtype=torch.float32),
+                           torch.tensor(lens, dtype=torch.int64), DiFRConfig(k=8, seed=0), "c", "m")
+
+    cal = calibration(vals, lengths, fpr)
+    want = sorted(_brute_windows(vals, lengths, n))
+    units = cal.units(n)  # the calibration units: disjoint within-sequence windows
+    assert units.numel() == len(want) and all(abs(float(u) - w) <= 1e-5 * (1 + abs(w)) for u, w in zip(units, want))
+    m, need = units.numel(), math.ceil(1 / fpr - 1e-9)
     t = cal.threshold(n)
-    above = float((null > t).float().mean())
-    assert above <= fpr + 1e-9  # at most target_fpr of benign n-token means are rejected
-    assert float(null.min()) <= t <= float(null.max())
-    # smallest such value among the null means: one rank lower would reject more than the target
-    lower = null[null < t]
+    hypothesis.event("insufficient" if m < need else "calibrated")
+    if m < need:
+        # too few windows: insufficient, never a pass, whatever the score
+        assert t is None and not cal.sufficient(n)
+        assert {cal.decide(s, n) for s in (0.0, float(units.min()) if m else 0.0, -1.0)} == {"insufficient"}
+        return
+    assert t is not None and float(units.min()) <= t <= float(units.max())
+    # the split-conformal guarantee: a new exchangeable window exceeds t with probability
+    # (1 + #{units > t}) / (m + 1) at most, and that is <= fpr ...
+    assert (1 + int((units > t).sum())) / (m + 1) <= fpr + 1e-9
+    # ... and t is the smallest unit with that property: one rank lower breaks it
+    lower = units[units < t]
     if lower.numel():
-        assert float((null > lower.max()).float().mean()) > fpr - 1 / (null.numel() + 1)
+        assert (1 + int((units > lower.max()).sum())) / (m + 1) > fpr - 1e-9
+    # the guarantee itself, exactly: over every choice of which window is the "new" one (the
+    # permutation average that exchangeability makes the probability), a threshold calibrated on
+    # the other windows rejects the held-out one at most fpr of the time (where it has enough units)
+    if m - 1 >= need:
+        held_out = [calibration(torch.cat([units[:i], units[i + 1:]]).tolist(), [1] * (m - 1), fpr)
+                    for i in range(m)]
+        rejected = sum(float(units[i]) > c.threshold(1) for i, c in enumerate(held_out))
+        assert rejected / m <= fpr + 1e-9
+    assert cal.decide(t, n) == "verified" and cal.decide(float("nan"), n) == "rejected"
     # a looser target never raises the threshold; p-values are valid and decreasing in the score
-    assert cal.threshold(n) >= Calibration("activation", min(0.99, fpr * 1.5), cal.benign, cal.lengths, cal.config,
-                                           "c", "m", n_resamples=200).threshold(n)
-    p_lo, p_hi = cal.p_value(float(null.min()), n), cal.p_value(float(null.max()) + 1, n)
+    looser = calibration(vals, lengths, min(0.99, fpr * 1.5)).threshold(n)
+    assert looser is not None and t >= looser
+    p_lo, p_hi = cal.p_value(float(units.min()), n), cal.p_value(float(units.max()) + 1, n)
     assert 0 < p_hi <= p_lo <= 1
-    assert p_hi == pytest.approx(1 / (null.numel() + 1))
+    assert p_hi == pytest.approx(1 / (m + 1))

@@ -59,7 +59,7 @@ def _engine_main(spec_path: str, out_path: str) -> None:
     captured: dict[int, list] = {}
 
     def hook_routers(model):
-        from steer.serving.vllm_plugin import moe_routers
+        from steer.serving.vllm_moe import moe_routers
 
         for layer, router in moe_routers(model).items():
             captured[layer] = []

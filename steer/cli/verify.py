@@ -66,66 +66,87 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from steer.difr import Calibration, Fingerprints, calibrate, intervention_digest, verify
+    from steer.difr import Fingerprints, intervention_digest
 
     claims = [Fingerprints.load(f) for f in args.files]  # bad files fail before the model loads
     digest = intervention_digest(args.config) if args.config else None
     if args.calibrate:
-        if args.out is None:
-            raise CLIError("--calibrate needs -o/--out for the calibration file")
-        lm = load_model(args)
-        with intervention_context(args.config, lm.model):
-            cal = calibrate(lm.model, claims, target_fpr=args.target_fpr, method=args.method or "activation",
-                            batch_size=args.batch_size, model_id=lm.name, statistic=args.statistic,
-                            intervention=digest, clip=args.clip)
-        cal.save(args.out)
-        longest = cal.max_tokens()
-        summary = {"file": str(args.out), "method": cal.method, "statistic": cal.statistic,
-                   "target_fpr": cal.target_fpr, "benign_sequences": cal.n_benign,
-                   "benign_tokens": int(cal.benign.numel()), "threshold_1_token": cal.threshold(1),
-                   "max_tokens_calibrated": longest, f"threshold_{longest}_tokens": cal.threshold(longest) if longest else None,
-                   "windows_needed": cal.min_units, "clip": cal.clip}
-        if args.json:
-            print_json(summary)
-        elif longest == 0:
-            print(f"wrote {args.out}: {cal.benign.numel()} benign tokens are fewer than the {cal.min_units} "
-                  f"windows a threshold at FPR {cal.target_fpr:g} needs: every decision will be 'insufficient'; "
-                  f"calibrate on more benign runs or raise --target-fpr")
-        else:
-            print(f"wrote {args.out}: {cal.method}-DiFR ({cal.statistic}) conformal threshold at FPR {cal.target_fpr:g} "
-                  f"from {cal.n_benign} benign sequences ({cal.benign.numel()} tokens): {cal.threshold(1):.4g} for 1 "
-                  f"token, {cal.threshold(longest):.4g} for the mean of {longest}; claims longer than {longest} "
-                  f"tokens get 'insufficient' (need {cal.min_units} disjoint benign windows of their length)")
-        return EXIT_OK
+        return _calibrate(args, claims, digest)
     if len(claims) != 1:
         raise CLIError(f"verify one fingerprint file at a time ({len(claims)} given); use --calibrate for several")
+    return _verify(args, claims[0], digest)
+
+
+def _calibrate(args, benign, digest: str | None) -> int:
+    """--calibrate: conformal thresholds from benign fingerprint files, written to --out."""
+    from steer.difr import calibrate
+
+    if args.out is None:
+        raise CLIError("--calibrate needs -o/--out for the calibration file")
+    lm = load_model(args)
+    with intervention_context(args.config, lm.model):
+        cal = calibrate(lm.model, benign, target_fpr=args.target_fpr, method=args.method or "activation",
+                        batch_size=args.batch_size, model_id=lm.name, statistic=args.statistic,
+                        intervention=digest, clip=args.clip)
+    cal.save(args.out)
+    _print_calibration(args, cal)
+    return EXIT_OK
+
+
+def _print_calibration(args, cal) -> None:
+    longest = cal.max_tokens()
+    if args.json:
+        print_json({"file": str(args.out), "method": cal.method, "statistic": cal.statistic,
+                    "target_fpr": cal.target_fpr, "benign_sequences": cal.n_benign,
+                    "benign_tokens": int(cal.benign.numel()), "threshold_1_token": cal.threshold(1),
+                    "max_tokens_calibrated": longest,
+                    f"threshold_{longest}_tokens": cal.threshold(longest) if longest else None,
+                    "windows_needed": cal.min_units, "clip": cal.clip})
+    elif longest == 0:
+        print(f"wrote {args.out}: {cal.benign.numel()} benign tokens are fewer than the {cal.min_units} "
+              f"windows a threshold at FPR {cal.target_fpr:g} needs: every decision will be 'insufficient'; "
+              f"calibrate on more benign runs or raise --target-fpr")
+    else:
+        print(f"wrote {args.out}: {cal.method}-DiFR ({cal.statistic}) conformal threshold at FPR {cal.target_fpr:g} "
+              f"from {cal.n_benign} benign sequences ({cal.benign.numel()} tokens): {cal.threshold(1):.4g} for 1 "
+              f"token, {cal.threshold(longest):.4g} for the mean of {longest}; claims longer than {longest} "
+              f"tokens get 'insufficient' (need {cal.min_units} disjoint benign windows of their length)")
+
+
+def _verify(args, claim, digest: str | None) -> int:
+    """Teacher-force one claim through the reference model and decide at the calibration's threshold."""
+    from steer.difr import Calibration, verify
+
     calibration = Calibration.load(args.calibration) if args.calibration else None
     lm = load_model(args)
     with intervention_context(args.config, lm.model):
-        report = verify(lm.model, claims[0], calibration, method=args.method, model_id=lm.name,
+        report = verify(lm.model, claim, calibration, method=args.method, model_id=lm.name,
                         batch_size=args.batch_size, statistic=args.statistic, intervention=digest)
     if args.report:
         report.figure().write_html(args.report, include_plotlyjs="cdn")
     if args.csv:
         report.to_dataframe().to_csv(args.csv, index=False)
+    _print_report(args, report)
+    return EXIT_OK if report.verified else EXIT_CHECK_FAILED
+
+
+def _print_report(args, report) -> None:
+    s = report.summary()
     if args.json:
-        print_json(report.summary())
+        print_json(s)
+    elif report.decision == "uncalibrated":
+        print(f"UNCALIBRATED: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens; no decision "
+              f"without --calibration (see `steer verify --calibrate`)")
+    elif report.decision == "insufficient":
+        print(f"INSUFFICIENT: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens; the calibration "
+              f"has {s['calibration_windows']} disjoint benign windows of {s['n_tokens']} tokens, a threshold at FPR "
+              f"{s['target_fpr']:g} needs {s['windows_needed']}: no decision (calibrate on more or longer benign runs, "
+              f"or raise --target-fpr)")
     else:
-        s = report.summary()
-        if report.decision == "uncalibrated":
-            print(f"UNCALIBRATED: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens; no decision "
-                  f"without --calibration (see `steer verify --calibrate`)")
-        elif report.decision == "insufficient":
-            print(f"INSUFFICIENT: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens; the calibration "
-                  f"has {s['calibration_windows']} disjoint benign windows of {s['n_tokens']} tokens, a threshold at FPR "
-                  f"{s['target_fpr']:g} needs {s['windows_needed']}: no decision (calibrate on more or longer benign runs, "
-                  f"or raise --target-fpr)")
-        else:
-            print(f"{report.decision.upper()}: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens, "
-                  f"threshold {s['threshold']:.4g} at FPR {s['target_fpr']:g}, p = {s['p_value']:.3g}")
+        print(f"{report.decision.upper()}: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens, "
+              f"threshold {s['threshold']:.4g} at FPR {s['target_fpr']:g}, p = {s['p_value']:.3g}")
     if report.decision == "uncalibrated":
         print("steer verify: no --calibration given, so nothing was verified", file=sys.stderr)
     if report.decision == "insufficient":
         print("steer verify: too few calibration windows for this claim's length, so nothing was verified",
               file=sys.stderr)
-    return EXIT_OK if report.verified else EXIT_CHECK_FAILED

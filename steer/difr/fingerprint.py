@@ -394,45 +394,23 @@ def generate(
     verifier can also run Token-DiFR; None decodes greedily. `logits_processor` replaces steer's
     sampler (experiments use it to simulate a buggy sampler while claiming `sampling`).
     """
-    from transformers import LogitsProcessorList
-
-    from steer.difr.sampling import GumbelSampler
-
     config = config or DiFRConfig()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("generation batches must be left-padded (tokenizer.padding_side = 'left')")
-    b = input_ids.shape[0]
-    if sampling is not None:
-        seeds = torch.as_tensor(sample_seeds if sample_seeds is not None else range(b), dtype=torch.int64)
-        if seeds.numel() != b:
-            raise ValueError(f"need one sampling seed per row: {seeds.numel()} seeds for {b} rows")
-        processor = logits_processor or GumbelSampler(sampling, seeds, prompt_length=input_ids.shape[1])
-    else:
-        seeds, processor = None, logits_processor
-    eos = generate_kwargs.pop("eos_token_id", getattr(model.generation_config, "eos_token_id", None))
-    pad = generate_kwargs.pop("pad_token_id", getattr(model.generation_config, "pad_token_id", None))
-    if pad is None:
-        pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
-    device = next(model.parameters()).device
+    seeds, processor = _sampler(sampling, sample_seeds, input_ids, logits_processor)
+    eos, pad = _eos_and_pad(model, generate_kwargs)
     with FingerprintRecorder(model, config, keep_hidden=keep_hidden) as rec:
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
-            logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
-            eos_token_id=eos, pad_token_id=pad, **generate_kwargs,
-        )
-    gen = out[:, input_ids.shape[1]:].cpu()
+        gen = _decode(model, input_ids, attention_mask, max_new_tokens, processor, eos, pad, generate_kwargs)
     if len(rec.steps) != gen.shape[1]:
         raise RuntimeError(f"recorded {len(rec.steps)} forward calls for {gen.shape[1]} generated tokens; "
                            "was generation run with a non-standard decoding loop?")
     lengths = output_lengths(gen, eos)
-    steps = torch.stack(rec.steps, dim=1).cpu()  # [B, N, k]
     keep = torch.arange(gen.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
     mask = attention_mask.bool().cpu()
     fp = Fingerprints(
-        values=steps[keep],
+        values=torch.stack(rec.steps, dim=1).cpu()[keep],  # [B, N, k] -> the generated tokens' rows
         prompt_ids=input_ids.cpu()[mask],
         prompt_lengths=mask.sum(1).to(torch.int64),
         output_ids=gen[keep].to(torch.int64),
@@ -448,6 +426,43 @@ def generate(
     if keep_hidden:
         fp.hidden = torch.stack(rec.hidden, dim=1)[keep]
     return fp
+
+
+def _decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, processor, eos, pad,
+            generate_kwargs: dict) -> Tensor:
+    """Greedy decoding (sampling, when wanted, is the processor's Gumbel-max): the generated ids, on the CPU."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, repetition_penalty=None,
+        logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
+        eos_token_id=eos, pad_token_id=pad, **generate_kwargs,
+    )
+    return out[:, input_ids.shape[1]:].cpu()
+
+
+def _sampler(sampling, sample_seeds, input_ids: Tensor, logits_processor):
+    """(per-row sampling seeds or None, the logits processor generation runs with or None)."""
+    from steer.difr.sampling import GumbelSampler
+
+    if sampling is None:
+        return None, logits_processor
+    b = input_ids.shape[0]
+    seeds = torch.as_tensor(sample_seeds if sample_seeds is not None else range(b), dtype=torch.int64)
+    if seeds.numel() != b:
+        raise ValueError(f"need one sampling seed per row: {seeds.numel()} seeds for {b} rows")
+    return seeds, logits_processor or GumbelSampler(sampling, seeds, prompt_length=input_ids.shape[1])
+
+
+def _eos_and_pad(model: nn.Module, generate_kwargs: dict):
+    """The eos and pad token ids generation uses (taken out of generate_kwargs when given there)."""
+    eos = generate_kwargs.pop("eos_token_id", getattr(model.generation_config, "eos_token_id", None))
+    pad = generate_kwargs.pop("pad_token_id", getattr(model.generation_config, "pad_token_id", None))
+    if pad is None:
+        pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
+    return eos, pad
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool = True) -> list[list[int]]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch
 
 from steer.adapters import routing_rule, vllm_architectures
 from steer.serving import ENV_FINGERPRINT_DIR
+from steer.serving.vllm_moe import moe_runners, monolithic
 
 ENV_CONFIG = "STEER_CONFIG"
 ENV_SKIP_ACT = "STEER_VLLM_SKIP_ACT"
@@ -133,28 +133,6 @@ def config_path(vllm_config) -> str | None:
     return getattr(hf_config, HF_OVERRIDE_KEY, None) or os.environ.get(ENV_CONFIG) or None
 
 
-def moe_runners(model: torch.nn.Module) -> dict[int, Any]:
-    """{layer: vLLM MoE runner} (the module holding `.router`, whose `_compute_routing` picks experts)."""
-    found = {}
-    for name, module in model.named_modules():
-        router = getattr(module, "router", None)
-        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name + ".")
-        if m and router is not None and hasattr(router, "_compute_routing") and hasattr(router, "top_k"):
-            found.setdefault(int(m.group(1)), module)
-    return found
-
-
-def moe_routers(model: torch.nn.Module) -> dict[int, Any]:
-    """{layer: FusedMoE router} of a vLLM model."""
-    return {layer: runner.router for layer, runner in moe_runners(model).items()}
-
-
-def _monolithic(runner) -> bool:
-    """True when the expert kernel does its own top-k from the logits (the router is bypassed)."""
-    quant = getattr(getattr(runner, "routed_experts", None), "quant_method", None)
-    return bool(getattr(quant, "is_monolithic", False))
-
-
 def served_problems(cfg, hf_config, model_path: str, routers: dict[int, Any]) -> list[str]:
     """Why `cfg` must not be served on this checkpoint ([] if it may): steer.config's one check."""
     from steer.config import checkpoint_problems
@@ -190,7 +168,7 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
         for layer, edit in cfg.mote.router_edits(cfg.model.num_experts).items():
             edit.validate(rule, cfg.model.num_experts)
             router = routers[layer]
-            if _monolithic(runners[layer]):
+            if monolithic(runners[layer]):
                 kernel = type(runners[layer].routed_experts.quant_method).__name__
                 raise ConfigError([f"mote: layer {layer}'s expert kernel ({kernel}) picks experts itself from the "
                                    f"router logits, so routing edits cannot be applied; serve with an unfused "

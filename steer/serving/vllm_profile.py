@@ -93,7 +93,7 @@ def install_recorder(model: torch.nn.Module, vllm_config) -> bool:
     if not profile_dir(vllm_config):
         return False
     from steer.config import ConfigError
-    from steer.serving.vllm_plugin import moe_runners
+    from steer.serving.vllm_moe import moe_runners
 
     par = vllm_config.parallel_config
     problems = []
@@ -480,10 +480,7 @@ def profile_vllm(
     The other arguments are `steer.ftri.profile`'s. Answers (labeller / response tokens) are generated
     greedily by vLLM. Returns a Profile whose model identity is the checkpoint's (as the HF path's).
     """
-    from transformers import AutoTokenizer
-
     from steer.ftri import profile_with
-    from steer.models import _prepare_tokenizer
 
     own = not hasattr(llm_or_model, "generate")
     llm = (
@@ -491,16 +488,8 @@ def profile_vllm(
         if own
         else llm_or_model
     )
-    ckpt = Path(str(llm.llm_engine.model_config.model))
     try:
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(ckpt)
-            _prepare_tokenizer(tokenizer)
-        if weights_hash is None and ckpt.is_dir():
-            from steer.models import weights_hash as _wh
-
-            weights_hash = _wh(ckpt)
-        ident = identity_from_checkpoint(ckpt, weights_hash)
+        tokenizer, ident = _served_checkpoint(llm, tokenizer, weights_hash)
         counter = VLLMCounter(llm, ident["moe_layers"], ident["num_experts"], prompts_per_call)
         prof = profile_with(
             counter,
@@ -518,10 +507,33 @@ def profile_vllm(
         return prof
     finally:
         if own:
-            directory = engine_profile_dir(llm)
-            _shutdown(llm)
-            if not engine_kwargs.get("directory"):
-                shutil.rmtree(directory, ignore_errors=True)  # the temporary directory profiling_engine made
+            _close_own_engine(llm, engine_kwargs)
+
+
+def _served_checkpoint(llm, tokenizer, weights_hash: str | None):
+    """(tokenizer, model identity) of the checkpoint the engine serves; the tokenizer is loaded and
+    prepared as steer's HF path does when none is given, the weights hashed when no hash is given."""
+    from transformers import AutoTokenizer
+
+    from steer.models import _prepare_tokenizer
+
+    ckpt = Path(str(llm.llm_engine.model_config.model))
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        _prepare_tokenizer(tokenizer)
+    if weights_hash is None and ckpt.is_dir():
+        from steer.models import weights_hash as _wh
+
+        weights_hash = _wh(ckpt)
+    return tokenizer, identity_from_checkpoint(ckpt, weights_hash)
+
+
+def _close_own_engine(llm, engine_kwargs: dict) -> None:
+    """Shut down an engine profile_vllm built, and remove the temporary directory profiling_engine made."""
+    directory = engine_profile_dir(llm)
+    _shutdown(llm)
+    if not engine_kwargs.get("directory"):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _shutdown(llm) -> None:
