@@ -31,6 +31,7 @@ records the procedure, every swept head's gain, and the combinations tried.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -127,8 +128,7 @@ def sweep_heads(model, tok, items: Sequence, heads: Sequence[tuple[int, int]], *
     changes nothing there. About half the compute of whole forwards, same numbers (tested). The first
     batch is checked: replaying all layers must reproduce the captured forward's logits, or this
     raises (pass fast=False for whole forwards on such a model)."""
-    from steer import attention
-    from steer.tasks import batches, evaluate, read_scores
+    from steer.tasks import batches, read_scores
 
     hf = unwrap_model(model)
     mm = model_map(hf)
@@ -136,50 +136,17 @@ def sweep_heads(model, tok, items: Sequence, heads: Sequence[tuple[int, int]], *
     say = progress or (lambda msg: None)
     items = list(items)
     if not fast:
-        from steer.tasks import TaskSplit
-
-        split = [TaskSplit("sweep", "calibration", 0, items)]
-        base = evaluate(hf, tok, split, batch_size=batch_size).logprobs
-        per_head, touched = {}, {}
-        for n, hd in enumerate(heads):
-            act = ACT([hd], on_no_effect="ignore", **params)
-            per_head[hd] = evaluate(hf, tok, split, batch_size=batch_size, interventions=[act]).logprobs
-            touched[hd] = act.total_touched
-            say(f"head {hd} ({n + 1}/{len(heads)})")
-        return HeadSweep(items, base, per_head, touched, "full")
-
+        return _sweep_whole_forwards(hf, tok, items, heads, batch_size, say, params)
     layers, run = _layer_runner(hf, mm)
-    attn_modules = {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
-    device = next(hf.parameters()).device
     base = [[0.0] * len(it.options) for it in items]
     per_head = {hd: [[0.0] * len(it.options) for it in items] for hd in heads}
     acts = {hd: ACT([hd], on_no_effect="ignore", **params) for hd in heads}
     touched = dict.fromkeys(heads, 0)
     all_batches = batches(tok, items, batch_size)
     for n, batch in enumerate(all_batches):
-        captured: list = [None] * len(layers)
-
-        def grab(i, captured=captured):
-            def hook(module, args, kwargs):
-                h = args[0] if args else kwargs["hidden_states"]
-                captured[i] = (h, {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            return hook
-
-        handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        try:
-            with attention.activate(hf, attn_modules, {}, {}):
-                logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                            use_cache=False, logits_to_keep=batch.keep).logits
-                if n == 0:
-                    replay = run(captured, 0, batch.keep)
-                    if not torch.allclose(replay.float(), logits.float(), atol=1e-4, rtol=1e-4):
-                        raise RuntimeError(
-                            f"replaying the decoder layers of this {hf.config.model_type} model does not reproduce "
-                            f"its forward (max diff {float((replay - logits).abs().max()):.2e}); the layer-suffix "
-                            f"shortcut does not apply: call with fast=False")
-        finally:
-            for h in handles:
-                h.remove()
+        logits, captured = _capture_layer_inputs(hf, mm, layers, batch)
+        if n == 0:
+            _check_replay(hf, run(captured, 0, batch.keep), logits)
         read_scores(batch, logits, base)
         for hd in heads:
             with acts[hd].apply(hf):  # apply() restarts the counts: add them up per batch
@@ -187,6 +154,56 @@ def sweep_heads(model, tok, items: Sequence, heads: Sequence[tuple[int, int]], *
             touched[hd] += acts[hd].total_touched
         say(f"batch {n + 1}/{len(all_batches)}: {len(heads)} heads")
     return HeadSweep(items, base, per_head, touched, "suffix")
+
+
+def _sweep_whole_forwards(hf, tok, items: list, heads: list, batch_size: int, say, params: dict) -> HeadSweep:
+    """sweep_heads(fast=False): one whole forward per head (for models the layer replay cannot reproduce)."""
+    from steer.tasks import TaskSplit, evaluate
+
+    split = [TaskSplit("sweep", "calibration", 0, items)]
+    base = evaluate(hf, tok, split, batch_size=batch_size).logprobs
+    per_head, touched = {}, {}
+    for n, hd in enumerate(heads):
+        act = ACT([hd], on_no_effect="ignore", **params)
+        per_head[hd] = evaluate(hf, tok, split, batch_size=batch_size, interventions=[act]).logprobs
+        touched[hd] = act.total_touched
+        say(f"head {hd} ({n + 1}/{len(heads)})")
+    return HeadSweep(items, base, per_head, touched, "full")
+
+
+def _capture_layer_inputs(hf, mm: ModelMap, layers: list, batch) -> tuple[torch.Tensor, list]:
+    """One ACT-free forward through steer's attention function (as every ACT run), keeping each decoder
+    layer's input hidden states and keyword arguments: the baseline logits and the replay points."""
+    from steer import attention
+
+    attn_modules = {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
+    device = next(hf.parameters()).device
+    captured: list = [None] * len(layers)
+
+    def grab(i):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            captured[i] = (h, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with attention.activate(hf, attn_modules, {}, {}):
+            logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                        use_cache=False, logits_to_keep=batch.keep).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, captured
+
+
+def _check_replay(hf, replay: torch.Tensor, logits: torch.Tensor) -> None:
+    if not torch.allclose(replay.float(), logits.float(), atol=1e-4, rtol=1e-4):
+        raise RuntimeError(
+            f"replaying the decoder layers of this {hf.config.model_type} model does not reproduce "
+            f"its forward (max diff {float((replay - logits).abs().max()):.2e}); the layer-suffix "
+            f"shortcut does not apply: call with fast=False")
 
 
 def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **params) -> dict:
@@ -199,8 +216,7 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     dJ/dscores), then one forward + backward per batch give all heads' estimates: about three
     forwards in all instead of one per head. Returns {(layer, head): estimate}."""
     from steer.hooks import attach
-    from steer.kernels.act import act_attention
-    from steer.tasks import batches, read_scores
+    from steer.tasks import batches
 
     hf = unwrap_model(model)
     mm = model_map(hf)
@@ -209,23 +225,65 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     items = list(items)
     device = next(hf.parameters()).device
     all_batches = batches(tok, items, batch_size)
-    base = [[0.0] * len(it.options) for it in items]
-    with torch.no_grad():
+    weights = _objective_weights(hf, items, all_batches)
+    act = ACT([(layer, h) for layer in range(n_layers) for h in range(n_heads)], on_no_effect="ignore", **params)
+    est = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    fn = _attribution_hook(act, saved, n_heads, device)
+    with _activation_gradients_only(hf), attach(hf, {"blocks.*.attn.impl": fn}), torch.enable_grad():
         for batch in all_batches:
+            saved.clear()
             logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                         use_cache=False, logits_to_keep=batch.keep).logits
-            read_scores(batch, logits, base)
-    # J = mean_i log softmax(scores_i)[answer_i]; dJ/dscore_ij = (1[j = answer] - softmax(scores_i)_j) / n
+            _objective(batch, logits, weights).backward()
+            for layer, (out, delta) in saved.items():
+                if out.grad is not None:  # None: this layer's output cannot reach the read positions
+                    est[layer] += (out.grad.double() * delta.double()).sum((0, 2, 3)).cpu()
+    return {(layer, h): float(est[layer, h]) for layer in range(n_layers) for h in range(n_heads)}
+
+
+@torch.no_grad()
+def _objective_weights(hf, items: list, all_batches: list) -> list[list[float]]:
+    """dJ/dscore per item and option at the baseline, J = mean_i log softmax(scores_i)[answer_i]:
+    (1[j = answer] - softmax(scores_i)_j) / n."""
+    from steer.tasks import read_scores
+
+    device = next(hf.parameters()).device
+    base = [[0.0] * len(it.options) for it in items]
+    for batch in all_batches:
+        logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    use_cache=False, logits_to_keep=batch.keep).logits
+        read_scores(batch, logits, base)
     weights = []
     for sc, it in zip(base, items):
         w = -torch.softmax(torch.tensor(sc, dtype=torch.float64), 0)
         w[it.answer] += 1
         weights.append((w / len(items)).tolist())
-    act = ACT([(layer, h) for layer in range(n_layers) for h in range(n_heads)], on_no_effect="ignore", **params)
+    return weights
+
+
+def _objective(batch, logits: torch.Tensor, weights: list) -> torch.Tensor:
+    """The linearised objective of one batch: sum of weights x option log-probabilities (as read_scores)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    objective = logits.new_zeros((), dtype=torch.float32)
+    for b, (i, j, _seq, targets) in enumerate(batch.requests):
+        if j == -1:
+            for jj, t in enumerate(targets):
+                objective = objective + weights[i][jj] * logp[b, -1, t[0]]
+        else:
+            t = targets[0]
+            pos = torch.arange(batch.keep - len(t) - 1, batch.keep - 1, device=logp.device)
+            objective = objective + weights[i][j] * logp[b, pos, torch.tensor(t, device=logp.device)].sum()
+    return objective
+
+
+def _attribution_hook(act: ACT, saved: dict, n_heads: int, device) -> Callable:
+    """attn.impl override: plain attention, differentiable, with its output kept for the gradient and
+    the difference ACT on every head would make (each head's own difference, computed at once)."""
+    from steer.kernels.act import act_attention
+
     every = torch.ones(n_heads, dtype=torch.bool, device=device)
     none = torch.zeros(n_heads, dtype=torch.bool, device=device)
-    est = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fn(call, ctx):
         q, k, v, mask = call.query, call.key, call.value, call.mask
@@ -243,36 +301,23 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
         saved[ctx.layer] = (out, (calibrated - out).detach())
         return out.transpose(1, 2).contiguous(), None
 
+    return fn
+
+
+@contextmanager
+def _activation_gradients_only(hf):
+    """eval mode and frozen parameters for the duration (gradients w.r.t. activations only), restored after."""
     was_training = hf.training
     frozen = [(prm, prm.requires_grad) for prm in hf.parameters()]
     hf.eval()
-    for prm, _ in frozen:  # gradients w.r.t. activations only
+    for prm, _ in frozen:
         prm.requires_grad_(False)
     try:
-        with attach(hf, {"blocks.*.attn.impl": fn}), torch.enable_grad():
-            for batch in all_batches:
-                saved.clear()
-                logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                            use_cache=False, logits_to_keep=batch.keep).logits
-                logp = torch.log_softmax(logits.float(), -1)
-                objective = logits.new_zeros((), dtype=torch.float32)
-                for b, (i, j, _seq, targets) in enumerate(batch.requests):
-                    if j == -1:
-                        for jj, t in enumerate(targets):
-                            objective = objective + weights[i][jj] * logp[b, -1, t[0]]
-                    else:
-                        t = targets[0]
-                        pos = torch.arange(batch.keep - len(t) - 1, batch.keep - 1, device=logp.device)
-                        objective = objective + weights[i][j] * logp[b, pos, torch.tensor(t, device=logp.device)].sum()
-                objective.backward()
-                for layer, (out, delta) in saved.items():
-                    if out.grad is not None:  # None: this layer's output cannot reach the read positions
-                        est[layer] += (out.grad.double() * delta.double()).sum((0, 2, 3)).cpu()
+        yield
     finally:
         hf.train(was_training)
         for prm, req in frozen:
             prm.requires_grad_(req)
-    return {(layer, h): float(est[layer, h]) for layer in range(n_layers) for h in range(n_heads)}
 
 
 PROCEDURES = {
