@@ -62,7 +62,7 @@ def _deadline(hhmm: str) -> float:
 
 
 def phase_sweep(args, out: Path) -> None:
-    from steer.act_search import SHORTLIST, attribution_screen, sweep_heads
+    from steer.act_search import SHORTLIST, attribution_screen
     from steer.models import load
     from steer.tasks import task_suite
 
@@ -76,6 +76,10 @@ def phase_sweep(args, out: Path) -> None:
     cfg = model.config
     heads = [(layer, h) for layer in range(cfg.num_hidden_layers) for h in range(cfg.num_attention_heads)]
     params = dict(beta=args.beta)
+    if args.layers:  # a second worker: sweep only these layers, cheapest (latest) first, no screen
+        lo, hi = (int(x) for x in args.layers.split("-"))
+        order = sorted((hd for hd in heads if lo <= hd[0] <= hi), key=lambda hd: (-hd[0], hd[1]))
+        return _sweep_order(args, out, model, tok, items, order, params, prefix="sweep_layers")
     screen_path = out / "screen.json"
     if screen_path.exists():
         est = {_unkey(k): v for k, v in json.loads(screen_path.read_text())["estimate"].items()}
@@ -91,14 +95,20 @@ def phase_sweep(args, out: Path) -> None:
     short = [hd for hd in ranked if est[hd] > 0][:SHORTLIST]
     rest = [hd for hd in heads if hd not in short]
     random.Random(args.seed).shuffle(rest)
-    order = short + rest
+    _sweep_order(args, out, model, tok, items, short + rest, params, prefix="sweep")
+
+
+def _sweep_order(args, out: Path, model, tok, items, order, params, prefix: str) -> None:
+    """Exact one-head sweeps of `order`, args.chunk heads per file, skipping heads already swept."""
+    from steer.act_search import sweep_heads
+
     done = set()
-    for f in sorted(out.glob("sweep_*.json")):
+    for f in sorted(out.glob("sweep*.json")):
         done |= {_unkey(k) for k in json.loads(f.read_text())["per_head"]}
     todo = [hd for hd in order if hd not in done]
     stop = _deadline(args.until)
     chunk_s = None
-    n = len(list(out.glob("sweep_*.json")))
+    n = len(list(out.glob(f"{prefix}_*.json")))
     while todo:
         if chunk_s is not None and time.time() + chunk_s > stop:
             log(f"time box: stopping with {len(todo)} heads not swept")
@@ -107,7 +117,7 @@ def phase_sweep(args, out: Path) -> None:
         t = time.time()
         sw = sweep_heads(model, tok, items, chunk, batch_size=args.batch_size, **params)
         chunk_s = time.time() - t
-        (out / f"sweep_{n:03d}.json").write_text(json.dumps(
+        (out / f"{prefix}_{n:03d}.json").write_text(json.dumps(
             {"heads": [list(hd) for hd in chunk], "baseline": sw.baseline,
              "per_head": {_key(hd): sw.per_head[hd] for hd in chunk},
              "touched": {_key(hd): sw.touched[hd] for hd in chunk}, "path": sw.path,
@@ -128,7 +138,7 @@ def _load_sweep(out: Path):
     if [it.uid for it in items] != [r["uid"] for r in meta["items"]]:
         raise SystemExit("the calibration items regenerated from the seed differ from items_calibration.json")
     base, per_head, touched, seconds = None, {}, {}, 0.0
-    for f in sorted(out.glob("sweep_*.json")):
+    for f in sorted(out.glob("sweep*.json")):
         d = json.loads(f.read_text())
         if base is None:
             base = d["baseline"]
@@ -284,6 +294,7 @@ def main() -> int:
     ap.add_argument("--beta", type=float, default=0.4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=8, help="heads per sweep_heads call (one baseline forward each)")
+    ap.add_argument("--layers", help="sweep phase, second worker: only heads of layers LO-HI (no screen)")
     ap.add_argument("--until", default="20:45", help="UTC time box of the sweep phase (HH:MM)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--baseline-only", action="store_true",
