@@ -351,14 +351,18 @@ def candidate_heads(hf, tok, items: list, candidates, max_candidates: int | None
                     params: dict) -> tuple[list[tuple[int, int]], dict[tuple[int, int], float]]:
     """Step 1: the heads to search and each head's hidden-sink frequency on the calibration prompts.
 
-    Default candidates are the heads with a hidden sink on some calibration prompt: ACT is the identity
-    on every other head (no sink column to scale), so leaving them out changes no result."""
+    Default candidates are the heads with a hidden sink on some calibration prompt: ACT (keep_first=True)
+    is the identity on every other head (no sink column to scale), so leaving them out changes no
+    result; with keep_first=False every head is a candidate."""
     from steer.sinks import detect_sinks
 
     sinks = detect_sinks(hf, tok, [it.prompt for it in items], tau=params["tau"], alpha=params["alpha"],
                          min_queries=params["min_queries"], batch_size=batch_size, keep_maps=False)
     freq = {(layer, h): f for layer, h, f in sinks.heads_with_hidden_sinks()}
-    cands = list(freq) if candidates is None else check_heads(model_map(hf), candidates)
+    mm = model_map(hf)
+    if candidates is None and not params["keep_first"]:  # ACT then acts on a first-token sink too
+        candidates = [(layer, h) for layer in range(mm.n_layers) for h in range(_n_heads(mm))]
+    cands = list(freq) if candidates is None else check_heads(mm, candidates)
     if max_candidates is not None:
         cands = cands[:max_candidates]
     return cands, freq
