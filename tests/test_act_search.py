@@ -10,6 +10,7 @@ from steer.act_search import (
     HeadSweep,
     attribution_screen,
     calibrate_heads,
+    candidate_heads,
     combine_greedy,
     keep_alone,
     select_paper,
@@ -185,3 +186,14 @@ def test_keep_rules_paper_keeps_every_gain_shortlist_combines_greedily():
     assert combos == [{"heads": [[0, 0], [0, 1]], "correct": 6}]
     _, rows2 = keep_alone(sw, list(per_head), min_gain=2)
     assert select_paper(rows2) == [(0, 0)]
+
+
+def test_candidates_are_hidden_sink_heads_or_every_head_without_keep_first():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    params = dict(tau=TAU, alpha=None, min_queries=MINQ, keep_first=True)
+    cands, freq = candidate_heads(model, tok, _items(6), None, None, 4, params)
+    assert cands == list(freq) and all(f > 0 for f in freq.values())
+    every, _ = candidate_heads(model, tok, _items(6), None, None, 4, {**params, "keep_first": False})
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    assert len(every) == n_layers * n_heads and set(cands) <= set(every)
+    assert candidate_heads(model, tok, _items(6), [(1, 2), (0, 1)], 1, 4, params)[0] == [(0, 1)]
