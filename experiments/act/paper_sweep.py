@@ -157,9 +157,11 @@ def _shortlist(out: Path) -> list[tuple[int, int]]:
     return [hd for hd in sorted(est, key=lambda hd: -est[hd]) if est[hd] > 0][:SHORTLIST]
 
 
-def select(out: Path, min_gain: int, score=None) -> dict:
+def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
     """Both procedures from the raw sweep. score(heads) -> calibration items right (None: combinations
-    are read from combinations.json only, as in rescore)."""
+    are read from combinations.json only, as in rescore). The paper procedure's joint calibration score
+    (recorded, never used to choose) is read from combinations.json if it was measured, else None.
+    greedy=False: the paper procedure only (no combination needs scoring)."""
     from steer.act_search import combine_greedy, keep_alone, select_paper
 
     cal, sw, seconds = _load_sweep(out)
@@ -182,13 +184,15 @@ def select(out: Path, min_gain: int, score=None) -> dict:
         return known[key]
 
     _, short_rows = keep_alone(sw, short, min_gain)
-    greedy, greedy_k, combos = combine_greedy(short_rows, base_k, cached, log)
-    paper_k = cached(paper) if len(paper) > 1 else (base_k if not paper else sw.result(paper[0]).n_correct())
+    chosen, greedy_k, combos = combine_greedy(short_rows, base_k, cached, log) if greedy else (None, None, None)
+    paper_k = (known.get(";".join(_key(hd) for hd in paper)) if len(paper) > 1
+               else base_k if not paper else sw.result(paper[0]).n_correct())
     return {"n_items": len(sw.items), "baseline_correct": base_k, "n_swept": len(swept), "sweep_seconds": seconds,
             "swept": [list(hd) for hd in swept], "rows": rows, "shortlist": [list(hd) for hd in short],
             "shortlist_not_swept": [list(hd) for hd in missing],
             "paper": {"heads": [list(hd) for hd in paper], "calibration_correct": paper_k},
-            "shortlist_greedy": {"heads": [list(hd) for hd in greedy], "calibration_correct": greedy_k,
+            "shortlist_greedy": {"heads": None if chosen is None else [list(hd) for hd in chosen],
+                                 "calibration_correct": greedy_k,
                                  "combinations": combos, "kept_alone": [(r["layer"], r["head"], r["gain"])
                                                                         for r in short_rows if r["kept"]]}}
 
@@ -211,8 +215,8 @@ def phase_heldout(args, out: Path) -> None:
         log(f"calibration with {len(heads)} heads: {k} ({time.time() - t:.0f} s)")
         return k
 
-    sel = None if args.baseline_only else select(out, args.min_gain, score)
-    if sel is not None:
+    sel = None if args.baseline_only else select(out, args.min_gain, score, greedy=args.config != "paper")
+    if sel is not None and args.config != "paper":
         (out / "selection.json").write_text(json.dumps(sel, indent=1))
     held = task_suite("heldout", n=args.heldout, seed=args.seed)
     (out / "items_heldout.json").write_text(json.dumps({"n_per_task": args.heldout, "seed": args.seed,
@@ -222,6 +226,8 @@ def phase_heldout(args, out: Path) -> None:
     configs = {"baseline": []}
     if sel is not None:
         configs.update(paper=sel["paper"]["heads"], shortlist_greedy=sel["shortlist_greedy"]["heads"])
+        if args.config:
+            configs = {args.config: configs[args.config]}
     for name, heads in configs.items():
         key = ";".join(_key(hd) for hd in heads)
         if key in res:
@@ -229,11 +235,12 @@ def phase_heldout(args, out: Path) -> None:
         t = time.time()
         acts = [ACT([tuple(hd) for hd in heads], on_no_effect="warn", **params)] if heads else []
         r = evaluate(model, tok, held, batch_size=args.batch_size, interventions=acts)
+        res = json.loads(path.read_text()) if path.exists() else {}  # another process may have added one
         res[key] = {"config": name, "heads": heads, "logprobs": r.logprobs, "uids": r.uids,
                     "rows_touched": acts[0].total_touched if acts else 0, "seconds": time.time() - t}
         path.write_text(json.dumps(res))
         log(f"held-out {name}: {r.n_correct()}/{len(r.uids)} ({time.time() - t:.0f} s)")
-    if sel is not None:
+    if sel is not None and not args.config:
         rescore(args, out)
 
 
@@ -260,12 +267,11 @@ def rescore(args, out: Path) -> dict:
     answers = [r["answer"] for r in held_items]
     tasks = [r["task"] for r in held_items]
     res = json.loads((out / "heldout.json").read_text())
-    by_name = {v["config"]: v for v in res.values()}
-    base = _correct(by_name["baseline"]["logprobs"], answers)
+    base = _correct(res[""]["logprobs"], answers)
     table = []
     for name in ("paper", "shortlist_greedy"):
         heads = sel[name]["heads"]
-        new = _correct(by_name[name]["logprobs"], answers) if heads else base
+        new = _correct(res[";".join(_key(hd) for hd in heads)]["logprobs"], answers) if heads else base
         for task in [*dict.fromkeys(tasks), "all"]:
             idx = [i for i, t in enumerate(tasks) if task in ("all", t)]
             kb, kn = sum(base[i] for i in idx), sum(new[i] for i in idx)
@@ -299,6 +305,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--baseline-only", action="store_true",
                     help="heldout phase: score only the held-out baseline (it needs no selection; run it early)")
+    ap.add_argument("--config", choices=("paper", "shortlist_greedy"),
+                    help="heldout phase: evaluate only this procedure's heads (two processes can run at once)")
     ap.add_argument("--min-gain", type=int, default=1, help="items a head must gain alone to be kept")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
