@@ -286,9 +286,17 @@ def rescore(args, out: Path) -> dict:
                "gain_histogram": {str(g): sum(r["gain"] == g for r in sel["rows"])
                                   for g in sorted({r["gain"] for r in sel["rows"]})}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    for row in table:
-        print(json.dumps(row))
+    print("| procedure | task | n | baseline (95% Wilson) | ACT (95% Wilson) | delta | gained / lost | exact McNemar p |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['procedure']} ({r['n_heads']} heads) | {r['task']} | {r['n']} | {_pct(r['baseline'], r['n'], r['baseline_ci'])} "
+              f"| {_pct(r['act'], r['n'], r['act_ci'])} | {r['delta_pts']:+.1f} pts | {r['gained']} / {r['lost']} "
+              f"| {r['mcnemar_p']:.3g} |")
     return summary
+
+
+def _pct(k: int, n: int, ci) -> str:
+    return f"{k} = {100 * k / n:.1f}% ({100 * ci[0]:.0f}-{100 * ci[1]:.0f}%)"
 
 
 def main() -> int:
