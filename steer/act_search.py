@@ -61,12 +61,15 @@ def _items_of(calibration) -> list:
     splits = [calibration] if isinstance(calibration, TaskSplit) else list(calibration)
     for s in splits:
         if s.split != "calibration":
-            raise ValueError(f"calibrate_heads got the {s.split!r} split of {s.task!r}: calibrate on "
-                             f"'calibration' items only, keep 'heldout' for the evaluation")
+            raise ValueError(
+                f"calibrate_heads got the {s.split!r} split of {s.task!r}: calibrate on "
+                f"'calibration' items only, keep 'heldout' for the evaluation"
+            )
     return splits
 
 
 # ---- one-head-at-a-time sweeps -----------------------------------------------------------------
+
 
 @dataclass
 class HeadSweep:
@@ -84,15 +87,23 @@ class HeadSweep:
 
         lps = self.baseline if head is None else self.per_head[head]
         its = self.items
-        return EvalResult([it.task for it in its], [it.uid for it in its],
-                          torch.tensor([it.answer for it in its]), lps, [it.chance for it in its])
+        return EvalResult(
+            [it.task for it in its],
+            [it.uid for it in its],
+            torch.tensor([it.answer for it in its]),
+            lps,
+            [it.chance for it in its],
+        )
 
     def delta_logp(self, head: tuple[int, int]) -> float:
         """Mean change of log P(right option | options): a continuous screening score (an item count
         on a few items moves in steps of several percent; this moves with every item's margin)."""
+
         def lp(scores):
-            return torch.stack([torch.log_softmax(torch.tensor(sc), 0)[it.answer]
-                                for sc, it in zip(scores, self.items)])
+            return torch.stack(
+                [torch.log_softmax(torch.tensor(sc), 0)[it.answer] for sc, it in zip(scores, self.items)]
+            )
+
         return float((lp(self.per_head[head]) - lp(self.baseline)).mean())
 
 
@@ -118,8 +129,17 @@ def _layer_runner(hf, mm: ModelMap):
 
 
 @torch.no_grad()
-def sweep_heads(model, tok, items: Sequence, heads: Sequence[tuple[int, int]], *, batch_size: int = 16,
-                fast: bool = True, progress: Callable[[str], None] | None = None, **params) -> HeadSweep:
+def sweep_heads(
+    model,
+    tok,
+    items: Sequence,
+    heads: Sequence[tuple[int, int]],
+    *,
+    batch_size: int = 16,
+    fast: bool = True,
+    progress: Callable[[str], None] | None = None,
+    **params,
+) -> HeadSweep:
     """Score `items` without ACT and with ACT on each head of `heads` alone (ACT(**params)).
 
     fast: per batch, run the model once (ACT-free, through steer's attention function, as every ACT
@@ -190,8 +210,12 @@ def _capture_layer_inputs(hf, mm: ModelMap, layers: list, batch) -> tuple[torch.
     handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with attention.activate(hf, attn_modules, {}, {}):
-            logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                        use_cache=False, logits_to_keep=batch.keep).logits
+            logits = hf(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                use_cache=False,
+                logits_to_keep=batch.keep,
+            ).logits
     finally:
         for h in handles:
             h.remove()
@@ -203,7 +227,8 @@ def _check_replay(hf, replay: torch.Tensor, logits: torch.Tensor) -> None:
         raise RuntimeError(
             f"replaying the decoder layers of this {hf.config.model_type} model does not reproduce "
             f"its forward (max diff {float((replay - logits).abs().max()):.2e}); the layer-suffix "
-            f"shortcut does not apply: call with fast=False")
+            f"shortcut does not apply: call with fast=False"
+        )
 
 
 def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **params) -> dict:
@@ -226,15 +251,21 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     device = next(hf.parameters()).device
     all_batches = batches(tok, items, batch_size)
     weights = _objective_weights(hf, items, all_batches)
-    act = ACT([(layer, h) for layer in range(n_layers) for h in range(n_heads)], on_no_effect="ignore", **params)
+    act = ACT(
+        [(layer, h) for layer in range(n_layers) for h in range(n_heads)], on_no_effect="ignore", **params
+    )
     est = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     fn = _attribution_hook(act, saved, n_heads, device)
     with _activation_gradients_only(hf), attach(hf, {"blocks.*.attn.impl": fn}), torch.enable_grad():
         for batch in all_batches:
             saved.clear()
-            logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                        use_cache=False, logits_to_keep=batch.keep).logits
+            logits = hf(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                use_cache=False,
+                logits_to_keep=batch.keep,
+            ).logits
             _objective(batch, logits, weights).backward()
             for layer, (out, delta) in saved.items():
                 if out.grad is not None:  # None: this layer's output cannot reach the read positions
@@ -251,8 +282,12 @@ def _objective_weights(hf, items: list, all_batches: list) -> list[list[float]]:
     device = next(hf.parameters()).device
     base = [[0.0] * len(it.options) for it in items]
     for batch in all_batches:
-        logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                    use_cache=False, logits_to_keep=batch.keep).logits
+        logits = hf(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            use_cache=False,
+            logits_to_keep=batch.keep,
+        ).logits
         read_scores(batch, logits, base)
     weights = []
     for sc, it in zip(base, items):
@@ -290,10 +325,29 @@ def _attribution_hook(act: ACT, saved: dict, n_heads: int, device) -> Callable:
         window = call.sliding_window if mask is None else None
         with torch.no_grad():
             sinks = act.prefill_sinks(q, k, call.scaling, mask, window)
-            calibrated, _ = act_attention(q, k, v, scale=call.scaling, sink_mask=sinks, head_mask=every,
-                                          beta=act.beta, mask=mask, sliding_window=window)
-        out, _ = act_attention(q, k, v, scale=call.scaling, sink_mask=sinks, head_mask=none, beta=act.beta,
-                               mask=mask, sliding_window=window, backend="torch")  # plain attention, differentiable
+            calibrated, _ = act_attention(
+                q,
+                k,
+                v,
+                scale=call.scaling,
+                sink_mask=sinks,
+                head_mask=every,
+                beta=act.beta,
+                mask=mask,
+                sliding_window=window,
+            )
+        out, _ = act_attention(
+            q,
+            k,
+            v,
+            scale=call.scaling,
+            sink_mask=sinks,
+            head_mask=none,
+            beta=act.beta,
+            mask=mask,
+            sliding_window=window,
+            backend="torch",
+        )  # plain attention, differentiable
         if out.requires_grad:
             out.retain_grad()
         else:  # the first layers see no tensor that needs a gradient: start the graph here
@@ -322,21 +376,24 @@ def _activation_gradients_only(hf):
 
 PROCEDURES = {
     "paper": "the released code's rule: every candidate head swept alone on the whole calibration set; "
-             "keep every head that alone gains >= min_gain items over baseline; apply all kept heads together",
+    "keep every head that alone gains >= min_gain items over baseline; apply all kept heads together",
     "shortlist": "screen every candidate (attribution or exact on screen_items items per task); the best "
-                 "`shortlist` heads with a positive score are swept alone on the whole calibration set; keep a "
-                 "head if alone it gains >= min_gain items; combine kept heads greedily by gain, accepting a "
-                 "head only if the combination gains strictly",
+    "`shortlist` heads with a positive score are swept alone on the whole calibration set; keep a "
+    "head if alone it gains >= min_gain items; combine kept heads greedily by gain, accepting a "
+    "head only if the combination gains strictly",
 }
 PROCEDURE = "paper"  # the default: the procedure of the paper's released code
 SCREENS = ("attribution", "exact")
 
 
-def _check_search(items: list, procedure: str, shortlist: int, screen: str, screen_items: int,
-                  min_items: int) -> None:
+def _check_search(
+    items: list, procedure: str, shortlist: int, screen: str, screen_items: int, min_items: int
+) -> None:
     if len(items) < min_items:
-        raise ValueError(f"calibration set too small: {len(items)} items, need at least {min_items} (one item "
-                         f"would be worth {100 / max(len(items), 1):.0f}% accuracy); load more calibration items")
+        raise ValueError(
+            f"calibration set too small: {len(items)} items, need at least {min_items} (one item "
+            f"would be worth {100 / max(len(items), 1):.0f}% accuracy); load more calibration items"
+        )
     if procedure not in PROCEDURES:
         raise ValueError(f"procedure must be one of {', '.join(PROCEDURES)} (got {procedure!r})")
     if shortlist < 1:
@@ -347,8 +404,9 @@ def _check_search(items: list, procedure: str, shortlist: int, screen: str, scre
         raise ValueError(f"screen must be one of {', '.join(SCREENS)} (got {screen!r})")
 
 
-def candidate_heads(hf, tok, items: list, candidates, max_candidates: int | None, batch_size: int,
-                    params: dict) -> tuple[list[tuple[int, int]], dict[tuple[int, int], float]]:
+def candidate_heads(
+    hf, tok, items: list, candidates, max_candidates: int | None, batch_size: int, params: dict
+) -> tuple[list[tuple[int, int]], dict[tuple[int, int], float]]:
     """Step 1: the heads to search and each head's hidden-sink frequency on the calibration prompts.
 
     Default candidates are the heads with a hidden sink on some calibration prompt: ACT (keep_first=True)
@@ -356,8 +414,16 @@ def candidate_heads(hf, tok, items: list, candidates, max_candidates: int | None
     result; with keep_first=False every head is a candidate."""
     from steer.sinks import detect_sinks
 
-    sinks = detect_sinks(hf, tok, [it.prompt for it in items], tau=params["tau"], alpha=params["alpha"],
-                         min_queries=params["min_queries"], batch_size=batch_size, keep_maps=False)
+    sinks = detect_sinks(
+        hf,
+        tok,
+        [it.prompt for it in items],
+        tau=params["tau"],
+        alpha=params["alpha"],
+        min_queries=params["min_queries"],
+        batch_size=batch_size,
+        keep_maps=False,
+    )
     freq = {(layer, h): f for layer, h, f in sinks.heads_with_hidden_sinks()}
     mm = model_map(hf)
     if candidates is None and not params["keep_first"]:  # ACT then acts on a first-token sink too
@@ -368,8 +434,20 @@ def candidate_heads(hf, tok, items: list, candidates, max_candidates: int | None
     return cands, freq
 
 
-def screen_heads(hf, tok, splits: list, cands: list, *, screen: str, screen_items: int, shortlist: int,
-                 batch_size: int, fast: bool, params: dict, say) -> tuple[list[tuple[int, int]], list[dict]]:
+def screen_heads(
+    hf,
+    tok,
+    splits: list,
+    cands: list,
+    *,
+    screen: str,
+    screen_items: int,
+    shortlist: int,
+    batch_size: int,
+    fast: bool,
+    params: dict,
+    say,
+) -> tuple[list[tuple[int, int]], list[dict]]:
     """Step 2 of the shortlist procedure: score every candidate, keep the best `shortlist` with a positive
     score. The score is the change of mean log P(right option) with ACT on the head alone: continuous,
     so it ranks heads where an item count on few items would be ties."""
@@ -388,8 +466,16 @@ def screen_heads(hf, tok, splits: list, cands: list, *, screen: str, screen_item
         base = sw.result().n_correct()
         for hd in cands:
             k = sw.result(hd).n_correct()
-            rows.append({"layer": hd[0], "head": hd[1], "screen_score": sw.delta_logp(hd), "correct": k,
-                         "gain": k - base, "rows_touched": sw.touched[hd]})
+            rows.append(
+                {
+                    "layer": hd[0],
+                    "head": hd[1],
+                    "screen_score": sw.delta_logp(hd),
+                    "correct": k,
+                    "gain": k - base,
+                    "rows_touched": sw.touched[hd],
+                }
+            )
     ranked = sorted(rows, key=lambda r: -r["screen_score"])
     short = [(r["layer"], r["head"]) for r in ranked if r["screen_score"] > 0][:shortlist]
     for r in rows:
@@ -398,17 +484,27 @@ def screen_heads(hf, tok, splits: list, cands: list, *, screen: str, screen_item
     return short, rows
 
 
-def keep_alone(sweep: HeadSweep, heads: Sequence[tuple[int, int]], min_gain: int,
-               freq: dict | None = None) -> tuple[int, list[dict]]:
+def keep_alone(
+    sweep: HeadSweep, heads: Sequence[tuple[int, int]], min_gain: int, freq: dict | None = None
+) -> tuple[int, list[dict]]:
     """Step 3, both procedures: baseline items right, and per head its items right with ACT on it alone,
     gain over baseline, and kept = gain >= min_gain. Pure function of the sweep (re-scorable)."""
     base = sweep.result().n_correct()
     rows = []
     for layer, h in heads:
         k = sweep.result((layer, h)).n_correct()
-        rows.append({"layer": layer, "head": h, "hidden_sink_fraction": (freq or {}).get((layer, h), 0.0),
-                     "correct": k, "gain": k - base, "kept": k - base >= min_gain, "chosen": False,
-                     "rows_touched": sweep.touched[(layer, h)]})
+        rows.append(
+            {
+                "layer": layer,
+                "head": h,
+                "hidden_sink_fraction": (freq or {}).get((layer, h), 0.0),
+                "correct": k,
+                "gain": k - base,
+                "kept": k - base >= min_gain,
+                "chosen": False,
+                "rows_touched": sweep.touched[(layer, h)],
+            }
+        )
     return base, rows
 
 
@@ -422,8 +518,9 @@ def select_paper(rows: list[dict]) -> list[tuple[int, int]]:
     return chosen
 
 
-def combine_greedy(rows: list[dict], base_k: int, score: Callable[[list], int],
-                   say=lambda msg: None) -> tuple[list[tuple[int, int]], int, list[dict]]:
+def combine_greedy(
+    rows: list[dict], base_k: int, score: Callable[[list], int], say=lambda msg: None
+) -> tuple[list[tuple[int, int]], int, list[dict]]:
     """Step 4, shortlist: add kept heads in order of gain, each accepted only if the combination gets
     strictly more items right than the best set so far (baseline included). score(heads) -> items right
     on the calibration set with ACT on those heads."""
@@ -491,12 +588,25 @@ def calibrate_heads(
     params = dict(beta=beta, tau=tau, alpha=alpha, min_queries=min_queries, keep_first=keep_first)
     cands, freq = candidate_heads(hf, tok, items, candidates, max_candidates, batch_size, params)
     n_total = model_map(hf).n_layers * _n_heads(model_map(hf))
-    say(f"{len(cands)} candidate heads of {n_total} ({len(freq)} show a hidden sink on the calibration prompts)")
+    say(
+        f"{len(cands)} candidate heads of {n_total} ({len(freq)} show a hidden sink on the calibration prompts)"
+    )
     screening: list[dict] = []
     swept = cands
     if procedure == "shortlist":
-        swept, screening = screen_heads(hf, tok, splits, cands, screen=screen, screen_items=screen_items,
-                                        shortlist=shortlist, batch_size=batch_size, fast=fast, params=params, say=say)
+        swept, screening = screen_heads(
+            hf,
+            tok,
+            splits,
+            cands,
+            screen=screen,
+            screen_items=screen_items,
+            shortlist=shortlist,
+            batch_size=batch_size,
+            fast=fast,
+            params=params,
+            say=say,
+        )
     sw = sweep_heads(hf, tok, items, swept, batch_size=batch_size, fast=fast, progress=say, **params)
     base_k, rows = keep_alone(sw, swept, min_gain, freq)
     say(f"baseline {base_k}/{len(items)}; {sum(r['kept'] for r in rows)} of {len(rows)} heads gain alone")
@@ -509,14 +619,25 @@ def calibrate_heads(
     else:
         chosen, best, combos = combine_greedy(rows, base_k, score, say)
     search = {
-        "procedure": procedure, "rule": PROCEDURES[procedure], "min_gain": min_gain,
+        "procedure": procedure,
+        "rule": PROCEDURES[procedure],
+        "min_gain": min_gain,
         "screen": screen if screening else None,
         "screen_items_per_task": screen_items if screening and screen == "exact" else None,
-        "shortlist_size": shortlist if procedure == "shortlist" else None, "max_candidates": max_candidates,
-        "n_items": len(items), "tasks": [s.task for s in splits], "seeds": [s.seed for s in splits],
-        "n_heads_total": n_total, "n_candidates": len(cands), "swept": [list(hd) for hd in swept],
-        "screening": screening, "baseline_correct": base_k, "final_correct": best, "candidates": rows,
-        "combinations": combos, "path": sw.path,
+        "shortlist_size": shortlist if procedure == "shortlist" else None,
+        "max_candidates": max_candidates,
+        "n_items": len(items),
+        "tasks": [s.task for s in splits],
+        "seeds": [s.seed for s in splits],
+        "n_heads_total": n_total,
+        "n_candidates": len(cands),
+        "swept": [list(hd) for hd in swept],
+        "screening": screening,
+        "baseline_correct": base_k,
+        "final_correct": best,
+        "candidates": rows,
+        "combinations": combos,
+        "path": sw.path,
     }
     name = getattr(hf.config, "_name_or_path", "") or hf.config.model_type
     return ACTConfig(heads=chosen, model=str(name), search=search, **params)

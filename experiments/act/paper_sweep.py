@@ -51,8 +51,11 @@ def _unkey(s: str) -> tuple[int, int]:
 
 
 def _items_json(splits) -> list[dict]:
-    return [{"task": it.task, "uid": it.uid, "answer": it.answer, "n_options": len(it.options)}
-            for s in splits for it in s.items]
+    return [
+        {"task": it.task, "uid": it.uid, "answer": it.answer, "n_options": len(it.options)}
+        for s in splits
+        for it in s.items
+    ]
 
 
 def _deadline(hhmm: str) -> float:
@@ -70,9 +73,18 @@ def phase_sweep(args, out: Path) -> None:
     model, tok = lm.model, lm.tokenizer
     cal = task_suite("calibration", n=args.cal, seed=args.seed)
     items = [it for s in cal for it in s.items]
-    (out / "items_calibration.json").write_text(json.dumps(
-        {"model": args.model, "weights_hash": lm.weights_hash, "seed": args.seed, "n_per_task": args.cal,
-         "items": _items_json(cal)}, indent=1))
+    (out / "items_calibration.json").write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "weights_hash": lm.weights_hash,
+                "seed": args.seed,
+                "n_per_task": args.cal,
+                "items": _items_json(cal),
+            },
+            indent=1,
+        )
+    )
     cfg = model.config
     heads = [(layer, h) for layer in range(cfg.num_hidden_layers) for h in range(cfg.num_attention_heads)]
     params = dict(beta=args.beta)
@@ -88,8 +100,15 @@ def phase_sweep(args, out: Path) -> None:
         t = time.time()
         log(f"attribution screen of {len(heads)} heads on {len(items)} items")
         est = attribution_screen(model, tok, items, batch_size=args.batch_size, **params)
-        screen_path.write_text(json.dumps({"estimate": {_key(hd): v for hd, v in est.items()},
-                                           "seconds": time.time() - t, "load_average": os.getloadavg()}))
+        screen_path.write_text(
+            json.dumps(
+                {
+                    "estimate": {_key(hd): v for hd, v in est.items()},
+                    "seconds": time.time() - t,
+                    "load_average": os.getloadavg(),
+                }
+            )
+        )
         log(f"screen done in {time.time() - t:.0f} s")
     ranked = sorted(est, key=lambda hd: -est[hd])
     short = [hd for hd in ranked if est[hd] > 0][:SHORTLIST]
@@ -117,12 +136,20 @@ def _sweep_order(args, out: Path, model, tok, items, order, params, prefix: str)
         t = time.time()
         sw = sweep_heads(model, tok, items, chunk, batch_size=args.batch_size, **params)
         chunk_s = time.time() - t
-        (out / f"{prefix}_{n:03d}.json").write_text(json.dumps(
-            {"heads": [list(hd) for hd in chunk], "baseline": sw.baseline,
-             "per_head": {_key(hd): sw.per_head[hd] for hd in chunk},
-             "touched": {_key(hd): sw.touched[hd] for hd in chunk}, "path": sw.path,
-             "seconds": chunk_s, "load_average": os.getloadavg(),
-             "finished": datetime.now(UTC).isoformat(timespec="seconds")}))
+        (out / f"{prefix}_{n:03d}.json").write_text(
+            json.dumps(
+                {
+                    "heads": [list(hd) for hd in chunk],
+                    "baseline": sw.baseline,
+                    "per_head": {_key(hd): sw.per_head[hd] for hd in chunk},
+                    "touched": {_key(hd): sw.touched[hd] for hd in chunk},
+                    "path": sw.path,
+                    "seconds": chunk_s,
+                    "load_average": os.getloadavg(),
+                    "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+            )
+        )
         n += 1
         log(f"chunk {n}: {len(chunk)} heads in {chunk_s:.0f} s; {len(todo)} left")
 
@@ -184,17 +211,33 @@ def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
         return known[key]
 
     _, short_rows = keep_alone(sw, short, min_gain)
-    chosen, greedy_k, combos = combine_greedy(short_rows, base_k, cached, log) if greedy else (None, None, None)
-    paper_k = (known.get(";".join(_key(hd) for hd in paper)) if len(paper) > 1
-               else base_k if not paper else sw.result(paper[0]).n_correct())
-    return {"n_items": len(sw.items), "baseline_correct": base_k, "n_swept": len(swept), "sweep_seconds": seconds,
-            "swept": [list(hd) for hd in swept], "rows": rows, "shortlist": [list(hd) for hd in short],
-            "shortlist_not_swept": [list(hd) for hd in missing],
-            "paper": {"heads": [list(hd) for hd in paper], "calibration_correct": paper_k},
-            "shortlist_greedy": {"heads": None if chosen is None else [list(hd) for hd in chosen],
-                                 "calibration_correct": greedy_k,
-                                 "combinations": combos, "kept_alone": [(r["layer"], r["head"], r["gain"])
-                                                                        for r in short_rows if r["kept"]]}}
+    chosen, greedy_k, combos = (
+        combine_greedy(short_rows, base_k, cached, log) if greedy else (None, None, None)
+    )
+    paper_k = (
+        known.get(";".join(_key(hd) for hd in paper))
+        if len(paper) > 1
+        else base_k
+        if not paper
+        else sw.result(paper[0]).n_correct()
+    )
+    return {
+        "n_items": len(sw.items),
+        "baseline_correct": base_k,
+        "n_swept": len(swept),
+        "sweep_seconds": seconds,
+        "swept": [list(hd) for hd in swept],
+        "rows": rows,
+        "shortlist": [list(hd) for hd in short],
+        "shortlist_not_swept": [list(hd) for hd in missing],
+        "paper": {"heads": [list(hd) for hd in paper], "calibration_correct": paper_k},
+        "shortlist_greedy": {
+            "heads": None if chosen is None else [list(hd) for hd in chosen],
+            "calibration_correct": greedy_k,
+            "combinations": combos,
+            "kept_alone": [(r["layer"], r["head"], r["gain"]) for r in short_rows if r["kept"]],
+        },
+    }
 
 
 def phase_heldout(args, out: Path) -> None:
@@ -204,14 +247,22 @@ def phase_heldout(args, out: Path) -> None:
 
     lm = load(args.model, progress=False)
     model, tok = lm.model, lm.tokenizer
-    cal_splits = task_suite("calibration", n=json.loads((out / "items_calibration.json").read_text())["n_per_task"],
-                            seed=args.seed)
+    cal_splits = task_suite(
+        "calibration",
+        n=json.loads((out / "items_calibration.json").read_text())["n_per_task"],
+        seed=args.seed,
+    )
     params = dict(beta=args.beta)
 
     def score(heads):
         t = time.time()
-        k = evaluate(model, tok, cal_splits, batch_size=args.batch_size,
-                     interventions=[ACT(heads, on_no_effect="ignore", **params)]).n_correct()
+        k = evaluate(
+            model,
+            tok,
+            cal_splits,
+            batch_size=args.batch_size,
+            interventions=[ACT(heads, on_no_effect="ignore", **params)],
+        ).n_correct()
         log(f"calibration with {len(heads)} heads: {k} ({time.time() - t:.0f} s)")
         return k
 
@@ -219,8 +270,9 @@ def phase_heldout(args, out: Path) -> None:
     if sel is not None and args.config != "paper":
         (out / "selection.json").write_text(json.dumps(sel, indent=1))
     held = task_suite("heldout", n=args.heldout, seed=args.seed)
-    (out / "items_heldout.json").write_text(json.dumps({"n_per_task": args.heldout, "seed": args.seed,
-                                                        "items": _items_json(held)}, indent=1))
+    (out / "items_heldout.json").write_text(
+        json.dumps({"n_per_task": args.heldout, "seed": args.seed, "items": _items_json(held)}, indent=1)
+    )
     path = out / "heldout.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     configs = {"baseline": []}
@@ -236,8 +288,14 @@ def phase_heldout(args, out: Path) -> None:
         acts = [ACT([tuple(hd) for hd in heads], on_no_effect="warn", **params)] if heads else []
         r = evaluate(model, tok, held, batch_size=args.batch_size, interventions=acts)
         res = json.loads(path.read_text()) if path.exists() else {}  # another process may have added one
-        res[key] = {"config": name, "heads": heads, "logprobs": r.logprobs, "uids": r.uids,
-                    "rows_touched": acts[0].total_touched if acts else 0, "seconds": time.time() - t}
+        res[key] = {
+            "config": name,
+            "heads": heads,
+            "logprobs": r.logprobs,
+            "uids": r.uids,
+            "rows_touched": acts[0].total_touched if acts else 0,
+            "seconds": time.time() - t,
+        }
         path.write_text(json.dumps(res))
         log(f"held-out {name}: {r.n_correct()}/{len(r.uids)} ({time.time() - t:.0f} s)")
     if sel is not None and not args.config:
@@ -277,21 +335,41 @@ def rescore(args, out: Path) -> dict:
             kb, kn = sum(base[i] for i in idx), sum(new[i] for i in idx)
             g = sum(new[i] and not base[i] for i in idx)
             lo = sum(base[i] and not new[i] for i in idx)
-            table.append({"procedure": name, "task": task, "n": len(idx), "baseline": kb,
-                          "baseline_ci": wilson_interval(kb, len(idx)), "act": kn,
-                          "act_ci": wilson_interval(kn, len(idx)), "delta_pts": 100 * (kn - kb) / len(idx),
-                          "gained": g, "lost": lo, "mcnemar_p": _mcnemar_exact(g, lo), "n_heads": len(heads)})
-    summary = {"selection": {k: v for k, v in sel.items() if k != "rows"}, "heldout": table,
-               "kept_alone": [(r["layer"], r["head"], r["gain"]) for r in sel["rows"] if r["kept"]],
-               "gain_histogram": {str(g): sum(r["gain"] == g for r in sel["rows"])
-                                  for g in sorted({r["gain"] for r in sel["rows"]})}}
+            table.append(
+                {
+                    "procedure": name,
+                    "task": task,
+                    "n": len(idx),
+                    "baseline": kb,
+                    "baseline_ci": wilson_interval(kb, len(idx)),
+                    "act": kn,
+                    "act_ci": wilson_interval(kn, len(idx)),
+                    "delta_pts": 100 * (kn - kb) / len(idx),
+                    "gained": g,
+                    "lost": lo,
+                    "mcnemar_p": _mcnemar_exact(g, lo),
+                    "n_heads": len(heads),
+                }
+            )
+    summary = {
+        "selection": {k: v for k, v in sel.items() if k != "rows"},
+        "heldout": table,
+        "kept_alone": [(r["layer"], r["head"], r["gain"]) for r in sel["rows"] if r["kept"]],
+        "gain_histogram": {
+            str(g): sum(r["gain"] == g for r in sel["rows"]) for g in sorted({r["gain"] for r in sel["rows"]})
+        },
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print("| procedure | task | n | baseline (95% Wilson) | ACT (95% Wilson) | delta | gained / lost | exact McNemar p |")
+    print(
+        "| procedure | task | n | baseline (95% Wilson) | ACT (95% Wilson) | delta | gained / lost | exact McNemar p |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['procedure']} ({r['n_heads']} heads) | {r['task']} | {r['n']} | {_pct(r['baseline'], r['n'], r['baseline_ci'])} "
-              f"| {_pct(r['act'], r['n'], r['act_ci'])} | {r['delta_pts']:+.1f} pts | {r['gained']} / {r['lost']} "
-              f"| {r['mcnemar_p']:.3g} |")
+        print(
+            f"| {r['procedure']} ({r['n_heads']} heads) | {r['task']} | {r['n']} | {_pct(r['baseline'], r['n'], r['baseline_ci'])} "
+            f"| {_pct(r['act'], r['n'], r['act_ci'])} | {r['delta_pts']:+.1f} pts | {r['gained']} / {r['lost']} "
+            f"| {r['mcnemar_p']:.3g} |"
+        )
     return summary
 
 
@@ -307,14 +385,22 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=80, help="held-out items per task")
     ap.add_argument("--beta", type=float, default=0.4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk", type=int, default=8, help="heads per sweep_heads call (one baseline forward each)")
+    ap.add_argument(
+        "--chunk", type=int, default=8, help="heads per sweep_heads call (one baseline forward each)"
+    )
     ap.add_argument("--layers", help="sweep phase, second worker: only heads of layers LO-HI (no screen)")
     ap.add_argument("--until", default="20:45", help="UTC time box of the sweep phase (HH:MM)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--baseline-only", action="store_true",
-                    help="heldout phase: score only the held-out baseline (it needs no selection; run it early)")
-    ap.add_argument("--config", choices=("paper", "shortlist_greedy"),
-                    help="heldout phase: evaluate only this procedure's heads (two processes can run at once)")
+    ap.add_argument(
+        "--baseline-only",
+        action="store_true",
+        help="heldout phase: score only the held-out baseline (it needs no selection; run it early)",
+    )
+    ap.add_argument(
+        "--config",
+        choices=("paper", "shortlist_greedy"),
+        help="heldout phase: evaluate only this procedure's heads (two processes can run at once)",
+    )
     ap.add_argument("--min-gain", type=int, default=1, help="items a head must gain alone to be kept")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
