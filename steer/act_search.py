@@ -31,6 +31,7 @@ records the procedure, every swept head's gain, and the combinations tried.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,15 @@ def _items_of(calibration) -> list:
     splits = [calibration] if isinstance(calibration, TaskSplit) else list(calibration)
     for s in splits:
         if s.split != "calibration":
-            raise ValueError(f"calibrate_heads got the {s.split!r} split of {s.task!r}: calibrate on "
-                             f"'calibration' items only, keep 'heldout' for the evaluation")
+            raise ValueError(
+                f"calibrate_heads got the {s.split!r} split of {s.task!r}: calibrate on "
+                f"'calibration' items only, keep 'heldout' for the evaluation"
+            )
     return splits
 
 
 # ---- one-head-at-a-time sweeps -----------------------------------------------------------------
+
 
 @dataclass
 class HeadSweep:
@@ -83,15 +87,23 @@ class HeadSweep:
 
         lps = self.baseline if head is None else self.per_head[head]
         its = self.items
-        return EvalResult([it.task for it in its], [it.uid for it in its],
-                          torch.tensor([it.answer for it in its]), lps, [it.chance for it in its])
+        return EvalResult(
+            [it.task for it in its],
+            [it.uid for it in its],
+            torch.tensor([it.answer for it in its]),
+            lps,
+            [it.chance for it in its],
+        )
 
     def delta_logp(self, head: tuple[int, int]) -> float:
         """Mean change of log P(right option | options): a continuous screening score (an item count
         on a few items moves in steps of several percent; this moves with every item's margin)."""
+
         def lp(scores):
-            return torch.stack([torch.log_softmax(torch.tensor(sc), 0)[it.answer]
-                                for sc, it in zip(scores, self.items)])
+            return torch.stack(
+                [torch.log_softmax(torch.tensor(sc), 0)[it.answer] for sc, it in zip(scores, self.items)]
+            )
+
         return float((lp(self.per_head[head]) - lp(self.baseline)).mean())
 
 
@@ -117,8 +129,17 @@ def _layer_runner(hf, mm: ModelMap):
 
 
 @torch.no_grad()
-def sweep_heads(model, tok, items: Sequence, heads: Sequence[tuple[int, int]], *, batch_size: int = 16,
-                fast: bool = True, progress: Callable[[str], None] | None = None, **params) -> HeadSweep:
+def sweep_heads(
+    model,
+    tok,
+    items: Sequence,
+    heads: Sequence[tuple[int, int]],
+    *,
+    batch_size: int = 16,
+    fast: bool = True,
+    progress: Callable[[str], None] | None = None,
+    **params,
+) -> HeadSweep:
     """Score `items` without ACT and with ACT on each head of `heads` alone (ACT(**params)).
 
     fast: per batch, run the model once (ACT-free, through steer's attention function, as every ACT
@@ -127,8 +148,7 @@ def sweep_heads(model, tok, items: Sequence, heads: Sequence[tuple[int, int]], *
     changes nothing there. About half the compute of whole forwards, same numbers (tested). The first
     batch is checked: replaying all layers must reproduce the captured forward's logits, or this
     raises (pass fast=False for whole forwards on such a model)."""
-    from steer import attention
-    from steer.tasks import batches, evaluate, read_scores
+    from steer.tasks import batches, read_scores
 
     hf = unwrap_model(model)
     mm = model_map(hf)
@@ -136,50 +156,17 @@ def sweep_heads(model, tok, items: Sequence, heads: Sequence[tuple[int, int]], *
     say = progress or (lambda msg: None)
     items = list(items)
     if not fast:
-        from steer.tasks import TaskSplit
-
-        split = [TaskSplit("sweep", "calibration", 0, items)]
-        base = evaluate(hf, tok, split, batch_size=batch_size).logprobs
-        per_head, touched = {}, {}
-        for n, hd in enumerate(heads):
-            act = ACT([hd], on_no_effect="ignore", **params)
-            per_head[hd] = evaluate(hf, tok, split, batch_size=batch_size, interventions=[act]).logprobs
-            touched[hd] = act.total_touched
-            say(f"head {hd} ({n + 1}/{len(heads)})")
-        return HeadSweep(items, base, per_head, touched, "full")
-
+        return _sweep_whole_forwards(hf, tok, items, heads, batch_size, say, params)
     layers, run = _layer_runner(hf, mm)
-    attn_modules = {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
-    device = next(hf.parameters()).device
     base = [[0.0] * len(it.options) for it in items]
     per_head = {hd: [[0.0] * len(it.options) for it in items] for hd in heads}
     acts = {hd: ACT([hd], on_no_effect="ignore", **params) for hd in heads}
     touched = dict.fromkeys(heads, 0)
     all_batches = batches(tok, items, batch_size)
     for n, batch in enumerate(all_batches):
-        captured: list = [None] * len(layers)
-
-        def grab(i, captured=captured):
-            def hook(module, args, kwargs):
-                h = args[0] if args else kwargs["hidden_states"]
-                captured[i] = (h, {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            return hook
-
-        handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        try:
-            with attention.activate(hf, attn_modules, {}, {}):
-                logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                            use_cache=False, logits_to_keep=batch.keep).logits
-                if n == 0:
-                    replay = run(captured, 0, batch.keep)
-                    if not torch.allclose(replay.float(), logits.float(), atol=1e-4, rtol=1e-4):
-                        raise RuntimeError(
-                            f"replaying the decoder layers of this {hf.config.model_type} model does not reproduce "
-                            f"its forward (max diff {float((replay - logits).abs().max()):.2e}); the layer-suffix "
-                            f"shortcut does not apply: call with fast=False")
-        finally:
-            for h in handles:
-                h.remove()
+        logits, captured = _capture_layer_inputs(hf, mm, layers, batch)
+        if n == 0:
+            _check_replay(hf, run(captured, 0, batch.keep), logits)
         read_scores(batch, logits, base)
         for hd in heads:
             with acts[hd].apply(hf):  # apply() restarts the counts: add them up per batch
@@ -187,6 +174,61 @@ def sweep_heads(model, tok, items: Sequence, heads: Sequence[tuple[int, int]], *
             touched[hd] += acts[hd].total_touched
         say(f"batch {n + 1}/{len(all_batches)}: {len(heads)} heads")
     return HeadSweep(items, base, per_head, touched, "suffix")
+
+
+def _sweep_whole_forwards(hf, tok, items: list, heads: list, batch_size: int, say, params: dict) -> HeadSweep:
+    """sweep_heads(fast=False): one whole forward per head (for models the layer replay cannot reproduce)."""
+    from steer.tasks import TaskSplit, evaluate
+
+    split = [TaskSplit("sweep", "calibration", 0, items)]
+    base = evaluate(hf, tok, split, batch_size=batch_size).logprobs
+    per_head, touched = {}, {}
+    for n, hd in enumerate(heads):
+        act = ACT([hd], on_no_effect="ignore", **params)
+        per_head[hd] = evaluate(hf, tok, split, batch_size=batch_size, interventions=[act]).logprobs
+        touched[hd] = act.total_touched
+        say(f"head {hd} ({n + 1}/{len(heads)})")
+    return HeadSweep(items, base, per_head, touched, "full")
+
+
+def _capture_layer_inputs(hf, mm: ModelMap, layers: list, batch) -> tuple[torch.Tensor, list]:
+    """One ACT-free forward through steer's attention function (as every ACT run), keeping each decoder
+    layer's input hidden states and keyword arguments: the baseline logits and the replay points."""
+    from steer import attention
+
+    attn_modules = {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
+    device = next(hf.parameters()).device
+    captured: list = [None] * len(layers)
+
+    def grab(i):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            captured[i] = (h, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with attention.activate(hf, attn_modules, {}, {}):
+            logits = hf(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                use_cache=False,
+                logits_to_keep=batch.keep,
+            ).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, captured
+
+
+def _check_replay(hf, replay: torch.Tensor, logits: torch.Tensor) -> None:
+    if not torch.allclose(replay.float(), logits.float(), atol=1e-4, rtol=1e-4):
+        raise RuntimeError(
+            f"replaying the decoder layers of this {hf.config.model_type} model does not reproduce "
+            f"its forward (max diff {float((replay - logits).abs().max()):.2e}); the layer-suffix "
+            f"shortcut does not apply: call with fast=False"
+        )
 
 
 def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **params) -> dict:
@@ -199,8 +241,7 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     dJ/dscores), then one forward + backward per batch give all heads' estimates: about three
     forwards in all instead of one per head. Returns {(layer, head): estimate}."""
     from steer.hooks import attach
-    from steer.kernels.act import act_attention
-    from steer.tasks import batches, read_scores
+    from steer.tasks import batches
 
     hf = unwrap_model(model)
     mm = model_map(hf)
@@ -209,33 +250,104 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     items = list(items)
     device = next(hf.parameters()).device
     all_batches = batches(tok, items, batch_size)
-    base = [[0.0] * len(it.options) for it in items]
-    with torch.no_grad():
+    weights = _objective_weights(hf, items, all_batches)
+    act = ACT(
+        [(layer, h) for layer in range(n_layers) for h in range(n_heads)], on_no_effect="ignore", **params
+    )
+    est = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    fn = _attribution_hook(act, saved, n_heads, device)
+    with _activation_gradients_only(hf), attach(hf, {"blocks.*.attn.impl": fn}), torch.enable_grad():
         for batch in all_batches:
-            logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                        use_cache=False, logits_to_keep=batch.keep).logits
-            read_scores(batch, logits, base)
-    # J = mean_i log softmax(scores_i)[answer_i]; dJ/dscore_ij = (1[j = answer] - softmax(scores_i)_j) / n
+            saved.clear()
+            logits = hf(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                use_cache=False,
+                logits_to_keep=batch.keep,
+            ).logits
+            _objective(batch, logits, weights).backward()
+            for layer, (out, delta) in saved.items():
+                if out.grad is not None:  # None: this layer's output cannot reach the read positions
+                    est[layer] += (out.grad.double() * delta.double()).sum((0, 2, 3)).cpu()
+    return {(layer, h): float(est[layer, h]) for layer in range(n_layers) for h in range(n_heads)}
+
+
+@torch.no_grad()
+def _objective_weights(hf, items: list, all_batches: list) -> list[list[float]]:
+    """dJ/dscore per item and option at the baseline, J = mean_i log softmax(scores_i)[answer_i]:
+    (1[j = answer] - softmax(scores_i)_j) / n."""
+    from steer.tasks import read_scores
+
+    device = next(hf.parameters()).device
+    base = [[0.0] * len(it.options) for it in items]
+    for batch in all_batches:
+        logits = hf(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            use_cache=False,
+            logits_to_keep=batch.keep,
+        ).logits
+        read_scores(batch, logits, base)
     weights = []
     for sc, it in zip(base, items):
         w = -torch.softmax(torch.tensor(sc, dtype=torch.float64), 0)
         w[it.answer] += 1
         weights.append((w / len(items)).tolist())
-    act = ACT([(layer, h) for layer in range(n_layers) for h in range(n_heads)], on_no_effect="ignore", **params)
+    return weights
+
+
+def _objective(batch, logits: torch.Tensor, weights: list) -> torch.Tensor:
+    """The linearised objective of one batch: sum of weights x option log-probabilities (as read_scores)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    objective = logits.new_zeros((), dtype=torch.float32)
+    for b, (i, j, _seq, targets) in enumerate(batch.requests):
+        if j == -1:
+            for jj, t in enumerate(targets):
+                objective = objective + weights[i][jj] * logp[b, -1, t[0]]
+        else:
+            t = targets[0]
+            pos = torch.arange(batch.keep - len(t) - 1, batch.keep - 1, device=logp.device)
+            objective = objective + weights[i][j] * logp[b, pos, torch.tensor(t, device=logp.device)].sum()
+    return objective
+
+
+def _attribution_hook(act: ACT, saved: dict, n_heads: int, device) -> Callable:
+    """attn.impl override: plain attention, differentiable, with its output kept for the gradient and
+    the difference ACT on every head would make (each head's own difference, computed at once)."""
+    from steer.kernels.act import act_attention
+
     every = torch.ones(n_heads, dtype=torch.bool, device=device)
     none = torch.zeros(n_heads, dtype=torch.bool, device=device)
-    est = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fn(call, ctx):
         q, k, v, mask = call.query, call.key, call.value, call.mask
         window = call.sliding_window if mask is None else None
         with torch.no_grad():
             sinks = act.prefill_sinks(q, k, call.scaling, mask, window)
-            calibrated, _ = act_attention(q, k, v, scale=call.scaling, sink_mask=sinks, head_mask=every,
-                                          beta=act.beta, mask=mask, sliding_window=window)
-        out, _ = act_attention(q, k, v, scale=call.scaling, sink_mask=sinks, head_mask=none, beta=act.beta,
-                               mask=mask, sliding_window=window, backend="torch")  # plain attention, differentiable
+            calibrated, _ = act_attention(
+                q,
+                k,
+                v,
+                scale=call.scaling,
+                sink_mask=sinks,
+                head_mask=every,
+                beta=act.beta,
+                mask=mask,
+                sliding_window=window,
+            )
+        out, _ = act_attention(
+            q,
+            k,
+            v,
+            scale=call.scaling,
+            sink_mask=sinks,
+            head_mask=none,
+            beta=act.beta,
+            mask=mask,
+            sliding_window=window,
+            backend="torch",
+        )  # plain attention, differentiable
         if out.requires_grad:
             out.retain_grad()
         else:  # the first layers see no tensor that needs a gradient: start the graph here
@@ -243,55 +355,45 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
         saved[ctx.layer] = (out, (calibrated - out).detach())
         return out.transpose(1, 2).contiguous(), None
 
+    return fn
+
+
+@contextmanager
+def _activation_gradients_only(hf):
+    """eval mode and frozen parameters for the duration (gradients w.r.t. activations only), restored after."""
     was_training = hf.training
     frozen = [(prm, prm.requires_grad) for prm in hf.parameters()]
     hf.eval()
-    for prm, _ in frozen:  # gradients w.r.t. activations only
+    for prm, _ in frozen:
         prm.requires_grad_(False)
     try:
-        with attach(hf, {"blocks.*.attn.impl": fn}), torch.enable_grad():
-            for batch in all_batches:
-                saved.clear()
-                logits = hf(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                            use_cache=False, logits_to_keep=batch.keep).logits
-                logp = torch.log_softmax(logits.float(), -1)
-                objective = logits.new_zeros((), dtype=torch.float32)
-                for b, (i, j, _seq, targets) in enumerate(batch.requests):
-                    if j == -1:
-                        for jj, t in enumerate(targets):
-                            objective = objective + weights[i][jj] * logp[b, -1, t[0]]
-                    else:
-                        t = targets[0]
-                        pos = torch.arange(batch.keep - len(t) - 1, batch.keep - 1, device=logp.device)
-                        objective = objective + weights[i][j] * logp[b, pos, torch.tensor(t, device=logp.device)].sum()
-                objective.backward()
-                for layer, (out, delta) in saved.items():
-                    if out.grad is not None:  # None: this layer's output cannot reach the read positions
-                        est[layer] += (out.grad.double() * delta.double()).sum((0, 2, 3)).cpu()
+        yield
     finally:
         hf.train(was_training)
         for prm, req in frozen:
             prm.requires_grad_(req)
-    return {(layer, h): float(est[layer, h]) for layer in range(n_layers) for h in range(n_heads)}
 
 
 PROCEDURES = {
     "paper": "the released code's rule: every candidate head swept alone on the whole calibration set; "
-             "keep every head that alone gains >= min_gain items over baseline; apply all kept heads together",
+    "keep every head that alone gains >= min_gain items over baseline; apply all kept heads together",
     "shortlist": "screen every candidate (attribution or exact on screen_items items per task); the best "
-                 "`shortlist` heads with a positive score are swept alone on the whole calibration set; keep a "
-                 "head if alone it gains >= min_gain items; combine kept heads greedily by gain, accepting a "
-                 "head only if the combination gains strictly",
+    "`shortlist` heads with a positive score are swept alone on the whole calibration set; keep a "
+    "head if alone it gains >= min_gain items; combine kept heads greedily by gain, accepting a "
+    "head only if the combination gains strictly",
 }
 PROCEDURE = "paper"  # the default: the procedure of the paper's released code
 SCREENS = ("attribution", "exact")
 
 
-def _check_search(items: list, procedure: str, shortlist: int, screen: str, screen_items: int,
-                  min_items: int) -> None:
+def _check_search(
+    items: list, procedure: str, shortlist: int, screen: str, screen_items: int, min_items: int
+) -> None:
     if len(items) < min_items:
-        raise ValueError(f"calibration set too small: {len(items)} items, need at least {min_items} (one item "
-                         f"would be worth {100 / max(len(items), 1):.0f}% accuracy); load more calibration items")
+        raise ValueError(
+            f"calibration set too small: {len(items)} items, need at least {min_items} (one item "
+            f"would be worth {100 / max(len(items), 1):.0f}% accuracy); load more calibration items"
+        )
     if procedure not in PROCEDURES:
         raise ValueError(f"procedure must be one of {', '.join(PROCEDURES)} (got {procedure!r})")
     if shortlist < 1:
@@ -302,25 +404,50 @@ def _check_search(items: list, procedure: str, shortlist: int, screen: str, scre
         raise ValueError(f"screen must be one of {', '.join(SCREENS)} (got {screen!r})")
 
 
-def candidate_heads(hf, tok, items: list, candidates, max_candidates: int | None, batch_size: int,
-                    params: dict) -> tuple[list[tuple[int, int]], dict[tuple[int, int], float]]:
+def candidate_heads(
+    hf, tok, items: list, candidates, max_candidates: int | None, batch_size: int, params: dict
+) -> tuple[list[tuple[int, int]], dict[tuple[int, int], float]]:
     """Step 1: the heads to search and each head's hidden-sink frequency on the calibration prompts.
 
-    Default candidates are the heads with a hidden sink on some calibration prompt: ACT is the identity
-    on every other head (no sink column to scale), so leaving them out changes no result."""
+    Default candidates are the heads with a hidden sink on some calibration prompt: ACT (keep_first=True)
+    is the identity on every other head (no sink column to scale), so leaving them out changes no
+    result; with keep_first=False every head is a candidate."""
     from steer.sinks import detect_sinks
 
-    sinks = detect_sinks(hf, tok, [it.prompt for it in items], tau=params["tau"], alpha=params["alpha"],
-                         min_queries=params["min_queries"], batch_size=batch_size, keep_maps=False)
+    sinks = detect_sinks(
+        hf,
+        tok,
+        [it.prompt for it in items],
+        tau=params["tau"],
+        alpha=params["alpha"],
+        min_queries=params["min_queries"],
+        batch_size=batch_size,
+        keep_maps=False,
+    )
     freq = {(layer, h): f for layer, h, f in sinks.heads_with_hidden_sinks()}
-    cands = list(freq) if candidates is None else check_heads(model_map(hf), candidates)
+    mm = model_map(hf)
+    if candidates is None and not params["keep_first"]:  # ACT then acts on a first-token sink too
+        candidates = [(layer, h) for layer in range(mm.n_layers) for h in range(_n_heads(mm))]
+    cands = list(freq) if candidates is None else check_heads(mm, candidates)
     if max_candidates is not None:
         cands = cands[:max_candidates]
     return cands, freq
 
 
-def screen_heads(hf, tok, splits: list, cands: list, *, screen: str, screen_items: int, shortlist: int,
-                 batch_size: int, fast: bool, params: dict, say) -> tuple[list[tuple[int, int]], list[dict]]:
+def screen_heads(
+    hf,
+    tok,
+    splits: list,
+    cands: list,
+    *,
+    screen: str,
+    screen_items: int,
+    shortlist: int,
+    batch_size: int,
+    fast: bool,
+    params: dict,
+    say,
+) -> tuple[list[tuple[int, int]], list[dict]]:
     """Step 2 of the shortlist procedure: score every candidate, keep the best `shortlist` with a positive
     score. The score is the change of mean log P(right option) with ACT on the head alone: continuous,
     so it ranks heads where an item count on few items would be ties."""
@@ -339,8 +466,16 @@ def screen_heads(hf, tok, splits: list, cands: list, *, screen: str, screen_item
         base = sw.result().n_correct()
         for hd in cands:
             k = sw.result(hd).n_correct()
-            rows.append({"layer": hd[0], "head": hd[1], "screen_score": sw.delta_logp(hd), "correct": k,
-                         "gain": k - base, "rows_touched": sw.touched[hd]})
+            rows.append(
+                {
+                    "layer": hd[0],
+                    "head": hd[1],
+                    "screen_score": sw.delta_logp(hd),
+                    "correct": k,
+                    "gain": k - base,
+                    "rows_touched": sw.touched[hd],
+                }
+            )
     ranked = sorted(rows, key=lambda r: -r["screen_score"])
     short = [(r["layer"], r["head"]) for r in ranked if r["screen_score"] > 0][:shortlist]
     for r in rows:
@@ -349,17 +484,27 @@ def screen_heads(hf, tok, splits: list, cands: list, *, screen: str, screen_item
     return short, rows
 
 
-def keep_alone(sweep: HeadSweep, heads: Sequence[tuple[int, int]], min_gain: int,
-               freq: dict | None = None) -> tuple[int, list[dict]]:
+def keep_alone(
+    sweep: HeadSweep, heads: Sequence[tuple[int, int]], min_gain: int, freq: dict | None = None
+) -> tuple[int, list[dict]]:
     """Step 3, both procedures: baseline items right, and per head its items right with ACT on it alone,
     gain over baseline, and kept = gain >= min_gain. Pure function of the sweep (re-scorable)."""
     base = sweep.result().n_correct()
     rows = []
     for layer, h in heads:
         k = sweep.result((layer, h)).n_correct()
-        rows.append({"layer": layer, "head": h, "hidden_sink_fraction": (freq or {}).get((layer, h), 0.0),
-                     "correct": k, "gain": k - base, "kept": k - base >= min_gain, "chosen": False,
-                     "rows_touched": sweep.touched[(layer, h)]})
+        rows.append(
+            {
+                "layer": layer,
+                "head": h,
+                "hidden_sink_fraction": (freq or {}).get((layer, h), 0.0),
+                "correct": k,
+                "gain": k - base,
+                "kept": k - base >= min_gain,
+                "chosen": False,
+                "rows_touched": sweep.touched[(layer, h)],
+            }
+        )
     return base, rows
 
 
@@ -373,8 +518,9 @@ def select_paper(rows: list[dict]) -> list[tuple[int, int]]:
     return chosen
 
 
-def combine_greedy(rows: list[dict], base_k: int, score: Callable[[list], int],
-                   say=lambda msg: None) -> tuple[list[tuple[int, int]], int, list[dict]]:
+def combine_greedy(
+    rows: list[dict], base_k: int, score: Callable[[list], int], say=lambda msg: None
+) -> tuple[list[tuple[int, int]], int, list[dict]]:
     """Step 4, shortlist: add kept heads in order of gain, each accepted only if the combination gets
     strictly more items right than the best set so far (baseline included). score(heads) -> items right
     on the calibration set with ACT on those heads."""
@@ -442,12 +588,25 @@ def calibrate_heads(
     params = dict(beta=beta, tau=tau, alpha=alpha, min_queries=min_queries, keep_first=keep_first)
     cands, freq = candidate_heads(hf, tok, items, candidates, max_candidates, batch_size, params)
     n_total = model_map(hf).n_layers * _n_heads(model_map(hf))
-    say(f"{len(cands)} candidate heads of {n_total} ({len(freq)} show a hidden sink on the calibration prompts)")
+    say(
+        f"{len(cands)} candidate heads of {n_total} ({len(freq)} show a hidden sink on the calibration prompts)"
+    )
     screening: list[dict] = []
     swept = cands
     if procedure == "shortlist":
-        swept, screening = screen_heads(hf, tok, splits, cands, screen=screen, screen_items=screen_items,
-                                        shortlist=shortlist, batch_size=batch_size, fast=fast, params=params, say=say)
+        swept, screening = screen_heads(
+            hf,
+            tok,
+            splits,
+            cands,
+            screen=screen,
+            screen_items=screen_items,
+            shortlist=shortlist,
+            batch_size=batch_size,
+            fast=fast,
+            params=params,
+            say=say,
+        )
     sw = sweep_heads(hf, tok, items, swept, batch_size=batch_size, fast=fast, progress=say, **params)
     base_k, rows = keep_alone(sw, swept, min_gain, freq)
     say(f"baseline {base_k}/{len(items)}; {sum(r['kept'] for r in rows)} of {len(rows)} heads gain alone")
@@ -460,14 +619,25 @@ def calibrate_heads(
     else:
         chosen, best, combos = combine_greedy(rows, base_k, score, say)
     search = {
-        "procedure": procedure, "rule": PROCEDURES[procedure], "min_gain": min_gain,
+        "procedure": procedure,
+        "rule": PROCEDURES[procedure],
+        "min_gain": min_gain,
         "screen": screen if screening else None,
         "screen_items_per_task": screen_items if screening and screen == "exact" else None,
-        "shortlist_size": shortlist if procedure == "shortlist" else None, "max_candidates": max_candidates,
-        "n_items": len(items), "tasks": [s.task for s in splits], "seeds": [s.seed for s in splits],
-        "n_heads_total": n_total, "n_candidates": len(cands), "swept": [list(hd) for hd in swept],
-        "screening": screening, "baseline_correct": base_k, "final_correct": best, "candidates": rows,
-        "combinations": combos, "path": sw.path,
+        "shortlist_size": shortlist if procedure == "shortlist" else None,
+        "max_candidates": max_candidates,
+        "n_items": len(items),
+        "tasks": [s.task for s in splits],
+        "seeds": [s.seed for s in splits],
+        "n_heads_total": n_total,
+        "n_candidates": len(cands),
+        "swept": [list(hd) for hd in swept],
+        "screening": screening,
+        "baseline_correct": base_k,
+        "final_correct": best,
+        "candidates": rows,
+        "combinations": combos,
+        "path": sw.path,
     }
     name = getattr(hf.config, "_name_or_path", "") or hf.config.model_type
     return ACTConfig(heads=chosen, model=str(name), search=search, **params)

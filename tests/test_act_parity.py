@@ -116,10 +116,20 @@ def test_exact_path_on_the_live_model_matches_reference(smollm2):
         sinks = act.prefill_sinks(c.query, c.key, c.scaling, c.mask, None)[0]
         head_mask = torch.zeros(probs.shape[1], dtype=torch.bool)
         head_mask[heads] = True
-        out, _ = act_attention(c.query, c.key, c.value, scale=c.scaling, sink_mask=sinks[None],
-                               head_mask=head_mask, beta=BETA, mask=c.mask)
+        out, _ = act_attention(
+            c.query,
+            c.key,
+            c.value,
+            scale=c.scaling,
+            sink_mask=sinks[None],
+            head_mask=head_mask,
+            beta=BETA,
+            mask=c.mask,
+        )
         v = c.value.repeat_interleave(c.query.shape[1] // c.value.shape[1], dim=1)[0]  # [H, N, D]
         for la, h, _det, cal in CORRECT:
             if la == layer:
                 assert _set(sinks[h]) == cal
-                torch.testing.assert_close(out[0, h], MAPS[f"output.{layer}"][0, h] @ v[h], atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    out[0, h], MAPS[f"output.{layer}"][0, h] @ v[h], atol=2e-5, rtol=1e-4
+                )

@@ -10,6 +10,7 @@ from steer.act_search import (
     HeadSweep,
     attribution_screen,
     calibrate_heads,
+    candidate_heads,
     combine_greedy,
     keep_alone,
     select_paper,
@@ -49,13 +50,19 @@ def test_calibrate_heads_and_config_roundtrip(tmp_path):
     path = tmp_path / "act.json"
     cfg.save(path)
     again = ACTConfig.load(path)
-    assert again.heads == cfg.heads and again.beta == cfg.beta and again.search == json.loads(cfg.to_json())["search"]
+    assert (
+        again.heads == cfg.heads
+        and again.beta == cfg.beta
+        and again.search == json.loads(cfg.to_json())["search"]
+    )
     assert len(again.to_dataframe()) == 4
 
 
 def _items(n):
-    return [Item("x", f"in {i}: " + "ab " * (i % 7 + 3) + "cd" * (i % 3), ("a", " bb", "c"), i % 3, f"u{i}")
-            for i in range(n)]
+    return [
+        Item("x", f"in {i}: " + "ab " * (i % 7 + 3) + "cd" * (i % 3), ("a", " bb", "c"), i % 3, f"u{i}")
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
@@ -76,11 +83,14 @@ def test_sweep_suffix_path_equals_whole_forwards(family):
         res = evaluate(model, tok, split, batch_size=4, interventions=[act])
         assert torch.allclose(torch.tensor(sw.per_head[hd]), torch.tensor(res.logprobs), atol=1e-5)
         assert sw.touched[hd] == act.total_touched
-        changed += sw.touched[hd] > 0 and not torch.allclose(torch.tensor(sw.per_head[hd]), torch.tensor(base.logprobs))
+        changed += sw.touched[hd] > 0 and not torch.allclose(
+            torch.tensor(sw.per_head[hd]), torch.tensor(base.logprobs)
+        )
     assert changed  # ACT really acted in the sweep, so the equality above is not vacuous
     slow = sweep_heads(model, tok, items, heads[:1], batch_size=4, fast=False, **params)
-    assert slow.path == "full" and torch.allclose(torch.tensor(slow.per_head[heads[0]]),
-                                                  torch.tensor(sw.per_head[heads[0]]), atol=1e-5)
+    assert slow.path == "full" and torch.allclose(
+        torch.tensor(slow.per_head[heads[0]]), torch.tensor(sw.per_head[heads[0]]), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
@@ -103,8 +113,18 @@ def test_attribution_screen_is_the_first_order_effect(family):
 def test_calibrate_screens_every_head_then_keep_rule_on_shortlist(screen):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     split = TaskSplit("x", "calibration", 0, _items(21))
-    cfg = calibrate_heads(model, tok, split, procedure="shortlist", tau=TAU, min_queries=MINQ, shortlist=2,
-                          screen=screen, screen_items=6, min_gain=0)
+    cfg = calibrate_heads(
+        model,
+        tok,
+        split,
+        procedure="shortlist",
+        tau=TAU,
+        min_queries=MINQ,
+        shortlist=2,
+        screen=screen,
+        screen_items=6,
+        min_gain=0,
+    )
     search = cfg.search
     screened = search["screening"]
     assert search["screen"] == screen
@@ -134,23 +154,57 @@ def test_cli_calibrate_writes_config(tiny_dir, tmp_path, capsys):
     from steer.cli import main
 
     out = tmp_path / "act.json"
-    rc = main(["calibrate", "--model", str(tiny_dir), "--tasks", "kv_retrieval", "--n", "20", "--tau", "0.05",
-               "--min-queries", "2", "--max-candidates", "2", "--min-gain", "0", "--out", str(out)])
+    rc = main(
+        [
+            "calibrate",
+            "--model",
+            str(tiny_dir),
+            "--tasks",
+            "kv_retrieval",
+            "--n",
+            "20",
+            "--tau",
+            "0.05",
+            "--min-queries",
+            "2",
+            "--max-candidates",
+            "2",
+            "--min-gain",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0 and "baseline" in capsys.readouterr().out
     cfg = ACTConfig.load(out)
     assert len(cfg.search["candidates"]) <= 2 and cfg.search["n_items"] == 20
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--beta", "1.5"], "beta must be in (0, 1]"),
-    (["--heads", "9:0"], "out of range"),
-    (["--n", "5"], "calibration set too small"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--beta", "1.5"], "beta must be in (0, 1]"),
+        (["--heads", "9:0"], "out of range"),
+        (["--n", "5"], "calibration set too small"),
+    ],
+)
 def test_cli_calibrate_bad_inputs(tiny_dir, tmp_path, capsys, argv, message):
     from steer.cli import main
 
-    rc = main(["calibrate", "--model", str(tiny_dir), "--tasks", "kv_retrieval", "--n", "20",
-               "--out", str(tmp_path / "a.json"), *argv])
+    rc = main(
+        [
+            "calibrate",
+            "--model",
+            str(tiny_dir),
+            "--tasks",
+            "kv_retrieval",
+            "--n",
+            "20",
+            "--out",
+            str(tmp_path / "a.json"),
+            *argv,
+        ]
+    )
     assert rc == 2 and message in capsys.readouterr().err
 
 
@@ -185,3 +239,14 @@ def test_keep_rules_paper_keeps_every_gain_shortlist_combines_greedily():
     assert combos == [{"heads": [[0, 0], [0, 1]], "correct": 6}]
     _, rows2 = keep_alone(sw, list(per_head), min_gain=2)
     assert select_paper(rows2) == [(0, 0)]
+
+
+def test_candidates_are_hidden_sink_heads_or_every_head_without_keep_first():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    params = dict(tau=TAU, alpha=None, min_queries=MINQ, keep_first=True)
+    cands, freq = candidate_heads(model, tok, _items(6), None, None, 4, params)
+    assert cands == list(freq) and all(f > 0 for f in freq.values())
+    every, _ = candidate_heads(model, tok, _items(6), None, None, 4, {**params, "keep_first": False})
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    assert len(every) == n_layers * n_heads and set(cands) <= set(every)
+    assert candidate_heads(model, tok, _items(6), [(1, 2), (0, 1)], 1, 4, params)[0] == [(0, 1)]

@@ -51,8 +51,11 @@ def _unkey(s: str) -> tuple[int, int]:
 
 
 def _items_json(splits) -> list[dict]:
-    return [{"task": it.task, "uid": it.uid, "answer": it.answer, "n_options": len(it.options)}
-            for s in splits for it in s.items]
+    return [
+        {"task": it.task, "uid": it.uid, "answer": it.answer, "n_options": len(it.options)}
+        for s in splits
+        for it in s.items
+    ]
 
 
 def _deadline(hhmm: str) -> float:
@@ -62,7 +65,7 @@ def _deadline(hhmm: str) -> float:
 
 
 def phase_sweep(args, out: Path) -> None:
-    from steer.act_search import SHORTLIST, attribution_screen, sweep_heads
+    from steer.act_search import SHORTLIST, attribution_screen
     from steer.models import load
     from steer.tasks import task_suite
 
@@ -70,12 +73,25 @@ def phase_sweep(args, out: Path) -> None:
     model, tok = lm.model, lm.tokenizer
     cal = task_suite("calibration", n=args.cal, seed=args.seed)
     items = [it for s in cal for it in s.items]
-    (out / "items_calibration.json").write_text(json.dumps(
-        {"model": args.model, "weights_hash": lm.weights_hash, "seed": args.seed, "n_per_task": args.cal,
-         "items": _items_json(cal)}, indent=1))
+    (out / "items_calibration.json").write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "weights_hash": lm.weights_hash,
+                "seed": args.seed,
+                "n_per_task": args.cal,
+                "items": _items_json(cal),
+            },
+            indent=1,
+        )
+    )
     cfg = model.config
     heads = [(layer, h) for layer in range(cfg.num_hidden_layers) for h in range(cfg.num_attention_heads)]
     params = dict(beta=args.beta)
+    if args.layers:  # a second worker: sweep only these layers, cheapest (latest) first, no screen
+        lo, hi = (int(x) for x in args.layers.split("-"))
+        order = sorted((hd for hd in heads if lo <= hd[0] <= hi), key=lambda hd: (-hd[0], hd[1]))
+        return _sweep_order(args, out, model, tok, items, order, params, prefix="sweep_layers")
     screen_path = out / "screen.json"
     if screen_path.exists():
         est = {_unkey(k): v for k, v in json.loads(screen_path.read_text())["estimate"].items()}
@@ -84,21 +100,34 @@ def phase_sweep(args, out: Path) -> None:
         t = time.time()
         log(f"attribution screen of {len(heads)} heads on {len(items)} items")
         est = attribution_screen(model, tok, items, batch_size=args.batch_size, **params)
-        screen_path.write_text(json.dumps({"estimate": {_key(hd): v for hd, v in est.items()},
-                                           "seconds": time.time() - t, "load_average": os.getloadavg()}))
+        screen_path.write_text(
+            json.dumps(
+                {
+                    "estimate": {_key(hd): v for hd, v in est.items()},
+                    "seconds": time.time() - t,
+                    "load_average": os.getloadavg(),
+                }
+            )
+        )
         log(f"screen done in {time.time() - t:.0f} s")
     ranked = sorted(est, key=lambda hd: -est[hd])
     short = [hd for hd in ranked if est[hd] > 0][:SHORTLIST]
     rest = [hd for hd in heads if hd not in short]
     random.Random(args.seed).shuffle(rest)
-    order = short + rest
+    _sweep_order(args, out, model, tok, items, short + rest, params, prefix="sweep")
+
+
+def _sweep_order(args, out: Path, model, tok, items, order, params, prefix: str) -> None:
+    """Exact one-head sweeps of `order`, args.chunk heads per file, skipping heads already swept."""
+    from steer.act_search import sweep_heads
+
     done = set()
-    for f in sorted(out.glob("sweep_*.json")):
+    for f in sorted(out.glob("sweep*.json")):
         done |= {_unkey(k) for k in json.loads(f.read_text())["per_head"]}
     todo = [hd for hd in order if hd not in done]
     stop = _deadline(args.until)
     chunk_s = None
-    n = len(list(out.glob("sweep_*.json")))
+    n = len(list(out.glob(f"{prefix}_*.json")))
     while todo:
         if chunk_s is not None and time.time() + chunk_s > stop:
             log(f"time box: stopping with {len(todo)} heads not swept")
@@ -107,12 +136,20 @@ def phase_sweep(args, out: Path) -> None:
         t = time.time()
         sw = sweep_heads(model, tok, items, chunk, batch_size=args.batch_size, **params)
         chunk_s = time.time() - t
-        (out / f"sweep_{n:03d}.json").write_text(json.dumps(
-            {"heads": [list(hd) for hd in chunk], "baseline": sw.baseline,
-             "per_head": {_key(hd): sw.per_head[hd] for hd in chunk},
-             "touched": {_key(hd): sw.touched[hd] for hd in chunk}, "path": sw.path,
-             "seconds": chunk_s, "load_average": os.getloadavg(),
-             "finished": datetime.now(UTC).isoformat(timespec="seconds")}))
+        (out / f"{prefix}_{n:03d}.json").write_text(
+            json.dumps(
+                {
+                    "heads": [list(hd) for hd in chunk],
+                    "baseline": sw.baseline,
+                    "per_head": {_key(hd): sw.per_head[hd] for hd in chunk},
+                    "touched": {_key(hd): sw.touched[hd] for hd in chunk},
+                    "path": sw.path,
+                    "seconds": chunk_s,
+                    "load_average": os.getloadavg(),
+                    "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+            )
+        )
         n += 1
         log(f"chunk {n}: {len(chunk)} heads in {chunk_s:.0f} s; {len(todo)} left")
 
@@ -128,7 +165,7 @@ def _load_sweep(out: Path):
     if [it.uid for it in items] != [r["uid"] for r in meta["items"]]:
         raise SystemExit("the calibration items regenerated from the seed differ from items_calibration.json")
     base, per_head, touched, seconds = None, {}, {}, 0.0
-    for f in sorted(out.glob("sweep_*.json")):
+    for f in sorted(out.glob("sweep*.json")):
         d = json.loads(f.read_text())
         if base is None:
             base = d["baseline"]
@@ -147,9 +184,11 @@ def _shortlist(out: Path) -> list[tuple[int, int]]:
     return [hd for hd in sorted(est, key=lambda hd: -est[hd]) if est[hd] > 0][:SHORTLIST]
 
 
-def select(out: Path, min_gain: int, score=None) -> dict:
+def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
     """Both procedures from the raw sweep. score(heads) -> calibration items right (None: combinations
-    are read from combinations.json only, as in rescore)."""
+    are read from combinations.json only, as in rescore). The paper procedure's joint calibration score
+    (recorded, never used to choose) is read from combinations.json if it was measured, else None.
+    greedy=False: the paper procedure only (no combination needs scoring)."""
     from steer.act_search import combine_greedy, keep_alone, select_paper
 
     cal, sw, seconds = _load_sweep(out)
@@ -157,9 +196,8 @@ def select(out: Path, min_gain: int, score=None) -> dict:
     base_k, rows = keep_alone(sw, swept, min_gain)
     paper = select_paper([dict(r) for r in rows])
     short = _shortlist(out)
-    missing = [hd for hd in short if hd not in sw.per_head]
-    if missing:
-        raise SystemExit(f"shortlisted heads not swept yet: {missing}")
+    missing = [hd for hd in short if hd not in sw.per_head]  # a time-boxed sweep may not reach them all
+    short = [hd for hd in short if hd in sw.per_head]
     combos_path = out / "combinations.json"
     known = json.loads(combos_path.read_text()) if combos_path.exists() else {}
 
@@ -173,14 +211,33 @@ def select(out: Path, min_gain: int, score=None) -> dict:
         return known[key]
 
     _, short_rows = keep_alone(sw, short, min_gain)
-    greedy, greedy_k, combos = combine_greedy(short_rows, base_k, cached, log)
-    paper_k = cached(paper) if len(paper) > 1 else (base_k if not paper else sw.result(paper[0]).n_correct())
-    return {"n_items": len(sw.items), "baseline_correct": base_k, "n_swept": len(swept), "sweep_seconds": seconds,
-            "swept": [list(hd) for hd in swept], "rows": rows, "shortlist": [list(hd) for hd in short],
-            "paper": {"heads": [list(hd) for hd in paper], "calibration_correct": paper_k},
-            "shortlist_greedy": {"heads": [list(hd) for hd in greedy], "calibration_correct": greedy_k,
-                                 "combinations": combos, "kept_alone": [(r["layer"], r["head"], r["gain"])
-                                                                        for r in short_rows if r["kept"]]}}
+    chosen, greedy_k, combos = (
+        combine_greedy(short_rows, base_k, cached, log) if greedy else (None, None, None)
+    )
+    paper_k = (
+        known.get(";".join(_key(hd) for hd in paper))
+        if len(paper) > 1
+        else base_k
+        if not paper
+        else sw.result(paper[0]).n_correct()
+    )
+    return {
+        "n_items": len(sw.items),
+        "baseline_correct": base_k,
+        "n_swept": len(swept),
+        "sweep_seconds": seconds,
+        "swept": [list(hd) for hd in swept],
+        "rows": rows,
+        "shortlist": [list(hd) for hd in short],
+        "shortlist_not_swept": [list(hd) for hd in missing],
+        "paper": {"heads": [list(hd) for hd in paper], "calibration_correct": paper_k},
+        "shortlist_greedy": {
+            "heads": None if chosen is None else [list(hd) for hd in chosen],
+            "calibration_correct": greedy_k,
+            "combinations": combos,
+            "kept_alone": [(r["layer"], r["head"], r["gain"]) for r in short_rows if r["kept"]],
+        },
+    }
 
 
 def phase_heldout(args, out: Path) -> None:
@@ -190,28 +247,39 @@ def phase_heldout(args, out: Path) -> None:
 
     lm = load(args.model, progress=False)
     model, tok = lm.model, lm.tokenizer
-    cal_splits = task_suite("calibration", n=json.loads((out / "items_calibration.json").read_text())["n_per_task"],
-                            seed=args.seed)
+    cal_splits = task_suite(
+        "calibration",
+        n=json.loads((out / "items_calibration.json").read_text())["n_per_task"],
+        seed=args.seed,
+    )
     params = dict(beta=args.beta)
 
     def score(heads):
         t = time.time()
-        k = evaluate(model, tok, cal_splits, batch_size=args.batch_size,
-                     interventions=[ACT(heads, on_no_effect="ignore", **params)]).n_correct()
+        k = evaluate(
+            model,
+            tok,
+            cal_splits,
+            batch_size=args.batch_size,
+            interventions=[ACT(heads, on_no_effect="ignore", **params)],
+        ).n_correct()
         log(f"calibration with {len(heads)} heads: {k} ({time.time() - t:.0f} s)")
         return k
 
-    sel = None if args.baseline_only else select(out, args.min_gain, score)
-    if sel is not None:
+    sel = None if args.baseline_only else select(out, args.min_gain, score, greedy=args.config != "paper")
+    if sel is not None and args.config != "paper":
         (out / "selection.json").write_text(json.dumps(sel, indent=1))
     held = task_suite("heldout", n=args.heldout, seed=args.seed)
-    (out / "items_heldout.json").write_text(json.dumps({"n_per_task": args.heldout, "seed": args.seed,
-                                                        "items": _items_json(held)}, indent=1))
+    (out / "items_heldout.json").write_text(
+        json.dumps({"n_per_task": args.heldout, "seed": args.seed, "items": _items_json(held)}, indent=1)
+    )
     path = out / "heldout.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     configs = {"baseline": []}
     if sel is not None:
         configs.update(paper=sel["paper"]["heads"], shortlist_greedy=sel["shortlist_greedy"]["heads"])
+        if args.config:
+            configs = {args.config: configs[args.config]}
     for name, heads in configs.items():
         key = ";".join(_key(hd) for hd in heads)
         if key in res:
@@ -219,11 +287,18 @@ def phase_heldout(args, out: Path) -> None:
         t = time.time()
         acts = [ACT([tuple(hd) for hd in heads], on_no_effect="warn", **params)] if heads else []
         r = evaluate(model, tok, held, batch_size=args.batch_size, interventions=acts)
-        res[key] = {"config": name, "heads": heads, "logprobs": r.logprobs, "uids": r.uids,
-                    "rows_touched": acts[0].total_touched if acts else 0, "seconds": time.time() - t}
+        res = json.loads(path.read_text()) if path.exists() else {}  # another process may have added one
+        res[key] = {
+            "config": name,
+            "heads": heads,
+            "logprobs": r.logprobs,
+            "uids": r.uids,
+            "rows_touched": acts[0].total_touched if acts else 0,
+            "seconds": time.time() - t,
+        }
         path.write_text(json.dumps(res))
         log(f"held-out {name}: {r.n_correct()}/{len(r.uids)} ({time.time() - t:.0f} s)")
-    if sel is not None:
+    if sel is not None and not args.config:
         rescore(args, out)
 
 
@@ -250,29 +325,56 @@ def rescore(args, out: Path) -> dict:
     answers = [r["answer"] for r in held_items]
     tasks = [r["task"] for r in held_items]
     res = json.loads((out / "heldout.json").read_text())
-    by_name = {v["config"]: v for v in res.values()}
-    base = _correct(by_name["baseline"]["logprobs"], answers)
+    base = _correct(res[""]["logprobs"], answers)
     table = []
     for name in ("paper", "shortlist_greedy"):
         heads = sel[name]["heads"]
-        new = _correct(by_name[name]["logprobs"], answers) if heads else base
+        new = _correct(res[";".join(_key(hd) for hd in heads)]["logprobs"], answers) if heads else base
         for task in [*dict.fromkeys(tasks), "all"]:
             idx = [i for i, t in enumerate(tasks) if task in ("all", t)]
             kb, kn = sum(base[i] for i in idx), sum(new[i] for i in idx)
             g = sum(new[i] and not base[i] for i in idx)
             lo = sum(base[i] and not new[i] for i in idx)
-            table.append({"procedure": name, "task": task, "n": len(idx), "baseline": kb,
-                          "baseline_ci": wilson_interval(kb, len(idx)), "act": kn,
-                          "act_ci": wilson_interval(kn, len(idx)), "delta_pts": 100 * (kn - kb) / len(idx),
-                          "gained": g, "lost": lo, "mcnemar_p": _mcnemar_exact(g, lo), "n_heads": len(heads)})
-    summary = {"selection": {k: v for k, v in sel.items() if k != "rows"}, "heldout": table,
-               "kept_alone": [(r["layer"], r["head"], r["gain"]) for r in sel["rows"] if r["kept"]],
-               "gain_histogram": {str(g): sum(r["gain"] == g for r in sel["rows"])
-                                  for g in sorted({r["gain"] for r in sel["rows"]})}}
+            table.append(
+                {
+                    "procedure": name,
+                    "task": task,
+                    "n": len(idx),
+                    "baseline": kb,
+                    "baseline_ci": wilson_interval(kb, len(idx)),
+                    "act": kn,
+                    "act_ci": wilson_interval(kn, len(idx)),
+                    "delta_pts": 100 * (kn - kb) / len(idx),
+                    "gained": g,
+                    "lost": lo,
+                    "mcnemar_p": _mcnemar_exact(g, lo),
+                    "n_heads": len(heads),
+                }
+            )
+    summary = {
+        "selection": {k: v for k, v in sel.items() if k != "rows"},
+        "heldout": table,
+        "kept_alone": [(r["layer"], r["head"], r["gain"]) for r in sel["rows"] if r["kept"]],
+        "gain_histogram": {
+            str(g): sum(r["gain"] == g for r in sel["rows"]) for g in sorted({r["gain"] for r in sel["rows"]})
+        },
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    for row in table:
-        print(json.dumps(row))
+    print(
+        "| procedure | task | n | baseline (95% Wilson) | ACT (95% Wilson) | delta | gained / lost | exact McNemar p |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(
+            f"| {r['procedure']} ({r['n_heads']} heads) | {r['task']} | {r['n']} | {_pct(r['baseline'], r['n'], r['baseline_ci'])} "
+            f"| {_pct(r['act'], r['n'], r['act_ci'])} | {r['delta_pts']:+.1f} pts | {r['gained']} / {r['lost']} "
+            f"| {r['mcnemar_p']:.3g} |"
+        )
     return summary
+
+
+def _pct(k: int, n: int, ci) -> str:
+    return f"{k} = {100 * k / n:.1f}% ({100 * ci[0]:.0f}-{100 * ci[1]:.0f}%)"
 
 
 def main() -> int:
@@ -283,11 +385,22 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=80, help="held-out items per task")
     ap.add_argument("--beta", type=float, default=0.4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk", type=int, default=8, help="heads per sweep_heads call (one baseline forward each)")
+    ap.add_argument(
+        "--chunk", type=int, default=8, help="heads per sweep_heads call (one baseline forward each)"
+    )
+    ap.add_argument("--layers", help="sweep phase, second worker: only heads of layers LO-HI (no screen)")
     ap.add_argument("--until", default="20:45", help="UTC time box of the sweep phase (HH:MM)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--baseline-only", action="store_true",
-                    help="heldout phase: score only the held-out baseline (it needs no selection; run it early)")
+    ap.add_argument(
+        "--baseline-only",
+        action="store_true",
+        help="heldout phase: score only the held-out baseline (it needs no selection; run it early)",
+    )
+    ap.add_argument(
+        "--config",
+        choices=("paper", "shortlist_greedy"),
+        help="heldout phase: evaluate only this procedure's heads (two processes can run at once)",
+    )
     ap.add_argument("--min-gain", type=int, default=1, help="items a head must gain alone to be kept")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

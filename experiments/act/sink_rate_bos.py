@@ -29,8 +29,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--start-token", action="append",
-                    help="token to prepend (repeatable); default for SmolLM2: <|endoftext|> and <|im_start|>")
+    ap.add_argument(
+        "--start-token",
+        action="append",
+        help="token to prepend (repeatable); default for SmolLM2: <|endoftext|> and <|im_start|>",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -44,13 +47,23 @@ def main() -> int:
         if tid is None or tid == tok.unk_token_id and token != tok.unk_token:
             raise SystemExit(f"{token!r} is not a token of {args.model}'s vocabulary")
         conditions[f"{token} (id {tid})"] = [[tid, *s[:63]] for s in plain]
-    out = {"model": args.model, "weights_hash": lm.weights_hash, "inputs": args.n, "length": 64,
-           "tokenizer_bos_token": tok.bos_token, "tokenizer_adds_bos": tok("x").input_ids[0] == tok.bos_token_id,
-           "conditions": {}}
+    out = {
+        "model": args.model,
+        "weights_hash": lm.weights_hash,
+        "inputs": args.n,
+        "length": 64,
+        "tokenizer_bos_token": tok.bos_token,
+        "tokenizer_adds_bos": tok("x").input_ids[0] == tok.bos_token_id,
+        "conditions": {},
+    }
     for name, inputs in conditions.items():
         r = detect_sinks(lm.model, tok, inputs, batch_size=10, keep_maps=False)
-        out["conditions"][name] = {"sink_rate": r.sink_rate(), "ci95": sink_rate_interval(r),
-                                   "mean_first_score": float(r.first.mean()), "inputs": r.n_inputs}
+        out["conditions"][name] = {
+            "sink_rate": r.sink_rate(),
+            "ci95": sink_rate_interval(r),
+            "mean_first_score": float(r.first.mean()),
+            "inputs": r.n_inputs,
+        }
         print(name, json.dumps(out["conditions"][name]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(out, indent=2))
