@@ -550,6 +550,16 @@ def _scorer(hf, tok, splits, batch_size: int, params: dict) -> Callable[[list], 
     return score
 
 
+def _select(procedure: str, rows: list[dict], base_k: int, score, say) -> tuple[list, int, list[dict]]:
+    """(heads applied, their calibration score, greedy combination log) by the procedure's keep rule."""
+    if procedure == "shortlist":
+        return combine_greedy(rows, base_k, score, say)
+    chosen = select_paper(rows)
+    alone = {(r["layer"], r["head"]): r["correct"] for r in rows}
+    best = score(chosen) if len(chosen) > 1 else alone[chosen[0]] if chosen else base_k
+    return chosen, best, []
+
+
 def calibrate_heads(
     model,
     tok,
@@ -591,53 +601,21 @@ def calibrate_heads(
     say(
         f"{len(cands)} candidate heads of {n_total} ({len(freq)} show a hidden sink on the calibration prompts)"
     )
-    screening: list[dict] = []
-    swept = cands
+    swept, screening = cands, []
     if procedure == "shortlist":
-        swept, screening = screen_heads(
-            hf,
-            tok,
-            splits,
-            cands,
-            screen=screen,
-            screen_items=screen_items,
-            shortlist=shortlist,
-            batch_size=batch_size,
-            fast=fast,
-            params=params,
-            say=say,
-        )
+        swept, screening = screen_heads(hf, tok, splits, cands, screen=screen, screen_items=screen_items,
+                                        shortlist=shortlist, batch_size=batch_size, fast=fast, params=params, say=say)
     sw = sweep_heads(hf, tok, items, swept, batch_size=batch_size, fast=fast, progress=say, **params)
     base_k, rows = keep_alone(sw, swept, min_gain, freq)
     say(f"baseline {base_k}/{len(items)}; {sum(r['kept'] for r in rows)} of {len(rows)} heads gain alone")
-    score = _scorer(hf, tok, splits, batch_size, params)
-    combos: list[dict] = []
-    if procedure == "paper":
-        chosen = select_paper(rows)
-        alone = {(r["layer"], r["head"]): r["correct"] for r in rows}
-        best = score(chosen) if len(chosen) > 1 else alone[chosen[0]] if chosen else base_k
-    else:
-        chosen, best, combos = combine_greedy(rows, base_k, score, say)
-    search = {
-        "procedure": procedure,
-        "rule": PROCEDURES[procedure],
-        "min_gain": min_gain,
-        "screen": screen if screening else None,
-        "screen_items_per_task": screen_items if screening and screen == "exact" else None,
-        "shortlist_size": shortlist if procedure == "shortlist" else None,
-        "max_candidates": max_candidates,
-        "n_items": len(items),
-        "tasks": [s.task for s in splits],
-        "seeds": [s.seed for s in splits],
-        "n_heads_total": n_total,
-        "n_candidates": len(cands),
-        "swept": [list(hd) for hd in swept],
-        "screening": screening,
-        "baseline_correct": base_k,
-        "final_correct": best,
-        "candidates": rows,
-        "combinations": combos,
-        "path": sw.path,
-    }
+    chosen, best, combos = _select(procedure, rows, base_k, _scorer(hf, tok, splits, batch_size, params), say)
+    search = dict(
+        procedure=procedure, rule=PROCEDURES[procedure], min_gain=min_gain, screen=screen if screening else None,
+        screen_items_per_task=screen_items if screening and screen == "exact" else None,
+        shortlist_size=shortlist if procedure == "shortlist" else None, max_candidates=max_candidates,
+        n_items=len(items), tasks=[s.task for s in splits], seeds=[s.seed for s in splits], n_heads_total=n_total,
+        n_candidates=len(cands), swept=[list(hd) for hd in swept], screening=screening, baseline_correct=base_k,
+        final_correct=best, candidates=rows, combinations=combos, path=sw.path,
+    )
     name = getattr(hf.config, "_name_or_path", "") or hf.config.model_type
     return ACTConfig(heads=chosen, model=str(name), search=search, **params)

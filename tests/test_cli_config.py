@@ -130,7 +130,7 @@ def test_build_bad_inputs(ckpt, prof_dir, tmp_path, capsys):
     assert (
         main(["config", "build", "--model", str(ckpt), "--experts", "1:99", "-o", str(tmp_path / "x")]) == 2
     )
-    assert "expert 99 is out of range" in capsys.readouterr().err
+    assert "99 out of range 0..7" in capsys.readouterr().err
     assert main(["config", "build", "--model", str(ckpt), "--experts", "1-3", "-o", str(tmp_path / "x")]) == 2
     assert "--experts: '1-3' is not LAYER:EXPERT" in capsys.readouterr().err
     assert (

@@ -71,9 +71,6 @@ def test_no_import_cycle_among_steer_modules():
 MAX_FUNCTION_LINES = 60
 # Functions another branch is splitting into named steps; the lead empties this list at merge.
 BEING_SPLIT_ELSEWHERE = {
-    "steer.act_search.calibrate_heads",  # being split on another branch (the head search moved to act_search)
-    "steer.act_search.attribution_screen",  # being split on another branch
-    "steer.act_search.sweep_heads",  # being split on another branch
     "steer.sinks.detect_sinks",  # being split on another branch
 }
 

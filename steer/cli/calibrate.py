@@ -41,8 +41,6 @@ def _heads(text: str) -> list[tuple[int, int]]:
 
 
 def add_parser(sub) -> None:
-    from steer.act_search import MIN_GAIN, PROCEDURE, PROCEDURES, SCREEN_ITEMS, SCREENS, SHORTLIST
-
     p = sub.add_parser(
         "calibrate",
         help="ACT head search on the calibration split; writes an ACT config",
@@ -71,6 +69,17 @@ def add_parser(sub) -> None:
         "--heads", type=_heads, help="candidate heads LAYER:HEAD,... (default: heads with hidden sinks)"
     )
     p.add_argument("--max-candidates", type=int, help="search at most this many candidates (default: all)")
+    _add_procedure_options(p)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, required=True, help="where to write the ACT config (JSON)")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=run)
+
+
+def _add_procedure_options(p: argparse.ArgumentParser) -> None:
+    """How heads are selected: the procedure and the shortlist procedure's screen."""
+    from steer.act_search import MIN_GAIN, PROCEDURE, PROCEDURES, SCREEN_ITEMS, SCREENS, SHORTLIST
+
     p.add_argument(
         "--procedure",
         choices=tuple(PROCEDURES),
@@ -97,10 +106,6 @@ def add_parser(sub) -> None:
         help=f"shortlist procedure: heads sent from screening to the exact sweep (default {SHORTLIST})",
     )
     p.add_argument("--min-gain", type=int, default=MIN_GAIN, help="items a head must add alone to be kept")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", type=Path, required=True, help="where to write the ACT config (JSON)")
-    p.add_argument("--json", action="store_true", help="machine-readable summary")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
