@@ -267,19 +267,29 @@ def gather_sinks(k, v, *, heads, cols, scale: float, n_heads: int):
 
 
 def act_decode_from_lse(
-    q, out, lse_h, *, heads, ks, vs, valid, beta: float, n_keys: int, cols, k, v, scale: float
+    q, out, lse_h, *, heads, ks, vs, valid, beta: float, n_keys: int, cols, k, v, scale: float, mask=None
 ):
-    """ACT on a few causal query rows (decode, no mask, no window cutting) with the sink keys/values
-    gathered at prefill (`gather_sinks`, with kv heads already mapped): the same result as act_from_lse
-    with about half the tensor operations, which dominate a decode step's cost on CPU.
+    """ACT on a few query rows at the end of the cache (decode) with the sink keys/values gathered at
+    prefill (`gather_sinks`): the same result as act_from_lse with about half the tensor operations,
+    which dominate a decode step's cost on CPU.
 
-    lse_h [B, Hs, Tq] (attention_head_lse); valid Bool[B, Hs, S]; n_keys: keys in the cache (every
-    row sees all of them and every valid sink). k, v, cols: for the exact recompute of rows with c > C_MAX."""
+    lse_h [B, Hs, Tq] (attention_head_lse); cols Long[B, Hs, S] the sink columns in this cache (0..Tk-1),
+    valid Bool[B, Hs, S]; mask: Bool[B or 1, 1, Tq, Tk] (steer's, holding padding and window) or None =
+    every row sees all n_keys keys. k, v: for the exact recompute of rows with c > C_MAX."""
+    B, Hs, S = valid.shape
+    Tq = q.shape[2]
+    if mask is None:
+        ok = valid.unsqueeze(2)  # [B, Hs, 1, S]
+        rest_exists = (valid.sum(-1) < n_keys).view(B, Hs, 1, 1)
+    else:
+        m = mask[:, 0].unsqueeze(1).expand(B, Hs, Tq, mask.shape[-1])
+        ok = torch.gather(m, 3, cols.unsqueeze(2).expand(B, Hs, Tq, S)) & valid.unsqueeze(2)
+        rest_exists = (ok.sum(-1) < mask[:, 0].sum(-1).unsqueeze(1)).unsqueeze(-1)
     p = torch.exp(torch.matmul(q[:, heads].float(), ks.transpose(-1, -2)).sub_(lse_h.unsqueeze(-1)))
-    p = p.mul_(valid.unsqueeze(2))  # [B, Hs, Tq, S]
+    p = p.mul_(ok)  # [B, Hs, Tq, S]
     P = p.sum(-1, keepdim=True)
     o_s = torch.matmul(p, vs)
-    rescale = (P > 0) & (valid.sum(-1) < n_keys).view(*valid.shape[:2], 1, 1)
+    rescale = (P > 0) & rest_exists
     c = (1.0 - beta * P) / (1.0 - P)
     o = out[:, heads].float()
     new = torch.where(rescale, c * (o - o_s) + beta * o_s, o)
@@ -287,7 +297,7 @@ def act_decode_from_lse(
     rescale = rescale.squeeze(-1)
     if bool(ill.any()):
         b_i, j_i, r_i = ill.squeeze(-1).nonzero(as_tuple=True)
-        rows, moved = _exact_rows(q, k, v, scale, heads, cols, valid, beta, None, None, b_i, j_i, r_i)
+        rows, moved = _exact_rows(q, k, v, scale, heads, cols, valid, beta, mask, None, b_i, j_i, r_i)
         new[b_i, j_i, r_i] = torch.where(moved.unsqueeze(-1), rows, o[b_i, j_i, r_i])
         rescale[b_i, j_i, r_i] = moved
     result = out.clone()

@@ -299,13 +299,14 @@ class ACT(Intervention):
                                    "for a whole generate() call")
             out, lse = attention_head_lse(q, k, v, scale=scale, heads=heads, mask=mask, sliding_window=window)
             cols, valid = state.cols, state.valid
-            if not offset and mask is None and (window is None or tk <= window):  # every sink visible
-                return act_decode_from_lse(q, out, lse, heads=heads, ks=state.sink_kv[0], vs=state.sink_kv[1],
-                                           valid=valid, beta=self.beta, n_keys=tk, cols=cols, k=k, v=v, scale=scale)
             if offset:  # a sliding cache dropped the oldest keys: shift, and drop the sinks that left
                 cols = cols - offset
                 valid = valid & (cols >= 0)
                 cols = cols.clamp_min(0)
+            if window is None or tk <= window:  # steer's mask (if any) holds padding and window
+                return act_decode_from_lse(q, out, lse, heads=heads, ks=state.sink_kv[0], vs=state.sink_kv[1],
+                                           valid=valid, beta=self.beta, n_keys=tk, cols=cols, k=k, v=v, scale=scale,
+                                           mask=mask)
         return act_from_lse(q, k, v, out, lse, scale=scale, heads=heads, cols=cols, valid=valid, beta=self.beta,
                             mask=mask, sliding_window=window)
 

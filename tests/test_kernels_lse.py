@@ -334,3 +334,35 @@ def test_act_decode_from_lse_equals_act_from_lse(Tq):
     )
     torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
     assert int(t) == int(t_ref)
+
+
+@pytest.mark.parametrize("case", ["decode_padded", "chunk"])
+def test_act_decode_from_lse_with_a_mask(case):
+    q, k, v, sinks, heads, mask, window = _case(case, seed=6)
+    if mask is None:  # a windowed mask, as steer builds for sliding layers
+        mask = visibility(q.shape[2], k.shape[2], None, 9).expand(2, 1, -1, -1)
+    sinks[..., 36:] = False
+    h, cols, valid = sink_index(sinks, heads)
+    out, lse = attention_head_lse(q, k, v, scale=0.3, heads=h, mask=mask)
+    ref, t_ref = act_attention_reference(
+        q, k, v, scale=0.3, sink_mask=sinks, head_mask=heads, beta=0.4, mask=mask
+    )
+    ks, vs = gather_sinks(k, v, heads=h, cols=cols, scale=0.3, n_heads=q.shape[1])
+    got, t = act_decode_from_lse(
+        q,
+        out,
+        lse,
+        heads=h,
+        ks=ks,
+        vs=vs,
+        valid=valid,
+        beta=0.4,
+        n_keys=40,
+        cols=cols,
+        k=k,
+        v=v,
+        scale=0.3,
+        mask=mask,
+    )
+    torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
+    assert int(t) == int(t_ref) > 0

@@ -146,7 +146,9 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--lengths", type=int, nargs="*", default=[512, 2048])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--slow-max", type=int, default=2048, help="time act_kernel/sinks_previous/eager up to this")
+    ap.add_argument(
+        "--slow-max", type=int, default=2048, help="time act_kernel/sinks_previous/eager up to this"
+    )
     ap.add_argument("--sample-rows", type=int, default=256)
     ap.add_argument("--decode-cache", type=int, default=2048, help="0 = no decode timing")
     ap.add_argument("--decode-steps", type=int, default=16)
@@ -180,10 +182,16 @@ def main() -> int:
             times = decode_times(model, tok, args.decode_cache, args.decode_steps)
             base = statistics.median(times["decode_plain"])
             for name, ts in times.items():
-                emit({"tokens": args.decode_cache, "mode": name, "repeats": len(ts),
-                      "median_s": round(statistics.median(ts), 5),
-                      "ratio_to_plain_decode_median": round(statistics.median(ts) / base, 3),
-                      "load_avg_1min": [load0, os.getloadavg()[0]]})
+                emit(
+                    {
+                        "tokens": args.decode_cache,
+                        "mode": name,
+                        "repeats": len(ts),
+                        "median_s": round(statistics.median(ts), 5),
+                        "ratio_to_plain_decode_median": round(statistics.median(ts) / base, 3),
+                        "load_avg_1min": [load0, os.getloadavg()[0]],
+                    }
+                )
         for n in args.lengths:
             modes = prefill_modes(model, tok, n, args.slow_max, args.sample_rows)
             if args.modes:
@@ -193,9 +201,17 @@ def main() -> int:
             load1 = os.getloadavg()[0]
             base = statistics.median(times["sdpa"])
             for name, ts in times.items():
-                emit({"tokens": n, "mode": name, "repeats": len(ts), "median_s": round(statistics.median(ts), 3),
-                      "ratio_to_sdpa_median": round(statistics.median(ts) / base, 3),
-                      "seconds": [round(t, 3) for t in ts], "load_avg_1min": [load0, load1]})
+                emit(
+                    {
+                        "tokens": n,
+                        "mode": name,
+                        "repeats": len(ts),
+                        "median_s": round(statistics.median(ts), 3),
+                        "ratio_to_sdpa_median": round(statistics.median(ts) / base, 3),
+                        "seconds": [round(t, 3) for t in ts],
+                        "load_avg_1min": [load0, load1],
+                    }
+                )
     return 0
 
 
