@@ -458,6 +458,92 @@ def _tokenize(tok, inputs) -> list[list[int]]:
     return [list(x) for x in inputs]
 
 
+def _check_detect_options(tau, alpha, min_queries: int, candidates, sample_rows) -> list[int] | None:
+    """Validate detect_sinks' options; the candidate positions sorted and deduplicated."""
+    sink_threshold(tau, alpha, 1)  # validates the rule
+    if min_queries < 1:
+        raise ValueError(f"min_queries must be >= 1 (got {min_queries})")
+    if candidates is not None and sample_rows is not None:
+        raise ValueError("pass candidates (exact scores of a few positions) or sample_rows (estimates of every "
+                         "position), not both")
+    if candidates is not None:
+        candidates = sorted({int(c) for c in candidates})
+        if not candidates or candidates[0] < 0:
+            raise ValueError(f"candidates must be a non-empty list of key positions >= 0 (got {candidates})")
+    if sample_rows is not None and sample_rows < 2:
+        raise ValueError(f"sample_rows must be >= 2 query rows (got {sample_rows}): a standard error needs two")
+    return candidates
+
+
+def _inputs(tok, inputs, pad_token_id: int | None) -> tuple[list[list[int]], int]:
+    """(token id lists, the pad id: given, else the tokenizer's, else 0); an empty input is an error."""
+    seqs = _tokenize(tok, inputs)
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("an input has no tokens")
+    if pad_token_id is None:
+        pad_token_id = getattr(tok, "pad_token_id", None) if tok is not None else None
+    return seqs, 0 if pad_token_id is None else pad_token_id
+
+
+def _collector(n_layers: int, keep_maps: bool, sample_rows: int | None, seed: int) -> _Collector:
+    coll = _Collector(n_layers, keep_maps)
+    coll.sample_rows = sample_rows
+    coll.generator = torch.Generator().manual_seed(seed) if sample_rows is not None else None
+    return coll
+
+
+def _token_strings(tok, seqs) -> list[list[str]]:
+    return [[tok.decode([t]) if tok is not None else str(t) for t in s] for s in seqs]
+
+
+def _model_name(hf) -> str:
+    cfg = getattr(hf.config, "text_config", None) or hf.config
+    return str(getattr(hf.config, "_name_or_path", "") or cfg.model_type)
+
+
+def _result_tensors(seqs, n_layers: int, n_heads: int, sampled: bool):
+    """NaN-filled scores [n, L, H, T], zero observer counts [n, L, T], and standard errors if sampled."""
+    t_max = max(len(s) for s in seqs)
+    scores = torch.full((len(seqs), n_layers, n_heads, t_max), float("nan"))
+    n_obs = torch.zeros((len(seqs), n_layers, t_max), dtype=torch.long)
+    return scores, n_obs, torch.full_like(scores, float("nan")) if sampled else None
+
+
+def _takes_exact_path(hf, force_exact: bool, fast_options: bool) -> bool:
+    """Whether the eager-map path runs (forced, or the attention is not plain softmax); refuses the
+    streaming-only options (candidates, sample_rows) there."""
+    exact = force_exact or exact_path_reason(hf) is not None
+    if exact and fast_options:
+        why = "force_exact=True" if force_exact else exact_path_reason(hf)
+        raise ValueError(f"candidates and sample_rows need the streaming path, but this call takes the exact path "
+                         f"({why}), which reads whole maps anyway; drop them (the exact scores cost the same)")
+    return exact
+
+
+def _set_candidates(coll, batch, width: int, candidates: list[int]) -> None:
+    """The absolute key columns of each row's candidates (left padding shifts them). Positions past an
+    input's end are dropped; rows are padded with a repeat of their own first candidate (the same value
+    written twice), or NaN-ed when none is in range."""
+    rows = [[width - len(s) + c for c in candidates if c < len(s)] for s in batch]
+    coll.candidates = torch.tensor([r + [r[0] if r else 0] * (len(candidates) - len(r)) for r in rows])
+    coll.no_candidates = [b for b, r in enumerate(rows) if not r]
+
+
+def _store_batch(coll, batch, start: int, width: int, n_layers: int, scores, n_obs, stderr) -> None:
+    """Copy one batch's per-layer column sums into the result tensors, keys left-aligned per input."""
+    if len(coll.col) != n_layers:
+        raise RuntimeError(f"sink statistics came from {len(coll.col)} of {n_layers} layers")
+    for layer in range(n_layers):
+        col, obs = coll.col[layer], coll.obs[layer]
+        for b, s in enumerate(batch):
+            off = width - len(s)
+            o = obs[b, off:]
+            scores[start + b, layer, :, : len(s)] = col[b, :, off:] / o.clamp_min(1)
+            n_obs[start + b, layer, : len(s)] = o
+            if stderr is not None:
+                stderr[start + b, layer, :, : len(s)] = coll.se[layer][b, :, off:] / o.clamp_min(1)
+
+
 @torch.no_grad()
 def detect_sinks(
     model,
@@ -485,42 +571,16 @@ def detect_sinks(
     sample_rows: estimate every score from this many query rows per input and layer, drawn uniformly
     without replacement (generator seeded with `seed`): unbiased, standard errors in `result.stderr`.
     """
-    sink_threshold(tau, alpha, 1)  # validates the rule
-    if min_queries < 1:
-        raise ValueError(f"min_queries must be >= 1 (got {min_queries})")
-    if candidates is not None and sample_rows is not None:
-        raise ValueError("pass candidates (exact scores of a few positions) or sample_rows (estimates of every "
-                         "position), not both")
-    if candidates is not None:
-        candidates = sorted({int(c) for c in candidates})
-        if not candidates or candidates[0] < 0:
-            raise ValueError(f"candidates must be a non-empty list of key positions >= 0 (got {candidates})")
-    if sample_rows is not None and sample_rows < 2:
-        raise ValueError(f"sample_rows must be >= 2 query rows (got {sample_rows}): a standard error needs two")
+    candidates = _check_detect_options(tau, alpha, min_queries, candidates, sample_rows)
     hf = unwrap_model(model)
     mm = model_map(hf)
     cfg = getattr(hf.config, "text_config", None) or hf.config
-    seqs = _tokenize(tok, inputs)
-    if any(len(s) == 0 for s in seqs):
-        raise ValueError("an input has no tokens")
-    if pad_token_id is None:
-        pad_token_id = getattr(tok, "pad_token_id", None) if tok is not None else None
-        pad_token_id = 0 if pad_token_id is None else pad_token_id
-    if keep_maps is None:
-        keep_maps = len(seqs[0]) <= KEEP_MAPS_UP_TO
-    exact = force_exact or exact_path_reason(hf) is not None
-    if exact and (candidates is not None or sample_rows is not None):
-        why = "force_exact=True" if force_exact else exact_path_reason(hf)
-        raise ValueError(f"candidates and sample_rows need the streaming path, but this call takes the exact path "
-                         f"({why}), which reads whole maps anyway; drop them (the exact scores cost the same)")
-    n_layers, n_heads = mm.n_layers, cfg.num_attention_heads
-    t_max = max(len(s) for s in seqs)
-    scores = torch.full((len(seqs), n_layers, n_heads, t_max), float("nan"))
-    n_obs = torch.zeros((len(seqs), n_layers, t_max), dtype=torch.long)
-    coll = _Collector(n_layers, keep_maps)
-    coll.sample_rows = sample_rows
-    coll.generator = torch.Generator().manual_seed(seed) if sample_rows is not None else None
-    stderr = torch.full_like(scores, float("nan")) if sample_rows is not None else None
+    seqs, pad_token_id = _inputs(tok, inputs, pad_token_id)
+    keep_maps = len(seqs[0]) <= KEEP_MAPS_UP_TO if keep_maps is None else keep_maps
+    exact = _takes_exact_path(hf, force_exact, candidates is not None or sample_rows is not None)
+    n_layers = mm.n_layers
+    scores, n_obs, stderr = _result_tensors(seqs, n_layers, cfg.num_attention_heads, sample_rows is not None)
+    coll = _collector(n_layers, keep_maps, sample_rows, seed)
     hook = _exact_hook(coll, cfg) if exact else _streaming_hook(coll)
     point = "blocks.*.attn.pattern" if exact else "blocks.*.attn.impl"
     device = next(hf.parameters()).device
@@ -534,33 +594,17 @@ def detect_sinks(
             coll.reset()
             coll.keep_maps = keep_maps and start == 0
             coll.unpadded = all(len(s) == width for s in batch)
-            if candidates is not None:  # absolute key columns of each row (left padding shifts them)
-                # positions past an input's end are dropped; rows are padded with a repeat of their own
-                # first candidate (the same value written twice), or NaN-ed when none is in range
-                rows = [[width - len(s) + c for c in candidates if c < len(s)] for s in batch]
-                coll.candidates = torch.tensor([r + [r[0] if r else 0] * (len(candidates) - len(r)) for r in rows])
-                coll.no_candidates = [b for b, r in enumerate(rows) if not r]
+            if candidates is not None:
+                _set_candidates(coll, batch, width, candidates)
             base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            if len(coll.col) != n_layers:
-                raise RuntimeError(f"sink statistics came from {len(coll.col)} of {n_layers} layers")
-            for layer in range(n_layers):
-                col, obs = coll.col[layer], coll.obs[layer]
-                for b, s in enumerate(batch):
-                    off = width - len(s)
-                    o = obs[b, off:]
-                    scores[start + b, layer, :, : len(s)] = col[b, :, off:] / o.clamp_min(1)
-                    n_obs[start + b, layer, : len(s)] = o
-                    if stderr is not None:
-                        stderr[start + b, layer, :, : len(s)] = coll.se[layer][b, :, off:] / o.clamp_min(1)
+            _store_batch(coll, batch, start, width, n_layers, scores, n_obs, stderr)
             if coll.keep_maps:
                 off = width - len(batch[0])
                 maps = {layer: m[:, off:, off:].clone() for layer, m in coll.maps.items()}
-    tokens = [[tok.decode([t]) if tok is not None else str(t) for t in s] for s in seqs]
-    name = getattr(hf.config, "_name_or_path", "") or cfg.model_type
-    path = "exact" if exact else "candidates" if candidates is not None else \
-        "sampled" if sample_rows is not None else "streaming"
-    return SinkResult(scores, n_obs, torch.tensor([len(s) for s in seqs]), tokens, tau=tau, alpha=alpha,
-                      eps=eps, min_queries=min_queries, model=str(name), path=path, maps=maps, stderr=stderr)
+    path = "exact" if exact else "candidates" if candidates is not None else "sampled" if sample_rows else "streaming"
+    return SinkResult(scores, n_obs, torch.tensor([len(s) for s in seqs]), _token_strings(tok, seqs), tau=tau,
+                      alpha=alpha, eps=eps, min_queries=min_queries, model=_model_name(hf), path=path, maps=maps,
+                      stderr=stderr)
 
 
 def sink_rate_interval(result: SinkResult, eps: float | None = None, z: float = 1.96) -> tuple[float, float]:

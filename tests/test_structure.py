@@ -69,10 +69,6 @@ def test_no_import_cycle_among_steer_modules():
 
 
 MAX_FUNCTION_LINES = 60
-# Functions another branch is splitting into named steps; the lead empties this list at merge.
-BEING_SPLIT_ELSEWHERE = {
-    "steer.sinks.detect_sinks",  # being split on another branch
-}
 
 
 def _is_triton_kernel(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
@@ -112,13 +108,11 @@ def test_long_function_finder():
     tree = ast.parse(src)
     kernel, plain = tree.body
     assert _is_triton_kernel(kernel) and not _is_triton_kernel(plain)
+    assert long_functions(limit=10**6) == {}
 
 
 def test_no_long_functions():
     """No function over ~60 lines outside Triton kernels: long ones become small named steps."""
-    found = long_functions()
-    too_long = {name: n for name, n in found.items() if name not in BEING_SPLIT_ELSEWHERE}
+    too_long = long_functions()
     assert not too_long, "functions over 60 lines (split them into named steps): " + ", ".join(
         f"{name} ({n} lines)" for name, n in sorted(too_long.items(), key=lambda kv: -kv[1]))
-    stale = sorted(BEING_SPLIT_ELSEWHERE - set(found))
-    assert not stale, f"no longer over 60 lines, remove from BEING_SPLIT_ELSEWHERE: {stale}"
