@@ -245,10 +245,7 @@ def test_vllm_fingerprints_verify(tiny_ckpt, tmp_path):
     out = run_engine(tmp_path, "fp", model=tiny_ckpt, prompts=PROMPTS, max_tokens=10, config=cfg_dir,
                      fingerprint_dir=fp_dir)
     fps = [served_fingerprints(fp_dir, f"req{i}", p, r["output_ids"]) for i, (p, r) in enumerate(zip(PROMPTS, out["results"]))]
-    from steer.difr import Fingerprints
-
-    fp = Fingerprints.concat(fps)
-    _check_claim(model, cfg, cfg_dir, fp, PROMPTS, tokenizer=None, n=10)
+    _check_claim(model, cfg, cfg_dir, fps, tokenizer=None, n=10)
 
 
 def _completion(ids: list[int], max_tokens: int = 10, **extra) -> dict:
@@ -321,7 +318,6 @@ def test_fingerprints_come_back_over_http(difr_server, tiny_ckpt):
     processor and steer's HTTP route: a remote client sends a completion with
     vllm_xargs={"steer_fingerprint": true}, receives a server-issued key and token, fetches the claim
     from the same server with them and verifies it; nobody else can read it."""
-    from steer.difr import Fingerprints
     from steer.serving import FingerprintTicket, fetch_fingerprints
 
     torch.set_num_threads(1)
@@ -346,7 +342,7 @@ def test_fingerprints_come_back_over_http(difr_server, tiny_ckpt):
         fetch_fingerprints(server.base, tickets[0].key, PROMPTS[0], [1])
     # other routes are untouched by the middleware
     assert _http_json(server.base + "/v1/models")["data"][0]["id"] == str(tiny_ckpt)
-    _check_claim(server.hf, server.cfg, server.cfg_dir, Fingerprints.concat(fps), PROMPTS, tokenizer=None, n=10)
+    _check_claim(server.hf, server.cfg, server.cfg_dir, fps, tokenizer=None, n=10)
 
 
 def test_bad_requests_through_the_route_are_400s(difr_server, tiny_ckpt):
@@ -381,32 +377,37 @@ def _http_json(url: str, body: dict | None = None, timeout: float = 120.0) -> di
         return json.loads(resp.read())
 
 
-def _check_claim(model, cfg, cfg_dir, fp, prompts, tokenizer, n):
-    """The served claim verifies with the config it names; a forged claim (config run, none named)
-    is rejected by the unsteered reference: the fingerprints depend on the served steering."""
+# The verifier's benign prompts: the conformal threshold at 1% needs >= 100 disjoint benign windows of
+# a claim's length, so 60 prompts in two batch compositions give 120 windows of up to 10 tokens.
+BENIGN_PROMPTS = [[ord(c) for c in f"benign prompt {i}: {w}"] for i, w in
+                  enumerate(("apple river window garden doctor pencil silver castle forest rabbit " * 6).split())]
+
+
+def _check_claim(model, cfg, cfg_dir, fps, tokenizer, n):
+    """Each served request's claim verifies with the config it names; the same claims, named as
+    unsteered, are rejected by the unsteered reference: the fingerprints depend on the served steering."""
     import dataclasses
 
     from steer.difr import calibrate, fingerprint_prompts
     from steer.difr.fingerprint import intervention_digest
 
     digest = intervention_digest(cfg_dir)
-    assert fp.intervention == digest  # the engine names the config it served
+    assert all(fp.intervention == digest for fp in fps)  # the engine names the config it served
 
-    def benign():  # the verifier's benign runs: HF, two batch compositions
-        return [fingerprint_prompts(model, tokenizer, prompts, config=cfg.difr.difr_config(), max_new_tokens=n,
-                                    batch_size=b, intervention=intervention) for b in (1, 2)]
+    def benign(intervention):  # the verifier's benign runs: HF on other prompts, two batch compositions
+        return [fingerprint_prompts(model, tokenizer, BENIGN_PROMPTS, config=cfg.difr.difr_config(), max_new_tokens=n,
+                                    batch_size=b, intervention=intervention) for b in (1, 8)]
 
-    intervention = digest
     with cfg.apply(model):
-        calib = calibrate(model, benign(), intervention=digest)
-        good = verify(model, fp, calib, intervention=digest)
+        calib = calibrate(model, benign(digest), intervention=digest)
+        goods = [verify(model, fp, calib, intervention=digest) for fp in fps]
     with pytest.raises(ValueError, match="claim intervention config"):
-        verify(model, fp, calib)  # verifying without the named config is refused outright
-    intervention = None
-    plain_calib = calibrate(model, benign())
-    bad = verify(model, dataclasses.replace(fp, intervention=None), plain_calib)
-    assert good.verified and not bad.verified, (good.summary(), bad.summary())
-    assert good.score < 0.1 * bad.score
+        verify(model, fps[0], calib)  # verifying without the named config is refused outright
+    plain_calib = calibrate(model, benign(None))
+    bads = [verify(model, dataclasses.replace(fp, intervention=None), plain_calib) for fp in fps]
+    assert all(g.verified for g in goods) and not any(b.verified for b in bads), (
+        [g.summary() for g in goods], [b.summary() for b in bads])
+    assert max(g.score for g in goods) < 0.1 * min(b.score for b in bads)
 
 
 def test_sglang_export_hooks_in_a_real_engine(tiny_ckpt, tmp_path):
@@ -495,7 +496,7 @@ def test_round_trip_smollm2_moe(tmp_path):
     from transformers import AutoTokenizer
 
     from steer.cli import main as steer_main
-    from steer.difr import Fingerprints, calibrate
+    from steer.difr import calibrate
     from steer.difr.fingerprint import intervention_digest
     from steer.ftri import ProfileConfig, profile
     from steer.moebuild import ensure_moe
@@ -563,13 +564,16 @@ def test_round_trip_smollm2_moe(tmp_path):
         return [served_fingerprints(fp_dir, f"req{offset + i}", p, r["output_ids"])
                 for i, (p, r) in enumerate(zip(prompts, results))]
 
+    # one claim per served request (what a client fetches); the exact conformal threshold needs >= 1/FPR
+    # benign windows of a claim's length: the 10 served benign answers hold FPR 0.1
     benign = claims(tmp_path / "fp", calib_prompts, out["results"][len(test_prompts):], len(test_prompts))
-    claim = Fingerprints.concat(claims(tmp_path / "fp", test_prompts, out["results"], 0))
-    fake = Fingerprints.concat(claims(tmp_path / "fp_skipped", test_prompts, forged["results"], 0))
-    assert claim.intervention == digest and fake.intervention == intervention_digest(skipped_dir)
+    served_claims = claims(tmp_path / "fp", test_prompts, out["results"], 0)
+    fakes = claims(tmp_path / "fp_skipped", test_prompts, forged["results"], 0)
+    assert all(c.intervention == digest for c in served_claims)
+    assert all(f.intervention == intervention_digest(skipped_dir) for f in fakes)
     with served.apply(model):
-        calib = calibrate(model, benign, intervention=digest)
-        good = verify(model, claim, calib, intervention=digest)
-        bad = verify(model, dataclasses.replace(fake, intervention=digest), calib, intervention=digest)
-    print("served claim:", good.summary(), "\nskipped-steering claim:", bad.summary())
-    assert good.verified and not bad.verified
+        calib = calibrate(model, benign, intervention=digest, target_fpr=0.1)
+        goods = [verify(model, c, calib, intervention=digest) for c in served_claims]
+        bads = [verify(model, dataclasses.replace(f, intervention=digest), calib, intervention=digest) for f in fakes]
+    print("served claims:", [g.summary() for g in goods], "\nskipped-steering claims:", [b.summary() for b in bads])
+    assert all(g.verified for g in goods) and not any(b.verified for b in bads)

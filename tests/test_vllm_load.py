@@ -178,11 +178,14 @@ def test_concurrent_streams_disconnect_and_restart(tiny_ckpt, tmp_path):
         server.stop()
 
     # verify every claim, one by one, against HF with the config applied (calibrated on benign HF runs
-    # of other prompts); a claim holding another request's rows would be rejected
-    calib_prompts = [_prompt(2000 + i) for i in range(8)]
+    # of other prompts); a claim holding another request's rows would be rejected. The exact conformal
+    # threshold at 1% needs >= 100 disjoint benign windows of each claim's length (up to 64 tokens):
+    # 60 prompts x 2 batch compositions x 64 tokens give 120 windows of the longest claim
+    longest = max(c.values.shape[0] for c in claims)
+    calib_prompts = [_prompt(2000 + i) for i in range(60)]
     with cfg.apply(model):
-        benign = [fingerprint_prompts(model, None, calib_prompts, config=cfg.difr.difr_config(), max_new_tokens=12,
-                                      batch_size=b, intervention=digest) for b in (1, 4)]
+        benign = [fingerprint_prompts(model, None, calib_prompts, config=cfg.difr.difr_config(),
+                                      max_new_tokens=longest, batch_size=b, intervention=digest) for b in (1, 8)]
         calib = calibrate(model, benign, intervention=digest)
         reports = [verify(model, c, calib, intervention=digest) for c in claims]
     verified = sum(r.verified for r in reports)
