@@ -167,27 +167,36 @@ res.figure(0)  # the probe's p at each cue of the first problem, q0 at this delt
 # %% [markdown]
 # ## 6. DiFR: fingerprint generations, verify them against the model
 # The provider stores a k-dimensional random projection of each generated token's last hidden state;
-# the verifier teacher-forces the claim and compares. The threshold comes from a benign rerun (other
-# batch composition). The honest claim verifies; the same claim checked against the model with the
-# French experts switched off is rejected.
+# the verifier teacher-forces the claim and compares. The threshold is an exact conformal rank over
+# disjoint benign windows as long as the claim (honest reruns of other prompts in two batch
+# compositions): at a false-positive rate a it needs >= 1/a of them, else the decision is
+# "insufficient", never a pass. The honest claim verifies; the same claim checked against the model
+# with the French experts switched off is rejected.
 
 # %%
 from steer.difr import DiFRConfig, calibrate, fingerprint_prompts, verify
 
 dcfg = DiFRConfig(k=8, seed=0)
-claim_prompts = ["Tell me a fact about the sea.", "What is 12 + 30?", "Write a haiku about rain.", "Name a prime."]
-fp = fingerprint_prompts(model, tok, claim_prompts, config=dcfg, max_new_tokens=16, batch_size=4, model_id=lm.name)
-benign = fingerprint_prompts(model, tok, claim_prompts, config=dcfg, max_new_tokens=16, batch_size=1,
-                             model_id=lm.name)
-difr_cal = calibrate(model, [benign], model_id=lm.name)
+fp = fingerprint_prompts(model, tok, ["Tell me a fact about the sea."], config=dcfg, max_new_tokens=12,
+                         model_id=lm.name)
+topics = ["the sea", "rain", "a forest", "bread", "the moon", "a train", "winter", "music", "a river", "cats",
+          "mountains", "a market"]
+benign_prompts = [f"Write two sentences about {t}." for t in topics]
+benign = [fingerprint_prompts(model, tok, benign_prompts, config=dcfg, max_new_tokens=24, batch_size=b,
+                              model_id=lm.name) for b in (1, 4)]
+difr_cal = calibrate(model, benign, target_fpr=0.05, model_id=lm.name)  # up to 48 windows of 12 tokens
 honest = verify(model, fp, difr_cal)
 honest.figure()
 
 # %%
 with switch.apply(model):
     tampered = verify(model, fp, difr_cal)
-print("honest:", honest.decision, f"p={honest.p_value:.3g}", "| switched model:", tampered.decision,
-      f"p={tampered.p_value:.3g}")
+def p_text(report):  # no p-value when the calibration is insufficient
+    return "p=n/a" if report.p_value is None else f"p={report.p_value:.3g}"
+
+
+print(honest.summary()["calibration_windows"], "benign windows | honest:", honest.decision, p_text(honest),
+      "| switched model:", tampered.decision, p_text(tampered))
 tampered.figure()
 
 # %% [markdown]
