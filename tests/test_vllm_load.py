@@ -203,7 +203,10 @@ def test_concurrent_streams_disconnect_and_restart(tiny_ckpt, tmp_path):
     print("LOAD TABLE", json.dumps(table))
     Path(os.environ.get("STEER_LOAD_TABLE", tmp_path / "load.json")).write_text(json.dumps(table))
     assert lost == 0 and mixed == 0, table
-    assert verified == len(claims) == len(fingerprinted), [r.summary() for r in reports if not r.verified]
+    # honest claims are rejected at the calibrated false-positive rate (1%): over ~33 claims, 3 or more
+    # rejections has probability 0.4% (binomial), so more than 2 means something is wrong, not chance
+    assert len(claims) == len(fingerprinted)
+    assert len(claims) - verified <= 2, [r.summary() for r in reports if not r.verified]
     assert not swapped.verified
     assert health.count(False) == 0
     assert Fingerprints.concat(claims).values.shape[0] == sum(len(r["output"]) for r in fingerprinted)
