@@ -132,6 +132,8 @@ def _family_names() -> set[str]:
     return names
 
 
+@pytest.mark.skipif(not (ROOT / "steer" / "adapters.py").is_file(),
+                    reason="reads the source checkout (tests run from an installed wheel)")
 def test_no_other_module_names_a_family():
     names, found = _family_names(), []
     for folder in ("steer", "kernels", "probes", "apps"):
