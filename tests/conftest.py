@@ -40,3 +40,14 @@ def smollm2():
     from steer.models import load
 
     return load("smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny llama checkpoint directory (config, safetensors, tokenizer), for CLI tests that load a path."""
+    from steer.tiny import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

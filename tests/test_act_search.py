@@ -142,14 +142,6 @@ def test_calibrate_screens_every_head_then_keep_rule_on_shortlist(screen):
         calibrate_heads(model, tok, split, procedure="greedy")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_cli_calibrate_writes_config(tiny_dir, tmp_path, capsys):
     from steer.cli import main
 

@@ -153,14 +153,6 @@ def test_bad_inputs():
     assert float(sink_threshold(None, 2.0, 8)) == 0.25
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_cli_sinks_prints_summary_and_writes_figures(tiny_dir, tmp_path, capsys):
     from steer.cli import main
 
