@@ -74,6 +74,14 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     return model.eval()
 
 
+def save_tiny(path, family: str, seed: int = 0, **overrides):
+    """Write a tiny `family` model and the tiny tokenizer as a checkpoint directory at `path` (what
+    steer.models.load and the CLI read); returns the path."""
+    tiny_model(family, seed=seed, **overrides).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def tiny_tokenizer():
     """A small byte-level tokenizer (256 ids, matching the tiny models' vocab) with a pad token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -45,9 +45,6 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny llama checkpoint directory (config, safetensors, tokenizer), for CLI tests that load a path."""
-    from steer.tiny import tiny_model, tiny_tokenizer
+    from steer.tiny import save_tiny
 
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny_llama"), "llama")

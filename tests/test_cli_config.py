@@ -11,15 +11,12 @@ import torch
 from steer.cli import main
 from steer.config import DiFRSection, InterventionConfig, MoTESection
 from steer.config_diff import diff, summary
-from steer.tiny import tiny_model, tiny_tokenizer
+from steer.tiny import save_tiny, tiny_model
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_qwen2_moe")
-    tiny_model("qwen2_moe").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny_qwen2_moe"), "qwen2_moe")
 
 
 @pytest.fixture(scope="module")

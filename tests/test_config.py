@@ -17,15 +17,12 @@ from steer.config import (
     schema,
     schema_problems,
 )
-from steer.tiny import tiny_model, tiny_tokenizer
+from steer.tiny import save_tiny, tiny_model
 
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen2_moe")
-    tiny_model("qwen2_moe").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
+    return save_tiny(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe")
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,12 @@ from steer.export import (
     to_easysteer,
     to_sglang,
 )
-from steer.tiny import tiny_model, tiny_tokenizer
+from steer.tiny import save_tiny, tiny_model
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("moe")
-    tiny_model("qwen2_moe").save_pretrained(d)  # norm_topk_prob=True in the tiny config
-    tiny_tokenizer().save_pretrained(d)
-    return d
+    return save_tiny(tmp_path_factory.mktemp("moe"), "qwen2_moe")  # norm_topk_prob=True in the tiny config
 
 
 @pytest.fixture(scope="module")

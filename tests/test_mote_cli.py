@@ -16,15 +16,12 @@ from steer.cli import main
 from steer.cli.profile import DEFAULT_CLASSES, MODEL_ENV, write_heatmap_png
 from steer.ftri import Profile
 from steer.prompts import builtin
-from steer.tiny import tiny_model, tiny_tokenizer
+from steer.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_qwen2_moe")
-    tiny_model("qwen2_moe").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("tiny_qwen2_moe"), "qwen2_moe")
 
 
 def test_profile_without_arguments_writes_profile_and_heatmaps(ckpt, tmp_path, monkeypatch, capsys):
