@@ -112,6 +112,10 @@ class Adapter:
         """The primary transformers model_type (the one tiny configs are built with)."""
         return self.model_types[0]
 
+    def expert_count(self, config) -> int:
+        """Routed experts per MoE layer, read from `config` (0 when the config names none)."""
+        return next((int(v) for a in self.num_experts_attr if (v := getattr(config, a, None))), 0)
+
 
 _WINDOWED = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
@@ -308,10 +312,8 @@ class ModelMap:
     def num_experts(self) -> int:
         if not self.adapter.is_moe:
             return 0
-        for attr in self.adapter.num_experts_attr:
-            value = getattr(self.config, attr, None)
-            if value:
-                return int(value)
+        if count := self.adapter.expert_count(self.config):
+            return count
         raise UnsupportedModelError(f"cannot read the expert count of {self.adapter.family} from its config")
 
     @property

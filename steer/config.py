@@ -719,7 +719,7 @@ class CheckpointShape:
 
     @property
     def num_experts(self) -> int:
-        return next((int(v) for a in self.adapter.num_experts_attr if (v := getattr(self.config, a, None))), 0)
+        return self.adapter.expert_count(self.config)
 
     @property
     def top_k(self) -> int:
