@@ -46,7 +46,7 @@ from steer.act import (
     check_heads,
 )
 from steer.adapters import ModelMap, model_map
-from steer.hooks import unwrap_model
+from steer.hooks import attach, unwrap_model
 from steer.sinks import MIN_QUERIES, TAU, sink_threshold
 
 MIN_GAIN = 1  # calibration items a head must add over baseline to be kept
@@ -164,7 +164,7 @@ def sweep_heads(
     touched = dict.fromkeys(heads, 0)
     all_batches = batches(tok, items, batch_size)
     for n, batch in enumerate(all_batches):
-        logits, captured = _capture_layer_inputs(hf, mm, layers, batch)
+        logits, captured = _capture_layer_inputs(hf, layers, batch)
         if n == 0:
             _check_replay(hf, run(captured, 0, batch.keep), logits)
         read_scores(batch, logits, base)
@@ -191,34 +191,22 @@ def _sweep_whole_forwards(hf, tok, items: list, heads: list, batch_size: int, sa
     return HeadSweep(items, base, per_head, touched, "full")
 
 
-def _capture_layer_inputs(hf, mm: ModelMap, layers: list, batch) -> tuple[torch.Tensor, list]:
+def _capture_layer_inputs(hf, layers: list, batch) -> tuple[torch.Tensor, list]:
     """One ACT-free forward through steer's attention function (as every ACT run), keeping each decoder
     layer's input hidden states and keyword arguments: the baseline logits and the replay points."""
-    from steer import attention
-
-    attn_modules = {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
     device = next(hf.parameters()).device
     captured: list = [None] * len(layers)
 
-    def grab(i):
-        def hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            captured[i] = (h, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+    def grab(h, ctx):
+        captured[ctx.layer] = (h, {k: v for k, v in ctx.kwargs.items() if k != "hidden_states"})
 
-        return hook
-
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with attention.activate(hf, attn_modules, {}, {}):
-            logits = hf(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                use_cache=False,
-                logits_to_keep=batch.keep,
-            ).logits
-    finally:
-        for h in handles:
-            h.remove()
+    with attach(hf, {"blocks.*.resid_pre": grab}, steer_attention=True):
+        logits = hf(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            use_cache=False,
+            logits_to_keep=batch.keep,
+        ).logits
     return logits, captured
 
 
@@ -240,7 +228,6 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     only that head's output in its layer. One forward without gradients (baseline scores, which fix
     dJ/dscores), then one forward + backward per batch give all heads' estimates: about three
     forwards in all instead of one per head. Returns {(layer, head): estimate}."""
-    from steer.hooks import attach
     from steer.tasks import batches
 
     hf = unwrap_model(model)
