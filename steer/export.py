@@ -21,8 +21,9 @@ from typing import Any
 
 from steer.config import ConfigError, InterventionConfig, checkpoint_problems
 from steer.hooks import module_hook
+from steer.options import EXPORT_TARGETS
 
-TARGETS = ("steer", "vllm", "easysteer", "sglang")
+TARGETS = EXPORT_TARGETS
 VLLM_PLUGIN_PROCESSOR = "steer.serving.vllm_plugin:FingerprintLogitsProcessor"
 SGLANG_HOOK_FACTORY = "steer.serving.sglang_hooks:router_logits_hook"
 

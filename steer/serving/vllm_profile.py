@@ -468,7 +468,7 @@ def profile_vllm(
     tokenizer=None,
     responses: Sequence[str] | None = None,
     labeller=None,
-    progress=True,
+    progress=None,
     cancel=None,
     weights_hash: str | None = None,
     tensor_parallel_size: int = 1,
