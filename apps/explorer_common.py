@@ -107,7 +107,7 @@ def model_picker() -> Any | None:
 
 
 class LiveProgress:
-    """A progress bar that is also a `progress(done, total)` callback and a cancel flag for steer's runs.
+    """A progress bar that is also a `steer.progress.Progress` callback and a cancel flag for steer's runs.
 
     Streamlit interrupts a running script (Stop button, or a widget changed meanwhile) by raising a
     control exception at the script's next st.* call, which during a run is this callback. Raised
@@ -122,11 +122,12 @@ class LiveProgress:
         self.cancel = threading.Event()
         self.interrupt: BaseException | None = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, note: str = "") -> None:
         if self.interrupt is not None:
             return
+        text = f"{self.text} ({done}/{total}{': ' + note if note else ''})"
         try:
-            self.bar.progress(min(1.0, done / total) if total else 1.0, text=f"{self.text} ({done}/{total})")
+            self.bar.progress(min(1.0, done / total) if total else 1.0, text=text)
         except ScriptControlException as exc:
             if not self.keep_partial:  # a run with no partial result to keep: stop it right here
                 raise

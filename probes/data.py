@@ -21,6 +21,7 @@ from steer.probes.answers import get_checker
 from steer.probes.cues import CueSet
 from steer.probes.features import num_layers
 from steer.probes.generate import ExitConfig, GenerationResult, generate_with_exit
+from steer.progress import Progress, as_progress
 
 SYSTEM_PROMPT = "Solve the math problem step by step. End with 'The answer is <number>.'"
 SPLITS = {"train": 0.5, "calibration": 0.25, "test": 0.25}
@@ -141,9 +142,11 @@ class LabelledCues:
 
 def label_cue_events(model, tokenizer, problems: Sequence[Problem], points: Sequence[str], cues: CueSet,
                      config: ExitConfig, checker="numeric", batch_size: int = 8, model_name: str = "",
-                     progress=None) -> tuple[LabelledCues, list[GenerationResult]]:
+                     progress: Progress | None = None) -> tuple[LabelledCues, list[GenerationResult]]:
     """Generate for every problem with a forced-exit trial at every cue event; label each event
-    by whether the trial's answer is correct. Returns the labelled events and raw generations."""
+    by whether the trial's answer is correct. Returns the labelled events and raw generations.
+    progress (steer.progress): called (problems done, problems, note) after every batch."""
+    report = as_progress(progress)
     chk = get_checker(checker)
     feats, labels, traj, tok_idx, results = [], [], [], [], []
     for start in range(0, len(problems), batch_size):
@@ -158,8 +161,7 @@ def label_cue_events(model, tokenizer, problems: Sequence[Problem], points: Sequ
                 labels.append(int(chk.check(ev.trial.answer_text, chunk[j].answer, forced=True)))
                 traj.append(start + j)
                 tok_idx.append(ev.cue_token)
-        if progress:
-            progress(start + len(chunk), len(problems))
+        report(start + len(chunk), len(problems), f"{len(labels)} cue events")
     cfg = model.config.get_text_config(decoder=True)
     meta = {"model": model_name, "n_layers": num_layers(model), "d_model": int(cfg.hidden_size),
             "points": list(points), "cues": cues.to_json(), "exit_string": config.exit_string,

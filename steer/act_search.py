@@ -46,7 +46,8 @@ from steer.act import (
     check_heads,
 )
 from steer.adapters import ModelMap, model_map
-from steer.hooks import unwrap_model
+from steer.hooks import attach, unwrap_model
+from steer.progress import Progress, as_progress
 from steer.sinks import MIN_QUERIES, TAU, sink_threshold
 
 MIN_GAIN = 1  # calibration items a head must add over baseline to be kept
@@ -137,7 +138,7 @@ def sweep_heads(
     *,
     batch_size: int = 16,
     fast: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     **params,
 ) -> HeadSweep:
     """Score `items` without ACT and with ACT on each head of `heads` alone (ACT(**params)).
@@ -153,10 +154,10 @@ def sweep_heads(
     hf = unwrap_model(model)
     mm = model_map(hf)
     heads = check_heads(mm, heads)
-    say = progress or (lambda msg: None)
+    report = as_progress(progress)
     items = list(items)
     if not fast:
-        return _sweep_whole_forwards(hf, tok, items, heads, batch_size, say, params)
+        return _sweep_whole_forwards(hf, tok, items, heads, batch_size, report, params)
     layers, run = _layer_runner(hf, mm)
     base = [[0.0] * len(it.options) for it in items]
     per_head = {hd: [[0.0] * len(it.options) for it in items] for hd in heads}
@@ -164,7 +165,7 @@ def sweep_heads(
     touched = dict.fromkeys(heads, 0)
     all_batches = batches(tok, items, batch_size)
     for n, batch in enumerate(all_batches):
-        logits, captured = _capture_layer_inputs(hf, mm, layers, batch)
+        logits, captured = _capture_layer_inputs(hf, layers, batch)
         if n == 0:
             _check_replay(hf, run(captured, 0, batch.keep), logits)
         read_scores(batch, logits, base)
@@ -172,11 +173,12 @@ def sweep_heads(
             with acts[hd].apply(hf):  # apply() restarts the counts: add them up per batch
                 read_scores(batch, run(captured, hd[0], batch.keep), per_head[hd])
             touched[hd] += acts[hd].total_touched
-        say(f"batch {n + 1}/{len(all_batches)}: {len(heads)} heads")
+        report(n + 1, len(all_batches), f"{len(heads)} heads per batch")
     return HeadSweep(items, base, per_head, touched, "suffix")
 
 
-def _sweep_whole_forwards(hf, tok, items: list, heads: list, batch_size: int, say, params: dict) -> HeadSweep:
+def _sweep_whole_forwards(hf, tok, items: list, heads: list, batch_size: int, report: Progress,
+                          params: dict) -> HeadSweep:
     """sweep_heads(fast=False): one whole forward per head (for models the layer replay cannot reproduce)."""
     from steer.tasks import TaskSplit, evaluate
 
@@ -187,38 +189,26 @@ def _sweep_whole_forwards(hf, tok, items: list, heads: list, batch_size: int, sa
         act = ACT([hd], on_no_effect="ignore", **params)
         per_head[hd] = evaluate(hf, tok, split, batch_size=batch_size, interventions=[act]).logprobs
         touched[hd] = act.total_touched
-        say(f"head {hd} ({n + 1}/{len(heads)})")
+        report(n + 1, len(heads), f"head {hd}")
     return HeadSweep(items, base, per_head, touched, "full")
 
 
-def _capture_layer_inputs(hf, mm: ModelMap, layers: list, batch) -> tuple[torch.Tensor, list]:
+def _capture_layer_inputs(hf, layers: list, batch) -> tuple[torch.Tensor, list]:
     """One ACT-free forward through steer's attention function (as every ACT run), keeping each decoder
     layer's input hidden states and keyword arguments: the baseline logits and the replay points."""
-    from steer import attention
-
-    attn_modules = {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
     device = next(hf.parameters()).device
     captured: list = [None] * len(layers)
 
-    def grab(i):
-        def hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            captured[i] = (h, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+    def grab(h, ctx):
+        captured[ctx.layer] = (h, {k: v for k, v in ctx.kwargs.items() if k != "hidden_states"})
 
-        return hook
-
-    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with attention.activate(hf, attn_modules, {}, {}):
-            logits = hf(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                use_cache=False,
-                logits_to_keep=batch.keep,
-            ).logits
-    finally:
-        for h in handles:
-            h.remove()
+    with attach(hf, {"blocks.*.resid_pre": grab}, steer_attention=True):
+        logits = hf(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            use_cache=False,
+            logits_to_keep=batch.keep,
+        ).logits
     return logits, captured
 
 
@@ -240,7 +230,6 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     only that head's output in its layer. One forward without gradients (baseline scores, which fix
     dJ/dscores), then one forward + backward per batch give all heads' estimates: about three
     forwards in all instead of one per head. Returns {(layer, head): estimate}."""
-    from steer.hooks import attach
     from steer.tasks import batches
 
     hf = unwrap_model(model)
@@ -446,11 +435,12 @@ def screen_heads(
     batch_size: int,
     fast: bool,
     params: dict,
-    say,
+    progress: Progress | None = None,
 ) -> tuple[list[tuple[int, int]], list[dict]]:
     """Step 2 of the shortlist procedure: score every candidate, keep the best `shortlist` with a positive
     score. The score is the change of mean log P(right option) with ACT on the head alone: continuous,
     so it ranks heads where an item count on few items would be ties."""
+    say = _notes(progress)
     items = [it for s in splits for it in s.items]
     if len(cands) <= shortlist:
         return list(cands), []
@@ -462,7 +452,7 @@ def screen_heads(
     else:
         sub = [it for s in splits for it in s.items[:screen_items]]
         say(f"screening {len(cands)} heads exactly on {len(sub)} items")
-        sw = sweep_heads(hf, tok, sub, cands, batch_size=batch_size, fast=fast, progress=say, **params)
+        sw = sweep_heads(hf, tok, sub, cands, batch_size=batch_size, fast=fast, progress=progress, **params)
         base = sw.result().n_correct()
         for hd in cands:
             k = sw.result(hd).n_correct()
@@ -519,25 +509,32 @@ def select_paper(rows: list[dict]) -> list[tuple[int, int]]:
 
 
 def combine_greedy(
-    rows: list[dict], base_k: int, score: Callable[[list], int], say=lambda msg: None
+    rows: list[dict], base_k: int, score: Callable[[list], int], progress: Progress | None = None
 ) -> tuple[list[tuple[int, int]], int, list[dict]]:
     """Step 4, shortlist: add kept heads in order of gain, each accepted only if the combination gets
     strictly more items right than the best set so far (baseline included). score(heads) -> items right
     on the calibration set with ACT on those heads."""
+    report = as_progress(progress)
     kept = sorted((r for r in rows if r["kept"]), key=lambda r: -r["gain"])
     chosen: list[tuple[int, int]] = []
     best, combos = base_k, []
-    for r in kept:
+    for n, r in enumerate(kept):
         trial = [*chosen, (r["layer"], r["head"])]
         if chosen:
             k = score(trial)
             combos.append({"heads": [list(hd) for hd in trial], "correct": k})
-            say(f"combination {trial}: {k}")
+            report(n + 1, len(kept), f"combination {trial}: {k}")
         else:
             k = r["correct"]
         if k > best:
             chosen, best, r["chosen"] = trial, k, True
     return chosen, best, combos
+
+
+def _notes(progress: Progress | None) -> Callable[[str], None]:
+    """Status lines (nothing to count) through a Progress."""
+    report = as_progress(progress)
+    return lambda note: report(0, 0, note)
 
 
 def _scorer(hf, tok, splits, batch_size: int, params: dict) -> Callable[[list], int]:
@@ -550,10 +547,10 @@ def _scorer(hf, tok, splits, batch_size: int, params: dict) -> Callable[[list], 
     return score
 
 
-def _select(procedure: str, rows: list[dict], base_k: int, score, say) -> tuple[list, int, list[dict]]:
+def _select(procedure: str, rows: list[dict], base_k: int, score, progress: Progress) -> tuple[list, int, list[dict]]:
     """(heads applied, their calibration score, greedy combination log) by the procedure's keep rule."""
     if procedure == "shortlist":
-        return combine_greedy(rows, base_k, score, say)
+        return combine_greedy(rows, base_k, score, progress)
     chosen = select_paper(rows)
     alone = {(r["layer"], r["head"]): r["correct"] for r in rows}
     best = score(chosen) if len(chosen) > 1 else alone[chosen[0]] if chosen else base_k
@@ -580,7 +577,7 @@ def calibrate_heads(
     min_items: int = MIN_CALIBRATION_ITEMS,
     batch_size: int = 16,
     fast: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ACTConfig:
     """ACT head search on a calibration split by `procedure` (PROCEDURES; module docstring).
 
@@ -594,21 +591,21 @@ def calibrate_heads(
     items = [it for s in splits for it in s.items]
     _check_search(items, procedure, shortlist, screen, screen_items, min_items)
     _refuse_unsupported(hf)
-    say = progress or (lambda msg: None)
+    progress = as_progress(progress)
+    say = _notes(progress)
     params = dict(beta=beta, tau=tau, alpha=alpha, min_queries=min_queries, keep_first=keep_first)
     cands, freq = candidate_heads(hf, tok, items, candidates, max_candidates, batch_size, params)
     n_total = model_map(hf).n_layers * _n_heads(model_map(hf))
-    say(
-        f"{len(cands)} candidate heads of {n_total} ({len(freq)} show a hidden sink on the calibration prompts)"
-    )
+    say(f"{len(cands)} candidate heads of {n_total} ({len(freq)} show a hidden sink on the calibration prompts)")
     swept, screening = cands, []
     if procedure == "shortlist":
         swept, screening = screen_heads(hf, tok, splits, cands, screen=screen, screen_items=screen_items,
-                                        shortlist=shortlist, batch_size=batch_size, fast=fast, params=params, say=say)
-    sw = sweep_heads(hf, tok, items, swept, batch_size=batch_size, fast=fast, progress=say, **params)
+                                        shortlist=shortlist, batch_size=batch_size, fast=fast, params=params,
+                                        progress=progress)
+    sw = sweep_heads(hf, tok, items, swept, batch_size=batch_size, fast=fast, progress=progress, **params)
     base_k, rows = keep_alone(sw, swept, min_gain, freq)
     say(f"baseline {base_k}/{len(items)}; {sum(r['kept'] for r in rows)} of {len(rows)} heads gain alone")
-    chosen, best, combos = _select(procedure, rows, base_k, _scorer(hf, tok, splits, batch_size, params), say)
+    chosen, best, combos = _select(procedure, rows, base_k, _scorer(hf, tok, splits, batch_size, params), progress)
     search = dict(
         procedure=procedure, rule=PROCEDURES[procedure], min_gain=min_gain, screen=screen if screening else None,
         screen_items_per_task=screen_items if screening and screen == "exact" else None,

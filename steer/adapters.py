@@ -18,20 +18,53 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cached_property
 
 import torch
 from torch import nn
 
-# Points every family has, per layer. `attn.pattern` goes through steer's attention function
-# (steer.attention), not a module hook; `mlp.router*` exist only on MoE layers.
-LAYER_POINTS = (
-    "resid_pre", "resid_post", "attn.in", "attn.out", "attn.q", "attn.k", "attn.v", "attn.pattern",
-    "mlp.in", "mlp.out",
-)
-ROUTER_POINTS = ("mlp.router", "mlp.router.logits", "mlp.router.weights", "mlp.router.indices")
-GLOBAL_POINTS = ("embed.out", "final_norm.out", "lm_head.out")
 
+class PointKind(Enum):
+    """How a canonical point is reached, which decides what its hook sees and may return."""
+
+    INPUT = "input"  # hidden states entering a module: resid_pre, attn.in, mlp.in
+    OUTPUT = "output"  # a module's output tensor (a tuple's first item): resid_post, attn.out, attn.q/k/v,
+    #                    mlp.out, embed.out, final_norm.out, lm_head.out
+    ROUTER = "router"  # a router's whole (logits, weights, indices) output: mlp.router
+    ROUTER_ITEM = "router_item"  # one item of it (PointSpec.item): mlp.router.logits/.weights/.indices
+    ATTN_PATTERN = "attn_pattern"  # attention probabilities [B, H, Tq, Tk], read through steer.attention
+    ATTN_IMPL = "attn_impl"  # one attention call (steer.attention.AttentionCall), answered by an override
+
+    @property
+    def is_attention(self) -> bool:
+        """Served by steer's attention function, not by a module hook."""
+        return self in (PointKind.ATTN_PATTERN, PointKind.ATTN_IMPL)
+
+    @property
+    def is_tensor(self) -> bool:
+        """A hook on this kind sees one tensor of the residual width (or q/k/v, logits) it may replace."""
+        return self in (PointKind.INPUT, PointKind.OUTPUT)
+
+
+# Per-layer points: kind, the Adapter field naming the module (None: the decoder layer itself) and
+# the item of a tuple output. `mlp.router*` exist only on MoE layers; `attn.impl` is an override,
+# not a tensor, so `ModelMap.all_points` leaves it out.
+_LAYER_POINT_TABLE: dict[str, tuple[PointKind, str | None, int | None]] = {
+    "resid_pre": (PointKind.INPUT, None, None), "resid_post": (PointKind.OUTPUT, None, None),
+    "attn.in": (PointKind.INPUT, "attn", None), "attn.out": (PointKind.OUTPUT, "o", None),
+    "attn.q": (PointKind.OUTPUT, "q", None), "attn.k": (PointKind.OUTPUT, "k", None),
+    "attn.v": (PointKind.OUTPUT, "v", None), "attn.pattern": (PointKind.ATTN_PATTERN, "attn", None),
+    "attn.impl": (PointKind.ATTN_IMPL, "attn", None),
+    "mlp.in": (PointKind.INPUT, "mlp", None), "mlp.out": (PointKind.OUTPUT, "mlp", None),
+    "mlp.router": (PointKind.ROUTER, "router", None), "mlp.router.logits": (PointKind.ROUTER_ITEM, "router", 0),
+    "mlp.router.weights": (PointKind.ROUTER_ITEM, "router", 1),
+    "mlp.router.indices": (PointKind.ROUTER_ITEM, "router", 2),
+}
+_GLOBAL_POINT_TABLE: dict[str, str] = {"embed.out": "embed", "final_norm.out": "final_norm", "lm_head.out": "lm_head"}
+ROUTER_POINTS = tuple(p for p, (k, _, _) in _LAYER_POINT_TABLE.items() if k in (PointKind.ROUTER, PointKind.ROUTER_ITEM))
+LAYER_POINTS = tuple(p for p in _LAYER_POINT_TABLE if p not in ROUTER_POINTS)
+GLOBAL_POINTS = tuple(_GLOBAL_POINT_TABLE)
 
 # Routing-rule options per MoE family: (config, the model's dtype) -> RoutingRule keyword arguments
 # besides kind and top_k (steer.kernels.router.RoutingRule; ALGORITHMS.md section 1).
@@ -280,7 +313,7 @@ class PointSpec:
 
     name: str
     module_path: str
-    where: str  # "output" | "input" | "attention"
+    kind: PointKind
     layer: int | None = None
     item: int | None = None  # index into a tuple output (router: 0 logits, 1 weights, 2 indices)
 
@@ -357,11 +390,14 @@ class ModelMap:
         return routing_rule(self.config, hidden_dtype=dtype_of(self.model))
 
     # ---- canonical points -------------------------------------------------------------------
-    def all_points(self) -> list[str]:
+    def all_points(self, *, overrides: bool = False) -> list[str]:
+        """Every point of this model whose hook sees tensors (`overrides=True`: also `attn.impl`)."""
         names = list(GLOBAL_POINTS)
         for i in range(self.n_layers):
             for p in LAYER_POINTS:
                 if p in ("attn.q", "attn.k", "attn.v") and getattr(self.adapter, p[-1]) is None:
+                    continue
+                if p == "attn.impl" and not overrides:
                     continue
                 names.append(f"blocks.{i}.{p}")
             if i in self.moe_layers:
@@ -374,7 +410,7 @@ class ModelMap:
             self.resolve(pattern)
             return [pattern]
         regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
-        names = [n for n in self.all_points() if regex.match(n)]
+        names = [n for n in self.all_points(overrides=True) if regex.match(n)]
         if not names:
             raise UnknownPointError(self._unknown_message(pattern))
         return names
@@ -393,41 +429,24 @@ class ModelMap:
 
     def _resolve(self, name: str) -> PointSpec:
         a = self.adapter
-        if name == "embed.out":
-            return PointSpec(name, a.embed, "output")
-        if name == "final_norm.out":
-            return PointSpec(name, a.final_norm, "output")
-        if name == "lm_head.out":
-            return PointSpec(name, a.lm_head, "output")
+        if name in _GLOBAL_POINT_TABLE:
+            return PointSpec(name, getattr(a, _GLOBAL_POINT_TABLE[name]), PointKind.OUTPUT)
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-        if not m:
+        if not m or m.group(2) not in _LAYER_POINT_TABLE:
             raise UnknownPointError(self._unknown_message(name))
         layer, rest = int(m.group(1)), m.group(2)
         self.check_layer(layer)
+        kind, field_name, item = _LAYER_POINT_TABLE[rest]
         prefix = f"{a.layers}.{layer}"
-        simple = {
-            "resid_pre": (prefix, "input"), "resid_post": (prefix, "output"),
-            "attn.in": (f"{prefix}.{a.attn}", "input"), "attn.out": (f"{prefix}.{a.o}", "output"),
-            "mlp.in": (f"{prefix}.{a.mlp}", "input"), "mlp.out": (f"{prefix}.{a.mlp}", "output"),
-        }
-        if rest in simple:
-            path, where = simple[rest]
-            return PointSpec(name, path, where, layer)
-        if rest in ("attn.q", "attn.k", "attn.v"):
-            sub = getattr(a, rest[-1])
-            if sub is None:
-                raise UnknownPointError(f"{name!r}: {a.family} has no plain {rest[-1]} projection ({a.notes})")
-            return PointSpec(name, f"{prefix}.{sub}", "output", layer)
-        if rest == "attn.pattern":
-            return PointSpec(name, f"{prefix}.{a.attn}", "attention", layer)
-        if rest in ROUTER_POINTS:
-            if layer not in self.moe_layers:
-                why = "this family is dense" if not a.is_moe else f"MoE layers are {self.moe_layers}"
-                raise UnknownPointError(f"{name!r}: layer {layer} has no router ({why})")
-            item = {"mlp.router": None, "mlp.router.logits": 0, "mlp.router.weights": 1, "mlp.router.indices": 2}[rest]
-            return PointSpec(name, f"{prefix}.{a.router}", "output", layer, item)
-        raise UnknownPointError(self._unknown_message(name))
-
+        if field_name is None:
+            return PointSpec(name, prefix, kind, layer)
+        sub = getattr(a, field_name)
+        if rest in ROUTER_POINTS and layer not in self.moe_layers:
+            why = "this family is dense" if not a.is_moe else f"MoE layers are {self.moe_layers}"
+            raise UnknownPointError(f"{name!r}: layer {layer} has no router ({why})")
+        if sub is None:
+            raise UnknownPointError(f"{name!r}: {a.family} has no plain {rest[-1]} projection ({a.notes})")
+        return PointSpec(name, f"{prefix}.{sub}", kind, layer, item)
 
 def model_map(model: nn.Module) -> ModelMap:
     """Bind the family adapter to `model` (the model itself is never modified)."""

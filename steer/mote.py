@@ -39,11 +39,13 @@ from steer.hooks import HookContext, HookFn, unwrap_model
 from steer.identity import check_same_model, model_identity
 from steer.interventions import Intervention, OnNoEffect, Problem
 from steer.kernels.router import RouterEdit, RoutingRule, route
+from steer.options import FORCE_WEIGHTS, SWITCH_MODES
+from steer.progress import Progress
 from steer.prompts import generate_responses, get_labeller
 from steer.stats import wilson_ci  # noqa: F401  (re-exported: steer.mote.wilson_ci)
 
 Mode = Literal["off_mask", "off_zero", "on"]
-MODES = ("off_mask", "off_zero", "on")
+MODES = SWITCH_MODES
 _MODE_ALIASES = {"off": "off_mask", "mask": "off_mask", "off/mask": "off_mask", "zero": "off_zero",
                  "off/zero": "off_zero", "force": "on", "force_on": "on"}
 
@@ -70,8 +72,8 @@ def spec_problems(experts: Sequence[tuple[int, int]], mode: str, renormalize: bo
     out = []
     if mode not in MODES:
         out.append(Problem(f"{prefix}mode", f"must be one of {', '.join(MODES)} (got {mode!r})"))
-    if force_weight not in ("gate", "max"):
-        out.append(Problem(f"{prefix}force_weight", f"must be 'gate' or 'max' (got {force_weight!r})"))
+    if force_weight not in FORCE_WEIGHTS:
+        out.append(Problem(f"{prefix}force_weight", f"must be one of {', '.join(FORCE_WEIGHTS)} (got {force_weight!r})"))
     if renormalize and mode != "off_zero":
         out.append(Problem(f"{prefix}renormalize", f"only applies to mode off_zero (mode is {mode})"))
     seen: dict[tuple[int, int], int] = {}
@@ -324,13 +326,12 @@ def _apply_ctx(model, switch: Intervention | None):
 
 def behaviour_labels(model, tokenizer, prompts: Sequence[str], labeller, *, switch: Intervention | None = None,
                      max_new_tokens: int = 48, batch_size: int = 8, chat_template: bool | None = None,
-                     progress: bool = False) -> tuple[list[str], list[str]]:
+                     progress: Progress | None = None) -> tuple[list[str], list[str]]:
     """Greedy answers under `switch` and their labels."""
     lab = get_labeller(labeller)
     with _apply_ctx(model, switch):
         responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, chat_template=chat_template, progress=progress,
-                                       desc="steer: answering")
+                                       batch_size=batch_size, chat_template=chat_template, progress=progress)
     return responses, [lab(r) for r in responses]
 
 
@@ -364,7 +365,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, switch: Intervention |
 def evaluate(model, tokenizer, prompts: Sequence[str], labeller, behaviour: str, neutral_texts: Sequence[str], *,
              switch: Intervention | None = None, name: str = "baseline", max_new_tokens: int = 48,
              batch_size: int = 8, chat_template: bool | None = None, ppl_max_length: int = 128,
-             progress: bool = False) -> Evaluation:
+             progress: Progress | None = None) -> Evaluation:
     """Behaviour rate (fraction of answers labelled `behaviour`, Wilson CI) and neutral perplexity."""
     responses, labels = behaviour_labels(model, tokenizer, prompts, labeller, switch=switch,
                                          max_new_tokens=max_new_tokens, batch_size=batch_size,

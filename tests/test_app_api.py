@@ -117,12 +117,12 @@ def test_expert_tokens_bad_input(tok):
 def test_progress_callback_reports_every_batch(tok):
     calls = []
     profile(tiny("qwen2_moe"), tok, {"a": A, "b": B}, ProfileConfig(n_bootstrap=0, batch_size=5),
-            progress=lambda done, total: calls.append((done, total)))
+            progress=lambda done, total, note: calls.append((done, total)))
     assert calls == [(0, 12), (5, 12), (10, 12), (12, 12)]
     calls.clear()  # responses generated first: answering, then counting
     profile(tiny("qwen2_moe"), tok, {"a": A[:3], "b": B[:3]},
             ProfileConfig(n_bootstrap=0, batch_size=4, tokens="response", max_new_tokens=2),
-            progress=lambda done, total: calls.append((done, total)))
+            progress=lambda done, total, note: calls.append((done, total)))
     assert calls == [(0, 12), (4, 12), (6, 12), (10, 12), (12, 12)]
 
 
@@ -131,7 +131,7 @@ def test_cancel_returns_the_partial_profile_of_the_prompts_counted(tok):
     stop = threading.Event()
     cfg = ProfileConfig(n_bootstrap=0, batch_size=4)
 
-    def progress(done, total):
+    def progress(done, total, note):
         if done >= 4:
             stop.set()  # what a GUI's cancel button does, from any thread
 

@@ -18,7 +18,8 @@ from steer.apps.explorer_common import (
     saved_result,
 )
 from steer.config import ConfigError, InterventionConfig, ModelIdentity
-from steer.export import TARGETS, export
+from steer.export import export
+from steer.options import EXPORT_TARGETS
 
 
 def _copy(src: Path, dest: Path) -> None:
@@ -81,7 +82,7 @@ c1.download_button("Download config.json", json.dumps(cfg.to_json(), indent=2) +
 if not problems:
     c2.download_button("Download config folder (.zip, with tensors)", folder_zip(cfg.save), file_name="config.zip",
                        key="dl_cfg_zip")
-target = c3.selectbox("Export for", [t for t in TARGETS if t != "steer"], key="cfg_target")
+target = c3.selectbox("Export for", [t for t in EXPORT_TARGETS if t != "steer"], key="cfg_target")
 if c3.button("Export", key="run_export", disabled=bool(problems)):
     try:
         with tempfile.TemporaryDirectory(prefix="steer-app-") as d:

@@ -21,8 +21,9 @@ from steer.apps.explorer_common import (
     using_model,
 )
 from steer.config import MoTESection
-from steer.ftri import SCORES, Profile, ProfileCancelled, ProfileConfig, expert_tokens, profile
-from steer.mote import MODES, ExpertSwitch, behaviour_labels
+from steer.ftri import Profile, ProfileCancelled, ProfileConfig, expert_tokens, profile
+from steer.mote import ExpertSwitch, behaviour_labels
+from steer.options import PROFILE_SCORES, PROFILE_TOKENS, SWITCH_MODES
 from steer.prompts import builtin
 
 st.title("Experts: which experts a behaviour uses, and switching them")
@@ -46,8 +47,8 @@ if source == "run live":
     name_b = c2.text_input("Baseline class", "english", key="cls_b")
     prompts_b = c2.text_area("Baseline prompts (one per line)", "\n".join(en), height=160, key="prompts_b")
     c1, c2, c3 = st.columns(3)
-    score = c1.selectbox("Score", SCORES, key="prof_score")
-    tokens = c2.selectbox("Tokens that count", ("prompt", "response", "both"), key="prof_tokens",
+    score = c1.selectbox("Score", PROFILE_SCORES, key="prof_score")
+    tokens = c2.selectbox("Tokens that count", PROFILE_TOKENS, key="prof_tokens",
                           help="response/both first generate the answers (slower)")
     n_boot = c3.number_input("Bootstrap replicates (CIs)", 0, 1000, 50, step=50, key="prof_boot")
     cfg = ProfileConfig(tokens=tokens, score=score, n_bootstrap=int(n_boot), max_new_tokens=24)
@@ -85,7 +86,8 @@ if prof is not None:
         st.warning(f"Partial profile: the run was stopped after {prof.stats['prompts']} of "
                    f"{prof.stats['prompts_requested']} prompts ({prof.stats['prompts_per_class']} per class). "
                    "Press *Profile experts* again for the full run.")
-    score = st.selectbox("Score shown", SCORES, index=SCORES.index(prof.config.score), key="view_score")
+    score = st.selectbox("Score shown", PROFILE_SCORES, index=PROFILE_SCORES.index(prof.config.score),
+                         key="view_score")
     tabs = st.tabs([f"{c} vs rest" for c in prof.classes])
     for c, tab in zip(prof.classes, tabs):
         with tab:
@@ -143,7 +145,7 @@ default = ", ".join(f"{t.layer}:{t.expert}" for t in prof.top(8)) if prof is not
 c1, c2 = st.columns([3, 1])
 experts_text = c1.text_input("Experts (LAYER:EXPERT, ...)", default, key=f"switch_experts_{default}",
                              help="default: the profile's global top 8 for its target class")
-mode = c2.selectbox("Mode", MODES, key="switch_mode",
+mode = c2.selectbox("Mode", SWITCH_MODES, key="switch_mode",
                     help="off_mask: removed before top-k; off_zero: weight 0; on: forced into the top-k")
 prompts = lines(st.text_area("Prompts (one per line)", "Pourquoi le ciel est-il bleu ?\nWhat is a good breakfast?",
                              key="switch_prompts"))

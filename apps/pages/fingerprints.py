@@ -15,7 +15,7 @@ from steer.apps.explorer_common import (
 )
 from steer.config import DiFRSection
 from steer.difr import Calibration, DiFRConfig, Fingerprints, calibrate, fingerprint_prompts, verify
-from steer.difr.fingerprint import PROJECTIONS
+from steer.options import PROJECTIONS, VERIFY_METHODS
 
 st.title("Fingerprints: verify that a provider ran this model (Activation-DiFR)")
 lm = current_model()
@@ -67,7 +67,7 @@ if fp is not None:
     st.caption(f"{fp.n_sequences} sequences, {fp.n_tokens} tokens, k={fp.config.k}, claims model {fp.model_id!r}"
                + (f", intervention {fp.intervention}" if fp.intervention else ""))
     st.header("2. Verify against the loaded model")
-    methods = ("activation", "token") if fp.sampling else ("activation",)
+    methods = VERIFY_METHODS if fp.sampling else tuple(m for m in VERIFY_METHODS if m != "token")
     method = st.radio("Method", methods, horizontal=True, key="fp_method",
                       help="Token-DiFR needs a sampled claim; greedy claims are checked by activations only")
     if cal is not None and cal.method != method:

@@ -212,7 +212,7 @@ def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
 
     _, short_rows = keep_alone(sw, short, min_gain)
     chosen, greedy_k, combos = (
-        combine_greedy(short_rows, base_k, cached, log) if greedy else (None, None, None)
+        combine_greedy(short_rows, base_k, cached, lambda done, total, note: log(note)) if greedy else (None, None, None)
     )
     paper_k = (
         known.get(";".join(_key(hd) for hd in paper))

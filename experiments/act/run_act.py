@@ -93,7 +93,8 @@ def main() -> int:
     cal = task_suite("calibration", n=args.cal, seed=args.seed)
     cfg = calibrate_heads(model, tok, cal, procedure=args.procedure, max_candidates=args.candidates,
                           shortlist=args.shortlist,
-                          screen=args.screen_method, screen_items=args.screen, beta=args.beta, progress=log)
+                          screen=args.screen_method, screen_items=args.screen, beta=args.beta,
+                          progress=lambda done, total, note: log(f"{note} ({done}/{total})" if total else note))
     cfg.save(out / "act_config.json")
     results["calibration"] = {"heads": cfg.heads, "baseline_correct": cfg.search["baseline_correct"],
                               "final_correct": cfg.search["final_correct"], "n_items": cfg.search["n_items"],

@@ -85,7 +85,7 @@ def stage_label(model, tok, name):
         t0 = time.time()
         lab, results = label_cue_events(model, tok, probs, points, CUES, CONFIG, chk, batch_size=BATCH,
                                         model_name=name,
-                                        progress=lambda d, n, s=split, t=t0: print(
+                                        progress=lambda d, n, _note, s=split, t=t0: print(
                                             f"  {s}: {d}/{n} {time.time()-t:.0f}s", flush=True))
         lab.meta["split"] = split
         lab.to_safetensors(OUT / f"cues_{split}.safetensors")

@@ -32,6 +32,7 @@ from steer.moebuild import (
     token_chunks,
 )
 from steer.packages import cache_dir
+from steer.progress import bar
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results.json"
@@ -121,7 +122,7 @@ def main() -> None:
                   for i in layers if i not in config.dense_layers}
         moe = assemble_qwen2_moe(dense, builds, config)
         if config.distill_steps:
-            distill(moe, dense, calib, config, progress=True)
+            distill(moe, dense, calib, config, progress=bar("distill"))
         build_s = time.time() - t1
         row = {"config": config.to_dict(), "build_seconds_from_cached_inputs": round(build_s, 1),
                "mean_router_recall_at_build_k": sum(b.router_recall for b in builds.values()) / len(builds),
@@ -134,7 +135,7 @@ def main() -> None:
         for ks, prompts in ((prompt_ks, True), (ppl_ks, False)):
             if ks:
                 ev = evaluate_moe(moe, dense, tok, heldout=heldout, config=config, top_ks=ks, prompts=prompts,
-                                  dense_cache=dense_cache, progress=True)
+                                  dense_cache=dense_cache, progress=bar("evaluate"))
                 row["dense_ppl"] = ev["dense_ppl"]
                 row["heldout_tokens"] = ev["heldout_tokens"]
                 if "dense_answers" in ev:

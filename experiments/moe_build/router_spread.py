@@ -38,6 +38,7 @@ from steer.moebuild import (
     set_top_k,
     token_chunks,
 )
+from steer.progress import bar
 
 HERE = Path(__file__).parent
 OUT = HERE / "router_spread.json"
@@ -56,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     base = MoEBuildConfig()
-    moe_dir = ensure_moe(base, progress=True)
+    moe_dir = ensure_moe(base, progress=bar("build"))
     built = json.loads((moe_dir / BUILD_FILE).read_text())
     current = built["config"]["router_spread"]
     dense, tok = load_dense("smollm2")
@@ -89,7 +90,7 @@ def main() -> None:
         if key in results:  # measured without prompts earlier: add them
             row = results[key]
             ev = evaluate_moe(moe, dense, tok, heldout=heldout, config=base, top_ks=[base.top_k], prompts=True,
-                              dense_cache=dense_cache, progress=True)
+                              dense_cache=dense_cache, progress=bar("evaluate"))
             row["eval"] = ev["by_k"][base.top_k]
             row["prompt_seconds"] = round(time.time() - t0, 1)
             row["prompt_load_average"] = os.getloadavg()
@@ -104,7 +105,7 @@ def main() -> None:
         row["robustness"] = routing_robustness(moe, heldout[: args.robust_chunks])
         print(f"spread {key}: {row['robustness']}", flush=True)
         ev = evaluate_moe(moe, dense, tok, heldout=heldout, config=base, top_ks=[base.top_k],
-                          prompts=want_prompts, dense_cache=dense_cache, progress=True)
+                          prompts=want_prompts, dense_cache=dense_cache, progress=bar("evaluate"))
         row["eval"] = ev["by_k"][base.top_k]
         row["dense_ppl"] = ev["dense_ppl"]
         row["seconds"] = round(time.time() - t0, 1)

@@ -44,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from steer.progress import bar  # noqa: E402
 from steer.stats import mcnemar_exact, sign_flip_test, wilson_ci  # noqa: E402
 
 STATISTICS = ("rates: Wilson 95% CI; change vs baseline: exact McNemar test on the paired per-prompt labels; "
@@ -187,7 +188,7 @@ def main() -> None:
             prof = None
     if prof is None:
         prof = profile(model, tok, {"french": fr_prof, "english": en_prof}, ProfileConfig(n_bootstrap=200),
-                       progress=True, weights_hash=lm.weights_hash)
+                       progress=bar("profile", "prompt"), weights_hash=lm.weights_hash)
         prof.stats["model_name"] = args.model
         prof.save(args.profile_dir)
         prof.figure().write_html(args.profile_dir / "heatmap.html", include_plotlyjs="cdn")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from steer.cli import print_json
+from steer.progress import bar
 
 EXAMPLES = """\
 examples:
@@ -115,8 +115,7 @@ def run(args) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     splits = [load_task(t, "calibration", n=args.n, seed=args.seed) for t in tasks]
-    lm = load(args.model, progress=not args.json)
-    say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    lm = load(args.model, progress=bar("steer: loading", enabled=not args.json))
     cfg = calibrate_heads(
         lm.model,
         lm.tokenizer,
@@ -133,7 +132,7 @@ def run(args) -> int:
         screen=args.screen,
         screen_items=args.screen_items,
         batch_size=args.batch_size,
-        progress=say,
+        progress=bar("steer calibrate", "step", enabled=not args.json),
     )
     cfg.save(args.out)
     s = cfg.search

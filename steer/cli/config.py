@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from steer.cli import EXIT_CHECK_FAILED, EXIT_OK, CLIError, print_json
+from steer.options import PROJECTIONS
 
 EXAMPLES = """\
 examples:
@@ -46,7 +47,7 @@ def add_parser(sub) -> None:
     b.add_argument(
         "--difr-seed", type=int, default=0, help="difr: public projection seed (default %(default)s)"
     )
-    b.add_argument("--difr-projection", choices=("gaussian", "orthonormal"), default="gaussian")
+    b.add_argument("--difr-projection", choices=PROJECTIONS, default="gaussian")
     b.add_argument("--description", default="", help="free text kept in the config")
     b.add_argument("-o", "--out", type=Path, required=True, help="output config directory")
     b.add_argument("--json", action="store_true", help="machine-readable output")

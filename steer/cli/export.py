@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from steer.cli import CLIError, print_json
+from steer.options import EXPORT_TARGETS
 
 EXAMPLES = """\
 examples:
@@ -33,7 +34,7 @@ def add_parser(sub) -> None:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="intervention config directory or its config.json")
-    p.add_argument("--target", required=True, choices=["steer", "vllm", "easysteer", "sglang"],
+    p.add_argument("--target", required=True, choices=EXPORT_TARGETS,
                    help="output format")
     p.add_argument("-o", "--out", required=True, help="output directory (steer, vllm; sglang: both files) or .json file (sglang: or .yaml)")
     p.add_argument("--model", help="checkpoint directory the config will be served on: checked before writing")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from steer.cli import CLIError, print_json
+from steer.options import ATTN_IMPLEMENTATIONS, DTYPES, PROJECTIONS
 
 EXAMPLES = """\
 examples:
@@ -37,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--out", type=Path, required=True, help="output .safetensors file")
     p.add_argument("--k", type=int, default=8, help="fingerprint width (default %(default)s; paper 2..128)")
     p.add_argument("--seed", type=int, default=0, help="public projection seed (default %(default)s)")
-    p.add_argument("--projection", choices=("gaussian", "orthonormal"), default="gaussian")
+    p.add_argument("--projection", choices=PROJECTIONS, default="gaussian")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--temperature", type=float, help="sample with a shared seed at this temperature (default: greedy)")
@@ -45,8 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--sample-seed", type=int, default=0, help="sequence i samples with seed*1000003+i")
     p.add_argument("--config", help="intervention config (dir or config.json) to apply while generating")
-    p.add_argument("--attn", choices=("sdpa", "eager"), help="attention implementation")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts raw")
     p.add_argument("--json", action="store_true", help="machine-readable summary on stdout")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from steer.cli import CLIError, print_json
+from steer.progress import bar
 
 SECTIONS = ("mote", "act", "lynx", "difr")
 
@@ -75,7 +76,7 @@ def run(args) -> int:
     cfg = InterventionConfig.load(args.config)
     active = _sections(cfg, args.skip)
     _check_sections(cfg, active, args)
-    lm = load(args.model or ("smollm2-moe" if cfg.mote is not None else "smollm2"), progress=not args.quiet)
+    lm = load(args.model or ("smollm2-moe" if cfg.mote is not None else "smollm2"), progress=bar("steer: loading", enabled=not args.quiet))
     ivs = _interventions(cfg, active, lm)
     chat = not args.no_chat_template
     rows, extra = _steered_rows(args, cfg, lm, prompts, active, ivs, chat)
@@ -165,7 +166,8 @@ def _greedy(args, lm, prompts, chat) -> list[str]:
     from steer.prompts import generate_responses
 
     return generate_responses(lm.model, lm.tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, chat_template=chat, progress=not args.quiet)
+                              batch_size=args.batch_size, chat_template=chat,
+                              progress=bar("steer generate", "prompt", enabled=not args.quiet))
 
 
 def _lynx(args, cfg, lm, prompts, chat):

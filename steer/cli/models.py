@@ -16,6 +16,7 @@ from steer.moebuild import (
     build_moe,
     ensure_moe,
 )
+from steer.progress import bar
 
 EXAMPLES = """\
 examples:
@@ -112,7 +113,7 @@ def _fetch(args) -> int:
     from steer.models import fetch
 
     try:
-        path = fetch(args.name, progress=not args.quiet)
+        path = fetch(args.name, progress=bar("steer: fetching", enabled=not args.quiet))
     except ImportError as exc:
         raise CLIError(str(exc)) from None
     if args.json:
@@ -126,7 +127,7 @@ def _info(args) -> int:
     from steer.models import load
 
     try:
-        info = load(args.name_or_path, progress=not args.quiet).info()
+        info = load(args.name_or_path, progress=bar("steer: loading", enabled=not args.quiet)).info()
     except ImportError as exc:
         raise CLIError(str(exc)) from None
     if args.json:
@@ -187,7 +188,8 @@ def run_build_moe(args) -> int:
     config = config_from_args(args)
     config.validate()
     if args.out is not None:
-        report, _ = build_moe(args.dense, config, args.out, eval_top_ks=args.eval_top_k, progress=not args.quiet)
+        report, _ = build_moe(args.dense, config, args.out, eval_top_ks=args.eval_top_k,
+                              progress=bar("steer build-moe", enabled=not args.quiet))
         out, info = args.out, report.to_dict()
     else:
         from steer.models import resolve_name
@@ -196,7 +198,7 @@ def run_build_moe(args) -> int:
         if entry is None or entry.built_by:
             raise ValueError(f"--dense {args.dense!r} is not a packaged dense model: pass --out DIR to build "
                              "from a checkpoint dir or .gguf file (only packaged sources are cached)")
-        out = ensure_moe(config, progress=not args.quiet, dense=entry.name)
+        out = ensure_moe(config, progress=bar("steer build-moe", enabled=not args.quiet), dense=entry.name)
         info = json.loads((out / BUILD_FILE).read_text())
     if args.json:
         print_json({"path": str(out), **info})

@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from steer.cli import CLIError, print_json
+from steer.options import CHECKERS, PROBE_SPLITS
+from steer.progress import bar
 
 EXAMPLES = """\
 examples:
@@ -34,7 +36,7 @@ def add_parser(sub) -> None:
 
     lab = ps.add_parser("label", help="label cue events on seeded arithmetic problems (forced exits)")
     lab.add_argument("--model", default="smollm2", help="packaged name, checkpoint dir, GGUF, or tiny:<family>")
-    lab.add_argument("--split", default="train", choices=["train", "calibration", "test"])
+    lab.add_argument("--split", default="train", choices=PROBE_SPLITS)
     lab.add_argument("--n", type=int, default=100, help="number of problems")
     lab.add_argument("--seed", type=int, default=0)
     lab.add_argument("--cues", default="hmm,wait,alternatively",
@@ -43,7 +45,7 @@ def add_parser(sub) -> None:
     lab.add_argument("--exit-string", default="\n\nThe answer is ")
     lab.add_argument("--max-new-tokens", type=int, default=64)
     lab.add_argument("--answer-max-tokens", type=int, default=8)
-    lab.add_argument("--checker", default="numeric", choices=["numeric", "boxed", "choice"])
+    lab.add_argument("--checker", default="numeric", choices=CHECKERS)
     lab.add_argument("--batch-size", type=int, default=8)
     lab.add_argument("-o", "--out", required=True, help="output .safetensors")
     lab.add_argument("--json", action="store_true")
@@ -80,10 +82,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _progress(done, total):
-    print(f"  {done}/{total}", file=sys.stderr, flush=True)
-
-
 def run_label(args) -> int:
     from steer.probes.cues import CueSet
     from steer.probes.data import arithmetic_problems, load_model
@@ -97,7 +95,8 @@ def run_label(args) -> int:
                      answer_max_tokens=args.answer_max_tokens, answer_stop=(".", "\n"))
     probs = arithmetic_problems(args.n, seed=args.seed, split=args.split)
     lab, res = label(model, tok, probs, points, CueSet.parse(args.cues), cfg, args.checker,
-                     batch_size=args.batch_size, model_name=name, progress=None if args.json else _progress)
+                     batch_size=args.batch_size, model_name=name,
+                     progress=bar("steer probe label", "problem", enabled=not args.json))
     lab.meta["split"] = args.split
     lab.to_safetensors(args.out)
     summary = {"out": args.out, "problems": len(probs), "cue_events": len(lab), "positive": int(lab.labels.sum()),

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from steer.cli import CLIError, print_json
+from steer.options import PROFILE_ENGINES, PROFILE_SCORES, PROFILE_TOKENS
+from steer.progress import bar
 
 DEFAULT_MODEL = "smollm2-moe"
 # Overrides the default model (e.g. a tiny checkpoint in tests, or your own MoE for every run).
@@ -48,9 +50,9 @@ def add_parser(sub) -> None:
                    help=f"a prompt class (repeat; default {' '.join(DEFAULT_CLASSES)})")
     p.add_argument("--prompts", metavar="SOURCE", help="one pooled prompt set whose classes come from --labeller")
     p.add_argument("--labeller", help="label the model's answers (refusal, french, numbered, code) into classes")
-    p.add_argument("--tokens", choices=("prompt", "response", "both"), default="prompt",
+    p.add_argument("--tokens", choices=PROFILE_TOKENS, default="prompt",
                    help="which tokens count (default %(default)s: MoTE; response = SteerMoE, teacher-forced)")
-    p.add_argument("--score", choices=("mote", "risk_diff", "npmi"), default="mote", help="default %(default)s")
+    p.add_argument("--score", choices=PROFILE_SCORES, default="mote", help="default %(default)s")
     p.add_argument("--target", help="the behaviour class (default: the first class)")
     p.add_argument("--no-normalize", action="store_true", help="mote: raw counts, not per-prompt fractions")
     p.add_argument("--bootstrap", type=int, default=200, help="Poisson bootstrap replicates (default %(default)s)")
@@ -61,7 +63,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="rows of the printed ranking (default %(default)s)")
     p.add_argument("--out", type=Path, help="output dir (default runs/profile-<timestamp>)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+    p.add_argument("--engine", choices=PROFILE_ENGINES, default="hf",
                    help="hf: steer's Hugging Face forward (default); vllm: count the routing a vLLM engine makes "
                         "(needs vLLM installed; a checkpoint directory or packaged name, not GGUF)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="--engine vllm: tensor parallel ranks")
@@ -108,9 +110,9 @@ def run(args) -> int:
     if args.engine == "vllm":
         prof, name = _profile_vllm(args, classes, config)
     else:
-        lm = load(args.model, progress=not args.quiet)
+        lm = load(args.model, progress=bar("steer: loading", enabled=not args.quiet))
         name = lm.name
-        prof = profile(lm.model, lm.tokenizer, classes, config, labeller=args.labeller, progress=not args.quiet,
+        prof = profile(lm.model, lm.tokenizer, classes, config, labeller=args.labeller, progress=_bar(args),
                        weights_hash=lm.weights_hash)
     prof.stats["model_name"] = args.model  # lets `steer switch --profile DIR` reload the same model
     out = args.out or Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -152,6 +154,10 @@ def checkpoint_dir(model: str) -> Path:
     return path
 
 
+def _bar(args):
+    return bar("steer profile", "prompt", enabled=not args.quiet)
+
+
 def _profile_vllm(args, classes, config):
     try:
         import vllm  # noqa: F401
@@ -163,7 +169,7 @@ def _profile_vllm(args, classes, config):
     if args.tensor_parallel_size < 1:
         raise CLIError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     path = checkpoint_dir(args.model)
-    prof = profile_vllm(str(path), classes, config, labeller=args.labeller, progress=not args.quiet,
+    prof = profile_vllm(str(path), classes, config, labeller=args.labeller, progress=_bar(args),
                         tensor_parallel_size=args.tensor_parallel_size)
     return prof, args.model
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from steer.cli import CLIError, print_json
+from steer.progress import bar
 
 EXAMPLES = """\
 examples:
@@ -63,7 +64,7 @@ def run(args) -> int:
             raise CLIError(f"--file {args.file} has no non-empty lines")
     else:
         inputs = None
-    lm = load(args.model, progress=not args.json)
+    lm = load(args.model, progress=bar("steer: loading", enabled=not args.json))
     if inputs is None:
         inputs = book_inputs(lm.tokenizer, n=args.n, length=args.length, seed=args.seed)
     tau = None if args.alpha is not None else args.tau

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from steer.cli import CLIError, print_json
+from steer.options import FORCE_WEIGHTS, SWITCH_MODES
+from steer.progress import bar
 
 EXAMPLES = """\
 examples:
@@ -51,9 +53,9 @@ def add_switch_args(p) -> None:
     p.add_argument("--k", type=int, default=10, help="top-k experts of the profile (default %(default)s)")
     p.add_argument("--per-layer", action="store_true", help="k experts in each layer instead of k overall")
     p.add_argument("--per-layer-cap", type=int, help="at most this many switched experts per layer")
-    p.add_argument("--mode", default="off_mask", choices=("off_mask", "off_zero", "on"), help="default %(default)s")
+    p.add_argument("--mode", default="off_mask", choices=SWITCH_MODES, help="default %(default)s")
     p.add_argument("--renormalize", action="store_true", help="off_zero: rescale the remaining weights")
-    p.add_argument("--force-weight", choices=("gate", "max"), default="gate", help="on: weight of a forced expert")
+    p.add_argument("--force-weight", choices=FORCE_WEIGHTS, default="gate", help="on: weight of a forced expert")
     p.add_argument("--random", type=int, metavar="SEED", help="random-k control with this seed instead")
 
 
@@ -93,7 +95,7 @@ def switch_from_args(args):
         raise CLIError("give exactly one of --profile DIR or --experts LAYER:EXPERT,...")
     prof = Profile.load(args.profile) if args.profile else None
     model_name = args.model or (prof.stats.get("model_name") if prof else None) or "smollm2-moe"
-    lm = load(model_name, progress=not getattr(args, "quiet", False))
+    lm = load(model_name, progress=bar("steer: loading", enabled=not getattr(args, "quiet", False)))
     kw = dict(renormalize=args.renormalize, force_weight=args.force_weight)
     try:
         return lm, _build_switch(args, prof, lm, kw)
@@ -137,7 +139,7 @@ def run(args) -> int:
             return 0
     switch.on_no_effect = "warn"
     labeller = args.labeller or (lambda r: "")
-    common = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.quiet)
+    common = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=bar("steer: answering", "prompt", enabled=not args.quiet))
     base, base_lab = behaviour_labels(lm.model, lm.tokenizer, prompts, labeller, **common)
     steered, steer_lab = behaviour_labels(lm.model, lm.tokenizer, prompts, labeller, switch=switch, **common)
     result = {"model": lm.name, "switch": switch.to_dict(), "config": str(saved) if saved else None,

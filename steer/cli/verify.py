@@ -8,11 +8,11 @@ from pathlib import Path
 
 from steer.cli import EXIT_CHECK_FAILED, EXIT_OK, CLIError, print_json
 from steer.cli.fingerprint import intervention_context, load_model
+from steer.options import ATTN_IMPLEMENTATIONS, DEFAULT_STATISTIC, DTYPES, VERIFY_METHODS
+from steer.options import VERIFY_STATISTICS as STATISTICS
 
-# steer.difr.verify's STATISTICS, DEFAULT_STATISTIC and TOKEN_CLIP, spelled out so the CLI starts without
-# importing torch (tests/test_difr_cli.py checks they agree)
-STATISTICS = ("l2", "ulp", "ulp_unfloored")
-DEFAULT_STATISTIC = "l2"
+# steer.difr.verify's TOKEN_CLIP, spelled out so the CLI starts without importing torch
+# (tests/test_difr_cli.py checks they agree); the option sets come from the torch-free steer.options
 TOKEN_CLIP = 0.5
 
 EXAMPLES = """\
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--calibrate", action="store_true", help="build a calibration from benign fingerprint files")
     p.add_argument("-o", "--out", type=Path, help="calibration output file (with --calibrate)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate to hold (default %(default)s)")
-    p.add_argument("--method", choices=("activation", "token"), help="default: the calibration's, else activation")
+    p.add_argument("--method", choices=VERIFY_METHODS, help="default: the calibration's, else activation")
     p.add_argument("--statistic", choices=STATISTICS, default=DEFAULT_STATISTIC,
                    help="Activation-DiFR distance for --calibrate (default %(default)s: the paper's ||f - f'||_2; "
                         "ulp = per-component fp16 steps floored at the step of the fingerprint's RMS, thresholds "
@@ -56,8 +56,8 @@ def add_parser(sub) -> None:
                    help="Token-DiFR margin clip for --calibrate --method token (default %(default)s, the paper's code)")
     p.add_argument("--config", help="intervention config the claim says was applied (verifiable steering)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher-forcing batch size")
-    p.add_argument("--attn", choices=("sdpa", "eager"), help="attention implementation")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--report", type=Path, help="write the per-token figure (.html)")
     p.add_argument("--csv", type=Path, help="write per-token scores (.csv)")

@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from steer import options
 from steer.batching import left_pad
 from steer.kernels._triton import backend_for
 from steer.kernels.fingerprint import fingerprint as _kernel_fingerprint
 from steer.kernels.fingerprint import projection_matrix as _kernel_projection_matrix
 
 FORMAT = "steer.difr.fingerprints/1"
-PROJECTIONS = ("gaussian", "orthonormal")
+PROJECTIONS = options.PROJECTIONS
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from steer import options
 from steer.difr.fingerprint import (
     DiFRConfig,
     Fingerprints,
@@ -40,9 +41,9 @@ CALIBRATION_FORMAT = "steer.difr.calibration/3"
 _CALIBRATION_FORMAT_V1 = "steer.difr.calibration/1"
 _OLDER_CALIBRATION_FORMATS = (_CALIBRATION_FORMAT_V1, "steer.difr.calibration/2")
 THRESHOLD_RULE = "split-conformal rank over disjoint within-sequence windows"
-METHODS = ("activation", "token")
-STATISTICS = ("l2", "ulp", "ulp_unfloored")  # Activation-DiFR per-token distance, see activation_distances
-DEFAULT_STATISTIC = "l2"  # the paper's
+METHODS = options.VERIFY_METHODS
+STATISTICS = options.VERIFY_STATISTICS  # Activation-DiFR per-token distance, see activation_distances
+DEFAULT_STATISTIC = options.DEFAULT_STATISTIC  # the paper's
 # The most that fp16 storage rounding alone adds to a per-token "ulp" distance: half a step per
 # component. A mean at or below it is explained by rounding whatever the content, so no "ulp"
 # threshold goes lower (the paper's L2 has no such content-free bound).

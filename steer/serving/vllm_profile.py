@@ -127,7 +127,9 @@ def install_recorder(model: torch.nn.Module, vllm_config) -> bool:
     for layer, runner in runners.items():
         router = runner.router
         router._compute_routing = _recording(layer, router._compute_routing)
-    model.register_forward_pre_hook(_start_step, with_kwargs=True)
+    from steer.hooks import module_hook
+
+    module_hook(model, _start_step, pre=True, with_kwargs=True)  # for the engine's lifetime
     return True
 
 
@@ -466,7 +468,7 @@ def profile_vllm(
     tokenizer=None,
     responses: Sequence[str] | None = None,
     labeller=None,
-    progress=True,
+    progress=None,
     cancel=None,
     weights_hash: str | None = None,
     tensor_parallel_size: int = 1,
