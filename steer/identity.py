@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from steer.adapters import model_map
+from steer.adapters import UnsupportedModelError, model_map
 
 # Config keys that change how a model runs here, not what it computes.
 _RUNTIME_KEYS = {
@@ -111,11 +111,22 @@ def params_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_identity(model: Any, weights_hash: str | None = None, scheme: str = SCHEME) -> dict:
+def config_identity(config) -> dict:
+    """The part of an identity a config alone gives (a model of a family without an adapter, or a
+    server that has only the checkpoint's config)."""
+    config = getattr(config, "config", config)
+    text = getattr(config, "text_config", None) or config
+    return {"scheme": SCHEME, "model_type": text.model_type, "config_hash": config_hash(config)}
+
+
+def model_identity(model: Any, weights_hash: str | None = None, scheme: str = SCHEME,
+                   any_family: bool = False) -> dict:
     """A JSON-able identity: scheme, family, layer/expert layout, config hash, parameter checksum.
 
     `model` may be an HF model, a `steer.models.LoadedModel` (its weights_hash is used), or anything
     `steer.hooks.unwrap_model` accepts. `scheme` LEGACY_DIFR gives only what such claims saved.
+    `any_family`: a model of a family without an adapter gets its `config_identity` (DiFR runs on any
+    causal LM) instead of an UnsupportedModelError.
     """
     from steer.hooks import unwrap_model
 
@@ -126,7 +137,12 @@ def model_identity(model: Any, weights_hash: str | None = None, scheme: str = SC
     hf = unwrap_model(model)
     if scheme_of({"scheme": scheme}) == LEGACY_DIFR:
         return {"scheme": scheme, "config_hash": config_hash(hf.config, scheme)}
-    mm = model_map(hf)
+    try:
+        mm = model_map(hf)
+    except UnsupportedModelError:
+        if not any_family:
+            raise
+        return config_identity(hf.config)
     ident = {
         "scheme": scheme,
         "family": mm.adapter.family,
@@ -169,17 +185,19 @@ def differences(saved: dict, current: dict, keys: tuple[str, ...] = MUST_MATCH) 
             if saved.get(k) is not None and current.get(k) is not None and saved[k] != current[k]]
 
 
+RECOMPUTE = "Recompute it on this model (e.g. `steer profile --model ...`) or load the model it was made from"
+
+
 def check_same_model(saved: dict, current: dict, what: str = "this result",
-                     keys: tuple[str, ...] = MUST_MATCH) -> None:
-    """Raise ModelMismatchError naming the fields that differ between two identities."""
+                     keys: tuple[str, ...] = MUST_MATCH, fix: str = RECOMPUTE) -> None:
+    """Raise ModelMismatchError naming the fields that differ between two identities, and `fix`."""
     diffs = [f"{k}: saved {a!r}, model {b!r}" for k, a, b in differences(saved, current, keys)]
     if diffs:
-        raise ModelMismatchError(
-            f"{what} was computed on a different model ({'; '.join(diffs)}). Recompute it on this model "
-            f"(e.g. `steer profile --model ...`) or load the model it was made from."
-        )
+        raise ModelMismatchError(f"{what} was computed on a different model ({'; '.join(diffs)}). {fix}.")
 
 
-def check_model(saved: dict, model: Any, what: str = "this result", keys: tuple[str, ...] = MUST_MATCH) -> None:
+def check_model(saved: dict, model: Any, what: str = "this result", keys: tuple[str, ...] = MUST_MATCH,
+                any_family: bool = False, fix: str = RECOMPUTE) -> None:
     """check_same_model against `model`'s identity computed in the saved identity's scheme."""
-    check_same_model(saved, model_identity(model, scheme=scheme_of(saved)), what, keys)
+    current = model_identity(model, scheme=scheme_of(saved), any_family=any_family)
+    check_same_model(saved, current, what, keys, fix)
