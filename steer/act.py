@@ -340,8 +340,11 @@ class ACTConfig:
         fields_ = {k: v for k, v in asdict(self).items() if k != "identity"}
         return json.dumps(json_doc(ACT_CONFIG, {"method": "act", **fields_}, self.identity), indent=2)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
 
     @classmethod
     def from_json(cls, text: str, where: str | Path = "<ACT config>") -> ACTConfig:

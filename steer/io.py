@@ -149,7 +149,7 @@ def read_doc(doc: Any, fmt: Format, where: str | Path = "<json>", untagged: int 
     """`load_json` of an already parsed JSON document (`where` names it in errors)."""
     where = Path(where)
     if not isinstance(doc, dict):
-        raise FormatError(f"{where} is not a {fmt.what} file (a JSON {type(doc).__name__}, not an object)")
+        raise FormatError(f"{where} is not {_a(fmt.what)} file (a JSON {type(doc).__name__}, not an object)")
     if "format" not in doc and untagged is not None:
         name, version = fmt.name, untagged
     else:
@@ -211,19 +211,24 @@ def _split_tag(tag: Any, version: Any) -> tuple[str | None, int | None]:
         return tag, None
 
 
+def _a(what: str) -> str:
+    return f"{'an' if what[0].lower() in 'aeiou' else 'a'} {what}"
+
+
 def _check_kind(path: Path, fmt: Format, name: str | None, version: int | None) -> None:
     if name is None:
-        raise FormatError(f"{path} is not a {fmt.what} file (it carries no steer format tag); create one with {fmt.make}")
+        raise FormatError(f"{path} is not {_a(fmt.what)} file (it carries no steer format tag); create one with "
+                          f"{fmt.make}")
     if name != fmt.name:
         other = FORMATS.get(name)
-        hint = f"it is a {other.what} file (open it with {other.loader.replace(':', '.')})" if other else \
+        hint = f"it is {_a(other.what)} file (open it with {other.loader.replace(':', '.')})" if other else \
             f"it holds {name!r}"
-        raise FormatError(f"{path} is not a {fmt.what} file: {hint}")
+        raise FormatError(f"{path} is not {_a(fmt.what)} file: {hint}")
     if version is None or version < 1:
         raise FormatError(f"{path}: unreadable {fmt.name} version tag; regenerate it with {fmt.make}")
     if version > fmt.version:
         raise NewerFormatError(
-            f"{path} is a {fmt.what} file of version {version}, written by a newer steer; this steer reads "
+            f"{path} is {_a(fmt.what)} file of version {version}, written by a newer steer; this steer reads "
             f"{fmt.name} up to version {fmt.version}: upgrade steer (pip install -U steer) or regenerate it")
 
 
@@ -257,8 +262,11 @@ def _kind_of(path: Path) -> str | None:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as exc:  # safetensors' Rust error type
-        raise FormatError(f"{path} is not a readable safetensors file: {exc}") from None
-    return _tag(header)[0]
+        raise FormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    name = _tag(header)[0]
+    if name is None and {"tokens", "params"} <= set(header):
+        return SINKS.name  # sink results saved before they carried a tag
+    return name
 
 
 def _default(x):
