@@ -8,15 +8,15 @@ so train / calibration / test never share a problem whatever seeds are used.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from steer.identity import model_identity
+from steer.io import LYNX_CUES, load_tensors, save_tensors
 from steer.probes.answers import get_checker
 from steer.probes.cues import CueSet
 from steer.probes.features import num_layers
@@ -109,29 +109,24 @@ class LabelledCues:
     trajectory: torch.Tensor  # [E] which problem
     cue_token: torch.Tensor  # [E] generated-token index of the cue token
     meta: dict = field(default_factory=dict)  # model, n_layers, d_model, points, cues, exit_string, split
+    identity: dict | None = None  # steer.identity of the model the events were labelled on
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
-    def to_safetensors(self, path) -> None:
-        tensors = {"features": self.features.float().contiguous(), "labels": self.labels.long().contiguous(),
-                   "trajectory": self.trajectory.long().contiguous(), "cue_token": self.cue_token.long().contiguous()}
-        save_file(tensors, str(path), metadata={"steer": json.dumps(self.meta), "format": "steer.lynx_cues/1"})
+    def to_safetensors(self, path) -> Path:
+        tensors = {"features": self.features.float(), "labels": self.labels.long(),
+                   "trajectory": self.trajectory.long(), "cue_token": self.cue_token.long()}
+        return save_tensors(path, LYNX_CUES, tensors, self.meta, identity=self.identity)
 
     @classmethod
     def from_safetensors(cls, path) -> LabelledCues:
-        hint = "create one with `steer probe label`"
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                md = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # safetensors' Rust error type has no stable import path
-            raise ValueError(f"{path} is not a readable safetensors file ({exc}); {hint}") from None
-        if md.get("format") != "steer.lynx_cues/1":
-            raise ValueError(f"{path} is not a labelled cue file; {hint}")
-        return cls(t["features"], t["labels"], t["trajectory"], t["cue_token"], json.loads(md["steer"]))
+        stored = load_tensors(path, LYNX_CUES)  # version 1: the same fields, no identity
+        t = stored.tensors
+        return cls(t["features"], t["labels"], t["trajectory"], t["cue_token"], stored.meta, stored.identity)
+
+    save = to_safetensors
+    load = from_safetensors
 
     def to_dataframe(self):
         import pandas as pd
@@ -168,7 +163,8 @@ def label_cue_events(model, tokenizer, problems: Sequence[Problem], points: Sequ
             "checker": getattr(chk, "name", str(checker)), "n_problems": len(problems)}
     F = feats[0].numel() if feats else 0
     return LabelledCues(torch.stack(feats) if feats else torch.empty(0, F), torch.tensor(labels, dtype=torch.long),
-                        torch.tensor(traj, dtype=torch.long), torch.tensor(tok_idx, dtype=torch.long), meta), results
+                        torch.tensor(traj, dtype=torch.long), torch.tensor(tok_idx, dtype=torch.long), meta,
+                        model_identity(model, any_family=True)), results
 
 
 # ---- models ---------------------------------------------------------------------------------------

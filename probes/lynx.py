@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from steer.identity import COMPUTATION, check_same_model, scheme_of
 from steer.probes.conformal import ConformalCalibration, calibrate, check_delta
 from steer.probes.cues import CueSet
 from steer.probes.data import LabelledCues, label_cue_events
@@ -29,12 +30,17 @@ def train(lab: LabelledCues, config: ProbeConfig | None = None) -> LynxProbe:
     m = lab.meta
     info = ProbeInfo(model=m.get("model", ""), n_layers=int(m["n_layers"]), d_model=int(m["d_model"]),
                      points=list(m["points"]), cues=m.get("cues", {}), exit_string=m.get("exit_string", ""))
-    return train_probe(lab.features, lab.labels, config, info, groups=lab.trajectory)
+    probe = train_probe(lab.features, lab.labels, config, info, groups=lab.trajectory)
+    probe.identity = lab.identity
+    return probe
 
 
 def check_cues_match(probe: LynxProbe, lab: LabelledCues) -> None:
     """Cue events labelled on another model or another layer set cannot calibrate this probe."""
     info, m = probe.info, lab.meta
+    if probe.identity is not None and lab.identity is not None and scheme_of(probe.identity) == scheme_of(lab.identity):
+        check_same_model(probe.identity, lab.identity, "the probe (vs the cue events' model)", COMPUTATION,
+                         fix="calibrate with cue events labelled on the probe's own model")
     if info is None:
         return
     if info.model and m.get("model") and info.model != m["model"]:

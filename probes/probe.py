@@ -12,16 +12,16 @@ applying it to anything else is an error, not a silent wrong answer.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from steer.identity import COMPUTATION, check_model
+from steer.io import LYNX_PROBE, load_json, load_tensors, save_json, save_tensors
 from steer.probes.conformal import ConformalCalibration
 from steer.probes.cues import CueSet
 
@@ -74,6 +74,7 @@ class LynxProbe(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.info = info
         self.calibration: ConformalCalibration | None = None
+        self.identity: dict | None = None  # steer.identity of the model trained on (None: saved without one)
 
     @property
     def n_features(self) -> int:
@@ -112,9 +113,14 @@ class LynxProbe(nn.Module):
 
     # ---- compatibility --------------------------------------------------------------------------
     def check_compatible(self, model, points: Sequence[str] | None = None) -> None:
-        """Raise if this probe was trained for another model shape or feature points."""
-        if self.info is None:
-            return
+        """Raise if this probe was trained for another model (identity, shape) or feature points."""
+        if self.info is not None:
+            self._check_shape(model, points)
+        if self.identity is not None:  # same shape: is it the same model (config, family, experts)?
+            check_model(self.identity, model, "this probe", COMPUTATION, any_family=True,
+                        fix="train a probe for this model (steer probe label + train)")
+
+    def _check_shape(self, model, points: Sequence[str] | None) -> None:
         cfg = model.config.get_text_config(decoder=True)
         n, d = int(cfg.num_hidden_layers), int(cfg.hidden_size)
         if (n, d) != (self.info.n_layers, self.info.d_model):
@@ -129,30 +135,30 @@ class LynxProbe(nn.Module):
     # ---- persistence ----------------------------------------------------------------------------
     def save(self, directory) -> Path:
         """probe.safetensors (weights + standardisation) and probe.json (what it was trained on,
-        and the conformal calibration if any)."""
+        and the conformal calibration if any), both steer.io LYNX_PROBE files."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(d / "probe.safetensors"))
-        meta = {"format": "steer.lynx_probe/1", "n_features": self.n_features,
-                "hidden": [lin.out_features for lin in self.linears[:-1]],
+        save_tensors(d / "probe.safetensors", LYNX_PROBE, self.state_dict(), identity=self.identity)
+        meta = {"n_features": self.n_features, "hidden": [lin.out_features for lin in self.linears[:-1]],
                 "info": asdict(self.info) if self.info else None,
                 "calibration": self.calibration.to_json() if self.calibration else None}
-        (d / "probe.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+        save_json(d / "probe.json", LYNX_PROBE, meta, identity=self.identity)
         return d
 
     @classmethod
     def load(cls, directory) -> LynxProbe:
+        """Read a saved probe (its directory, or its probe.json)."""
         d = Path(directory)
+        d = d.parent if d.suffix == ".json" else d
         meta_path, weights = d / "probe.json", d / "probe.safetensors"
         if not meta_path.exists() or not weights.exists():
             raise FileNotFoundError(f"{d} is not a saved probe (needs probe.json and probe.safetensors; "
                                     f"create one with `steer probe train`)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != "steer.lynx_probe/1":
-            raise ValueError(f"{meta_path} has format {meta.get('format')!r}, expected 'steer.lynx_probe/1'")
+        stored = load_json(meta_path, LYNX_PROBE)
+        meta = stored.meta
         info = ProbeInfo(**meta["info"]) if meta.get("info") else None
         probe = cls(meta["n_features"], meta["hidden"], info)
-        probe.load_state_dict(load_file(str(weights)))
+        probe.load_state_dict(load_tensors(weights, LYNX_PROBE, untagged=1).tensors)  # version 1: untagged weights
+        probe.identity = stored.identity
         if meta.get("calibration"):
             probe.calibration = ConformalCalibration.from_json(meta["calibration"])
         return probe.eval()
@@ -160,12 +166,6 @@ class LynxProbe(nn.Module):
     @property
     def cue_set(self) -> CueSet | None:
         return CueSet.from_json(self.info.cues) if self.info and self.info.cues else None
-
-
-def _json_default(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return str(x)
-    return str(x)
 
 
 def auc(p: torch.Tensor, y: torch.Tensor) -> float:

@@ -36,7 +36,9 @@ import torch
 
 from steer.adapters import ModelMap, plain_attention_families
 from steer.hooks import HookContext, HookFn
+from steer.identity import check_model
 from steer.interventions import Intervention, OnNoEffect
+from steer.io import ACT_CONFIG, json_doc, read_doc
 from steer.sinks import MIN_QUERIES, TAU, exact_path_reason, sink_threshold
 
 BETA = 0.4  # the ACT code's default scale for non-initial sinks
@@ -321,8 +323,9 @@ class ACTConfig:
     alpha: float | None = None
     min_queries: int = MIN_QUERIES
     keep_first: bool = True
-    model: str = ""
+    model: str = ""  # the model's name; `identity` is what a check compares
     search: dict = field(default_factory=dict)
+    identity: dict | None = None  # steer.identity.model_identity of the model the heads were calibrated on
 
     def __post_init__(self):
         self.heads = [(int(a), int(b)) for a, b in self.heads]
@@ -334,21 +337,32 @@ class ACTConfig:
                    keep_first=self.keep_first, on_no_effect=on_no_effect)
 
     def to_json(self) -> str:
-        return json.dumps({"method": "act", **asdict(self)}, indent=2)
+        fields_ = {k: v for k, v in asdict(self).items() if k != "identity"}
+        return json.dumps(json_doc(ACT_CONFIG, {"method": "act", **fields_}, self.identity), indent=2)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
 
     @classmethod
-    def from_json(cls, text: str) -> ACTConfig:
-        d = json.loads(text)
+    def from_json(cls, text: str, where: str | Path = "<ACT config>") -> ACTConfig:
+        stored = read_doc(json.loads(text), ACT_CONFIG, where, untagged=1)  # untagged: saved before steer.io
+        d = stored.meta
         if d.pop("method", "act") != "act":
             raise ValueError("not an ACT config (its 'method' field is not 'act')")
-        return cls(**d)
+        return cls(**d, identity=stored.identity)
 
     @classmethod
     def load(cls, path: str | Path) -> ACTConfig:
-        return cls.from_json(Path(path).read_text())
+        return cls.from_json(Path(path).read_text(), where=path)
+
+    def check_model(self, model) -> None:
+        """Raise steer.identity.ModelMismatchError unless `model` is the model the heads were calibrated
+        on (configs saved before they carried an identity cannot be checked and pass)."""
+        if self.identity is not None:
+            check_model(self.identity, model, what="this ACT config")
 
     def to_dataframe(self):
         """The search: one row per candidate head (gain alone, kept, chosen)."""

@@ -47,6 +47,7 @@ from steer.act import (
 )
 from steer.adapters import ModelMap, model_map
 from steer.hooks import attach, unwrap_model
+from steer.identity import model_identity
 from steer.progress import Progress, as_progress
 from steer.sinks import MIN_QUERIES, TAU, sink_threshold
 
@@ -615,4 +616,4 @@ def calibrate_heads(
         final_correct=best, candidates=rows, combinations=combos, path=sw.path,
     )
     name = getattr(hf.config, "_name_or_path", "") or hf.config.model_type
-    return ACTConfig(heads=chosen, model=str(name), search=search, **params)
+    return ACTConfig(heads=chosen, model=str(name), search=search, identity=model_identity(hf), **params)

@@ -46,6 +46,8 @@ from typing import Any, Literal
 
 import torch
 
+from steer.identity import SCHEME
+
 FORMAT = "steer.intervention-config"
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -171,6 +173,7 @@ class ModelIdentity:
     n_heads: int | None = None
     vocab_size: int | None = None
     weights_hash: str | None = None
+    scheme: str = SCHEME  # steer.identity.SCHEME (configs saved before schemes existed read as it)
 
     @classmethod
     def from_model(cls, model: Any, weights_hash: str | None = None) -> ModelIdentity:
@@ -203,8 +206,8 @@ class ModelIdentity:
 
     def identity_dict(self) -> dict:
         """The steer.identity dict (for check_same_model)."""
-        keep = ("family", "model_type", "n_layers", "d_model", "moe_layers", "num_experts", "top_k", "config_hash",
-                "params_hash", "weights_hash")
+        keep = ("scheme", "family", "model_type", "n_layers", "d_model", "moe_layers", "num_experts", "top_k",
+                "config_hash", "params_hash", "weights_hash")
         return {k: getattr(self, k) for k in keep if getattr(self, k) is not None}
 
 
@@ -635,14 +638,15 @@ class InterventionConfig:
 
 
 def identity_problems(saved: dict, current: dict) -> list[str]:
-    """`model.<field>` problems between a config's identity and a model's (steer.identity fields)."""
-    must = ("family", "n_layers", "d_model", "moe_layers", "num_experts", "config_hash", "params_hash", "weights_hash")
-    problems = []
-    for key in must:
-        if saved.get(key) is not None and current.get(key) is not None and saved[key] != current[key]:
-            hint = " (different weights: re-create the config on this model)" if key.endswith("hash") else ""
-            problems.append(f"model.{key}: config was made for {saved[key]!r}, this model has {current[key]!r}{hint}")
-    return problems
+    """`model.<field>` problems between a config's identity and a model's (steer.identity.differences)."""
+    from steer.identity import IdentitySchemeError, differences
+
+    try:
+        diffs = differences(saved, current)
+    except IdentitySchemeError as exc:
+        return [f"model.scheme: {exc}"]
+    hint = lambda key: " (different weights: re-create the config on this model)" if key.endswith("hash") else ""  # noqa: E731
+    return [f"model.{key}: config was made for {a!r}, this model has {b!r}{hint(key)}" for key, a, b in diffs]
 
 
 def _paths(path: Path) -> tuple[Path, Path]:

@@ -35,7 +35,8 @@ import torch
 from steer.adapters import family_list, model_map
 from steer.batching import left_pad
 from steer.hooks import HookContext, attach, unwrap_model
-from steer.identity import check_same_model, model_identity
+from steer.identity import check_model, model_identity
+from steer.io import PROFILE, load_tensors, save_tensors
 from steer.options import PROFILE_SCORES, PROFILE_TOKENS
 from steer.progress import Progress, Steps
 from steer.prompts import (
@@ -50,7 +51,6 @@ from steer.prompts import (
 Tokens = Literal["prompt", "response", "both"]
 Score = Literal["mote", "risk_diff", "npmi"]
 SCORES = PROFILE_SCORES
-FORMAT_VERSION = 1
 
 
 class DenseModelError(ValueError):
@@ -393,23 +393,19 @@ class Profile:
 
     # ---- persistence ----------------------------------------------------------------------
     def metadata(self) -> dict:
-        return {"format": "steer.ftri.Profile", "version": FORMAT_VERSION, "classes": self.classes,
+        return {"format": PROFILE.name, "version": PROFILE.version, "classes": self.classes,
                 "layers": self.layers, "model": self.model, "config": asdict(self.config), "stats": self.stats,
                 "top": [asdict(t) for t in self.top(min(20, self.scores.numel()))]}
 
     def to_safetensors(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {"scores": self.scores.float().contiguous()}
+        tensors = {"scores": self.scores.float()}
         if self.ci_low is not None:
-            tensors["ci_low"], tensors["ci_high"] = self.ci_low.float().contiguous(), self.ci_high.float().contiguous()
-        tensors.update({f"sums.{k}": v.contiguous() for k, v in self.sums.items()})
+            tensors["ci_low"], tensors["ci_high"] = self.ci_low.float(), self.ci_high.float()
+        tensors.update({f"sums.{k}": v for k, v in self.sums.items()})
         if self.boot:
-            tensors.update({f"boot.{k}": v.contiguous() for k, v in self.boot.items()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"steer": json.dumps(self.metadata(), default=str)})
-        return path
+            tensors.update({f"boot.{k}": v for k, v in self.boot.items()})
+        meta = {k: v for k, v in self.metadata().items() if k not in ("format", "version", "model")}
+        return save_tensors(path, PROFILE, tensors, meta, identity=self.model)
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
         """Write `path` (.safetensors, tensors + metadata) and a readable JSON beside it."""
@@ -423,30 +419,25 @@ class Profile:
 
     @classmethod
     def from_safetensors(cls, path: str | Path) -> Profile:
-        from safetensors import safe_open
-
+        """Read a profile (a .safetensors file or the directory `steer profile --out` wrote)."""
         path = Path(path)
         if path.is_dir():
             path = path / "profile.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"no profile at {str(path)!r}; write one with `steer profile --out DIR`")
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("steer", "{}"))
-            if meta.get("format") != "steer.ftri.Profile":
-                raise ValueError(f"{path} is not a steer expert profile (no steer.ftri.Profile metadata)")
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        stored = load_tensors(path, PROFILE)
+        meta, t = stored.meta, stored.tensors
+        model = stored.identity if stored.version >= 2 else meta["model"]  # version 1: inside the fields
         known = {f.name for f in fields(ProfileConfig)}
         cfg = ProfileConfig(**{k: v for k, v in meta["config"].items() if k in known})
         sums = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("sums.")}
         boot = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("boot.")} or None
         return cls(t["scores"], t.get("ci_low"), t.get("ci_high"), sums, boot, list(meta["classes"]),
-                   [int(x) for x in meta["layers"]], meta["model"], cfg, meta.get("stats", {}))
+                   [int(x) for x in meta["layers"]], model, cfg, meta.get("stats", {}))
 
     load = from_safetensors
 
     def check_model(self, model: Any) -> None:
         """Raise steer.identity.ModelMismatchError if `model` is not the model this profile was made on."""
-        check_same_model(self.model, model_identity(model), what="this expert profile")
+        check_model(self.model, model, what="this expert profile")
 
 
 def _finish(sums, boot, classes, layers, ident, cfg: ProfileConfig, stats) -> Profile:

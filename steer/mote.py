@@ -36,7 +36,7 @@ import torch
 from steer.adapters import ModelMap, model_map
 from steer.ftri import DenseModelError, Profile
 from steer.hooks import HookContext, HookFn, unwrap_model
-from steer.identity import check_same_model, model_identity
+from steer.identity import check_model
 from steer.interventions import Intervention, OnNoEffect, Problem
 from steer.kernels.router import RouterEdit, RoutingRule, route
 from steer.options import FORCE_WEIGHTS, SWITCH_MODES
@@ -245,7 +245,7 @@ class ExpertSwitch(Intervention):
     # ---- Intervention interface ---------------------------------------------------------------
     def validate(self, mm: ModelMap) -> None:
         if self.model_id is not None and mm.moe_layers:
-            check_same_model(self.model_id, model_identity(mm.model), what="this expert switch (from a profile)")
+            check_model(self.model_id, mm.model, what="this expert switch (from a profile)")
         problems = fit_problems(self.experts, self.mode, self.renormalize, self.force_weight, mm)
         if problems:
             raise _error(problems)

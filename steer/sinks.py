@@ -40,6 +40,8 @@ import torch
 from steer.adapters import attention_quirk, model_map
 from steer.batching import left_pad
 from steer.hooks import HookContext, attach, unwrap_model
+from steer.identity import check_model, model_identity
+from steer.io import SINKS, FormatError, load_tensors, save_tensors
 
 TAU = 0.1  # fixed threshold of the ACT code
 EPS = 0.3  # sink-rate threshold ("When Attention Sink Emerges")
@@ -218,6 +220,7 @@ class SinkResult:
     path: str = "streaming"
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> Float[H, T, T] of input 0
     stderr: torch.Tensor | None = None
+    identity: dict | None = None  # steer.identity.model_identity of the model scored (`model` is its name)
 
     @property
     def n_inputs(self) -> int:
@@ -397,29 +400,41 @@ class SinkResult:
                              f"layers x {self.n_heads} heads")
 
     # ---- save / load ------------------------------------------------------------------------
-    def to_safetensors(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {"scores": self.scores.contiguous(), "n_obs": self.n_obs.contiguous(),
-                   "lengths": self.lengths.contiguous()}
-        tensors.update({f"map.{layer}": m.contiguous() for layer, m in self.maps.items()})
+    def to_safetensors(self, path: str | Path) -> Path:
+        tensors = {"scores": self.scores, "n_obs": self.n_obs, "lengths": self.lengths}
+        tensors.update({f"map.{layer}": m for layer, m in self.maps.items()})
         if self.stderr is not None:
-            tensors["stderr"] = self.stderr.contiguous()
-        meta = {"tokens": json.dumps(self.tokens), "params": json.dumps({
-            "tau": self.tau, "alpha": self.alpha, "eps": self.eps, "min_queries": self.min_queries,
-            "model": self.model, "path": self.path})}
-        save_file(tensors, str(path), metadata=meta)
+            tensors["stderr"] = self.stderr
+        meta = {"tokens": self.tokens, "params": {"tau": self.tau, "alpha": self.alpha, "eps": self.eps,
+                                                  "min_queries": self.min_queries, "model": self.model,
+                                                  "path": self.path}}
+        return save_tensors(path, SINKS, tensors, meta, identity=self.identity)
 
     @classmethod
     def from_safetensors(cls, path: str | Path) -> SinkResult:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        """Read a sink result (a .safetensors file, or the directory `steer sinks --out` wrote)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "sinks.safetensors"
+        stored = load_tensors(path, SINKS, untagged=1)
+        meta, t = stored.meta, stored.tensors
+        if stored.version == 1:  # before steer.io: the fields as JSON strings, no identity
+            if not {"tokens", "params"} <= set(meta):
+                raise FormatError(f"{path} is not a sink result (no steer format tag, no sink fields); create one "
+                                  f"with {SINKS.make}")
+            meta = {"tokens": json.loads(meta["tokens"]), "params": json.loads(meta["params"])}
         maps = {int(k.split(".")[1]): v for k, v in t.items() if k.startswith("map.")}
-        return cls(t["scores"], t["n_obs"], t["lengths"], json.loads(meta["tokens"]), maps=maps,
-                   stderr=t.get("stderr"), **json.loads(meta["params"]))
+        return cls(t["scores"], t["n_obs"], t["lengths"], meta["tokens"], maps=maps, stderr=t.get("stderr"),
+                   identity=stored.identity, **meta["params"])
+
+    save = to_safetensors
+    load = from_safetensors
+
+    def check_model(self, model) -> None:
+        """Raise steer.identity.ModelMismatchError unless `model` is the model these sinks were scored on
+        (results saved before they carried an identity cannot be checked and pass)."""
+        if self.identity is not None:
+            check_model(self.identity, model, what="this sink result")
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -604,7 +619,7 @@ def detect_sinks(
     path = "exact" if exact else "candidates" if candidates is not None else "sampled" if sample_rows else "streaming"
     return SinkResult(scores, n_obs, torch.tensor([len(s) for s in seqs]), _token_strings(tok, seqs), tau=tau,
                       alpha=alpha, eps=eps, min_queries=min_queries, model=_model_name(hf), path=path, maps=maps,
-                      stderr=stderr)
+                      stderr=stderr, identity=model_identity(hf))
 
 
 def sink_rate_interval(result: SinkResult, eps: float | None = None, z: float = 1.96) -> tuple[float, float]:

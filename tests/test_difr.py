@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from steer.difr import (
     verify,
 )
 from steer.difr.fingerprint import left_pad, output_lengths
+from steer.identity import ModelMismatchError, model_identity
 from steer.tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["hello there", "a much longer prompt, padded less", "x", "the quick brown fox"]
@@ -125,7 +128,9 @@ def test_save_load_round_trip_with_metadata(llama, tok, tmp_path):
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert {"model_id", "seed", "k", "dtype", "config_hash", "projection"} <= set(meta)
+    assert (meta["format"], meta["version"]) == ("steer.difr.fingerprints", "2")
+    assert {"model_id", "seed", "k", "dtype", "projection"} <= set(json.loads(meta["steer"]))
+    assert json.loads(meta["identity"]) == model_identity(llama) == back.identity
 
 
 def test_truncated_and_corrupt_files_are_errors(llama, tok, tmp_path):
@@ -151,16 +156,16 @@ def test_mismatched_token_counts_are_errors(llama, tok):
     fp = _fp(llama, tok)
     with pytest.raises(ValueError, match="token counts disagree"):
         Fingerprints(fp.values[:-1], fp.prompt_ids, fp.prompt_lengths, fp.output_ids, fp.output_lengths,
-                     fp.model_id, fp.config_hash, fp.config)
+                     fp.model_id, fp.identity, fp.config)
     with pytest.raises(ValueError, match="k=8"):
         Fingerprints(fp.values[:, :4], fp.prompt_ids, fp.prompt_lengths, fp.output_ids, fp.output_lengths,
-                     fp.model_id, fp.config_hash, fp.config)
+                     fp.model_id, fp.identity, fp.config)
 
 
 def test_wrong_model_seed_or_k_never_verifies(llama, tok):
     fp = _fp(llama, tok, model_id="tiny-llama")
     cal = calibrate(llama, [fp], target_fpr=0.1)
-    with pytest.raises(ValueError, match="different model configuration"):
+    with pytest.raises(ModelMismatchError, match="the fingerprint claim was computed on a different model .*config_hash"):
         verify(tiny_model("qwen2"), fp, cal)
     with pytest.raises(ValueError, match="claim model"):
         verify(llama, fp, cal, model_id="other-model")
@@ -247,7 +252,7 @@ def test_calibration_threshold_holds_its_false_positive_rate():
     g = torch.Generator().manual_seed(0)
     calib = torch.rand(4000, generator=g)
     held = torch.rand(20000, generator=g)
-    cal = Calibration("activation", 0.01, calib, torch.full((40,), 100), DiFRConfig(), "h", "m")
+    cal = Calibration("activation", 0.01, calib, torch.full((40,), 100), DiFRConfig(), {"config_hash": "h"}, "m")
     for n in (1, 4):
         thr = cal.threshold(n)
         fpr = float((held[: len(held) // n * n].reshape(-1, n).mean(1) > thr).float().mean())
@@ -331,25 +336,66 @@ def test_ulp_floor_bounds_benign_noise_on_near_zero_components(llama, tok):
     assert float(wrong.min()) > 3
 
 
-def test_version_1_calibration_files_keep_their_statistic(llama, tok, tmp_path):
-    """Files written when "ulp" meant the unfloored distance load as "ulp_unfloored", not silently re-labelled."""
-    from safetensors import safe_open
+def _legacy_header(fmt: str, model, fields: dict, tensors: dict) -> dict:
+    """The flat string header steer wrote before steer.io (DiFR formats 1-3): its own config hash rule."""
+    from steer.identity import LEGACY_DIFR, config_hash
+    from steer.io import checksum
+
+    return {"format": fmt, **{k: str(v) for k, v in fields.items()},
+            "config_hash": config_hash(model.config, LEGACY_DIFR), "checksum": checksum(tensors)}
+
+
+def _legacy_calibration(cal, model, path, fmt, **extra):
     from safetensors.torch import save_file
 
+    tensors = {"benign": cal.benign.float().contiguous(), "lengths": cal.lengths.to(torch.int64).contiguous()}
+    fields = {"method": cal.method, "target_fpr": repr(cal.target_fpr), "k": cal.config.k, "seed": cal.config.seed,
+              "projection": cal.config.projection, "model_id": cal.model_id, "clip": repr(cal.clip),
+              "clip_percentile": repr(cal.clip_percentile), "threshold_rule": "disjoint windows",
+              "statistic": cal.statistic, "intervention": "", "min_threshold": repr(cal.min_threshold), **extra}
+    save_file(tensors, str(path), metadata=_legacy_header(fmt, model, fields, tensors))
+    return path
+
+
+def test_version_1_calibration_files_keep_their_statistic(llama, tok, tmp_path):
+    """Files written when "ulp" meant the unfloored distance load as "ulp_unfloored", not silently re-labelled."""
     cal = calibrate(llama, [_fp(llama, tok)], statistic="ulp_unfloored", target_fpr=0.1)
-    path = cal.save(tmp_path / "cal.safetensors")
-    with safe_open(str(path), "pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    assert meta["format"] == "steer.difr.calibration/3" and "disjoint" in meta["threshold_rule"]
-    save_file(tensors, str(tmp_path / "v1.safetensors"),
-              metadata=meta | {"format": "steer.difr.calibration/1", "statistic": "ulp"})
-    old = Calibration.load(tmp_path / "v1.safetensors")
+    old = Calibration.load(_legacy_calibration(cal, llama, tmp_path / "v1.safetensors", "steer.difr.calibration/1",
+                                               statistic="ulp"))
     assert old.statistic == "ulp_unfloored" and old.threshold(2) == cal.threshold(2) is not None
-    save_file(tensors, str(tmp_path / "v2.safetensors"),
-              metadata=meta | {"format": "steer.difr.calibration/2", "statistic": "ulp", "n_resamples": "4000"})
-    assert Calibration.load(tmp_path / "v2.safetensors").statistic == "ulp"  # version 2 "ulp" was floored
+    assert old.identity["scheme"] == "steer.difr/1"
+    v2 = _legacy_calibration(cal, llama, tmp_path / "v2.safetensors", "steer.difr.calibration/2", statistic="ulp",
+                             n_resamples=4000)
+    assert Calibration.load(v2).statistic == "ulp"  # version 2 "ulp" was floored
     with pytest.raises(ValueError, match="statistic must be one of"):
         calibrate(llama, [_fp(llama, tok)], statistic="cosine")
+
+
+def test_claims_and_calibrations_of_the_old_format_verify_by_their_own_hash_rule(llama, tok, tmp_path):
+    """Format-1 claims carry the config hash of DiFR's old rule (identity scheme steer.difr/1): they
+    verify against the model they name, are rejected on another model with the differing field named,
+    and mix with new calibrations (each is checked against the model)."""
+    from safetensors.torch import save_file
+
+    fp = _fp(llama, tok, model_id="tiny-llama")
+    tensors = fp._tensors()
+    fields = {"model_id": fp.model_id, "seed": 0, "k": 8, "projection": "gaussian", "dtype": fp.dtype,
+              "fingerprint_dtype": "float16", "sampling": json.dumps(fp.sampling), "intervention": ""}
+    save_file(tensors, str(tmp_path / "old.safetensors"),
+              metadata=_legacy_header("steer.difr.fingerprints/1", llama, fields, tensors))
+    old = Fingerprints.load(tmp_path / "old.safetensors")
+    assert old.identity["scheme"] == "steer.difr/1" and old.identity != fp.identity
+    assert torch.equal(old.values, fp.values) and old.sampling == fp.sampling
+    new_cal = calibrate(llama, [fp], target_fpr=0.1)
+    for cal in (new_cal, calibrate(llama, [old], target_fpr=0.1)):  # no identity error; same values, same decision
+        assert verify(llama, old, cal).decision == verify(llama, fp, cal).decision != "rejected"
+    other = tiny_model("llama", num_hidden_layers=llama.config.num_hidden_layers + 1)
+    with pytest.raises(ModelMismatchError, match="config_hash"):
+        verify(other, old)
+    old_cal = Calibration.load(_legacy_calibration(new_cal, other, tmp_path / "c3.safetensors",
+                                                   "steer.difr.calibration/3"))
+    with pytest.raises(ModelMismatchError, match="the calibration was computed on a different model"):
+        verify(llama, fp, old_cal)
 
 
 def test_ulp_thresholds_never_go_below_the_rounding_bound(llama, tok):

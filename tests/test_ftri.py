@@ -187,7 +187,7 @@ def test_bad_inputs(tok, tmp_path):
         prof.check_model(tiny_model("olmoe", seed=3))
     with pytest.raises(ModelMismatchError, match="family"):
         prof.check_model(tiny_model("mixtral"))
-    with pytest.raises(FileNotFoundError, match="no profile"):
+    with pytest.raises(FileNotFoundError, match="profile file .* does not exist; create one with `steer profile"):
         Profile.load(tmp_path / "nothing")
 
 

@@ -218,7 +218,7 @@ def test_probe_save_load_is_safetensors_and_json(tmp_path):
     d = probe.save(tmp_path / "probe")
     assert sorted(p.name for p in d.iterdir()) == ["probe.json", "probe.safetensors"]
     meta = json.loads((d / "probe.json").read_text())
-    assert meta["info"]["points"] == ["final_norm.out"] and meta["format"] == "steer.lynx_probe/1"
+    assert meta["info"]["points"] == ["final_norm.out"] and (meta["format"], meta["version"]) == ("steer.lynx_probe", 2)
     back = LynxProbe.load(d)
     with torch.no_grad():
         torch.testing.assert_close(back(x), probe(x))

@@ -35,7 +35,8 @@ from steer.serving.records import (
     token_for,
 )
 
-META = {"k": 4, "seed": 0, "projection": "gaussian", "model_id": "tiny", "config_hash": "c", "dtype": "float32",
+META = {"k": 4, "seed": 0, "projection": "gaussian", "model_id": "tiny", "dtype": "float32",
+        "identity": {"scheme": "steer.identity/1", "model_type": "tiny", "config_hash": "c"},
         "intervention": None}
 
 

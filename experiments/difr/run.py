@@ -42,7 +42,6 @@ from steer.difr import (
     Fingerprints,
     GumbelSampler,
     SamplingParams,
-    config_hash,
     fingerprint_prompts,
     projection_matrix,
     quantize_rtn,
@@ -58,6 +57,7 @@ from steer.difr.verify import (
     clip_margins,
     window_means,
 )
+from steer.identity import model_identity
 
 HERE = Path(__file__).parent
 KS = (2, 4, 8, 16, 32, 64, 128)
@@ -109,7 +109,7 @@ def threads(n: int):
         torch.set_num_threads(old)
 
 
-def provide(model, tok, prompts, *, seed, claim_id, claim_hash, variant=("sdpa", 9, 1), max_new_tokens,
+def provide(model, tok, prompts, *, seed, claim_id, claim_identity, variant=("sdpa", 9, 1), max_new_tokens,
             sampler_factory=None, intervention=None) -> Fingerprints:
     """One provider run; the claim always names the reference model and the honest sampling."""
     impl, batch, n_threads = variant
@@ -118,7 +118,7 @@ def provide(model, tok, prompts, *, seed, claim_id, claim_hash, variant=("sdpa",
         fp = fingerprint_prompts(model, tok, prompts, config=DiFRConfig(k=max(KS)), sampling=CLAIM, seed=seed,
                                  max_new_tokens=max_new_tokens, batch_size=batch, model_id=claim_id,
                                  keep_hidden=True, sampler_factory=sampler_factory)
-    fp.config_hash = claim_hash  # a cheating provider claims the reference model's identity
+    fp.identity = claim_identity  # a cheating provider claims the reference model's identity
     return fp
 
 
@@ -227,7 +227,7 @@ def calibration_of(scores: np.ndarray, lengths: torch.Tensor, name: str, fpr: fl
     stat, floor = CALIBRATED[name]
     method = "token" if name.startswith("token") else "activation"
     return Calibration(method, fpr, torch.as_tensor(scores, dtype=torch.float32), lengths.to(torch.int64), fp.config,
-                       fp.config_hash, fp.model_id, statistic=stat or "l2", min_threshold=floor,
+                       fp.identity, fp.model_id, statistic=stat or "l2", min_threshold=floor,
                        clip=(TOKEN_CLIP if name == "token" else OLD_TOKEN_CLIP) if method == "token" else None)
 
 
@@ -290,11 +290,11 @@ def collect(args, lm, out: Path) -> dict:
     from steer.packages import packaged_file
 
     model, tok = lm.model, lm.tokenizer
-    claim_id, claim_hash = lm.name, config_hash(model)
+    claim_id, claim_identity = lm.name, model_identity(model, any_family=True)
     prompts = json.loads(packaged_file("aplomb", "0.3.0", "aplomb/data/benign_anchors_v1.json").read_text())["benign"]
     calib_prompts = prompts[: args.n_calib]
     held_prompts = prompts[args.n_calib: args.n_calib + args.n_heldout]
-    kw = dict(claim_id=claim_id, claim_hash=claim_hash, max_new_tokens=args.max_new_tokens)
+    kw = dict(claim_id=claim_id, claim_identity=claim_identity, max_new_tokens=args.max_new_tokens)
     log(f"model {claim_id} ({lm.weights_hash[:12]}), {len(calib_prompts)} calibration + {len(held_prompts)} held-out prompts")
     layer = model.config.num_hidden_layers // 2
     steering, steering_desc, steering_digest = steering_for(model, args, out)

@@ -21,7 +21,7 @@ examples:
       an honest run under other numerics, for `steer verify --calibrate`
 
 The file holds per generated token f = h P (h: the final post-norm state, P: [D, k] from the
-public seed) in fp16, the prompt and output token ids, and metadata: model id, config hash, seed,
+public seed) in fp16, the prompt and output token ids, and metadata: model id, model identity, seed,
 k, projection, dtype, sampling parameters and a checksum.
 """
 
@@ -105,7 +105,7 @@ def run(args) -> int:
                                  intervention=digest)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fp.save(args.out)
-    summary = {"file": str(args.out), "model_id": fp.model_id, "config_hash": fp.config_hash,
+    summary = {"file": str(args.out), "model_id": fp.model_id, "identity": fp.identity,
                "sequences": fp.n_sequences, "tokens": fp.n_tokens, "k": config.k, "seed": config.seed,
                "projection": config.projection, "bytes_per_token": fp.bytes_per_token, "sampling": fp.sampling,
                "intervention_config": args.config, "intervention": digest}

@@ -9,7 +9,6 @@ from steer.difr.fingerprint import (
     DiFRConfig,
     FingerprintRecorder,
     Fingerprints,
-    config_hash,
     encode_prompts,
     fingerprint_prompts,
     generate,
@@ -31,7 +30,7 @@ from steer.difr.verify import (
 )
 
 __all__ = [
-    "DiFRConfig", "FingerprintRecorder", "Fingerprints", "config_hash", "encode_prompts", "fingerprint_prompts", "generate", "intervention_digest", "project",
+    "DiFRConfig", "FingerprintRecorder", "Fingerprints", "encode_prompts", "fingerprint_prompts", "generate", "intervention_digest", "project",
     "projection_matrix", "quantize_dequantize", "quantize_rtn", "GumbelSampler", "SamplingParams",
     "gumbel_noise", "token_margins", "Calibration", "Reference", "VerificationReport",
     "activation_distances", "calibrate", "teacher_force", "verify", "window_means",

@@ -6,8 +6,9 @@ decode step). The last generated token is never fed back, so N generated tokens 
 Prompt positions are not fingerprinted (as in the paper); the prompt ids travel in the file so the
 verifier can teacher-force the same sequence.
 
-P (D x k) comes from a public seed; f is computed in fp32 and stored as fp16 in a safetensors file
-whose metadata names the model, seed, k, projection kind, dtype and a hash of the model config.
+P (D x k) comes from a public seed; f is computed in fp32 and stored as fp16 in a steer.io file
+whose metadata names the model, seed, k, projection kind, dtype and the model's identity
+(steer.identity; files of format version 1 carry only a config hash, scheme "steer.difr/1").
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from torch import Tensor, nn
 
 from steer import options
 from steer.batching import left_pad
+from steer.identity import LEGACY_DIFR, model_identity
+from steer.io import FINGERPRINTS, FormatError, load_tensors, save_tensors
 from steer.kernels._triton import backend_for
 from steer.kernels.fingerprint import fingerprint as _kernel_fingerprint
 from steer.kernels.fingerprint import projection_matrix as _kernel_projection_matrix
 
-FORMAT = "steer.difr.fingerprints/1"
 PROJECTIONS = options.PROJECTIONS
 
 
@@ -63,20 +65,6 @@ def project(h: Tensor, p: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Identity of the model a fingerprint claims
-
-
-_VOLATILE_CONFIG_KEYS = {
-    "dtype", "torch_dtype", "transformers_version", "use_cache", "return_dict", "output_hidden_states",
-    "output_attentions", "attn_implementation", "name_or_path", "architectures", "quantization_config",
-}
-
-
-def config_hash(model: nn.Module) -> str:
-    """Hash of the architecture-defining config fields (not dtype, attention kernel or paths)."""
-    cfg = model.config.to_dict()
-    keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
-    blob = json.dumps(keep, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def intervention_digest(path: str | Path) -> str:
@@ -121,7 +109,7 @@ class Fingerprints:
     output_ids: Tensor  # Int64[N]
     output_lengths: Tensor  # Int64[B]
     model_id: str
-    config_hash: str
+    identity: dict  # steer.identity of the claimed model (steer.identity.model_identity(..., any_family=True))
     config: DiFRConfig = field(default_factory=DiFRConfig)
     dtype: str = "float32"  # the provider's model dtype
     sampling: dict | None = None  # SamplingParams as a dict, None for greedy
@@ -135,6 +123,11 @@ class Fingerprints:
     @property
     def n_sequences(self) -> int:
         return int(self.output_lengths.numel())
+
+    @property
+    def config_hash(self) -> str:
+        """The claimed model's config hash (in the identity's scheme)."""
+        return str(self.identity.get("config_hash"))
 
     @property
     def n_tokens(self) -> int:
@@ -170,7 +163,7 @@ class Fingerprints:
     def with_config(self, values: Tensor, config: DiFRConfig) -> Fingerprints:
         """The same claim with other fingerprint values (e.g. another k from the kept hidden states)."""
         return Fingerprints(values, self.prompt_ids, self.prompt_lengths, self.output_ids, self.output_lengths,
-                            self.model_id, self.config_hash, config, self.dtype, self.sampling, self.sample_seeds,
+                            self.model_id, self.identity, config, self.dtype, self.sampling, self.sample_seeds,
                             intervention=self.intervention)
 
     def reproject(self, config: DiFRConfig) -> Fingerprints:
@@ -194,40 +187,30 @@ class Fingerprints:
         return t
 
     def to_safetensors(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        tensors = self._tensors()
-        meta = {
-            "format": FORMAT,
-            "model_id": self.model_id,
-            "config_hash": self.config_hash,
-            "seed": str(self.config.seed),
-            "k": str(self.config.k),
-            "projection": self.config.projection,
-            "dtype": self.dtype,
-            "fingerprint_dtype": "float16",
-            "sampling": json.dumps(self.sampling),
-            "intervention": self.intervention or "",
-            "checksum": _checksum(tensors),
-        }
-        path = Path(path)
-        save_file(tensors, str(path), metadata=meta)
-        return path
+        meta = {"model_id": self.model_id, "seed": self.config.seed, "k": self.config.k,
+                "projection": self.config.projection, "dtype": self.dtype, "fingerprint_dtype": "float16",
+                "sampling": self.sampling, "intervention": self.intervention}
+        return save_tensors(path, FINGERPRINTS, self._tensors(), meta, identity=self.identity)
 
     @classmethod
     def from_safetensors(cls, path: str | Path) -> Fingerprints:
-        tensors, meta = read_safetensors(path, FORMAT, "fingerprint")
+        stored = load_tensors(path, FINGERPRINTS)
+        meta, t = stored.meta, stored.tensors
         try:
+            identity = stored.identity
+            if stored.version == 1:  # header strings; the config hash of DiFR's own rule
+                identity = {"scheme": LEGACY_DIFR, "config_hash": meta["config_hash"]}
+                meta = {**meta, "sampling": json.loads(meta["sampling"])}
             config = DiFRConfig(k=int(meta["k"]), seed=int(meta["seed"]), projection=meta["projection"])
             return cls(
-                tensors["values"], tensors["prompt_ids"], tensors["prompt_lengths"], tensors["output_ids"],
-                tensors["output_lengths"], meta["model_id"], meta["config_hash"], config, meta["dtype"],
-                json.loads(meta["sampling"]), tensors.get("sample_seeds"), intervention=meta["intervention"] or None,
+                t["values"], t["prompt_ids"], t["prompt_lengths"], t["output_ids"], t["output_lengths"],
+                meta["model_id"], identity, config, meta["dtype"], meta["sampling"], t.get("sample_seeds"),
+                intervention=meta["intervention"] or None,
             )
         except KeyError as exc:
-            raise ValueError(f"{path}: fingerprint file lacks {exc}; it was not written by `steer fingerprint`") from None
+            raise FormatError(f"{path}: fingerprint file lacks {exc}; it was not written by `steer fingerprint`") from None
         except ValueError as exc:
-            raise ValueError(f"{path}: invalid fingerprint file: {exc}") from None
+            raise FormatError(f"{path}: invalid fingerprint file: {exc}") from None
 
     save = to_safetensors
     load = from_safetensors
@@ -239,13 +222,13 @@ class Fingerprints:
             raise ValueError("nothing to concatenate")
         a = parts[0]
         for b in parts[1:]:
-            if (b.model_id, b.config_hash, b.config, b.dtype, b.sampling, b.intervention) != (
-                    a.model_id, a.config_hash, a.config, a.dtype, a.sampling, a.intervention):
+            if (b.model_id, b.identity, b.config, b.dtype, b.sampling, b.intervention) != (
+                    a.model_id, a.identity, a.config, a.dtype, a.sampling, a.intervention):
                 raise ValueError("cannot concatenate fingerprints of different models/configs/sampling")
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])
         seeds = cat("sample_seeds") if a.sample_seeds is not None else None
         out = cls(cat("values"), cat("prompt_ids"), cat("prompt_lengths"), cat("output_ids"), cat("output_lengths"),
-                  a.model_id, a.config_hash, a.config, a.dtype, a.sampling, seeds, intervention=a.intervention)
+                  a.model_id, a.identity, a.config, a.dtype, a.sampling, seeds, intervention=a.intervention)
         if all(p.hidden is not None for p in parts):
             out.hidden = cat("hidden")
         return out
@@ -259,37 +242,6 @@ class Fingerprints:
         for j in range(self.config.k):
             df[f"f{j}"] = self.values[:, j].float().numpy()
         return df
-
-
-def _checksum(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def read_safetensors(path: str | Path, fmt: str | tuple[str, ...], what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors + metadata of a steer file, with clear errors for missing, truncated or corrupt files.
-
-    `fmt`: the format tag the file must carry (or a tuple of accepted tags, newest first)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for bad headers/sizes
-        raise ValueError(f"{path} is not a readable {what} file (truncated or corrupt?): {exc}") from None
-    accepted = (fmt,) if isinstance(fmt, str) else tuple(fmt)
-    if meta.get("format") not in accepted:
-        raise ValueError(f"{path} is not a {what} file (format {meta.get('format')!r}, expected {accepted[0]!r})")
-    if meta.get("checksum") != _checksum(tensors):
-        raise ValueError(f"{path} is corrupt: its checksum does not match its contents; regenerate it")
-    return tensors, meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +369,7 @@ def generate(
         output_ids=gen[keep].to(torch.int64),
         output_lengths=lengths,
         model_id=model_id or default_model_id(model),
-        config_hash=config_hash(model),
+        identity=model_identity(model, any_family=True),
         config=config,
         dtype=_dtype_name(model),
         sampling=sampling.to_dict() if sampling is not None else None,

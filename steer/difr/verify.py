@@ -29,17 +29,16 @@ from steer.difr.fingerprint import (
     DiFRConfig,
     Fingerprints,
     _on_lm_head_input,
-    config_hash,
     projection_matrix,
-    read_safetensors,
 )
 from steer.difr.sampling import SamplingParams, token_margins
+from steer.identity import COMPUTATION, LEGACY_DIFR, check_model, differences, scheme_of
+from steer.io import CALIBRATION, FormatError, load_tensors, save_tensors
 
-CALIBRATION_FORMAT = "steer.difr.calibration/3"
-# version 1 files named the unfloored distance "ulp" (see activation_distances); version 2 files were
-# thresholded by a quantile of resampled overlapping windows. Both still load (same benign scores).
-_CALIBRATION_FORMAT_V1 = "steer.difr.calibration/1"
-_OLDER_CALIBRATION_FORMATS = (_CALIBRATION_FORMAT_V1, "steer.difr.calibration/2")
+# Calibration files (steer.io CALIBRATION): version 1 named the unfloored distance "ulp" (see
+# activation_distances); version 2 was thresholded by a quantile of resampled overlapping windows;
+# versions 1-3 carry the config hash of DiFR's own rule (identity scheme "steer.difr/1"). All still
+# load (the same benign scores).
 THRESHOLD_RULE = "split-conformal rank over disjoint within-sequence windows"
 METHODS = options.VERIFY_METHODS
 STATISTICS = options.VERIFY_STATISTICS  # Activation-DiFR per-token distance, see activation_distances
@@ -52,6 +51,7 @@ ROUNDING_BOUND = {"ulp": 0.5}
 # margin of a token outside the claimed support, all score 0.5).
 TOKEN_CLIP = 0.5
 DECISIONS = ("verified", "rejected", "uncalibrated", "insufficient")
+CLAIMED_MODEL = "verify with the model the provider claims"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +77,7 @@ def check_claim(model: nn.Module, fp: Fingerprints, model_id: str | None = None,
     if model_id is not None and fp.model_id != model_id:
         raise ValueError(f"the fingerprints claim model {fp.model_id!r} but the verifier loaded {model_id!r}; "
                          f"verify against the model the provider claims")
-    mine = config_hash(model)
-    if fp.config_hash != mine:
-        raise ValueError(f"the fingerprints were made with a different model configuration (config hash "
-                         f"{fp.config_hash}, this model {mine}); verify with the claimed model")
+    check_model(fp.identity, model, "the fingerprint claim", COMPUTATION, any_family=True, fix=CLAIMED_MODEL)
     vocab = model.get_output_embeddings().weight.shape[0]
     ids = torch.cat([fp.prompt_ids, fp.output_ids])
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
@@ -223,7 +220,7 @@ class Calibration:
     benign: Tensor  # fp32 [N] per-token benign scores (margins already clipped)
     lengths: Tensor  # Int64[B] benign sequence lengths
     config: DiFRConfig
-    config_hash: str
+    identity: dict  # steer.identity of the model the benign claims ran on
     model_id: str
     clip: float | None = None  # Token-DiFR: margins clamped here (TOKEN_CLIP, or a benign percentile)
     clip_percentile: float | None = None  # set when `clip` came from a percentile of benign margins
@@ -304,44 +301,37 @@ class Calibration:
         if (self.intervention or None) != (fp.intervention or None):
             raise ValueError(f"calibration was made with intervention config {self.intervention or 'none'} but "
                              f"the fingerprints claim {fp.intervention or 'none'}; calibrate with the claimed config")
-        if self.config_hash != fp.config_hash or self.model_id != fp.model_id:
-            raise ValueError(f"calibration is for model {self.model_id!r} ({self.config_hash}) but the "
-                             f"fingerprints claim {fp.model_id!r} ({fp.config_hash})")
+        # identities of different schemes (an older calibration file) are each checked against the model
+        same = scheme_of(self.identity) == scheme_of(fp.identity)
+        diffs = differences(self.identity, fp.identity, COMPUTATION) if same else []
+        if diffs or self.model_id != fp.model_id:
+            raise ValueError(f"calibration is for model {self.model_id!r} but the fingerprints claim {fp.model_id!r}"
+                             + "".join(f"; {k}: calibration {a!r}, claim {b!r}" for k, a, b in diffs))
 
     def to_safetensors(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        from steer.difr.fingerprint import _checksum
-
-        tensors = {"benign": self.benign.float().contiguous(), "lengths": self.lengths.to(torch.int64).contiguous()}
-        meta = {
-            "format": CALIBRATION_FORMAT, "method": self.method, "target_fpr": repr(self.target_fpr),
-            "k": str(self.config.k), "seed": str(self.config.seed), "projection": self.config.projection,
-            "config_hash": self.config_hash, "model_id": self.model_id, "clip": repr(self.clip),
-            "clip_percentile": repr(self.clip_percentile), "threshold_rule": THRESHOLD_RULE,
-            "statistic": self.statistic,
-            "intervention": self.intervention or "", "min_threshold": repr(self.min_threshold),
-            "checksum": _checksum(tensors),
-        }
-        save_file(tensors, str(path), metadata=meta)
-        return Path(path)
+        tensors = {"benign": self.benign.float(), "lengths": self.lengths.to(torch.int64)}
+        meta = {"method": self.method, "target_fpr": self.target_fpr, "k": self.config.k, "seed": self.config.seed,
+                "projection": self.config.projection, "model_id": self.model_id, "clip": self.clip,
+                "clip_percentile": self.clip_percentile, "threshold_rule": THRESHOLD_RULE,
+                "statistic": self.statistic, "intervention": self.intervention, "min_threshold": self.min_threshold}
+        return save_tensors(path, CALIBRATION, tensors, meta, identity=self.identity)
 
     @classmethod
     def from_safetensors(cls, path: str | Path) -> Calibration:
-        t, m = read_safetensors(path, (CALIBRATION_FORMAT, *_OLDER_CALIBRATION_FORMATS), "calibration")
-        if m["format"] == _CALIBRATION_FORMAT_V1 and m.get("statistic") == "ulp":
-            m["statistic"] = "ulp_unfloored"  # what "ulp" meant when the file was written
-        opt = lambda key: None if m.get(key, "None") == "None" else float(m[key])  # noqa: E731
+        stored = load_tensors(path, CALIBRATION)
+        t, m = stored.tensors, {**stored.meta, "identity": stored.identity}
+        if stored.version <= 3:
+            m = _older_calibration(m, stored.version)
         try:
-            # files of formats 1-2 hold the same benign scores; their threshold is now the conformal one
+            # versions 1-2 hold the same benign scores; their threshold is now the conformal one
             return cls(
                 m["method"], float(m["target_fpr"]), t["benign"], t["lengths"],
-                DiFRConfig(int(m["k"]), int(m["seed"]), m["projection"]), m["config_hash"], m["model_id"],
-                opt("clip"), opt("clip_percentile") if m["method"] == "token" else None,
-                m["statistic"], m["intervention"] or None, opt("min_threshold"),
+                DiFRConfig(int(m["k"]), int(m["seed"]), m["projection"]), m["identity"], m["model_id"],
+                m["clip"], m["clip_percentile"] if m["method"] == "token" else None,
+                m["statistic"], m["intervention"] or None, m["min_threshold"],
             )
         except KeyError as exc:
-            raise ValueError(f"{path}: calibration file lacks {exc}") from None
+            raise FormatError(f"{path}: calibration file lacks {exc}") from None
 
     save = to_safetensors
     load = from_safetensors
@@ -366,6 +356,17 @@ class Calibration:
                                 f"calibrated up to {self.max_tokens()} tokens)",
                           xaxis_title="tokens averaged", yaxis_title="threshold", xaxis_type="log")
         return fig
+
+
+def _older_calibration(m: dict[str, str], version: int) -> dict:
+    """The fields of a calibration file of version 1-3 (header strings) as version 4 holds them."""
+    opt = lambda key: None if m.get(key, "None") == "None" else float(m[key])  # noqa: E731
+    m = {**m, "clip": opt("clip"), "clip_percentile": opt("clip_percentile"), "min_threshold": opt("min_threshold")}
+    if "config_hash" in m:
+        m["identity"] = {"scheme": LEGACY_DIFR, "config_hash": m["config_hash"]}
+    if version == 1 and m.get("statistic") == "ulp":
+        m["statistic"] = "ulp_unfloored"  # what "ulp" meant when the file was written
+    return m
 
 
 def benign_scores(model: nn.Module, fp: Fingerprints, method: str, batch_size: int = 8,
@@ -404,7 +405,7 @@ def calibrate(model: nn.Module, benign: list[Fingerprints], *, target_fpr: float
         raise ValueError(f"{len(references)} references for {len(benign)} benign fingerprint sets")
     for i, fp in enumerate(benign):
         check_claim(model, fp, model_id, intervention)
-        if (fp.config, fp.model_id, fp.config_hash) != (first.config, first.model_id, first.config_hash):
+        if (fp.config, fp.model_id, fp.identity) != (first.config, first.model_id, first.identity):
             raise ValueError("benign fingerprint sets disagree on k/seed/projection/model; calibrate one setting at a time")
         scores.append(benign_scores(model, fp, method, batch_size, references[i] if references else None,
                                     statistic))
@@ -423,7 +424,7 @@ def calibrate(model: nn.Module, benign: list[Fingerprints], *, target_fpr: float
     else:
         clip, clip_percentile = None, None
     floor = ROUNDING_BOUND.get(statistic) if method == "activation" else None
-    return Calibration(method, target_fpr, s.float(), torch.cat(lengths), first.config, first.config_hash,
+    return Calibration(method, target_fpr, s.float(), torch.cat(lengths), first.config, first.identity,
                        first.model_id, None if clip is None else float(clip), clip_percentile, statistic=statistic,
                        intervention=intervention, min_threshold=floor)
 
@@ -529,6 +530,8 @@ def verify(model: nn.Module, fingerprints: Fingerprints | str | Path, calibratio
             raise ValueError(f"the calibration is for {calibration.method}-DiFR, not {method}-DiFR")
         calibration.check_compatible(fp)
     check_claim(model, fp, model_id, intervention)
+    if calibration is not None:  # after the claim: when both name another model, the claim's error is the one to see
+        check_model(calibration.identity, model, "the calibration", COMPUTATION, any_family=True, fix=CLAIMED_MODEL)
     if method == "token" and not fp.sampling:
         raise ValueError("Token-DiFR needs a sampled claim (steer fingerprint --temperature ...), this one is greedy")
     ref = reference or teacher_force(model, fp, batch_size)

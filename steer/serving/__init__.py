@@ -139,10 +139,19 @@ def _claim(meta: dict, raw_bytes: bytes, key: str, prompt_ids: list[int], output
         prompt_lengths=torch.tensor([len(prompt_ids)], dtype=torch.int64),
         output_ids=torch.tensor(output_ids, dtype=torch.int64),
         output_lengths=torch.tensor([len(output_ids)], dtype=torch.int64),
-        model_id=model_id or meta["model_id"], config_hash=meta["config_hash"],
+        model_id=model_id or meta["model_id"], identity=_identity(meta),
         config=DiFRConfig(k=k, seed=int(meta["seed"]), projection=meta["projection"]), dtype=meta["dtype"],
         intervention=meta.get("intervention") or None,
     )
+
+
+def _identity(meta: dict) -> dict:
+    """The claimed identity of a record (records of servers before steer.identity named a config hash)."""
+    from steer.identity import LEGACY_DIFR
+
+    if "identity" in meta:
+        return meta["identity"]
+    return {"scheme": LEGACY_DIFR, "config_hash": meta["config_hash"]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,9 +176,7 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
             router._compute_routing = _steered_routing(layer, edit, rule)
             STATE.layers.append(layer)
     if cfg.difr is not None:
-        from types import SimpleNamespace
-
-        from steer.difr import config_hash, projection_matrix
+        from steer.difr import projection_matrix
         from steer.difr.fingerprint import intervention_digest
 
         dcfg = cfg.difr.difr_config()
@@ -186,15 +184,31 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
         STATE.difr_meta = {
             "k": dcfg.k, "seed": dcfg.seed, "projection": dcfg.projection,
             "model_id": getattr(hf_config, "_steer_model_id", None) or hf_config.model_type,
-            # the checkpoint's own config, as the verifier's HF model sees it (vLLM's hf_config carries
-            # its overrides, including steer_config itself)
-            "config_hash": config_hash(SimpleNamespace(config=_checkpoint_config(vllm_config))),
+            # the checkpoint's identity, as the verifier's HF model computes it
+            "identity": _claim_identity(vllm_config),
             "dtype": str(vllm_config.model_config.dtype).removeprefix("torch."),
             "steer_config": str(path),
             # what the claim names: the digest of the config files the server loaded (steer verify --config)
             "intervention": intervention_digest(path),
         }
     return STATE
+
+
+def _claim_identity(vllm_config) -> dict:
+    """steer.identity of the served checkpoint for DiFR claims: read from a checkpoint directory (the
+    model on the meta device, a few sampled tensors), else what its config gives."""
+    from steer.identity import config_identity
+
+    path = Path(str(vllm_config.model_config.model))
+    if path.is_dir():
+        from steer.serving.vllm_profile import identity_from_checkpoint
+
+        try:
+            return identity_from_checkpoint(path)
+        except ValueError:  # no adapter for the family, or no safetensors: DiFR still runs; the config identifies it
+            pass
+    # the checkpoint's own config (vLLM's hf_config carries its overrides, including steer_config itself)
+    return config_identity(_checkpoint_config(vllm_config))
 
 
 def _checkpoint_config(vllm_config):
