@@ -1,0 +1,184 @@
+"""Config sections are the methods' own (steer.sections): a section type registered outside steer.config
+is read, written, checked and applied by InterventionConfig like the built-in ones."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import steer.sections
+from steer.config import ConfigError, InterventionConfig, checkpoint_problems, schema, section_names
+from steer.config_diff import diff, summary
+from steer.interventions import AddVector
+from steer.mote_section import MoTESection
+from steer.sections import Section, register_section, section_types
+from steer.tiny import save_tiny
+
+
+@dataclass
+class VectorSection(Section):
+    """A steering vector added at one residual point: a method steer.config knows nothing about."""
+
+    name = "vectors"
+    schema = {"type": "object", "required": ["point", "scale"], "additionalProperties": False,
+              "properties": {"point": {"type": "string"}, "scale": {"type": "number", "minimum": 0}}}
+    intervenes = True
+
+    point: str
+    scale: float
+    vector: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    def to_json(self) -> dict:
+        return {"point": self.point, "scale": float(self.scale)}
+
+    @classmethod
+    def from_json(cls, d: dict, tensors: Mapping[str, torch.Tensor] | None = None) -> VectorSection:
+        return cls(d["point"], float(d["scale"]), (tensors or {})["vector"])
+
+    @classmethod
+    def json_problems(cls, d: dict, manifest: Mapping[str, dict] | None = None) -> list[str]:
+        out = [] if "vectors.vector" in (manifest or {}) else ["vectors: its tensor vectors.vector is not in the manifest"]
+        return out + ([] if d["point"].endswith("resid_post") else [f"vectors.point: {d['point']!r} is not a residual point"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"vector": self.vector}
+
+    def problems(self, shape: Any) -> list[str]:
+        if self.vector.numel() != shape.d_model:
+            return [f"vectors.vector: width {self.vector.numel()}, the model's d_model is {shape.d_model}"]
+        return []
+
+    def interventions(self) -> list:
+        return [AddVector(self.point, self.vector, self.scale)]
+
+    def summary(self) -> dict:
+        return {"point": self.point, "scale": self.scale, "norm": round(float(self.vector.norm()), 4)}
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """VectorSection registered for one test (the registry is restored afterwards)."""
+    monkeypatch.setattr(steer.sections, "_REGISTRY", dict(steer.sections._REGISTRY))
+    return register_section(VectorSection)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe")
+
+
+@pytest.fixture(scope="module")
+def moe(moe_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(moe_dir).eval()
+
+
+def _vector(width: int) -> torch.Tensor:
+    return torch.randn(width, generator=torch.Generator().manual_seed(0))
+
+
+def test_builtin_sections_are_registered_in_file_order():
+    assert section_names() == ("mote", "act", "lynx", "difr")
+    assert {name: cls.__module__ for name, cls in section_types().items()} == {
+        "mote": "steer.mote_section", "act": "steer.act_section", "lynx": "steer.probes.section",
+        "difr": "steer.difr.section"}
+    assert schema() is schema()  # no section from elsewhere: the schema file as it is
+
+
+def test_registered_section_round_trips(registered, moe, moe_dir, tmp_path):
+    d = moe.config.hidden_size
+    cfg = InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 2.0, _vector(d)),
+                                       mote=MoTESection([(1, 3)]))
+    assert section_names()[-1] == "vectors" and isinstance(cfg.vectors, VectorSection)
+    out = cfg.save(tmp_path / "cfg")
+    doc = json.loads((out / "config.json").read_text())
+    assert list(doc) == ["format", "version", "model", "mote", "vectors", "tensors"]  # after the built-ins
+    assert doc["vectors"] == {"point": "blocks.1.resid_post", "scale": 2.0}
+    assert doc["tensors"] == {"vectors.vector": {"shape": [d], "dtype": "float32"}}
+    back = InterventionConfig.load(out)
+    assert back.to_json() == doc and back.mote == cfg.mote
+    assert torch.equal(back.vectors.vector, cfg.vectors.vector)
+    assert back.problems(moe) == [] and checkpoint_problems(back, moe_dir) == []
+    assert summary(back)["sections"] == ["mote", "vectors"] and summary(back)["vectors"]["point"] == "blocks.1.resid_post"
+    assert diff(cfg, back) == []
+    jsonschema = pytest.importorskip("jsonschema")  # the composed schema names the new section
+    jsonschema.validate(doc, schema())
+
+
+def test_registered_section_is_validated(registered, moe, moe_dir, tmp_path):
+    cfg = InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 1.0, _vector(5)))
+    expected = [f"vectors.vector: width 5, the model's d_model is {moe.config.hidden_size}"]
+    assert cfg.problems(moe) == expected and checkpoint_problems(cfg, moe_dir) == expected
+    with pytest.raises(ConfigError, match="vectors.vector: width 5"):
+        cfg.apply(moe)
+    d = cfg.save(tmp_path / "cfg")
+    doc = json.loads((d / "config.json").read_text())
+    doc["vectors"].update(scale=-1, colour="red")  # the section's own schema
+    (d / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError) as err:
+        InterventionConfig.load(d)
+    assert err.value.problems == ["vectors.scale: -1 is below the minimum 0",
+                                  "vectors.colour: unknown field (known fields: point, scale)"]
+    doc["vectors"] = {"point": "blocks.1.attn.pattern", "scale": 1}  # the section's own json_problems
+    (d / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError) as err:
+        InterventionConfig.load(d)
+    assert err.value.problems == ["vectors.point: 'blocks.1.attn.pattern' is not a residual point"]
+
+
+def test_registered_section_applies(registered, moe):
+    v = _vector(moe.config.hidden_size)
+    cfg = InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 3.0, v))
+    x = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = moe(x).logits
+        with cfg.apply(moe) as (iv,):
+            steered = moe(x).logits
+        with AddVector("blocks.1.resid_post", v, 3.0).apply(moe):
+            reference = moe(x).logits
+    assert isinstance(iv, AddVector) and iv.total_touched == 20
+    assert torch.equal(steered, reference) and not torch.equal(steered, plain)
+
+
+def test_unregistered_section_is_an_unknown_field(monkeypatch, moe, tmp_path):
+    monkeypatch.setattr(steer.sections, "_REGISTRY", dict(steer.sections._REGISTRY))
+    register_section(VectorSection)
+    d = InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 1.0, _vector(64))).save(
+        tmp_path / "cfg")
+    monkeypatch.undo()  # a reader without the section's module
+    with pytest.raises(ConfigError, match=r"vectors: unknown field \(known fields: act, description, difr, format, "):
+        InterventionConfig.load(d)
+    with pytest.raises(TypeError, match="unknown config section.s. vectors; registered sections: mote, act, lynx, difr"):
+        InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 1.0))
+
+
+def test_register_section_refuses_bad_sections(registered):
+    taken = f"'vectors' is already registered by {VectorSection.__module__}.VectorSection"
+    with pytest.raises(ValueError, match=re.escape(taken)):
+        register_section(type("VectorSection2", (VectorSection,), {}))
+    with pytest.raises(ValueError, match="'model' is a config.json field"):
+        register_section(type("ModelSection", (VectorSection,), {"name": "model"}))
+    with pytest.raises(TypeError, match="Section subclass"):
+        register_section(dict)
+    assert register_section(VectorSection) is VectorSection  # the same class again (a reload) is fine
+
+
+def test_sections_are_attributes(registered, moe):
+    cfg = InterventionConfig.for_model(moe, mote=MoTESection([(1, 3)]))
+    assert cfg.vectors is None and cfg.act is None
+    cfg.vectors = VectorSection("blocks.1.resid_post", 1.0, _vector(64))
+    assert list(cfg.sections) == ["mote", "vectors"]
+    cfg.mote = None
+    assert list(cfg.sections) == ["vectors"] and cfg.replace(vectors=None).sections == {}
+    with pytest.raises(TypeError, match="mote: expected a MoTESection, got VectorSection"):
+        cfg.mote = cfg.vectors
+    with pytest.raises(AttributeError):
+        cfg.colour  # noqa: B018
