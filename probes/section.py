@@ -119,3 +119,8 @@ class LynxSection(Section):
         if self.calibration:
             out["delta"] = self.calibration.get("delta")
         return out
+
+    def describe(self) -> list[str]:
+        delta = (self.calibration or {}).get("delta")
+        return [f"lynx: probe on {', '.join(self.points)}, hidden {list(self.hidden)}"
+                + (f", calibrated at delta {delta}" if delta is not None else ", not calibrated")]

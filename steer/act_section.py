@@ -102,3 +102,6 @@ class ACTSection(Section):
 
     def summary(self) -> dict:
         return {"heads": [f"{la}:{h}" for la, h in self.heads], "params": dict(self.params)}
+
+    def describe(self) -> list[str]:
+        return [f"act: heads {', '.join(self.summary()['heads'])}; params {self.params}"]

@@ -101,3 +101,9 @@ class MoTESection(Section):
         if self.source:
             out["source"] = self.source
         return out
+
+    def describe(self) -> list[str]:
+        info = self.summary()
+        extra = "".join(f", {k} {info[k]}" for k in ("renormalize", "force_weight", "source") if k in info)
+        return [f"mote: {self.mode}, {len(self.experts)} experts{extra}"] + [
+            f"  layer {layer}: {', '.join(map(str, experts))}" for layer, experts in self.by_layer().items()]

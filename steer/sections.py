@@ -24,6 +24,7 @@ This module sits below steer.config and every method: it imports neither.
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -76,8 +77,12 @@ class Section(ABC):
         return []
 
     def summary(self) -> dict:
-        """The section in brief, for `steer config show` (default: its JSON without tensor names)."""
+        """The section in brief, for `steer config show --json` (default: its JSON without tensor names)."""
         return {k: v for k, v in self.to_json().items() if k != "tensors"}
+
+    def describe(self) -> list[str]:
+        """The section in lines of text, for `steer config show` (default: the summary, one line)."""
+        return [f"{self.name}: {json.dumps(self.summary())}"]
 
 
 _REGISTRY: dict[str, type[Section]] = {}

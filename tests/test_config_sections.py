@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import steer.sections
+from steer.cli import main
 from steer.config import ConfigError, InterventionConfig, checkpoint_problems, schema, section_names
 from steer.config_diff import diff, summary
 from steer.interventions import AddVector
@@ -93,7 +94,7 @@ def test_builtin_sections_are_registered_in_file_order():
     assert schema() is schema()  # no section from elsewhere: the schema file as it is
 
 
-def test_registered_section_round_trips(registered, moe, moe_dir, tmp_path):
+def test_registered_section_round_trips(registered, moe, moe_dir, tmp_path, capsys):
     d = moe.config.hidden_size
     cfg = InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 2.0, _vector(d)),
                                        mote=MoTESection([(1, 3)]))
@@ -109,6 +110,9 @@ def test_registered_section_round_trips(registered, moe, moe_dir, tmp_path):
     assert back.problems(moe) == [] and checkpoint_problems(back, moe_dir) == []
     assert summary(back)["sections"] == ["mote", "vectors"] and summary(back)["vectors"]["point"] == "blocks.1.resid_post"
     assert diff(cfg, back) == []
+    assert main(["config", "show", str(out)]) == 0  # the text view says every section, the new one included
+    shown = capsys.readouterr().out
+    assert "  mote: off_mask, 1 experts" in shown and '  vectors: {"point": "blocks.1.resid_post", "scale": 2.0' in shown
     jsonschema = pytest.importorskip("jsonschema")  # the composed schema names the new section
     jsonschema.validate(doc, schema())
 

@@ -20,9 +20,9 @@ from steer.apps.explorer_common import (
     show_figure,
     using_model,
 )
-from steer.config import MoTESection
 from steer.ftri import SCORES, Profile, ProfileCancelled, ProfileConfig, expert_tokens, profile
 from steer.mote import MODES, ExpertSwitch, behaviour_labels
+from steer.mote_section import MoTESection
 from steer.prompts import builtin
 
 st.title("Experts: which experts a behaviour uses, and switching them")

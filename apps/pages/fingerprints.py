@@ -13,9 +13,9 @@ from steer.apps.explorer_common import (
     show_figure,
     using_model,
 )
-from steer.config import DiFRSection
 from steer.difr import Calibration, DiFRConfig, Fingerprints, calibrate, fingerprint_prompts, verify
 from steer.difr.fingerprint import PROJECTIONS
+from steer.difr.section import DiFRSection
 
 st.title("Fingerprints: verify that a provider ran this model (Activation-DiFR)")
 lm = current_model()

@@ -35,6 +35,9 @@ class DiFRSection(Section):
     def to_json(self) -> dict:
         return {"k": int(self.k), "seed": int(self.seed), "projection": self.projection}
 
+    def describe(self) -> list[str]:
+        return [f"difr: k {self.k}, seed {self.seed}, {self.projection} projection"]
+
     @classmethod
     def from_json(cls, d: dict, tensors: Mapping[str, torch.Tensor] | None = None) -> DiFRSection:
         return cls(int(d["k"]), int(d["seed"]), d.get("projection", "gaussian"))
