@@ -19,7 +19,6 @@ from steer.config_diff import diff, summary
 from steer.interventions import AddVector
 from steer.mote_section import MoTESection
 from steer.sections import Section, register_section, section_types
-from steer.tiny import save_tiny
 
 
 @dataclass
@@ -69,19 +68,6 @@ def registered(monkeypatch):
     return register_section(VectorSection)
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("qwen2_moe"), "qwen2_moe")
-
-
-@pytest.fixture(scope="module")
-def moe(moe_dir):
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    return AutoModelForCausalLM.from_pretrained(moe_dir).eval()
-
-
 def _vector(width: int) -> torch.Tensor:
     return torch.randn(width, generator=torch.Generator().manual_seed(0))
 
@@ -94,9 +80,9 @@ def test_builtin_sections_are_registered_in_file_order():
     assert schema() is schema()  # no section from elsewhere: the schema file as it is
 
 
-def test_registered_section_round_trips(registered, moe, moe_dir, tmp_path, capsys):
-    d = moe.config.hidden_size
-    cfg = InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 2.0, _vector(d)),
+def test_registered_section_round_trips(registered, tiny_moe, tiny_moe_dir, tmp_path, capsys):
+    d = tiny_moe.config.hidden_size
+    cfg = InterventionConfig.for_model(tiny_moe, vectors=VectorSection("blocks.1.resid_post", 2.0, _vector(d)),
                                        mote=MoTESection([(1, 3)]))
     assert section_names()[-1] == "vectors" and isinstance(cfg.vectors, VectorSection)
     out = cfg.save(tmp_path / "cfg")
@@ -107,7 +93,7 @@ def test_registered_section_round_trips(registered, moe, moe_dir, tmp_path, caps
     back = InterventionConfig.load(out)
     assert back.to_json() == doc and back.mote == cfg.mote
     assert torch.equal(back.vectors.vector, cfg.vectors.vector)
-    assert back.problems(moe) == [] and checkpoint_problems(back, moe_dir) == []
+    assert back.problems(tiny_moe) == [] and checkpoint_problems(back, tiny_moe_dir) == []
     assert summary(back)["sections"] == ["mote", "vectors"] and summary(back)["vectors"]["point"] == "blocks.1.resid_post"
     assert diff(cfg, back) == []
     assert main(["config", "show", str(out)]) == 0  # the text view says every section, the new one included
@@ -117,12 +103,12 @@ def test_registered_section_round_trips(registered, moe, moe_dir, tmp_path, caps
     jsonschema.validate(doc, schema())
 
 
-def test_registered_section_is_validated(registered, moe, moe_dir, tmp_path):
-    cfg = InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 1.0, _vector(5)))
-    expected = [f"vectors.vector: width 5, the model's d_model is {moe.config.hidden_size}"]
-    assert cfg.problems(moe) == expected and checkpoint_problems(cfg, moe_dir) == expected
+def test_registered_section_is_validated(registered, tiny_moe, tiny_moe_dir, tmp_path):
+    cfg = InterventionConfig.for_model(tiny_moe, vectors=VectorSection("blocks.1.resid_post", 1.0, _vector(5)))
+    expected = [f"vectors.vector: width 5, the model's d_model is {tiny_moe.config.hidden_size}"]
+    assert cfg.problems(tiny_moe) == expected and checkpoint_problems(cfg, tiny_moe_dir) == expected
     with pytest.raises(ConfigError, match="vectors.vector: width 5"):
-        cfg.apply(moe)
+        cfg.apply(tiny_moe)
     d = cfg.save(tmp_path / "cfg")
     doc = json.loads((d / "config.json").read_text())
     doc["vectors"].update(scale=-1, colour="red")  # the section's own schema
@@ -138,30 +124,30 @@ def test_registered_section_is_validated(registered, moe, moe_dir, tmp_path):
     assert err.value.problems == ["vectors.point: 'blocks.1.attn.pattern' is not a residual point"]
 
 
-def test_registered_section_applies(registered, moe):
-    v = _vector(moe.config.hidden_size)
-    cfg = InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 3.0, v))
+def test_registered_section_applies(registered, tiny_moe):
+    v = _vector(tiny_moe.config.hidden_size)
+    cfg = InterventionConfig.for_model(tiny_moe, vectors=VectorSection("blocks.1.resid_post", 3.0, v))
     x = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        plain = moe(x).logits
-        with cfg.apply(moe) as (iv,):
-            steered = moe(x).logits
-        with AddVector("blocks.1.resid_post", v, 3.0).apply(moe):
-            reference = moe(x).logits
+        plain = tiny_moe(x).logits
+        with cfg.apply(tiny_moe) as (iv,):
+            steered = tiny_moe(x).logits
+        with AddVector("blocks.1.resid_post", v, 3.0).apply(tiny_moe):
+            reference = tiny_moe(x).logits
     assert isinstance(iv, AddVector) and iv.total_touched == 20
     assert torch.equal(steered, reference) and not torch.equal(steered, plain)
 
 
-def test_unregistered_section_is_an_unknown_field(monkeypatch, moe, tmp_path):
+def test_unregistered_section_is_an_unknown_field(monkeypatch, tiny_moe, tmp_path):
     monkeypatch.setattr(steer.sections, "_REGISTRY", dict(steer.sections._REGISTRY))
     register_section(VectorSection)
-    d = InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 1.0, _vector(64))).save(
+    d = InterventionConfig.for_model(tiny_moe, vectors=VectorSection("blocks.1.resid_post", 1.0, _vector(64))).save(
         tmp_path / "cfg")
     monkeypatch.undo()  # a reader without the section's module
     with pytest.raises(ConfigError, match=r"vectors: unknown field \(known fields: act, description, difr, format, "):
         InterventionConfig.load(d)
     with pytest.raises(TypeError, match="unknown config section.s. vectors; registered sections: mote, act, lynx, difr"):
-        InterventionConfig.for_model(moe, vectors=VectorSection("blocks.1.resid_post", 1.0))
+        InterventionConfig.for_model(tiny_moe, vectors=VectorSection("blocks.1.resid_post", 1.0))
 
 
 def test_register_section_refuses_bad_sections(registered):
@@ -175,8 +161,8 @@ def test_register_section_refuses_bad_sections(registered):
     assert register_section(VectorSection) is VectorSection  # the same class again (a reload) is fine
 
 
-def test_sections_are_attributes(registered, moe):
-    cfg = InterventionConfig.for_model(moe, mote=MoTESection([(1, 3)]))
+def test_sections_are_attributes(registered, tiny_moe):
+    cfg = InterventionConfig.for_model(tiny_moe, mote=MoTESection([(1, 3)]))
     assert cfg.vectors is None and cfg.act is None
     cfg.vectors = VectorSection("blocks.1.resid_post", 1.0, _vector(64))
     assert list(cfg.sections) == ["mote", "vectors"]
