@@ -16,6 +16,7 @@ import steer.sections
 from steer.cli import main
 from steer.config import ConfigError, InterventionConfig, checkpoint_problems, schema, section_names
 from steer.config_diff import diff, summary
+from steer.export import export
 from steer.interventions import AddVector
 from steer.mote_section import MoTESection
 from steer.sections import Section, register_section, section_types
@@ -109,6 +110,9 @@ def test_registered_section_is_validated(registered, tiny_moe, tiny_moe_dir, tmp
     assert cfg.problems(tiny_moe) == expected and checkpoint_problems(cfg, tiny_moe_dir) == expected
     with pytest.raises(ConfigError, match="vectors.vector: width 5"):
         cfg.apply(tiny_moe)
+    with pytest.raises(ConfigError, match="vectors: steer's vLLM plugin does not apply vectors sections; export "
+                                          "without the vectors section"):  # refused, never served without it
+        export(cfg.replace(mote=MoTESection([(1, 3)])), "vllm", tmp_path / "vllm")
     d = cfg.save(tmp_path / "cfg")
     doc = json.loads((d / "config.json").read_text())
     doc["vectors"].update(scale=-1, colour="red")  # the section's own schema

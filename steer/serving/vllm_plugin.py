@@ -133,8 +133,10 @@ def config_path(vllm_config) -> str | None:
     return getattr(hf_config, HF_OVERRIDE_KEY, None) or os.environ.get(ENV_CONFIG) or None
 
 
-# Sections vLLM cannot run, why, and the variable that lets the plugin serve the rest without them:
-# `steer export --target vllm` and the plugin refuse the same sections with the same words.
+# The sections install() applies; every other section is refused (by steer export --target vllm and at
+# engine start, with the same words), never dropped silently. ACT and LYNX have a reason and a variable
+# that lets the plugin serve the rest without them.
+SERVED_SECTIONS = ("mote", "difr")
 UNSERVABLE = {
     "act": ("ACT cannot run inside vLLM (its fused attention kernels expose no attention weights)", ENV_SKIP_ACT),
     "lynx": ("LYNX early exit cannot run inside vLLM (an exit rolls the request's KV cache back to before the cue, "
@@ -143,15 +145,19 @@ UNSERVABLE = {
 
 
 def unservable_problems(cfg, honour_skip: bool = False) -> list[str]:
-    """One line per section of `cfg` vLLM cannot run (steer export's check); with `honour_skip` (the
-    plugin's), a section whose skip variable is 1 is left out: the server runs the rest."""
-    def fix(name: str, env: str) -> str:
+    """One line per section of `cfg` steer's vLLM plugin does not apply (steer export's check); with
+    `honour_skip` (the plugin's), a section whose skip variable is 1 is left out: the server runs the rest."""
+    out = []
+    for name in cfg.sections:
+        why, env = UNSERVABLE.get(name, (f"steer's vLLM plugin does not apply {name} sections", None))
+        if name in SERVED_SECTIONS or (honour_skip and env and os.environ.get(env) == "1"):
+            continue
         if honour_skip:
-            return f"serve a config without the {name} section, or set {env}=1 to serve the rest"
-        return f"export without the {name} section"
-
-    return [f"{name}: {why}; {fix(name, env)}" for name, (why, env) in UNSERVABLE.items()
-            if cfg.sections.get(name) is not None and not (honour_skip and os.environ.get(env) == "1")]
+            fix = f"serve a config without the {name} section" + (f", or set {env}=1 to serve the rest" if env else "")
+        else:
+            fix = f"export without the {name} section"
+        out.append(f"{name}: {why}; {fix}")
+    return out
 
 
 def served_problems(cfg, hf_config, model_path: str, routers: dict[int, Any]) -> list[str]:
