@@ -176,3 +176,34 @@ def test_sections_are_attributes(registered, tiny_moe):
         cfg.mote = cfg.vectors
     with pytest.raises(AttributeError):
         cfg.colour  # noqa: B018
+
+
+@dataclass
+class NoteSection(Section):
+    """A section that reads nothing and changes nothing: `steer generate` has no step for it."""
+
+    name = "notes"
+    schema = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}
+    text: str
+
+    def to_json(self) -> dict:
+        return {"text": self.text}
+
+    @classmethod
+    def from_json(cls, d: dict, tensors: Mapping[str, torch.Tensor] | None = None) -> NoteSection:
+        return cls(d["text"])
+
+
+def test_steer_generate_runs_a_registered_section(registered, tiny_moe, tiny_moe_dir, tmp_path, capsys):
+    register_section(NoteSection)
+    v = _vector(tiny_moe.config.hidden_size)
+    cfg = InterventionConfig.for_model(tiny_moe, vectors=VectorSection("blocks.1.resid_post", 3.0, v))
+    argv = ["--model", str(tiny_moe_dir), "--prompt", "hello there", "--no-chat-template", "--max-new-tokens", "3",
+            "--json", "--quiet"]
+    assert main(["generate", "--config", str(cfg.save(tmp_path / "cfg")), *argv]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["applied"] == ["vectors"] and res["touched"]["AddVector"] > 0  # the new section was applied
+    cfg.notes = NoteSection("made for a test")
+    assert main(["generate", "--config", str(cfg.save(tmp_path / "cfg2")), *argv]) == 2  # never skipped silently
+    assert "does not know how to run the notes section(s)" in capsys.readouterr().err
+    assert main(["generate", "--config", str(tmp_path / "cfg2"), "--skip", "notes", *argv]) == 0

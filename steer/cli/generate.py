@@ -95,6 +95,10 @@ def run(args) -> int:
 
 def _check_sections(cfg, active: set[str], args) -> None:
     """Refuse section combinations whose output would misrepresent what ran."""
+    unknown = sorted(s for s in active if not cfg.sections[s].intervenes and s not in ("lynx", "difr"))
+    if unknown:  # a monitor or recorder this command has no step for would be skipped silently
+        raise CLIError(f"steer generate does not know how to run the {', '.join(unknown)} section(s): they do not "
+                       f"change the forward pass and have no generation step here; run with --skip {','.join(unknown)}")
     if {"lynx", "difr"} <= active:
         raise CLIError("the config has both lynx and difr sections: an early exit rewrites the token stream, so "
                        "its fingerprints could not be verified; run with --skip difr or --skip lynx")
@@ -116,7 +120,7 @@ def _interventions(cfg, active: set[str], lm) -> list:
     ivs = []
     if forward:
         ivs = cfg.replace(sections={s: cfg.sections[s] for s in forward}).interventions(lm.model)
-    if "lynx" in active or "difr" in active:
+    if active - forward:
         cfg.validate(lm.model)
     for iv in ivs:
         iv.on_no_effect = "warn"  # reported below with the counts, not raised mid-run
