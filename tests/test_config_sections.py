@@ -207,3 +207,15 @@ def test_steer_generate_runs_a_registered_section(registered, tiny_moe, tiny_moe
     assert main(["generate", "--config", str(cfg.save(tmp_path / "cfg2")), *argv]) == 2  # never skipped silently
     assert "does not know how to run the notes section(s)" in capsys.readouterr().err
     assert main(["generate", "--config", str(tmp_path / "cfg2"), "--skip", "notes", *argv]) == 0
+
+
+def test_v1_file_written_before_the_split_resaves_byte_identical(tmp_path):
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "intervention_config_v1"
+    cfg = InterventionConfig.load(fixture)
+    assert list(cfg.sections) == ["mote", "act", "lynx", "difr"] and cfg.mote.mode == "off_zero"
+    assert cfg.lynx.probe().calibration.q1 == float("inf") and cfg.act.act_config().alpha == 1.0
+    out = cfg.save(tmp_path / "again")
+    for name in ("config.json", "config.safetensors"):
+        assert (out / name).read_bytes() == (fixture / name).read_bytes(), name
