@@ -28,6 +28,7 @@ Head selection (which heads to calibrate) lives in steer.act_search; its result 
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,6 +83,8 @@ def _refuse_unsupported(model) -> None:
 
 
 def _check_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise ValueError(f"beta must be a number in (0, 1], got {beta!r}")
     beta = float(beta)
     if not 0 < beta <= 1:
         raise ValueError(f"beta must be in (0, 1] (got {beta}): it scales the sink columns; 1 leaves "

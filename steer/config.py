@@ -28,25 +28,34 @@ applying it to another model an error instead of a silent no-op.
 Errors (`ConfigError`) list every problem, each starting with the field path, e.g.
 `mote.experts[3].expert: 19 out of range 0..15`.
 
-Each section's checks are its method's: the mote section asks steer.mote (`spec_problems`,
-`fit_problems`, `router_edits`), the act section steer.act (`_check_beta`, `ACTConfig`,
-`check_heads`), so a rule added to a method holds for configs too. `checkpoint_problems` is the one
-check of a config against a checkpoint a server loads (steer export and every serving plugin).
+Each method owns its section (steer.sections.Section: JSON in and out, schema, checks, what it
+applies): steer.mote_section (MoTESection), steer.act_section (ACTSection), steer.probes.section
+(LynxSection), steer.difr.section (DiFRSection). Their checks are their methods' own (steer.mote's
+`spec_problems`/`fit_problems`, steer.act's `ACTConfig`/`check_heads`, ...), so a rule added to a
+method holds for configs too. `InterventionConfig` composes every registered section the same way:
+a new method registers its section (steer.sections.register_section) and needs no edit here.
+`checkpoint_problems` is the one check of a config against a checkpoint a server loads (steer export
+and every serving plugin).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+# The built-in sections register themselves (steer.sections.register_section) when imported; a section
+# defined anywhere else registers the same way and needs no line here.
+from steer.act_section import ACTSection
+from steer.difr.section import DiFRSection
 from steer.identity import SCHEME
+from steer.mote_section import MoTESection
+from steer.probes.section import LynxSection
+from steer.sections import Section, section_types
 
 FORMAT = "steer.intervention-config"
 VERSION = 1
@@ -55,7 +64,6 @@ CONFIG_FILE = "config.json"
 TENSORS_FILE = "config.safetensors"
 SCHEMA_FILE = Path(__file__).parent / "schema" / "intervention-config.v1.json"
 
-MoTEMode = Literal["off_mask", "off_zero", "on"]
 _DTYPES = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
     "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
@@ -76,9 +84,16 @@ class ConfigError(ValueError):
 
 
 @cache
-def schema() -> dict:
-    """The JSON Schema of version 1 (steer/schema/intervention-config.v1.json)."""
+def _schema_file() -> dict:
     return json.loads(SCHEMA_FILE.read_text())
+
+
+def schema() -> dict:
+    """The JSON Schema of version 1: steer/schema/intervention-config.v1.json, whose top-level properties
+    name each registered section's schema (a section registered elsewhere brings its own node)."""
+    root = _schema_file()
+    props = {**root["properties"], **{name: cls.schema for name, cls in section_types().items()}}
+    return root if props == root["properties"] else {**root, "properties": props}
 
 
 _JSON_TYPES = {
@@ -222,260 +237,68 @@ def _checkpoint_hash(path: str | None) -> str | None:
         return None
 
 
-@dataclass
-class MoTESection:
-    """Expert switches: which (layer, expert) pairs, and how (steer.kernels.router.RouterEdit semantics)."""
-
-    experts: list[tuple[int, int]]
-    mode: MoTEMode = "off_mask"
-    renormalize: bool = False  # off_zero: rescale the kept weights to the original sum
-    force_weight: Literal["gate", "max"] = "gate"  # on: weight of a forced expert
-    source: str | None = None
-
-    def to_json(self) -> dict:
-        d = {"experts": [{"layer": int(la), "expert": int(e)} for la, e in self.experts], "mode": self.mode,
-             "renormalize": bool(self.renormalize), "force_weight": self.force_weight}
-        if self.source:
-            d["source"] = self.source
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> MoTESection:
-        return cls([(int(x["layer"]), int(x["expert"])) for x in d["experts"]], d["mode"],
-                   bool(d.get("renormalize", False)), d.get("force_weight", "gate"), d.get("source"))
-
-    @classmethod
-    def from_switch(cls, switch, source: str | None = None) -> MoTESection:
-        """From a steer.mote.ExpertSwitch (e.g. `ExpertSwitch.from_profile(profile, k=10)`)."""
-        return cls(list(switch.experts), switch.mode, switch.renormalize, switch.force_weight, source)
-
-    def by_layer(self) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for layer, expert in self.experts:
-            out.setdefault(int(layer), []).append(int(expert))
-        return {la: sorted(set(es)) for la, es in sorted(out.items())}
-
-    def switch(self):
-        """The steer.mote.ExpertSwitch this section describes."""
-        from steer.mote import ExpertSwitch
-
-        return ExpertSwitch(experts=list(self.experts), mode=self.mode, renormalize=self.renormalize,
-                            force_weight=self.force_weight)
-
-    def router_edits(self, num_experts: int) -> dict:
-        """{layer: steer.kernels.router.RouterEdit}: the same edit steer's HF path and the vLLM plugin apply."""
-        from steer.mote import router_edits
-
-        return router_edits(self.experts, self.mode, self.renormalize, self.force_weight, num_experts)
-
-    @staticmethod
-    def json_problems(d: dict) -> list[str]:
-        """steer.mote's checks of the switch settings (duplicates, contradictions), as field paths."""
-        from steer.mote import spec_problems
-
-        experts = [(x["layer"], x["expert"]) for x in d["experts"]]
-        return [str(p) for p in spec_problems(experts, d["mode"], d.get("renormalize", False),
-                                              d.get("force_weight", "gate"), prefix="mote.")]
-
-    def problems(self, shape) -> list[str]:
-        """steer.mote's check of this switch against a model (a ModelMap or CheckpointShape)."""
-        from steer.mote import fit_problems
-
-        return [str(p) for p in fit_problems(self.experts, self.mode, self.renormalize, self.force_weight, shape,
-                                             prefix="mote.")]
-
-
-@dataclass
-class ACTSection:
-    """ACT heads and parameters (passed by name to steer.act.ACTConfig)."""
-
-    heads: list[tuple[int, int]]
-    params: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"heads": [{"layer": int(la), "head": int(h)} for la, h in self.heads], "params": dict(self.params)}
-
-    @classmethod
-    def from_json(cls, d: dict) -> ACTSection:
-        return cls([(int(x["layer"]), int(x["head"])) for x in d["heads"]], dict(d.get("params", {})))
-
-    @classmethod
-    def from_act_config(cls, act) -> ACTSection:
-        """From a steer.act.ACTConfig (what `steer calibrate` writes); its search log is not kept."""
-        return cls(list(act.heads), {k: getattr(act, k) for k in ACT_PARAMS})
-
-    def act_config(self):
-        """The steer.act.ACTConfig of this section."""
-        from steer.act import ACTConfig
-
-        return ACTConfig(heads=list(self.heads), **self.params)
-
-    @staticmethod
-    def json_problems(d: dict) -> list[str]:
-        """Duplicate heads, unknown parameters, and steer.act's own checks of the known ones (beta by
-        `_check_beta` for its field path, the rest by building the ACT intervention)."""
-        from steer.act import ACTConfig, _check_beta
-
-        problems = []
-        seen: dict[tuple[int, int], int] = {}
-        for i, x in enumerate(d["heads"]):
-            key = (x["layer"], x["head"])
-            if key in seen:
-                problems.append(f"act.heads[{i}]: duplicate of act.heads[{seen[key]}]")
-            seen.setdefault(key, i)
-        params = d.get("params", {})
-        for key in params:
-            if key not in ACT_PARAMS:
-                problems.append(f"act.params.{key}: unknown ACT parameter (known: {', '.join(ACT_PARAMS)})")
-        beta = params.get("beta")
-        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float))):
-            return problems + [f"act.params.beta: {beta!r} must be a number"]
-        try:
-            if beta is not None:
-                _check_beta(beta)
-        except ValueError as exc:
-            return problems + [f"act.params.beta: {exc}"]
-        try:  # every parameter as ACT itself checks it (tau/alpha, min_queries, ...)
-            ACTConfig(heads=list(seen), **{k: v for k, v in params.items() if k in ACT_PARAMS}).intervention()
-        except (TypeError, ValueError) as exc:
-            problems.append(f"act.params: {exc}")
-        return problems
-
-    def problems(self, shape) -> list[str]:
-        """steer.act's head-range check for each head (a ModelMap or CheckpointShape)."""
-        from steer.act import check_heads
-
-        problems = []
-        for i, head in enumerate(self.heads):
-            try:
-                check_heads(shape, [head])
-            except ValueError as exc:
-                problems.append(f"act.heads[{i}]: {exc}")
-        return problems
-
-
-ACT_PARAMS = ("beta", "tau", "alpha", "min_queries", "keep_first")  # steer.act.ACTConfig fields a config carries
-
-
-@dataclass
-class LynxSection:
-    """A LYNX probe (weights as tensors `lynx.<key>`) with its conformal thresholds."""
-
-    n_features: int
-    hidden: list[int]
-    points: list[str]
-    info: dict | None = None
-    calibration: dict | None = None
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # state-dict key -> tensor
-
-    @classmethod
-    def from_probe(cls, probe) -> LynxSection:
-        """From a trained steer.probes.probe.LynxProbe (its info names the feature points)."""
-        if probe.info is None:
-            raise ValueError("the probe has no info (feature points, model shape); train it with steer.probes.probe.train_probe")
-        return cls(
-            n_features=int(probe.n_features), hidden=[lin.out_features for lin in probe.linears[:-1]],
-            points=list(probe.info.points), info=asdict(probe.info),
-            calibration=probe.calibration.to_json() if probe.calibration is not None else None,
-            tensors={k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()},
-        )
-
-    def probe(self):
-        """The steer.probes.probe.LynxProbe this section holds (calibration attached)."""
-        from steer.probes.conformal import ConformalCalibration
-        from steer.probes.probe import LynxProbe, ProbeInfo
-
-        info = ProbeInfo(**self.info) if self.info else None
-        probe = LynxProbe(self.n_features, self.hidden, info)
-        probe.load_state_dict(self.tensors)
-        if self.calibration:
-            probe.calibration = ConformalCalibration.from_json(self.calibration)
-        return probe.eval()
-
-    def to_json(self) -> dict:
-        return {"n_features": self.n_features, "hidden": list(self.hidden), "points": list(self.points),
-                "info": _jsonable(self.info), "calibration": _jsonable(self.calibration),
-                "tensors": [f"lynx.{k}" for k in sorted(self.tensors)]}
-
-    @classmethod
-    def from_json(cls, d: dict, tensors: dict[str, torch.Tensor]) -> LynxSection:
-        own = {name.removeprefix("lynx."): tensors[name] for name in d["tensors"] if name in tensors}
-        return cls(int(d["n_features"]), list(d["hidden"]), list(d["points"]), d.get("info"), d.get("calibration"), own)
-
-    @staticmethod
-    def json_problems(d: dict) -> list[str]:
-        return [f"lynx.points[{i}]: {p!r} is not a canonical point name (e.g. blocks.20.resid_post)"
-                for i, p in enumerate(d["points"]) if not _POINT.match(p)]
-
-    def problems(self, shape) -> list[str]:
-        """The probe's points must resolve on the model (a ModelMap) and its width match."""
-        problems = []
-        if hasattr(shape, "resolve"):  # a loaded model: resolve each point (a checkpoint has no modules)
-            for i, point in enumerate(self.points):
-                try:
-                    shape.resolve(point)
-                except Exception as exc:  # UnknownPointError / IndexError: report its text
-                    problems.append(f"lynx.points[{i}]: {exc}")
-        d_model = (self.info or {}).get("d_model")
-        if d_model not in (None, shape.d_model):
-            problems.append(f"lynx.info.d_model: probe trained on d_model {d_model}, model has {shape.d_model}")
-        return problems
-
-
-@dataclass
-class DiFRSection:
-    """Fingerprint settings a server must use (steer.difr.DiFRConfig)."""
-
-    k: int = 8
-    seed: int = 0
-    projection: str = "gaussian"
-
-    def difr_config(self):
-        from steer.difr import DiFRConfig
-
-        return DiFRConfig(k=self.k, seed=self.seed, projection=self.projection)
-
-    def to_json(self) -> dict:
-        return {"k": int(self.k), "seed": int(self.seed), "projection": self.projection}
-
-    @classmethod
-    def from_json(cls, d: dict) -> DiFRSection:
-        return cls(int(d["k"]), int(d["seed"]), d.get("projection", "gaussian"))
-
-    @staticmethod
-    def json_problems(d: dict) -> list[str]:
-        return []  # the schema says all there is (k >= 1, a known projection)
-
-    def problems(self, shape) -> list[str]:
-        return []  # fingerprints fit any model
-
-
-def _jsonable(x):
-    """NaN/inf to strings (JSON has none), as steer.probes.conformal does for thresholds."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 # ---------------------------------------------------------------------------------------------
-# The config
+# The config: the registered sections (steer.sections), composed
 
 
-@dataclass
+def section_names() -> tuple[str, ...]:
+    """The registered sections, in the order config.json writes them: the schema file's order (mote, act,
+    lynx, difr), then sections registered elsewhere, in registration order."""
+    order = list(_schema_file()["properties"])
+    return tuple(sorted(section_types(), key=lambda name: order.index(name) if name in order else len(order)))
+
+
+def _ordered(sections: dict) -> dict:
+    """`sections` without None values, each checked against its registered type, in section_names() order."""
+    types = section_types()
+    unknown = sorted(set(sections) - set(types))
+    if unknown:
+        raise TypeError(f"unknown config section(s) {', '.join(unknown)}; registered sections: "
+                        f"{', '.join(section_names())} (a new one registers with steer.sections.register_section)")
+    for name, section in sections.items():
+        if section is not None and not isinstance(section, types[name]):
+            raise TypeError(f"{name}: expected a {types[name].__name__}, got {type(section).__name__}")
+    return {name: sections[name] for name in section_names() if sections.get(name) is not None}
+
+
+@dataclass(init=False)
 class InterventionConfig:
-    """A versioned intervention config for one model; see the module docstring for the format."""
+    """A versioned intervention config for one model; see the module docstring for the format.
+
+    Sections are keyword arguments and attributes by name (`InterventionConfig(ident, mote=MoTESection(...))`,
+    `config.mote`, None when absent), for every registered section (steer.sections)."""
 
     model: ModelIdentity
-    mote: MoTESection | None = None
-    act: ACTSection | None = None
-    lynx: LynxSection | None = None
-    difr: DiFRSection | None = None
+    sections: dict[str, Section]  # name -> section, in section_names() order
     description: str = ""
     version: int = VERSION
+
+    if TYPE_CHECKING:  # the built-in sections, as attributes; any registered name works the same way
+        mote: MoTESection | None
+        act: ACTSection | None
+        lynx: LynxSection | None
+        difr: DiFRSection | None
+
+    def __init__(self, model: ModelIdentity, *, sections: dict[str, Section] | None = None, description: str = "",
+                 version: int = VERSION, **named: Section | None):
+        self.model, self.description, self.version = model, description, version
+        self.sections = _ordered({**(sections or {}), **named})
+
+    def __getattr__(self, name: str):
+        if name in section_types():  # only reached for names that are not plain attributes
+            return self.__dict__.get("sections", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in section_types():  # config.mote = ... replaces (or, with None, removes) that section
+            self.sections = _ordered({**self.sections, name: value})
+        else:
+            super().__setattr__(name, value)
+
+    def replace(self, **changes) -> InterventionConfig:
+        """A copy with fields or sections changed (a section set to None is dropped)."""
+        fields = {"model": self.model, "description": self.description, "version": self.version}
+        return InterventionConfig(**{**fields, "sections": self.sections, **changes})
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -487,20 +310,16 @@ class InterventionConfig:
     # -- JSON -----------------------------------------------------------------------------------
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        if self.lynx is not None:
-            out.update({f"lynx.{k}": v for k, v in self.lynx.tensors.items()})
-        return out
+        """Every section's tensors, named `<section>.<key>` (as in config.safetensors)."""
+        return {f"{name}.{key}": t for name, section in self.sections.items() for key, t in section.tensors().items()}
 
     def to_json(self) -> dict:
         doc: dict[str, Any] = {"format": FORMAT, "version": self.version}
         if self.description:
             doc["description"] = self.description
         doc["model"] = self.model.to_json()
-        for name in SECTIONS:
-            section = getattr(self, name)
-            if section is not None:
-                doc[name] = section.to_json()
+        for name, section in self.sections.items():
+            doc[name] = section.to_json()
         tensors = self.tensors()
         if tensors:
             doc["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
@@ -510,7 +329,7 @@ class InterventionConfig:
     @classmethod
     def from_json(cls, doc: Any, tensors: dict[str, torch.Tensor] | None = None,
                   where: str = "intervention config") -> InterventionConfig:
-        """Parse and check a config document (schema, version, tensor manifest)."""
+        """Parse and check a config document (schema, version, tensor manifest, each section's own checks)."""
         tensors = tensors or {}
         if not isinstance(doc, dict):
             raise ConfigError([f"(top level): expected a JSON object, got {type(doc).__name__}"], where)
@@ -525,15 +344,11 @@ class InterventionConfig:
             problems = _tensor_problems(doc, tensors) + _section_problems(doc)
         if problems:
             raise ConfigError(problems, where)
-        return cls(
-            model=ModelIdentity.from_json(doc["model"]),
-            mote=MoTESection.from_json(doc["mote"]) if "mote" in doc else None,
-            act=ACTSection.from_json(doc["act"]) if "act" in doc else None,
-            lynx=LynxSection.from_json(doc["lynx"], tensors) if "lynx" in doc else None,
-            difr=DiFRSection.from_json(doc["difr"]) if "difr" in doc else None,
-            description=doc.get("description", ""),
-            version=int(version),
-        )
+        types = section_types()
+        sections = {name: types[name].from_json(doc[name], _own_tensors(tensors, name))
+                    for name in section_names() if name in doc}
+        return cls(ModelIdentity.from_json(doc["model"]), sections=sections, description=doc.get("description", ""),
+                   version=int(version))
 
     def check(self) -> None:
         """Raise ConfigError if this config would not survive a save/load (schema and tensors)."""
@@ -604,7 +419,7 @@ class InterventionConfig:
     def fit_problems(self, shape) -> list[str]:
         """Each section's own check against a model's shape (a ModelMap, or a CheckpointShape for a
         checkpoint a server loads); the identity is checked by the callers."""
-        return [p for name in SECTIONS if (section := getattr(self, name)) is not None for p in section.problems(shape)]
+        return [p for section in self.sections.values() for p in section.problems(shape)]
 
     def validate(self, model: Any) -> InterventionConfig:
         """Raise ConfigError (listing each bad field) unless this config fits `model`; returns self."""
@@ -614,18 +429,13 @@ class InterventionConfig:
         return self
 
     def interventions(self, model: Any) -> list:
-        """steer Interventions for the sections that change the forward pass (MoTE, ACT), validated.
+        """steer Interventions of the sections that change the forward pass (MoTE, ACT), validated.
 
-        LYNX is a monitor (`self.lynx.probe()`) and DiFR a recorder (`self.difr.difr_config()`): they
-        read the forward pass, so they are not interventions.
+        A monitor (LYNX: `self.lynx.probe()`) or a recorder (DiFR: `self.difr.difr_config()`) reads the
+        forward pass, so its section applies none.
         """
         self.validate(model)
-        out = []
-        if self.mote is not None:
-            out.append(self.mote.switch())
-        if self.act is not None:
-            out.append(self.act.act_config().intervention())
-        return out
+        return [iv for section in self.sections.values() for iv in section.interventions()]
 
     def apply(self, model: Any):
         """Context manager: `with config.apply(model) as ivs: model.generate(...)`."""
@@ -633,7 +443,9 @@ class InterventionConfig:
 
         ivs = self.interventions(model)
         if not ivs:
-            raise ConfigError(["(top level): the config has no mote or act section: nothing to apply"])
+            names = " or ".join(name for name in section_names() if section_types()[name].intervenes)
+            raise ConfigError([f"(top level): the config has no section that changes the forward pass ({names}): "
+                               f"nothing to apply"])
         return apply(model, *ivs)
 
 
@@ -668,27 +480,19 @@ def _tensor_problems(doc: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
         if t.dtype != _DTYPES[spec["dtype"]]:
             problems.append(f"tensors.{name}: dtype {str(t.dtype).removeprefix('torch.')} in {TENSORS_FILE}, "
                             f"config.json says {spec['dtype']}")
-    lynx = doc.get("lynx")
-    if lynx is not None:
-        for i, name in enumerate(lynx["tensors"]):
-            if not name.startswith("lynx."):
-                problems.append(f"lynx.tensors[{i}]: {name!r} must start with 'lynx.'")
-            elif name not in manifest:
-                problems.append(f"lynx.tensors[{i}]: {name!r} is not listed under tensors")
     return problems
 
 
-_POINT = re.compile(r"^(embed\.out|final_norm\.out|lm_head\.out|blocks\.\d+\.[a-z_.]+)$")
+def _own_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of section `name`, keys without the `<name>.` prefix."""
+    return {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
 
 
 def _section_problems(doc: dict) -> list[str]:
     """Checks JSON Schema cannot express (duplicates, contradictions, parameter ranges, point syntax):
     each section asks its method."""
-    return [p for name, section in SECTION_TYPES.items() if name in doc for p in section.json_problems(doc[name])]
-
-
-SECTION_TYPES = {"mote": MoTESection, "act": ACTSection, "lynx": LynxSection, "difr": DiFRSection}
-SECTIONS = tuple(SECTION_TYPES)
+    types, manifest = section_types(), doc.get("tensors", {})
+    return [p for name in section_names() if name in doc for p in types[name].json_problems(doc[name], manifest)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,7 @@ from typing import Any
 
 import torch
 
-from steer.config import InterventionConfig
-
-SECTIONS = ("mote", "act", "lynx", "difr")
+from steer.config import InterventionConfig, section_names
 
 
 def summary(config: InterventionConfig) -> dict:
@@ -24,33 +22,12 @@ def summary(config: InterventionConfig) -> dict:
     out: dict[str, Any] = {
         "version": config.version,
         "model": {k: v for k, v in m.to_json().items() if k not in ("config_hash", "params_hash")},
-        "sections": [s for s in SECTIONS if getattr(config, s) is not None],
+        "sections": list(config.sections),
     }
     if config.description:
         out["description"] = config.description
-    if config.mote is not None:
-        mote = config.mote
-        out["mote"] = {"mode": mote.mode, "experts": len(mote.experts), "by_layer": mote.by_layer()}
-        if mote.mode == "off_zero":
-            out["mote"]["renormalize"] = mote.renormalize
-        if mote.mode == "on":
-            out["mote"]["force_weight"] = mote.force_weight
-        if mote.source:
-            out["mote"]["source"] = mote.source
-    if config.act is not None:
-        out["act"] = {"heads": [f"{la}:{h}" for la, h in config.act.heads], "params": dict(config.act.params)}
-    if config.lynx is not None:
-        lynx = config.lynx
-        out["lynx"] = {
-            "points": list(lynx.points),
-            "n_features": lynx.n_features,
-            "hidden": list(lynx.hidden),
-            "calibrated": lynx.calibration is not None,
-        }
-        if lynx.calibration:
-            out["lynx"]["delta"] = lynx.calibration.get("delta")
-    if config.difr is not None:
-        out["difr"] = {"k": config.difr.k, "seed": config.difr.seed, "projection": config.difr.projection}
+    for name, section in config.sections.items():  # each section says what it does (steer.sections.Section.summary)
+        out[name] = section.summary()
     return out
 
 
@@ -59,7 +36,7 @@ def diff(a: InterventionConfig, b: InterventionConfig) -> list[str]:
     ja, jb = a.to_json(), b.to_json()
     lines = _diff("description", ja.get("description", ""), jb.get("description", ""))
     lines += _diff("model", ja["model"], jb["model"])
-    for name in SECTIONS:
+    for name in section_names():
         if name in ja and name not in jb:
             lines.append(f"{name}: only in the first config")
         elif name in jb and name not in ja:

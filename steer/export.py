@@ -59,16 +59,12 @@ def export(config: InterventionConfig, target: str, out: str | Path, *, model_pa
 
 def export_vllm(config: InterventionConfig, out: str | Path, *, model_path: str | Path | None = None) -> ExportResult:
     """A config directory vLLM serves with steer's plugin, plus `vllm_args.json` (engine arguments)."""
+    from steer.serving.vllm_plugin import unservable_problems
+
     problems = []
     if config.mote is None and config.difr is None:
         problems.append("(top level): nothing for vLLM to do: the config has neither a mote nor a difr section")
-    if config.act is not None:
-        problems.append("act: ACT cannot run inside vLLM (fused attention kernels expose no attention weights); "
-                        "export without the act section")
-    if config.lynx is not None:
-        problems.append("lynx: LYNX early exit cannot run inside vLLM (an exit rolls the request's KV cache back to "
-                        "before the cue, which vLLM's scheduler cannot do); export without the lynx section and run "
-                        "early exit with `steer generate`")
+    problems += unservable_problems(config)  # the plugin's own refusal, never dropped silently
     if model_path is not None:
         problems += checkpoint_problems(config, model_path)
     if problems:

@@ -48,3 +48,20 @@ def tiny_dir(tmp_path_factory):
     from steer.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """A tiny qwen2_moe checkpoint directory: the MoE sibling of tiny_dir (MoTE sections, checkpoint checks)."""
+    from steer.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny_qwen2_moe"), "qwen2_moe")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tiny_moe_dir):
+    """tiny_moe_dir's model, loaded from the directory (so a config made on it records its weights_hash)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(tiny_moe_dir).eval()

@@ -63,8 +63,8 @@ def test_round_trip_all_sections(moe, tmp_path):
     assert back.to_json() == cfg.to_json()
     assert back.mote == cfg.mote and back.act == cfg.act and back.difr == cfg.difr
     assert back.model.weights_hash and back.model.weights_hash == cfg.model.weights_hash  # from the checkpoint dir
-    for k, v in cfg.lynx.tensors.items():
-        assert torch.equal(back.lynx.tensors[k], v)
+    for k, v in cfg.lynx.weights.items():
+        assert torch.equal(back.lynx.weights[k], v)
     x = torch.randn(5, 64)
     probe = back.lynx.probe()
     assert torch.equal(probe(x), _probe(64, 2)(x))

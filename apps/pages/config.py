@@ -54,8 +54,7 @@ for name, (key, label) in picked.items():
     on = st.checkbox(f"{label}: {where}", value=section is not None, disabled=section is None, key=f"use_{name}_{where}")
     if on and section is not None:
         sections[name] = section
-        st.json(section.to_json() if name != "lynx" else {k: v for k, v in section.to_json().items() if k != "tensors"},
-                expanded=False)
+        st.json({k: v for k, v in section.to_json().items() if k != "tensors"}, expanded=False)  # no tensor names
 description = st.text_input("Description", loaded.description if loaded else "", key="cfg_desc")
 
 if not sections:

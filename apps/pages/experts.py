@@ -20,9 +20,9 @@ from steer.apps.explorer_common import (
     show_figure,
     using_model,
 )
-from steer.config import MoTESection
 from steer.ftri import Profile, ProfileCancelled, ProfileConfig, expert_tokens, profile
 from steer.mote import ExpertSwitch, behaviour_labels
+from steer.mote_section import MoTESection
 from steer.options import PROFILE_SCORES, PROFILE_TOKENS, SWITCH_MODES
 from steer.prompts import builtin
 

@@ -13,8 +13,8 @@ from steer.apps.explorer_common import (
     show_figure,
     using_model,
 )
-from steer.config import DiFRSection
 from steer.difr import Calibration, DiFRConfig, Fingerprints, calibrate, fingerprint_prompts, verify
+from steer.difr.section import DiFRSection
 from steer.options import PROJECTIONS, VERIFY_METHODS
 
 st.title("Fingerprints: verify that a provider ran this model (Activation-DiFR)")

@@ -25,7 +25,6 @@ from steer.apps.explorer_common import (
     show_figure,
     using_model,
 )
-from steer.config import LynxSection
 from steer.packages import cache_dir
 from steer.probes import lynx
 from steer.probes.answers import get_checker
@@ -35,6 +34,7 @@ from steer.probes.data import SPLITS, LabelledCues, arithmetic_problems, chat_pr
 from steer.probes.features import default_points
 from steer.probes.generate import ExitConfig, NeverExit, generate_with_exit
 from steer.probes.probe import LynxProbe, ProbeConfig
+from steer.probes.section import LynxSection
 
 # The demo's delta. A 135M model is right at few cue events (smollm2-moe, the defaults below: 7 of 83
 # training and 4 of 83 calibration events), so its probe is rarely sure. Measured with those defaults

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from steer.act import BETA, ACTConfig
+from steer.act_section import ACTSection
 from steer.apps.explorer_common import (
     ACT_KEY,
     current_model,
@@ -15,7 +16,6 @@ from steer.apps.explorer_common import (
     show_figure,
     using_model,
 )
-from steer.config import ACTSection
 from steer.prompts import generate_responses
 from steer.sinks import TAU, SinkResult, book_inputs, detect_sinks
 

@@ -76,7 +76,9 @@ def add_parser(sub) -> None:
 
 def run_build(args) -> int:
     from steer.cli.switch import switch_from_args, switch_source
-    from steer.config import DiFRSection, InterventionConfig, MoTESection
+    from steer.config import InterventionConfig
+    from steer.difr.section import DiFRSection
+    from steer.mote_section import MoTESection
 
     if args.difr_k is not None and args.difr_k < 1:
         raise CLIError(f"--difr-k must be >= 1, got {args.difr_k}")
@@ -165,23 +167,9 @@ def _print_summary(cfg, path: Path, as_json: bool, headline: str | None) -> int:
     if m.get("num_experts"):
         ident += f", {m['num_experts']} experts top-{m.get('top_k')}"
     print(f"  model: {ident}" + (f", weights {m['weights_hash'][:12]}" if m.get("weights_hash") else ""))
-    if "mote" in info:
-        mote = info["mote"]
-        extra = "".join(f", {k} {mote[k]}" for k in ("renormalize", "force_weight", "source") if k in mote)
-        print(f"  mote: {mote['mode']}, {mote['experts']} experts{extra}")
-        for layer, experts in mote["by_layer"].items():
-            print(f"    layer {layer}: {', '.join(map(str, experts))}")
-    if "act" in info:
-        print(f"  act: heads {', '.join(info['act']['heads'])}; params {info['act']['params']}")
-    if "lynx" in info:
-        lx = info["lynx"]
-        print(
-            f"  lynx: probe on {', '.join(lx['points'])}, hidden {lx['hidden']}"
-            + (f", calibrated at delta {lx['delta']}" if lx.get("delta") is not None else ", not calibrated")
-        )
-    if "difr" in info:
-        d = info["difr"]
-        print(f"  difr: k {d['k']}, seed {d['seed']}, {d['projection']} projection")
+    for section in cfg.sections.values():  # each section says itself (steer.sections.Section.describe)
+        for line in section.describe():
+            print(f"  {line}")
     if not info["sections"]:
         print("  (no sections: nothing to apply)")
     return EXIT_OK

@@ -9,8 +9,6 @@ from pathlib import Path
 from steer.cli import CLIError, print_json
 from steer.progress import bar
 
-SECTIONS = ("mote", "act", "lynx", "difr")
-
 EXAMPLES = """\
 examples:
   steer generate --config runs/cfg --prompt "Quelle est la capitale de l'Italie ?"
@@ -40,7 +38,7 @@ def add_parser(sub) -> None:
                                    "with a mote section, else smollm2)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
-    p.add_argument("--skip", default="", help=f"comma list of sections not to apply ({', '.join(SECTIONS)})")
+    p.add_argument("--skip", default="", help="comma list of sections not to apply (mote, act, lynx, difr)")
     p.add_argument("--baseline", action="store_true", help="also generate without the config, for comparison")
     p.add_argument("--fingerprints", type=Path, help="difr: write the fingerprint claim to this .safetensors")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -53,11 +51,14 @@ def add_parser(sub) -> None:
 
 
 def _sections(cfg, skip: str) -> set[str]:
+    from steer.config import section_names
+
     skipped = {s.strip() for s in skip.split(",") if s.strip()}
-    unknown = skipped - set(SECTIONS)
+    unknown = skipped - set(section_names())
     if unknown:
-        raise CLIError(f"--skip: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
-    present = {s for s in SECTIONS if getattr(cfg, s) is not None}
+        raise CLIError(f"--skip: unknown section(s) {', '.join(sorted(unknown))}; choose from "
+                       f"{', '.join(section_names())}")
+    present = set(cfg.sections)
     for s in sorted(skipped - present):
         print(f"note: --skip {s}: the config has no {s} section", file=sys.stderr)
     active = present - skipped
@@ -95,10 +96,14 @@ def run(args) -> int:
 
 def _check_sections(cfg, active: set[str], args) -> None:
     """Refuse section combinations whose output would misrepresent what ran."""
+    unknown = sorted(s for s in active if not cfg.sections[s].intervenes and s not in ("lynx", "difr"))
+    if unknown:  # a monitor or recorder this command has no step for would be skipped silently
+        raise CLIError(f"steer generate does not know how to run the {', '.join(unknown)} section(s): they do not "
+                       f"change the forward pass and have no generation step here; run with --skip {','.join(unknown)}")
     if {"lynx", "difr"} <= active:
         raise CLIError("the config has both lynx and difr sections: an early exit rewrites the token stream, so "
                        "its fingerprints could not be verified; run with --skip difr or --skip lynx")
-    unapplied = [s for s in ("mote", "act") if getattr(cfg, s) is not None and s not in active]
+    unapplied = [s for s, section in cfg.sections.items() if section.intervenes and s not in active]
     if "difr" in active and unapplied:
         raise CLIError(f"--skip {','.join(unapplied)} with a difr section: the fingerprints would claim the whole "
                        f"config ran; skip difr too, or export a config without those sections")
@@ -112,13 +117,11 @@ def _check_sections(cfg, active: set[str], args) -> None:
 
 def _interventions(cfg, active: set[str], lm) -> list:
     """The sections that change the forward pass, validated against the model here (exit 2 on a mismatch)."""
-    import dataclasses
-
-    forward = active & {"mote", "act"}
+    forward = {s for s in active if cfg.sections[s].intervenes}
     ivs = []
     if forward:
-        ivs = dataclasses.replace(cfg, **{s: None for s in SECTIONS if s not in forward}).interventions(lm.model)
-    if "lynx" in active or "difr" in active:
+        ivs = cfg.replace(sections={s: cfg.sections[s] for s in forward}).interventions(lm.model)
+    if active - forward:
         cfg.validate(lm.model)
     for iv in ivs:
         iv.on_no_effect = "warn"  # reported below with the counts, not raised mid-run

@@ -127,7 +127,8 @@ def run(args) -> int:
     lm, switch = switch_from_args(args)
     saved = None
     if args.save_config:
-        from steer.config import InterventionConfig, MoTESection
+        from steer.config import InterventionConfig
+        from steer.mote_section import MoTESection
 
         cfg = InterventionConfig.for_model(lm, mote=MoTESection.from_switch(switch, source=switch_source(args)))
         saved = cfg.save(args.save_config)

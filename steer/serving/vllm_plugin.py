@@ -133,6 +133,33 @@ def config_path(vllm_config) -> str | None:
     return getattr(hf_config, HF_OVERRIDE_KEY, None) or os.environ.get(ENV_CONFIG) or None
 
 
+# The sections install() applies; every other section is refused (by steer export --target vllm and at
+# engine start, with the same words), never dropped silently. ACT and LYNX have a reason and a variable
+# that lets the plugin serve the rest without them.
+SERVED_SECTIONS = ("mote", "difr")
+UNSERVABLE = {
+    "act": ("ACT cannot run inside vLLM (its fused attention kernels expose no attention weights)", ENV_SKIP_ACT),
+    "lynx": ("LYNX early exit cannot run inside vLLM (an exit rolls the request's KV cache back to before the cue, "
+             "which vLLM's scheduler cannot do); run early exit with `steer generate`", ENV_SKIP_LYNX),
+}
+
+
+def unservable_problems(cfg, honour_skip: bool = False) -> list[str]:
+    """One line per section of `cfg` steer's vLLM plugin does not apply (steer export's check); with
+    `honour_skip` (the plugin's), a section whose skip variable is 1 is left out: the server runs the rest."""
+    out = []
+    for name in cfg.sections:
+        why, env = UNSERVABLE.get(name, (f"steer's vLLM plugin does not apply {name} sections", None))
+        if name in SERVED_SECTIONS or (honour_skip and env and os.environ.get(env) == "1"):
+            continue
+        if honour_skip:
+            fix = f"serve a config without the {name} section" + (f", or set {env}=1 to serve the rest" if env else "")
+        else:
+            fix = f"export without the {name} section"
+        out.append(f"{name}: {why}; {fix}")
+    return out
+
+
 def served_problems(cfg, hf_config, model_path: str, routers: dict[int, Any]) -> list[str]:
     """Why `cfg` must not be served on this checkpoint ([] if it may): steer.config's one check."""
     from steer.config import checkpoint_problems
@@ -152,13 +179,7 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
     runners = moe_runners(model)
     routers = {layer: runner.router for layer, runner in runners.items()}
     problems = served_problems(cfg, hf_config, str(vllm_config.model_config.model), routers)
-    if cfg.act is not None and os.environ.get(ENV_SKIP_ACT) != "1":
-        problems.append("act: ACT cannot run inside vLLM (its attention kernels expose no attention weights); serve "
-                        f"a config without the act section, or set {ENV_SKIP_ACT}=1 to serve the rest")
-    if cfg.lynx is not None and os.environ.get(ENV_SKIP_LYNX) != "1":
-        problems.append("lynx: LYNX early exit cannot run inside vLLM (an exit rolls the request's KV cache back to "
-                        "before the cue, which vLLM's scheduler cannot do); run early exit with `steer generate`, "
-                        f"serve a config without the lynx section, or set {ENV_SKIP_LYNX}=1 to serve the rest")
+    problems += unservable_problems(cfg, honour_skip=True)
     if problems:
         raise ConfigError(problems, f"steer config {path} cannot be served on {vllm_config.model_config.model}")
     STATE.config_path, STATE.layers = str(path), []
