@@ -53,12 +53,13 @@ import torch
 from steer.act_section import ACTSection
 from steer.difr.section import DiFRSection
 from steer.identity import SCHEME
+from steer.io import INTERVENTION_CONFIG, FormatError, load_tensors, save_tensors
 from steer.mote_section import MoTESection
 from steer.probes.section import LynxSection
 from steer.sections import Section, section_types
 
-FORMAT = "steer.intervention-config"
-VERSION = 1
+FORMAT = INTERVENTION_CONFIG.name
+VERSION = INTERVENTION_CONFIG.version
 SUPPORTED_VERSIONS = (1,)
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "config.safetensors"
@@ -366,9 +367,7 @@ class InterventionConfig:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         tensors = self.tensors()
         if tensors:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(st_path), metadata={"format": FORMAT})
+            save_tensors(st_path, INTERVENTION_CONFIG, tensors)  # tagged, versioned, checksummed (steer.io)
         elif st_path.exists():
             st_path.unlink()
         json_path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -387,13 +386,10 @@ class InterventionConfig:
             raise ConfigError([f"(file): not valid JSON: {exc}"], str(json_path)) from None
         tensors: dict[str, torch.Tensor] = {}
         if st_path.is_file():
-            from safetensors.torch import load_file
-
-            try:
-                tensors = load_file(str(st_path))
-            except Exception as exc:  # safetensors raises its own types for truncated files
-                raise ConfigError([f"tensors: {st_path.name} is unreadable (truncated or corrupt?): {exc}"],
-                                  str(json_path)) from None
+            try:  # older files: a bare format tag or none (version 1), no checksum
+                tensors = load_tensors(st_path, INTERVENTION_CONFIG, untagged=1).tensors
+            except FormatError as exc:
+                raise ConfigError([f"tensors: {st_path.name}: {exc}"], str(json_path)) from None
         return cls.from_json(doc, tensors, where=str(json_path))
 
     # -- against a model ------------------------------------------------------------------------

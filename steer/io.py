@@ -52,7 +52,13 @@ FINGERPRINTS = Format("steer.difr.fingerprints", 2, "fingerprint", "steer.difr:F
                       "`steer fingerprint`")
 CALIBRATION = Format("steer.difr.calibration", 4, "calibration", "steer.difr:Calibration.load",
                      "`steer verify --calibrate`")
-FORMATS = {f.name: f for f in (PROFILE, SINKS, ACT_CONFIG, LYNX_CUES, LYNX_PROBE, FINGERPRINTS, CALIBRATION)}
+# An intervention config is config.json (its own schema, with `format`/`version` and the model identity) plus
+# config.safetensors; this kind tags the tensor file, and `load` opens the directory as an InterventionConfig.
+INTERVENTION_CONFIG = Format("steer.intervention-config", 1, "intervention config",
+                             "steer.config:InterventionConfig.load",
+                             "`steer config build`, `steer switch --save-config` or InterventionConfig.save")
+FORMATS = {f.name: f for f in (PROFILE, SINKS, ACT_CONFIG, LYNX_CUES, LYNX_PROBE, FINGERPRINTS, CALIBRATION,
+                               INTERVENTION_CONFIG)}
 
 
 class FormatError(ValueError):
@@ -232,7 +238,7 @@ def _check_kind(path: Path, fmt: Format, name: str | None, version: int | None) 
             f"{fmt.name} up to version {fmt.version}: upgrade steer (pip install -U steer) or regenerate it")
 
 
-_RESULT_FILES = ("profile.safetensors", "sinks.safetensors", "probe.json")  # what the CLI writes into a dir
+_RESULT_FILES = ("profile.safetensors", "sinks.safetensors", "probe.json", "config.json")  # what the CLI writes
 
 
 def _result_file(path: Path) -> Path:

@@ -148,7 +148,25 @@ def test_missing_and_mismatched_tensors(moe, tmp_path):
     with pytest.raises(ConfigError, match="missing from config.safetensors"):
         InterventionConfig.load(d)
     (d / "config.safetensors").write_bytes(b"\x10\x00\x00")
-    with pytest.raises(ConfigError, match="unreadable"):
+    with pytest.raises(ConfigError, match="truncated or corrupt"):
+        InterventionConfig.load(d)
+
+
+def test_config_tensors_are_checksummed(moe, tmp_path):
+    """config.safetensors is written through steer.io: an altered tensor is an error, not a changed probe."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from steer import io
+
+    d = InterventionConfig.for_model(moe, lynx=LynxSection.from_probe(_probe(64, 2))).save(tmp_path / "cfg")
+    with safe_open(str(d / "config.safetensors"), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert header["format"] == "steer.intervention-config" and header["checksum"] == io.checksum(tensors)
+    assert isinstance(io.load(d), InterventionConfig)  # steer.io opens a config directory too
+    tensors["lynx.mean"] = tensors["lynx.mean"] + 1.0
+    save_file(tensors, str(d / "config.safetensors"), metadata=header)
+    with pytest.raises(ConfigError, match="checksum does not match"):
         InterventionConfig.load(d)
 
 

@@ -217,7 +217,17 @@ def test_v1_file_written_before_the_split_resaves_byte_identical(tmp_path):
     assert list(cfg.sections) == ["mote", "act", "lynx", "difr"] and cfg.mote.mode == "off_zero"
     assert cfg.lynx.probe().calibration.q1 == float("inf") and cfg.act.act_config().alpha == 1.0
     out = cfg.save(tmp_path / "again")
-    assert (out / "config.safetensors").read_bytes() == (fixture / "config.safetensors").read_bytes()
+    from safetensors import safe_open
+
+    from steer.io import checksum
+
+    old_t, new_t = ({k: f.get_tensor(k) for k in f.keys()} for f in
+                    (safe_open(str(d / "config.safetensors"), framework="pt") for d in (fixture, out)))
+    assert old_t.keys() == new_t.keys() and all(torch.equal(old_t[k], new_t[k]) for k in old_t)
+    with safe_open(str(out / "config.safetensors"), framework="pt") as f:  # now tagged through steer.io
+        header = f.metadata()
+    assert header["format"] == "steer.intervention-config" and header["version"] == "1"
+    assert header["checksum"] == checksum(new_t)
     # the JSON is the same document except that the identity now names its scheme (steer.identity): a file
     # written before schemes reads as the first one, and saving it again writes that name out
     old, new = (json.loads((d / "config.json").read_text()) for d in (fixture, out))
