@@ -115,8 +115,9 @@ class ACT(Intervention):
 
     def __init__(self, heads: Sequence[tuple[int, int]], beta: float = BETA, tau: float | None = TAU,
                  alpha: float | None = None, min_queries: int = MIN_QUERIES, keep_first: bool = True,
-                 on_no_effect: OnNoEffect = "raise"):
+                 on_no_effect: OnNoEffect = "raise", identity: dict | None = None):
         super().__init__(on_no_effect)
+        self.identity = identity  # the model the heads were calibrated on (ACTConfig's); checked in validate
         if not heads:
             raise ValueError("ACT needs at least one (layer, head); a calibration that kept no head "
                              "means ACT did not help on that calibration set -- run the model without it")
@@ -129,6 +130,8 @@ class ACT(Intervention):
         self._state: dict[int, _LayerState] = {}
 
     def validate(self, mm: ModelMap) -> None:
+        if self.identity is not None:  # heads calibrated on one model mean nothing on another of the same shape
+            check_model(self.identity, mm.model, what="this ACT config")
         self.heads = check_heads(mm, self.heads)
         _refuse_unsupported(mm.model)
 
@@ -336,8 +339,10 @@ class ACTConfig:
         sink_threshold(self.tau, self.alpha, 1)
 
     def intervention(self, on_no_effect: OnNoEffect = "raise") -> ACT:
+        """The ACT intervention; applying it to another model than `identity` names is a ModelMismatchError
+        (to transfer heads on purpose, apply `dataclasses.replace(config, identity=None).intervention()`)."""
         return ACT(self.heads, beta=self.beta, tau=self.tau, alpha=self.alpha, min_queries=self.min_queries,
-                   keep_first=self.keep_first, on_no_effect=on_no_effect)
+                   keep_first=self.keep_first, on_no_effect=on_no_effect, identity=self.identity)
 
     def to_json(self) -> str:
         fields_ = {k: v for k, v in asdict(self).items() if k != "identity"}

@@ -180,6 +180,9 @@ def test_results_detect_another_model(results, moe, llama):
         sinks.check_model(other_llama)
     with pytest.raises(ModelMismatchError, match="this ACT config .*family: saved 'llama', model 'qwen2_moe'"):
         act.check_model(moe)
+    with pytest.raises(ModelMismatchError, match="this ACT config .*params_hash"):  # applying checks it too
+        with act.intervention().apply(other_llama):
+            pass
     probe = results["steer.lynx_probe"][0]
     bigger = tiny_model("llama", num_hidden_layers=llama.config.num_hidden_layers, rms_norm_eps=1e-3)
     with pytest.raises(ModelMismatchError, match="this probe .*config_hash"):

@@ -9,6 +9,7 @@ chose are meaningful on SmolLM2; SmolLM2's own search kept none.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -34,7 +35,8 @@ def main() -> int:
     lm = load(args.model, progress=False)
     held = task_suite("heldout", n=args.heldout, seed=args.seed)
     base = evaluate(lm.model, lm.tokenizer, held)
-    act = cfg.intervention(on_no_effect="warn")
+    # deliberately on another model than the heads were calibrated on: drop the identity that ACT checks
+    act = dataclasses.replace(cfg, identity=None).intervention(on_no_effect="warn")
     res = evaluate(lm.model, lm.tokenizer, held, interventions=[act])
     out = {"model": args.model, "heads": cfg.heads, "from_config": str(args.config), "load_average": os.getloadavg(),
            "baseline": base.to_dataframe().to_dict("records"), "act": res.to_dataframe().to_dict("records"),
