@@ -33,4 +33,4 @@ import vllm, transformers, torch
 print(f"vllm {vllm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
 EOF
 export OMP_NUM_THREADS=1
-"$VENV/bin/python" -m pytest tests/test_vllm.py tests/test_vllm_load.py tests/test_vllm_profile.py tests/test_vllm_roundtrip.py -q -rs ${PYTEST_ARGS:-}
+"$VENV/bin/python" -m pytest tests/test_vllm.py tests/test_vllm_load.py tests/test_vllm_profile.py tests/test_vllm_roundtrip.py tests/test_vllm_lynx.py -q -rs ${PYTEST_ARGS:-}
