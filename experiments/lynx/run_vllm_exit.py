@@ -52,11 +52,12 @@ def problems(split):
     return arithmetic_problems(N[split], seed=0, split=split)
 
 
-def stage_label(model, tok, name):
+def stage_label(model, tok, name, splits=None):
     OUT.mkdir(parents=True, exist_ok=True)
     points, chk = default_points(model), NumericChecker()
     jobs = [("train", "rollback"), ("calibration", "rollback"), ("calibration", "keep"), ("test", "rollback"),
             ("test", "keep")]
+    jobs = [j for j in jobs if splits is None or j[0] in splits]
     for split, mode in jobs:
         probs, t0 = problems(split), time.time()
         lab, results = label_cue_events(model, tok, probs, points, CUES, MODES[mode], chk, batch_size=BATCH,
@@ -222,6 +223,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", choices=["label", "analyse", "vllm", "all"], default="all")
     ap.add_argument("--n", help="problems per split as train,calibration,test (default 60,60,40)")
+    ap.add_argument("--splits", help="label stage: only these splits (comma list), e.g. to run them in parallel")
     args = ap.parse_args(argv)
     if args.n:
         N.update(zip(N, map(int, args.n.split(","))))
@@ -231,7 +233,7 @@ def main(argv=None):
     lm = load("smollm2", progress=False)
     model, tok = lm.model, lm.tokenizer
     if args.stage in ("label", "all"):
-        stage_label(model, tok, lm.source)
+        stage_label(model, tok, lm.source, args.splits.split(",") if args.splits else None)
     if args.stage in ("analyse", "all"):
         stage_analyse(tok)
     if args.stage in ("vllm", "all"):
