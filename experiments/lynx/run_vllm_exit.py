@@ -36,7 +36,7 @@ from steer.probes.cues import CueSet
 from steer.probes.data import LabelledCues, arithmetic_problems, chat_prompts, label_cue_events
 from steer.probes.features import default_points
 from steer.probes.generate import ExitConfig
-from steer.probes.probe import LynxProbe, ProbeConfig, ProbeInfo, train_probe
+from steer.probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
 
 OUT = Path(__file__).parent / "out_vllm"
 N = {"train": 60, "calibration": 60, "test": 40}
@@ -121,6 +121,13 @@ def simulate(rows: list[dict], exits: list[bool], mode: str, exit_len: int) -> d
             "exit_fraction": n_exit / len(rows), "premature_per_trajectory": bad / len(rows)}
 
 
+def _answers_identical(rows: dict) -> float:
+    """Share of test cue events whose trial answer text is the same in both modes."""
+    pairs = [(a["answer"], b["answer"]) for ra, rb in zip(rows["rollback"], rows["keep"])
+             for a, b in zip(ra["events"], rb["events"])]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
+
+
 def per_event(exits: torch.Tensor, y: torch.Tensor) -> float:
     neg = y == 0
     return float(exits[neg].double().mean()) if bool(neg.any()) else math.nan
@@ -136,7 +143,10 @@ def stage_analyse(tok) -> dict:
     y_r, y_k = test["rollback"].labels, test["keep"].labels
     out = {"n": {s: len(json.loads((OUT / f"rows_{s}_rollback.json").read_text())) for s in N},
            "test_events": int(len(y_r)), "test_positive": {"rollback": int(y_r.sum()), "keep": int(y_k.sum())},
-           "labels_agree": float((y_r == y_k).double().mean()), "exit_len": exit_len, "deltas": {}}
+           "labels_agree": float((y_r == y_k).double().mean()),
+           "calibration_labels_agree": float((cal["rollback"].labels == cal["keep"].labels).double().mean()),
+           "answers_identical": _answers_identical(rows), "test_auc": auc(p_test, y_r),
+           "exit_len": exit_len, "deltas": {}}
     out["full"] = simulate(rows["rollback"], [False] * len(y_r), "rollback", exit_len)
     for delta in DELTAS:
         c_r = calibrate(p_cal, cal["rollback"].labels, delta, warn=False)
@@ -174,6 +184,9 @@ def tables(out: dict) -> str:
 
 def stage_vllm(model, tok, name) -> dict:
     """The served* policy at ONLINE_DELTA through a real vLLM engine, against HF and the prediction."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default reserves 92% of the memory
     from steer.config import InterventionConfig, LynxSection
     from steer.probes.generate import LynxPolicy, generate_with_exit
     from steer.serving.vllm_lynx import generate_lynx, lynx_engine
