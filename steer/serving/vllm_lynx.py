@@ -257,6 +257,15 @@ class LynxLogitsProcessor(_LogitsProcessorBase):
             raise ConfigError([f"{PROCESSOR} needs a steer config with a lynx section (hf_overrides "
                                f"{{'steer_config': DIR}} or env STEER_CONFIG); got {path or 'no config'}"],
                               "this vLLM engine cannot serve the LYNX exit")
+        import os
+
+        plugins = os.environ.get("VLLM_PLUGINS")
+        if plugins is not None and "steer" not in plugins.split(","):
+            raise ConfigError([f"VLLM_PLUGINS={plugins!r} leaves steer's plugin out, so no probe is installed"],
+                              "this vLLM engine cannot serve the LYNX exit")
+        if os.environ.get("STEER_VLLM_SKIP_LYNX") == "1":
+            raise ConfigError(["STEER_VLLM_SKIP_LYNX=1 serves the config without its lynx section; drop the "
+                               "processor or the variable"], "this vLLM engine cannot serve the LYNX exit")
         from steer.adapters import vllm_architectures
 
         mc = vllm_config.model_config
@@ -328,6 +337,12 @@ class LynxLogitsProcessor(_LogitsProcessorBase):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
+            return logits
+        if CAPTURE.probe is None:  # startup checks make this unreachable; never crash the engine over it
+            import logging
+
+            logging.getLogger("steer.serving").error("LYNX requests are served unchanged: no probe was installed")
+            self.rows.clear()
             return logits
         feats = CAPTURE.features()
         for index, row in self.rows.items():
