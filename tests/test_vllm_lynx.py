@@ -10,7 +10,8 @@ What is shown:
   same reasoning tokens, the exit at the same cue, the same forced exit string and answer, in a
   batch where other requests did not opt in;
 - requests that do not opt in are unchanged (equal to plain greedy generation);
-- over HTTP, bad per-request LYNX options get a 400 at admission and the server keeps serving.
+- over HTTP, bad per-request LYNX options get a 400 at admission and the server keeps serving;
+- an uncalibrated probe, or the LYNX processor without a lynx section, is refused at engine start.
 """
 
 from __future__ import annotations
@@ -46,8 +47,26 @@ def _engine_main(spec_path: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps({"outputs": outs}))
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--engine":
-    _engine_main(sys.argv[2], sys.argv[3])
+def _refusal_main(spec_path: str, out_path: str) -> None:
+    """Start an engine per config in the spec; record each startup error."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    spec = json.loads(Path(spec_path).read_text())
+    from steer.serving.vllm_lynx import lynx_engine
+
+    errors = []
+    for config in spec["configs"]:
+        try:
+            lynx_engine(spec["model"], config, max_model_len=256, max_num_seqs=1)
+            errors.append(None)
+        except Exception as exc:  # what the operator sees at startup
+            errors.append(f"{type(exc).__name__}: {exc}")
+    Path(out_path).write_text(json.dumps({"errors": errors}))
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] in ("--engine", "--refuse"):
+    (_engine_main if sys.argv[1] == "--engine" else _refusal_main)(sys.argv[2], sys.argv[3])
     sys.exit(0)
 
 pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/vllm.sh runs this file in its own venv")
@@ -200,3 +219,25 @@ def test_bad_lynx_requests_are_400s_and_the_server_keeps_serving(served, referen
         assert "EngineDeadError" not in server.log_tail(10**7)
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_engine_refuses_what_it_cannot_serve_at_startup(served, tmp_path):
+    """An uncalibrated probe, and the LYNX processor without a lynx section, stop the engine at start
+    with the problem named (not at the first request)."""
+    from steer.config import DiFRSection, InterventionConfig, LynxSection
+
+    uncal = InterventionConfig.load(served["config"])
+    uncal.lynx = LynxSection(**{**uncal.lynx.__dict__, "calibration": None})
+    no_lynx = InterventionConfig.for_model(served["model"], difr=DiFRSection(k=8, seed=0))
+    errors = []
+    for name, cfg in (("uncal", uncal), ("no_lynx", no_lynx)):  # one process each: a failed start leaves state
+        spec, out = tmp_path / f"{name}.json", tmp_path / f"{name}_out.json"
+        spec.write_text(json.dumps({"model": str(served["path"]), "configs": [str(cfg.save(tmp_path / name))]}))
+        proc = subprocess.run([sys.executable, __file__, "--refuse", str(spec), str(out)],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                              timeout=ENGINE_TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        errors += json.loads(out.read_text())["errors"]
+    assert errors[0] and "lynx.calibration: the probe is not calibrated" in errors[0], errors[0]
+    assert errors[1] and "needs a steer config with a lynx section" in errors[1], errors[1]
