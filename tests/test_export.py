@@ -176,8 +176,13 @@ def test_vllm_export_checks_checkpoint(model, ckpt, tmp_path):
 
     lynx = InterventionConfig.for_model(model, mote=MoTESection([(1, 3)]),
                                         lynx=LynxSection.from_probe(_probe(model.config.hidden_size, 2)))
-    with pytest.raises(ConfigError, match="lynx: LYNX early exit cannot run inside vLLM"):  # never dropped silently
-        export(lynx, "vllm", tmp_path / "z")
+    # a calibrated LYNX probe is served (no-rollback exit): its processor is in the engine arguments
+    res = export(lynx, "vllm", tmp_path / "z")
+    assert json.loads((res.path / "vllm_args.json").read_text())["logits_processors"] == [
+        "steer.serving.vllm_lynx:LynxLogitsProcessor"]
+    lynx.lynx.calibration = None  # an uncalibrated one has nothing to exit on: refused, never dropped
+    with pytest.raises(ConfigError, match="lynx.calibration: the probe is not calibrated"):
+        export(lynx, "vllm", tmp_path / "w")
 
 
 def test_cli(model, ckpt, tmp_path, capsys):

@@ -95,3 +95,15 @@ def test_bad_inputs(files, capsys, tmp_path):
     assert "not calibrated" in capsys.readouterr().err
     # not a probe / not a cue file
     assert main(["probe", "train", str(d / "probe" / "probe.json"), "-o", str(tmp_path / "p")]) == 2
+
+
+def test_label_without_rollback_keeps_the_cue_events(files, tmp_path):
+    """`--no-rollback` labels the exit vLLM serves: the same generations, cue events and features, only
+    the trial answers (hence labels) come from the exit string placed after the cue."""
+    common = ["--model", "tiny:llama", "--n", "3", "--cues", CUES, "--exit-string", "=>", "--max-new-tokens", "5",
+              "--answer-max-tokens", "1", "--batch-size", "3", "--json", "--split", "train"]
+    assert main(["probe", "label", *common, "--no-rollback", "-o", str(tmp_path / "keep.safetensors")]) == 0
+    keep = LabelledCues.from_safetensors(tmp_path / "keep.safetensors")
+    cut = LabelledCues.from_safetensors(files / "train.safetensors")
+    assert torch.equal(keep.cue_token, cut.cue_token) and torch.equal(keep.trajectory, cut.trajectory)
+    assert torch.allclose(keep.features, cut.features)

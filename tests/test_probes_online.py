@@ -345,3 +345,36 @@ def test_unrollbackable_cache_is_refused():
     model.config.layer_types = ["chunked_attention"] * 3
     with pytest.raises(ValueError, match="chunked attention"):
         generate_with_exit(model, tok, PROMPTS, cues=ANY, config=ExitConfig(max_new_tokens=2))
+
+
+@torch.no_grad()
+def test_exit_without_rollback_keeps_the_cue(llama):
+    """ExitConfig(rollback=False), the variant vLLM serves: the same cue events, scores and exit
+    decision as the rollback exit, but the exit string follows everything generated so far (the cue
+    and its look-ahead token), and the answer is the greedy continuation of exactly that."""
+    model, tok = llama
+    points = default_points(model)
+    probe = _probe_for(model, points)
+    cfg = ExitConfig(exit_string="=>", answer_max_tokens=3, max_new_tokens=16)
+    plain = generate_with_exit(model, tok, PROMPTS, cues=ANY, config=cfg, points=points, record_features=True)
+    policy = LynxPolicy(probe, ConformalCalibration(0.1, float(probe(plain.features).median()), math.inf, 50, 50))
+    exact = generate_with_exit(model, tok, PROMPTS, policy, cues=ANY, config=cfg)
+    keep = generate_with_exit(model, tok, PROMPTS, policy, cues=ANY,
+                              config=ExitConfig(**{**cfg.__dict__, "rollback": False}))
+    exit_ids = tok("=>", add_special_tokens=False)["input_ids"]
+    exits = 0
+    for prompt, a, b in zip(PROMPTS, exact.rows, keep.rows):
+        assert [(e.cue_token, e.cut, e.score, e.exited) for e in a.events] == \
+               [(e.cue_token, e.cut, e.score, e.exited) for e in b.events]
+        assert a.stop == b.stop
+        if b.stop != "exit":
+            assert b.generated_ids == a.generated_ids
+            continue
+        exits += 1
+        ev = b.events[-1]
+        assert b.kept == ev.cue_token + 2 == len(b.generated_ids)  # the cue token and its look-ahead
+        assert a.generated_ids == b.generated_ids[: ev.cut]  # the rollback exit cut the same trajectory
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ref = _greedy_from_scratch(model, p_ids + b.generated_ids + exit_ids, 3)
+        assert b.answer.answer_ids == ref[: len(b.answer.answer_ids)]
+    assert exits >= 1

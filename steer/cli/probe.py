@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
     lab.add_argument("--exit-string", default="\n\nThe answer is ")
     lab.add_argument("--max-new-tokens", type=int, default=64)
     lab.add_argument("--answer-max-tokens", type=int, default=8)
+    lab.add_argument("--no-rollback", action="store_true",
+                     help="label the exit vLLM serves (exit string after the cue, nothing rolled back): a probe "
+                          "calibrated on these labels bounds premature exits of the served answers")
     lab.add_argument("--checker", default="numeric", choices=CHECKERS)
     lab.add_argument("--batch-size", type=int, default=8)
     lab.add_argument("-o", "--out", required=True, help="output .safetensors")
@@ -92,7 +95,7 @@ def run_label(args) -> int:
     model, tok, name = load_model(args.model)
     points = args.points.split(",") if args.points else default_points(model)
     cfg = ExitConfig(exit_string=args.exit_string, max_new_tokens=args.max_new_tokens,
-                     answer_max_tokens=args.answer_max_tokens, answer_stop=(".", "\n"))
+                     answer_max_tokens=args.answer_max_tokens, answer_stop=(".", "\n"), rollback=not args.no_rollback)
     probs = arithmetic_problems(args.n, seed=args.seed, split=args.split)
     lab, res = label(model, tok, probs, points, CueSet.parse(args.cues), cfg, args.checker,
                      batch_size=args.batch_size, model_name=name,

@@ -31,8 +31,9 @@ Use:
 Without a config the subclasses behave exactly as vLLM's. `VLLM_PLUGINS=""` turns the plugin off.
 ACT is not applied inside vLLM: vLLM's attention backends compute softmax inside fused kernels and
 expose no attention weights to edit; a config with an act section is refused (error names it)
-unless `STEER_VLLM_SKIP_ACT=1`. LYNX early exit is refused the same way (`STEER_VLLM_SKIP_LYNX=1`):
-an exit rolls a request's KV cache back to before the cue, which vLLM's scheduler cannot do. Verified on vLLM 0.32 (CPU backend, eager). Monolithic expert kernels
+unless `STEER_VLLM_SKIP_ACT=1`. LYNX early exit is served without rolling the KV cache back
+(`steer.serving.vllm_lynx`: the exit string follows the cue; dense families are registered for it
+too; `STEER_VLLM_SKIP_LYNX=1` serves the rest of a config without it). Verified on vLLM 0.32 (CPU backend, eager). Monolithic expert kernels
 (top-k fused into the kernel, bypassing the router) are refused at startup.
 """
 
@@ -48,7 +49,7 @@ from typing import Any
 import torch
 
 from steer.adapters import routing_rule, vllm_architectures
-from steer.serving import ENV_FINGERPRINT_DIR
+from steer.serving import ENV_FINGERPRINT_DIR, vllm_lynx
 from steer.serving.vllm_moe import moe_runners, monolithic
 
 ENV_CONFIG = "STEER_CONFIG"
@@ -85,7 +86,7 @@ def register() -> None:
 
     from vllm import ModelRegistry
 
-    for arch, module_name in vllm_architectures().items():
+    for arch, module_name in {**vllm_architectures(), **vllm_lynx.DENSE_ARCHITECTURES}.items():
         try:
             base = getattr(importlib.import_module(module_name), arch)
         except (ImportError, AttributeError):  # an architecture this vLLM version lacks
@@ -104,7 +105,7 @@ def steerable(base: type) -> type:
     class Steered(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-            self._steer_projection = None
+            self._steer_projection, self._steer_lynx = None, False
             install(self, vllm_config)
             from steer.serving.vllm_profile import install_recorder
 
@@ -115,6 +116,8 @@ def steerable(base: type) -> type:
                 from steer.difr import project
 
                 STATE.pending = project(hidden_states, self._steer_projection).cpu()
+            if self._steer_lynx:
+                vllm_lynx.record_final(hidden_states)
             return super().compute_logits(hidden_states, *args, **kwargs)
 
     Steered.__name__ = Steered.__qualname__ = base.__name__
@@ -133,14 +136,13 @@ def config_path(vllm_config) -> str | None:
     return getattr(hf_config, HF_OVERRIDE_KEY, None) or os.environ.get(ENV_CONFIG) or None
 
 
-# The sections install() applies; every other section is refused (by steer export --target vllm and at
-# engine start, with the same words), never dropped silently. ACT and LYNX have a reason and a variable
-# that lets the plugin serve the rest without them.
-SERVED_SECTIONS = ("mote", "difr")
+# The sections install() applies (lynx: the exit without rollback, steer.serving.vllm_lynx); every other
+# section is refused (by steer export --target vllm and at engine start, with the same words), never dropped
+# silently. ACT has a reason and a variable that lets the plugin serve the rest without it; LYNX can be
+# skipped the same way.
+SERVED_SECTIONS = ("mote", "difr", "lynx")
 UNSERVABLE = {
     "act": ("ACT cannot run inside vLLM (its fused attention kernels expose no attention weights)", ENV_SKIP_ACT),
-    "lynx": ("LYNX early exit cannot run inside vLLM (an exit rolls the request's KV cache back to before the cue, "
-             "which vLLM's scheduler cannot do); run early exit with `steer generate`", ENV_SKIP_LYNX),
 }
 
 
@@ -180,10 +182,14 @@ def install(model: torch.nn.Module, vllm_config) -> ServingState | None:
     routers = {layer: runner.router for layer, runner in runners.items()}
     problems = served_problems(cfg, hf_config, str(vllm_config.model_config.model), routers)
     problems += unservable_problems(cfg, honour_skip=True)
+    lynx = cfg.lynx is not None and os.environ.get(ENV_SKIP_LYNX) != "1"  # served without rollback: vllm_lynx
+    problems += vllm_lynx.lynx_problems(cfg, vllm_config) if lynx else []
     if problems:
         raise ConfigError(problems, f"steer config {path} cannot be served on {vllm_config.model_config.model}")
     STATE.config_path, STATE.layers = str(path), []
     STATE.reset_counts()
+    if lynx:
+        model._steer_lynx = vllm_lynx.install_lynx(model, cfg.lynx)
     if cfg.mote is not None:
         rule = routing_rule(hf_config)
         for layer, edit in cfg.mote.router_edits(cfg.model.num_experts).items():
