@@ -39,6 +39,11 @@ QUERY_BLOCK = (
 C_MAX = 8.0  # ACT rows whose factor c exceeds this are recomputed exactly (c amplifies o's rounding error)
 EXACT_ROW_CHUNK = 32  # rows per chunk in that exact recomputation
 MATH_MAX_ROWS = 16  # query rows up to which attention_lse takes the grouped math path (decode steps)
+# Scores below this (log-probabilities; exp < 1.7e-38, fp32's denormal range) are raised to it before exp in
+# the column-sum passes: x86 computes exp with a denormal result ~100x slower than a normal one, and most
+# scores of a sink head underflow there. Each such probability is then 1.6e-38 instead of 0..1.2e-38: a
+# column sum moves by < Tq * 1.7e-38, far below fp32 resolution of any sum that matters.
+EXP_FLOOR = -87.0
 
 # Additive float masks made from boolean ones, kept while the boolean mask lives: the model builds one
 # mask per forward and hands the same tensor to every layer, so the conversion happens once per forward.
@@ -373,10 +378,21 @@ def _prob_block(qg, kf, lse_g, rows, lo, hi, Tq, Tk, scale, mask, sliding_window
     B, Hkv, rep, _, D = qg.shape
     qb = qg[:, :, :, rows]
     n = qb.shape[3]
-    s = torch.matmul(qb.reshape(B, Hkv, rep * n, D), kf[:, :, lo:hi].transpose(-1, -2)).view(
-        B, Hkv, rep, n, hi - lo
-    )
-    s.mul_(scale).sub_(lse_g[:, :, :, rows].unsqueeze(-1))
+    # scale * q k^T - lse in one batched GEMM (the bias is broadcast into the output first)
+    bias = lse_g[:, :, :, rows].reshape(B * Hkv, rep * n, 1).neg().expand(B * Hkv, rep * n, hi - lo)
+    s = torch.baddbmm(
+        bias, qb.reshape(B * Hkv, rep * n, D), kf[:, :, lo:hi].reshape(B * Hkv, hi - lo, D).transpose(-1, -2),
+        alpha=scale,
+    ).view(B, Hkv, rep, n, hi - lo)
+    s.clamp_min_(EXP_FLOOR)
+    if isinstance(rows, slice) and mask is None and sliding_window is None:
+        # plain causal: the block's keys end at its last row's position, and only the square of its
+        # last n keys holds hidden (future) keys: zero that square's upper triangle after exp (tril_
+        # assigns, so a future score that overflowed to inf leaves no trace)
+        if hi - lo >= n and hi == rows.stop + (Tk - Tq):
+            s.exp_()
+            s[..., hi - lo - n :].tril_()
+            return s
     if isinstance(rows, slice):
         vis = visibility(Tq, Tk, mask, sliding_window, rows=rows, device=qg.device)
     else:
@@ -388,6 +404,7 @@ def _prob_block(qg, kf, lse_g, rows, lo, hi, Tq, Tk, scale, mask, sliding_window
     vis = vis[..., lo:hi]
     s.masked_fill_(~vis.unsqueeze(2), float("-inf"))
     return s.exp_()
+
 
 
 def _grouped(q, k, lse):
@@ -438,7 +455,7 @@ def sink_stats_columns(q, k, lse, *, scale: float, cols, mask=None, sliding_wind
     C = cols.shape[1]
     ks = torch.gather(k.float(), 2, cols.view(B, 1, C, 1).expand(B, Hkv, C, D))  # [B, Hkv, C, D]
     s = torch.matmul(q.float().reshape(B, Hkv, rep * Tq, D), ks.transpose(-1, -2)).view(B, Hs, Tq, C)
-    s.mul_(scale).sub_(lse.unsqueeze(-1))
+    s.mul_(scale).sub_(lse.unsqueeze(-1)).clamp_min_(EXP_FLOOR)
     ok = _column_visibility(cols.unsqueeze(1), Tq, Tk, mask, sliding_window)  # [B, 1, Tq, C]
     col = torch.where(ok, s.exp_(), 0.0).sum(2)
     n_obs = torch.gather(n_observers(B, Tq, Tk, mask, sliding_window, device=q.device), 2, cols.unsqueeze(1))
@@ -481,8 +498,8 @@ def sink_stats_sampled(
         p = _prob_block(
             qg, kf, lse_g, rows[c0 : c0 + QUERY_BLOCK], 0, Tk, Tq, Tk, scale, mask, sliding_window
         )
-        acc += p.sum(3, dtype=torch.float64)
-        acc2 += p.double().square().sum(3)
+        acc += p.sum(3).double()  # per block in fp32 (p <= 1, <= QUERY_BLOCK terms), across blocks in fp64
+        acc2 += p.square_().sum(3).double()
     m = n_rows
     var_rows = ((acc2 - acc.square() / m) / (m - 1)).clamp_min(0)
     est = acc * (Tq / m)
