@@ -66,6 +66,35 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return add
 
 
+# Per boolean mask (the model builds one per forward and every layer shares it): how many keys each query
+# row sees and how many queries see each key, counted once per forward, not once per layer.
+_COUNTS: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+
+
+def _mask_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys per query row Int64[B or 1, 1, Tq], observers per key Int64[B or 1, 1, Tk]) of Bool mask
+    [B or 1, 1, Tq, Tk]; counted over uint8 / fp32 blocks (summing a bool tensor into int64 is ~10x slower)."""
+    hit = _COUNTS.get(id(mask))
+    if hit is not None and hit[0]() is mask:
+        return hit[1], hit[2]
+    m = mask.view(torch.uint8) if mask.is_contiguous() else mask.to(torch.uint8)
+    rows = m.sum(-1, dtype=torch.int32).to(torch.int64)
+    cols = torch.zeros(*mask.shape[:2], mask.shape[-1], dtype=torch.float32, device=mask.device)
+    for r0 in range(0, mask.shape[2], QUERY_BLOCK):  # fp32 is exact up to 2^24 observers
+        cols += m[:, :, r0 : r0 + QUERY_BLOCK].float().sum(2)
+    cols = cols.to(torch.int64)
+    _COUNTS[id(mask)] = (weakref.ref(mask), rows, cols)
+    weakref.finalize(mask, _COUNTS.pop, id(mask), None)
+    return rows, cols
+
+
+def observers(B: int, Tq: int, Tk: int, mask=None, sliding_window=None, device=None) -> torch.Tensor:
+    """steer.kernels.act.n_observers, with a mask's counts computed once per mask (`_mask_counts`)."""
+    if mask is None or sliding_window is not None:
+        return n_observers(B, Tq, Tk, mask, sliding_window, device=device)
+    return _mask_counts(mask)[1].expand(B, 1, Tk)
+
+
 def _window_cuts(Tk: int, sliding_window: int | None) -> bool:
     """True if the window hides some key from some query (the largest distance is Tk - 1)."""
     return sliding_window is not None and Tk > sliding_window
@@ -219,6 +248,8 @@ def _visible_keys(Tq: int, Tk: int, mask=None, sliding_window=None, device=None)
         pos = torch.arange(Tq, device=device) + (Tk - Tq)
         n = pos + 1 if sliding_window is None else (pos + 1).clamp(max=sliding_window)
         return n.view(1, 1, Tq)
+    if sliding_window is None:
+        return _mask_counts(mask)[0]
     return visibility(Tq, Tk, mask, sliding_window).sum(-1, dtype=torch.int64)
 
 
@@ -439,7 +470,7 @@ def sink_stats_lse(q, k, lse, *, scale: float, mask=None, sliding_window=None, h
         col[..., lo:hi] += _prob_block(
             qg, kf, lse_g, slice(r0, r1), lo, hi, Tq, Tk, scale, mask, sliding_window
         ).sum(3)
-    return col.view(B, -1, Tk), n_observers(B, Tq, Tk, mask, sliding_window, device=q.device)
+    return col.view(B, -1, Tk), observers(B, Tq, Tk, mask, sliding_window, device=q.device)
 
 
 def sink_stats_columns(q, k, lse, *, scale: float, cols, mask=None, sliding_window=None, heads=None):
@@ -464,7 +495,7 @@ def sink_stats_columns(q, k, lse, *, scale: float, cols, mask=None, sliding_wind
     s.mul_(scale).sub_(lse.unsqueeze(-1)).clamp_min_(EXP_FLOOR)
     ok = _column_visibility(cols.unsqueeze(1), Tq, Tk, mask, sliding_window)  # [B, 1, Tq, C]
     col = torch.where(ok, s.exp_(), 0.0).sum(2)
-    n_obs = torch.gather(n_observers(B, Tq, Tk, mask, sliding_window, device=q.device), 2, cols.unsqueeze(1))
+    n_obs = torch.gather(observers(B, Tq, Tk, mask, sliding_window, device=q.device), 2, cols.unsqueeze(1))
     return col, n_obs
 
 
@@ -510,5 +541,5 @@ def sink_stats_sampled(
     var_rows = ((acc2 - acc.square() / m) / (m - 1)).clamp_min(0)
     est = acc * (Tq / m)
     se = (var_rows * (Tq * Tq * (1 - m / Tq) / m)).sqrt()
-    n_obs = n_observers(B, Tq, Tk, mask, sliding_window, device=q.device)
+    n_obs = observers(B, Tq, Tk, mask, sliding_window, device=q.device)
     return est.float().view(B, -1, Tk), se.float().view(B, -1, Tk), n_obs
