@@ -402,3 +402,23 @@ def test_column_sums_with_underflowing_scores_equal_the_reference():
     cols = torch.tensor([[0, 7, 30]])
     got, _ = sink_stats_columns(q, k, lse, scale=0.25, cols=cols)
     torch.testing.assert_close(got, col_ref[:, :, cols[0]], atol=2e-5, rtol=1e-4)
+
+
+def test_act_decode_recomputes_rows_whose_sink_mass_rounds_to_one():
+    """An lse a few ulps low makes P_S >= 1 on rows that put nearly all attention on sinks; c is then
+    negative, and those rows must take the exact recompute like rows with c > C_MAX."""
+    q, k, v, sinks, heads = _inputs(Tq=1, Tk=40, seed=5)
+    sinks[..., 30:] = False
+    h, cols, valid = sink_index(sinks, heads)
+    k[:, :, 7] *= 6
+    out, lse = attention_head_lse(q, k, v, scale=0.3, heads=h)
+    ref, t_ref = act_attention_reference(q, k, v, scale=0.3, sink_mask=sinks, head_mask=heads, beta=0.4)
+    ks, vs = gather_sinks(k, v, heads=h, cols=cols, scale=0.3, n_heads=q.shape[1])
+    low = lse - 1e-5  # P_S = sum_S exp(s - lse) > 1 where the sinks hold > 1 - 1e-5 of the row
+    p_s = (torch.matmul(q[:, h], ks.transpose(-1, -2)) - low.unsqueeze(-1)).exp().mul(valid.unsqueeze(2)).sum(-1)
+    assert (p_s >= 1).any()
+    got, t = act_decode_from_lse(
+        q, out, low, heads=h, ks=ks, vs=vs, valid=valid, beta=0.4, n_keys=40, cols=cols, k=k, v=v, scale=0.3
+    )
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+    assert int(t) == int(t_ref)
