@@ -138,12 +138,9 @@ def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
             if vis is mask
             else torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, float("-inf"))
         )
-    kk, vv = _rep(k, H), _rep(v, H)
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, kk, vv, 0.0, is_causal, attn_mask=attn, scale=scale
-        )
-        return out, lse.float()
+        return _cpu_flash(q, k, v, is_causal, attn, scale)
+    kk, vv = _rep(k, H), _rep(v, H)
     if q.device.type == "cuda":
         if attn is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
             res = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -161,6 +158,24 @@ def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
         return res[0], res[1][..., :Tq].float()
     vis = visibility(Tq, Tk, mask, sliding_window, device=q.device)
     return _attention_lse_blocked(q, k, v, scale, vis)
+
+
+_CPU_GQA = [True]  # the CPU flash kernel takes fewer kv heads than query heads (torch >= 2.5); else copies
+
+
+def _cpu_flash(q, k, v, is_causal, attn, scale):
+    """CPU fused attention with lse; GQA k/v passed as they are (no repeat_interleave copies) where the
+    kernel accepts them (tested equal to the repeated form, tests/test_kernels_lse.py)."""
+    f = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if k.shape[1] != q.shape[1] and _CPU_GQA[0]:
+        try:
+            out, lse = f(q, k, v, 0.0, is_causal, attn_mask=attn, scale=scale)
+            return out, lse.float()
+        except RuntimeError:
+            _CPU_GQA[0] = False
+    H = q.shape[1]
+    out, lse = f(q, _rep(k, H), _rep(v, H), 0.0, is_causal, attn_mask=attn, scale=scale)
+    return out, lse.float()
 
 
 def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_window=None):

@@ -422,3 +422,17 @@ def test_act_decode_recomputes_rows_whose_sink_mass_rounds_to_one():
     )
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
     assert int(t) == int(t_ref)
+
+
+@pytest.mark.parametrize("case", ["prefill", "padded", "window", "chunk"])
+def test_cpu_flash_gqa_without_copies_equals_repeated_kv(case, monkeypatch):
+    import steer.kernels.lse as lse_mod
+
+    q, k, v, _, _, mask, window = _case(case, seed=8)
+    q = q.repeat(1, 1, 20 // q.shape[2] + 1, 1)[:, :, : max(q.shape[2], 20)]  # past the math path's row limit
+    if mask is not None:
+        mask = mask[..., -q.shape[2] :, :] if mask.shape[2] >= q.shape[2] else None
+    out, lse = attention_lse(q, k, v, scale=0.3, mask=mask, sliding_window=window)
+    monkeypatch.setattr(lse_mod, "_CPU_GQA", [False])  # the repeat_interleave fallback
+    out2, lse2 = attention_lse(q, k, v, scale=0.3, mask=mask, sliding_window=window)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
