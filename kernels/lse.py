@@ -34,11 +34,21 @@ import torch
 from steer.kernels.act import _check, n_observers, visibility
 
 QUERY_BLOCK = (
-    256  # query rows per block in the column-sum passes (memory ~ B * H * QUERY_BLOCK * Tk * 4 bytes)
+    256  # most query rows per block in the column-sum passes (memory ~ B * H * QUERY_BLOCK * Tk * 4 bytes)
 )
+# sink_stats_lse sizes its blocks to about this many scores (B * H * rows * Tk, >= MIN_BLOCK_ROWS rows): a
+# ~2 MiB block stays in cache between the GEMM that writes it and the exp and sum that read it, measured
+# 1.3x faster than 256-row blocks on SmolLM2 and Gemma-3-270m at 2,048 tokens (one CPU thread)
+BLOCK_SCORES = 1 << 19
+MIN_BLOCK_ROWS = 16
 C_MAX = 8.0  # ACT rows whose factor c exceeds this are recomputed exactly (c amplifies o's rounding error)
 EXACT_ROW_CHUNK = 32  # rows per chunk in that exact recomputation
 MATH_MAX_ROWS = 16  # query rows up to which attention_lse takes the grouped math path (decode steps)
+# Scores below this (log-probabilities; exp < 1.7e-38, fp32's denormal range) are raised to it before exp in
+# the column-sum passes: x86 computes exp with a denormal result ~100x slower than a normal one, and most
+# scores of a sink head underflow there. Each such probability is then 1.6e-38 instead of 0..1.2e-38: a
+# column sum moves by < Tq * 1.7e-38, far below fp32 resolution of any sum that matters.
+EXP_FLOOR = -87.0
 
 # Additive float masks made from boolean ones, kept while the boolean mask lives: the model builds one
 # mask per forward and hands the same tensor to every layer, so the conversion happens once per forward.
@@ -54,6 +64,35 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     _ADDITIVE[key] = (weakref.ref(mask), add)
     weakref.finalize(mask, _ADDITIVE.pop, key, None)
     return add
+
+
+# Per boolean mask (the model builds one per forward and every layer shares it): how many keys each query
+# row sees and how many queries see each key, counted once per forward, not once per layer.
+_COUNTS: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+
+
+def _mask_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys per query row Int64[B or 1, 1, Tq], observers per key Int64[B or 1, 1, Tk]) of Bool mask
+    [B or 1, 1, Tq, Tk]; counted over uint8 / fp32 blocks (summing a bool tensor into int64 is ~10x slower)."""
+    hit = _COUNTS.get(id(mask))
+    if hit is not None and hit[0]() is mask:
+        return hit[1], hit[2]
+    m = mask.view(torch.uint8) if mask.is_contiguous() else mask.to(torch.uint8)
+    rows = m.sum(-1, dtype=torch.int32).to(torch.int64)
+    cols = torch.zeros(*mask.shape[:2], mask.shape[-1], dtype=torch.float32, device=mask.device)
+    for r0 in range(0, mask.shape[2], QUERY_BLOCK):  # fp32 is exact up to 2^24 observers
+        cols += m[:, :, r0 : r0 + QUERY_BLOCK].float().sum(2)
+    cols = cols.to(torch.int64)
+    _COUNTS[id(mask)] = (weakref.ref(mask), rows, cols)
+    weakref.finalize(mask, _COUNTS.pop, id(mask), None)
+    return rows, cols
+
+
+def observers(B: int, Tq: int, Tk: int, mask=None, sliding_window=None, device=None) -> torch.Tensor:
+    """steer.kernels.act.n_observers, with a mask's counts computed once per mask (`_mask_counts`)."""
+    if mask is None or sliding_window is not None:
+        return n_observers(B, Tq, Tk, mask, sliding_window, device=device)
+    return _mask_counts(mask)[1].expand(B, 1, Tk)
 
 
 def _window_cuts(Tk: int, sliding_window: int | None) -> bool:
@@ -99,12 +138,9 @@ def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
             if vis is mask
             else torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, float("-inf"))
         )
-    kk, vv = _rep(k, H), _rep(v, H)
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, kk, vv, 0.0, is_causal, attn_mask=attn, scale=scale
-        )
-        return out, lse.float()
+        return _cpu_flash(q, k, v, is_causal, attn, scale)
+    kk, vv = _rep(k, H), _rep(v, H)
     if q.device.type == "cuda":
         if attn is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
             res = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -124,13 +160,37 @@ def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
     return _attention_lse_blocked(q, k, v, scale, vis)
 
 
+_CPU_GQA = [True]  # the CPU flash kernel takes fewer kv heads than query heads (torch >= 2.5); else copies
+
+
+def _cpu_flash(q, k, v, is_causal, attn, scale):
+    """CPU fused attention with lse; GQA k/v passed as they are (no repeat_interleave copies) where the
+    kernel accepts them (tested equal to the repeated form, tests/test_kernels_lse.py)."""
+    f = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if k.shape[1] != q.shape[1] and _CPU_GQA[0]:
+        try:
+            out, lse = f(q, k, v, 0.0, is_causal, attn_mask=attn, scale=scale)
+            return out, lse.float()
+        except RuntimeError:
+            _CPU_GQA[0] = False
+    H = q.shape[1]
+    out, lse = f(q, _rep(k, H), _rep(v, H), 0.0, is_causal, attn_mask=attn, scale=scale)
+    return out, lse.float()
+
+
 def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_window=None):
     """(out [B, H, Tq, Dv], lse [B, Hs, Tq] fp32 of the query heads `heads` only), for decode steps.
 
-    The output is PyTorch's SDPA call as transformers makes it (GQA without copying k/v); the lse is
-    computed for the few calibrated heads alone: fewer kernel launches than attention_lse for one row."""
+    fp32 with a few query rows: attention_lse's grouped math path (all heads, GQA without copying k/v).
+    Interleaved on CPU (one thread, one row, 2,049 keys) it costs 1.28x / 1.40x PyTorch's SDPA call for
+    SmolLM2 / Gemma-3-270m shapes, against 1.68x / 2.42x for SDPA plus a separate lse of one head (the
+    kv head's copy and second pass over the keys). Otherwise PyTorch's SDPA call as transformers makes
+    it, plus the lse of the calibrated heads alone."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    if q.dtype == torch.float32 and Tq * (H // Hkv) <= MATH_MAX_ROWS * 4 and Tq <= MATH_MAX_ROWS:
+        out, lse = attention_lse(q, k, v, scale=scale, mask=mask, sliding_window=sliding_window)
+        return out, lse[:, heads]
     cuts = _window_cuts(Tk, sliding_window)
     vis = (
         None
@@ -209,6 +269,8 @@ def _visible_keys(Tq: int, Tk: int, mask=None, sliding_window=None, device=None)
         pos = torch.arange(Tq, device=device) + (Tk - Tq)
         n = pos + 1 if sliding_window is None else (pos + 1).clamp(max=sliding_window)
         return n.view(1, 1, Tq)
+    if sliding_window is None:
+        return _mask_counts(mask)[0]
     return visibility(Tq, Tk, mask, sliding_window).sum(-1, dtype=torch.int64)
 
 
@@ -293,7 +355,7 @@ def act_decode_from_lse(
     c = (1.0 - beta * P) / (1.0 - P)
     o = out[:, heads].float()
     new = torch.where(rescale, c * (o - o_s) + beta * o_s, o)
-    ill = rescale & (c > C_MAX)
+    ill = rescale & ((1.0 - beta * P) > C_MAX * (1.0 - P))  # also P >= 1 (lse rounding), where c < 0
     rescale = rescale.squeeze(-1)
     if bool(ill.any()):
         b_i, j_i, r_i = ill.squeeze(-1).nonzero(as_tuple=True)
@@ -373,10 +435,21 @@ def _prob_block(qg, kf, lse_g, rows, lo, hi, Tq, Tk, scale, mask, sliding_window
     B, Hkv, rep, _, D = qg.shape
     qb = qg[:, :, :, rows]
     n = qb.shape[3]
-    s = torch.matmul(qb.reshape(B, Hkv, rep * n, D), kf[:, :, lo:hi].transpose(-1, -2)).view(
-        B, Hkv, rep, n, hi - lo
-    )
-    s.mul_(scale).sub_(lse_g[:, :, :, rows].unsqueeze(-1))
+    # scale * q k^T - lse in one batched GEMM (the bias is broadcast into the output first)
+    bias = lse_g[:, :, :, rows].reshape(B * Hkv, rep * n, 1).neg().expand(B * Hkv, rep * n, hi - lo)
+    s = torch.baddbmm(
+        bias, qb.reshape(B * Hkv, rep * n, D), kf[:, :, lo:hi].reshape(B * Hkv, hi - lo, D).transpose(-1, -2),
+        alpha=scale,
+    ).view(B, Hkv, rep, n, hi - lo)
+    s.clamp_min_(EXP_FLOOR)
+    if isinstance(rows, slice) and mask is None and sliding_window is None:
+        # plain causal: the block's keys end at its last row's position, and only the square of its
+        # last n keys holds hidden (future) keys: zero that square's upper triangle after exp (tril_
+        # assigns, so a future score that overflowed to inf leaves no trace)
+        if hi - lo >= n and hi == rows.stop + (Tk - Tq):
+            s.exp_()
+            s[..., hi - lo - n :].tril_()
+            return s
     if isinstance(rows, slice):
         vis = visibility(Tq, Tk, mask, sliding_window, rows=rows, device=qg.device)
     else:
@@ -388,6 +461,7 @@ def _prob_block(qg, kf, lse_g, rows, lo, hi, Tq, Tk, scale, mask, sliding_window
     vis = vis[..., lo:hi]
     s.masked_fill_(~vis.unsqueeze(2), float("-inf"))
     return s.exp_()
+
 
 
 def _grouped(q, k, lse):
@@ -408,15 +482,16 @@ def sink_stats_lse(q, k, lse, *, scale: float, mask=None, sliding_window=None, h
     q, k, lse = _select_heads(q, k, lse, heads)
     qg, kf, lse_g = _grouped(q, k, lse)
     col = torch.zeros(B, *qg.shape[1:3], Tk, dtype=torch.float32, device=q.device)
-    for r0 in range(0, Tq, QUERY_BLOCK):
-        r1 = min(Tq, r0 + QUERY_BLOCK)
+    step = min(QUERY_BLOCK, max(MIN_BLOCK_ROWS, BLOCK_SCORES // (B * q.shape[1] * Tk)))
+    for r0 in range(0, Tq, step):
+        r1 = min(Tq, r0 + step)
         lo, hi = _key_range(r0, r1, Tq, Tk, mask, sliding_window)
         if hi <= lo:
             continue
         col[..., lo:hi] += _prob_block(
             qg, kf, lse_g, slice(r0, r1), lo, hi, Tq, Tk, scale, mask, sliding_window
         ).sum(3)
-    return col.view(B, -1, Tk), n_observers(B, Tq, Tk, mask, sliding_window, device=q.device)
+    return col.view(B, -1, Tk), observers(B, Tq, Tk, mask, sliding_window, device=q.device)
 
 
 def sink_stats_columns(q, k, lse, *, scale: float, cols, mask=None, sliding_window=None, heads=None):
@@ -438,10 +513,10 @@ def sink_stats_columns(q, k, lse, *, scale: float, cols, mask=None, sliding_wind
     C = cols.shape[1]
     ks = torch.gather(k.float(), 2, cols.view(B, 1, C, 1).expand(B, Hkv, C, D))  # [B, Hkv, C, D]
     s = torch.matmul(q.float().reshape(B, Hkv, rep * Tq, D), ks.transpose(-1, -2)).view(B, Hs, Tq, C)
-    s.mul_(scale).sub_(lse.unsqueeze(-1))
+    s.mul_(scale).sub_(lse.unsqueeze(-1)).clamp_min_(EXP_FLOOR)
     ok = _column_visibility(cols.unsqueeze(1), Tq, Tk, mask, sliding_window)  # [B, 1, Tq, C]
     col = torch.where(ok, s.exp_(), 0.0).sum(2)
-    n_obs = torch.gather(n_observers(B, Tq, Tk, mask, sliding_window, device=q.device), 2, cols.unsqueeze(1))
+    n_obs = torch.gather(observers(B, Tq, Tk, mask, sliding_window, device=q.device), 2, cols.unsqueeze(1))
     return col, n_obs
 
 
@@ -481,11 +556,11 @@ def sink_stats_sampled(
         p = _prob_block(
             qg, kf, lse_g, rows[c0 : c0 + QUERY_BLOCK], 0, Tk, Tq, Tk, scale, mask, sliding_window
         )
-        acc += p.sum(3, dtype=torch.float64)
-        acc2 += p.double().square().sum(3)
+        acc += p.sum(3).double()  # per block in fp32 (p <= 1, <= QUERY_BLOCK terms), across blocks in fp64
+        acc2 += p.square_().sum(3).double()
     m = n_rows
     var_rows = ((acc2 - acc.square() / m) / (m - 1)).clamp_min(0)
     est = acc * (Tq / m)
     se = (var_rows * (Tq * Tq * (1 - m / Tq) / m)).sqrt()
-    n_obs = n_observers(B, Tq, Tk, mask, sliding_window, device=q.device)
+    n_obs = observers(B, Tq, Tk, mask, sliding_window, device=q.device)
     return est.float().view(B, -1, Tk), se.float().view(B, -1, Tk), n_obs

@@ -139,8 +139,13 @@ class _Collector:
 
 def _streaming_hook(coll: _Collector):
     def fn(call, ctx: HookContext):
-        from steer.kernels.act import n_observers
-        from steer.kernels.lse import attention_lse, sink_stats_columns, sink_stats_lse, sink_stats_sampled
+        from steer.kernels.lse import (
+            attention_lse,
+            observers,
+            sink_stats_columns,
+            sink_stats_lse,
+            sink_stats_sampled,
+        )
 
         q, k = call.query, call.key
         b, h, t, _ = q.shape
@@ -162,7 +167,7 @@ def _streaming_hook(coll: _Collector):
             col = torch.full((b, h, t), float("nan"), device=q.device)
             col.scatter_(2, cols.unsqueeze(1).expand(b, h, -1), got)
             col[coll.no_candidates] = float("nan")
-            n_obs = n_observers(b, t, t, mask, win, device=q.device)
+            n_obs = observers(b, t, t, mask, win, device=q.device)
         elif coll.sample_rows is not None and coll.sample_rows < t:
             col, se, n_obs = sink_stats_sampled(q, k, lse, scale=call.scaling, n_rows=coll.sample_rows, mask=mask,
                                                 sliding_window=win, generator=coll.generator)

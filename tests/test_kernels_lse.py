@@ -366,3 +366,73 @@ def test_act_decode_from_lse_with_a_mask(case):
     )
     torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
     assert int(t) == int(t_ref) > 0
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_mask_counts_equal_the_bool_sums_and_are_computed_once_per_mask(monkeypatch, contiguous):
+    import steer.kernels.lse as lse_mod
+    from steer.kernels.act import n_observers
+
+    monkeypatch.setattr(lse_mod, "QUERY_BLOCK", 7)  # several row blocks in the observer count
+    m = _padded_mask(2, 30, 30, pads=(0, 4))
+    m[1, :, 20:] &= torch.rand(10, 30, generator=torch.Generator().manual_seed(1)) < 0.7
+    if not contiguous:
+        m = m.transpose(-1, -2).contiguous().transpose(-1, -2)
+    rows, cols = lse_mod._mask_counts(m)
+    assert torch.equal(rows, m.sum(-1, dtype=torch.int64))
+    assert torch.equal(cols, m.sum(2, dtype=torch.int64))
+    assert torch.equal(lse_mod.observers(2, 30, 30, m), n_observers(2, 30, 30, m))
+    assert lse_mod._mask_counts(m)[1] is cols  # cached while the mask lives
+    key = id(m)
+    del m
+    assert key not in lse_mod._COUNTS
+
+
+def test_column_sums_with_underflowing_scores_equal_the_reference():
+    """Scores far below exp's normal range (floored at EXP_FLOOR before exp) still give the exact sums."""
+    q, k, _, _, _ = _inputs(Tq=48, Tk=48, seed=3)
+    q = q * 40  # most probabilities < 1e-38 (the reference's exp gives denormals or 0); scores ~100 leave the
+    # fused kernel's lse a relative error ~1e-7 * 100, hence rtol 1e-4
+    out, lse = attention_lse(q, k, k, scale=0.25)
+    col, n_obs = sink_stats_lse(q, k, lse, scale=0.25)
+    col_ref, n_ref = sink_stats_reference(q, k, scale=0.25)
+    assert (col_ref == 0).any() or (col_ref < 1e-30).any()
+    torch.testing.assert_close(col, col_ref, atol=2e-5, rtol=1e-4)
+    assert torch.equal(n_obs, n_ref)
+    cols = torch.tensor([[0, 7, 30]])
+    got, _ = sink_stats_columns(q, k, lse, scale=0.25, cols=cols)
+    torch.testing.assert_close(got, col_ref[:, :, cols[0]], atol=2e-5, rtol=1e-4)
+
+
+def test_act_decode_recomputes_rows_whose_sink_mass_rounds_to_one():
+    """An lse a few ulps low makes P_S >= 1 on rows that put nearly all attention on sinks; c is then
+    negative, and those rows must take the exact recompute like rows with c > C_MAX."""
+    q, k, v, sinks, heads = _inputs(Tq=1, Tk=40, seed=5)
+    sinks[..., 30:] = False
+    h, cols, valid = sink_index(sinks, heads)
+    k[:, :, 7] *= 6
+    out, lse = attention_head_lse(q, k, v, scale=0.3, heads=h)
+    ref, t_ref = act_attention_reference(q, k, v, scale=0.3, sink_mask=sinks, head_mask=heads, beta=0.4)
+    ks, vs = gather_sinks(k, v, heads=h, cols=cols, scale=0.3, n_heads=q.shape[1])
+    low = lse - 1e-5  # P_S = sum_S exp(s - lse) > 1 where the sinks hold > 1 - 1e-5 of the row
+    p_s = (torch.matmul(q[:, h], ks.transpose(-1, -2)) - low.unsqueeze(-1)).exp().mul(valid.unsqueeze(2)).sum(-1)
+    assert (p_s >= 1).any()
+    got, t = act_decode_from_lse(
+        q, out, low, heads=h, ks=ks, vs=vs, valid=valid, beta=0.4, n_keys=40, cols=cols, k=k, v=v, scale=0.3
+    )
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+    assert int(t) == int(t_ref)
+
+
+@pytest.mark.parametrize("case", ["prefill", "padded", "window", "chunk"])
+def test_cpu_flash_gqa_without_copies_equals_repeated_kv(case, monkeypatch):
+    import steer.kernels.lse as lse_mod
+
+    q, k, v, _, _, mask, window = _case(case, seed=8)
+    q = q.repeat(1, 1, 20 // q.shape[2] + 1, 1)[:, :, : max(q.shape[2], 20)]  # past the math path's row limit
+    if mask is not None:
+        mask = mask[..., -q.shape[2] :, :] if mask.shape[2] >= q.shape[2] else None
+    out, lse = attention_lse(q, k, v, scale=0.3, mask=mask, sliding_window=window)
+    monkeypatch.setattr(lse_mod, "_CPU_GQA", [False])  # the repeat_interleave fallback
+    out2, lse2 = attention_lse(q, k, v, scale=0.3, mask=mask, sliding_window=window)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)

@@ -1,7 +1,7 @@
 """ACT and sink statistics from SDPA's log-sum-exp vs a plain SDPA forward (issue 16's target table).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/act/bench_attention.py --model smollm2 \\
-        --lengths 512 2048 8192 --repeats 3
+        --lengths 512 2048 8192 --repeats 5 5 2
 
 Prefill modes (batch 1, the decoder stack only: no lm_head), ratios to `sdpa` of the same run:
   sdpa               model.model(ids) with SDPA
@@ -18,8 +18,11 @@ Decode (--decode-cache tokens of cache): `decode_plain` (the decoder stack, one 
 `decode_act_lse` (ACT path "lse", the prefill's sink columns reused), per step, interleaved step by
 step over --decode-steps steps on two caches of the same length.
 Timings are interleaved: each repeat runs every mode once, in an order rotated by the repeat, so load
-from other jobs hits all modes alike; medians over repeats. One JSON line per row is appended to
---out as soon as it is measured (a run cut short keeps what it measured).
+from other jobs hits all modes alike; medians over repeats. Each call records wall time, process CPU
+time (time.process_time: on a shared machine it leaves out the time the process waits for a core,
+though not the slowdown from sharing caches and memory bandwidth) and peak extra resident memory
+(`measure`). Ratios of both times are to `sdpa` (decode: `decode_plain`) of the same run. One JSON line
+per length and mode is appended to --out as soon as that length is measured.
 """
 
 from __future__ import annotations
@@ -38,14 +41,41 @@ import torch
 SLOW_MODES = {"act_kernel", "sinks_previous", "eager"}
 
 
-def interleaved(modes: dict, repeats: int) -> dict[str, list[float]]:
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def measure(fn) -> tuple[float, float, float]:
+    """(wall s, process CPU s, peak extra RSS MiB) of one call of fn.
+
+    Peak extra RSS = the process's peak resident set during the call (VmHWM, reset before the call by
+    writing 5 to /proc/self/clear_refs) minus its resident set before the call: every byte the call
+    touched beyond what was already resident (torch's CPU tensors come from malloc/mmap and are returned
+    on free, so this follows the live tensors; -1 where the kernel does not offer the reset)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss0 = _status_kib("VmRSS")
+    except OSError:
+        rss0 = None
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    c, w = time.process_time() - c, time.perf_counter() - w
+    peak = (_status_kib("VmHWM") - rss0) / 1024 if rss0 is not None else -1.0
+    return w, c, peak
+
+
+def interleaved(modes: dict, repeats: int) -> dict[str, list[tuple[float, float, float]]]:
+    """Each repeat runs every mode once, in an order rotated by the repeat: (wall, cpu, peak MiB) rows."""
     names = list(modes)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            t = time.perf_counter()
-            modes[name]()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(measure(modes[name]))
     return times
 
 
@@ -129,15 +159,15 @@ def decode_times(model, tok, n_cache: int, steps: int) -> dict[str, list[float]]
         order = ["plain", "act"] if j % 2 == 0 else ["act", "plain"]
         for which in order:
             if which == "plain":
-                t = time.perf_counter()
-                model.model(input_ids=tok_j, cache=plain_cache, use_cache=True)
-                times["decode_plain"].append(time.perf_counter() - t)
+                times["decode_plain"].append(
+                    measure(lambda t=tok_j: model.model(input_ids=t, cache=plain_cache, use_cache=True))
+                )
             else:
                 with act.apply(model):
                     act._state = state
-                    t = time.perf_counter()
-                    model.model(input_ids=tok_j, cache=act_cache, use_cache=True)
-                    times["decode_act_lse"].append(time.perf_counter() - t)
+                    times["decode_act_lse"].append(
+                        measure(lambda t=tok_j: model.model(input_ids=t, cache=act_cache, use_cache=True))
+                    )
     return times
 
 
@@ -145,7 +175,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--lengths", type=int, nargs="*", default=[512, 2048])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, nargs="+", default=[3],
+                    help="interleaved repeats per length, in --lengths order (the last one repeats)")
     ap.add_argument(
         "--slow-max", type=int, default=2048, help="time act_kernel/sinks_previous/eager up to this"
     )
@@ -175,43 +206,39 @@ def main() -> int:
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def rows(n, times, base_mode, load):
+        med = {name: [statistics.median(t[i] for t in ts) for i in range(3)] for name, ts in times.items()}
+        for name, ts in times.items():
+            emit(
+                {
+                    "tokens": n,
+                    "mode": name,
+                    "repeats": len(ts),
+                    "median_wall_s": round(med[name][0], 5),
+                    "median_cpu_s": round(med[name][1], 5),
+                    "ratio_wall": round(med[name][0] / med[base_mode][0], 3),
+                    "ratio_cpu": round(med[name][1] / med[base_mode][1], 3),
+                    "ratio_to": base_mode,
+                    "peak_extra_rss_mib": round(max(t[2] for t in ts), 1),
+                    "wall_s": [round(t[0], 4) for t in ts] if len(ts) <= 8 else None,
+                    "cpu_s": [round(t[1], 4) for t in ts] if len(ts) <= 8 else None,
+                    "load_avg_1min": [load, os.getloadavg()[0]],
+                }
+            )
+
+    reps = dict(zip(args.lengths, args.repeats + [args.repeats[-1]] * len(args.lengths), strict=False))
     with torch.no_grad():
         model.model(input_ids=torch.tensor([[1, 2, 3, 4]]))  # warm-up
         if args.decode_cache:
             load0 = os.getloadavg()[0]
-            times = decode_times(model, tok, args.decode_cache, args.decode_steps)
-            base = statistics.median(times["decode_plain"])
-            for name, ts in times.items():
-                emit(
-                    {
-                        "tokens": args.decode_cache,
-                        "mode": name,
-                        "repeats": len(ts),
-                        "median_s": round(statistics.median(ts), 5),
-                        "ratio_to_plain_decode_median": round(statistics.median(ts) / base, 3),
-                        "load_avg_1min": [load0, os.getloadavg()[0]],
-                    }
-                )
+            rows(args.decode_cache, decode_times(model, tok, args.decode_cache, args.decode_steps), "decode_plain",
+                 load0)
         for n in args.lengths:
             modes = prefill_modes(model, tok, n, args.slow_max, args.sample_rows)
             if args.modes:
                 modes = {k: v for k, v in modes.items() if k == "sdpa" or k in args.modes}
             load0 = os.getloadavg()[0]
-            times = interleaved(modes, args.repeats)
-            load1 = os.getloadavg()[0]
-            base = statistics.median(times["sdpa"])
-            for name, ts in times.items():
-                emit(
-                    {
-                        "tokens": n,
-                        "mode": name,
-                        "repeats": len(ts),
-                        "median_s": round(statistics.median(ts), 3),
-                        "ratio_to_sdpa_median": round(statistics.median(ts) / base, 3),
-                        "seconds": [round(t, 3) for t in ts],
-                        "load_avg_1min": [load0, load1],
-                    }
-                )
+            rows(n, interleaved(modes, reps[n]), "sdpa", load0)
     return 0
 
 
