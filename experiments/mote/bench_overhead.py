@@ -4,8 +4,9 @@
     .venv/bin/python experiments/mote/bench_overhead.py --model tiny:qwen2_moe --repeats 5
 
 Timing: one process, torch.set_num_threads(1), conditions interleaved round-robin so load spikes on
-a shared machine hit all of them; we report the median time per condition and its ratio to the bare
-forward measured in the same rounds. Conditions:
+a shared machine hit all of them; we report the median wall and process-CPU time per condition and
+their ratios to the bare forward measured in the same rounds (on a loaded machine the CPU-time ratio
+is the meaningful one: wall time there is mostly waiting for a core). Conditions:
   bare      model(**batch)
   profile   + the fTRI router-indices hook and the per-batch fold into class sums (200 bootstrap reps)
   switch    + ExpertSwitch(top-10 off_mask) rewriting the router output through steer.kernels.router.route
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -83,21 +85,27 @@ def bench(args) -> dict:
 
     conds = {"bare": bare, "profile": profiled, "switch": switched}
     times = {k: [] for k in conds}
+    cpu = {k: [] for k in conds}  # process CPU time: on a loaded machine, wall time mostly measures waiting
     with torch.no_grad():
         for fn in conds.values():  # warm-up
             fn()
         for _ in range(args.repeats):
             for k, fn in conds.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
                 times[k].append(time.perf_counter() - t)
+                cpu[k].append(time.process_time() - c)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {
         "model": name, "batch": list(batch.input_ids.shape), "real_tokens": int(batch.attention_mask.sum()),
         "repeats": args.repeats, "threads": 1,
         "median_s": {k: round(v, 5) for k, v in med.items()},
         "ratio_vs_bare": {k: round(v / med["bare"], 4) for k, v in med.items()},
         "min_ratio_vs_bare": {k: round(min(v) / min(times["bare"]), 4) for k, v in times.items()},
+        "median_cpu_s": {k: round(v, 5) for k, v in med_cpu.items()},
+        "cpu_ratio_vs_bare": {k: round(v / med_cpu["bare"], 4) for k, v in med_cpu.items()},
+        "load_average": [round(x, 1) for x in os.getloadavg()],
         "switch_touched_last_run": switch.total_touched,
     }
 
