@@ -122,11 +122,20 @@ def provide(model, tok, prompts, *, seed, claim_id, claim_hash, variant=("sdpa",
     return fp
 
 
-def benign_mix(model, tok, prompts, **kw) -> Fingerprints:
+def benign_variants(batches: list[int] | None) -> tuple:
+    """BENIGN_VARIANTS with other batch sizes (--benign-batch: larger batches give more tokens per decode step)."""
+    if not batches:
+        return BENIGN_VARIANTS
+    if len(batches) != len(BENIGN_VARIANTS) or min(batches) < 1:
+        raise SystemExit(f"--benign-batch needs {len(BENIGN_VARIANTS)} batch sizes >= 1, got {batches}")
+    return tuple((impl, b, n) for (impl, _, n), b in zip(BENIGN_VARIANTS, batches, strict=True))
+
+
+def benign_mix(model, tok, prompts, variants=BENIGN_VARIANTS, **kw) -> Fingerprints:
     """Honest runs spread over the benign noise variants."""
     parts = []
-    for i, variant in enumerate(BENIGN_VARIANTS):
-        sub = prompts[i::len(BENIGN_VARIANTS)]
+    for i, variant in enumerate(variants):
+        sub = prompts[i::len(variants)]
         if sub:
             parts.append(provide(model, tok, sub, variant=variant, **kw))
     return Fingerprints.concat(parts)
@@ -300,11 +309,13 @@ def collect(args, lm, out: Path) -> dict:
     steering, steering_desc, steering_digest = steering_for(model, args, out)
 
     claims: dict[str, Fingerprints] = {}
-    log(f"honest runs (calibration prompts, seeds {args.calib_seeds}): variants {BENIGN_VARIANTS}")
+    variants = benign_variants(args.benign_batch)
+    log(f"honest runs (calibration prompts, seeds {args.calib_seeds}): variants {variants}")
+    kw["variants"] = variants
     calib = Fingerprints.concat([benign_mix(model, tok, calib_prompts, seed=s, **kw) for s in args.calib_seeds])
     log("honest runs (held-out prompts, seed 1)")
     claims["benign"] = benign_mix(model, tok, held_prompts, seed=1, **kw)
-    held = dict(seed=1, **kw)
+    held = dict(seed=1, **{k: v for k, v in kw.items() if k != "variants"})
     cheats = cheat_specs(model, layer, steering)
     if args.conditions:
         cheats = {n: c for n, c in cheats.items() if any(w in n for w in args.conditions)}
@@ -312,7 +323,7 @@ def collect(args, lm, out: Path) -> dict:
     for name, spec in cheats.items():
         log(f"cheating run: {name}")
         m = spec.pop("model", lambda: model)()
-        claims[name] = provide(m, tok, held_prompts, **spec, **held)
+        claims[name] = provide(m, tok, held_prompts, **spec, **held, variant=("sdpa", args.cheat_batch, 1))
         if "intervention" in spec:
             touched[name] = steering.total_touched
         if m is not model:
@@ -320,7 +331,7 @@ def collect(args, lm, out: Path) -> dict:
     # verifiable steering: the claim includes the intervention; the verifier runs it too. The honest
     # steered provider runs under the same benign noise variants as the plain honest runs.
     log("honest steered runs (claim the steering intervention)")
-    steered_benign = benign_mix(model, tok, held_prompts, intervention=steering, **held)
+    steered_benign = benign_mix(model, tok, held_prompts, variants, intervention=steering, **held)
     touched["honest steered provider (held-out)"] = steering.total_touched
     steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=args.calib_seeds[0], **kw)
 
@@ -356,6 +367,10 @@ def main(argv=None) -> int:
                     help="sampling seeds of the honest calibration runs (one sequence per prompt and seed; "
                          "never the held-out seed 1)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--benign-batch", type=int, nargs=3, default=None,
+                    help=f"batch sizes of the three benign variants (default {[b for _, b, _ in BENIGN_VARIANTS]}); "
+                         f"a decode step costs about the same at batch 3 or 9 on a CPU, so larger batches are faster")
+    ap.add_argument("--cheat-batch", type=int, default=9, help="batch size of the cheating runs (default %(default)s)")
     ap.add_argument("--target-fpr", type=float, nargs="+", default=[0.01, 0.05],
                     help="false-positive rates to calibrate for (each needs 1/FPR calibration windows)")
     ap.add_argument("--toploc-cap", type=int, default=80, help="max TOPLOC windows per claim and n")
@@ -507,7 +522,7 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
         heldout_benign_tokens=int(claims["benign"].n_tokens), heldout_benign_sequences=int(claims["benign"].n_sequences),
         steered_heldout_benign_tokens=int(steered_benign.n_tokens),
         cheat_tokens={n: int(fp.n_tokens) for n, fp in claims.items()},
-        claim=CLAIM.to_dict(), benign_variants=BENIGN_VARIANTS, verifier_batch=VERIFIER_BATCH,
+        claim=CLAIM.to_dict(), benign_variants=benign_variants(raw["args"].get("benign_batch")), verifier_batch=VERIFIER_BATCH,
         steering=raw["steering"], steering_config_digest=raw["steering_digest"], steering_touched=raw["touched"],
         token_clip=TOKEN_CLIP,
         benign_max_l2_k8=float(benign_k8.max()), benign_mean_l2_k8=float(benign_k8.mean()),
