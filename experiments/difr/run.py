@@ -348,7 +348,8 @@ def collect(args, lm, out: Path) -> dict:
     return dict(claim_id=claim_id, weights_hash=lm.weights_hash, calib=calib, claims=claims, refs=refs,
                 ref_calib=ref_calib, steered_benign=steered_benign, steered_calib=steered_calib,
                 ref_steer=ref_steer, ref_steer_calib=ref_steer_calib, cheats=list(cheats), touched=touched,
-                steering=steering_desc, steering_digest=steering_digest, args=vars(args) | {"out": str(out)})
+                steering=steering_desc, steering_digest=steering_digest,
+                args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"out": str(out)})
 
 
 def raw_path(out: Path) -> Path:
@@ -395,7 +396,9 @@ def main(argv=None) -> int:
         if not raw_file.is_file():
             raise SystemExit(f"no raw runs at {raw_file}: run without --rescore first")
         # weights_only: nothing is unpickled beyond tensors, plain containers and steer's own result types
-        with torch.serialization.safe_globals([Fingerprints, DiFRConfig, SamplingParams, Reference]):
+        import pathlib  # raw files whose args kept a --raw path
+
+        with torch.serialization.safe_globals([Fingerprints, DiFRConfig, SamplingParams, Reference, pathlib.PosixPath]):
             raw = torch.load(raw_file, weights_only=True)
         if raw["weights_hash"] != lm.weights_hash:
             raise SystemExit(f"{raw_file} was made with other weights ({raw['weights_hash']}); rerun without --rescore")
@@ -506,6 +509,7 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
                     f"{name}, steered reference")
     fpr_df = pd.DataFrame(fpr_rows)
     fpr_df.to_csv(out / "fpr.csv", index=False)
+    claim_decisions(out, args, calib, calib_scores, claims, scores, cheats)
 
     benign_k8 = scores["benign"]["activation k=8"]
     hid = claims["benign"].hidden
@@ -534,6 +538,36 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
     )
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     figures(df, out)
+
+
+CLAIM_METHODS = ("activation k=2", "activation k=8", "activation k=8 ulp", "token")
+CLAIM_SIZES = (1, 4, 12)  # sequences per claim (requests concatenated into one claim)
+
+
+def claim_decisions(out: Path, args, calib, calib_scores, claims, scores, cheats) -> None:
+    """Whole claims decided by steer.difr's per-sequence rule (Calibration.decide_sequences): the held-out
+    sequences of each run grouped into claims of g consecutive sequences; claims.csv counts verified /
+    rejected / insufficient claims per run, and for cheating runs how many sequences were named."""
+    import pandas as pd
+
+    rows = []
+    for fpr in args.target_fpr:
+        for name in CLAIM_METHODS:
+            cal = calibration_of(calib_scores[name], calib.output_lengths, name, fpr, calib)
+            for run in ["benign", *cheats]:
+                lengths = claims[run].output_lengths
+                per_seq = torch.split(torch.as_tensor(scores[run][name], dtype=torch.float32), lengths.tolist())
+                for g in (g for g in CLAIM_SIZES if g <= len(per_seq)):
+                    counts = {"verified": 0, "rejected": 0, "insufficient": 0}
+                    named = 0
+                    for a in range(0, len(per_seq) - g + 1, g):
+                        decisions = cal.decide_sequences(torch.cat(per_seq[a:a + g]), lengths[a:a + g])
+                        kinds = {d.decision for d in decisions}
+                        counts[next(k for k in ("rejected", "insufficient", "verified") if k in kinds)] += 1
+                        named += sum(d.decision == "rejected" for d in decisions)
+                    rows.append(dict(method=name, target_fpr=fpr, run=run, sequences_per_claim=g,
+                                     claims=sum(counts.values()), **counts, sequences_rejected=named))
+    pd.DataFrame(rows).to_csv(out / "claims.csv", index=False)
 
 
 def figures(df, out: Path) -> None:
