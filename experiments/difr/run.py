@@ -306,7 +306,7 @@ def collect(args, lm, out: Path) -> dict:
     kw = dict(claim_id=claim_id, claim_hash=claim_hash, max_new_tokens=args.max_new_tokens)
     log(f"model {claim_id} ({lm.weights_hash[:12]}), {len(calib_prompts)} calibration + {len(held_prompts)} held-out prompts")
     layer = model.config.num_hidden_layers // 2
-    steering, steering_desc, steering_digest = steering_for(model, args, out)
+    steering, steering_desc, steering_digest = steering_for(model, args, out) if not args.no_steering else (None,) * 3
 
     claims: dict[str, Fingerprints] = {}
     variants = benign_variants(args.benign_batch)
@@ -317,6 +317,8 @@ def collect(args, lm, out: Path) -> dict:
     claims["benign"] = benign_mix(model, tok, held_prompts, seed=1, **kw)
     held = dict(seed=1, **{k: v for k, v in kw.items() if k != "variants"})
     cheats = cheat_specs(model, layer, steering)
+    if steering is None:
+        cheats.pop("steering applied, not claimed")
     if args.conditions:
         cheats = {n: c for n, c in cheats.items() if any(w in n for w in args.conditions)}
     touched = {}
@@ -330,21 +332,24 @@ def collect(args, lm, out: Path) -> dict:
             del m
     # verifiable steering: the claim includes the intervention; the verifier runs it too. The honest
     # steered provider runs under the same benign noise variants as the plain honest runs.
-    log("honest steered runs (claim the steering intervention)")
-    steered_benign = benign_mix(model, tok, held_prompts, variants, intervention=steering, **held)
-    touched["honest steered provider (held-out)"] = steering.total_touched
-    steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=args.calib_seeds[0], **kw)
+    steered_benign = steered_calib = ref_steer = ref_steer_calib = None
+    if steering is not None:
+        log("honest steered runs (claim the steering intervention)")
+        steered_benign = benign_mix(model, tok, held_prompts, variants, intervention=steering, **held)
+        touched["honest steered provider (held-out)"] = steering.total_touched
+        steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=args.calib_seeds[0], **kw)
 
     log("verifier: teacher forcing every claim through the reference model")
     refs = {name: teacher_force(model, fp, VERIFIER_BATCH) for name, fp in claims.items()}
     ref_calib = teacher_force(model, calib, VERIFIER_BATCH)
-    with steering.apply(model):
-        ref_steer = {"benign": teacher_force(model, steered_benign, VERIFIER_BATCH),
-                     "steering claimed, not applied": teacher_force(model, claims["benign"], VERIFIER_BATCH)}
-    touched["verifier, steering claimed, not applied"] = steering.total_touched
-    with steering.apply(model):
-        ref_steer_calib = teacher_force(model, steered_calib, VERIFIER_BATCH)
-    log(f"steering touched token positions: {touched}")
+    if steering is not None:
+        with steering.apply(model):
+            ref_steer = {"benign": teacher_force(model, steered_benign, VERIFIER_BATCH),
+                         "steering claimed, not applied": teacher_force(model, claims["benign"], VERIFIER_BATCH)}
+        touched["verifier, steering claimed, not applied"] = steering.total_touched
+        with steering.apply(model):
+            ref_steer_calib = teacher_force(model, steered_calib, VERIFIER_BATCH)
+        log(f"steering touched token positions: {touched}")
     return dict(claim_id=claim_id, weights_hash=lm.weights_hash, calib=calib, claims=claims, refs=refs,
                 ref_calib=ref_calib, steered_benign=steered_benign, steered_calib=steered_calib,
                 ref_steer=ref_steer, ref_steer_calib=ref_steer_calib, cheats=list(cheats), touched=touched,
@@ -376,6 +381,8 @@ def main(argv=None) -> int:
                     help="false-positive rates to calibrate for (each needs 1/FPR calibration windows)")
     ap.add_argument("--toploc-cap", type=int, default=80, help="max TOPLOC windows per claim and n")
     ap.add_argument("--steer-scale", type=float, default=4.0, help="size of the stand-in steering vector")
+    ap.add_argument("--no-steering", action="store_true",
+                    help="skip the steering runs (both directions and the steered calibration: 4 of the runs)")
     ap.add_argument("--conditions", nargs="*", help="only cheating runs whose name contains one of these words")
     ap.add_argument("--rescore", action="store_true",
                     help="skip generation and teacher forcing: re-analyse the raw runs kept by the last full run")
@@ -441,15 +448,19 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
     # scores per token and per within-sequence window
     rows = []
     scores = {name: per_token(fp, refs[name]) for name, fp in claims.items()}
+    steered = steered_benign is not None  # runs made with --no-steering have none
     steer_scores = {"benign": per_token(steered_benign, ref_steer["benign"]),
-                    "steering claimed, not applied": per_token(claims["benign"], ref_steer["steering claimed, not applied"])}
-    steer_lengths = {"benign": steered_benign.output_lengths, "steering claimed, not applied": lengths["benign"]}
+                    "steering claimed, not applied": per_token(claims["benign"], ref_steer["steering claimed, not applied"])
+                    } if steered else {}
+    steer_lengths = {"benign": steered_benign.output_lengths, "steering claimed, not applied": lengths["benign"]
+                     } if steered else {}
     log("TOPLOC proofs and checks")
     tl = {name: {n: toploc_windows(fp.hidden, refs[name].hidden, fp.output_lengths, n, args.toploc_cap, n) for n in NS}
           for name, fp in claims.items()}
     tl_steer = {name: {n: toploc_windows(fp.hidden, ref_steer[name].hidden, fp.output_lengths, n, args.toploc_cap, n)
                        for n in NS}
-                for name, fp in (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))}
+                for name, fp in (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))
+                } if steered else {}
 
     def add_rows(cond, s_neg, s_pos, len_neg, len_pos, t_neg, t_pos, group):
         for method in s_neg:
@@ -466,19 +477,21 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
     for name in cheats:
         add_rows(name, scores["benign"], scores[name], lengths["benign"], lengths[name], tl["benign"], tl[name],
                  "plain reference")
-    add_rows("steering claimed, not applied", steer_scores["benign"], steer_scores["steering claimed, not applied"],
-             steer_lengths["benign"], steer_lengths["steering claimed, not applied"], tl_steer["benign"],
-             tl_steer["steering claimed, not applied"], "steered reference")
+    if steered:
+        add_rows("steering claimed, not applied", steer_scores["benign"], steer_scores["steering claimed, not applied"],
+                 steer_lengths["benign"], steer_lengths["steering claimed, not applied"], tl_steer["benign"],
+                 tl_steer["steering claimed, not applied"], "steered reference")
     df = pd.DataFrame(rows)
     df.to_csv(out / "auc.csv", index=False)
     per_item_scores(out, {"calibration": (calib, per_token(calib, ref_calib))}
                     | {name: (claims[name], scores[name]) for name in claims}
-                    | {f"steered reference: {name}": (fp, steer_scores[name]) for name, fp in
-                       (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))})
+                    | ({f"steered reference: {name}": (fp, steer_scores[name]) for name, fp in
+                        (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))}
+                       if steered else {}))
 
     # conformal thresholds (calibration runs), false positives on held-out honest runs, and power
     calib_scores = per_token(calib, ref_calib)
-    steered_calib_scores = per_token(raw["steered_calib"], raw["ref_steer_calib"])
+    steered_calib_scores = per_token(raw["steered_calib"], raw["ref_steer_calib"]) if steered else {}
     fpr_rows = []
 
     def add_fpr(name, cal, neg, neg_len, pos: dict, pos_len: dict, label):
@@ -501,7 +514,7 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
             cal = calibration_of(calib_scores[name], calib.output_lengths, name, fpr, calib)
             add_fpr(name, cal, scores["benign"][name], lengths["benign"], {c: scores[c][name] for c in cheats},
                     {c: lengths[c] for c in cheats}, name)
-        for name in ("activation k=8", "activation k=8 ulp"):
+        for name in ("activation k=8", "activation k=8 ulp") if steered else ():
             cal = calibration_of(steered_calib_scores[name], raw["steered_calib"].output_lengths, name, fpr, calib)
             add_fpr(name, cal, steer_scores["benign"][name], steer_lengths["benign"],
                     {"steering claimed, not applied": steer_scores["steering claimed, not applied"][name]},
@@ -524,7 +537,7 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
         analysis_args={"target_fpr": args.target_fpr, "toploc_cap": args.toploc_cap},
         calib_tokens=int(calib.n_tokens), calib_sequences=int(calib.n_sequences),
         heldout_benign_tokens=int(claims["benign"].n_tokens), heldout_benign_sequences=int(claims["benign"].n_sequences),
-        steered_heldout_benign_tokens=int(steered_benign.n_tokens),
+        steered_heldout_benign_tokens=int(steered_benign.n_tokens) if steered else None,
         cheat_tokens={n: int(fp.n_tokens) for n, fp in claims.items()},
         claim=CLAIM.to_dict(), benign_variants=benign_variants(raw["args"].get("benign_batch")), verifier_batch=VERIFIER_BATCH,
         steering=raw["steering"], steering_config_digest=raw["steering_digest"], steering_touched=raw["touched"],
