@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import os
 import platform
@@ -389,7 +390,12 @@ def main(argv=None) -> int:
     ap.add_argument("--raw", type=Path, default=None,
                     help="raw-runs file to write, or with --rescore to read (default: steer's cache, named after --out)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--claims-only", action="store_true",
+                    help="only claims.csv (whole claims decided per sequence) from --out's scores.csv.gz; no model")
     args = ap.parse_args(argv)
+    if args.claims_only:
+        claims_from_scores(args.out or HERE / f"results_{args.model}", args.target_fpr)
+        return 0
     torch.set_num_threads(1)
     out = args.out or HERE / f"results_{args.model}"
     out.mkdir(parents=True, exist_ok=True)
@@ -522,7 +528,8 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
                     f"{name}, steered reference")
     fpr_df = pd.DataFrame(fpr_rows)
     fpr_df.to_csv(out / "fpr.csv", index=False)
-    claim_decisions(out, args, calib, calib_scores, claims, scores, cheats)
+    claim_decisions(out, args.target_fpr, calib.output_lengths, calib_scores,
+                    {r: (claims[r].output_lengths, scores[r]) for r in ["benign", *cheats]})
 
     benign_k8 = scores["benign"]["activation k=8"]
     hid = claims["benign"].hidden
@@ -555,21 +562,28 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
 
 CLAIM_METHODS = ("activation k=2", "activation k=8", "activation k=8 ulp", "token")
 CLAIM_SIZES = (1, 4, 12)  # sequences per claim (requests concatenated into one claim)
+CLAIM_TOKENS = (8, 32, None)  # each request's first t tokens (None: all); a claim of T tokens needs ~T/FPR benign
 
 
-def claim_decisions(out: Path, args, calib, calib_scores, claims, scores, cheats) -> None:
+def claim_decisions(out: Path, fprs, calib_lengths, calib_scores, runs: dict) -> None:
     """Whole claims decided by steer.difr's per-sequence rule (Calibration.decide_sequences): the held-out
-    sequences of each run grouped into claims of g consecutive sequences; claims.csv counts verified /
-    rejected / insufficient claims per run, and for cheating runs how many sequences were named."""
+    sequences of each run, cut to their first t tokens, grouped into claims of g consecutive sequences;
+    claims.csv counts verified /
+    rejected / insufficient claims per run, and how many sequences were rejected (named).
+
+    `runs`: name -> (sequence lengths, {method: per-token scores}), the benign run first."""
+    import types
+
     import pandas as pd
 
+    ident = types.SimpleNamespace(config=DiFRConfig(k=8), config_hash="", model_id="")
     rows = []
-    for fpr in args.target_fpr:
+    for fpr in fprs:
         for name in CLAIM_METHODS:
-            cal = calibration_of(calib_scores[name], calib.output_lengths, name, fpr, calib)
-            for run in ["benign", *cheats]:
-                lengths = claims[run].output_lengths
-                per_seq = torch.split(torch.as_tensor(scores[run][name], dtype=torch.float32), lengths.tolist())
+            cal = calibration_of(calib_scores[name], calib_lengths, name, fpr, ident)
+            for (run, (full, sc)), t in itertools.product(runs.items(), CLAIM_TOKENS):
+                per_seq = [x[:t] for x in torch.split(torch.as_tensor(sc[name], dtype=torch.float32), full.tolist())]
+                lengths = torch.tensor([x.numel() for x in per_seq])
                 for g in (g for g in CLAIM_SIZES if g <= len(per_seq)):
                     counts = {"verified": 0, "rejected": 0, "insufficient": 0}
                     named = 0
@@ -579,8 +593,23 @@ def claim_decisions(out: Path, args, calib, calib_scores, claims, scores, cheats
                         counts[next(k for k in ("rejected", "insufficient", "verified") if k in kinds)] += 1
                         named += sum(d.decision == "rejected" for d in decisions)
                     rows.append(dict(method=name, target_fpr=fpr, run=run, sequences_per_claim=g,
+                                     tokens_per_sequence=t or "all", claim_tokens_mean=float(lengths.sum()) / len(per_seq) * g,
                                      claims=sum(counts.values()), **counts, sequences_rejected=named))
     pd.DataFrame(rows).to_csv(out / "claims.csv", index=False)
+
+
+def claims_from_scores(out: Path, fprs) -> None:
+    """claims.csv from a results folder's scores.csv.gz alone (no model, no raw runs)."""
+    import pandas as pd
+
+    df = pd.read_csv(out / "scores.csv.gz")
+    runs = {}
+    for run, g in df.groupby("run", sort=False):
+        g = g.sort_values(["sequence", "position"], kind="stable")
+        runs[run] = (torch.tensor(g.groupby("sequence").size().tolist()), {m: g[m].to_numpy().copy() for m in CLAIM_METHODS})
+    calib_lengths, calib_scores = runs.pop("calibration")
+    runs = {"benign": runs.pop("benign")} | {r: v for r, v in runs.items() if not r.startswith("steered reference")}
+    claim_decisions(out, fprs, calib_lengths, calib_scores, runs)
 
 
 def figures(df, out: Path) -> None:

@@ -95,7 +95,7 @@ def claims_table(claims: pd.DataFrame) -> str:
     """Whole claims decided per sequence: verified / rejected / insufficient of the claims of each run."""
     c = claims.copy()
     c["cell"] = [f"{r.verified}/{r.rejected}/{r.insufficient}" for r in c.itertuples()]
-    t = c.pivot_table(index=["target_fpr", "method", "sequences_per_claim"], columns="run", values="cell",
+    t = c.pivot_table(index=["target_fpr", "method", "sequences_per_claim", "tokens_per_sequence"], columns="run", values="cell",
                       aggfunc="first")
     return md(t.reindex(columns=list(dict.fromkeys(c.run))))
 
