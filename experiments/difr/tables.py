@@ -48,7 +48,9 @@ def fpr_table(fpr: pd.DataFrame) -> str:
 
 def binom_tail(x: int, n: int, p: float) -> float:
     """P(X >= x) for X ~ Binomial(n, p): how surprising x false positives in n windows are at rate p."""
-    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(x, n + 1))
+    log_pmf = lambda i: (math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)  # noqa: E731
+                         + i * math.log(p) + (n - i) * math.log1p(-p))
+    return sum(math.exp(log_pmf(i)) for i in range(x, n + 1))  # in logs: comb(1494, i) overflows a float
 
 
 def fpr_summary(fpr: pd.DataFrame) -> str:
