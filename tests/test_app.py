@@ -268,8 +268,14 @@ def test_fingerprints_make_verify_and_bad_claim(app, ckpts, tmp_path):
     at.number_input(key="fp_tokens").set_value(6).run()
     _click(at, "run_fp")
     _click(at, "run_verify")
-    # the demo's benign rerun has no disjoint benign windows as long as the whole claim: no decision
-    assert any(s.value.startswith("INSUFFICIENT") and "windows" in s.value for s in at.warning), \
+    # 4 sequences of 6 tokens at FPR 0.1 (0.025 each) need 240 benign tokens: 12 reruns give 288,
+    # no benign window is as long as the claim, but each sequence is decided
+    assert any(s.value.startswith("VERIFIED: 4 sequence(s)") for s in at.success), \
+        [s.value for s in at.success + at.error + at.warning]
+    at.number_input(key="fp_reruns").set_value(2).run()  # 48 benign tokens: too few, and said so
+    _click(at, "run_fp")
+    _click(at, "run_verify")
+    assert any(s.value.startswith("INSUFFICIENT") and "needs" in s.value for s in at.warning), \
         [s.value for s in at.success + at.error + at.warning]
     assert _charts(at) == 1
     # a fingerprint file made on the other model is refused with the reason

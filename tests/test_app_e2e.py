@@ -166,17 +166,18 @@ def test_probes_page_trains_and_exits_live(page):
 
 
 def test_fingerprints_page_reports_the_decision(page):
-    """The page's demo calibrates on one benign rerun of the same prompts: no benign window is as long
-    as the whole claim, so the exact conformal threshold has no data and the page says 'insufficient'
-    with the windows it has and needs (never a pass). tests/test_app.py checks the same on AppTest."""
+    """The page's demo calibrates on 12 benign reruns of the same prompts (other orders and batch sizes) at
+    FPR 0.1: no benign window is as long as the whole 4-request claim, but each request is decided at
+    0.1/4 (steer.difr CLAIM_RULE), so the page shows a decision with its rule, never 'insufficient'.
+    tests/test_app.py checks the same on AppTest."""
     pg = page
     _goto(pg, "Fingerprints (DiFR)")
     pg.get_by_text("make one here (provider side)").click()
-    _click(pg, "Fingerprint, and calibrate on a benign rerun")
+    _click(pg, "Fingerprint, and calibrate on benign reruns")
     pg.get_by_role("button", name="Verify", exact=True).wait_for()
     _click(pg, "Verify")
-    pg.get_by_text("INSUFFICIENT: mean activation").wait_for()
-    pg.get_by_text("calibrate on more or longer benign runs").first.wait_for()
+    pg.get_by_text("decided per sequence at FPR 0.1/4 each").first.wait_for()
+    assert pg.get_by_text("INSUFFICIENT").count() == 0
     _charts(pg, 1)
     _shot(pg, "fingerprints")
 

@@ -229,14 +229,89 @@ def test_calibrated_verification_accepts_benign_and_rejects_quantised(llama, tok
 
 
 def test_too_few_calibration_windows_is_insufficient_never_a_pass(llama, tok):
-    """A claim longer than the benign sequences has no disjoint benign windows of its length."""
+    """Each of the claim's 4 sequences is tested at 0.05/4 per window: 24 benign tokens are too few."""
     cal = calibrate(llama, [_fp(llama, tok, max_new_tokens=6)], target_fpr=0.05)
-    claim = _fp(llama, tok, seed=7)  # 4 sequences: ~40 tokens, longer than any benign sequence
+    claim = _fp(llama, tok, seed=7)  # 4 sequences of 10 tokens
     report = verify(llama, claim, cal)
     assert cal.n_units(report.n_tokens) == 0 and cal.threshold(report.n_tokens) is None
     assert report.decision == "insufficient" and not report.verified and report.threshold is None
-    assert report.summary()["windows_needed"] == 20 and cal.max_tokens() < report.n_tokens
+    first = report.sequences[0]  # at n = 1: 10 windows at 0.05 / (4 * 10) need 800 benign tokens
+    assert first.window is None and first.n_tokens == 10 and first.windows_needed == 800
+    assert report.summary()["windows_needed"] == 800 and report.summary()["calibration_windows"] == 24
+    assert {d.decision for d in report.sequences} == {"insufficient"} and report.rejected_sequences == []
     assert report.figure().data  # no threshold line, still a figure
+
+
+def _uniform_cal(units: int, per_seq: int, alpha: float, seed: int = 0) -> Calibration:
+    g = torch.Generator().manual_seed(seed)
+    return Calibration("activation", alpha, torch.rand(units * per_seq, generator=g),
+                       torch.full((units,), per_seq), DiFRConfig(), "h", "m")
+
+
+def test_window_plan_is_the_longest_window_calibrated_at_the_bonferroni_level():
+    cal = _uniform_cal(100, 10, 0.1)  # 100 benign sequences of 10 tokens
+    assert cal.window_plan(10, 1) == (10, 1, 0.1)  # one sequence, whole length: the plain rule
+    assert cal.window_plan(10, 2) == (10, 1, 0.05)  # 100 units >= 1/0.05
+    assert cal.window_plan(10, 5) == (10, 1, pytest.approx(0.02))  # 50 needed
+    # no 25-token benign window: 3 windows of 10 at 0.1 / (2 * 3) (60 needed, 100 there)
+    assert cal.window_plan(25, 2) == (10, 3, pytest.approx(0.1 / 6))
+    assert cal.window_plan(25, 4) == (5, 5, pytest.approx(0.005))  # 10 needs 120 > 100; 5 needs 200 = 200
+    # 4 sequences of 30 tokens need 4 * 30 / 0.1 = 1200 benign tokens whatever n: 1000 are too few
+    assert cal.window_plan(30, 4) is None
+    with pytest.raises(ValueError, match=">= 1 token"):
+        cal.window_plan(0, 1)
+
+
+def test_tail_window_covers_a_sequences_last_tokens():
+    """A sequence of 7 tokens in windows of 5: [0, 5) and [2, 7); a cheat in the last token is tested."""
+    cal = _uniform_cal(400, 5, 0.1)
+    scores = torch.tensor([0.5] * 6 + [50.0])
+    (d,) = cal.decide_sequences(scores, torch.tensor([7]))
+    assert (d.window, d.n_windows) == (5, 2) and d.decision == "rejected" and d.score == pytest.approx(10.4)
+
+
+def test_per_sequence_rule_holds_the_claim_fpr_and_names_the_tampered_sequence():
+    """Exchangeable benign scores: honest 4-sequence claims are rejected at <= alpha over draws;
+    one shifted sequence is rejected and named, the other three are not."""
+    g = torch.Generator().manual_seed(3)
+    alpha, lengths = 0.1, torch.tensor([12, 7, 20, 3])
+    rejected = 0
+    for trial in range(300):
+        cal = _uniform_cal(120, 20, alpha, seed=trial)
+        decisions = cal.decide_sequences(torch.rand(int(lengths.sum()), generator=g), lengths)
+        assert {d.decision for d in decisions} <= {"verified", "rejected"}
+        assert all(d.alpha == pytest.approx(alpha / (4 * d.n_windows)) for d in decisions)
+        rejected += any(d.decision == "rejected" for d in decisions)
+    assert rejected / 300 <= alpha + 0.03, rejected
+    scores = torch.rand(int(lengths.sum()), generator=g)
+    scores[12:19] += 0.6  # sequence 1 (7 tokens) from another distribution
+    decisions = _uniform_cal(120, 20, alpha).decide_sequences(scores, lengths)
+    assert [d.decision for d in decisions] == ["verified", "rejected", "verified", "verified"]
+
+
+def test_multi_sequence_claim_gets_a_verdict_and_a_tampered_request_is_named(llama, tok):
+    """Several requests in one claim: honest passes; one request served by 4-bit weights is caught."""
+    benign = [_fp(llama, tok, seed=s, batch_size=1 + s % 3) for s in range(10, 22)]  # 48 sequences
+    cal = calibrate(llama, benign, target_fpr=0.1)
+    honest = [_fp(llama, tok, seed=s, batch_size=2) for s in (7, 8, 9, 30, 31)]  # 4 requests, 40 tokens each
+    reports = [verify(llama, h, cal) for h in honest]
+    # no benign window is as long as a whole claim, but each request is decided: at FPR 0.1 per claim
+    # (0.025 per request), 5 honest claims give 0-1 rejections (P(>= 2) = 0.08); here seed 7's "x"
+    # request is the one, just above the largest of 48 benign 10-token windows
+    assert all(cal.threshold(r.n_tokens) is None and r.decision != "insufficient" for r in reports)
+    assert sum(r.verified for r in reports) >= 4, [r.rejected_sequences for r in reports]
+    ok = reports[1]
+    assert ok.decision == "verified" and ok.rejected_sequences == []
+    assert len(ok.sequences) == 4 and all(d.alpha <= 0.1 / 4 for d in ok.sequences)
+    assert ok.summary()["per_sequence_fpr"] == pytest.approx(0.025) and "Bonferroni" in ok.summary()["rule"]
+    q4 = quantize_rtn(llama, bits=4, group_size=32)
+    cheat = _fp(q4, tok, PROMPTS[2:3], seed=8, batch_size=1)
+    cheat.identity = honest[0].identity  # claims the reference model
+    parts = [_fp(llama, tok, PROMPTS[:2], seed=7, batch_size=2), cheat, _fp(llama, tok, PROMPTS[3:], seed=9)]
+    bad = verify(llama, Fingerprints.concat(parts), cal)
+    assert bad.decision == "rejected" and bad.rejected_sequences == [2], bad.sequences_dataframe()
+    assert bad.p_value <= 0.1 and bad.threshold == bad.sequences[2].threshold
+    assert len(bad.sequences_dataframe()) == 4 and bad.figure().data
 
 
 def test_attention_kernel_is_benign(tok):

@@ -43,11 +43,12 @@ def test_fingerprint_calibrate_verify(ckpts, tmp_path, capsys):
     assert summary["statistic"] == "l2" and summary["windows_needed"] == 20 and summary["max_tokens_calibrated"] == 2
     assert _fp(d, "ref", tmp_path / "long.safetensors", "--batch-size", "3", "--sample-seed", "1") == 0
     capsys.readouterr()
-    # a 32-token claim: no 32-token benign windows, so no decision (exit 1), never a pass
+    # 4 sequences of 8 tokens, each at 0.05/4: even 1-token windows need 4 * 8 / 0.05 = 640 benign
+    # tokens, there are 64: no decision (exit 1), never a pass
     assert main(["verify", str(tmp_path / "long.safetensors"), "--model", str(d / "ref"),
                  "--calibration", str(tmp_path / "cal.safetensors")]) == 1
     captured = capsys.readouterr()
-    assert captured.out.startswith("INSUFFICIENT") and "needs 20" in captured.out and "nothing was verified" in captured.err
+    assert captured.out.startswith("INSUFFICIENT") and "needs 640" in captured.out and "nothing was verified" in captured.err
     one = ("--max-new-tokens", "2")
     assert _fp(d, "ref", tmp_path / "honest.safetensors", "--sample-seed", "1", *one, prompts="one.txt") == 0
     capsys.readouterr()
@@ -72,6 +73,9 @@ def test_fingerprint_calibrate_verify(ckpts, tmp_path, capsys):
     rc = main(["verify", str(tmp_path / "cheat.safetensors"), "--model", str(d / "ref"),
                "--calibration", str(tmp_path / "cal.safetensors"), "--json"])
     assert rc == 1 and json.loads(capsys.readouterr().out)["decision"] == "rejected"
+    assert main(["verify", str(tmp_path / "cheat.safetensors"), "--model", str(d / "ref"),
+                 "--calibration", str(tmp_path / "cal.safetensors")]) == 1
+    assert capsys.readouterr().out.startswith("REJECTED: 1 sequence(s), 2 tokens, decided per sequence at FPR 0.05/1")
     # no calibration: no decision, and never exit 0
     assert main(["verify", str(tmp_path / "honest.safetensors"), "--model", str(d / "ref")]) == 1
     # bad inputs: exit 2 with a message naming the problem

@@ -35,20 +35,26 @@ if source == "load a file":
 else:
     prompts = lines(st.text_area("Prompts (one per line)", "Tell me a fact about the sea.\nWhat is 12 + 30?\n"
                                  "Write a haiku about rain.\nName a prime number.", key="fp_prompts"))
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2, c3, c4, c5, c6 = st.columns(6)
     k = c1.number_input("k (fingerprint width)", 1, 128, 8, key="fp_k")
     seed = c2.number_input("projection seed", 0, 2**31 - 1, 0, key="fp_seed")
     projection = c3.selectbox("projection", PROJECTIONS, key="fp_proj")
     max_new = c4.number_input("new tokens", 1, 128, 16, key="fp_tokens")
-    if st.button("Fingerprint, and calibrate on a benign rerun", type="primary", key="run_fp"):
+    reruns = c5.number_input("benign reruns", 1, 64, 12, key="fp_reruns",
+                             help="calibration: the prompts rerun in other orders and batch sizes (1-3)")
+    fpr = c6.number_input("target FPR", 0.001, 0.5, 0.1, key="fp_fpr", format="%.3f",
+                          help="per claim; each of its B sequences is tested at FPR/B, so a claim of T tokens "
+                               "needs about T/FPR benign tokens")
+    if st.button("Fingerprint, and calibrate on benign reruns", type="primary", key="run_fp"):
         try:
             config = DiFRConfig(k=int(k), seed=int(seed), projection=projection)
-            with using_model("Generating with fingerprints (batch 4), then a benign rerun (batch 1)…"):
+            with using_model(f"Generating with fingerprints (batch 4), then {int(reruns)} benign reruns…"):
                 made = fingerprint_prompts(lm.model, lm.tokenizer, prompts, config=config, max_new_tokens=int(max_new),
                                            batch_size=4, model_id=lm.name)
-                benign = fingerprint_prompts(lm.model, lm.tokenizer, prompts, config=config,
-                                             max_new_tokens=int(max_new), batch_size=1, model_id=lm.name)
-                made_cal = calibrate(lm.model, [benign], model_id=lm.name)
+                benign = [fingerprint_prompts(lm.model, lm.tokenizer, prompts[r % len(prompts):] + prompts[:r % len(prompts)],
+                                              config=config, max_new_tokens=int(max_new), batch_size=1 + r % 3,
+                                              model_id=lm.name) for r in range(int(reruns))]
+                made_cal = calibrate(lm.model, benign, target_fpr=float(fpr), model_id=lm.name)
             st.session_state["fp_made"] = (spec, made, made_cal)
             st.session_state[DIFR_KEY] = DiFRSection(config.k, config.seed, config.projection)
         except ValueError as exc:
@@ -85,17 +91,10 @@ if fp is not None:
     if saved and saved[0] == spec:
         report = saved[1]
         s = report.summary()
-        if report.decision == "insufficient":
-            why = (f" (no decision: the calibration has {s['calibration_windows']} disjoint benign windows of "
-                   f"{report.n_tokens} tokens, a threshold at FPR {s['target_fpr']:g} needs {s['windows_needed']}; "
-                   f"calibrate on more or longer benign runs)")
-        elif report.threshold is not None:
-            why = f", threshold {report.threshold:.4g}, p = {report.p_value:.3g}"
-        else:
-            why = " (no calibration: no decision)"
         {"verified": st.success, "rejected": st.error, "insufficient": st.warning}.get(report.decision, st.info)(
-            f"{report.decision.upper()}: mean {report.method} score {report.score:.4g} over {report.n_tokens} tokens"
-            + why)
+            report.headline())
+        if report.sequences:
+            st.dataframe(report.sequences_dataframe(), hide_index=True, width="stretch")
         show_figure(report.figure(), key="fp_report_fig")
         with st.expander("Per-token table and summary"):
             st.json(s)

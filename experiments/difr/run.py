@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import os
 import platform
@@ -122,11 +123,20 @@ def provide(model, tok, prompts, *, seed, claim_id, claim_identity, variant=("sd
     return fp
 
 
-def benign_mix(model, tok, prompts, **kw) -> Fingerprints:
+def benign_variants(batches: list[int] | None) -> tuple:
+    """BENIGN_VARIANTS with other batch sizes (--benign-batch: larger batches give more tokens per decode step)."""
+    if not batches:
+        return BENIGN_VARIANTS
+    if len(batches) != len(BENIGN_VARIANTS) or min(batches) < 1:
+        raise SystemExit(f"--benign-batch needs {len(BENIGN_VARIANTS)} batch sizes >= 1, got {batches}")
+    return tuple((impl, b, n) for (impl, _, n), b in zip(BENIGN_VARIANTS, batches, strict=True))
+
+
+def benign_mix(model, tok, prompts, variants=BENIGN_VARIANTS, **kw) -> Fingerprints:
     """Honest runs spread over the benign noise variants."""
     parts = []
-    for i, variant in enumerate(BENIGN_VARIANTS):
-        sub = prompts[i::len(BENIGN_VARIANTS)]
+    for i, variant in enumerate(variants):
+        sub = prompts[i::len(variants)]
         if sub:
             parts.append(provide(model, tok, sub, variant=variant, **kw))
     return Fingerprints.concat(parts)
@@ -297,47 +307,55 @@ def collect(args, lm, out: Path) -> dict:
     kw = dict(claim_id=claim_id, claim_identity=claim_identity, max_new_tokens=args.max_new_tokens)
     log(f"model {claim_id} ({lm.weights_hash[:12]}), {len(calib_prompts)} calibration + {len(held_prompts)} held-out prompts")
     layer = model.config.num_hidden_layers // 2
-    steering, steering_desc, steering_digest = steering_for(model, args, out)
+    steering, steering_desc, steering_digest = steering_for(model, args, out) if not args.no_steering else (None,) * 3
 
     claims: dict[str, Fingerprints] = {}
-    log(f"honest runs (calibration prompts, seeds {args.calib_seeds}): variants {BENIGN_VARIANTS}")
+    variants = benign_variants(args.benign_batch)
+    log(f"honest runs (calibration prompts, seeds {args.calib_seeds}): variants {variants}")
+    kw["variants"] = variants
     calib = Fingerprints.concat([benign_mix(model, tok, calib_prompts, seed=s, **kw) for s in args.calib_seeds])
     log("honest runs (held-out prompts, seed 1)")
     claims["benign"] = benign_mix(model, tok, held_prompts, seed=1, **kw)
-    held = dict(seed=1, **kw)
+    held = dict(seed=1, **{k: v for k, v in kw.items() if k != "variants"})
     cheats = cheat_specs(model, layer, steering)
+    if steering is None:
+        cheats.pop("steering applied, not claimed")
     if args.conditions:
         cheats = {n: c for n, c in cheats.items() if any(w in n for w in args.conditions)}
     touched = {}
     for name, spec in cheats.items():
         log(f"cheating run: {name}")
         m = spec.pop("model", lambda: model)()
-        claims[name] = provide(m, tok, held_prompts, **spec, **held)
+        claims[name] = provide(m, tok, held_prompts, **spec, **held, variant=("sdpa", args.cheat_batch, 1))
         if "intervention" in spec:
             touched[name] = steering.total_touched
         if m is not model:
             del m
     # verifiable steering: the claim includes the intervention; the verifier runs it too. The honest
     # steered provider runs under the same benign noise variants as the plain honest runs.
-    log("honest steered runs (claim the steering intervention)")
-    steered_benign = benign_mix(model, tok, held_prompts, intervention=steering, **held)
-    touched["honest steered provider (held-out)"] = steering.total_touched
-    steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=args.calib_seeds[0], **kw)
+    steered_benign = steered_calib = ref_steer = ref_steer_calib = None
+    if steering is not None:
+        log("honest steered runs (claim the steering intervention)")
+        steered_benign = benign_mix(model, tok, held_prompts, variants, intervention=steering, **held)
+        touched["honest steered provider (held-out)"] = steering.total_touched
+        steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=args.calib_seeds[0], **kw)
 
     log("verifier: teacher forcing every claim through the reference model")
     refs = {name: teacher_force(model, fp, VERIFIER_BATCH) for name, fp in claims.items()}
     ref_calib = teacher_force(model, calib, VERIFIER_BATCH)
-    with steering.apply(model):
-        ref_steer = {"benign": teacher_force(model, steered_benign, VERIFIER_BATCH),
-                     "steering claimed, not applied": teacher_force(model, claims["benign"], VERIFIER_BATCH)}
-    touched["verifier, steering claimed, not applied"] = steering.total_touched
-    with steering.apply(model):
-        ref_steer_calib = teacher_force(model, steered_calib, VERIFIER_BATCH)
-    log(f"steering touched token positions: {touched}")
+    if steering is not None:
+        with steering.apply(model):
+            ref_steer = {"benign": teacher_force(model, steered_benign, VERIFIER_BATCH),
+                         "steering claimed, not applied": teacher_force(model, claims["benign"], VERIFIER_BATCH)}
+        touched["verifier, steering claimed, not applied"] = steering.total_touched
+        with steering.apply(model):
+            ref_steer_calib = teacher_force(model, steered_calib, VERIFIER_BATCH)
+        log(f"steering touched token positions: {touched}")
     return dict(claim_id=claim_id, weights_hash=lm.weights_hash, calib=calib, claims=claims, refs=refs,
                 ref_calib=ref_calib, steered_benign=steered_benign, steered_calib=steered_calib,
                 ref_steer=ref_steer, ref_steer_calib=ref_steer_calib, cheats=list(cheats), touched=touched,
-                steering=steering_desc, steering_digest=steering_digest, args=vars(args) | {"out": str(out)})
+                steering=steering_desc, steering_digest=steering_digest,
+                args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"out": str(out)})
 
 
 def raw_path(out: Path) -> Path:
@@ -356,17 +374,28 @@ def main(argv=None) -> int:
                     help="sampling seeds of the honest calibration runs (one sequence per prompt and seed; "
                          "never the held-out seed 1)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--benign-batch", type=int, nargs=3, default=None,
+                    help=f"batch sizes of the three benign variants (default {[b for _, b, _ in BENIGN_VARIANTS]}); "
+                         f"a decode step costs about the same at batch 3 or 9 on a CPU, so larger batches are faster")
+    ap.add_argument("--cheat-batch", type=int, default=9, help="batch size of the cheating runs (default %(default)s)")
     ap.add_argument("--target-fpr", type=float, nargs="+", default=[0.01, 0.05],
                     help="false-positive rates to calibrate for (each needs 1/FPR calibration windows)")
     ap.add_argument("--toploc-cap", type=int, default=80, help="max TOPLOC windows per claim and n")
     ap.add_argument("--steer-scale", type=float, default=4.0, help="size of the stand-in steering vector")
+    ap.add_argument("--no-steering", action="store_true",
+                    help="skip the steering runs (both directions and the steered calibration: 4 of the runs)")
     ap.add_argument("--conditions", nargs="*", help="only cheating runs whose name contains one of these words")
     ap.add_argument("--rescore", action="store_true",
                     help="skip generation and teacher forcing: re-analyse the raw runs kept by the last full run")
     ap.add_argument("--raw", type=Path, default=None,
                     help="raw-runs file to write, or with --rescore to read (default: steer's cache, named after --out)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--claims-only", action="store_true",
+                    help="only claims.csv (whole claims decided per sequence) from --out's scores.csv.gz; no model")
     args = ap.parse_args(argv)
+    if args.claims_only:
+        claims_from_scores(args.out or HERE / f"results_{args.model}", args.target_fpr)
+        return 0
     torch.set_num_threads(1)
     out = args.out or HERE / f"results_{args.model}"
     out.mkdir(parents=True, exist_ok=True)
@@ -380,7 +409,9 @@ def main(argv=None) -> int:
         if not raw_file.is_file():
             raise SystemExit(f"no raw runs at {raw_file}: run without --rescore first")
         # weights_only: nothing is unpickled beyond tensors, plain containers and steer's own result types
-        with torch.serialization.safe_globals([Fingerprints, DiFRConfig, SamplingParams, Reference]):
+        import pathlib  # raw files whose args kept a --raw path
+
+        with torch.serialization.safe_globals([Fingerprints, DiFRConfig, SamplingParams, Reference, pathlib.PosixPath]):
             raw = torch.load(raw_file, weights_only=True)
         if raw["weights_hash"] != lm.weights_hash:
             raise SystemExit(f"{raw_file} was made with other weights ({raw['weights_hash']}); rerun without --rescore")
@@ -423,15 +454,19 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
     # scores per token and per within-sequence window
     rows = []
     scores = {name: per_token(fp, refs[name]) for name, fp in claims.items()}
+    steered = steered_benign is not None  # runs made with --no-steering have none
     steer_scores = {"benign": per_token(steered_benign, ref_steer["benign"]),
-                    "steering claimed, not applied": per_token(claims["benign"], ref_steer["steering claimed, not applied"])}
-    steer_lengths = {"benign": steered_benign.output_lengths, "steering claimed, not applied": lengths["benign"]}
+                    "steering claimed, not applied": per_token(claims["benign"], ref_steer["steering claimed, not applied"])
+                    } if steered else {}
+    steer_lengths = {"benign": steered_benign.output_lengths, "steering claimed, not applied": lengths["benign"]
+                     } if steered else {}
     log("TOPLOC proofs and checks")
     tl = {name: {n: toploc_windows(fp.hidden, refs[name].hidden, fp.output_lengths, n, args.toploc_cap, n) for n in NS}
           for name, fp in claims.items()}
     tl_steer = {name: {n: toploc_windows(fp.hidden, ref_steer[name].hidden, fp.output_lengths, n, args.toploc_cap, n)
                        for n in NS}
-                for name, fp in (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))}
+                for name, fp in (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))
+                } if steered else {}
 
     def add_rows(cond, s_neg, s_pos, len_neg, len_pos, t_neg, t_pos, group):
         for method in s_neg:
@@ -448,19 +483,21 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
     for name in cheats:
         add_rows(name, scores["benign"], scores[name], lengths["benign"], lengths[name], tl["benign"], tl[name],
                  "plain reference")
-    add_rows("steering claimed, not applied", steer_scores["benign"], steer_scores["steering claimed, not applied"],
-             steer_lengths["benign"], steer_lengths["steering claimed, not applied"], tl_steer["benign"],
-             tl_steer["steering claimed, not applied"], "steered reference")
+    if steered:
+        add_rows("steering claimed, not applied", steer_scores["benign"], steer_scores["steering claimed, not applied"],
+                 steer_lengths["benign"], steer_lengths["steering claimed, not applied"], tl_steer["benign"],
+                 tl_steer["steering claimed, not applied"], "steered reference")
     df = pd.DataFrame(rows)
     df.to_csv(out / "auc.csv", index=False)
     per_item_scores(out, {"calibration": (calib, per_token(calib, ref_calib))}
                     | {name: (claims[name], scores[name]) for name in claims}
-                    | {f"steered reference: {name}": (fp, steer_scores[name]) for name, fp in
-                       (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))})
+                    | ({f"steered reference: {name}": (fp, steer_scores[name]) for name, fp in
+                        (("benign", steered_benign), ("steering claimed, not applied", claims["benign"]))}
+                       if steered else {}))
 
     # conformal thresholds (calibration runs), false positives on held-out honest runs, and power
     calib_scores = per_token(calib, ref_calib)
-    steered_calib_scores = per_token(raw["steered_calib"], raw["ref_steer_calib"])
+    steered_calib_scores = per_token(raw["steered_calib"], raw["ref_steer_calib"]) if steered else {}
     fpr_rows = []
 
     def add_fpr(name, cal, neg, neg_len, pos: dict, pos_len: dict, label):
@@ -483,7 +520,7 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
             cal = calibration_of(calib_scores[name], calib.output_lengths, name, fpr, calib)
             add_fpr(name, cal, scores["benign"][name], lengths["benign"], {c: scores[c][name] for c in cheats},
                     {c: lengths[c] for c in cheats}, name)
-        for name in ("activation k=8", "activation k=8 ulp"):
+        for name in ("activation k=8", "activation k=8 ulp") if steered else ():
             cal = calibration_of(steered_calib_scores[name], raw["steered_calib"].output_lengths, name, fpr, calib)
             add_fpr(name, cal, steer_scores["benign"][name], steer_lengths["benign"],
                     {"steering claimed, not applied": steer_scores["steering claimed, not applied"][name]},
@@ -491,6 +528,8 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
                     f"{name}, steered reference")
     fpr_df = pd.DataFrame(fpr_rows)
     fpr_df.to_csv(out / "fpr.csv", index=False)
+    claim_decisions(out, args.target_fpr, calib.output_lengths, calib_scores,
+                    {r: (claims[r].output_lengths, scores[r]) for r in ["benign", *cheats]})
 
     benign_k8 = scores["benign"]["activation k=8"]
     hid = claims["benign"].hidden
@@ -505,9 +544,9 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
         analysis_args={"target_fpr": args.target_fpr, "toploc_cap": args.toploc_cap},
         calib_tokens=int(calib.n_tokens), calib_sequences=int(calib.n_sequences),
         heldout_benign_tokens=int(claims["benign"].n_tokens), heldout_benign_sequences=int(claims["benign"].n_sequences),
-        steered_heldout_benign_tokens=int(steered_benign.n_tokens),
+        steered_heldout_benign_tokens=int(steered_benign.n_tokens) if steered else None,
         cheat_tokens={n: int(fp.n_tokens) for n, fp in claims.items()},
-        claim=CLAIM.to_dict(), benign_variants=BENIGN_VARIANTS, verifier_batch=VERIFIER_BATCH,
+        claim=CLAIM.to_dict(), benign_variants=benign_variants(raw["args"].get("benign_batch")), verifier_batch=VERIFIER_BATCH,
         steering=raw["steering"], steering_config_digest=raw["steering_digest"], steering_touched=raw["touched"],
         token_clip=TOKEN_CLIP,
         benign_max_l2_k8=float(benign_k8.max()), benign_mean_l2_k8=float(benign_k8.mean()),
@@ -519,6 +558,58 @@ def analyse(raw: dict, model: nn.Module, args, out: Path) -> None:
     )
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     figures(df, out)
+
+
+CLAIM_METHODS = ("activation k=2", "activation k=8", "activation k=8 ulp", "token")
+CLAIM_SIZES = (1, 4, 12)  # sequences per claim (requests concatenated into one claim)
+CLAIM_TOKENS = (8, 32, None)  # each request's first t tokens (None: all); a claim of T tokens needs ~T/FPR benign
+
+
+def claim_decisions(out: Path, fprs, calib_lengths, calib_scores, runs: dict) -> None:
+    """Whole claims decided by steer.difr's per-sequence rule (Calibration.decide_sequences): the held-out
+    sequences of each run, cut to their first t tokens, grouped into claims of g consecutive sequences;
+    claims.csv counts verified /
+    rejected / insufficient claims per run, and how many sequences were rejected (named).
+
+    `runs`: name -> (sequence lengths, {method: per-token scores}), the benign run first."""
+    import types
+
+    import pandas as pd
+
+    ident = types.SimpleNamespace(config=DiFRConfig(k=8), config_hash="", model_id="")
+    rows = []
+    for fpr in fprs:
+        for name in CLAIM_METHODS:
+            cal = calibration_of(calib_scores[name], calib_lengths, name, fpr, ident)
+            for (run, (full, sc)), t in itertools.product(runs.items(), CLAIM_TOKENS):
+                per_seq = [x[:t] for x in torch.split(torch.as_tensor(sc[name], dtype=torch.float32), full.tolist())]
+                lengths = torch.tensor([x.numel() for x in per_seq])
+                for g in (g for g in CLAIM_SIZES if g <= len(per_seq)):
+                    counts = {"verified": 0, "rejected": 0, "insufficient": 0}
+                    named = 0
+                    for a in range(0, len(per_seq) - g + 1, g):
+                        decisions = cal.decide_sequences(torch.cat(per_seq[a:a + g]), lengths[a:a + g])
+                        kinds = {d.decision for d in decisions}
+                        counts[next(k for k in ("rejected", "insufficient", "verified") if k in kinds)] += 1
+                        named += sum(d.decision == "rejected" for d in decisions)
+                    rows.append(dict(method=name, target_fpr=fpr, run=run, sequences_per_claim=g,
+                                     tokens_per_sequence=t or "all", claim_tokens_mean=float(lengths.sum()) / len(per_seq) * g,
+                                     claims=sum(counts.values()), **counts, sequences_rejected=named))
+    pd.DataFrame(rows).to_csv(out / "claims.csv", index=False)
+
+
+def claims_from_scores(out: Path, fprs) -> None:
+    """claims.csv from a results folder's scores.csv.gz alone (no model, no raw runs)."""
+    import pandas as pd
+
+    df = pd.read_csv(out / "scores.csv.gz")
+    runs = {}
+    for run, g in df.groupby("run", sort=False):
+        g = g.sort_values(["sequence", "position"], kind="stable")
+        runs[run] = (torch.tensor(g.groupby("sequence").size().tolist()), {m: g[m].to_numpy().copy() for m in CLAIM_METHODS})
+    calib_lengths, calib_scores = runs.pop("calibration")
+    runs = {"benign": runs.pop("benign")} | {r: v for r, v in runs.items() if not r.startswith("steered reference")}
+    claim_decisions(out, fprs, calib_lengths, calib_scores, runs)
 
 
 def figures(df, out: Path) -> None:

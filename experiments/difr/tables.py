@@ -48,7 +48,9 @@ def fpr_table(fpr: pd.DataFrame) -> str:
 
 def binom_tail(x: int, n: int, p: float) -> float:
     """P(X >= x) for X ~ Binomial(n, p): how surprising x false positives in n windows are at rate p."""
-    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(x, n + 1))
+    log_pmf = lambda i: (math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)  # noqa: E731
+                         + i * math.log(p) + (n - i) * math.log1p(-p))
+    return sum(math.exp(log_pmf(i)) for i in range(x, n + 1))  # in logs: comb(1494, i) overflows a float
 
 
 def fpr_summary(fpr: pd.DataFrame) -> str:
@@ -71,6 +73,8 @@ def fpr_summary(fpr: pd.DataFrame) -> str:
         f["cell"] = cells
         t = f.pivot(index="method", columns="n_tokens", values="cell").reindex(list(dict.fromkeys(f.method)))
         ok = f[(f.status == "calibrated") & (f.n_heldout_windows > 0)]
+        if "heldout_fpr" not in ok:
+            ok = ok.assign(heldout_fpr=float("nan"))
         over = int((ok.heldout_fpr > target).sum())
         out.append(f"target FPR {target:g} (p: exact binomial P(>= this many | FPR = target)):\n\n{md(t)}\n\n"
                    f"calibrated cells over the target: {over} of {len(ok)}; "
@@ -89,6 +93,15 @@ def min_n_table(df: pd.DataFrame, level: float = 0.999) -> str:
     return md(t)
 
 
+def claims_table(claims: pd.DataFrame) -> str:
+    """Whole claims decided per sequence: verified / rejected / insufficient of the claims of each run."""
+    c = claims.copy()
+    c["cell"] = [f"{r.verified}/{r.rejected}/{r.insufficient}" for r in c.itertuples()]
+    t = c.pivot_table(index=["target_fpr", "method", "sequences_per_claim", "tokens_per_sequence"], columns="run", values="cell",
+                      aggfunc="first")
+    return md(t.reindex(columns=list(dict.fromkeys(c.run))))
+
+
 def main(argv=None) -> int:
     out = Path((argv or sys.argv[1:])[0])
     df, fpr = pd.read_csv(out / "auc.csv"), pd.read_csv(out / "fpr.csv")
@@ -102,6 +115,9 @@ def main(argv=None) -> int:
     print(f"## smallest n with AUC >= 0.999\n\n{min_n_table(df)}\n")
     print(f"## held-out false positives / windows\n\n{fpr_summary(fpr)}\n")
     print(f"## calibrated thresholds: held-out FPR and power\n\n{fpr_table(fpr)}\n")
+    if (out / "claims.csv").is_file():
+        print("## whole claims, decided per sequence (verified/rejected/insufficient claims)\n\n"
+              f"{claims_table(pd.read_csv(out / 'claims.csv'))}\n")
     return 0
 
 

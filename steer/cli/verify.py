@@ -20,8 +20,11 @@ examples:
   steer verify --calibrate benign1.safetensors benign2.safetensors -o calib.safetensors
       honest runs under benign noise (other batch sizes, attention kernels, threads) -> a threshold
       split-conformal thresholds over disjoint benign n-token windows at the target false-positive
-      rate (--target-fpr, default 0.01); a claim of n tokens needs >= 1/FPR such windows, else its
-      decision is "insufficient" (more or longer benign runs, or a higher --target-fpr)
+      rate (--target-fpr, default 0.01). A claim is decided per sequence (Bonferroni): each of its B
+      sequences at FPR/B, each of a sequence's w windows of n tokens at FPR/(B*w), n the longest window
+      with >= B*w/FPR benign windows; rejected if any window exceeds its threshold (the sequence is
+      named). A sequence with no such n is "insufficient" (more benign runs, or a higher --target-fpr):
+      at n = 1 a claim needs about (its tokens)/FPR benign tokens
   steer verify fp.safetensors --calibration calib.safetensors
   steer verify fp.safetensors --calibration calib.safetensors --report report.html --csv tokens.csv --json
   steer verify fp.safetensors --calibration token_calib.safetensors --method token
@@ -109,8 +112,9 @@ def _print_calibration(args, cal) -> None:
     else:
         print(f"wrote {args.out}: {cal.method}-DiFR ({cal.statistic}) conformal threshold at FPR {cal.target_fpr:g} "
               f"from {cal.n_benign} benign sequences ({cal.benign.numel()} tokens): {cal.threshold(1):.4g} for 1 "
-              f"token, {cal.threshold(longest):.4g} for the mean of {longest}; claims longer than {longest} "
-              f"tokens get 'insufficient' (need {cal.min_units} disjoint benign windows of their length)")
+              f"token, {cal.threshold(longest):.4g} for the mean of {longest}. Claims are decided per sequence "
+              f"(Bonferroni over sequences and windows): up to about {int(cal.benign.numel() * cal.target_fpr)} "
+              f"claim tokens in all (B sequences of L tokens need B*L/FPR benign tokens at 1-token windows)")
 
 
 def _verify(args, claim, digest: str | None) -> int:
@@ -137,16 +141,10 @@ def _print_report(args, report) -> None:
     elif report.decision == "uncalibrated":
         print(f"UNCALIBRATED: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens; no decision "
               f"without --calibration (see `steer verify --calibrate`)")
-    elif report.decision == "insufficient":
-        print(f"INSUFFICIENT: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens; the calibration "
-              f"has {s['calibration_windows']} disjoint benign windows of {s['n_tokens']} tokens, a threshold at FPR "
-              f"{s['target_fpr']:g} needs {s['windows_needed']}: no decision (calibrate on more or longer benign runs, "
-              f"or raise --target-fpr)")
     else:
-        print(f"{report.decision.upper()}: mean {report.method} score {s['score']:.4g} over {s['n_tokens']} tokens, "
-              f"threshold {s['threshold']:.4g} at FPR {s['target_fpr']:g}, p = {s['p_value']:.3g}")
+        print(report.headline())
     if report.decision == "uncalibrated":
         print("steer verify: no --calibration given, so nothing was verified", file=sys.stderr)
     if report.decision == "insufficient":
-        print("steer verify: too few calibration windows for this claim's length, so nothing was verified",
+        print("steer verify: too few calibration windows for this claim's sequences, so nothing was verified",
               file=sys.stderr)

@@ -21,6 +21,7 @@ from steer.difr.sampling import GumbelSampler, SamplingParams, gumbel_noise, tok
 from steer.difr.verify import (
     Calibration,
     Reference,
+    SequenceDecision,
     VerificationReport,
     activation_distances,
     calibrate,
@@ -32,6 +33,6 @@ from steer.difr.verify import (
 __all__ = [
     "DiFRConfig", "FingerprintRecorder", "Fingerprints", "encode_prompts", "fingerprint_prompts", "generate", "intervention_digest", "project",
     "projection_matrix", "quantize_dequantize", "quantize_rtn", "GumbelSampler", "SamplingParams",
-    "gumbel_noise", "token_margins", "Calibration", "Reference", "VerificationReport",
+    "gumbel_noise", "token_margins", "Calibration", "Reference", "SequenceDecision", "VerificationReport",
     "activation_distances", "calibrate", "teacher_force", "verify", "window_means",
 ]

@@ -4,7 +4,7 @@ The verifier runs the reference model (with the claimed intervention applied, if
 in that intervention's context) on prompt + output, recomputes each generated token's fingerprint
 and scores it: Activation-DiFR by the L2 distance ||f_provider - f_verifier||_2 (the paper's statistic),
 Token-DiFR by the Gumbel margin clipped at 0.5 (the paper's code). The decision statistic is the mean
-score over the file's n tokens.
+score over a window of n consecutive tokens of one sequence.
 
 The threshold for n tokens is a split-conformal quantile: the benign runs (same model, different
 batch composition, padding, attention kernel, threads) are cut into disjoint windows of n
@@ -13,6 +13,14 @@ calibration unit, and the threshold is the ceil((m + 1)(1 - alpha))-th smallest 
 A claim whose score is exchangeable with those units then exceeds it with probability <= alpha. With
 fewer than 1/alpha units the rank does not exist (or sits on the maximum); the cell is reported as
 "insufficient", never as a pass.
+
+A claim is decided per sequence (CLAIM_RULE): a claim of B sequences (e.g. several requests
+concatenated) tests each sequence at alpha / B; a sequence of L tokens is cut into w = ceil(L / n)
+windows of n tokens (disjoint, the last one ending at the sequence's end), each tested at
+alpha / (B w) against the conformal threshold for n at that level, n the longest window the
+calibration has enough units for. The claim is rejected when any window exceeds its threshold
+(the failing sequences are named), so an honest claim is rejected with probability <= alpha
+(Bonferroni: no independence between windows or sequences needed).
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ ROUNDING_BOUND = {"ulp": 0.5}
 TOKEN_CLIP = 0.5
 DECISIONS = ("verified", "rejected", "uncalibrated", "insufficient")
 CLAIMED_MODEL = "verify with the model the provider claims"
+CLAIM_RULE = ("per sequence, Bonferroni: each of the claim's B sequences at alpha/B, each of its w windows of n "
+              "tokens at alpha/(B*w); rejected if any window's mean exceeds its threshold")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +217,26 @@ def min_units(alpha: float) -> int:
 
 
 @dataclass
+class SequenceDecision:
+    """One sequence of a claim under CLAIM_RULE: its windows, their level and threshold, the decision."""
+
+    index: int  # position of the sequence in the claim
+    n_tokens: int
+    window: int | None  # n, tokens per window (None: no window length is calibrated at this level)
+    n_windows: int  # windows tested, w = ceil(n_tokens / n)
+    alpha: float  # FPR of each window's test: target_fpr / (sequences * w)
+    threshold: float | None
+    score: float  # the largest window mean (the mean of all tokens when insufficient)
+    p_value: float | None  # min(1, w * the smallest window's conformal p-value)
+    decision: str  # "verified" | "rejected" | "insufficient"
+    calibration_windows: int  # benign units behind the threshold (at n = 1 when insufficient)
+    windows_needed: int  # units the level needs, ceil(1 / alpha)
+
+    def summary(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
 class Calibration:
     """Benign per-token scores, and the split-conformal threshold they give at `target_fpr`.
 
@@ -250,15 +280,19 @@ class Calibration:
         return self._cache[n]
 
     def n_units(self, n: int) -> int:
-        return int(self.units(n).numel())
+        """Disjoint within-sequence n-token benign windows (without computing their means)."""
+        if n < 1:
+            raise ValueError(f"window length must be >= 1, got {n}")
+        return int((self.lengths // n).sum())
 
     @property
     def min_units(self) -> int:
         """Units a threshold needs: 1/target_fpr."""
         return min_units(self.target_fpr)
 
-    def sufficient(self, n: int) -> bool:
-        return self.n_units(n) >= self.min_units
+    def sufficient(self, n: int, alpha: float | None = None) -> bool:
+        """Enough units for a threshold for n tokens at `alpha` (default target_fpr): 1/alpha of them."""
+        return self.n_units(n) >= min_units(self.target_fpr if alpha is None else alpha)
 
     def max_tokens(self) -> int:
         """The largest n whose threshold is calibrated (0 if none)."""
@@ -267,14 +301,16 @@ class Calibration:
             n -= 1
         return n
 
-    def threshold(self, n: int) -> float | None:
-        """Split-conformal threshold for the mean of n tokens: the ceil((m + 1)(1 - target_fpr))-th
-        smallest of the m benign window means, never below `min_threshold`. None ("insufficient") with
-        fewer than 1/target_fpr windows: no calibrated threshold exists, and no claim passes on it."""
-        if not self.sufficient(n):
+    def threshold(self, n: int, alpha: float | None = None) -> float | None:
+        """Split-conformal threshold for the mean of n tokens at FPR `alpha` (default target_fpr): the
+        ceil((m + 1)(1 - alpha))-th smallest of the m benign window means, never below `min_threshold`.
+        None ("insufficient") with fewer than 1/alpha windows: no calibrated threshold exists, and no
+        claim passes on it."""
+        alpha = self.target_fpr if alpha is None else alpha
+        if not self.sufficient(n, alpha):
             return None
         units = self.units(n)
-        t = float(units[conformal_rank(units.numel(), self.target_fpr) - 1])
+        t = float(units[conformal_rank(units.numel(), alpha) - 1])
         return t if self.min_threshold is None else max(t, float(self.min_threshold))
 
     def p_value(self, score: float, n: int) -> float | None:
@@ -290,6 +326,43 @@ class Calibration:
         if t is None:
             return "insufficient"
         return "verified" if math.isfinite(score) and score <= t else "rejected"
+
+    def window_plan(self, length: int, n_sequences: int = 1) -> tuple[int, int, float] | None:
+        """(n, w, alpha_w) for one sequence of `length` tokens in a claim of `n_sequences`: the longest
+        window n whose threshold at alpha_w = target_fpr / (n_sequences * w), w = ceil(length / n)
+        windows, is calibrated; None when not even n = 1 is (the sequence is "insufficient")."""
+        if length < 1 or n_sequences < 1:
+            raise ValueError(f"need a sequence of >= 1 token in a claim of >= 1 sequence, got {length}, {n_sequences}")
+        for n in range(length, 0, -1):
+            w = -(-length // n)
+            alpha_w = self.target_fpr / (n_sequences * w)
+            if self.sufficient(n, alpha_w):
+                return n, w, alpha_w
+        return None
+
+    def decide_sequences(self, scores: Tensor, lengths: Tensor) -> list[SequenceDecision]:
+        """The per-sequence decisions of CLAIM_RULE for a claim's per-token `scores` (sequences of `lengths`)."""
+        if int(lengths.sum()) != scores.numel():
+            raise ValueError(f"{scores.numel()} scores for sequences of {int(lengths.sum())} tokens in all")
+        n_seq = int(lengths.numel())
+        return [self._decide_sequence(i, seq, n_seq) for i, seq in enumerate(torch.split(scores, lengths.tolist()))]
+
+    def _decide_sequence(self, index: int, seq: Tensor, n_seq: int) -> SequenceDecision:
+        length = seq.numel()
+        plan = self.window_plan(length, n_seq)
+        if plan is None:  # report what n = 1 has and would need
+            return SequenceDecision(index, length, None, 0, self.target_fpr / (n_seq * length), None,
+                                    float(seq.mean()), None, "insufficient", self.n_units(1),
+                                    min_units(self.target_fpr / (n_seq * length)))
+        n, w, alpha_w = plan
+        starts = [i * n for i in range(length // n)] + ([length - n] if length % n else [])
+        means = torch.stack([seq[a:a + n].mean() for a in starts])
+        threshold = self.threshold(n, alpha_w)
+        worst = float(means.max())
+        rejected = not bool(torch.isfinite(means).all()) or worst > threshold
+        p = min(1.0, w * min(self.p_value(float(m), n) for m in means))
+        return SequenceDecision(index, length, n, w, alpha_w, threshold, worst, p,
+                                "rejected" if rejected else "verified", self.n_units(n), min_units(alpha_w))
 
     def check_compatible(self, fp: Fingerprints) -> None:
         if (self.config.k, self.config.seed, self.config.projection) != (fp.config.k, fp.config.seed,
@@ -435,17 +508,23 @@ def calibrate(model: nn.Module, benign: list[Fingerprints], *, target_fpr: float
 
 @dataclass
 class VerificationReport:
-    """Per-token scores of a claim, their mean over n tokens, and the decision at the calibrated FPR."""
+    """Per-token scores of a claim, the per-sequence decisions (CLAIM_RULE) and the claim's decision.
+
+    `threshold`, `n_windows` and `min_windows` are those of the deciding sequence: the most significant
+    rejected one, else the first insufficient one, else the one closest to rejection; `p_value` is the
+    claim's Bonferroni p-value, min(1, B * the smallest sequence p-value). `score` is the mean over all
+    the claim's tokens (descriptive; decisions are on window means, see `sequences`).
+    """
 
     method: str
     scores: Tensor  # fp32 [N] per token (distance, or clipped margin)
     lengths: Tensor  # Int64[B]
     output_ids: Tensor  # Int64[N]
-    score: float  # mean over the n tokens
+    score: float  # mean over all n tokens
     threshold: float | None
     p_value: float | None
     target_fpr: float | None
-    decision: str  # "verified" | "rejected" | "uncalibrated" | "insufficient" (no calibrated threshold for n)
+    decision: str  # "verified" | "rejected" | "uncalibrated" | "insufficient" (no calibrated threshold)
     model_id: str = ""
     k: int = 0
     distances: Tensor | None = None  # Activation-DiFR distances in `statistic`, always computed
@@ -453,8 +532,14 @@ class VerificationReport:
     statistic: str = DEFAULT_STATISTIC
     l2: Tensor | None = None  # per-token paper L2 distance, always reported
     ulp: Tensor | None = None  # per-token floored-ulp distance, always reported beside it
-    n_windows: int | None = None  # calibration units behind the threshold (disjoint benign n-token windows)
-    min_windows: int | None = None  # units needed (1/target_fpr)
+    n_windows: int | None = None  # calibration units behind the deciding threshold
+    min_windows: int | None = None  # units that threshold's level needs
+    sequences: list[SequenceDecision] = field(default_factory=list)  # one per sequence (empty: uncalibrated)
+
+    @property
+    def rejected_sequences(self) -> list[int]:
+        """Indices of the sequences whose windows exceeded their thresholds."""
+        return [d.index for d in self.sequences if d.decision == "rejected"]
 
     @property
     def n_tokens(self) -> int:
@@ -471,7 +556,11 @@ class VerificationReport:
                 "k": self.k, "statistic": self.statistic,
                 "mean_l2": None if self.l2 is None else float(self.l2.mean()),
                 "mean_ulp": None if self.ulp is None else float(self.ulp.mean()),
-                "calibration_windows": self.n_windows, "windows_needed": self.min_windows}
+                "calibration_windows": self.n_windows, "windows_needed": self.min_windows,
+                "rule": CLAIM_RULE if self.sequences else None,
+                "per_sequence_fpr": None if self.target_fpr is None else self.target_fpr / int(self.lengths.numel()),
+                "rejected_sequences": self.rejected_sequences,
+                "sequences": [d.summary() for d in self.sequences]}
 
     def to_dataframe(self):
         import pandas as pd
@@ -490,6 +579,38 @@ class VerificationReport:
             df["margin"] = self.margins.numpy()
         return df
 
+    def _deciding(self) -> SequenceDecision | None:
+        """The sequence the headline numbers come from (see the class docstring)."""
+        for decision in ("rejected", "insufficient", "verified"):
+            these = [d for d in self.sequences if d.decision == decision]
+            if these:
+                if decision == "insufficient":
+                    return these[0]
+                return min(these, key=lambda d: d.p_value)
+        return None
+
+    def headline(self) -> str:
+        """One line: the decision, the rule's levels and the deciding sequence (what the CLI prints)."""
+        s, d = self.summary(), self._deciding()
+        if d is None:
+            return (f"{self.decision.upper()}: mean {self.method} score {self.score:.4g} over {self.n_tokens} tokens; "
+                    f"no decision without a calibration")
+        head = (f"{self.decision.upper()}: {s['n_sequences']} sequence(s), {s['n_tokens']} tokens, decided per "
+                f"sequence at FPR {s['target_fpr']:g}/{s['n_sequences']} each (Bonferroni over sequences and windows)")
+        if self.decision == "insufficient":
+            return (f"{head}; sequence {d.index} ({d.n_tokens} tokens): the calibration has {d.calibration_windows} "
+                    f"disjoint benign 1-token windows, its windows' level {d.alpha:.3g} needs {d.windows_needed}: no "
+                    f"decision (calibrate on more benign runs, or raise the target FPR)")
+        bad = f"; rejected sequences {self.rejected_sequences}" if self.rejected_sequences else ""
+        return (f"{head}{bad}; sequence {d.index}: largest mean of {d.window} tokens {d.score:.4g}, threshold "
+                f"{d.threshold:.4g} at {d.alpha:.3g} ({d.n_windows} window(s)); claim p = {s['p_value']:.3g}")
+
+    def sequences_dataframe(self):
+        """One row per sequence: its window length, windows, level, threshold, worst window, decision."""
+        import pandas as pd
+
+        return pd.DataFrame([d.summary() for d in self.sequences])
+
     def figure(self):
         import plotly.graph_objects as go
 
@@ -497,12 +618,15 @@ class VerificationReport:
         fig = go.Figure()
         for s, part in df.groupby("sequence"):
             fig.add_trace(go.Scatter(x=part.position, y=part.score, mode="markers", name=f"sequence {s}"))
-        if self.threshold is not None:
+        deciding = self._deciding()
+        if self.threshold is not None and deciding is not None:
             fig.add_hline(y=self.threshold, line_dash="dash",
-                          annotation_text=f"threshold for the mean of {self.n_tokens} tokens")
+                          annotation_text=f"threshold for the mean of {deciding.window} tokens "
+                                          f"(sequence {deciding.index}, FPR {deciding.alpha:.2g})")
         fig.add_hline(y=self.score, line_dash="dot", annotation_text=f"mean {self.score:.3g}")
         what = f"{self.statistic} fingerprint distance" if self.method == "activation" else "clipped Gumbel margin"
-        fig.update_layout(title=f"{self.decision.upper()}: {self.method}-DiFR, {self.n_tokens} tokens"
+        bad = f", rejected sequences {self.rejected_sequences}" if self.rejected_sequences else ""
+        fig.update_layout(title=f"{self.decision.upper()}: {self.method}-DiFR, {self.n_tokens} tokens{bad}"
                           + (f", p = {self.p_value:.3g}" if self.p_value is not None else ""),
                           xaxis_title="generated token", yaxis_title=what)
         return fig
@@ -514,9 +638,12 @@ def verify(model: nn.Module, fingerprints: Fingerprints | str | Path, calibratio
            intervention: str | None = None) -> VerificationReport:
     """Check a claim against the reference `model`; decide only with a calibration (else "uncalibrated").
 
-    The decision compares the mean over the claim's n tokens with the calibration's conformal
-    threshold for n; with fewer than 1/target_fpr benign n-token windows it is "insufficient" (not a
-    pass). Both per-token distances, the paper's L2 and the floored ulp, are in the report.
+    The claim is decided per sequence (CLAIM_RULE): each sequence's windows against the conformal
+    threshold for their length at target_fpr / (sequences * windows); rejected if any window exceeds
+    it (`report.rejected_sequences` names them), "insufficient" (not a pass) if some sequence has no
+    calibrated window length at its level and none is rejected. A one-sequence claim whose full length
+    is calibrated is its mean against the threshold for its n tokens. Both per-token distances, the
+    paper's L2 and the floored ulp, are in the report.
 
     For verifiable steering, call this inside the claimed intervention's context manager and pass
     its digest as `intervention` (steer.difr.fingerprint.intervention_digest).
@@ -544,14 +671,22 @@ def verify(model: nn.Module, fingerprints: Fingerprints | str | Path, calibratio
         scores = distances
     else:
         scores = clip_margins(ref.margins, calibration.clip if calibration is not None else TOKEN_CLIP)
-    score, n = float(scores.mean()), int(scores.numel())
-    if calibration is None:
-        threshold = p = n_windows = need = None
-        decision = "uncalibrated"
-    else:
-        threshold, p, decision = calibration.threshold(n), calibration.p_value(score, n), calibration.decide(score, n)
-        n_windows, need = calibration.n_units(n), calibration.min_units
-    return VerificationReport(method, scores.float(), fp.output_lengths, fp.output_ids, score, threshold, p,
-                              calibration.target_fpr if calibration is not None else None, decision,
-                              fp.model_id, fp.config.k, distances, ref.margins, statistic, side["l2"], side["ulp"],
-                              n_windows, need)
+    report = VerificationReport(method, scores.float(), fp.output_lengths, fp.output_ids, float(scores.mean()),
+                                None, None, None, "uncalibrated", fp.model_id, fp.config.k, distances, ref.margins,
+                                statistic, side["l2"], side["ulp"])
+    if calibration is not None:
+        _decide_claim(report, calibration)
+    return report
+
+
+def _decide_claim(report: VerificationReport, calibration: Calibration) -> None:
+    """Fill in the per-sequence decisions and the claim's decision (CLAIM_RULE) of `report`."""
+    seqs = calibration.decide_sequences(report.scores, report.lengths)
+    decisions = {d.decision for d in seqs}
+    report.decision = next(d for d in ("rejected", "insufficient", "verified") if d in decisions)
+    report.sequences, report.target_fpr = seqs, calibration.target_fpr
+    tested = [d.p_value for d in seqs if d.p_value is not None]
+    report.p_value = min(1.0, len(seqs) * min(tested)) if tested else None
+    deciding = report._deciding()
+    report.threshold, report.n_windows, report.min_windows = (deciding.threshold, deciding.calibration_windows,
+                                                              deciding.windows_needed)
