@@ -485,3 +485,19 @@ def test_ulp_thresholds_never_go_below_the_rounding_bound(llama, tok):
     l2 = calibrate(llama, [fp], target_fpr=0.1)
     assert l2.statistic == "l2" and l2.min_threshold is None and l2.threshold(1) < 0.05  # no content-free bound
     assert calibrate(llama, [fp], method="token").min_threshold is None
+
+
+def test_fingerprints_pickled_before_identities_unpickle_as_the_legacy_scheme(llama, tok):
+    """experiments/difr/run.py --rescore reads raw caches pickled by older steer: a bare DiFR config hash
+    becomes an identity of the legacy scheme, and current pickles round-trip unchanged."""
+    import pickle
+
+    from steer.identity import LEGACY_DIFR
+
+    fp = _fp(llama, tok)
+    assert pickle.loads(pickle.dumps(fp)).identity == fp.identity
+    old_state = {k: v for k, v in vars(fp).items() if k != "identity"} | {"config_hash": "0123abcd"}
+    old = Fingerprints.__new__(Fingerprints)
+    old.__setstate__(old_state)
+    assert old.identity == {"scheme": LEGACY_DIFR, "config_hash": "0123abcd"} and old.config_hash == "0123abcd"
+    assert "config_hash" not in vars(old)

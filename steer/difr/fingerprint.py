@@ -120,6 +120,14 @@ class Fingerprints:
     def __post_init__(self):
         self.check()
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle; objects pickled before claims carried an identity (experiments' raw caches) held a bare
+        DiFR config hash: it reads as that legacy scheme, as saved fingerprint files of format 1 do."""
+        if "identity" not in state and "config_hash" in state:
+            state = {**state, "identity": {"scheme": LEGACY_DIFR, "config_hash": state["config_hash"]}}
+            del state["config_hash"]
+        self.__dict__.update(state)
+
     @property
     def n_sequences(self) -> int:
         return int(self.output_lengths.numel())
