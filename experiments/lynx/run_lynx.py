@@ -9,6 +9,8 @@ Stages (each saves its output under experiments/lynx/out/, so `--stage analyse` 
             RESULTS.md tables (results.json holds every number).
   resplit   the conformal check over 1000 random calibration/test splits of the pooled cue events
             (by trajectory), with the saved probe: the guarantee is marginal over these draws.
+  rescore   analyse + resplit from the saved outputs only (rows_*.json, cues_*.safetensors,
+            online.json, run.json): no model is loaded and nothing is generated.
 
 Test-split LYNX / DEER numbers at every delta are computed from the test labelling pass: greedy
 decoding is deterministic and the trial at cue j is exactly what exiting at cue j produces, so the
@@ -16,6 +18,9 @@ first cue a policy accepts gives its answer and token count. The online stage ch
 real online runs.
 
     .venv/bin/python experiments/lynx/run_lynx.py --stage all
+    .venv/bin/python experiments/lynx/run_lynx.py --model qwen2.5-coder --budget 256 --n 40,30,30 \
+        --out experiments/lynx/out_qwen --stage all
+    .venv/bin/python experiments/lynx/run_lynx.py --out experiments/lynx/out_qwen --stage rescore
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ OUT = Path(__file__).parent / "out"  # --out changes it (e.g. out_moe for the em
 N = {"train": 100, "calibration": 80, "test": 60}  # --n changes it
 DELTAS = (0.05, 0.1, 0.2, 0.3)
 ONLINE_DELTA = 0.2
-BUDGETS = (16, 32)
+BUDGETS = (16, 32)  # fixed-budget baselines: a quarter and half of the reasoning budget (--budget)
+DEER_N = 20  # DEER's online run covers the first DEER_N test problems (a consistency check; --deer-n)
 DEER_THRESHOLD = 0.95
 # SmolLM2 never says "wait"/"hmm": it ends steps with line breaks, so structural cues do the work.
 CUES = CueSet(structural=("blank_line", "newline"))
@@ -94,6 +100,27 @@ def stage_label(model, tok, name):
         acc = sum(r["correct"] for r in recs) / len(recs)
         print(f"{split}: {len(probs)} problems, {len(lab)} cue events, {int(lab.labels.sum())} positive, "
               f"full-generation accuracy {acc:.3f}, {time.time()-t0:.0f}s", flush=True)
+        _record_run(name, tok, points, **{f"label_{split}_seconds": round(time.time() - t0)})
+
+
+def _record_run(name, tok, points, **extra):
+    """run.json: what produced this directory (read back by --stage rescore, which loads no model)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "run.json"
+    run = json.loads(path.read_text()) if path.exists() else {}
+    run.update({"model": name, "points": list(points), "n": dict(N), "budget": CONFIG.max_new_tokens,
+                "cues": CUES.to_json(), "exit_string": CONFIG.exit_string,
+                "exit_len": len(tok(CONFIG.exit_string, add_special_tokens=False)["input_ids"]),
+                "deer_n": DEER_N, "machine": _machine(), **extra})
+    path.write_text(json.dumps(run, indent=1))
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, 1 thread"
 
 
 def fit(lab_train: LabelledCues) -> LynxProbe:
@@ -172,7 +199,7 @@ def stage_online(model, tok, name, only=None):
     if only in (None, "lynx"):
         go(f"lynx_online_delta{ONLINE_DELTA}", policy=LynxPolicy(probe, calib), config=CONFIG)
     if only in (None, "deer"):
-        go("deer_online_first20", n=20, policy=DeerPolicy(DEER_THRESHOLD), config=CONFIG)  # consistency check
+        go(f"deer_online_first{DEER_N}", n=DEER_N, policy=DeerPolicy(DEER_THRESHOLD), config=CONFIG)  # consistency
     if only in (None, "budget"):
         for b in BUDGETS:
             cfg = ExitConfig(**{**CONFIG.__dict__, "max_new_tokens": b})
@@ -185,9 +212,9 @@ def stage_online(model, tok, name, only=None):
 EXIT_LEN = 0
 
 
-def stage_analyse(tok):
+def stage_analyse(exit_len: int):
     global EXIT_LEN
-    EXIT_LEN = len(tok(CONFIG.exit_string, add_special_tokens=False)["input_ids"])
+    EXIT_LEN = exit_len
     labs = {s: LabelledCues.from_safetensors(OUT / f"cues_{s}.safetensors") for s in N}
     recs = {s: json.loads((OUT / f"rows_{s}.json").read_text()) for s in N}
     chk = NumericChecker()
@@ -216,7 +243,7 @@ def stage_analyse(tok):
     out["oracle_first_correct_cue"] = simulate(test, lambda e: e["label"] == 1)
     out["deer"] = simulate(test, lambda e: e["confidence"] > DEER_THRESHOLD)
     out["deer"]["mean_forward_tokens_incl_trials"] = _deer_compute(test)
-    out["deer_first20_simulated"] = simulate(test[:20], lambda e: e["confidence"] > DEER_THRESHOLD)
+    out[f"deer_first{DEER_N}_simulated"] = simulate(test[:DEER_N], lambda e: e["confidence"] > DEER_THRESHOLD)
     out["lynx"] = {}
     for d in DELTAS:
         calib = calibrate(p["calibration"], labs["calibration"].labels, d, warn=False)
@@ -240,8 +267,9 @@ def stage_analyse(tok):
                             for t in test[: len(rows)]]
                 out["online"][k]["same_exit_as_simulation"] = sum(
                     a == r["exit_cue"] for a, r in zip(sim_exit, rows)) / len(rows)
-    out["machine"] = f"{platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, 1 thread"
-    out["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out["machine"] = _machine()
+    out["budget"] = CONFIG.max_new_tokens
+    out["date"] = _now()
     (OUT / "results.json").write_text(json.dumps(out, indent=1, default=str))
     (OUT / "tables.md").write_text(tables(out))
     print(json.dumps(out, indent=1, default=str))
@@ -339,18 +367,17 @@ def _deer_compute(test) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["label", "relabel", "online", "analyse", "resplit", "all"], default="all")
+    ap.add_argument("--stage", choices=["label", "relabel", "online", "analyse", "resplit", "rescore", "all"],
+                    default="all")
     ap.add_argument("--only", choices=["lynx", "deer", "budget"], help="online stage: run only these runs")
     ap.add_argument("--model", default="smollm2",
                     help="smollm2, moe (the embedded SmolLM2 MoE, steer.moebuild.ensure_moe), or a checkpoint dir")
     ap.add_argument("--out", help="output dir (default experiments/lynx/out)")
     ap.add_argument("--n", help="problems per split as train,calibration,test (default 100,80,60)")
+    ap.add_argument("--budget", type=int, help="reasoning budget in new tokens (default 64)")
+    ap.add_argument("--deer-n", type=int, help="test problems in DEER's online run (default 20)")
     args = ap.parse_args(argv)
-    global OUT
-    if args.out:
-        OUT = Path(args.out)
-    if args.n:
-        N.update(zip(("train", "calibration", "test"), (int(x) for x in args.n.split(","))))
+    _configure(args)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if args.stage == "relabel":
@@ -359,20 +386,45 @@ def main(argv=None):
     if args.stage == "resplit":
         stage_resplit()
         return 0
+    if args.stage == "rescore":
+        stage_analyse(json.loads((OUT / "run.json").read_text())["exit_len"])
+        stage_resplit()
+        return 0
     if args.model == "moe":
         from steer.moebuild import ensure_moe
 
         model, tok, name = load_model(str(ensure_moe()))
     else:
         model, tok, name = load_model(args.model)
-    print(f"model {name}: {type(model).__name__}, splits {N}, out {OUT}", flush=True)
+    print(f"model {name}: {type(model).__name__}, splits {N}, budget {CONFIG.max_new_tokens}, out {OUT}", flush=True)
+    _record_run(name, tok, default_points(model), **{f"command_{args.stage}": " ".join(sys.argv),
+                                                    f"started_{args.stage}": _now()})
     if args.stage in ("label", "all"):
         stage_label(model, tok, name)
     if args.stage in ("online", "all"):
         stage_online(model, tok, name, args.only)
     if args.stage in ("analyse", "all"):
-        stage_analyse(tok)
+        stage_analyse(len(tok(CONFIG.exit_string, add_special_tokens=False)["input_ids"]))
     return 0
+
+
+def _configure(args):
+    """Apply --out / --n / --budget / --deer-n; a directory with a run.json keeps its own settings
+    unless they are given again (so later stages and --rescore see the labelling run's budget)."""
+    global OUT, CONFIG, BUDGETS, DEER_N
+    if args.out:
+        OUT = Path(args.out)
+    run = json.loads((OUT / "run.json").read_text()) if (OUT / "run.json").exists() else {}
+    if args.n:
+        N.update(zip(("train", "calibration", "test"), (int(x) for x in args.n.split(","))))
+    elif "n" in run:
+        N.update(run["n"])
+    budget = args.budget or run.get("budget", CONFIG.max_new_tokens)
+    if run.get("budget") not in (None, budget):
+        raise SystemExit(f"{OUT} was labelled with budget {run['budget']}, not {budget}: use another --out")
+    CONFIG = ExitConfig(**{**CONFIG.__dict__, "max_new_tokens": budget})
+    BUDGETS = (budget // 4, budget // 2)
+    DEER_N = args.deer_n or run.get("deer_n", DEER_N)
 
 
 if __name__ == "__main__":
