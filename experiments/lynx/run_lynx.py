@@ -82,11 +82,11 @@ def row_records(problems_, results, checker) -> list[dict]:
     return recs
 
 
-def stage_label(model, tok, name):
+def stage_label(model, tok, name, splits=("train", "calibration", "test")):
     OUT.mkdir(parents=True, exist_ok=True)
     points = default_points(model)
     chk = NumericChecker()
-    for split in ("train", "calibration", "test"):
+    for split in splits:
         probs = problems(split)
         t0 = time.time()
         lab, results = label_cue_events(model, tok, probs, points, CUES, CONFIG, chk, batch_size=BATCH,
@@ -145,6 +145,28 @@ def simulate(recs, exit_at) -> dict:
         compute.append(tokens[-1])
     return {"accuracy": sum(correct) / len(recs), "mean_tokens": sum(tokens) / len(recs),
             "exit_fraction": exits / len(recs)}
+
+
+def simulate_budget_at_cue(recs, budget: int) -> dict:
+    """A fixed budget simulated from the labelling pass: a row that stops by itself within `budget`
+    tokens keeps its answer; any other row exits at its last cue whose cut is <= budget (the trial
+    there is exactly that exit). Not the same as the online budget cut, which forces the answer at
+    token `budget` itself (mid-step); rows with no cue by then count as wrong (`no_cue_rows`)."""
+    correct, tokens, no_cue = [], [], 0
+    for r in recs:
+        if r["stop"] == "eos" and r["kept"] <= budget:
+            correct.append(r["correct"])
+            tokens.append(r["n_tokens"])
+            continue
+        ev = [e for e in r["events"] if e["cut"] <= budget]
+        if not ev:
+            no_cue += 1
+            correct.append(False)
+            tokens.append(budget)
+            continue
+        correct.append(bool(ev[-1]["label"]))
+        tokens.append(ev[-1]["cut"] + EXIT_LEN + ev[-1]["answer_len"])
+    return {"accuracy": sum(correct) / len(recs), "mean_tokens": sum(tokens) / len(recs), "no_cue_rows": no_cue}
 
 
 def stage_relabel():
@@ -244,6 +266,7 @@ def stage_analyse(exit_len: int):
     out["deer"] = simulate(test, lambda e: e["confidence"] > DEER_THRESHOLD)
     out["deer"]["mean_forward_tokens_incl_trials"] = _deer_compute(test)
     out[f"deer_first{DEER_N}_simulated"] = simulate(test[:DEER_N], lambda e: e["confidence"] > DEER_THRESHOLD)
+    out["budget_at_last_cue"] = {str(b): simulate_budget_at_cue(test, b) for b in BUDGETS}
     out["lynx"] = {}
     for d in DELTAS:
         calib = calibrate(p["calibration"], labs["calibration"].labels, d, warn=False)
@@ -331,6 +354,9 @@ def tables(out) -> str:
     r = out["oracle_first_correct_cue"]
     lines.append(f"| oracle: first cue whose forced answer is right | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
                  f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
+    for b, v in out.get("budget_at_last_cue", {}).items():
+        lines.append(f"| budget {b}, exit at the last cue before it (simulated) | {v['accuracy']:.3f} | "
+                     f"{v['mean_tokens']:.1f} | {v['mean_tokens'] / full_tok:.2f} | - |")
     for k, v in out.get("online", {}).items():
         if k.startswith("budget"):
             lines.append(f"| fixed budget cut at {k[6:]} tokens (online) | {v['accuracy']:.3f} | {v['mean_tokens']:.1f} | "
@@ -376,6 +402,8 @@ def main(argv=None):
     ap.add_argument("--n", help="problems per split as train,calibration,test (default 100,80,60)")
     ap.add_argument("--budget", type=int, help="reasoning budget in new tokens (default 64)")
     ap.add_argument("--deer-n", type=int, help="test problems in DEER's online run (default 20)")
+    ap.add_argument("--splits", default="train,calibration,test",
+                    help="label stage: which splits (separate processes can label splits in parallel)")
     args = ap.parse_args(argv)
     _configure(args)
     torch.set_num_threads(1)
@@ -400,7 +428,7 @@ def main(argv=None):
     _record_run(name, tok, default_points(model), **{f"command_{args.stage}": " ".join(sys.argv),
                                                     f"started_{args.stage}": _now()})
     if args.stage in ("label", "all"):
-        stage_label(model, tok, name)
+        stage_label(model, tok, name, tuple(args.splits.split(",")))
     if args.stage in ("online", "all"):
         stage_online(model, tok, name, args.only)
     if args.stage in ("analyse", "all"):
