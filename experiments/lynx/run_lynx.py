@@ -43,6 +43,7 @@ from steer.probes.data import LabelledCues, arithmetic_problems, chat_prompts, l
 from steer.probes.features import default_points
 from steer.probes.generate import DeerPolicy, ExitConfig, LynxPolicy, generate_with_exit, premature_exit_rates
 from steer.probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
+from steer.stats import mcnemar_exact, wilson_ci
 
 OUT = Path(__file__).parent / "out"  # --out changes it (e.g. out_moe for the embedded MoE)
 N = {"train": 100, "calibration": 80, "test": 60}  # --n changes it
@@ -144,7 +145,7 @@ def simulate(recs, exit_at) -> dict:
             tokens.append(ex["cut"] + EXIT_LEN + ex["answer_len"])
         compute.append(tokens[-1])
     return {"accuracy": sum(correct) / len(recs), "mean_tokens": sum(tokens) / len(recs),
-            "exit_fraction": exits / len(recs)}
+            "exit_fraction": exits / len(recs), "correct_rows": correct}
 
 
 def simulate_budget_at_cue(recs, budget: int) -> dict:
@@ -166,7 +167,8 @@ def simulate_budget_at_cue(recs, budget: int) -> dict:
             continue
         correct.append(bool(ev[-1]["label"]))
         tokens.append(ev[-1]["cut"] + EXIT_LEN + ev[-1]["answer_len"])
-    return {"accuracy": sum(correct) / len(recs), "mean_tokens": sum(tokens) / len(recs), "no_cue_rows": no_cue}
+    return {"accuracy": sum(correct) / len(recs), "mean_tokens": sum(tokens) / len(recs), "no_cue_rows": no_cue,
+            "correct_rows": correct}
 
 
 def stage_relabel():
@@ -261,7 +263,8 @@ def stage_analyse(exit_len: int):
             k += 1
     assert k == len(labs["test"])
     out["full"] = {"accuracy": out["splits"]["test"]["full_accuracy"],
-                   "mean_tokens": sum(r["n_tokens"] for r in test) / len(test)}
+                   "mean_tokens": sum(r["n_tokens"] for r in test) / len(test),
+                   "correct_rows": [bool(r["correct"]) for r in test]}
     out["oracle_first_correct_cue"] = simulate(test, lambda e: e["label"] == 1)
     out["deer"] = simulate(test, lambda e: e["confidence"] > DEER_THRESHOLD)
     out["deer"]["mean_forward_tokens_incl_trials"] = _deer_compute(test)
@@ -277,6 +280,7 @@ def stage_analyse(exit_len: int):
         out["lynx"][str(d)] = {**sim, **rates, "q0": calib.q0, "q1": calib.q1, "n0": calib.n0, "n1": calib.n1,
                                "binomial_se_at_delta": se, "notes": calib.notes}
     out["exit_len"] = EXIT_LEN
+    out["points"] = labs["train"].meta["points"]
     if (OUT / "online.json").exists():
         online = json.loads((OUT / "online.json").read_text())
         out["online"] = {k: v for k, v in online.items() if not k.endswith("_rows")}
@@ -284,12 +288,14 @@ def stage_analyse(exit_len: int):
             rows = online[k + "_rows"]
             ok = [chk.check(r["final"], t["gold"], forced=r["stop"] != "eos") for r, t in zip(rows, test)]
             out["online"][k]["accuracy"] = sum(ok) / len(ok)
+            out["online"][k]["correct_rows"] = ok
             if k.startswith("lynx"):  # same exits as the simulation? (batch composition can nudge floats)
                 sim_exit = [next((e["cue_token"] for e in t["events"]
                                   if bool(probe.calibration.should_exit(torch.tensor([e["p"]]))[0])), None)
                             for t in test[: len(rows)]]
                 out["online"][k]["same_exit_as_simulation"] = sum(
                     a == r["exit_cue"] for a, r in zip(sim_exit, rows)) / len(rows)
+    add_stats(out)
     out["machine"] = _machine()
     out["budget"] = CONFIG.max_new_tokens
     out["date"] = _now()
@@ -339,28 +345,46 @@ def stage_resplit(n_splits: int = 1000):
     (OUT / "resplit.md").write_text("\n".join(lines) + "\n")
 
 
+def method_rows(out) -> list[tuple[str, dict]]:
+    """(label, entry) for every method in the accuracy table, in table order."""
+    rows = [(f"full generation (budget {CONFIG.max_new_tokens})", out["full"])]
+    rows += [(f"LYNX delta={d}", r) for d, r in out["lynx"].items()]
+    rows += [(f"DEER (trial confidence > {DEER_THRESHOLD})", out["deer"]),
+             ("oracle: first cue whose forced answer is right", out["oracle_first_correct_cue"])]
+    rows += [(f"budget {b}, exit at the last cue before it (simulated)", v)
+             for b, v in out.get("budget_at_last_cue", {}).items()]
+    rows += [(f"fixed budget cut at {k[6:]} tokens (online)", v) for k, v in out.get("online", {}).items()
+             if k.startswith("budget")]
+    return rows
+
+
+def add_stats(out):
+    """Wilson 95% CI of each accuracy and an exact McNemar test against full generation on the same
+    test problems (paired binary outcomes), for every method with per-row outcomes."""
+    full = out["full"]["correct_rows"]
+    for _, r in method_rows(out):
+        ok = r.get("correct_rows")
+        if ok is None:
+            continue
+        r["ci95"] = list(wilson_ci(sum(ok), len(ok)))
+        if len(ok) == len(full) and r is not out["full"]:
+            m = mcnemar_exact(full, ok)
+            r["vs_full"] = {"gained": m.gained, "lost": m.lost, "p_exact_mcnemar": m.p_value}
+
+
 def tables(out) -> str:
     """Markdown tables of results.json (pasted into RESULTS.md)."""
     full_tok = out["full"]["mean_tokens"]
-    lines = ["| method (test split) | accuracy | mean output tokens | tokens vs full | trajectories exited early |",
-             "|---|---|---|---|---|",
-             f"| full generation (budget {CONFIG.max_new_tokens}) | {out['full']['accuracy']:.3f} | {full_tok:.1f} | 1.00 | - |"]
-    for d, r in out["lynx"].items():
-        lines.append(f"| LYNX delta={d} | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
-                     f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
-    r = out["deer"]
-    lines.append(f"| DEER (trial confidence > {DEER_THRESHOLD}) | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
-                 f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
-    r = out["oracle_first_correct_cue"]
-    lines.append(f"| oracle: first cue whose forced answer is right | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
-                 f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
-    for b, v in out.get("budget_at_last_cue", {}).items():
-        lines.append(f"| budget {b}, exit at the last cue before it (simulated) | {v['accuracy']:.3f} | "
-                     f"{v['mean_tokens']:.1f} | {v['mean_tokens'] / full_tok:.2f} | - |")
-    for k, v in out.get("online", {}).items():
-        if k.startswith("budget"):
-            lines.append(f"| fixed budget cut at {k[6:]} tokens (online) | {v['accuracy']:.3f} | {v['mean_tokens']:.1f} | "
-                         f"{v['mean_tokens'] / full_tok:.2f} | - |")
+    lines = [f"| method (test split, n={len(out['full']['correct_rows'])}) | accuracy | 95% CI (Wilson) | "
+             "vs full: gained / lost, exact McNemar p | mean output tokens | tokens vs full | exited early |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in method_rows(out):
+        ci = "[{:.2f}, {:.2f}]".format(*r["ci95"]) if "ci95" in r else "-"
+        vs = r.get("vs_full")
+        vs = f"+{vs['gained']} / -{vs['lost']}, p={vs['p_exact_mcnemar']:.2f}" if vs else "-"
+        ex = f"{r['exit_fraction']:.2f}" if "exit_fraction" in r else "-"
+        lines.append(f"| {label} | {r['accuracy']:.3f} | {ci} | {vs} | {r['mean_tokens']:.1f} | "
+                     f"{r['mean_tokens'] / full_tok:.2f} | {ex} |")
     lines += ["", "| delta | q0 | n0 / n1 (calibration) | premature exits per negative cue event (test) | "
                   "+-1 binomial SE at delta | negative test events | premature exits per trajectory |",
               "|---|---|---|---|---|---|---|"]
