@@ -9,6 +9,8 @@ Stages (each saves its output under experiments/lynx/out/, so `--stage analyse` 
             RESULTS.md tables (results.json holds every number).
   resplit   the conformal check over 1000 random calibration/test splits of the pooled cue events
             (by trajectory), with the saved probe: the guarantee is marginal over these draws.
+  rescore   analyse + resplit from the saved outputs only (rows_*.json, cues_*.safetensors,
+            online.json, run.json): no model is loaded and nothing is generated.
 
 Test-split LYNX / DEER numbers at every delta are computed from the test labelling pass: greedy
 decoding is deterministic and the trial at cue j is exactly what exiting at cue j produces, so the
@@ -16,6 +18,9 @@ first cue a policy accepts gives its answer and token count. The online stage ch
 real online runs.
 
     .venv/bin/python experiments/lynx/run_lynx.py --stage all
+    .venv/bin/python experiments/lynx/run_lynx.py --model qwen2.5-coder --budget 256 --n 40,30,30 \
+        --out experiments/lynx/out_qwen --stage all
+    .venv/bin/python experiments/lynx/run_lynx.py --out experiments/lynx/out_qwen --stage rescore
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ from steer.probes.data import LabelledCues, arithmetic_problems, chat_prompts, l
 from steer.probes.features import default_points
 from steer.probes.generate import DeerPolicy, ExitConfig, LynxPolicy, generate_with_exit, premature_exit_rates
 from steer.probes.probe import LynxProbe, ProbeConfig, ProbeInfo, auc, train_probe
+from steer.stats import mcnemar_exact, wilson_ci
 
 OUT = Path(__file__).parent / "out"  # --out changes it (e.g. out_moe for the embedded MoE)
 N = {"train": 100, "calibration": 80, "test": 60}  # --n changes it
 DELTAS = (0.05, 0.1, 0.2, 0.3)
 ONLINE_DELTA = 0.2
-BUDGETS = (16, 32)
+BUDGETS = (16, 32)  # fixed-budget baselines: a quarter and half of the reasoning budget (--budget)
+DEER_N = 20  # DEER's online run covers the first DEER_N test problems (a consistency check; --deer-n)
 DEER_THRESHOLD = 0.95
 # SmolLM2 never says "wait"/"hmm": it ends steps with line breaks, so structural cues do the work.
 CUES = CueSet(structural=("blank_line", "newline"))
@@ -76,11 +83,11 @@ def row_records(problems_, results, checker) -> list[dict]:
     return recs
 
 
-def stage_label(model, tok, name):
+def stage_label(model, tok, name, splits=("train", "calibration", "test")):
     OUT.mkdir(parents=True, exist_ok=True)
     points = default_points(model)
     chk = NumericChecker()
-    for split in ("train", "calibration", "test"):
+    for split in splits:
         probs = problems(split)
         t0 = time.time()
         lab, results = label_cue_events(model, tok, probs, points, CUES, CONFIG, chk, batch_size=BATCH,
@@ -94,6 +101,27 @@ def stage_label(model, tok, name):
         acc = sum(r["correct"] for r in recs) / len(recs)
         print(f"{split}: {len(probs)} problems, {len(lab)} cue events, {int(lab.labels.sum())} positive, "
               f"full-generation accuracy {acc:.3f}, {time.time()-t0:.0f}s", flush=True)
+        _record_run(name, tok, points, **{f"label_{split}_seconds": round(time.time() - t0)})
+
+
+def _record_run(name, tok, points, **extra):
+    """run.json: what produced this directory (read back by --stage rescore, which loads no model)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "run.json"
+    run = json.loads(path.read_text()) if path.exists() else {}
+    run.update({"model": name, "points": list(points), "n": dict(N), "budget": CONFIG.max_new_tokens,
+                "cues": CUES.to_json(), "exit_string": CONFIG.exit_string,
+                "exit_len": len(tok(CONFIG.exit_string, add_special_tokens=False)["input_ids"]),
+                "deer_n": DEER_N, "machine": _machine(), **extra})
+    path.write_text(json.dumps(run, indent=1))
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, 1 thread"
 
 
 def fit(lab_train: LabelledCues) -> LynxProbe:
@@ -117,7 +145,30 @@ def simulate(recs, exit_at) -> dict:
             tokens.append(ex["cut"] + EXIT_LEN + ex["answer_len"])
         compute.append(tokens[-1])
     return {"accuracy": sum(correct) / len(recs), "mean_tokens": sum(tokens) / len(recs),
-            "exit_fraction": exits / len(recs)}
+            "exit_fraction": exits / len(recs), "correct_rows": correct}
+
+
+def simulate_budget_at_cue(recs, budget: int) -> dict:
+    """A fixed budget simulated from the labelling pass: a row that stops by itself within `budget`
+    tokens keeps its answer; any other row exits at its last cue whose cut is <= budget (the trial
+    there is exactly that exit). Not the same as the online budget cut, which forces the answer at
+    token `budget` itself (mid-step); rows with no cue by then count as wrong (`no_cue_rows`)."""
+    correct, tokens, no_cue = [], [], 0
+    for r in recs:
+        if r["stop"] == "eos" and r["kept"] <= budget:
+            correct.append(r["correct"])
+            tokens.append(r["n_tokens"])
+            continue
+        ev = [e for e in r["events"] if e["cut"] <= budget]
+        if not ev:
+            no_cue += 1
+            correct.append(False)
+            tokens.append(budget)
+            continue
+        correct.append(bool(ev[-1]["label"]))
+        tokens.append(ev[-1]["cut"] + EXIT_LEN + ev[-1]["answer_len"])
+    return {"accuracy": sum(correct) / len(recs), "mean_tokens": sum(tokens) / len(recs), "no_cue_rows": no_cue,
+            "correct_rows": correct}
 
 
 def stage_relabel():
@@ -172,7 +223,7 @@ def stage_online(model, tok, name, only=None):
     if only in (None, "lynx"):
         go(f"lynx_online_delta{ONLINE_DELTA}", policy=LynxPolicy(probe, calib), config=CONFIG)
     if only in (None, "deer"):
-        go("deer_online_first20", n=20, policy=DeerPolicy(DEER_THRESHOLD), config=CONFIG)  # consistency check
+        go(f"deer_online_first{DEER_N}", n=DEER_N, policy=DeerPolicy(DEER_THRESHOLD), config=CONFIG)  # consistency
     if only in (None, "budget"):
         for b in BUDGETS:
             cfg = ExitConfig(**{**CONFIG.__dict__, "max_new_tokens": b})
@@ -185,9 +236,9 @@ def stage_online(model, tok, name, only=None):
 EXIT_LEN = 0
 
 
-def stage_analyse(tok):
+def stage_analyse(exit_len: int):
     global EXIT_LEN
-    EXIT_LEN = len(tok(CONFIG.exit_string, add_special_tokens=False)["input_ids"])
+    EXIT_LEN = exit_len
     labs = {s: LabelledCues.from_safetensors(OUT / f"cues_{s}.safetensors") for s in N}
     recs = {s: json.loads((OUT / f"rows_{s}.json").read_text()) for s in N}
     chk = NumericChecker()
@@ -212,11 +263,13 @@ def stage_analyse(tok):
             k += 1
     assert k == len(labs["test"])
     out["full"] = {"accuracy": out["splits"]["test"]["full_accuracy"],
-                   "mean_tokens": sum(r["n_tokens"] for r in test) / len(test)}
+                   "mean_tokens": sum(r["n_tokens"] for r in test) / len(test),
+                   "correct_rows": [bool(r["correct"]) for r in test]}
     out["oracle_first_correct_cue"] = simulate(test, lambda e: e["label"] == 1)
     out["deer"] = simulate(test, lambda e: e["confidence"] > DEER_THRESHOLD)
     out["deer"]["mean_forward_tokens_incl_trials"] = _deer_compute(test)
-    out["deer_first20_simulated"] = simulate(test[:20], lambda e: e["confidence"] > DEER_THRESHOLD)
+    out[f"deer_first{DEER_N}_simulated"] = simulate(test[:DEER_N], lambda e: e["confidence"] > DEER_THRESHOLD)
+    out["budget_at_last_cue"] = {str(b): simulate_budget_at_cue(test, b) for b in BUDGETS}
     out["lynx"] = {}
     for d in DELTAS:
         calib = calibrate(p["calibration"], labs["calibration"].labels, d, warn=False)
@@ -227,6 +280,7 @@ def stage_analyse(tok):
         out["lynx"][str(d)] = {**sim, **rates, "q0": calib.q0, "q1": calib.q1, "n0": calib.n0, "n1": calib.n1,
                                "binomial_se_at_delta": se, "notes": calib.notes}
     out["exit_len"] = EXIT_LEN
+    out["points"] = labs["train"].meta["points"]
     if (OUT / "online.json").exists():
         online = json.loads((OUT / "online.json").read_text())
         out["online"] = {k: v for k, v in online.items() if not k.endswith("_rows")}
@@ -234,14 +288,17 @@ def stage_analyse(tok):
             rows = online[k + "_rows"]
             ok = [chk.check(r["final"], t["gold"], forced=r["stop"] != "eos") for r, t in zip(rows, test)]
             out["online"][k]["accuracy"] = sum(ok) / len(ok)
+            out["online"][k]["correct_rows"] = ok
             if k.startswith("lynx"):  # same exits as the simulation? (batch composition can nudge floats)
                 sim_exit = [next((e["cue_token"] for e in t["events"]
                                   if bool(probe.calibration.should_exit(torch.tensor([e["p"]]))[0])), None)
                             for t in test[: len(rows)]]
                 out["online"][k]["same_exit_as_simulation"] = sum(
                     a == r["exit_cue"] for a, r in zip(sim_exit, rows)) / len(rows)
-    out["machine"] = f"{platform.machine()} {platform.processor() or ''} CPU, torch {torch.__version__}, 1 thread"
-    out["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    add_stats(out)
+    out["machine"] = _machine()
+    out["budget"] = CONFIG.max_new_tokens
+    out["date"] = _now()
     (OUT / "results.json").write_text(json.dumps(out, indent=1, default=str))
     (OUT / "tables.md").write_text(tables(out))
     print(json.dumps(out, indent=1, default=str))
@@ -288,25 +345,46 @@ def stage_resplit(n_splits: int = 1000):
     (OUT / "resplit.md").write_text("\n".join(lines) + "\n")
 
 
+def method_rows(out) -> list[tuple[str, dict]]:
+    """(label, entry) for every method in the accuracy table, in table order."""
+    rows = [(f"full generation (budget {CONFIG.max_new_tokens})", out["full"])]
+    rows += [(f"LYNX delta={d}", r) for d, r in out["lynx"].items()]
+    rows += [(f"DEER (trial confidence > {DEER_THRESHOLD})", out["deer"]),
+             ("oracle: first cue whose forced answer is right", out["oracle_first_correct_cue"])]
+    rows += [(f"budget {b}, exit at the last cue before it (simulated)", v)
+             for b, v in out.get("budget_at_last_cue", {}).items()]
+    rows += [(f"fixed budget cut at {k[6:]} tokens (online)", v) for k, v in out.get("online", {}).items()
+             if k.startswith("budget")]
+    return rows
+
+
+def add_stats(out):
+    """Wilson 95% CI of each accuracy and an exact McNemar test against full generation on the same
+    test problems (paired binary outcomes), for every method with per-row outcomes."""
+    full = out["full"]["correct_rows"]
+    for _, r in method_rows(out):
+        ok = r.get("correct_rows")
+        if ok is None:
+            continue
+        r["ci95"] = list(wilson_ci(sum(ok), len(ok)))
+        if len(ok) == len(full) and r is not out["full"]:
+            m = mcnemar_exact(full, ok)
+            r["vs_full"] = {"gained": m.gained, "lost": m.lost, "p_exact_mcnemar": m.p_value}
+
+
 def tables(out) -> str:
     """Markdown tables of results.json (pasted into RESULTS.md)."""
     full_tok = out["full"]["mean_tokens"]
-    lines = ["| method (test split) | accuracy | mean output tokens | tokens vs full | trajectories exited early |",
-             "|---|---|---|---|---|",
-             f"| full generation (budget {CONFIG.max_new_tokens}) | {out['full']['accuracy']:.3f} | {full_tok:.1f} | 1.00 | - |"]
-    for d, r in out["lynx"].items():
-        lines.append(f"| LYNX delta={d} | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
-                     f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
-    r = out["deer"]
-    lines.append(f"| DEER (trial confidence > {DEER_THRESHOLD}) | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
-                 f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
-    r = out["oracle_first_correct_cue"]
-    lines.append(f"| oracle: first cue whose forced answer is right | {r['accuracy']:.3f} | {r['mean_tokens']:.1f} | "
-                 f"{r['mean_tokens'] / full_tok:.2f} | {r['exit_fraction']:.2f} |")
-    for k, v in out.get("online", {}).items():
-        if k.startswith("budget"):
-            lines.append(f"| fixed budget cut at {k[6:]} tokens (online) | {v['accuracy']:.3f} | {v['mean_tokens']:.1f} | "
-                         f"{v['mean_tokens'] / full_tok:.2f} | - |")
+    lines = [f"| method (test split, n={len(out['full']['correct_rows'])}) | accuracy | 95% CI (Wilson) | "
+             "vs full: gained / lost, exact McNemar p | mean output tokens | tokens vs full | exited early |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in method_rows(out):
+        ci = "[{:.2f}, {:.2f}]".format(*r["ci95"]) if "ci95" in r else "-"
+        vs = r.get("vs_full")
+        vs = f"+{vs['gained']} / -{vs['lost']}, p={vs['p_exact_mcnemar']:.2f}" if vs else "-"
+        ex = f"{r['exit_fraction']:.2f}" if "exit_fraction" in r else "-"
+        lines.append(f"| {label} | {r['accuracy']:.3f} | {ci} | {vs} | {r['mean_tokens']:.1f} | "
+                     f"{r['mean_tokens'] / full_tok:.2f} | {ex} |")
     lines += ["", "| delta | q0 | n0 / n1 (calibration) | premature exits per negative cue event (test) | "
                   "+-1 binomial SE at delta | negative test events | premature exits per trajectory |",
               "|---|---|---|---|---|---|---|"]
@@ -339,18 +417,19 @@ def _deer_compute(test) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["label", "relabel", "online", "analyse", "resplit", "all"], default="all")
+    ap.add_argument("--stage", choices=["label", "relabel", "online", "analyse", "resplit", "rescore", "all"],
+                    default="all")
     ap.add_argument("--only", choices=["lynx", "deer", "budget"], help="online stage: run only these runs")
     ap.add_argument("--model", default="smollm2",
                     help="smollm2, moe (the embedded SmolLM2 MoE, steer.moebuild.ensure_moe), or a checkpoint dir")
     ap.add_argument("--out", help="output dir (default experiments/lynx/out)")
     ap.add_argument("--n", help="problems per split as train,calibration,test (default 100,80,60)")
+    ap.add_argument("--budget", type=int, help="reasoning budget in new tokens (default 64)")
+    ap.add_argument("--deer-n", type=int, help="test problems in DEER's online run (default 20)")
+    ap.add_argument("--splits", default="train,calibration,test",
+                    help="label stage: which splits (separate processes can label splits in parallel)")
     args = ap.parse_args(argv)
-    global OUT
-    if args.out:
-        OUT = Path(args.out)
-    if args.n:
-        N.update(zip(("train", "calibration", "test"), (int(x) for x in args.n.split(","))))
+    _configure(args)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if args.stage == "relabel":
@@ -359,20 +438,45 @@ def main(argv=None):
     if args.stage == "resplit":
         stage_resplit()
         return 0
+    if args.stage == "rescore":
+        stage_analyse(json.loads((OUT / "run.json").read_text())["exit_len"])
+        stage_resplit()
+        return 0
     if args.model == "moe":
         from steer.moebuild import ensure_moe
 
         model, tok, name = load_model(str(ensure_moe()))
     else:
         model, tok, name = load_model(args.model)
-    print(f"model {name}: {type(model).__name__}, splits {N}, out {OUT}", flush=True)
+    print(f"model {name}: {type(model).__name__}, splits {N}, budget {CONFIG.max_new_tokens}, out {OUT}", flush=True)
+    _record_run(name, tok, default_points(model), **{f"command_{args.stage}": " ".join(sys.argv),
+                                                    f"started_{args.stage}": _now()})
     if args.stage in ("label", "all"):
-        stage_label(model, tok, name)
+        stage_label(model, tok, name, tuple(args.splits.split(",")))
     if args.stage in ("online", "all"):
         stage_online(model, tok, name, args.only)
     if args.stage in ("analyse", "all"):
-        stage_analyse(tok)
+        stage_analyse(len(tok(CONFIG.exit_string, add_special_tokens=False)["input_ids"]))
     return 0
+
+
+def _configure(args):
+    """Apply --out / --n / --budget / --deer-n; a directory with a run.json keeps its own settings
+    unless they are given again (so later stages and --rescore see the labelling run's budget)."""
+    global OUT, CONFIG, BUDGETS, DEER_N
+    if args.out:
+        OUT = Path(args.out)
+    run = json.loads((OUT / "run.json").read_text()) if (OUT / "run.json").exists() else {}
+    if args.n:
+        N.update(zip(("train", "calibration", "test"), (int(x) for x in args.n.split(","))))
+    elif "n" in run:
+        N.update(run["n"])
+    budget = args.budget or run.get("budget", CONFIG.max_new_tokens)
+    if run.get("budget") not in (None, budget):
+        raise SystemExit(f"{OUT} was labelled with budget {run['budget']}, not {budget}: use another --out")
+    CONFIG = ExitConfig(**{**CONFIG.__dict__, "max_new_tokens": budget})
+    BUDGETS = (budget // 4, budget // 2)
+    DEER_N = args.deer_n or run.get("deer_n", DEER_N)
 
 
 if __name__ == "__main__":
