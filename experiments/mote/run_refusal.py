@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,28 @@ def rescore(out: Path) -> None:
     print(_table_file(out).read_text())
 
 
+def merge(parts: list[Path], out: Path) -> None:
+    """Rows of several runs of the same model, prompts and settings (parallel parts) in one results file."""
+    saved = [json.loads(p.read_text()) for p in parts]
+    keys = ("weights_hash", "runtime_top_k", "max_new_tokens", "prompts", "per_layer_cap")
+    for p, s in zip(parts[1:], saved[1:]):
+        bad = [k for k in keys if s.get(k) != saved[0].get(k)]
+        if bad:
+            raise ValueError(f"--merge: {p} differs from {parts[0]} in {', '.join(bad)}")
+    rows, seen = [], set()
+    for s in saved:
+        for r in s["rows"]:
+            if r["condition"] not in seen:
+                seen.add(r["condition"])
+                rows.append(r)
+    merged = {**saved[0], "rows": rows, "merged_from": [str(p) for p in parts],
+              "partial": any(s.get("partial") for s in saved),
+              "profiles": {k: v for s in saved for k, v in s.get("profiles", {}).items()},
+              "seconds": sum(s.get("seconds", 0) for s in saved)}
+    out.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+    rescore(out)
+
+
 # ---- the run --------------------------------------------------------------------------------------
 
 def prompt_splits(args) -> dict[str, list[str]]:
@@ -237,6 +260,22 @@ def run_condition(lm, held: dict, neutral: list[str], cond, args) -> dict:
     return row
 
 
+def saved_baseline(path: Path, facts: dict) -> dict:
+    """The baseline row of another run on the same model, prompts and generation settings (a run in
+    parallel may still be generating it: wait up to an hour for the file to have it)."""
+    for _ in range(120):
+        if path.exists() and any(r["condition"] == "baseline" for r in json.loads(path.read_text())["rows"]):
+            break
+        time.sleep(30)
+    saved = json.loads(path.read_text())
+    for key in ("weights_hash", "runtime_top_k", "max_new_tokens", "prompts"):
+        if saved.get(key) != facts[key]:
+            raise ValueError(f"--baseline-from {path}: its {key} differs from this run's; run the baseline here")
+    row = dict(next(r for r in saved["rows"] if r["condition"] == "baseline"))
+    row["copied_from"] = str(path)
+    return row
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2.5-coder", help="packaged name or checkpoint dir")
@@ -256,13 +295,23 @@ def parse_args():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile-dir", type=Path, default=None, help="default: next to --out")
     p.add_argument("--reuse-profile", action="store_true")
+    p.add_argument("--baseline-from", type=Path, default=None,
+                   help="take the baseline row from this results file (same model, prompts and settings: checked) "
+                        "instead of generating it again; greedy decoding makes it the same row")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", default=None,
+                   help="run only the conditions whose name matches this regex (the baseline is always needed: "
+                        "run it or give --baseline-from); parts run in parallel are joined with --merge")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="join the rows of these results files (same model, prompts, settings) into --out, rescored")
     p.add_argument("--rescore", action="store_true", help="recompute every statistic from --out's raw responses")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.rescore:
         return rescore(args.out)
     from steer.models import load
@@ -289,13 +338,19 @@ def main() -> None:
              "prompts": {k: v for k, v in split.items()}, "conditions_planned": [c[0] for c in conds],
              "profiles": {t: {"stats": p.stats, "top": [x.__dict__ for x in p.top(max(args.ks))]}
                           for t, p in profiles.items()}}
+    if args.only:
+        conds = [c for c in conds if c[0] == "baseline" or re.search(args.only, c[0])]
+        facts["conditions_planned"] = [c[0] for c in conds]
     rows = []
+    if args.baseline_from:
+        rows.append(saved_baseline(args.baseline_from, facts))
+        conds = conds[1:]
     for cond in conds:
         rows.append(run_condition(lm, split, neutral, cond, args))
         print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith(("responses", "labels"))}), flush=True)
         contrasts = analyse(rows)
         args.out.write_text(json.dumps({**facts, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                        "partial": len(rows) < len(conds), "statistics": STATISTICS, "rows": rows,
+                                        "partial": len(rows) < len(facts["conditions_planned"]), "statistics": STATISTICS, "rows": rows,
                                         "contrasts": contrasts, "seconds": round(time.time() - t0, 1)},
                                        indent=1, default=str) + "\n")
     _table_file(args.out).write_text(render(rows, contrasts, _rel(args.out), command))
