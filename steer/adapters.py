@@ -155,9 +155,10 @@ _WINDOWED = dict(sliding_window=8, layer_types=["sliding_attention", "full_atten
 ADAPTERS: dict[str, Adapter] = {
     a.family: a
     for a in [
-        Adapter("llama", ("llama",), "LlamaForCausalLM"),
-        Adapter("qwen2", ("qwen2",), "Qwen2ForCausalLM"),
-        Adapter("gemma3", ("gemma3_text", "gemma3"), "Gemma3ForCausalLM", tiny=_WINDOWED,
+        Adapter("llama", ("llama",), "LlamaForCausalLM", vllm="vllm.model_executor.models.llama"),
+        Adapter("qwen2", ("qwen2",), "Qwen2ForCausalLM", vllm="vllm.model_executor.models.qwen2"),
+        Adapter("gemma3", ("gemma3_text", "gemma3"), "Gemma3ForCausalLM", vllm="vllm.model_executor.models.gemma3",
+                tiny=_WINDOWED,
                 notes="sliding-window and global layers alternate"),
         Adapter("mixtral", ("mixtral",), "MixtralForCausalLM", routing="softmax_topk", rule_options=_mixtral_rule,
                 router="mlp.gate", experts="mlp.experts", vllm="vllm.model_executor.models.mixtral",
@@ -265,7 +266,8 @@ def attention_quirk(config) -> str | None:
 
 
 def vllm_architectures() -> dict[str, str]:
-    """vLLM architecture name -> the vLLM module implementing it, for every family steer can serve."""
+    """vLLM architecture name -> the vLLM module implementing it, for every family steer's plugin wraps
+    (MoE families: routing edits, fingerprints, LYNX; dense families: fingerprints and LYNX)."""
     return {a.architecture: a.vllm for a in ADAPTERS.values() if a.vllm}
 
 

@@ -48,12 +48,6 @@ OPTION_KEYS = {  # the other per-request keys: name -> (meaning, default)
     "steer_lynx_answer_stop": ("strings that end the answer once it has some text, a list of strings", ()),
 }
 PROCESSOR = "steer.serving.vllm_lynx:LynxLogitsProcessor"
-# dense families the plugin registers for LYNX (MoE families come from steer.adapters.vllm_architectures)
-DENSE_ARCHITECTURES = {
-    "LlamaForCausalLM": "vllm.model_executor.models.llama",
-    "Qwen2ForCausalLM": "vllm.model_executor.models.qwen2",
-    "Gemma3ForCausalLM": "vllm.model_executor.models.gemma3",
-}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.resid_post$")
 
 
@@ -110,6 +104,7 @@ def lynx_problems(cfg, vllm_config) -> list[str]:
 
 def install_lynx(model: torch.nn.Module, section) -> bool:
     """Hook the probe's decoder layers; the final point is read in `compute_logits` (`record_final`)."""
+    from steer.hooks import module_hook
     from steer.probes.cues import CueSet
 
     probe = section.probe()
@@ -118,11 +113,11 @@ def install_lynx(model: torch.nn.Module, section) -> bool:
     cues = (section.info or {}).get("cues")
     CAPTURE.cues = CueSet.from_json(cues) if cues else CueSet()
     layers = decoder_layers(model)
-    model.register_forward_pre_hook(_start_step)
+    module_hook(model, _start_step, pre=True)  # vLLM's modules have no canonical points: no `attach`
     for point in CAPTURE.points:
         m = _BLOCK.match(point)
         if m:
-            layers[int(m.group(1))].register_forward_hook(_recording(point))
+            module_hook(layers[int(m.group(1))], _recording(point))
     return True
 
 
@@ -270,7 +265,7 @@ class LynxLogitsProcessor(_LogitsProcessorBase):
 
         mc = vllm_config.model_config
         archs = list(getattr(mc.hf_config, "architectures", None) or [])
-        served = {**vllm_architectures(), **DENSE_ARCHITECTURES}
+        served = vllm_architectures()
         if not any(a in served for a in archs):
             raise ConfigError([f"lynx: architecture {archs} is not one steer's vLLM plugin wraps ({', '.join(served)}), "
                                f"so the probe's hidden states cannot be read"], "this vLLM engine cannot serve the LYNX exit")

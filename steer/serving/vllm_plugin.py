@@ -81,12 +81,12 @@ STATE = ServingState()  # per process; in-process engines (VLLM_ENABLE_V1_MULTIP
 
 
 def register() -> None:
-    """vLLM entry point: register the steerable subclasses of the MoE model classes (idempotent)."""
+    """vLLM entry point: register the steerable subclasses of the adapter table's vLLM model classes (idempotent)."""
     import importlib
 
     from vllm import ModelRegistry
 
-    for arch, module_name in {**vllm_architectures(), **vllm_lynx.DENSE_ARCHITECTURES}.items():
+    for arch, module_name in vllm_architectures().items():
         try:
             base = getattr(importlib.import_module(module_name), arch)
         except (ImportError, AttributeError):  # an architecture this vLLM version lacks
