@@ -12,7 +12,9 @@ from steer.adapters import model_map
 from steer.ftri import DenseModelError, ProfileConfig, profile
 from steer.identity import ModelMismatchError
 from steer.interventions import NoEffectError
-from steer.mote import ExpertSwitch, evaluate, perplexity, wilson_ci
+from steer.mote import ExpertSwitch
+from steer.mote_eval import evaluate, perplexity
+from steer.stats import wilson_ci
 from steer.tiny import tiny_model as _build_tiny
 from steer.tiny import tiny_tokenizer
 

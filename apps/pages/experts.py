@@ -21,7 +21,8 @@ from steer.apps.explorer_common import (
     using_model,
 )
 from steer.ftri import Profile, ProfileCancelled, ProfileConfig, expert_tokens, profile
-from steer.mote import ExpertSwitch, behaviour_labels
+from steer.mote import ExpertSwitch
+from steer.mote_eval import behaviour_labels
 from steer.mote_section import MoTESection
 from steer.options import PROFILE_SCORES, PROFILE_TOKENS, SWITCH_MODES
 from steer.prompts import builtin

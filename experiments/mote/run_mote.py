@@ -165,7 +165,8 @@ def main() -> None:
     # the model-side imports only here: --rescore needs none of them
     from steer.ftri import Profile, ProfileConfig, profile
     from steer.models import load
-    from steer.mote import ExpertSwitch, evaluate
+    from steer.mote import ExpertSwitch
+    from steer.mote_eval import evaluate
     from steer.prompts import FrenchLabeller, builtin
 
     torch.set_num_threads(args.threads)

@@ -241,7 +241,7 @@ def conditions(model, profiles: dict, args) -> list[tuple[str, str, object, tupl
 
 
 def run_condition(lm, held: dict, neutral: list[str], cond, args) -> dict:
-    from steer.mote import evaluate
+    from steer.mote_eval import evaluate
 
     name, group, sw, sets, facts = cond
     row = {"condition": name, "group": group, "experts": sw.experts if sw is not None else [], **facts}

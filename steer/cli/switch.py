@@ -113,7 +113,7 @@ def switch_source(args) -> str:
 
 
 def run(args) -> int:
-    from steer.mote import behaviour_labels
+    from steer.mote_eval import behaviour_labels
     from steer.prompts import load_prompts
 
     if bool(args.profile) == bool(args.experts):
