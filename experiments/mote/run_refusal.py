@@ -44,6 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from run_mote import _mc, _rel  # noqa: E402  (this folder: the French experiment's formatting helpers)
+
 from steer.prompts import RefusalLabeller  # noqa: E402
 from steer.stats import mcnemar_exact, sign_flip_test, wilson_ci  # noqa: E402
 
@@ -101,10 +103,6 @@ def analyse(rows: list[dict]) -> list[dict]:
     return contrasts
 
 
-def _mc(m: dict) -> str:
-    return f"{m['change']:+.3f} (+{m['gained']}/-{m['lost']}, p={m['p_value']:.2g})"
-
-
 def _rate(r: dict, s: str) -> str:
     return f"{r[f'{s}_rate']:.2f} [{r[f'{s}_ci'][0]:.2f}, {r[f'{s}_ci'][1]:.2f}]" if f"{s}_rate" in r else ""
 
@@ -135,13 +133,6 @@ def render(rows: list[dict], contrasts: list[dict], source: str = "", command: s
                      f"{c['randoms_at_or_above_top']}/{len(c['random_rates'])} | {c['top_ppl']:.1f} / "
                      f"{c['random_ppl_mean']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def _table_file(out: Path) -> Path:
