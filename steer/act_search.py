@@ -197,19 +197,13 @@ def _sweep_whole_forwards(hf, tok, items: list, heads: list, batch_size: int, re
 def _capture_layer_inputs(hf, layers: list, batch) -> tuple[torch.Tensor, list]:
     """One ACT-free forward through steer's attention function (as every ACT run), keeping each decoder
     layer's input hidden states and keyword arguments: the baseline logits and the replay points."""
-    device = next(hf.parameters()).device
     captured: list = [None] * len(layers)
 
     def grab(h, ctx):
         captured[ctx.layer] = (h, {k: v for k, v in ctx.kwargs.items() if k != "hidden_states"})
 
     with attach(hf, {"blocks.*.resid_pre": grab}, steer_attention=True):
-        logits = hf(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            use_cache=False,
-            logits_to_keep=batch.keep,
-        ).logits
+        logits = batch.logits(hf)
     return logits, captured
 
 
@@ -250,12 +244,7 @@ def attribution_screen(model, tok, items: Sequence, *, batch_size: int = 16, **p
     with _activation_gradients_only(hf), attach(hf, {"blocks.*.attn.impl": fn}), torch.enable_grad():
         for batch in all_batches:
             saved.clear()
-            logits = hf(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                use_cache=False,
-                logits_to_keep=batch.keep,
-            ).logits
+            logits = batch.logits(hf)
             _objective(batch, logits, weights).backward()
             for layer, (out, delta) in saved.items():
                 if out.grad is not None:  # None: this layer's output cannot reach the read positions
@@ -269,15 +258,9 @@ def _objective_weights(hf, items: list, all_batches: list) -> list[list[float]]:
     (1[j = answer] - softmax(scores_i)_j) / n."""
     from steer.tasks import read_scores
 
-    device = next(hf.parameters()).device
     base = [[0.0] * len(it.options) for it in items]
     for batch in all_batches:
-        logits = hf(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            use_cache=False,
-            logits_to_keep=batch.keep,
-        ).logits
+        logits = batch.logits(hf)
         read_scores(batch, logits, base)
     weights = []
     for sc, it in zip(base, items):

@@ -318,6 +318,12 @@ class Batch:
     attention_mask: torch.Tensor
     keep: int
 
+    def logits(self, model) -> torch.Tensor:
+        """`model`'s logits at the last `keep` positions of this batch (on the model's device, no KV cache)."""
+        device = next(model.parameters()).device
+        return model(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                     use_cache=False, logits_to_keep=self.keep).logits
+
 
 def batches(tok, items: Sequence[Item], batch_size: int = 16) -> list[Batch]:
     """The scoring requests of `items`, sorted by length and padded on the left, `batch_size` rows each."""
@@ -359,11 +365,8 @@ def score_items(model, tok, items: Sequence[Item], batch_size: int = 16) -> list
     When all options of an item are one token, one forward of the prompt scores them all. Only the
     positions that are read go through lm_head (`logits_to_keep`): a [B, T, vocab] tensor is never built."""
     scores = [[0.0] * len(it.options) for it in items]
-    device = next(model.parameters()).device
     for batch in batches(tok, items, batch_size):
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                       logits_to_keep=batch.keep).logits
-        read_scores(batch, logits, scores)
+        read_scores(batch, batch.logits(model), scores)
     return scores
 
 
