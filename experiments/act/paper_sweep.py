@@ -91,7 +91,7 @@ def phase_sweep(args, out: Path) -> None:
     if args.layers:  # a second worker: sweep only these layers, cheapest (latest) first, no screen
         lo, hi = (int(x) for x in args.layers.split("-"))
         order = sorted((hd for hd in heads if lo <= hd[0] <= hi), key=lambda hd: (-hd[0], hd[1]))
-        return _sweep_order(args, out, model, tok, items, order, params, prefix="sweep_layers")
+        return _sweep_order(args, out, model, tok, items, order, params, prefix=f"sweep_layers{lo}-{hi}")  # one file series per worker
     screen_path = out / "screen.json"
     if screen_path.exists():
         est = {_unkey(k): v for k, v in json.loads(screen_path.read_text())["estimate"].items()}
