@@ -88,10 +88,10 @@ def phase_sweep(args, out: Path) -> None:
     cfg = model.config
     heads = [(layer, h) for layer in range(cfg.num_hidden_layers) for h in range(cfg.num_attention_heads)]
     params = dict(beta=args.beta)
-    if args.layers:  # a second worker: sweep only these layers, cheapest (latest) first, no screen
+    if args.layers:  # an extra worker: sweep only these layers, cheapest (latest) first, no screen
         lo, hi = (int(x) for x in args.layers.split("-"))
         order = sorted((hd for hd in heads if lo <= hd[0] <= hi), key=lambda hd: (-hd[0], hd[1]))
-        return _sweep_order(args, out, model, tok, items, order, params, prefix=f"sweep_layers{lo}-{hi}")  # one file series per worker
+        return _sweep_order(args, out, model, tok, items, order, params, prefix=f"sweep_layers{lo}-{hi}_p{os.getpid()}")  # one file series per worker
     screen_path = out / "screen.json"
     if screen_path.exists():
         est = {_unkey(k): v for k, v in json.loads(screen_path.read_text())["estimate"].items()}
@@ -117,25 +117,53 @@ def phase_sweep(args, out: Path) -> None:
     _sweep_order(args, out, model, tok, items, short + rest, params, prefix="sweep")
 
 
+def _taken(out: Path, me: Path) -> set:
+    """Heads already swept (any sweep*.json) or claimed by another live worker (claim_*.json): workers
+    started on overlapping layer ranges share the work instead of repeating it."""
+    taken = set()
+    for f in sorted(out.glob("sweep*.json")):
+        taken |= {_unkey(k) for k in json.loads(f.read_text())["per_head"]}
+    for f in out.glob("claim_*.json"):
+        if f == me:
+            continue
+        claim = json.loads(f.read_text())
+        try:
+            os.kill(claim["pid"], 0)  # a claim of a worker that died is void
+        except OSError:
+            continue
+        taken |= {tuple(hd) for hd in claim["heads"]}
+    return taken
+
+
+def _units(chunk, n_layers: int) -> int:
+    """Cost of one sweep_heads call in decoder-layer forwards: the baseline plus each head's suffix."""
+    return n_layers + sum(n_layers - hd[0] for hd in chunk)
+
+
 def _sweep_order(args, out: Path, model, tok, items, order, params, prefix: str) -> None:
-    """Exact one-head sweeps of `order`, args.chunk heads per file, skipping heads already swept."""
+    """Exact one-head sweeps of `order`, args.chunk heads per file, skipping heads already swept or
+    claimed by another worker (re-read before every chunk); the time box is checked against the next
+    chunk's cost scaled from the last chunk's seconds per layer forward."""
     from steer.act_search import sweep_heads
 
-    done = set()
-    for f in sorted(out.glob("sweep*.json")):
-        done |= {_unkey(k) for k in json.loads(f.read_text())["per_head"]}
-    todo = [hd for hd in order if hd not in done]
+    n_layers = model.config.num_hidden_layers
+    claim_path = out / f"claim_{prefix}_{os.getpid()}.json"
     stop = _deadline(args.until)
-    chunk_s = None
+    rate = None
     n = len(list(out.glob(f"{prefix}_*.json")))
-    while todo:
-        if chunk_s is not None and time.time() + chunk_s > stop:
+    while True:
+        todo = [hd for hd in order if hd not in _taken(out, claim_path)]
+        if not todo:
+            break
+        chunk = todo[: args.chunk]
+        if rate is not None and time.time() + rate * _units(chunk, n_layers) > stop:
             log(f"time box: stopping with {len(todo)} heads not swept")
             break
-        chunk, todo = todo[: args.chunk], todo[args.chunk :]
+        claim_path.write_text(json.dumps({"pid": os.getpid(), "heads": [list(hd) for hd in chunk]}))
         t = time.time()
         sw = sweep_heads(model, tok, items, chunk, batch_size=args.batch_size, **params)
         chunk_s = time.time() - t
+        rate = chunk_s / _units(chunk, n_layers)
         (out / f"{prefix}_{n:03d}.json").write_text(
             json.dumps(
                 {
@@ -150,8 +178,9 @@ def _sweep_order(args, out: Path, model, tok, items, order, params, prefix: str)
                 }
             )
         )
+        claim_path.unlink()
         n += 1
-        log(f"chunk {n}: {len(chunk)} heads in {chunk_s:.0f} s; {len(todo)} left")
+        log(f"chunk {n}: {len(chunk)} heads in {chunk_s:.0f} s; {len(todo) - len(chunk)} left")
 
 
 def _load_sweep(out: Path):
@@ -388,7 +417,7 @@ def main() -> int:
     ap.add_argument(
         "--chunk", type=int, default=8, help="heads per sweep_heads call (one baseline forward each)"
     )
-    ap.add_argument("--layers", help="sweep phase, second worker: only heads of layers LO-HI (no screen)")
+    ap.add_argument("--layers", help="sweep phase, extra workers: only heads of layers LO-HI, latest first, no screen; workers on overlapping ranges share heads through claim files")
     ap.add_argument("--until", default="20:45", help="UTC time box of the sweep phase (HH:MM)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument(
