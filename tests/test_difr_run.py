@@ -20,12 +20,16 @@ SMALL = ["--n-calib", "2", "--n-heldout", "2", "--max-new-tokens", "4", "--benig
          "--cheat-batch", "2", "--target-fpr", "0.5", "--toploc-cap", "4"]
 
 
-@pytest.fixture(scope="module")
-def run():
-    spec = importlib.util.spec_from_file_location("difr_run", RUN)
+def _module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    yield mod
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run():
+    yield _module("difr_run", RUN)
     torch.set_num_threads(1)  # main() sets it; every test in this suite runs with one thread anyway
 
 
@@ -42,7 +46,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_extend_adds_conditions_and_steering_without_recollecting(run, tiny_dir, base, tmp_path):
+def test_extend_adds_conditions_and_steering_without_recollecting(run, tiny_dir, base, tmp_path, capsys):
     before = _sha(base / "raw.pt")
     run.main(["--model", str(tiny_dir), *SMALL, "--conditions", "wrong seed", "steering", "--extend",
               str(base / "raw.pt"), "--raw", str(tmp_path / "raw.pt"), "--out", str(tmp_path / "results")])
@@ -75,6 +79,11 @@ def test_extend_adds_conditions_and_steering_without_recollecting(run, tiny_dir,
     pd.testing.assert_frame_equal(fpr[fpr.method.isin(old_fpr.method)][shared].reset_index(drop=True),
                                   old_fpr[shared].reset_index(drop=True))
     assert "tpr: wrong seed" in fpr and "tpr: 4-bit RTN g128" in fpr
+
+    tables = _module("difr_tables", RUN.parent / "tables.py")  # the power table names every condition
+    tables.main([str(tmp_path / "results")])
+    power = capsys.readouterr().out.split("## power")[1].split("## whole claims")[0]
+    assert "| wrong seed |" in power and "| steering applied, not claimed |" in power
 
 
 @pytest.mark.parametrize("extra, error", [
