@@ -18,6 +18,10 @@ threshold, never counted as a pass). The FPR is measured on the held-out honest 
     .venv/bin/python experiments/difr/run.py --model smollm2-moe --n-calib 6 --n-heldout 6 \
         --max-new-tokens 16 --conditions g128 steering
     .venv/bin/python experiments/difr/run.py --rescore         # re-analyse the kept raw runs only
+    # only a new condition, against a kept collection's calibration and honest runs (repeat its settings):
+    .venv/bin/python experiments/difr/run.py --n-calib 38 --n-heldout 12 --max-new-tokens 128 \
+        --benign-batch 13 13 13 --cheat-batch 12 --conditions "wrong seed" --no-steering \
+        --extend ~/.cache/steer/difr/raw_results_smollm2_long.pt --out experiments/difr/results_more
 """
 
 from __future__ import annotations
