@@ -18,6 +18,10 @@ threshold, never counted as a pass). The FPR is measured on the held-out honest 
     .venv/bin/python experiments/difr/run.py --model smollm2-moe --n-calib 6 --n-heldout 6 \
         --max-new-tokens 16 --conditions g128 steering
     .venv/bin/python experiments/difr/run.py --rescore         # re-analyse the kept raw runs only
+    # only a new condition, against a kept collection's calibration and honest runs (repeat its settings):
+    .venv/bin/python experiments/difr/run.py --n-calib 38 --n-heldout 12 --max-new-tokens 128 \
+        --benign-batch 13 13 13 --cheat-batch 12 --conditions "wrong seed" --no-steering \
+        --extend ~/.cache/steer/difr/raw_results_smollm2_long.pt --out experiments/difr/results_more
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from steer.difr import (
     teacher_force,
     toploc,
 )
+from steer.difr.fingerprint import encode_prompts
 from steer.difr.sampling import gumbel_noise
 from steer.difr.verify import (
     ROUNDING_BOUND,
@@ -295,67 +300,168 @@ def cheat_specs(model, layer: int, steering) -> dict[str, dict]:
     }
 
 
-def collect(args, lm, out: Path) -> dict:
-    """Every provider run and every teacher-forced reference (the slow part; cached by main)."""
-    from steer.packages import packaged_file
+def collect(args, lm, out: Path, base: dict | None = None) -> dict:
+    """Every provider run and every teacher-forced reference (the slow part; cached by main).
 
+    With `base` (a raw collection checked by `check_base`), its calibration and held-out honest runs and
+    their references are reused: only the cheating runs named by --conditions (and the steering runs)
+    are collected, and the result holds the base's runs and the new ones together."""
     model, tok = lm.model, lm.tokenizer
     claim_id, claim_identity = lm.name, model_identity(model, any_family=True)
-    prompts = json.loads(packaged_file("aplomb", "0.3.0", "aplomb/data/benign_anchors_v1.json").read_text())["benign"]
-    calib_prompts = prompts[: args.n_calib]
-    held_prompts = prompts[args.n_calib: args.n_calib + args.n_heldout]
+    calib_prompts, held_prompts = prompt_sets(args)
     kw = dict(claim_id=claim_id, claim_identity=claim_identity, max_new_tokens=args.max_new_tokens)
     log(f"model {claim_id} ({lm.weights_hash[:12]}), {len(calib_prompts)} calibration + {len(held_prompts)} held-out prompts")
-    layer = model.config.num_hidden_layers // 2
     steering, steering_desc, steering_digest = steering_for(model, args, out) if not args.no_steering else (None,) * 3
-
-    claims: dict[str, Fingerprints] = {}
-    variants = benign_variants(args.benign_batch)
-    log(f"honest runs (calibration prompts, seeds {args.calib_seeds}): variants {variants}")
-    kw["variants"] = variants
-    calib = Fingerprints.concat([benign_mix(model, tok, calib_prompts, seed=s, **kw) for s in args.calib_seeds])
-    log("honest runs (held-out prompts, seed 1)")
-    claims["benign"] = benign_mix(model, tok, held_prompts, seed=1, **kw)
+    kw["variants"] = variants = benign_variants(args.benign_batch)
+    if base is None:
+        log(f"honest runs (calibration prompts, seeds {args.calib_seeds}): variants {variants}")
+        calib = Fingerprints.concat([benign_mix(model, tok, calib_prompts, seed=s, **kw) for s in args.calib_seeds])
+        log("honest runs (held-out prompts, seed 1)")
+        claims = {"benign": benign_mix(model, tok, held_prompts, seed=1, **kw)}
+    else:
+        log(f"calibration and held-out honest runs reused from {args.extend} (collected {base.get('date')})")
+        calib, claims = base["calib"], {}
     held = dict(seed=1, **{k: v for k, v in kw.items() if k != "variants"})
-    cheats = cheat_specs(model, layer, steering)
-    if steering is None:
+    cheats = select_cheats(cheat_specs(model, model.config.num_hidden_layers // 2, steering), args, base)
+    touched = cheating_runs(model, tok, held_prompts, cheats, claims, held, args.cheat_batch, steering)
+    steered = steered_runs(model, tok, steering, held_prompts, calib_prompts, args.calib_seeds[0], kw, held, touched)
+    benign = claims["benign"] if base is None else base["claims"]["benign"]
+    refs, ref_calib, ref_steer = verifier_runs(model, claims, calib if base is None else None, benign, steering,
+                                               steered, touched)
+    raw = dict(claim_id=claim_id, weights_hash=lm.weights_hash, calib=calib, claims=claims, refs=refs,
+               ref_calib=ref_calib, steered_benign=steered[0], steered_calib=steered[1],
+               ref_steer=ref_steer[0], ref_steer_calib=ref_steer[1], cheats=list(cheats), touched=touched,
+               steering=steering_desc, steering_digest=steering_digest,
+               args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"out": str(out)})
+    return raw if base is None else merged(base, raw, args)
+
+
+def prompt_sets(args) -> tuple[list[str], list[str]]:
+    """The calibration prompts and the held-out prompts (honest and cheating runs), from aplomb's benign set."""
+    from steer.packages import packaged_file
+
+    prompts = json.loads(packaged_file("aplomb", "0.3.0", "aplomb/data/benign_anchors_v1.json").read_text())["benign"]
+    return prompts[: args.n_calib], prompts[args.n_calib: args.n_calib + args.n_heldout]
+
+
+def select_cheats(cheats: dict, args, base: dict | None) -> dict:
+    """The cheating runs to collect: --conditions' words pick them; a base collection's own are refused."""
+    if cheats["steering applied, not claimed"]["intervention"] is None:
         cheats.pop("steering applied, not claimed")
     if args.conditions:
         cheats = {n: c for n, c in cheats.items() if any(w in n for w in args.conditions)}
+    if base is not None:
+        again = [n for n in cheats if n in base["cheats"]]
+        if again:
+            raise SystemExit(f"{args.extend} already holds {again}: leave them out of --conditions "
+                             f"(its conditions: {base['cheats']})")
+        if base["steered_benign"] is not None and not args.no_steering:
+            raise SystemExit(f"{args.extend} already holds the steering runs: pass --no-steering")
+        if not cheats and args.no_steering:
+            raise SystemExit("nothing to add: --conditions names no new condition and --no-steering is set")
+    return cheats
+
+
+def cheating_runs(model, tok, held_prompts, cheats: dict, claims: dict, held: dict, batch: int, steering) -> dict:
+    """One provider run per cheating condition on the held-out prompts (into `claims`); steering's touch counts."""
     touched = {}
     for name, spec in cheats.items():
         log(f"cheating run: {name}")
         m = spec.pop("model", lambda: model)()
-        claims[name] = provide(m, tok, held_prompts, **spec, **held, variant=("sdpa", args.cheat_batch, 1))
+        claims[name] = provide(m, tok, held_prompts, **spec, **held, variant=("sdpa", batch, 1))
         if "intervention" in spec:
             touched[name] = steering.total_touched
         if m is not model:
             del m
-    # verifiable steering: the claim includes the intervention; the verifier runs it too. The honest
-    # steered provider runs under the same benign noise variants as the plain honest runs.
-    steered_benign = steered_calib = ref_steer = ref_steer_calib = None
-    if steering is not None:
-        log("honest steered runs (claim the steering intervention)")
-        steered_benign = benign_mix(model, tok, held_prompts, variants, intervention=steering, **held)
-        touched["honest steered provider (held-out)"] = steering.total_touched
-        steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=args.calib_seeds[0], **kw)
+    return touched
 
+
+def steered_runs(model, tok, steering, held_prompts, calib_prompts, calib_seed, kw, held, touched) -> tuple:
+    """Verifiable steering: the claim includes the intervention and the verifier runs it too. The honest
+    steered provider runs under the same benign noise variants as the plain honest runs.
+    Returns (held-out, calibration) steered honest runs, (None, None) without steering."""
+    if steering is None:
+        return None, None
+    log("honest steered runs (claim the steering intervention)")
+    steered_benign = benign_mix(model, tok, held_prompts, kw["variants"], intervention=steering, **held)
+    touched["honest steered provider (held-out)"] = steering.total_touched
+    steered_calib = benign_mix(model, tok, calib_prompts, intervention=steering, seed=calib_seed, **kw)
+    return steered_benign, steered_calib
+
+
+def verifier_runs(model, claims, calib, benign, steering, steered, touched) -> tuple:
+    """Teacher forcing of every new claim (and of `calib` unless it is None: reused) through the reference
+    model; with steering, the steered honest runs and the unsteered honest claim under the intervention."""
     log("verifier: teacher forcing every claim through the reference model")
     refs = {name: teacher_force(model, fp, VERIFIER_BATCH) for name, fp in claims.items()}
-    ref_calib = teacher_force(model, calib, VERIFIER_BATCH)
-    if steering is not None:
-        with steering.apply(model):
-            ref_steer = {"benign": teacher_force(model, steered_benign, VERIFIER_BATCH),
-                         "steering claimed, not applied": teacher_force(model, claims["benign"], VERIFIER_BATCH)}
-        touched["verifier, steering claimed, not applied"] = steering.total_touched
-        with steering.apply(model):
-            ref_steer_calib = teacher_force(model, steered_calib, VERIFIER_BATCH)
-        log(f"steering touched token positions: {touched}")
-    return dict(claim_id=claim_id, weights_hash=lm.weights_hash, calib=calib, claims=claims, refs=refs,
-                ref_calib=ref_calib, steered_benign=steered_benign, steered_calib=steered_calib,
-                ref_steer=ref_steer, ref_steer_calib=ref_steer_calib, cheats=list(cheats), touched=touched,
-                steering=steering_desc, steering_digest=steering_digest,
-                args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"out": str(out)})
+    ref_calib = teacher_force(model, calib, VERIFIER_BATCH) if calib is not None else None
+    if steering is None:
+        return refs, ref_calib, (None, None)
+    steered_benign, steered_calib = steered
+    with steering.apply(model):
+        ref_steer = {"benign": teacher_force(model, steered_benign, VERIFIER_BATCH),
+                     "steering claimed, not applied": teacher_force(model, benign, VERIFIER_BATCH)}
+    touched["verifier, steering claimed, not applied"] = steering.total_touched
+    with steering.apply(model):
+        ref_steer_calib = teacher_force(model, steered_calib, VERIFIER_BATCH)
+    log(f"steering touched token positions: {touched}")
+    return refs, ref_calib, (ref_steer, ref_steer_calib)
+
+
+# what fixes a collection's calibration and held-out honest runs: an --extend run must repeat them
+SHARED_ARGS = ("n_calib", "calib_seeds", "max_new_tokens", "benign_batch")
+
+
+def load_raw(path: Path) -> dict:
+    # weights_only: nothing is unpickled beyond tensors, plain containers and steer's own result types
+    import pathlib  # raw files whose args kept a --raw path
+
+    with torch.serialization.safe_globals([Fingerprints, DiFRConfig, SamplingParams, Reference, pathlib.PosixPath]):
+        return torch.load(path, weights_only=True)
+
+
+def check_base(base: dict, args, lm, out: Path, raw_file: Path) -> None:
+    """Refuse an --extend base whose calibration and honest runs are not what this run would collect:
+    other weights, model, claim, seeds, prompts or token budget, or an output that would overwrite it."""
+    src = args.extend
+    if raw_file.resolve() == src.resolve():
+        raise SystemExit(f"--extend {src} would be overwritten: name another raw file with --raw or another --out")
+    if Path(base["args"].get("out", "")).resolve() == out.resolve():
+        raise SystemExit(f"--out {out} is {src}'s results folder: name a new one, so its results stay as they are")
+    if base["weights_hash"] != lm.weights_hash or base["claim_id"] != lm.name:
+        raise SystemExit(f"{src} was made with {base['claim_id']} ({base['weights_hash'][:12]}), this run loads "
+                         f"{lm.name} ({lm.weights_hash[:12]}): extend a collection of the same model and weights")
+    if base["calib"].sampling != CLAIM.to_dict():
+        raise SystemExit(f"{src} claims sampling {base['calib'].sampling}, this script claims {CLAIM.to_dict()}")
+    wrong = {a: (base["args"].get(a), getattr(args, a)) for a in SHARED_ARGS if base["args"].get(a) != getattr(args, a)}
+    if wrong:
+        flag = lambda a, v: f"--{a.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))  # noqa: E731
+        seen = ", ".join(f"{a}: {b} there, {n} here" for a, (b, n) in wrong.items())
+        raise SystemExit(f"{src} was collected with other settings ({seen}): pass "
+                         + " ".join(flag(a, b) for a, (b, _) in wrong.items()))
+    if args.n_heldout > base["args"]["n_heldout"]:
+        raise SystemExit(f"--n-heldout {args.n_heldout} is more than {src}'s {base['args']['n_heldout']} held-out "
+                         "prompts: the new cheating runs must use its held-out prompts (or a first part of them)")
+    for name, fp, prompts in zip(("calibration", "held-out"), (base["calib"], base["claims"]["benign"]),
+                                 prompt_sets(args), strict=True):
+        kept = {tuple(x.tolist()) for x in torch.split(fp.prompt_ids, fp.prompt_lengths.tolist())}
+        if not {tuple(x) for x in encode_prompts(lm.tokenizer, prompts)} <= kept:
+            raise SystemExit(f"{src}'s {name} runs were made from other prompts than this run's: extend a collection "
+                             "made from the same prompt set")
+
+
+def merged(base: dict, new: dict, args) -> dict:
+    """The base collection with the new runs added (what --rescore and the analysis read)."""
+    out = dict(base)
+    out.update(claims=base["claims"] | new["claims"], refs=base["refs"] | new["refs"],
+               cheats=base["cheats"] + new["cheats"], touched=base["touched"] | new["touched"])
+    if new["steered_benign"] is not None:
+        out.update({k: new[k] for k in ("steered_benign", "steered_calib", "ref_steer", "ref_steer_calib", "steering",
+                                        "steering_digest")})
+    out["args"] = new["args"]
+    out["extends"] = dict(raw=str(args.extend), collected=base.get("date"), collect_minutes=base.get("collect_minutes"),
+                          args=base["args"], conditions=base["cheats"])
+    return out
 
 
 def raw_path(out: Path) -> Path:
@@ -365,7 +471,7 @@ def raw_path(out: Path) -> Path:
     return cache_dir() / "difr" / f"raw_{out.resolve().name}.pt"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--n-calib", type=int, default=9, help="calibration prompts (honest runs)")
@@ -389,10 +495,19 @@ def main(argv=None) -> int:
                     help="skip generation and teacher forcing: re-analyse the raw runs kept by the last full run")
     ap.add_argument("--raw", type=Path, default=None,
                     help="raw-runs file to write, or with --rescore to read (default: steer's cache, named after --out)")
+    ap.add_argument("--extend", type=Path, default=None, metavar="RAW",
+                    help="reuse the calibration and held-out honest runs kept in RAW (same model, weights, claim, "
+                         "seeds, --n-calib, --max-new-tokens, --benign-batch; --n-heldout at most RAW's) and "
+                         "collect only the new --conditions (and the steering runs unless --no-steering); writes "
+                         "a new raw file holding both, never RAW itself or its results folder")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--claims-only", action="store_true",
                     help="only claims.csv (whole claims decided per sequence) from --out's scores.csv.gz; no model")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.claims_only:
         claims_from_scores(args.out or HERE / f"results_{args.model}", args.target_fpr)
         return 0
@@ -408,24 +523,32 @@ def main(argv=None) -> int:
     if args.rescore:
         if not raw_file.is_file():
             raise SystemExit(f"no raw runs at {raw_file}: run without --rescore first")
-        # weights_only: nothing is unpickled beyond tensors, plain containers and steer's own result types
-        import pathlib  # raw files whose args kept a --raw path
-
-        with torch.serialization.safe_globals([Fingerprints, DiFRConfig, SamplingParams, Reference, pathlib.PosixPath]):
-            raw = torch.load(raw_file, weights_only=True)
+        raw = load_raw(raw_file)
         if raw["weights_hash"] != lm.weights_hash:
             raise SystemExit(f"{raw_file} was made with other weights ({raw['weights_hash']}); rerun without --rescore")
         log(f"re-analysing raw runs from {raw_file} (collected {raw.get('date')})")
     else:
-        raw = collect(args, lm, out)
-        raw["date"] = datetime.now(UTC).isoformat(timespec="seconds")
-        raw["collect_minutes"] = round((time.time() - t_start) / 60, 1)
-        raw_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(raw, raw_file)
-        log(f"raw runs kept in {raw_file}")
+        raw = collected(args, lm, out, raw_file, t_start)
     analyse(raw, lm.model, args, out)
     log(f"done in {round((time.time() - t_start) / 60, 1)} min: {out}")
     return 0
+
+
+def collected(args, lm, out: Path, raw_file: Path, t_start: float) -> dict:
+    """Collect the raw runs (reusing --extend's calibration and honest runs) and keep them in raw_file."""
+    base = None
+    if args.extend is not None:
+        if not args.extend.is_file():
+            raise SystemExit(f"--extend {args.extend}: no such raw file (run.py keeps them in {raw_path(out).parent})")
+        base = load_raw(args.extend)
+        check_base(base, args, lm, out, raw_file)
+    raw = collect(args, lm, out, base)
+    raw["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    raw["collect_minutes"] = round((time.time() - t_start) / 60, 1)
+    raw_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(raw, raw_file)
+    log(f"raw runs kept in {raw_file}")
+    return raw
 
 
 def per_item_scores(out: Path, runs: dict) -> None:
@@ -576,7 +699,7 @@ def claim_decisions(out: Path, fprs, calib_lengths, calib_scores, runs: dict) ->
 
     import pandas as pd
 
-    ident = types.SimpleNamespace(config=DiFRConfig(k=8), config_hash="", model_id="")
+    ident = types.SimpleNamespace(config=DiFRConfig(k=8), identity={}, model_id="")
     rows = []
     for fpr in fprs:
         for name in CLAIM_METHODS:

@@ -82,6 +82,21 @@ def fpr_summary(fpr: pd.DataFrame) -> str:
     return "\n\n".join(out)
 
 
+def power_table(fpr: pd.DataFrame, ns=(1, 8, 32)) -> str:
+    """Share of each cheating run's windows over the calibrated threshold, per method, target FPR and n in ns,
+    for every condition of the run ("ins." where the cell has no threshold, blank where the method's
+    reference does not apply to the condition)."""
+    conds = [c for c in fpr.columns if c.startswith("tpr: ")]
+    f = fpr[fpr.n_tokens.isin(ns)]
+    t = f[["method", "target_fpr", "n_tokens"]].copy()
+    for c in conds:
+        vals = f[c].round(3).astype(object)
+        if "status" in f:
+            vals[f.status != "calibrated"] = "ins."
+        t[c[5:]] = vals.where(vals.notna(), "")
+    return md(t, index=False)
+
+
 def min_n_table(df: pd.DataFrame, level: float = 0.999) -> str:
     """Smallest n with AUC >= level per condition and method ("-" if never)."""
     sub = df[df.method.isin(MAIN)]
@@ -115,6 +130,7 @@ def main(argv=None) -> int:
     print(f"## smallest n with AUC >= 0.999\n\n{min_n_table(df)}\n")
     print(f"## held-out false positives / windows\n\n{fpr_summary(fpr)}\n")
     print(f"## calibrated thresholds: held-out FPR and power\n\n{fpr_table(fpr)}\n")
+    print(f"## power (share of cheating windows over the threshold), every condition\n\n{power_table(fpr)}\n")
     if (out / "claims.csv").is_file():
         print("## whole claims, decided per sequence (verified/rejected/insufficient claims)\n\n"
               f"{claims_table(pd.read_csv(out / 'claims.csv'))}\n")
