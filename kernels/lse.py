@@ -188,6 +188,9 @@ def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_windo
     it, plus the lse of the calibrated heads alone."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    if q.device.type == "cpu" and Tq == 1 and not _window_cuts(Tk, sliding_window):
+        out, lse = _decode_cpu(q, k, v, scale, mask)
+        return out, lse[:, heads]
     if q.dtype == torch.float32 and Tq * (H // Hkv) <= MATH_MAX_ROWS * 4 and Tq <= MATH_MAX_ROWS:
         out, lse = attention_lse(q, k, v, scale=scale, mask=mask, sliding_window=sliding_window)
         return out, lse[:, heads]
@@ -205,6 +208,20 @@ def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_windo
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
     return out, torch.logsumexp(s, dim=-1)
+
+
+def _decode_cpu(q, k, v, scale, mask):
+    """(out [B, H, 1, Dv], lse [B, H, 1] fp32) of one query row per sequence on CPU: the fused kernel on the
+    kv heads with each group's query heads as its rows, as transformers' SDPA integration packs GQA for a
+    decode step (no k/v copies), so the step costs what a plain decode step's attention costs and the lse
+    comes with it. mask: Bool[B or 1, 1, 1, Tk] or None (the row sees every key)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    attn = None if mask is None else _additive(mask, q.dtype)  # broadcast over the packed rows
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(B, Hkv, H // Hkv, D), k, v, 0.0, False, attn_mask=attn, scale=scale
+    )
+    return out.reshape(B, H, 1, v.shape[-1]), lse.reshape(B, H, 1).float()
 
 
 def _attention_lse_math(q, k, v, scale, vis):
@@ -329,42 +346,50 @@ def gather_sinks(k, v, *, heads, cols, scale: float, n_heads: int):
 
 
 def act_decode_from_lse(
-    q, out, lse_h, *, heads, ks, vs, valid, beta: float, n_keys: int, cols, k, v, scale: float, mask=None
+    q, out, lse_h, *, heads, ks, vs, valid, beta: float, n_keys: int, cols, k, v, scale: float, mask=None,
+    offset: int = 0,
 ):
     """ACT on a few query rows at the end of the cache (decode) with the sink keys/values gathered at
-    prefill (`gather_sinks`): the same result as act_from_lse with about half the tensor operations,
-    which dominate a decode step's cost on CPU.
+    prefill (`gather_sinks`): the same result as act_from_lse with fewer tensor operations, which
+    dominate a decode step's cost on CPU (~10 us each inside a real step).
 
-    lse_h [B, Hs, Tq] (attention_head_lse); cols Long[B, Hs, S] the sink columns in this cache (0..Tk-1),
-    valid Bool[B, Hs, S]; mask: Bool[B or 1, 1, Tq, Tk] (steer's, holding padding and window) or None =
-    every row sees all n_keys keys. k, v: for the exact recompute of rows with c > C_MAX."""
+    lse_h [B, Hs, Tq] (attention_head_lse); cols Long[B, Hs, S] the sink columns, counted from `offset`
+    (the cache's key 0 is column `offset`: a sliding cache dropped the keys before it; valid must be False
+    for the sinks it dropped), valid Bool[B, Hs, S]; mask: Bool[B or 1, 1, Tq, Tk] (steer's, holding
+    padding and window) or None = every row sees all n_keys keys. k, v: for the exact recompute of rows
+    with c > C_MAX."""
     B, Hs, S = valid.shape
     Tq = q.shape[2]
+    here = (lambda: (cols - offset).clamp_min(0)) if offset else (lambda: cols)  # columns in this cache
     if mask is None:
         ok = valid.unsqueeze(2)  # [B, Hs, 1, S]
-        rest_exists = (valid.sum(-1) < n_keys).view(B, Hs, 1, 1)
+        rest_exists = None if S < n_keys else (valid.sum(-1) < n_keys).view(B, Hs, 1, 1)
     else:
         m = mask[:, 0].unsqueeze(1).expand(B, Hs, Tq, mask.shape[-1])
-        ok = torch.gather(m, 3, cols.unsqueeze(2).expand(B, Hs, Tq, S)) & valid.unsqueeze(2)
+        ok = torch.gather(m, 3, here().unsqueeze(2).expand(B, Hs, Tq, S)) & valid.unsqueeze(2)
         rest_exists = (ok.sum(-1) < mask[:, 0].sum(-1).unsqueeze(1)).unsqueeze(-1)
-    p = torch.exp(torch.matmul(q[:, heads].float(), ks.transpose(-1, -2)).sub_(lse_h.unsqueeze(-1)))
-    p = p.mul_(ok)  # [B, Hs, Tq, S]
+    qh = q[:, heads]
+    p = torch.matmul(qh if qh.dtype == torch.float32 else qh.float(), ks.transpose(-1, -2))
+    p = p.sub_(lse_h.unsqueeze(-1)).exp_().mul_(ok)  # [B, Hs, Tq, S]
     P = p.sum(-1, keepdim=True)
     o_s = torch.matmul(p, vs)
-    rescale = (P > 0) & rest_exists
-    c = (1.0 - beta * P) / (1.0 - P)
-    o = out[:, heads].float()
-    new = torch.where(rescale, c * (o - o_s) + beta * o_s, o)
-    ill = rescale & ((1.0 - beta * P) > C_MAX * (1.0 - P))  # also P >= 1 (lse rounding), where c < 0
+    num, den = torch.rsub(P, 1.0, alpha=beta), torch.rsub(P, 1.0)  # 1 - beta P_S, 1 - P_S
+    o = out[:, heads]
+    o = o if o.dtype == torch.float32 else o.float()
+    # o' = c (o - o_S) + beta o_S; rows without sink mass get c = 1, o_S = 0, i.e. o' = o exactly
+    new = o.sub(o_s).mul_(num.div(den)).add_(o_s, alpha=beta)
+    rescale = P > 0
+    if rest_exists is not None:  # rows that see only sinks keep o
+        rescale = rescale & rest_exists
+        new = torch.where(rescale, new, o)
+    ill = rescale & ((num > C_MAX * den) | (den <= 0))  # c > C_MAX, or P_S >= 1 (lse rounding) where c <= 0
     rescale = rescale.squeeze(-1)
     if bool(ill.any()):
         b_i, j_i, r_i = ill.squeeze(-1).nonzero(as_tuple=True)
-        rows, moved = _exact_rows(q, k, v, scale, heads, cols, valid, beta, mask, None, b_i, j_i, r_i)
+        rows, moved = _exact_rows(q, k, v, scale, heads, here(), valid, beta, mask, None, b_i, j_i, r_i)
         new[b_i, j_i, r_i] = torch.where(moved.unsqueeze(-1), rows, o[b_i, j_i, r_i])
         rescale[b_i, j_i, r_i] = moved
-    result = out.clone()
-    result[:, heads] = new.to(out.dtype)
-    return result, rescale.sum()
+    return out.index_copy(1, heads, new.to(out.dtype)), rescale.sum()
 
 
 def _exact_rows(q, k, v, scale, heads, cols, valid, beta, mask, sliding_window, b_i, j_i, r_i):
