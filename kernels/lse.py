@@ -181,11 +181,9 @@ def _cpu_flash(q, k, v, is_causal, attn, scale):
 def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_window=None):
     """(out [B, H, Tq, Dv], lse [B, Hs, Tq] fp32 of the query heads `heads` only), for decode steps.
 
-    fp32 with a few query rows: attention_lse's grouped math path (all heads, GQA without copying k/v).
-    Interleaved on CPU (one thread, one row, 2,049 keys) it costs 1.28x / 1.40x PyTorch's SDPA call for
-    SmolLM2 / Gemma-3-270m shapes, against 1.68x / 2.42x for SDPA plus a separate lse of one head (the
-    kv head's copy and second pass over the keys). Otherwise PyTorch's SDPA call as transformers makes
-    it, plus the lse of the calibrated heads alone."""
+    CPU, one query row: the fused kernel as a plain decode step calls it (`_decode_cpu`), lse included.
+    Otherwise fp32 with a few query rows: attention_lse's grouped math path (all heads, GQA without
+    copying k/v); else PyTorch's SDPA call as transformers makes it, plus the lse of the calibrated heads."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if q.device.type == "cpu" and Tq == 1 and not _window_cuts(Tk, sliding_window):
