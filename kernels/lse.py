@@ -181,13 +181,14 @@ def _cpu_flash(q, k, v, is_causal, attn, scale):
 def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_window=None):
     """(out [B, H, Tq, Dv], lse [B, Hs, Tq] fp32 of the query heads `heads` only), for decode steps.
 
-    fp32 with a few query rows: attention_lse's grouped math path (all heads, GQA without copying k/v).
-    Interleaved on CPU (one thread, one row, 2,049 keys) it costs 1.28x / 1.40x PyTorch's SDPA call for
-    SmolLM2 / Gemma-3-270m shapes, against 1.68x / 2.42x for SDPA plus a separate lse of one head (the
-    kv head's copy and second pass over the keys). Otherwise PyTorch's SDPA call as transformers makes
-    it, plus the lse of the calibrated heads alone."""
+    CPU, one query row: the fused kernel as a plain decode step calls it (`_decode_cpu`), lse included.
+    Otherwise fp32 with a few query rows: attention_lse's grouped math path (all heads, GQA without
+    copying k/v); else PyTorch's SDPA call as transformers makes it, plus the lse of the calibrated heads."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    if q.device.type == "cpu" and Tq == 1 and not _window_cuts(Tk, sliding_window):
+        out, lse = _decode_cpu(q, k, v, scale, mask)
+        return out, lse[:, heads]
     if q.dtype == torch.float32 and Tq * (H // Hkv) <= MATH_MAX_ROWS * 4 and Tq <= MATH_MAX_ROWS:
         out, lse = attention_lse(q, k, v, scale=scale, mask=mask, sliding_window=sliding_window)
         return out, lse[:, heads]
@@ -205,6 +206,20 @@ def attention_head_lse(q, k, v, *, scale: float, heads, mask=None, sliding_windo
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
     return out, torch.logsumexp(s, dim=-1)
+
+
+def _decode_cpu(q, k, v, scale, mask):
+    """(out [B, H, 1, Dv], lse [B, H, 1] fp32) of one query row per sequence on CPU: the fused kernel on the
+    kv heads with each group's query heads as its rows, as transformers' SDPA integration packs GQA for a
+    decode step (no k/v copies), so the step costs what a plain decode step's attention costs and the lse
+    comes with it. mask: Bool[B or 1, 1, 1, Tk] or None (the row sees every key)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    attn = None if mask is None else _additive(mask, q.dtype)  # broadcast over the packed rows
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(B, Hkv, H // Hkv, D), k, v, 0.0, False, attn_mask=attn, scale=scale
+    )
+    return out.reshape(B, H, 1, v.shape[-1]), lse.reshape(B, H, 1).float()
 
 
 def _attention_lse_math(q, k, v, scale, vis):
@@ -321,50 +336,67 @@ def act_from_lse(
 
 
 def gather_sinks(k, v, *, heads, cols, scale: float, n_heads: int):
-    """(ks * scale, vs) fp32 [B, Hs, S, D]: the sink keys (pre-scaled) and values of the calibrated query
-    heads `heads` (of n_heads; GQA mapped), gathered once at prefill for `act_decode_from_lse`."""
-    bi = torch.arange(cols.shape[0], device=k.device).view(-1, 1, 1)
+    """The sink keys and values of the calibrated query heads `heads` (of n_heads; GQA mapped), gathered
+    once at prefill for `act_decode_from_lse`, laid out for its batched products: (keys * scale transposed
+    [B * Hs, D, S], values with a column of ones appended [B * Hs, S, Dv + 1], so that one product gives
+    o_S and P_S together), fp32."""
+    B, Hs, S = cols.shape
+    bi = torch.arange(B, device=k.device).view(-1, 1, 1)
     kvh = (heads // (n_heads // k.shape[1])).view(1, -1, 1)
-    return k[bi, kvh, cols].float().mul_(scale), v[bi, kvh, cols].float()
+    ks = k[bi, kvh, cols].float().mul_(scale).reshape(B * Hs, S, k.shape[-1]).transpose(1, 2).contiguous()
+    vs = v[bi, kvh, cols].float().reshape(B * Hs, S, v.shape[-1])
+    return ks, torch.cat([vs, vs.new_ones(B * Hs, S, 1)], -1)
 
 
 def act_decode_from_lse(
-    q, out, lse_h, *, heads, ks, vs, valid, beta: float, n_keys: int, cols, k, v, scale: float, mask=None
+    q, out, lse_h, *, heads, ks, vs, valid, beta: float, n_keys: int, cols, k, v, scale: float, mask=None,
+    offset: int = 0,
 ):
-    """ACT on a few query rows at the end of the cache (decode) with the sink keys/values gathered at
-    prefill (`gather_sinks`): the same result as act_from_lse with about half the tensor operations,
-    which dominate a decode step's cost on CPU.
+    """ACT on a few query rows at the end of the cache (decode) with the sink keys/values `gather_sinks`
+    gathered at prefill: the same result as act_from_lse in about 20 tensor operations on 3-D batched
+    products, since inside a real CPU decode step each operation costs ~10 us whatever its size.
 
-    lse_h [B, Hs, Tq] (attention_head_lse); cols Long[B, Hs, S] the sink columns in this cache (0..Tk-1),
-    valid Bool[B, Hs, S]; mask: Bool[B or 1, 1, Tq, Tk] (steer's, holding padding and window) or None =
-    every row sees all n_keys keys. k, v: for the exact recompute of rows with c > C_MAX."""
+    lse_h [B, Hs, Tq] (attention_head_lse); cols Long[B, Hs, S] the sink columns, counted from `offset`
+    (the cache's key 0 is column `offset`: a sliding cache dropped the keys before it; valid must be False
+    for the sinks it dropped), valid Bool[B, Hs, S]; mask: Bool[B or 1, 1, Tq, Tk] (steer's, holding
+    padding and window) or None = every row sees all n_keys keys. k, v: for the exact recompute of rows
+    with c > C_MAX."""
     B, Hs, S = valid.shape
-    Tq = q.shape[2]
+    Tq, D, Dv = q.shape[2], q.shape[3], out.shape[3]
+    here = (lambda: (cols - offset).clamp_min(0)) if offset else (lambda: cols)  # columns in this cache
+    rest_exists = None  # rows that see a key beyond their sinks (None: all of them)
     if mask is None:
-        ok = valid.unsqueeze(2)  # [B, Hs, 1, S]
-        rest_exists = (valid.sum(-1) < n_keys).view(B, Hs, 1, 1)
+        ok = valid.view(B * Hs, 1, S)
+        if S >= n_keys:
+            rest_exists = (valid.sum(-1) < n_keys).view(B * Hs, 1, 1)
     else:
         m = mask[:, 0].unsqueeze(1).expand(B, Hs, Tq, mask.shape[-1])
-        ok = torch.gather(m, 3, cols.unsqueeze(2).expand(B, Hs, Tq, S)) & valid.unsqueeze(2)
-        rest_exists = (ok.sum(-1) < mask[:, 0].sum(-1).unsqueeze(1)).unsqueeze(-1)
-    p = torch.exp(torch.matmul(q[:, heads].float(), ks.transpose(-1, -2)).sub_(lse_h.unsqueeze(-1)))
-    p = p.mul_(ok)  # [B, Hs, Tq, S]
-    P = p.sum(-1, keepdim=True)
-    o_s = torch.matmul(p, vs)
-    rescale = (P > 0) & rest_exists
-    c = (1.0 - beta * P) / (1.0 - P)
-    o = out[:, heads].float()
-    new = torch.where(rescale, c * (o - o_s) + beta * o_s, o)
-    ill = rescale & ((1.0 - beta * P) > C_MAX * (1.0 - P))  # also P >= 1 (lse rounding), where c < 0
-    rescale = rescale.squeeze(-1)
+        ok = torch.gather(m, 3, here().unsqueeze(2).expand(B, Hs, Tq, S)) & valid.unsqueeze(2)
+        rest_exists = (ok.sum(-1) < mask[:, 0].sum(-1).unsqueeze(1)).view(B * Hs, Tq, 1)
+        ok = ok.view(B * Hs, Tq, S)
+    qh = q.index_select(1, heads).reshape(B * Hs, Tq, D)
+    qh = qh if qh.dtype == torch.float32 else qh.float()
+    p = torch.baddbmm(lse_h.reshape(B * Hs, Tq, 1), qh, ks, beta=-1).exp_().mul_(ok)  # p_s = exp(q.k_s scale - lse)
+    r = torch.bmm(p, vs)  # [B * Hs, Tq, Dv + 1]: o_S and P_S
+    o_s, P = r[..., :Dv], r[..., Dv:]
+    num, den = torch.rsub(P, 1.0, alpha=beta), torch.rsub(P, 1.0)  # 1 - beta P_S, 1 - P_S
+    o = out.index_select(1, heads).reshape(B * Hs, Tq, Dv)
+    o = o if o.dtype == torch.float32 else o.float()
+    # o' = c (o - o_S) + beta o_S; rows without sink mass get c = 1, o_S = 0, i.e. o' = o exactly
+    new = o.sub(o_s).mul_(num / den).add_(o_s, alpha=beta)
+    rescale = P > 0
+    if rest_exists is not None:  # rows that see only sinks keep o
+        rescale = rescale & rest_exists
+        new = torch.where(rescale, new, o)
+    ill = rescale & ((num > C_MAX * den) | (den <= 0))  # c > C_MAX, or P_S >= 1 (lse rounding) where c <= 0
+    new, rescale = new.view(B, Hs, Tq, Dv), rescale.view(B, Hs, Tq)
     if bool(ill.any()):
-        b_i, j_i, r_i = ill.squeeze(-1).nonzero(as_tuple=True)
-        rows, moved = _exact_rows(q, k, v, scale, heads, cols, valid, beta, mask, None, b_i, j_i, r_i)
+        b_i, j_i, r_i = ill.view(B, Hs, Tq).nonzero(as_tuple=True)
+        rows, moved = _exact_rows(q, k, v, scale, heads, here(), valid, beta, mask, None, b_i, j_i, r_i)
+        o = o.view(B, Hs, Tq, Dv)
         new[b_i, j_i, r_i] = torch.where(moved.unsqueeze(-1), rows, o[b_i, j_i, r_i])
         rescale[b_i, j_i, r_i] = moved
-    result = out.clone()
-    result[:, heads] = new.to(out.dtype)
-    return result, rescale.sum()
+    return out.index_copy(1, heads, new.to(out.dtype)), rescale.sum()
 
 
 def _exact_rows(q, k, v, scale, heads, cols, valid, beta, mask, sliding_window, b_i, j_i, r_i):

@@ -100,6 +100,8 @@ class _LayerState:
     cols: torch.Tensor | None = None  # lse path: Long[B, Hs, S] sink columns of the calibrated heads
     valid: torch.Tensor | None = None  # Bool[B, Hs, S]
     sink_kv: tuple | None = None  # lse path: (scaled sink keys, sink values) fp32 [B, Hs, S, D], for decode steps
+    end: int = 0  # lse path: 1 + the last sink column (0: no sinks); a cache starting at or past it holds none
+    start: int = 0  # lse path: the first sink column still valid; a cache starting past it dropped a sink
 
 
 class ACT(Intervention):
@@ -258,6 +260,8 @@ class ACT(Intervention):
                     idx = head_idx[q.device] = torch.tensor(heads, dtype=torch.long, device=q.device)
                 out, touched = self._lse_call(layer, idx, n_heads, q, k, v, call.scaling, mask, window)
                 self.count(ctx.point, touched)
+                if out is None:  # ACT changes nothing here: the model's own attention, same numbers as without it
+                    return call.base()
                 return out.transpose(1, 2).contiguous(), None
             if path != "kernel":
                 raise ValueError(f"ACT.path must be 'auto', 'lse' or 'kernel' (got {path!r})")
@@ -278,7 +282,8 @@ class ACT(Intervention):
         return fn
 
     def _lse_call(self, layer, heads, n_heads, q, k, v, scale, mask, window):
-        """ACT on `heads` (Long) of one attention call through steer.kernels.lse: (out [B, H, Tq, Dv], touched)."""
+        """ACT on `heads` (Long) of one attention call through steer.kernels.lse: (out [B, H, Tq, Dv], touched);
+        out None on decode steps whose cache holds none of this layer's sinks (ACT changes nothing there)."""
         from steer.kernels.lse import (
             act_decode_from_lse,
             act_from_lse,
@@ -299,24 +304,36 @@ class ACT(Intervention):
             full = torch.zeros(b, n_heads, tk, dtype=torch.bool, device=q.device)
             full[:, heads] = sinks
             sink_kv = gather_sinks(k, v, heads=heads, cols=cols, scale=scale, n_heads=n_heads)
-            self._state[layer] = _LayerState(full, b, tk, cols, valid, sink_kv)
+            self._state[layer] = _LayerState(full, b, tk, cols, valid, sink_kv, *_sink_range(cols, valid))
         else:  # decode: the prefill's sink columns at their absolute positions, O(|S| d) per row
             state, offset = self._decode_state(layer, b, tq, tk)
             if state.cols is None:
                 raise RuntimeError("ACT's prefill of this sequence ran on another path; keep ACT.path fixed "
                                    "for a whole generate() call")
+            if state.end <= offset:  # no sink of this layer in the cache (none found, or slid out): no change
+                return None, 0
+            if mask is not None and tq == 1 and mask.device.type == "cpu" and bool(mask.all()):
+                mask = None  # one row that sees every key (a sliding cache no longer than its window)
             out, lse = attention_head_lse(q, k, v, scale=scale, heads=heads, mask=mask, sliding_window=window)
-            cols, valid = state.cols, state.valid
-            if offset:  # a sliding cache dropped the oldest keys: shift, and drop the sinks that left
-                cols = cols - offset
-                valid = valid & (cols >= 0)
-                cols = cols.clamp_min(0)
+            if offset > state.start:  # a sliding cache dropped sinks (offset only grows: they stay dropped)
+                state.valid = state.valid & (state.cols >= offset)
+                state.end, state.start = _sink_range(state.cols, state.valid)
             if window is None or tk <= window:  # steer's mask (if any) holds padding and window
                 return act_decode_from_lse(q, out, lse, heads=heads, ks=state.sink_kv[0], vs=state.sink_kv[1],
-                                           valid=valid, beta=self.beta, n_keys=tk, cols=cols, k=k, v=v, scale=scale,
-                                           mask=mask)
+                                           valid=state.valid, beta=self.beta, n_keys=tk, cols=state.cols, k=k, v=v,
+                                           scale=scale, mask=mask, offset=offset)
+            cols, valid = (state.cols - offset).clamp_min(0), state.valid
         return act_from_lse(q, k, v, out, lse, scale=scale, heads=heads, cols=cols, valid=valid, beta=self.beta,
                             mask=mask, sliding_window=window)
+
+
+def _sink_range(cols: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]:
+    """(1 + the last valid sink column, the first valid one) of Long cols / Bool valid [B, Hs, S]; (0, 0)
+    without valid sinks. Python ints, so a decode step decides without tensor operations whether its cache
+    holds a sink and whether one has left it."""
+    if not bool(valid.any()):
+        return 0, 0
+    return int(cols[valid].max()) + 1, int(cols[valid].min())
 
 
 @dataclass

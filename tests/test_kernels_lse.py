@@ -146,6 +146,11 @@ def test_sink_index_pads_and_empty_sets():
     out, lse = attention_lse(q, k, v, scale=0.3)
     got, touched = act_from_lse(q, k, v, out, lse, scale=0.3, heads=h, cols=cols, valid=valid, beta=0.4)
     assert torch.equal(got, out) and int(touched) == 0
+    ks, vs = gather_sinks(k, v, heads=h, cols=cols, scale=0.3, n_heads=3)  # a layer without sinks, decoded
+    out, lse = attention_head_lse(q[:, :, -1:], k, v, scale=0.3, heads=h)
+    got, touched = act_decode_from_lse(q[:, :, -1:], out, lse, heads=h, ks=ks, vs=vs, valid=valid, beta=0.4,
+                                       n_keys=6, cols=cols, k=k, v=v, scale=0.3)
+    assert torch.equal(got, out) and int(touched) == 0
 
 
 @pytest.mark.parametrize("case", ["prefill", "padded", "window", "padded_window", "chunk"])
@@ -415,7 +420,8 @@ def test_act_decode_recomputes_rows_whose_sink_mass_rounds_to_one():
     ref, t_ref = act_attention_reference(q, k, v, scale=0.3, sink_mask=sinks, head_mask=heads, beta=0.4)
     ks, vs = gather_sinks(k, v, heads=h, cols=cols, scale=0.3, n_heads=q.shape[1])
     low = lse - 1e-5  # P_S = sum_S exp(s - lse) > 1 where the sinks hold > 1 - 1e-5 of the row
-    p_s = (torch.matmul(q[:, h], ks.transpose(-1, -2)) - low.unsqueeze(-1)).exp().mul(valid.unsqueeze(2)).sum(-1)
+    n = q.shape[0] * h.numel()  # gather_sinks' layout: keys [B * Hs, D, S]
+    p_s = (torch.bmm(q[:, h].reshape(n, 1, -1), ks) - low.reshape(n, 1, 1)).exp().mul(valid.view(n, 1, -1)).sum(-1)
     assert (p_s >= 1).any()
     got, t = act_decode_from_lse(
         q, out, low, heads=h, ks=ks, vs=vs, valid=valid, beta=0.4, n_keys=40, cols=cols, k=k, v=v, scale=0.3

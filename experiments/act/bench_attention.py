@@ -69,13 +69,16 @@ def measure(fn) -> tuple[float, float, float]:
     return w, c, peak
 
 
-def interleaved(modes: dict, repeats: int) -> dict[str, list[tuple[float, float, float]]]:
-    """Each repeat runs every mode once, in an order rotated by the repeat: (wall, cpu, peak MiB) rows."""
+def interleaved(modes: dict, repeats: int, on_call=None) -> dict[str, list[tuple[float, float, float]]]:
+    """Each repeat runs every mode once, in an order rotated by the repeat: (wall, cpu, peak MiB) rows.
+    on_call(repeat, mode, row) sees each call as it ends (long runs keep what they measured if stopped)."""
     names = list(modes)
     times: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(measure(modes[name]))
+            if on_call is not None:
+                on_call(r, name, times[name][-1])
     return times
 
 
@@ -184,6 +187,8 @@ def main() -> int:
     ap.add_argument("--decode-cache", type=int, default=2048, help="0 = no decode timing")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--modes", nargs="+", help="prefill modes to time (default: all; sdpa is always timed)")
+    ap.add_argument("--each-call", action="store_true",
+                    help="also append one 'record': 'call' line per prefill call as it ends (for runs that may be stopped)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "bench_attention.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -238,7 +243,12 @@ def main() -> int:
             if args.modes:
                 modes = {k: v for k, v in modes.items() if k == "sdpa" or k in args.modes}
             load0 = os.getloadavg()[0]
-            rows(n, interleaved(modes, reps[n]), "sdpa", load0)
+
+            def call_row(r, name, t, n=n):
+                emit({"record": "call", "tokens": n, "mode": name, "repeat": r, "wall_s": round(t[0], 4),
+                      "cpu_s": round(t[1], 4), "peak_extra_rss_mib": round(t[2], 1), "load_avg_1min": os.getloadavg()[0]})
+
+            rows(n, interleaved(modes, reps[n], call_row if args.each_call else None), "sdpa", load0)
     return 0
 
 
