@@ -224,7 +224,8 @@ def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
     swept = sorted(sw.per_head)
     base_k, rows = keep_alone(sw, swept, min_gain)
     paper = select_paper([dict(r) for r in rows])
-    short = _shortlist(out)
+    screened = (out / "screen.json").exists()  # the shortlist procedure's input; a --layers-only sweep has none
+    short = _shortlist(out) if screened else []
     missing = [hd for hd in short if hd not in sw.per_head]  # a time-boxed sweep may not reach them all
     short = [hd for hd in short if hd in sw.per_head]
     combos_path = out / "combinations.json"
@@ -241,7 +242,9 @@ def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
 
     _, short_rows = keep_alone(sw, short, min_gain)
     chosen, greedy_k, combos = (
-        combine_greedy(short_rows, base_k, cached, lambda done, total, note: log(note)) if greedy else (None, None, None)
+        combine_greedy(short_rows, base_k, cached, lambda done, total, note: log(note))
+        if greedy and screened
+        else (None, None, None)
     )
     paper_k = (
         known.get(";".join(_key(hd) for hd in paper))
@@ -307,6 +310,10 @@ def phase_heldout(args, out: Path) -> None:
     configs = {"baseline": []}
     if sel is not None:
         configs.update(paper=sel["paper"]["heads"], shortlist_greedy=sel["shortlist_greedy"]["heads"])
+        if configs["shortlist_greedy"] is None:  # no attribution screen: the paper procedure only
+            if args.config == "shortlist_greedy":
+                raise SystemExit(f"{out} has no screen.json: run `sweep` once without --layers (it screens first)")
+            del configs["shortlist_greedy"]
         if args.config:
             configs = {args.config: configs[args.config]}
     for name, heads in configs.items():
@@ -358,6 +365,8 @@ def rescore(args, out: Path) -> dict:
     table = []
     for name in ("paper", "shortlist_greedy"):
         heads = sel[name]["heads"]
+        if heads is None:  # the shortlist procedure without an attribution screen: not run
+            continue
         new = _correct(res[";".join(_key(hd) for hd in heads)]["logprobs"], answers) if heads else base
         for task in [*dict.fromkeys(tasks), "all"]:
             idx = [i for i, t in enumerate(tasks) if task in ("all", t)]
