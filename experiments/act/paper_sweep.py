@@ -216,7 +216,8 @@ def _shortlist(out: Path) -> list[tuple[int, int]]:
 def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
     """Both procedures from the raw sweep. score(heads) -> calibration items right (None: combinations
     are read from combinations.json only, as in rescore). The paper procedure's joint calibration score
-    (recorded, never used to choose) is read from combinations.json if it was measured, else None.
+    (recorded, never used to choose) is measured with `score` (one calibration pass, then kept in
+    combinations.json); without `score` it is read from there if it was measured, else None.
     greedy=False: the paper procedure only (no combination needs scoring)."""
     from steer.act_search import combine_greedy, keep_alone, select_paper
 
@@ -246,13 +247,10 @@ def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
         if greedy and screened
         else (None, None, None)
     )
-    paper_k = (
-        known.get(";".join(_key(hd) for hd in paper))
-        if len(paper) > 1
-        else base_k
-        if not paper
-        else sw.result(paper[0]).n_correct()
-    )
+    if len(paper) > 1:  # measured (and recorded) where a scorer is given, else read if it was recorded
+        paper_k = cached(paper) if score is not None else known.get(";".join(_key(hd) for hd in paper))
+    else:
+        paper_k = base_k if not paper else sw.result(paper[0]).n_correct()
     return {
         "n_items": len(sw.items),
         "baseline_correct": base_k,
