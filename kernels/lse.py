@@ -46,6 +46,7 @@ EXACT_ROW_CHUNK = 32  # rows per chunk in that exact recomputation
 # query rows per fused-kernel call on a causal + sliding-window input: the block's keys span its rows plus the
 # window, so smaller blocks compute fewer masked scores (256 rows at window 512: 1.5x the visible scores)
 WINDOW_BLOCK = 256
+HOST_ROWS = 8  # act_decode_from_lse on CPU decides rows on the host up to this many (batch x heads x rows)
 MATH_MAX_ROWS = 16  # query rows up to which attention_lse takes the grouped math path (decode steps)
 # Scores below this (log-probabilities; exp < 1.7e-38, fp32's denormal range) are raised to it before exp in
 # the column-sum passes: x86 computes exp with a denormal result ~100x slower than a normal one, and most
@@ -411,6 +412,11 @@ def act_decode_from_lse(
     qh = qh if qh.dtype == torch.float32 else qh.float()
     p = torch.baddbmm(lse_h.reshape(B * Hs, Tq, 1), qh, ks, beta=-1).exp_().mul_(ok)  # p_s = exp(q.k_s scale - lse)
     r = torch.bmm(p, vs)  # [B * Hs, Tq, Dv + 1]: o_S and P_S
+    if r.device.type == "cpu" and B * Hs * Tq <= HOST_ROWS:
+        def exact(b_i, j_i, r_i):
+            return _exact_rows(q, k, v, scale, heads, here(), valid, beta, mask, None, b_i, j_i, r_i)
+
+        return _decode_rows_host(out, heads, r, rest_exists, beta, (B, Hs, Tq), exact)
     o_s, P = r[..., :Dv], r[..., Dv:]
     num, den = torch.rsub(P, 1.0, alpha=beta), torch.rsub(P, 1.0)  # 1 - beta P_S, 1 - P_S
     o = out.index_select(1, heads).reshape(B * Hs, Tq, Dv)
@@ -430,6 +436,49 @@ def act_decode_from_lse(
         new[b_i, j_i, r_i] = torch.where(moved.unsqueeze(-1), rows, o[b_i, j_i, r_i])
         rescale[b_i, j_i, r_i] = moved
     return out.index_copy(1, heads, new.to(out.dtype)), rescale.sum()
+
+
+def _decode_rows_host(out, heads, r, rest_exists, beta: float, shape, exact):
+    """act_decode_from_lse's last steps for a few rows on CPU, with P_S, c and the row tests as Python
+    floats: a batch-1 step with one calibrated head per layer then costs 4 tensor operations after the
+    products, not ~15 (each ~10 us inside a real step). Same rules; c in fp64 instead of fp32.
+    r [B * Hs, Tq, Dv + 1] (o_S and P_S); exact(b_i, j_i, r_i) recomputes rows (_exact_rows)."""
+    B, Hs, Tq = shape
+    Dv = r.shape[-1] - 1
+    P = r[..., Dv].reshape(-1).tolist()
+    rest = [True] * len(P) if rest_exists is None else rest_exists.expand(B * Hs, Tq, 1).reshape(-1).tolist()
+    cs, keep, ill = [], [], []
+    for i, (p_s, has_rest) in enumerate(zip(P, rest, strict=True)):
+        num, den = 1.0 - beta * p_s, 1.0 - p_s
+        if not (p_s > 0 and has_rest):  # no sink mass, or nothing but sinks to move it to: o stays
+            keep.append(i)
+        elif num > C_MAX * den or den <= 0:  # c > C_MAX, or P_S >= 1 (lse rounding): exact recompute
+            ill.append(i)
+        else:
+            cs.append((i, num / den))
+    if not cs and not ill:
+        return out, 0
+    o = out.index_select(1, heads).reshape(B * Hs, Tq, Dv)
+    o = o if o.dtype == torch.float32 else o.float()
+    o_s = r[..., :Dv]
+    if len(cs) == len(P):
+        c = cs[0][1] if len(P) == 1 else torch.tensor([c for _, c in cs], dtype=torch.float32).view(B * Hs, Tq, 1)
+        new = o.sub(o_s).mul_(c).add_(o_s, alpha=beta)
+    else:  # some rows keep o or are recomputed: the formula on the others only
+        new = o.clone()
+        idx = torch.tensor([i for i, _ in cs], dtype=torch.long)
+        c = torch.tensor([c for _, c in cs], dtype=torch.float32).view(-1, 1)
+        fo, fs = o.reshape(-1, Dv)[idx], o_s.reshape(-1, Dv)[idx]
+        new.view(-1, Dv)[idx] = fo.sub(fs).mul_(c).add_(fs, alpha=beta)
+    touched = len(cs)
+    if ill:
+        i = torch.tensor(ill, dtype=torch.long)
+        b_i, j_i, r_i = i // (Hs * Tq), (i // Tq) % Hs, i % Tq
+        rows, moved = exact(b_i, j_i, r_i)
+        flat = new.view(-1, Dv)
+        flat[i] = torch.where(moved.unsqueeze(-1), rows, o.reshape(-1, Dv)[i])
+        touched += int(moved.sum())
+    return out.index_copy(1, heads, new.view(B, Hs, Tq, Dv).to(out.dtype)), touched
 
 
 def _exact_rows(q, k, v, scale, heads, cols, valid, beta, mask, sliding_window, b_i, j_i, r_i):

@@ -47,11 +47,11 @@ class AttentionCall:
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D]; mask: Bool[B, 1, Tq, Tk] (True = may attend) or None
     (no masking at all). `causal`: the mask is the plain causal pattern with the queries at the last
-    Tq key positions (no padding, no sliding window in reach), so fused causal kernels give the same
-    numbers without it. `window_causal`: the mask is exactly that pattern cut by `sliding_window` (no
-    padding), so kernels given mask=None and the window give the same numbers without it. `base()` runs
-    the model's own implementation. An override returns `(out [B, Tq, H, Dv], weights or None)` exactly
-    like a transformers attention function.
+    Tq key positions (no padding, no sliding window in reach; also a decode row that sees every key), so
+    fused causal kernels give the same numbers without it. `window_causal`: the mask is exactly that
+    pattern cut by `sliding_window` (no padding), so kernels given mask=None and the window give the same
+    numbers without it. `base()` runs the model's own implementation. An override returns
+    `(out [B, Tq, H, Dv], weights or None)` exactly like a transformers attention function.
     """
 
     module: nn.Module
@@ -98,6 +98,11 @@ def _bool_mask(*args, **kwargs):
         if window and mask.shape[-2] == mask.shape[-1] > 1 and _is_window_causal(mask, window):
             _WINDOW[id(mask)] = (weakref.ref(mask), int(window))
             weakref.finalize(mask, _WINDOW.pop, id(mask), None)
+        elif mask.shape[-2] == 1 and mask.device.type == "cpu" and bool(mask.all()):
+            # one decode row that sees every key (a sliding cache as long as its window): causal for handlers,
+            # checked once per step here instead of once per hooked layer; SDPA still gets it as without steer
+            _SEES_ALL[id(mask)] = weakref.ref(mask)
+            weakref.finalize(mask, _SEES_ALL.pop, id(mask), None)
         return mask
     kwargs["allow_is_causal_skip"] = False
     mask = sdpa_mask(*args, **kwargs)
@@ -109,6 +114,8 @@ def _bool_mask(*args, **kwargs):
     return mask
 
 
+# id(mask) -> weak reference, for one-row masks transformers built (it could not skip them) that are all True
+_SEES_ALL: dict[int, weakref.ref] = {}
 # id(mask) -> (weak reference, window) for prefill masks that are exactly causal + a sliding window
 _WINDOW: dict[int, tuple[weakref.ref, int]] = {}
 
@@ -136,6 +143,11 @@ def window_causal(mask: torch.Tensor | None) -> int | None:
     window (no padding); else None."""
     hit = _WINDOW.get(id(mask)) if mask is not None else None
     return hit[1] if hit is not None and hit[0]() is mask else None
+
+
+def _sees_all(mask: torch.Tensor | None) -> bool:
+    ref = _SEES_ALL.get(id(mask)) if mask is not None else None
+    return ref is not None and ref() is mask
 
 
 def is_causal_mask(mask: torch.Tensor | None) -> bool:
@@ -187,7 +199,8 @@ def steer_attention_forward(module, query, key, value, attention_mask, scaling=N
     if state is None or not (state.overrides or state.pattern_readers):
         return run_base()
     if state.overrides:
-        call = AttentionCall(module, state.layer, query, key, value, attention_mask, scaling, kwargs, run_base, causal)
+        call = AttentionCall(module, state.layer, query, key, value, attention_mask, scaling, kwargs, run_base,
+                             causal or _sees_all(attention_mask))
         window = window_causal(attention_mask)
         call.window_causal = window is not None and window == call.sliding_window
         result = None

@@ -357,7 +357,9 @@ def test_cuda_lse_paths_match_the_fp32_reference(case, dtype):
 
 
 @pytest.mark.parametrize("Tq", [1, 3])
-def test_act_decode_from_lse_equals_act_from_lse(Tq):
+@pytest.mark.parametrize("host_rows", [0, 64])  # the tensor path; rows decided on the host
+def test_act_decode_from_lse_equals_act_from_lse(Tq, host_rows, monkeypatch):
+    monkeypatch.setattr("steer.kernels.lse.HOST_ROWS", host_rows)
     q, k, v, sinks, heads = _inputs(Tq=Tq, Tk=40, seed=5)
     sinks[..., 30:] = False  # sink sets come from a prefill of 30 tokens
     h, cols, valid = sink_index(sinks, heads)
@@ -382,7 +384,9 @@ def test_act_decode_from_lse_equals_act_from_lse(Tq):
 
 
 @pytest.mark.parametrize("case", ["decode_padded", "chunk"])
-def test_act_decode_from_lse_with_a_mask(case):
+@pytest.mark.parametrize("host_rows", [0, 64])  # the tensor path; rows decided on the host
+def test_act_decode_from_lse_with_a_mask(case, host_rows, monkeypatch):
+    monkeypatch.setattr("steer.kernels.lse.HOST_ROWS", host_rows)
     q, k, v, sinks, heads, mask, window = _case(case, seed=6)
     if mask is None:  # a windowed mask, as steer builds for sliding layers
         mask = visibility(q.shape[2], k.shape[2], None, 9).expand(2, 1, -1, -1)
@@ -449,9 +453,11 @@ def test_column_sums_with_underflowing_scores_equal_the_reference():
     torch.testing.assert_close(got, col_ref[:, :, cols[0]], atol=2e-5, rtol=1e-4)
 
 
-def test_act_decode_recomputes_rows_whose_sink_mass_rounds_to_one():
+@pytest.mark.parametrize("host_rows", [0, 64])  # the tensor path; rows decided on the host
+def test_act_decode_recomputes_rows_whose_sink_mass_rounds_to_one(host_rows, monkeypatch):
     """An lse a few ulps low makes P_S >= 1 on rows that put nearly all attention on sinks; c is then
     negative, and those rows must take the exact recompute like rows with c > C_MAX."""
+    monkeypatch.setattr("steer.kernels.lse.HOST_ROWS", host_rows)
     q, k, v, sinks, heads = _inputs(Tq=1, Tk=40, seed=5)
     sinks[..., 30:] = False
     h, cols, valid = sink_index(sinks, heads)
