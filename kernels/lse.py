@@ -564,6 +564,12 @@ def _prob_block(qg, kf, lse_g, rows, lo, hi, Tq, Tk, scale, mask, sliding_window
             s.exp_()
             s[..., hi - lo - n :].tril_()
             return s
+    if isinstance(rows, slice) and mask is None:  # causal + window: the block's key range only, O(n (hi - lo))
+        pos = torch.arange(rows.start + Tk - Tq, rows.stop + Tk - Tq, device=qg.device).view(-1, 1)
+        col = torch.arange(lo, hi, device=qg.device).view(1, -1)
+        vis = (col <= pos) if sliding_window is None else (col <= pos) & ((pos - col) < sliding_window)
+        s.masked_fill_(~vis.view(1, 1, 1, n, hi - lo), float("-inf"))
+        return s.exp_()
     if isinstance(rows, slice):
         vis = visibility(Tq, Tk, mask, sliding_window, rows=rows, device=qg.device)
     else:
@@ -596,7 +602,8 @@ def sink_stats_lse(q, k, lse, *, scale: float, mask=None, sliding_window=None, h
     q, k, lse = _select_heads(q, k, lse, heads)
     qg, kf, lse_g = _grouped(q, k, lse)
     col = torch.zeros(B, *qg.shape[1:3], Tk, dtype=torch.float32, device=q.device)
-    step = min(QUERY_BLOCK, max(MIN_BLOCK_ROWS, BLOCK_SCORES // (B * q.shape[1] * Tk)))
+    span = Tk if mask is not None or sliding_window is None else min(Tk, sliding_window + QUERY_BLOCK)  # keys a block sees
+    step = min(QUERY_BLOCK, max(MIN_BLOCK_ROWS, BLOCK_SCORES // (B * q.shape[1] * span)))
     for r0 in range(0, Tq, step):
         r1 = min(Tq, r0 + step)
         lo, hi = _key_range(r0, r1, Tq, Tk, mask, sliding_window)
