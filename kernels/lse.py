@@ -43,6 +43,10 @@ BLOCK_SCORES = 1 << 19
 MIN_BLOCK_ROWS = 16
 C_MAX = 8.0  # ACT rows whose factor c exceeds this are recomputed exactly (c amplifies o's rounding error)
 EXACT_ROW_CHUNK = 32  # rows per chunk in that exact recomputation
+# query rows per fused-kernel call on a causal + sliding-window input: the block's keys span its rows plus the
+# window, so smaller blocks compute fewer masked scores (256 rows at window 512: 1.5x the visible scores)
+WINDOW_BLOCK = 256
+HOST_ROWS = 8  # act_decode_from_lse on CPU decides rows on the host up to this many (batch x heads x rows)
 MATH_MAX_ROWS = 16  # query rows up to which attention_lse takes the grouped math path (decode steps)
 # Scores below this (log-probabilities; exp < 1.7e-38, fp32's denormal range) are raised to it before exp in
 # the column-sum passes: x86 computes exp with a denormal result ~100x slower than a normal one, and most
@@ -124,8 +128,10 @@ def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
             else visibility(Tq, Tk, mask, sliding_window, device=q.device)
         )
         return _attention_lse_math(q, k, v, scale, vis)
+    if mask is None and cuts:
+        return _window_blocks(q, k, v, scale, sliding_window)
     is_causal, attn = False, None
-    if mask is None and not cuts and Tq == Tk:
+    if mask is None and Tq == Tk:
         is_causal = True
     else:
         vis = (
@@ -138,6 +144,35 @@ def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
             if vis is mask
             else torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, float("-inf"))
         )
+    return _fused(q, k, v, scale, is_causal, attn, lambda: visibility(Tq, Tk, mask, sliding_window, device=q.device))
+
+
+def _window_blocks(q, k, v, scale, window: int):
+    """attention_lse of causal attention cut by a sliding window, WINDOW_BLOCK query rows at a time: each
+    block's keys start at its first row's window start, and its mask is the block's band only, so no
+    Tq x Tk mask exists (an additive fp32 one is 256 MiB at 8,192 tokens) and the fused kernel skips the
+    keys no row of the block sees."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    off = Tk - Tq
+    outs, lses = [], []
+    for r0 in range(0, Tq, WINDOW_BLOCK):
+        r1 = min(Tq, r0 + WINDOW_BLOCK)
+        lo, hi = max(0, r0 + off - window + 1), r1 + off
+        pos = torch.arange(r0 + off, hi, device=q.device).unsqueeze(1)
+        col = torch.arange(lo, hi, device=q.device)
+        vis = ((col <= pos) & (pos - col < window)).view(1, 1, r1 - r0, hi - lo)
+        attn = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, float("-inf"))
+        o, lse = _fused(q[:, :, r0:r1], k[:, :, lo:hi], v[:, :, lo:hi], scale, False, attn, lambda vis=vis: vis)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _fused(q, k, v, scale, is_causal, attn, vis):
+    """(out, lse fp32) from the device's fused kernel: is_causal, or the additive mask attn [B or 1, 1, Tq, Tk];
+    vis() gives the boolean visibility for devices without a fused kernel."""
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
     if q.device.type == "cpu":
         return _cpu_flash(q, k, v, is_causal, attn, scale)
     kk, vv = _rep(k, H), _rep(v, H)
@@ -156,8 +191,7 @@ def attention_lse(q, k, v, *, scale: float, mask=None, sliding_window=None):
             q, kk, vv, attn, True, 0.0, is_causal, scale=scale
         )
         return res[0], res[1][..., :Tq].float()
-    vis = visibility(Tq, Tk, mask, sliding_window, device=q.device)
-    return _attention_lse_blocked(q, k, v, scale, vis)
+    return _attention_lse_blocked(q, k, v, scale, vis())
 
 
 _CPU_GQA = [True]  # the CPU flash kernel takes fewer kv heads than query heads (torch >= 2.5); else copies
@@ -378,6 +412,11 @@ def act_decode_from_lse(
     qh = qh if qh.dtype == torch.float32 else qh.float()
     p = torch.baddbmm(lse_h.reshape(B * Hs, Tq, 1), qh, ks, beta=-1).exp_().mul_(ok)  # p_s = exp(q.k_s scale - lse)
     r = torch.bmm(p, vs)  # [B * Hs, Tq, Dv + 1]: o_S and P_S
+    if r.device.type == "cpu" and B * Hs * Tq <= HOST_ROWS:
+        def exact(b_i, j_i, r_i):
+            return _exact_rows(q, k, v, scale, heads, here(), valid, beta, mask, None, b_i, j_i, r_i)
+
+        return _decode_rows_host(out, heads, r, rest_exists, beta, (B, Hs, Tq), exact)
     o_s, P = r[..., :Dv], r[..., Dv:]
     num, den = torch.rsub(P, 1.0, alpha=beta), torch.rsub(P, 1.0)  # 1 - beta P_S, 1 - P_S
     o = out.index_select(1, heads).reshape(B * Hs, Tq, Dv)
@@ -397,6 +436,49 @@ def act_decode_from_lse(
         new[b_i, j_i, r_i] = torch.where(moved.unsqueeze(-1), rows, o[b_i, j_i, r_i])
         rescale[b_i, j_i, r_i] = moved
     return out.index_copy(1, heads, new.to(out.dtype)), rescale.sum()
+
+
+def _decode_rows_host(out, heads, r, rest_exists, beta: float, shape, exact):
+    """act_decode_from_lse's last steps for a few rows on CPU, with P_S, c and the row tests as Python
+    floats: a batch-1 step with one calibrated head per layer then costs 4 tensor operations after the
+    products, not ~15 (each ~10 us inside a real step). Same rules; c in fp64 instead of fp32.
+    r [B * Hs, Tq, Dv + 1] (o_S and P_S); exact(b_i, j_i, r_i) recomputes rows (_exact_rows)."""
+    B, Hs, Tq = shape
+    Dv = r.shape[-1] - 1
+    P = r[..., Dv].reshape(-1).tolist()
+    rest = [True] * len(P) if rest_exists is None else rest_exists.expand(B * Hs, Tq, 1).reshape(-1).tolist()
+    cs, keep, ill = [], [], []
+    for i, (p_s, has_rest) in enumerate(zip(P, rest, strict=True)):
+        num, den = 1.0 - beta * p_s, 1.0 - p_s
+        if not (p_s > 0 and has_rest):  # no sink mass, or nothing but sinks to move it to: o stays
+            keep.append(i)
+        elif num > C_MAX * den or den <= 0:  # c > C_MAX, or P_S >= 1 (lse rounding): exact recompute
+            ill.append(i)
+        else:
+            cs.append((i, num / den))
+    if not cs and not ill:
+        return out, 0
+    o = out.index_select(1, heads).reshape(B * Hs, Tq, Dv)
+    o = o if o.dtype == torch.float32 else o.float()
+    o_s = r[..., :Dv]
+    if len(cs) == len(P):
+        c = cs[0][1] if len(P) == 1 else torch.tensor([c for _, c in cs], dtype=torch.float32).view(B * Hs, Tq, 1)
+        new = o.sub(o_s).mul_(c).add_(o_s, alpha=beta)
+    else:  # some rows keep o or are recomputed: the formula on the others only
+        new = o.clone()
+        idx = torch.tensor([i for i, _ in cs], dtype=torch.long)
+        c = torch.tensor([c for _, c in cs], dtype=torch.float32).view(-1, 1)
+        fo, fs = o.reshape(-1, Dv)[idx], o_s.reshape(-1, Dv)[idx]
+        new.view(-1, Dv)[idx] = fo.sub(fs).mul_(c).add_(fs, alpha=beta)
+    touched = len(cs)
+    if ill:
+        i = torch.tensor(ill, dtype=torch.long)
+        b_i, j_i, r_i = i // (Hs * Tq), (i // Tq) % Hs, i % Tq
+        rows, moved = exact(b_i, j_i, r_i)
+        flat = new.view(-1, Dv)
+        flat[i] = torch.where(moved.unsqueeze(-1), rows, o.reshape(-1, Dv)[i])
+        touched += int(moved.sum())
+    return out.index_copy(1, heads, new.view(B, Hs, Tq, Dv).to(out.dtype)), touched
 
 
 def _exact_rows(q, k, v, scale, heads, cols, valid, beta, mask, sliding_window, b_i, j_i, r_i):
@@ -482,6 +564,12 @@ def _prob_block(qg, kf, lse_g, rows, lo, hi, Tq, Tk, scale, mask, sliding_window
             s.exp_()
             s[..., hi - lo - n :].tril_()
             return s
+    if isinstance(rows, slice) and mask is None:  # causal + window: the block's key range only, O(n (hi - lo))
+        pos = torch.arange(rows.start + Tk - Tq, rows.stop + Tk - Tq, device=qg.device).view(-1, 1)
+        col = torch.arange(lo, hi, device=qg.device).view(1, -1)
+        vis = (col <= pos) if sliding_window is None else (col <= pos) & ((pos - col) < sliding_window)
+        s.masked_fill_(~vis.view(1, 1, 1, n, hi - lo), float("-inf"))
+        return s.exp_()
     if isinstance(rows, slice):
         vis = visibility(Tq, Tk, mask, sliding_window, rows=rows, device=qg.device)
     else:
@@ -514,7 +602,8 @@ def sink_stats_lse(q, k, lse, *, scale: float, mask=None, sliding_window=None, h
     q, k, lse = _select_heads(q, k, lse, heads)
     qg, kf, lse_g = _grouped(q, k, lse)
     col = torch.zeros(B, *qg.shape[1:3], Tk, dtype=torch.float32, device=q.device)
-    step = min(QUERY_BLOCK, max(MIN_BLOCK_ROWS, BLOCK_SCORES // (B * q.shape[1] * Tk)))
+    span = Tk if mask is not None or sliding_window is None else min(Tk, sliding_window + QUERY_BLOCK)  # keys a block sees
+    step = min(QUERY_BLOCK, max(MIN_BLOCK_ROWS, BLOCK_SCORES // (B * q.shape[1] * span)))
     for r0 in range(0, Tq, step):
         r1 = min(Tq, r0 + step)
         lo, hi = _key_range(r0, r1, Tq, Tk, mask, sliding_window)

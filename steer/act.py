@@ -249,7 +249,8 @@ class ACT(Intervention):
             from steer.kernels.act import act_attention
 
             q, k, v = call.query, call.key, call.value
-            mask = None if call.causal else call.mask  # plain causal: the kernels' mask=None fast path
+            # plain causal, or causal + window (applied per query block): the kernels' mask=None paths
+            mask = None if call.causal or call.window_causal else call.mask
             window = call.sliding_window if mask is None else None  # steer's mask holds the window
             b, _, tq, _ = q.shape
             tk = k.shape[2]

@@ -11,7 +11,9 @@ mask for an unknown implementation. Our mask function always materialises a bool
 It also remembers which masks are the plain causal pattern (no padding, no window in reach: where
 transformers' SDPA integration would pass no mask and is_causal): layers without a handler then run
 SDPA exactly as without steer (its fused causal kernel, not the masked path), and handlers see
-`AttentionCall.causal` and may use fused causal kernels themselves.
+`AttentionCall.causal` and may use fused causal kernels themselves. Likewise masks that are exactly
+causal + the layer's sliding window (no padding) are marked: handlers see `AttentionCall.window_causal`
+and may apply the window themselves, per query block, instead of reading an N x N mask.
 
 Per attention module, three paths:
 - no handler on this layer: the model's previous implementation (SDPA, eager, ...), same numbers;
@@ -45,7 +47,9 @@ class AttentionCall:
 
     q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D]; mask: Bool[B, 1, Tq, Tk] (True = may attend) or None
     (no masking at all). `causal`: the mask is the plain causal pattern with the queries at the last
-    Tq key positions (no padding, no sliding window in reach), so fused causal kernels give the same
+    Tq key positions (no padding, no sliding window in reach; also a decode row that sees every key), so
+    fused causal kernels give the same numbers without it. `window_causal`: the mask is exactly that
+    pattern cut by `sliding_window` (no padding), so kernels given mask=None and the window give the same
     numbers without it. `base()` runs the model's own implementation. An override returns
     `(out [B, Tq, H, Dv], weights or None)` exactly like a transformers attention function.
     """
@@ -60,6 +64,7 @@ class AttentionCall:
     kwargs: dict
     _base: Callable = field(repr=False, default=None)
     causal: bool = False
+    window_causal: bool = False  # mask == causal + `sliding_window` exactly, queries at the last positions
 
     def base(self):
         return self._base()
@@ -89,6 +94,15 @@ def _bool_mask(*args, **kwargs):
     kwargs["allow_is_causal_skip"] = True
     mask = sdpa_mask(*args, **kwargs)  # None exactly when transformers would rely on is_causal (or no mask)
     if mask is not None:
+        window = kwargs.get("local_size")
+        if window and mask.shape[-2] == mask.shape[-1] > 1 and _is_window_causal(mask, window):
+            _WINDOW[id(mask)] = (weakref.ref(mask), int(window))
+            weakref.finalize(mask, _WINDOW.pop, id(mask), None)
+        elif mask.shape[-2] == 1 and mask.device.type == "cpu" and bool(mask.all()):
+            # one decode row that sees every key (a sliding cache as long as its window): causal for handlers,
+            # checked once per step here instead of once per hooked layer; SDPA still gets it as without steer
+            _SEES_ALL[id(mask)] = weakref.ref(mask)
+            weakref.finalize(mask, _SEES_ALL.pop, id(mask), None)
         return mask
     kwargs["allow_is_causal_skip"] = False
     mask = sdpa_mask(*args, **kwargs)
@@ -98,6 +112,42 @@ def _bool_mask(*args, **kwargs):
         _CAUSAL[id(mask)] = weakref.ref(mask)
         weakref.finalize(mask, _CAUSAL.pop, id(mask), None)
     return mask
+
+
+# id(mask) -> weak reference, for one-row masks transformers built (it could not skip them) that are all True
+_SEES_ALL: dict[int, weakref.ref] = {}
+# id(mask) -> (weak reference, window) for prefill masks that are exactly causal + a sliding window
+_WINDOW: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _is_window_causal(mask: torch.Tensor, window: int, rows: int = 256) -> bool:
+    """mask Bool[B, 1, T, T] == causal with keys pos - window < key <= pos, in every batch row; checked per
+    row block against the band it must hold (~50 ms of one CPU thread at 8,192 tokens, once per forward)."""
+    t = mask.shape[-1]
+    for r0 in range(0, t, rows):
+        r1 = min(t, r0 + rows)
+        lo = max(0, r0 - window + 1)
+        block = mask[:, 0, r0:r1]
+        if block[..., :lo].any() or block[..., r1:].any():
+            return False
+        pos = torch.arange(r0, r1, device=mask.device).unsqueeze(1)
+        col = torch.arange(lo, r1, device=mask.device)
+        band = (col <= pos) & (pos - col < window)
+        if not torch.equal(block[..., lo:r1], band.expand(block.shape[0], -1, -1)):
+            return False
+    return True
+
+
+def window_causal(mask: torch.Tensor | None) -> int | None:
+    """The sliding window if `mask` is a prefill mask steer built and checked to be exactly causal + that
+    window (no padding); else None."""
+    hit = _WINDOW.get(id(mask)) if mask is not None else None
+    return hit[1] if hit is not None and hit[0]() is mask else None
+
+
+def _sees_all(mask: torch.Tensor | None) -> bool:
+    ref = _SEES_ALL.get(id(mask)) if mask is not None else None
+    return ref is not None and ref() is mask
 
 
 def is_causal_mask(mask: torch.Tensor | None) -> bool:
@@ -149,7 +199,10 @@ def steer_attention_forward(module, query, key, value, attention_mask, scaling=N
     if state is None or not (state.overrides or state.pattern_readers):
         return run_base()
     if state.overrides:
-        call = AttentionCall(module, state.layer, query, key, value, attention_mask, scaling, kwargs, run_base, causal)
+        call = AttentionCall(module, state.layer, query, key, value, attention_mask, scaling, kwargs, run_base,
+                             causal or _sees_all(attention_mask))
+        window = window_causal(attention_mask)
+        call.window_causal = window is not None and window == call.sliding_window
         result = None
         for override in state.overrides:
             result = override(call)

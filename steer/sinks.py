@@ -154,9 +154,10 @@ def _streaming_hook(coll: _Collector):
         window = call.sliding_window
         # No padding and no window in reach: the mask is plain causal, and the fused kernel runs with
         # is_causal (an explicit mask costs a [T, T] mask and, on CPU, a slower kernel); observers are
-        # counted in closed form. steer's mask already holds the sliding window otherwise.
+        # counted in closed form. A window in reach without padding (`window_causal`): no mask either, the
+        # kernels apply the window per query block. steer's mask already holds the sliding window otherwise.
         causal = call.causal or (coll.unpadded and (window is None or t <= window))
-        mask = None if causal else call.mask
+        mask = None if causal or call.window_causal else call.mask
         win = window if mask is None else None
         coll.causal_calls += causal
         out, lse = attention_lse(q, k, call.value, scale=call.scaling, mask=mask, sliding_window=win)

@@ -300,6 +300,27 @@ def test_lse_path_equals_kernel_path_prefill_and_decode(family, texts):
     assert touched_lse == touched_ref > 0
 
 
+def test_lse_path_on_sliding_layers_runs_window_blocks_and_equals_kernel_path(monkeypatch):
+    """Gemma-3 sliding layers on an unpadded input longer than the window: the lse path runs them per
+    query block with each block's own key range (no whole-input mask) and still equals the exact kernel
+    path, prefill and decode."""
+    import steer.kernels.lse as lse_mod
+
+    blocks = []
+    window_blocks = lse_mod._window_blocks
+
+    def counted(q, k, v, scale, window):
+        blocks.append((q.shape[2], window))
+        return window_blocks(q, k, v, scale, window)
+
+    monkeypatch.setattr(lse_mod, "WINDOW_BLOCK", 5)  # 30 tokens, window 8: six blocks, most starting past key 0
+    monkeypatch.setattr(lse_mod, "_window_blocks", counted)
+    test_lse_path_equals_kernel_path_prefill_and_decode("gemma3_text", TEXTS[:1])
+    cfg = tiny_model("gemma3_text").config
+    n_sliding = sum(cfg.layer_types[layer] == "sliding_attention" for layer in (0, 1, 2))  # the ACT layers
+    assert n_sliding and blocks == [(30, cfg.sliding_window)] * n_sliding, blocks  # prefill rows; decode: 1 row
+
+
 def test_bad_path_is_refused():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     act = ACT([(0, 1)], on_no_effect="ignore")

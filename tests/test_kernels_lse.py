@@ -53,6 +53,8 @@ CASES = {
     "decode_padded": (1, 40, "pad", None),
     "decode_window": (1, 40, None, 9),
     "chunk": (5, 40, None, None),
+    "chunk_window": (20, 40, None, 9),
+    "long_window": (300, 300, None, 40),  # several WINDOW_BLOCK query blocks, each with its own key range
 }
 
 
@@ -108,6 +110,44 @@ def test_act_from_lse_equals_reference(case, beta):
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     assert int(touched) == int(touched_ref) > 0
     assert torch.equal(got[:, ~heads], out[:, ~heads])  # other heads untouched, bit for bit
+
+
+@pytest.mark.parametrize("block", [7, 16, 256])
+@pytest.mark.parametrize("case", ["window", "chunk_window", "long_window"])
+def test_window_blocks_equal_the_masked_kernel_and_build_no_whole_input_mask(case, block, monkeypatch):
+    """Causal + sliding window without a mask: query blocks with their own key ranges == the fused kernel
+    given the whole Tq x Tk mask, and neither a whole-input boolean visibility nor an additive mask is built
+    (by attention_lse, the column sums, ACT or the observer counts)."""
+    import steer.kernels.lse as lse_mod
+
+    q, k, v, sinks, heads, _, window = _case(case, seed=9)
+    Tq, Tk = q.shape[2], k.shape[2]
+    full = visibility(Tq, Tk, None, window)
+    ref_out, ref_lse = attention_lse(q, k, v, scale=0.3, mask=full.clone())
+    col_ref, n_ref = sink_stats_lse(q, k, ref_lse, scale=0.3, mask=full.clone())
+    h, cols, valid = sink_index(sinks, heads)
+    act_ref, touched_ref = act_from_lse(q, k, v, ref_out, ref_lse, scale=0.3, heads=h, cols=cols, valid=valid,
+                                        beta=0.4, mask=full.clone())
+    seen = []
+
+    def vis_rows_only(Tq_, Tk_, mask=None, sliding_window=None, rows=None, device=None):
+        seen.append(rows)
+        assert rows is not None, "a whole-input visibility mask was built"
+        return visibility(Tq_, Tk_, mask, sliding_window, rows=rows, device=device)
+
+    monkeypatch.setattr(lse_mod, "WINDOW_BLOCK", block)
+    monkeypatch.setattr(lse_mod, "visibility", vis_rows_only)
+    monkeypatch.setattr(lse_mod, "_additive", lambda *a: pytest.fail("an additive whole-input mask was built"))
+    out, lse = attention_lse(q, k, v, scale=0.3, sliding_window=window)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    col, n_obs = sink_stats_lse(q, k, lse, scale=0.3, sliding_window=window)
+    torch.testing.assert_close(col, col_ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(n_obs, n_ref)
+    got, touched = act_from_lse(q, k, v, out, lse, scale=0.3, heads=h, cols=cols, valid=valid, beta=0.4,
+                                sliding_window=window)
+    torch.testing.assert_close(got, act_ref, atol=2e-5, rtol=1e-4)
+    assert int(touched) == int(touched_ref) > 0
 
 
 def test_act_rows_almost_all_on_sinks_are_recomputed_exactly():
@@ -317,7 +357,9 @@ def test_cuda_lse_paths_match_the_fp32_reference(case, dtype):
 
 
 @pytest.mark.parametrize("Tq", [1, 3])
-def test_act_decode_from_lse_equals_act_from_lse(Tq):
+@pytest.mark.parametrize("host_rows", [0, 64])  # the tensor path; rows decided on the host
+def test_act_decode_from_lse_equals_act_from_lse(Tq, host_rows, monkeypatch):
+    monkeypatch.setattr("steer.kernels.lse.HOST_ROWS", host_rows)
     q, k, v, sinks, heads = _inputs(Tq=Tq, Tk=40, seed=5)
     sinks[..., 30:] = False  # sink sets come from a prefill of 30 tokens
     h, cols, valid = sink_index(sinks, heads)
@@ -342,7 +384,9 @@ def test_act_decode_from_lse_equals_act_from_lse(Tq):
 
 
 @pytest.mark.parametrize("case", ["decode_padded", "chunk"])
-def test_act_decode_from_lse_with_a_mask(case):
+@pytest.mark.parametrize("host_rows", [0, 64])  # the tensor path; rows decided on the host
+def test_act_decode_from_lse_with_a_mask(case, host_rows, monkeypatch):
+    monkeypatch.setattr("steer.kernels.lse.HOST_ROWS", host_rows)
     q, k, v, sinks, heads, mask, window = _case(case, seed=6)
     if mask is None:  # a windowed mask, as steer builds for sliding layers
         mask = visibility(q.shape[2], k.shape[2], None, 9).expand(2, 1, -1, -1)
@@ -409,9 +453,11 @@ def test_column_sums_with_underflowing_scores_equal_the_reference():
     torch.testing.assert_close(got, col_ref[:, :, cols[0]], atol=2e-5, rtol=1e-4)
 
 
-def test_act_decode_recomputes_rows_whose_sink_mass_rounds_to_one():
+@pytest.mark.parametrize("host_rows", [0, 64])  # the tensor path; rows decided on the host
+def test_act_decode_recomputes_rows_whose_sink_mass_rounds_to_one(host_rows, monkeypatch):
     """An lse a few ulps low makes P_S >= 1 on rows that put nearly all attention on sinks; c is then
     negative, and those rows must take the exact recompute like rows with c > C_MAX."""
+    monkeypatch.setattr("steer.kernels.lse.HOST_ROWS", host_rows)
     q, k, v, sinks, heads = _inputs(Tq=1, Tk=40, seed=5)
     sinks[..., 30:] = False
     h, cols, valid = sink_index(sinks, heads)
