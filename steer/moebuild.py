@@ -20,9 +20,17 @@ How the weights keep the dense function (so that k = E reproduces the dense logi
 
 Steps (functions named after them): `load_dense`, `calibration_texts`, `collect_mlp_inputs` (one
 dense forward; each layer is built from its own MLP inputs as they pass), `neuron_mass` /
-`select_shared`, `cluster_neurons`, `fit_router`, `assemble_qwen2_moe`, optional `distill`,
-then `evaluate_moe` (held-out perplexity ratio, key-answer agreement on 20 chat prompts, compute
-skipped).
+`select_shared`, `cluster_neurons`, `fit_router`, optional `refit_layer`, `assemble_qwen2_moe`,
+optional `distill`, then `evaluate_moe` (held-out perplexity ratio, key-answer agreement on 20 chat
+prompts, compute skipped).
+
+The optional refit (config.refit) trades k = E exactness for quality at the build's top_k: with the
+routing fixed, the MoE layer's output is linear in its down-projections, y = W z(x) with
+z = [h_shared, E w_e h_e for the selected experts, 0 for the others], so W is re-fitted in closed form
+(ridge towards the dense W) to the dense MLP's output on calibration tokens, layer by layer on the
+inputs the MoE's earlier layers produce. What holds instead of k = E exactness: at top_k = E (and
+refit_ridge = 0) the refit returns the dense down-projections; at the build's top_k each layer's
+calibration reconstruction error is the least-squares minimum for its routing (reported per layer).
 """
 
 from __future__ import annotations
