@@ -20,9 +20,17 @@ How the weights keep the dense function (so that k = E reproduces the dense logi
 
 Steps (functions named after them): `load_dense`, `calibration_texts`, `collect_mlp_inputs` (one
 dense forward; each layer is built from its own MLP inputs as they pass), `neuron_mass` /
-`select_shared`, `cluster_neurons`, `fit_router`, `assemble_qwen2_moe`, optional `distill`,
-then `evaluate_moe` (held-out perplexity ratio, key-answer agreement on 20 chat prompts, compute
-skipped).
+`select_shared`, `cluster_neurons`, `fit_router`, optional `refit_layer`, `assemble_qwen2_moe`,
+optional `distill`, then `evaluate_moe` (held-out perplexity ratio, key-answer agreement on 20 chat
+prompts, compute skipped).
+
+The optional refit (config.refit) trades k = E exactness for quality at the build's top_k: with the
+routing fixed, the MoE layer's output is linear in its down-projections, y = W z(x) with
+z = [h_shared, E w_e h_e for the selected experts, 0 for the others], so W is re-fitted in closed form
+(ridge towards the dense W) to the dense MLP's output on calibration tokens, layer by layer on the
+inputs the MoE's earlier layers produce. What holds instead of k = E exactness: at top_k = E (and
+refit_ridge = 0) the refit returns the dense down-projections; at the build's top_k each layer's
+calibration reconstruction error is the least-squares minimum for its routing (reported per layer).
 """
 
 from __future__ import annotations
@@ -92,6 +100,10 @@ Router = Literal["ridge", "ridge-log"]
 Clustering = Literal["coactivation", "random"]
 ROUTERS = ("ridge", "ridge-log")
 CLUSTERINGS = ("coactivation", "random")
+RefitInputs = Literal["moe", "dense"]
+REFIT_INPUTS = ("moe", "dense")
+# Refit fields left out of a config's key while refit is off, so builds without it keep their cache dirs.
+_REFIT_FIELDS = ("refit", "refit_ridge", "refit_inputs")
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,9 @@ class MoEBuildConfig:
     distill_steps: int = 0  # KL distillation steps of norms + routers (0: none, keeps k=E exactness)
     distill_lr: float = 1e-4
     distill_batch: int = 8
+    refit: bool = False  # re-fit each layer's down-projections by ridge least squares (see `refit_down`)
+    refit_ridge: float = 1e-3  # its penalty towards the dense down-projection, relative to mean diag(Z^T Z)
+    refit_inputs: RefitInputs = "moe"  # moe: layer l sees the inputs of the model whose layers < l are built
     seed: int = 0
 
     def validate(self, intermediate_size: int | None = None, num_layers: int | None = None) -> None:
@@ -142,6 +157,13 @@ class MoEBuildConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.distill_steps < 0:
             raise ValueError(f"distill_steps must be >= 0, got {self.distill_steps}")
+        if self.refit_ridge < 0:
+            raise ValueError(f"refit_ridge must be >= 0, got {self.refit_ridge}")
+        if self.refit_inputs not in REFIT_INPUTS:
+            raise ValueError(f"refit_inputs must be one of {', '.join(REFIT_INPUTS)}; got {self.refit_inputs!r}")
+        if not self.refit and (self.refit_ridge, self.refit_inputs) != (1e-3, "moe"):
+            raise ValueError("refit_ridge and refit_inputs only apply to a refit build: set refit=True "
+                             "(CLI: --refit) or leave them at their defaults")
         if intermediate_size is not None:
             routed = intermediate_size - self.shared_neurons
             if routed < self.num_experts:
@@ -168,8 +190,24 @@ class MoEBuildConfig:
         d = self.to_dict()
         if d["calib_format"] == "prose":  # builds made before this lever existed were prose: same key
             del d["calib_format"]
+        if not d["refit"]:  # likewise for builds without a refit
+            for name in _REFIT_FIELDS:
+                del d[name]
         blob = json.dumps({"build_version": BUILD_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class RefitResult:
+    """One layer's re-fitted down-projections, in the dense model's scale (y = W z, see `refit_features`),
+    and the relative reconstruction error ||y_dense - y_moe||^2 / ||y_dense||^2 of the MoE layer at the
+    build's top_k on held-out calibration tokens, with the dense down-projection (before) and the refit
+    (after)."""
+
+    shared_down: torch.Tensor  # [D, S]
+    expert_down: torch.Tensor  # [E, D, n]
+    error_before: float
+    error_after: float
 
 
 @dataclass
@@ -183,6 +221,7 @@ class LayerBuild:
     shared_mass: float  # fraction of activation mass in the shared neurons
     router_recall: float  # fraction of the oracle's top-k that the router picks (held-out calib tokens)
     cluster_cohesion: float  # mean within-expert cosine of neuron activation patterns
+    refit: RefitResult | None = None  # re-fitted down-projections (config.refit), else the dense ones
 
 
 @dataclass
@@ -196,6 +235,13 @@ class MoEBuildReport:
     distill_losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        refits = [lb.refit for lb in self.layers if lb.refit is not None]
+        refit = {}
+        if refits:
+            refit = {"refit_error_before": [round(r.error_before, 5) for r in refits],
+                     "refit_error_after": [round(r.error_after, 5) for r in refits],
+                     "mean_refit_error_before": round(sum(r.error_before for r in refits) / len(refits), 5),
+                     "mean_refit_error_after": round(sum(r.error_after for r in refits) / len(refits), 5)}
         return {
             "build_version": BUILD_VERSION,
             "config": self.config.to_dict(),
@@ -210,6 +256,7 @@ class MoEBuildReport:
             "mean_router_recall": round(sum(lb.router_recall for lb in self.layers) / max(1, len(self.layers)), 4),
             "mean_shared_mass": round(sum(lb.shared_mass for lb in self.layers) / max(1, len(self.layers)), 4),
             "distill_losses": [round(x, 5) for x in self.distill_losses],
+            **refit,
             "evaluation": self.evaluation,
         }
 
@@ -413,6 +460,97 @@ def scale_router(w: torch.Tensor, x: torch.Tensor, spread: float) -> torch.Tenso
     return w * (spread / widest) if widest > 0 else w
 
 
+def routing_gates(x: torch.Tensor, router: torch.Tensor, top_k: int) -> torch.Tensor:
+    """E * routing weight of each selected expert, 0 for the others: [T, E].
+
+    As Qwen2-MoE routes with norm_topk_prob = False: softmax over all E logits, top-k of those
+    probabilities (the same ops, so the same choices and ties). E * weight is ~1 at the build's
+    router_spread, the scale at which the dense down-projection is the unrefitted fit.
+    """
+    probs = F.softmax(F.linear(x, router), dtype=torch.float, dim=-1)
+    top = probs.topk(top_k, dim=-1)
+    return torch.zeros_like(probs).scatter(1, top.indices, top.values) * probs.shape[-1]
+
+
+def refit_features(acts: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor,
+                   gates: torch.Tensor) -> torch.Tensor:
+    """z(x) = [h_shared(x), gate_e(x) * h_e(x) for each routed e] [T, S + E n], zero for unselected
+    experts, so that the MoE layer's output is exactly y = W z for the stacked down-projections W."""
+    routed = acts[:, experts.flatten()].view(acts.shape[0], *experts.shape) * gates[:, :, None]
+    return torch.cat([acts[:, shared], routed.flatten(1)], dim=1)
+
+
+def sparse_normal_equations(z: torch.Tensor, y: torch.Tensor, gates: torch.Tensor, n_shared: int,
+                            chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Z^T Z, Z^T Y) in float64, skipping the zeros of unselected experts.
+
+    A routed expert's rows of both products only get contributions from the tokens that select it,
+    so the cost is about (S + k n) / (S + E n) of the dense products; tokens go in chunks.
+    """
+    N, n = z.shape[1], (z.shape[1] - n_shared) // max(1, gates.shape[1])
+    gram = torch.zeros(N, N, dtype=torch.float64)
+    zty = torch.zeros(N, y.shape[1], dtype=torch.float64)
+    for i in range(0, z.shape[0], chunk):
+        zc, yc, sel = z[i:i + chunk].double(), y[i:i + chunk].double(), gates[i:i + chunk] != 0
+        gram[:n_shared] += zc[:, :n_shared].T @ zc
+        zty[:n_shared] += zc[:, :n_shared].T @ yc
+        for e in range(gates.shape[1]):
+            cols, rows = slice(n_shared + e * n, n_shared + (e + 1) * n), sel[:, e]
+            if rows.any():
+                ze = zc[rows]
+                gram[cols] += ze[:, cols].T @ ze
+                zty[cols] += ze[:, cols].T @ yc[rows]
+    return (gram + gram.T) / 2, zty
+
+
+def refit_down(z: torch.Tensor, y: torch.Tensor, gates: torch.Tensor, w0: torch.Tensor, n_shared: int,
+               ridge: float) -> torch.Tensor:
+    """argmin_W ||Y - Z W^T||^2 + lam ||W - W0||^2 with lam = ridge * mean diag(Z^T Z): W [D, N].
+
+    The penalty pulls towards the dense down-projection W0 (not towards 0): an expert that the
+    calibration tokens rarely select keeps its dense weights, and ridge -> inf is no refit.
+    """
+    gram, zty = sparse_normal_equations(z, y, gates, n_shared)
+    lam = ridge * float(gram.diagonal().mean())
+    rhs = zty + lam * w0.double().T
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)
+    return w.T.float()
+
+
+def relative_error(y: torch.Tensor, pred: torch.Tensor) -> float:
+    return float((y - pred).double().pow(2).sum() / y.double().pow(2).sum().clamp_min(1e-30))
+
+
+def refit_layer(x: torch.Tensor, acts: torch.Tensor, wd: torch.Tensor, shared: torch.Tensor,
+                experts: torch.Tensor, router: torch.Tensor, config: MoEBuildConfig) -> RefitResult:
+    """Re-fit one layer's down-projections so that the MoE output, with the routing it will use at
+    top_k, matches the dense MLP output on the first 90% of the calibration tokens (OBC/SparseGPT-style
+    local reconstruction); the error is measured on the other 10% (all tokens if there are too few)."""
+    gates = routing_gates(x, router, config.top_k)
+    z = refit_features(acts, shared, experts, gates)
+    y = acts @ wd.T
+    w0 = torch.cat([wd[:, shared], wd[:, experts.flatten()]], dim=1)
+    n_fit = max(1, int(0.9 * x.shape[0]))
+    held = slice(n_fit, None) if n_fit < x.shape[0] else slice(None)
+    w = refit_down(z[:n_fit], y[:n_fit], gates[:n_fit], w0, shared.numel(), config.refit_ridge)
+    E, n = experts.shape
+    S = shared.numel()
+    return RefitResult(w[:, :S].contiguous(), w[:, S:].reshape(-1, E, n).permute(1, 0, 2).contiguous(),
+                       relative_error(y[held], z[held] @ w0.T), relative_error(y[held], z[held] @ w.T))
+
+
+def moe_mlp_output(x: torch.Tensor, mlp, build: LayerBuild, top_k: int) -> torch.Tensor:
+    """The built MoE layer's output [T, D] on MLP inputs x [T, D] (what the checkpoint computes, fp32)."""
+    wg, wu, wd = _mlp_weights(mlp)
+    acts = neuron_acts(x, wg, wu)
+    z = refit_features(acts, build.shared, build.experts, routing_gates(x, build.router, top_k))
+    if build.refit is None:
+        w = torch.cat([wd[:, build.shared], wd[:, build.experts.flatten()]], dim=1)
+    else:
+        w = torch.cat([build.refit.shared_down, build.refit.expert_down.permute(1, 0, 2).flatten(1)], dim=1)
+    return z @ w.T
+
+
 def build_layer(layer: int, x: torch.Tensor, mlp, config: MoEBuildConfig) -> LayerBuild:
     """Shared neurons, experts and router of one layer from its dense MLP inputs x [T, D]."""
     wg, wu, wd = _mlp_weights(mlp)
@@ -430,7 +568,8 @@ def build_layer(layer: int, x: torch.Tensor, mlp, config: MoEBuildConfig) -> Lay
     held = slice(n_fit, None) if n_fit < x.shape[0] else slice(None)
     recall = topk_recall(x[held] @ w.T, norms[held], config.top_k)
     w = scale_router(w, x, config.router_spread)
-    return LayerBuild(layer, shared, experts, w, shared_mass, recall, cohesion)
+    refit = refit_layer(x, acts, wd, shared, experts, w, config) if config.refit else None
+    return LayerBuild(layer, shared, experts, w, shared_mass, recall, cohesion, refit)
 
 
 def collect_mlp_inputs(model, chunks: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -452,20 +591,44 @@ def _dense_pass(model, chunks: torch.Tensor, hooks: dict) -> None:
 
 def collect_layer_builds(model, chunks: torch.Tensor, config: MoEBuildConfig, layers: list[int],
                          progress: Progress | None = None) -> dict[int, LayerBuild]:
-    """One dense forward over the calibration chunks; each MoE layer is built from its MLP input."""
+    """One forward over the calibration chunks; each MoE layer is built from its MLP input.
+
+    The forward is the dense model's, except with a refit on the inputs of the MoE itself
+    (refit_inputs="moe"): then each built layer's output replaces the dense MLP's as it passes, so
+    layer l is built (and re-fitted) on what the MoE's layers < l hand it, SparseGPT/OBC-style.
+    """
     report = as_progress(progress)
     builds: dict[int, LayerBuild] = {}
+    inputs: dict[int, torch.Tensor] = {}  # layer -> MLP input, until the replacing hook takes it
+    sequential = config.refit and config.refit_inputs == "moe"
     t0 = time.time()
 
     def make_hook(i: int, mlp):
         def hook(x, _ctx):
-            builds[i] = build_layer(i, x.detach(), mlp, config)
+            x = x.detach().reshape(-1, x.shape[-1]).float()
+            builds[i] = build_layer(i, x, mlp, config)
+            if sequential:
+                inputs[i] = x
+            refit = builds[i].refit
             report(len(builds), len(layers), f"layer {i + 1}/{len(model.model.layers)}: shared mass "
-                   f"{builds[i].shared_mass:.2f}, router recall@{config.top_k} {builds[i].router_recall:.2f} "
-                   f"({time.time() - t0:.0f}s)")
+                   f"{builds[i].shared_mass:.2f}, router recall@{config.top_k} {builds[i].router_recall:.2f}"
+                   + (f", refit error {refit.error_before:.3f} -> {refit.error_after:.3f}" if refit else "")
+                   + f" ({time.time() - t0:.0f}s)")
         return hook
 
-    _dense_pass(model, chunks, {f"blocks.{i}.mlp.in": make_hook(i, model.model.layers[i].mlp) for i in layers})
+    def make_replace(i: int, mlp):
+        def hook(out, _ctx):
+            y = moe_mlp_output(inputs.pop(i), mlp, builds[i], config.top_k)
+            return y.to(out.dtype).view_as(out)
+        return hook
+
+    hooks: dict = {}
+    for i in layers:
+        mlp = model.model.layers[i].mlp
+        hooks[f"blocks.{i}.mlp.in"] = make_hook(i, mlp)
+        if sequential:
+            hooks[f"blocks.{i}.mlp.out"] = make_replace(i, mlp)
+    _dense_pass(model, chunks, hooks)
     return builds
 
 
@@ -549,11 +712,13 @@ def assemble_qwen2_moe(dense, builds: dict[int, LayerBuild], config: MoEBuildCon
         s = b.shared
         out[p + "shared_expert.gate_proj.weight"] = wg[s].clone()
         out[p + "shared_expert.up_proj.weight"] = wu[s].clone()
-        out[p + "shared_expert.down_proj.weight"] = (wd[:, s] * 2.0).contiguous()  # sigmoid(0) = 0.5
+        shared_down, expert_down = ((wd[:, s], [wd[:, idx] for idx in b.experts]) if b.refit is None
+                                    else (b.refit.shared_down, list(b.refit.expert_down)))
+        out[p + "shared_expert.down_proj.weight"] = (shared_down * 2.0).contiguous()  # sigmoid(0) = 0.5
         out[p + "shared_expert_gate.weight"] = torch.zeros(1, wg.shape[1])
         out[p + "gate.weight"] = b.router.clone()
         out[p + "experts.gate_up_proj"] = torch.stack([torch.cat([wg[idx], wu[idx]]) for idx in b.experts])
-        out[p + "experts.down_proj"] = torch.stack([wd[:, idx] * float(E) for idx in b.experts])  # w ~ 1/E
+        out[p + "experts.down_proj"] = torch.stack([d * float(E) for d in expert_down])  # w ~ 1/E
     with torch.no_grad():
         moe.load_state_dict(out, strict=True)
     moe.generation_config.bos_token_id = cfg.bos_token_id

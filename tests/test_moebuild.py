@@ -159,6 +159,9 @@ def test_coactivation_clusters_tighter_than_random():
     (dict(router_spread=0.0), "router_spread"),
     (dict(calib_format="html"), "calib_format must be one of"),
     (dict(dense_layers=(5,)), "out of range"),
+    (dict(refit=True, refit_ridge=-1.0), "refit_ridge must be >= 0"),
+    (dict(refit=True, refit_inputs="oracle"), "refit_inputs must be one of"),
+    (dict(refit_ridge=0.1), "only apply to a refit build"),
 ])
 def test_bad_options_name_the_problem(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -277,3 +280,95 @@ def test_chat_formatted_calibration():
     assert mixed[0] == "first passage" and mixed[2] == "third passage"
     assert mixed[1].startswith("<user>") and mixed[1].endswith("<assistant>second passage")
     assert all(t.startswith("<user>") for t in chat_format(tok, texts, "chat"))
+
+
+# ----------------------------------------------------------------------------------------------
+# refit: ridge re-fit of the down-projections to the dense MLP output under the build's routing
+
+REFIT = dataclasses.replace(TINY, refit=True)
+
+
+def _layer0_inputs(config=TINY) -> torch.Tensor:
+    """Layer 0's MLP inputs on the build's calibration tokens (the same in the dense model and the MoE)."""
+    from steer.moebuild import collect_mlp_inputs, token_chunks
+
+    chunks = token_chunks(tiny_tokenizer(), _texts()[0], config.seq_len, config.calib_tokens)
+    return collect_mlp_inputs(tiny_model("llama"), chunks, [0])[0]
+
+
+@pytest.fixture(scope="module")
+def refit_built(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("refit"), REFIT)
+
+
+def test_refit_lowers_reconstruction_error_of_the_checkpoint(built, refit_built):
+    """The saved checkpoint's MoE layer, at the build's top_k, is closer to the dense MLP on the
+    calibration tokens with the refit than without, and the report's held-out errors say so too."""
+    x = _layer0_inputs()
+    dense_mlp = tiny_model("llama").model.layers[0].mlp
+    errs = {}
+    with torch.no_grad():
+        y = dense_mlp(x[None])[0]
+        for name, (report, _) in {"plain": built, "refit": refit_built}.items():
+            moe = AutoModelForCausalLM.from_pretrained(report.out_dir).eval()
+            errs[name] = float((moe.model.layers[0].mlp(x[None])[0] - y).pow(2).sum() / y.pow(2).sum())
+    assert errs["refit"] < 0.7 * errs["plain"], errs
+    layers = refit_built[0].layers
+    assert all(lb.refit.error_after < lb.refit.error_before for lb in layers)
+    info = refit_built[0].to_dict()
+    assert info["mean_refit_error_after"] < info["mean_refit_error_before"]
+    assert info["config"]["refit"] and "refit_error_after" not in built[0].to_dict()
+
+
+def test_refit_with_all_experts_and_no_ridge_recovers_dense_down(tmp_path):
+    """top_k = E routes every token to every expert with weight 1/E (up to router_spread): the least-squares
+    down-projection is then the dense one, and the checkpoint reproduces the dense logits at k = E."""
+    config = dataclasses.replace(REFIT, top_k=TINY.num_experts, refit_ridge=0.0, router_spread=1e-6)
+    report, moe = _build(tmp_path, config)
+    dense = tiny_model("llama")
+    for lb in report.layers:
+        wd = dense.model.layers[lb.layer].mlp.down_proj.weight.detach()
+        scale = float(wd.abs().max())
+        assert (lb.refit.shared_down - wd[:, lb.shared]).abs().max() < 1e-3 * scale
+        for e, idx in enumerate(lb.experts):
+            assert (lb.refit.expert_down[e] - wd[:, idx]).abs().max() < 1e-3 * scale
+        assert lb.refit.error_after < 1e-6
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        assert (moe(input_ids=ids).logits - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+def test_refit_is_sequential_on_the_moe_inputs(refit_built, tmp_path):
+    """refit_inputs="moe" builds layer l on what the MoE's layers < l produce; "dense" on the dense
+    model's inputs. Layer 0 sees the same inputs either way, later layers do not."""
+    dense_inputs, _ = _build(tmp_path, dataclasses.replace(REFIT, refit_inputs="dense"))
+    seq = refit_built[0]
+    assert torch.equal(seq.layers[0].refit.shared_down, dense_inputs.layers[0].refit.shared_down)
+    assert not torch.equal(seq.layers[1].router, dense_inputs.layers[1].router)
+
+
+def test_sparse_normal_equations_match_dense_products():
+    from steer.moebuild import refit_features, routing_gates, sparse_normal_equations
+
+    g = torch.Generator().manual_seed(0)
+    T, D, S, E, n = 300, 16, 5, 6, 3
+    acts, x, y = torch.randn(T, S + E * n, generator=g), torch.randn(T, D, generator=g), torch.randn(T, 7, generator=g)
+    perm = torch.randperm(S + E * n, generator=g)
+    shared, experts = perm[:S].sort().values, perm[S:].view(E, n)
+    gates = routing_gates(x, torch.randn(E, D, generator=g), 2)
+    assert ((gates != 0).sum(1) == 2).all()
+    z = refit_features(acts, shared, experts, gates)
+    gram, zty = sparse_normal_equations(z, y, gates, S, chunk=128)
+    zd = z.double()
+    assert torch.allclose(gram, zd.T @ zd, atol=1e-9) and torch.allclose(zty, zd.T @ y.double(), atol=1e-9)
+
+
+def test_refit_config_key_and_cli():
+    # builds without a refit keep their cache keys (the packaged smollm2-moe's is 9bb739324a2c)
+    assert MoEBuildConfig().key() == "9bb739324a2c"
+    assert REFIT.key() != TINY.key() != dataclasses.replace(REFIT, refit_ridge=1e-2).key()
+    p = argparse.ArgumentParser()
+    add_build_moe_arguments(p)
+    cfg = config_from_args(p.parse_args(["--refit", "--refit-ridge", "0.01", "--refit-inputs", "dense"]))
+    assert (cfg.refit, cfg.refit_ridge, cfg.refit_inputs) == (True, 0.01, "dense")

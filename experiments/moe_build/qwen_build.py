@@ -8,6 +8,8 @@ held-out passages and prompts: the seed, heldout_passages and heldout_tokens mus
         --experts 16 --top-k 12 --shared-neurons 3264 --calib-tokens 6144
     python experiments/moe_build/qwen_build.py eval --out /root/qwen-moe-build/e16k12s3264c6k --ks 12 4 \
         --dense-report experiments/moe_build/qwen_e64k8s512.json --report experiments/moe_build/qwen_e16k12s3264c6k.json
+    python experiments/moe_build/qwen_build.py build --out /root/qwen-moe-build/e64k8s512-refit \
+        --experts 64 --top-k 8 --shared-neurons 512 --refit
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from steer.moebuild import BUILD_FILE, MoEBuildConfig, build_moe, evaluate_moe  # noqa: E402
+from steer.progress import bar  # noqa: E402
 
 
 def build(args) -> None:
     config = MoEBuildConfig(num_experts=args.experts, top_k=args.top_k, shared_neurons=args.shared_neurons,
-                            calib_tokens=args.calib_tokens)
-    report, _ = build_moe("qwen2.5-coder", config, args.out, evaluate=False, num_threads=args.threads)
+                            calib_tokens=args.calib_tokens, refit=args.refit,
+                            **({"refit_ridge": args.refit_ridge, "refit_inputs": args.refit_inputs} if args.refit else {}))
+    report, _ = build_moe("qwen2.5-coder", config, args.out, evaluate=False, num_threads=args.threads,
+                          progress=bar("qwen build"))
     print(json.dumps({k: v for k, v in report.to_dict().items() if k != "layers"}, indent=1, default=str))
 
 
@@ -65,6 +70,9 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=12)
     p.add_argument("--shared-neurons", type=int, default=3264)
     p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--refit", action="store_true", help="ridge refit of the down-projections (steer.moebuild)")
+    p.add_argument("--refit-ridge", type=float, default=1e-3)
+    p.add_argument("--refit-inputs", choices=("moe", "dense"), default="moe")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ks", type=int, nargs="+", default=None)
     p.add_argument("--dense-report", type=Path, default=None)

@@ -11,6 +11,7 @@ from steer.moebuild import (
     BUILD_FILE,
     CALIB_FORMATS,
     CLUSTERINGS,
+    REFIT_INPUTS,
     ROUTERS,
     MoEBuildConfig,
     build_moe,
@@ -165,6 +166,13 @@ def add_build_moe_arguments(parser: argparse.ArgumentParser) -> None:
                    help="calibration text: prose, chat turns, or a mix (default %(default)s)")
     g.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="KL distillation steps of norms and routers (default %(default)s: none)")
+    g.add_argument("--refit", action="store_true",
+                   help="re-fit each layer's down-projections by ridge least squares to the dense MLP output "
+                        "under the build's top-k routing (breaks k = E exactness)")
+    g.add_argument("--refit-ridge", type=float, default=d.refit_ridge,
+                   help="refit penalty towards the dense weights, relative to mean diag(Z^T Z) (default %(default)s)")
+    g.add_argument("--refit-inputs", choices=REFIT_INPUTS, default=d.refit_inputs,
+                   help="refit on the MoE's own layer inputs (moe, sequential) or the dense model's (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the checkpoint here instead of the cache (rebuilds)")
@@ -180,6 +188,7 @@ def config_from_args(args) -> MoEBuildConfig:
         clustering=args.clustering, router_spread=args.router_spread, dense_layers=tuple(args.dense_layers),
         calib_passages=args.calib_passages, calib_tokens=args.calib_tokens, calib_format=args.calib_format,
         distill_steps=args.distill_steps,
+        refit=args.refit, refit_ridge=args.refit_ridge, refit_inputs=args.refit_inputs,
         seed=args.seed,
     )
 
