@@ -474,8 +474,9 @@ def routing_gates(x: torch.Tensor, router: torch.Tensor, top_k: int) -> torch.Te
 
 def refit_features(acts: torch.Tensor, shared: torch.Tensor, experts: torch.Tensor,
                    gates: torch.Tensor) -> torch.Tensor:
-    """z(x) = [h_shared(x), gate_e(x) * h_e(x) for each routed e] [T, S + E n], zero for unselected
-    experts, so that the MoE layer's output is exactly y = W z for the stacked down-projections W."""
+    """`z(x) = [h_shared(x), gate_e(x) * h_e(x) for each routed e]`, shape `(T, S + E*n)`, zero for
+    unselected experts, so that the MoE layer's output is exactly y = W z for the stacked
+    down-projections W."""
     routed = acts[:, experts.flatten()].view(acts.shape[0], *experts.shape) * gates[:, :, None]
     return torch.cat([acts[:, shared], routed.flatten(1)], dim=1)
 
