@@ -115,7 +115,8 @@ def phase_sweep(args, out: Path) -> None:
     if args.layers:  # an extra worker: sweep only these layers, cheapest (latest) first, no screen
         lo, hi = (int(x) for x in args.layers.split("-"))
         order = sorted((hd for hd in heads if lo <= hd[0] <= hi), key=lambda hd: (-hd[0], hd[1]))
-        return _sweep_order(args, out, model, tok, items, order, params, prefix=f"sweep_layers{lo}-{hi}_p{os.getpid()}")  # one file series per worker
+        return _sweep_order(args, out, model, tok, items, order, params, prefix=f"sweep_layers{lo}-{hi}_p{os.getpid()}",
+                            weights_hash=lm.weights_hash)  # one file series per worker
     screen_path = out / "screen.json"
     if screen_path.exists():
         est = {_unkey(k): v for k, v in json.loads(screen_path.read_text())["estimate"].items()}
@@ -138,7 +139,7 @@ def phase_sweep(args, out: Path) -> None:
     short = [hd for hd in ranked if est[hd] > 0][:SHORTLIST]
     rest = [hd for hd in heads if hd not in short]
     random.Random(args.seed).shuffle(rest)
-    _sweep_order(args, out, model, tok, items, short + rest, params, prefix="sweep")
+    _sweep_order(args, out, model, tok, items, short + rest, params, prefix="sweep", weights_hash=lm.weights_hash)
 
 
 def _taken(out: Path, me: Path) -> set:
@@ -164,7 +165,7 @@ def _units(chunk, n_layers: int) -> int:
     return n_layers + sum(n_layers - hd[0] for hd in chunk)
 
 
-def _sweep_order(args, out: Path, model, tok, items, order, params, prefix: str) -> None:
+def _sweep_order(args, out: Path, model, tok, items, order, params, prefix: str, weights_hash: str) -> None:
     """Exact one-head sweeps of `order`, args.chunk heads per file, skipping heads already swept or
     claimed by another worker (re-read before every chunk); the time box is checked against the next
     chunk's cost scaled from the last chunk's seconds per layer forward."""
@@ -197,6 +198,7 @@ def _sweep_order(args, out: Path, model, tok, items, order, params, prefix: str)
                     "touched": {_key(hd): sw.touched[hd] for hd in chunk},
                     "path": sw.path,
                     "experts_implementation": _experts_impl(model),
+                    "weights_hash": weights_hash,
                     "seconds": chunk_s,
                     "load_average": os.getloadavg(),
                     "finished": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -218,17 +220,25 @@ def _load_sweep(out: Path):
     items = [it for s in cal for it in s.items]
     if [it.uid for it in items] != [r["uid"] for r in meta["items"]]:
         raise SystemExit("the calibration items regenerated from the seed differ from items_calibration.json")
-    base, per_head, touched, seconds = None, {}, {}, 0.0
+    base, per_head, touched, seconds, drift = None, {}, {}, 0.0, 0.0
+    answers = [it.answer for it in items]
     for f in sorted(out.glob("sweep*.json")):
         d = json.loads(f.read_text())
         if base is None:
             base = d["baseline"]
-        elif not torch.allclose(torch.tensor(sum(base, [])), torch.tensor(sum(d["baseline"], [])), atol=1e-4):
-            raise SystemExit(f"{f.name}: baseline scores differ from the first chunk's")
+        diff = max(abs(a - b) for a, b in zip(sum(base, []), sum(d["baseline"], [])))
+        if diff > 1e-4 and _correct(base, answers) != _correct(d["baseline"], answers):
+            # a chunk swept on other weights (e.g. the MoE built on another CPU type) is usable only if its
+            # baseline gets exactly the same items right: a head's gain is counted against that baseline
+            raise SystemExit(f"{f.name}: baseline answers differ from the first chunk's (max |d logprob| {diff:.3g}):"
+                             " the chunks were swept on different weights; sweep again on one build")
+        drift = max(drift, diff)
         per_head.update({_unkey(k): v for k, v in d["per_head"].items()})
         touched.update({_unkey(k): v for k, v in d["touched"].items()})
         seconds += d["seconds"]
-    return cal, HeadSweep(items, base, per_head, touched, "suffix"), seconds
+    if drift > 1e-4:
+        log(f"chunk baselines differ by up to {drift:.3g} nats (other weights bits) with the same items right")
+    return cal, HeadSweep(items, base, per_head, touched, "suffix"), seconds, drift
 
 
 def _shortlist(out: Path) -> list[tuple[int, int]]:
@@ -246,7 +256,7 @@ def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
     greedy=False: the paper procedure only (no combination needs scoring)."""
     from steer.act_search import combine_greedy, keep_alone, select_paper
 
-    cal, sw, seconds = _load_sweep(out)
+    cal, sw, seconds, drift = _load_sweep(out)
     swept = sorted(sw.per_head)
     base_k, rows = keep_alone(sw, swept, min_gain)
     paper = select_paper([dict(r) for r in rows])
@@ -281,6 +291,7 @@ def select(out: Path, min_gain: int, score=None, greedy: bool = True) -> dict:
         "baseline_correct": base_k,
         "n_swept": len(swept),
         "sweep_seconds": seconds,
+        "baseline_drift_nats": drift,  # max |logprob| difference between chunk baselines (same answers)
         "swept": [list(hd) for hd in swept],
         "rows": rows,
         "shortlist": [list(hd) for hd in short],
