@@ -20,7 +20,7 @@ the same feature vectors for the same layers. Where steer deliberately differs, 
 - feature layers: for depths outside the reference's table (28, 32, 36, 64 layers) the reference uses hidden
   states 9 and 16 whatever the depth; steer uses blocks at 30/50/75% of the depth (steer.probes.features).
   With the reference's points passed explicitly, steer's features equal the reference's.
-Not compared: training. The reference fits sklearn's MLPClassifier (alpha=1e-4 scaled by 1/batch, batch
+Not compared: training. The reference fits sklearn's MLPClassifier (alpha=1e-4 over the batch weight sum, batch
 min(200, n), up to 500 epochs, early stopping on validation ACCURACY, a further 20% held out inside the 80%
 training split); steer trains its own torch MLP (ProbeConfig; its docstring says how weight_decay maps).
 The recorded sklearn parameters are checked so that those statements stay true.
