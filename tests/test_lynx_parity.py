@@ -17,6 +17,8 @@ the same feature vectors for the same layers. Where steer deliberately differs, 
 - cue words: the reference matches substrings ("await", "Waiting" are cues there); steer matches whole words.
 - exit cut: the reference cuts before the token holding the cue's LAST character, so for a multi-token cue
   ("; H" + "MM") the forced-exit prompt keeps the cue's first tokens; steer cuts before the whole cue.
+  The reference also decodes that prompt without special tokens (the chat template's markers are lost) and
+  re-tokenizes the text; steer appends the exit string's ids to the kept ids.
 - feature layers: for depths outside the reference's table (28, 32, 36, 64 layers) the reference uses hidden
   states 9 and 16 whatever the depth; steer uses blocks at 30/50/75% of the depth (steer.probes.features).
   With the reference's points passed explicitly, steer's features equal the reference's.
@@ -224,6 +226,7 @@ def test_features_cue_positions_and_exit_cut_on_smollm2(smollm2):
             multi += 1
             assert ref_prefix.startswith(prefix(m.cut)[: -len(LYNX_EXIT_STRING)]) and prefix(m.cut) != ref_prefix
     assert multi == 1
+    assert "<|im_start|>" in tok.decode(ids[:enc].tolist()) and "<|im_start|>" not in ref_prefix
 
 
 def test_recorded_reference_training_parameters():
