@@ -3,7 +3,9 @@
 With p = P(y=1 | x) from the probe, the nonconformity score of label 1 is 1 - p and of label 0 is p.
 On calibration cue events of class c (n_c of them) q_c is the ceil((n_c + 1)(1 - delta))-th smallest
 score of that class; if that rank exceeds n_c, q_c = +inf. The released code clamps the rank to n_c
-instead, which silently voids the guarantee; we return +inf (never exit) and say so.
+instead, which silently voids the guarantee; we return +inf (never exit) and say so. Otherwise the
+thresholds, prediction sets and exit decisions are those of the released code (utils.conformal_quantile,
+predictive_set_binary), bit for bit on the same scores: tests/test_lynx_parity.py.
 
 Prediction set: {c : score_c(x) <= q_c}. Exit iff the set is exactly {1}. Since exiting needs
 0 not in the set, P(exit | y=0) <= P(p > q_0 | y=0) <= delta for an exchangeable test cue event
@@ -29,8 +31,9 @@ def check_delta(delta: float) -> float:
 
 
 def conformal_rank(n: int, delta: float) -> int:
-    """ceil((n + 1)(1 - delta)), computed exactly (decimal delta as a fraction) so that e.g.
-    n=19, delta=0.05 gives 19, not 20 through float rounding."""
+    """ceil((n + 1)(1 - delta)), computed exactly (decimal delta as a fraction). In floats
+    (numpy, as the released code computes it) the product can round up past an integer: n=149,
+    delta=0.18 gives 124 there and 123 here (tests/test_lynx_parity.py)."""
     d = Fraction(str(delta))
     return math.ceil((n + 1) * (1 - d))
 

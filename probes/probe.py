@@ -6,6 +6,15 @@ trained with class-balanced BCE, Adam, 20% validation split and early stopping o
 save as safetensors + JSON, never pickles, and so the same forward can run fused on GPU through
 steer.kernels.probe_score).
 
+The forward is the released code's (StandardScaler then MLPClassifier.predict_proba): with its fitted
+weights loaded, a LynxProbe gives its scores to fp32 rounding (tests/test_lynx_parity.py). Training is
+not the same procedure, and a probe trained on the same events differs: the released train_probe.py
+holds out a stratified 20% for its report and MLPClassifier holds out another 20% of the rest for early
+stopping (so it fits on 64%), stops when validation ACCURACY has not improved by 1e-4 for 10 epochs (up
+to 500), uses batches of min(200, n) and an L2 penalty alpha=1e-4 on the weights only, divided by the
+batch's weight sum; steer fits on 80%, stops on the validation loss (up to 200 epochs), uses batches of
+64 and Adam's coupled weight_decay (ProbeConfig says how the two penalties compare).
+
 A probe remembers what it was trained on (model name, layer count, hidden size, feature points);
 applying it to anything else is an error, not a silent wrong answer.
 """

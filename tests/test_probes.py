@@ -87,7 +87,8 @@ def test_checkers():
 
 
 def test_rank_and_quantile_exact():
-    assert conformal_rank(19, 0.05) == 19  # float arithmetic would give 20 (-> +inf)
+    assert conformal_rank(19, 0.05) == 19
+    assert conformal_rank(149, 0.18) == 123  # float arithmetic gives 124
     assert min_calibration_size(0.05) == 19 and min_calibration_size(0.1) == 9
     s = torch.arange(1.0, 20.0)  # 1..19
     assert conformal_quantile(s, 0.05) == 19.0
