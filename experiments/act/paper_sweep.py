@@ -50,6 +50,19 @@ def _unkey(s: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
+def _parse_heads(spec: str) -> tuple[str, list[tuple[int, int]]]:
+    """NAME=L,H;L,H;... -> (NAME, heads): a fixed head set to score on the held-out items beside the procedures."""
+    name, sep, heads = spec.partition("=")
+    try:
+        parsed = [_unkey(hd) for hd in heads.split(";") if hd.strip()]
+    except ValueError:
+        parsed = []
+    if not sep or not name or not parsed or name in ("baseline", "paper", "shortlist_greedy"):
+        raise SystemExit(f"--heads {spec!r}: expected NAME=LAYER,HEAD;LAYER,HEAD;... with a new NAME, e.g. "
+                         "round1=26,1;11,1")
+    return name, parsed
+
+
 def _items_json(splits) -> list[dict]:
     return [
         {"task": it.task, "uid": it.uid, "answer": it.answer, "n_options": len(it.options)}
@@ -331,7 +344,8 @@ def phase_heldout(args, out: Path) -> None:
         log(f"calibration with {len(heads)} heads: {k} ({time.time() - t:.0f} s)")
         return k
 
-    sel = None if args.baseline_only else select(out, args.min_gain, score, greedy=args.config != "paper")
+    fixed = _parse_heads(args.heads) if args.heads else None
+    sel = None if args.baseline_only or fixed else select(out, args.min_gain, score, greedy=args.config != "paper")
     if sel is not None and args.config != "paper":
         (out / "selection.json").write_text(json.dumps(sel, indent=1))
     held = task_suite("heldout", n=args.heldout, seed=args.seed)
@@ -340,7 +354,7 @@ def phase_heldout(args, out: Path) -> None:
     )
     path = out / "heldout.json"
     res = json.loads(path.read_text()) if path.exists() else {}
-    configs = {"baseline": []}
+    configs = {"baseline": []} if fixed is None else dict([fixed])
     if sel is not None:
         configs.update(paper=sel["paper"]["heads"], shortlist_greedy=sel["shortlist_greedy"]["heads"])
         if configs["shortlist_greedy"] is None:  # no attribution screen: the paper procedure only
@@ -395,11 +409,12 @@ def rescore(args, out: Path) -> dict:
     tasks = [r["task"] for r in held_items]
     res = json.loads((out / "heldout.json").read_text())
     base = _correct(res[""]["logprobs"], answers)
+    runs = [(name, sel[name]["heads"]) for name in ("paper", "shortlist_greedy")
+            if sel[name]["heads"] is not None]  # None: the shortlist procedure without a screen, not run
+    runs += [(r["config"], r["heads"]) for r in res.values()  # fixed head sets (heldout --heads)
+             if r["config"] not in ("baseline", "paper", "shortlist_greedy")]
     table = []
-    for name in ("paper", "shortlist_greedy"):
-        heads = sel[name]["heads"]
-        if heads is None:  # the shortlist procedure without an attribution screen: not run
-            continue
+    for name, heads in runs:
         new = _correct(res[";".join(_key(hd) for hd in heads)]["logprobs"], answers) if heads else base
         for task in [*dict.fromkeys(tasks), "all"]:
             idx = [i for i, t in enumerate(tasks) if task in ("all", t)]
@@ -471,6 +486,11 @@ def main() -> int:
         "--config",
         choices=("paper", "shortlist_greedy"),
         help="heldout phase: evaluate only this procedure's heads (two processes can run at once)",
+    )
+    ap.add_argument(
+        "--heads",
+        help="heldout phase: score this fixed head set instead, NAME=L,H;L,H (e.g. an earlier run's choice); "
+        "rescore reports it beside the procedures",
     )
     ap.add_argument("--min-gain", type=int, default=1, help="items a head must gain alone to be kept")
     ap.add_argument("--threads", type=int, default=1)
