@@ -294,7 +294,8 @@ def _attribution_hook(act: ACT, saved: dict, n_heads: int, device) -> Callable:
     none = torch.zeros(n_heads, dtype=torch.bool, device=device)
 
     def fn(call, ctx):
-        q, k, v, mask = call.query, call.key, call.value, call.mask
+        q, k, v = call.query, call.key, call.value
+        mask = None if call.causal or call.window_causal else call.mask  # causal: no N x N mask read
         window = call.sliding_window if mask is None else None
         with torch.no_grad():
             sinks = act.prefill_sinks(q, k, call.scaling, mask, window)

@@ -6,14 +6,23 @@ readers, `blocks.L.attn.impl` overrides such as ACT), steer registers the implem
 switches the model's config to it, restoring the previous implementation afterwards.
 
 "steer" registers its own mask function too: without one, transformers silently builds no causal
-mask for an unknown implementation. Our mask function always materialises a boolean mask
-(True = may attend), so every path below sees the same causal/padding/sliding-window structure.
-It also remembers which masks are the plain causal pattern (no padding, no window in reach: where
-transformers' SDPA integration would pass no mask and is_causal): layers without a handler then run
-SDPA exactly as without steer (its fused causal kernel, not the masked path), and handlers see
-`AttentionCall.causal` and may use fused causal kernels themselves. Likewise masks that are exactly
-causal + the layer's sliding window (no padding) are marked: handlers see `AttentionCall.window_causal`
-and may apply the window themselves, per query block, instead of reading an N x N mask.
+mask for an unknown implementation. Every pattern that transformers materialises for SDPA (padding,
+sliding window, packed sequences, custom patterns) is materialised as a boolean mask (True = may attend),
+so every path below sees the same structure. Where transformers' SDPA integration would pass no mask at
+all and rely on is_causal (no padding, no window in reach, queries at the last positions), the mask
+function returns a `CausalMask` instead: a Bool[B, 1, Tq, Tk] tensor of one byte (a zero-stride view)
+that stands for the plain causal pattern. Why a stand-in and not None or a dense mask: a dense mask costs
+O(Tq Tk) bytes and time per forward (64 MiB at 8,192 tokens) that neither SDPA nor the lse kernels need;
+None would be ambiguous (transformers' own functions read None as "no mask" or "causal" depending on
+the module), and steer's forward must tell the two apart. The stand-in is never wrong where something
+does read it: every torch operation on it (indexing, `~`, `.to`, a kernel call; anything but
+shape/dtype/device metadata) first materialises the dense causal mask, exactly as transformers would
+have built it, once per forward (`dense_mask`). Layers without a handler run SDPA exactly as without
+steer (its fused causal kernel, mask None); handlers see `AttentionCall.causal` and use fused causal
+kernels; `AttentionCall.mask` materialises the dense mask on first read for handlers that need values.
+Masks that are exactly causal + the layer's sliding window (no padding) are marked as well: handlers see
+`AttentionCall.window_causal` and may apply the window themselves, per query block, instead of reading an
+N x N mask.
 
 Per attention module, three paths:
 - no handler on this layer: the model's previous implementation (SDPA, eager, ...), same numbers;
@@ -32,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -45,10 +55,11 @@ _registered = False
 class AttentionCall:
     """One attention call, as an `attn.impl` override sees it.
 
-    q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D]; mask: Bool[B, 1, Tq, Tk] (True = may attend) or None
+    q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D]; `mask`: Bool[B, 1, Tq, Tk] (True = may attend) or None
     (no masking at all). `causal`: the mask is the plain causal pattern with the queries at the last
     Tq key positions (no padding, no sliding window in reach; also a decode row that sees every key), so
-    fused causal kernels give the same numbers without it. `window_causal`: the mask is exactly that
+    fused causal kernels give the same numbers without it; check it before reading `mask`, which then
+    materialises the O(Tq Tk) dense mask (once per forward, shared by the layers). `window_causal`: the mask is exactly that
     pattern cut by `sliding_window` (no padding), so kernels given mask=None and the window give the same
     numbers without it. `base()` runs the model's own implementation. An override returns
     `(out [B, Tq, H, Dv], weights or None)` exactly like a transformers attention function.
@@ -59,7 +70,7 @@ class AttentionCall:
     query: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
-    mask: torch.Tensor | None
+    attention_mask: torch.Tensor | None  # as the model passed it: a `CausalMask` stand-in where plain causal
     scaling: float
     kwargs: dict
     _base: Callable = field(repr=False, default=None)
@@ -68,6 +79,10 @@ class AttentionCall:
 
     def base(self):
         return self._base()
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return dense_mask(self.attention_mask)
 
     @property
     def sliding_window(self) -> int | None:
@@ -86,31 +101,84 @@ class _ModuleState:
 _ACTIVE: dict[int, _ModuleState] = {}
 
 
-# id(mask) -> weak reference, for the boolean masks `_bool_mask` built where SDPA could skip the mask
-_CAUSAL: dict[int, weakref.ref] = {}
+class CausalMask(torch.Tensor):
+    """Bool[B, 1, Tq, Tk] standing for the plain causal mask (queries at the last Tq positions) where
+    transformers' SDPA would pass no mask: one byte of storage, expanded with zero strides.
+
+    Only shape, dtype and device are answered without materialising. Any other torch operation on it
+    (including through torch.ops, or as a kernel's argument) runs on `dense()`: key j visible to query i iff
+    j <= i + Tk - Tq, the pattern SDPA's is_causal (Tq == Tk) or unmasked (Tq == 1) call and steer's causal
+    kernels compute, and the mask transformers' `sdpa_mask` builds where it skips (tested equal); built once
+    and kept with the stand-in, which lives as long as the forward.
+    """
+
+    _dense: torch.Tensor | None
+
+    @staticmethod
+    def __new__(cls, shape: tuple[int, int, int, int], device):
+        # the stored byte is False: a consumer that bypassed __torch_function__ would see every key masked
+        # (loud: NaN or zero rows), never silently all keys
+        self = torch.Tensor._make_subclass(cls, torch.zeros((), dtype=torch.bool, device=device).expand(shape))
+        self._dense = None
+        return self
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            with torch._C.DisableTorchFunctionSubclass():
+                b, _, tq, tk = self.shape
+                self._dense = _causal_dense(b, tq, tk, self.device)
+        return self._dense
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        args, kwargs = tree_map(lambda a: a.dense() if isinstance(a, CausalMask) else a, (args, kwargs))
+        return func(*args, **kwargs)
+
+    def __repr__(self):
+        return f"CausalMask(shape={tuple(self.shape)}, device={self.device}, dense={self._dense is not None})"
 
 
-def _bool_mask(*args, **kwargs):
-    kwargs["allow_is_causal_skip"] = True
-    mask = sdpa_mask(*args, **kwargs)  # None exactly when transformers would rely on is_causal (or no mask)
-    if mask is not None:
-        window = kwargs.get("local_size")
-        if window and mask.shape[-2] == mask.shape[-1] > 1 and _is_window_causal(mask, window):
-            _WINDOW[id(mask)] = (weakref.ref(mask), int(window))
-            weakref.finalize(mask, _WINDOW.pop, id(mask), None)
-        elif mask.shape[-2] == 1 and mask.device.type == "cpu" and bool(mask.all()):
-            # one decode row that sees every key (a sliding cache as long as its window): causal for handlers,
-            # checked once per step here instead of once per hooked layer; SDPA still gets it as without steer
-            _SEES_ALL[id(mask)] = weakref.ref(mask)
-            weakref.finalize(mask, _SEES_ALL.pop, id(mask), None)
-        return mask
-    kwargs["allow_is_causal_skip"] = False
-    mask = sdpa_mask(*args, **kwargs)
-    # Causal with queries at the last positions: prefill (Tq == Tk) or one decode row. A longer query
-    # chunk with Tq < Tk that transformers skips relies on SDPA's top-left alignment: not marked.
-    if mask is not None and mask.shape[-2] in (1, mask.shape[-1]):
-        _CAUSAL[id(mask)] = weakref.ref(mask)
-        weakref.finalize(mask, _CAUSAL.pop, id(mask), None)
+_METADATA = {
+    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__,
+    torch.Tensor.is_cuda.__get__, torch.Tensor.requires_grad.__get__, torch.Tensor.size, torch.Tensor.dim,
+    torch.Tensor.__hash__,
+}
+
+
+def _causal_dense(b: int, tq: int, tk: int, device) -> torch.Tensor:
+    """Bool[b, 1, tq, tk] (one tq x tk tensor expanded over the batch): queries at the last tq key positions."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril_(tk - tq).expand(b, 1, tq, tk)
+
+
+def dense_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`mask` as a plain tensor: the dense Bool[B, 1, Tq, Tk] for a `CausalMask`, else `mask` itself."""
+    return mask.dense() if isinstance(mask, CausalMask) else mask
+
+
+def _bool_mask(batch_size, q_length, kv_length, *args, **kwargs):
+    # transformers' own decision whether is_causal may replace the mask: it forbids it for packed sequences,
+    # custom (or/and) patterns and compiled decode steps, whose masks are then not causal
+    mask = sdpa_mask(batch_size, q_length, kv_length, *args, **kwargs)
+    if mask is None:  # transformers' SDPA would pass no mask (is_causal)
+        # Causal with queries at the last positions: prefill (Tq == Tk) or one decode row. A longer query
+        # chunk with Tq < Tk that transformers skips relies on SDPA's top-left alignment: built densely.
+        if q_length in (1, kv_length):
+            return CausalMask((batch_size, 1, q_length, kv_length), kwargs.get("device", "cpu"))
+        kwargs["allow_is_causal_skip"] = False
+        return sdpa_mask(batch_size, q_length, kv_length, *args, **kwargs)
+    window = kwargs.get("local_size")
+    if window and mask.shape[-2] == mask.shape[-1] > 1 and _is_window_causal(mask, window):
+        _WINDOW[id(mask)] = (weakref.ref(mask), int(window))
+        weakref.finalize(mask, _WINDOW.pop, id(mask), None)
+    elif mask.shape[-2] == 1 and mask.device.type == "cpu" and bool(mask.all()):
+        # one decode row that sees every key (a sliding cache as long as its window): causal for handlers,
+        # checked once per step here instead of once per hooked layer; SDPA still gets it as without steer
+        _SEES_ALL[id(mask)] = weakref.ref(mask)
+        weakref.finalize(mask, _SEES_ALL.pop, id(mask), None)
     return mask
 
 
@@ -151,9 +219,8 @@ def _sees_all(mask: torch.Tensor | None) -> bool:
 
 
 def is_causal_mask(mask: torch.Tensor | None) -> bool:
-    """True if `mask` is a boolean mask steer built for the plain causal pattern (see the module docstring)."""
-    ref = _CAUSAL.get(id(mask)) if mask is not None else None
-    return ref is not None and ref() is mask
+    """True if `mask` is steer's stand-in for the plain causal pattern (see the module docstring)."""
+    return isinstance(mask, CausalMask)
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -189,11 +256,11 @@ def steer_attention_forward(module, query, key, value, attention_mask, scaling=N
     def run_base():
         fn = _impl_fn(base_name, module)
         if base_name in (None, "eager"):
-            mask = _additive(attention_mask, query.dtype)
+            mask = _additive(dense_mask(attention_mask), query.dtype)
         elif causal and base_name == "sdpa":
             mask = None  # what transformers passes without steer: SDPA's is_causal fused path, same numbers
         else:
-            mask = attention_mask
+            mask = dense_mask(attention_mask)
         return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
     if state is None or not (state.overrides or state.pattern_readers):
@@ -211,13 +278,14 @@ def steer_attention_forward(module, query, key, value, attention_mask, scaling=N
         out, weights = result if result is not None else run_base()
     else:
         out, weights = _eager_fn(module)(
-            module, query, key, value, _additive(attention_mask, query.dtype), scaling=scaling, dropout=0.0, **kwargs
+            module, query, key, value, _additive(dense_mask(attention_mask), query.dtype), scaling=scaling,
+            dropout=0.0, **kwargs,
         )
     if state.pattern_readers:
         if weights is None:  # the override computed no probabilities: recompute them exactly
             _, weights = _eager_fn(module)(
-                module, query, key, value, _additive(attention_mask, query.dtype), scaling=scaling, dropout=0.0,
-                **kwargs,
+                module, query, key, value, _additive(dense_mask(attention_mask), query.dtype), scaling=scaling,
+                dropout=0.0, **kwargs,
             )
         for reader in state.pattern_readers:
             reader(weights)

@@ -1,12 +1,13 @@
-"""Decode step with ACT before/after round 4's two decode changes, in one process (issue 16, RESULTS section 7).
+"""Decode step with ACT vs plain decode, in one process (issue 16, RESULTS sections 7-8).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/act/bench_decode_ab.py --model gemma3-270m
 
-Modes, interleaved step by step on three caches of the same prompt (one per mode), per step: `plain`
-(the decoder stack, SDPA), `act` (ACT path "lse" as it is), `act_round3` (the same ACT with the two changes
-switched off: rows decided with tensor operations (HOST_ROWS = 0) and one-row all-True masks not shown as
-causal, i.e. checked in every hooked layer as in round 3). Process CPU time per step, medians, ratios to
-`plain`; one JSON line per mode appended to --out.
+Modes (--modes), interleaved step by step on one cache of the same prompt per mode, per step: `plain`
+(the decoder stack, SDPA), `act` (ACT path "lse" as it is), `route` (steer's attention routing on the same
+layers with a handler that runs the model's own attention: what routing costs without ACT's work),
+`act_round3` (ACT with round 4's two decode changes switched off: rows decided with tensor operations
+(HOST_ROWS = 0) and one-row all-True masks not shown as causal, i.e. checked in every hooked layer as in
+round 3). Process CPU time per step, medians, ratios to `plain`; one JSON line per mode appended to --out.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ def main() -> int:
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--cache", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--modes", nargs="+", default=["plain", "act", "act_round3"],
+                    choices=["plain", "act", "route", "act_round3"])
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "bench_decode_ab.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     import steer.attention as attention
     import steer.kernels.lse as lse
     from steer.act import ACT
+    from steer.hooks import attach
     from steer.models import load
     from steer.sinks import book_inputs
 
@@ -48,8 +52,13 @@ def main() -> int:
 
     caches, acts = {}, {}
     with torch.no_grad():
+        names = ["plain"] + [m for m in args.modes if m != "plain"]
         caches["plain"] = model.model(input_ids=prompt, use_cache=True).past_key_values
-        for name in ("act", "act_round3"):
+        route = {f"blocks.{layer}.attn.impl": lambda call, ctx: None for layer, _ in act_heads(model)}
+        if "route" in names:
+            with attach(model, route):
+                caches["route"] = model.model(input_ids=prompt, use_cache=True).past_key_values
+        for name in [m for m in names if m.startswith("act")]:
             acts[name] = ACT(act_heads(model), on_no_effect="ignore")
             acts[name].path = "lse"
             round3(name == "act_round3")
@@ -57,15 +66,18 @@ def main() -> int:
                 caches[name] = model.model(input_ids=prompt, use_cache=True).past_key_values
             acts[name] = (acts[name], acts[name]._state)
         round3(False)
-        names = ["plain", "act", "act_round3"]
         times = {n: [] for n in names}
         load0 = os.getloadavg()[0]
         for j in range(args.steps):
             t = new[:, j : j + 1]
-            for name in names[j % 3 :] + names[: j % 3]:
+            for name in names[j % len(names) :] + names[: j % len(names)]:
                 step = lambda name=name, t=t: model.model(input_ids=t, cache=caches[name], use_cache=True)  # noqa: E731
                 if name == "plain":
                     times[name].append(measure(step))
+                    continue
+                if name == "route":
+                    with attach(model, route):
+                        times[name].append(measure(step))
                     continue
                 act, state = acts[name]
                 round3(name == "act_round3")
