@@ -259,7 +259,8 @@ class ACT(Intervention):
                 idx = head_idx.get(q.device)
                 if idx is None:
                     idx = head_idx[q.device] = torch.tensor(heads, dtype=torch.long, device=q.device)
-                out, touched = self._lse_call(layer, idx, n_heads, q, k, v, call.scaling, mask, window)
+                out, touched = self._lse_call(layer, idx, n_heads, q, k, v, call.scaling, mask, window,
+                                              head=heads[0] if len(heads) == 1 else None)
                 self.count(ctx.point, touched)
                 if out is None:  # ACT changes nothing here: the model's own attention, same numbers as without it
                     return call.base()
@@ -282,9 +283,10 @@ class ACT(Intervention):
 
         return fn
 
-    def _lse_call(self, layer, heads, n_heads, q, k, v, scale, mask, window):
+    def _lse_call(self, layer, heads, n_heads, q, k, v, scale, mask, window, head=None):
         """ACT on `heads` (Long) of one attention call through steer.kernels.lse: (out [B, H, Tq, Dv], touched);
-        out None on decode steps whose cache holds none of this layer's sinks (ACT changes nothing there)."""
+        out None on decode steps whose cache holds none of this layer's sinks (ACT changes nothing there).
+        head: the one head as a Python int when the layer has one (the one-row decode path uses it)."""
         from steer.kernels.lse import (
             act_decode_from_lse,
             act_from_lse,
@@ -322,7 +324,7 @@ class ACT(Intervention):
             if window is None or tk <= window:  # steer's mask (if any) holds padding and window
                 return act_decode_from_lse(q, out, lse, heads=heads, ks=state.sink_kv[0], vs=state.sink_kv[1],
                                            valid=state.valid, beta=self.beta, n_keys=tk, cols=state.cols, k=k, v=v,
-                                           scale=scale, mask=mask, offset=offset)
+                                           scale=scale, mask=mask, offset=offset, head=head)
             cols, valid = (state.cols - offset).clamp_min(0), state.valid
         return act_from_lse(q, k, v, out, lse, scale=scale, heads=heads, cols=cols, valid=valid, beta=self.beta,
                             mask=mask, sliding_window=window)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import steer.kernels.lse as lse_mod
 from steer.kernels.act import act_attention_reference, sink_stats_reference, visibility
 from steer.kernels.lse import (
     act_decode_from_lse,
@@ -381,6 +382,47 @@ def test_act_decode_from_lse_equals_act_from_lse(Tq, host_rows, monkeypatch):
     )
     torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
     assert int(t) == int(t_ref)
+
+
+@pytest.mark.parametrize("case", ["plain", "one_sink_dropped", "all_dropped", "c_over_max"])
+def test_act_decode_one_row_path_equals_the_reference(case, monkeypatch):
+    """The batch-1, one-head, one-row CPU path (`head` given) == the exact reference and == the general
+    path (head=None), in every branch: rescaled, a dropped sink, no sink mass left, c > C_MAX (exact
+    recompute through the general path)."""
+    q, k, v, sinks, _ = _inputs(B=1, Tq=1, Tk=40, seed=9)
+    sinks[..., 30:] = False
+    sinks[..., 3] = True
+    heads = torch.zeros(q.shape[1], dtype=torch.bool)
+    heads[4] = True
+    if case == "c_over_max":  # head 4's row aligned with the sink key 7 (its kv head 1): P_S 0.96, c 16
+        q = q.clone()
+        q[0, 4, 0] = 0.3 * k[0, 1, 7]
+    h, cols, valid = sink_index(sinks, heads)
+    if case == "one_sink_dropped":
+        valid = valid & (cols != 3)
+        sinks[..., 3] = False
+    if case == "all_dropped":
+        valid = torch.zeros_like(valid)
+        sinks[:] = False
+    ref, t_ref = act_attention_reference(q, k, v, scale=0.3, sink_mask=sinks, head_mask=heads, beta=0.4)
+    out, lse = attention_head_lse(q, k, v, scale=0.3, heads=h)
+    ks, vs = gather_sinks(k, v, heads=h, cols=cols, scale=0.3, n_heads=q.shape[1])
+    args = dict(heads=h, ks=ks, vs=vs, valid=valid, beta=0.4, n_keys=40, cols=cols, k=k, v=v, scale=0.3)
+    calls = []
+    real = lse_mod._decode_one_row
+    monkeypatch.setattr(lse_mod, "_decode_one_row", lambda *a: calls.append(1) or real(*a))
+    got, t = act_decode_from_lse(q, out.clone(), lse, head=4, **args)
+    assert calls, "the one-row path did not run"
+    exact = []
+    real_exact = lse_mod._exact_rows
+    monkeypatch.setattr(lse_mod, "_exact_rows", lambda *a: exact.append(1) or real_exact(*a))
+    general, t_general = act_decode_from_lse(q, out.clone(), lse, **args)
+    assert bool(exact) == (case == "c_over_max")  # only there does the general path recompute the row
+    assert len(calls) == 1
+    torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(got, general, atol=1e-6, rtol=1e-5)
+    assert int(t) == int(t_general) == int(t_ref) == (0 if case == "all_dropped" else 1)
+    assert torch.equal(got[:, :4], out[:, :4]) and torch.equal(got[:, 5:], out[:, 5:])  # other heads untouched
 
 
 @pytest.mark.parametrize("case", ["decode_padded", "chunk"])
