@@ -102,6 +102,17 @@ ROUTERS = ("ridge", "ridge-log")
 CLUSTERINGS = ("coactivation", "random")
 RefitInputs = Literal["moe", "dense"]
 REFIT_INPUTS = ("moe", "dense")
+# Each expert's stored width is rounded up to a multiple of this many neurons, the extra ones all zero
+# (exact: silu(0) * 0 = 0 and a zero down column). transformers runs Qwen2-MoE experts through
+# torch's grouped_mm, which on CPU needs every row stride to be a multiple of 16 bytes: an expert of 25
+# fp32 neurons (100-byte rows) fails there with "strides should be multiple of 16 bytes". 8 covers
+# fp32 and half precision.
+EXPERT_ALIGN = 8
+
+
+def expert_width(routed: int, num_experts: int) -> int:
+    """The stored (padded) width of each routed expert for `routed` neurons split into num_experts."""
+    return -(-(routed // num_experts) // EXPERT_ALIGN) * EXPERT_ALIGN
 # Refit fields left out of a config's key while refit is off, so builds without it keep their cache dirs.
 _REFIT_FIELDS = ("refit", "refit_ridge", "refit_inputs")
 
@@ -668,7 +679,7 @@ def qwen2_moe_config(dense_cfg, config: MoEBuildConfig):
         rope_parameters=dict(dense_cfg.rope_parameters),
         use_sliding_window=False,
         decoder_sparse_step=1,
-        moe_intermediate_size=routed // config.num_experts,
+        moe_intermediate_size=expert_width(routed, config.num_experts),  # zero-padded: see EXPERT_ALIGN
         shared_expert_intermediate_size=config.shared_neurons,
         num_experts=config.num_experts,
         num_experts_per_tok=config.top_k,
@@ -718,8 +729,12 @@ def assemble_qwen2_moe(dense, builds: dict[int, LayerBuild], config: MoEBuildCon
         out[p + "shared_expert.down_proj.weight"] = (shared_down * 2.0).contiguous()  # sigmoid(0) = 0.5
         out[p + "shared_expert_gate.weight"] = torch.zeros(1, wg.shape[1])
         out[p + "gate.weight"] = b.router.clone()
-        out[p + "experts.gate_up_proj"] = torch.stack([torch.cat([wg[idx], wu[idx]]) for idx in b.experts])
-        out[p + "experts.down_proj"] = torch.stack([d * float(E) for d in expert_down])  # w ~ 1/E
+        pad = cfg.moe_intermediate_size - len(b.experts[0])  # zero neurons up to the stored width
+        rows, cols = wg.new_zeros(pad, wg.shape[1]), wd.new_zeros(wd.shape[0], pad)
+        out[p + "experts.gate_up_proj"] = torch.stack([torch.cat([wg[idx], rows, wu[idx], rows])
+                                                       for idx in b.experts])
+        out[p + "experts.down_proj"] = torch.stack([torch.cat([d * float(E), cols], 1)
+                                                    for d in expert_down])  # w ~ 1/E
     with torch.no_grad():
         moe.load_state_dict(out, strict=True)
     moe.generation_config.bos_token_id = cfg.bos_token_id
@@ -877,7 +892,8 @@ def evaluate_moe(moe, dense, tokenizer=None, *, heldout: torch.Tensor | None = N
     cfg = moe.config
     E, k0 = cfg.num_experts, cfg.num_experts_per_tok
     n_moe = sum(1 for layer in moe.model.layers if hasattr(layer.mlp, "experts"))
-    routed_neurons = E * cfg.moe_intermediate_size
+    width = (cfg.intermediate_size - cfg.shared_expert_intermediate_size) // E  # real neurons (stored: padded)
+    routed_neurons = E * width
     results = {"dense_ppl": math.exp(cache["nll"]), "heldout_tokens": int(heldout[:, 1:].numel()), "by_k": {}}
     if use_prompts:
         results["dense_answers"] = cache["answers"]
@@ -891,7 +907,7 @@ def evaluate_moe(moe, dense, tokenizer=None, *, heldout: torch.Tensor | None = N
                 "ppl": math.exp(nll),
                 "ppl_ratio": math.exp(nll - cache["nll"]),
                 "routed_skipped": 1 - k / E,
-                "mlp_neurons_skipped": (E - k) * cfg.moe_intermediate_size * n_moe
+                "mlp_neurons_skipped": (E - k) * width * n_moe
                 / (cfg.intermediate_size * cfg.num_hidden_layers),
                 "routed_neurons_per_layer": routed_neurons,
             }

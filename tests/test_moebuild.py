@@ -96,7 +96,8 @@ def test_checkpoint_is_stock_qwen2_moe(built):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "qwen2_moe" and cfg["architectures"] == ["Qwen2MoeForCausalLM"]
     assert cfg["num_experts"] == 8 and cfg["num_experts_per_tok"] == 4
-    assert cfg["moe_intermediate_size"] == (128 - 32) // 8 and cfg["shared_expert_intermediate_size"] == 32
+    # 12 neurons per expert, stored zero-padded to 16 (EXPERT_ALIGN)
+    assert cfg["moe_intermediate_size"] == 16 and cfg["shared_expert_intermediate_size"] == 32
     assert cfg["norm_topk_prob"] is False
     info = json.loads((out / BUILD_FILE).read_text())
     assert info["config"]["num_experts"] == 8 and info["safetensors_sha256"] == report.safetensors_sha256
@@ -135,6 +136,27 @@ def test_dense_layers_and_no_shared_expert(tmp_path):
         ref = tiny_model("llama")(input_ids=ids).logits
         got = moe(input_ids=ids).logits
     assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_expert_width_is_padded_and_runs_in_stock_transformers(tmp_path, dtype):
+    """25 neurons per expert (100-byte fp32 rows) used to make a checkpoint that transformers' default
+    experts path (torch grouped_mm) refuses on CPU: "strides should be multiple of 16 bytes". Stored
+    padded to 32 with zero neurons, it runs there in fp32 and bf16 and is still exact at k = E."""
+    config = dataclasses.replace(TINY, num_experts=4, top_k=4, shared_neurons=28, router_spread=1e-5)
+    report, _ = _build(tmp_path, config)
+    assert report.layers[0].experts.shape == (4, 25)
+    reloaded = AutoModelForCausalLM.from_pretrained(report.out_dir, dtype=dtype).eval()
+    assert reloaded.config.moe_intermediate_size == 32
+    experts = reloaded.model.layers[1].mlp.experts
+    assert not experts.gate_up_proj[:, 25:32].any() and not experts.gate_up_proj[:, 57:].any()
+    assert not experts.down_proj[..., 25:].any()
+    ids = torch.randint(3, 256, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = tiny_model("llama").to(dtype)(input_ids=ids).logits.float()
+        got = reloaded(input_ids=ids).logits.float()
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    assert (got - ref).abs().max() < tol * ref.abs().max()
 
 
 def test_coactivation_clusters_tighter_than_random():

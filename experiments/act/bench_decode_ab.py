@@ -7,7 +7,8 @@ Modes (--modes), interleaved step by step on one cache of the same prompt per mo
 layers with a handler that runs the model's own attention: what routing costs without ACT's work),
 `act_round3` (ACT with round 4's two decode changes switched off: rows decided with tensor operations
 (HOST_ROWS = 0) and one-row all-True masks not shown as causal, i.e. checked in every hooked layer as in
-round 3). Process CPU time per step, medians, ratios to `plain`; one JSON line per mode appended to --out.
+round 3), `act_round5` (ACT with round 6's one-row path off: one-row steps of one calibrated head take
+the host-rows path of rounds 4-5). Process CPU time per step, medians, ratios to `plain`; one JSON line per mode appended to --out.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def main() -> int:
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--cache", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--modes", nargs="+", default=["plain", "act", "act_round3"],
-                    choices=["plain", "act", "route", "act_round3"])
+    ap.add_argument("--modes", nargs="+", default=["plain", "act", "act_round5"],
+                    choices=["plain", "act", "route", "act_round3", "act_round5"])
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "bench_decode_ab.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -44,11 +45,12 @@ def main() -> int:
     model, tok = lm.model, lm.tokenizer
     ids = torch.tensor(book_inputs(tok, n=1, length=args.cache + args.steps))
     prompt, new = ids[:, : args.cache], ids[:, args.cache :]
-    host_rows, sees_all = lse.HOST_ROWS, attention._sees_all
+    host_rows, sees_all, one_row = lse.HOST_ROWS, attention._sees_all, lse._decode_one_row
 
-    def round3(on: bool):
-        lse.HOST_ROWS = 0 if on else host_rows
-        attention._sees_all = (lambda mask: False) if on else sees_all
+    def configure(name: str):  # the code of an earlier round for act_round3 / act_round5, else as it is
+        lse.HOST_ROWS = 0 if name == "act_round3" else host_rows
+        attention._sees_all = (lambda mask: False) if name == "act_round3" else sees_all
+        lse._decode_one_row = one_row if name == "act" else (lambda *a: None)
 
     caches, acts = {}, {}
     with torch.no_grad():
@@ -61,11 +63,11 @@ def main() -> int:
         for name in [m for m in names if m.startswith("act")]:
             acts[name] = ACT(act_heads(model), on_no_effect="ignore")
             acts[name].path = "lse"
-            round3(name == "act_round3")
+            configure(name)
             with acts[name].apply(model):
                 caches[name] = model.model(input_ids=prompt, use_cache=True).past_key_values
             acts[name] = (acts[name], acts[name]._state)
-        round3(False)
+        configure("act")
         times = {n: [] for n in names}
         load0 = os.getloadavg()[0]
         for j in range(args.steps):
@@ -80,11 +82,11 @@ def main() -> int:
                         times[name].append(measure(step))
                     continue
                 act, state = acts[name]
-                round3(name == "act_round3")
+                configure(name)
                 with act.apply(model):
                     act._state = state
                     times[name].append(measure(step))
-                round3(False)
+                configure("act")
     med = {n: statistics.median(c for _, c, _ in ts) for n, ts in times.items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
