@@ -77,11 +77,11 @@ def _row_stats(r: dict, base: dict) -> None:
         r[f"{s}_identical_to_baseline"] = sum(same) / len(same)
 
 
-def _contrast(top: dict, rand: list[dict], k: int, tokens: str) -> dict:
+def _contrast(top: dict, rand: list[dict], k: int, tokens: str, mode: str = "off") -> dict:
     t = top["harmful_labels"]
     d = [ti - sum(r["harmful_labels"][i] for r in rand) / len(rand) for i, ti in enumerate(t)]
     rates = [r["harmful_rate"] for r in rand]
-    return {"k": k, "tokens": tokens, "top_rate": top["harmful_rate"], "random_rates": rates,
+    return {"k": k, "tokens": tokens, "mode": mode, "top_rate": top["harmful_rate"], "random_rates": rates,
             "random_mean": sum(rates) / len(rates), "top_minus_random": sum(d) / len(d),
             "top_minus_random_sign_flip_p": sign_flip_test(d),
             "top_vs_each_random": [mcnemar_exact(r["harmful_labels"], t).as_dict() for r in rand],
@@ -96,10 +96,10 @@ def analyse(rows: list[dict]) -> list[dict]:
     for r in rows:
         _row_stats(r, base)
     contrasts = []
-    for top in [r for r in rows if r["group"].startswith("top-") and r["group"].endswith(" off")]:
+    for top in [r for r in rows if r["group"].startswith("top-")]:
         rand = [r for r in rows if r["group"] == top["group"].replace("top-", "random-", 1)]
         if rand:
-            contrasts.append(_contrast(top, rand, top["k"], top["tokens"]))
+            contrasts.append(_contrast(top, rand, top["k"], top["tokens"], top["group"].rsplit(" ", 1)[1]))
     return contrasts
 
 
@@ -122,12 +122,12 @@ def render(rows: list[dict], contrasts: list[dict], source: str = "", command: s
                      f"{_rate(r, 'harmless')} | {hl} | {ident} | {r['ppl']:.1f} [{r['ppl_ci'][0]:.1f}, "
                      f"{r['ppl_ci'][1]:.1f}] |")
     if contrasts:
-        lines += ["", "| profile tokens | k | top-k off refusal | random-k off refusal (seeds) | top minus random "
+        lines += ["", "| profile tokens | k | switch | top-k refusal | random-k refusal (seeds) | top minus random "
                   "(exact sign-flip p) | top vs each random seed (exact McNemar p) | randoms >= top | ppl top / "
-                  "random mean |", "|---|---|---|---|---|---|---|---|"]
+                  "random mean |", "|---|---|---|---|---|---|---|---|---|"]
     for c in contrasts:
         per_seed = ", ".join(f"{m['p_value']:.2g}" for m in c["top_vs_each_random"])
-        lines.append(f"| {c['tokens']} | {c['k']} | {c['top_rate']:.2f} | "
+        lines.append(f"| {c['tokens']} | {c['k']} | {c.get('mode', 'off')} | {c['top_rate']:.2f} | "
                      f"{', '.join(f'{x:.2f}' for x in c['random_rates'])} | {c['top_minus_random']:+.3f} "
                      f"(p={c['top_minus_random_sign_flip_p']:.2g}) | {per_seed} | "
                      f"{c['randoms_at_or_above_top']}/{len(c['random_rates'])} | {c['top_ppl']:.1f} / "
@@ -226,8 +226,11 @@ def conditions(model, profiles: dict, args) -> list[tuple[str, str, object, tupl
     for s in range(args.seeds):
         out += [(f"random-{k} off ({t} tokens, seed {s})", f"random-{k} {t} off", ExpertSwitch.random_like(sw, s, model),
                  ("harmful",), {"k": k, "tokens": t, "seed": s}) for (t, k), sw in tops.items()]
-    out += [(f"top-{k} on ({t} tokens)", f"top-{k} {t} on", ExpertSwitch.from_profile(p, k, "on", **cap), SETS,
-             {"k": k, "tokens": t}) for t, p in profiles.items() for k in args.ks]
+    ons = {(t, k): ExpertSwitch.from_profile(p, k, "on", **cap) for t, p in profiles.items() for k in args.ks}
+    out += [(f"top-{k} on ({t} tokens)", f"top-{k} {t} on", sw, SETS, {"k": k, "tokens": t}) for (t, k), sw in ons.items()]
+    for s in range(args.on_seeds):  # forcing random experts on: the control for forcing the top set on
+        out += [(f"random-{k} on ({t} tokens, seed {s})", f"random-{k} {t} on", ExpertSwitch.random_like(sw, s, model),
+                 ("harmful",), {"k": k, "tokens": t, "seed": s}) for (t, k), sw in ons.items()]
     return out
 
 
@@ -278,6 +281,7 @@ def parse_args():
     p.add_argument("--profile-n", type=int, default=32, help="profiling prompts per class")
     p.add_argument("--heldout", type=int, default=32, help="held-out harmful prompts")
     p.add_argument("--heldout-harmless", type=int, default=24)
+    p.add_argument("--on-seeds", type=int, default=0, help="random-k forced-on controls (seeds)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
@@ -323,7 +327,7 @@ def main() -> None:
     command = "python " + " ".join([_rel(Path(sys.argv[0]))] + sys.argv[1:])
     facts = {"machine": platform.machine(), "threads": args.threads, "torch": torch.__version__, "model": lm.name,
              "model_arg": args.model, "weights_hash": lm.weights_hash, "runtime_top_k": args.runtime_top_k,
-             "ks": args.ks, "seeds": args.seeds, "max_new_tokens": args.max_new_tokens,
+             "ks": args.ks, "seeds": args.seeds, "on_seeds": args.on_seeds, "max_new_tokens": args.max_new_tokens,
              "per_layer_cap": args.per_layer_cap, "split_seed": args.split_seed, "command": command,
              "labeller": "steer.prompts.RefusalLabeller (REFUSAL_PATTERNS in the first 200 characters)",
              "prompts": {k: v for k, v in split.items()}, "conditions_planned": [c[0] for c in conds],
