@@ -384,7 +384,7 @@ def gather_sinks(k, v, *, heads, cols, scale: float, n_heads: int):
 
 def act_decode_from_lse(
     q, out, lse_h, *, heads, ks, vs, valid, beta: float, n_keys: int, cols, k, v, scale: float, mask=None,
-    offset: int = 0, head: int | None = None,
+    offset: int = 0, head: int | None = None, all_valid: bool = False,
 ):
     """ACT on a few query rows at the end of the cache (decode) with the sink keys/values `gather_sinks`
     gathered at prefill: the same result as act_from_lse in about 20 tensor operations on 3-D batched
@@ -394,13 +394,14 @@ def act_decode_from_lse(
     (the cache's key 0 is column `offset`: a sliding cache dropped the keys before it; valid must be False
     for the sinks it dropped), valid Bool[B, Hs, S]; mask: Bool[B or 1, 1, Tq, Tk] (steer's, holding
     padding and window) or None = every row sees all n_keys keys. k, v: for the exact recompute of rows
-    with c > C_MAX. head: the one calibrated head as a Python int (heads == [head]), which lets a batch-1
-    CPU step with one row take `_decode_one_row` (7 operations instead of ~20)."""
+    with c > C_MAX. head: the one calibrated head as a Python int (heads == [head]) and all_valid (the
+    caller knows every sink in `valid` is valid) let a batch-1 CPU step with one row take `_decode_one_row`
+    (6 operations after the views instead of ~20)."""
     B, Hs, S = valid.shape
     Tq, D, Dv = q.shape[2], q.shape[3], out.shape[3]
-    if (head is not None and B == 1 and Hs == 1 and Tq == 1 and mask is None and S < n_keys
+    if (head is not None and all_valid and B == 1 and Hs == 1 and Tq == 1 and mask is None and S < n_keys
             and q.device.type == "cpu" and q.dtype == out.dtype == torch.float32):
-        done = _decode_one_row(q, out, lse_h, head, ks, vs, valid, beta)
+        done = _decode_one_row(q, out, lse_h, head, ks, vs, beta)
         if done is not None:
             return done
     here = (lambda: (cols - offset).clamp_min(0)) if offset else (lambda: cols)  # columns in this cache
@@ -444,17 +445,16 @@ def act_decode_from_lse(
     return out.index_copy(1, heads, new.to(out.dtype)), rescale.sum()
 
 
-def _decode_one_row(q, out, lse_h, head: int, ks, vs, valid, beta: float):
+def _decode_one_row(q, out, lse_h, head: int, ks, vs, beta: float):
     """act_decode_from_lse for one fp32 CPU row of one head (batch 1), where a real decode step runs it
     between the model's large matmuls and each small operation costs ~10 us: the sink probabilities from
     one addmm and exp, P_S as a Python float, then o' = beta o_S + c (o - o_S) = c o + (beta - c) (p @ V_S)
-    as one in-place addmm on a copy of out. The row sees a key beyond its sinks (the caller checks
-    S < n_keys). None when c > C_MAX or P_S >= 1 (the caller's general path recomputes the row exactly)."""
+    as one in-place addmm on a copy of out. Every sink is valid and the row sees a key beyond them (the
+    caller checks both). None when c > C_MAX or P_S >= 1 (the caller's general path recomputes the row exactly)."""
     Dv = out.shape[3]
     p = torch.addmm(lse_h.view(1, 1), q[0, head], ks[0], beta=-1).exp_()  # [1, S]: exp(q.k_s scale - lse)
-    p.mul_(valid[0])
     p_s = p.sum().item()
-    if not p_s > 0:  # no sink mass (every sink dropped): o stays
+    if not p_s > 0:  # the sink probabilities underflow to 0: o stays
         return out, 0
     num, den = 1.0 - beta * p_s, 1.0 - p_s
     if num > C_MAX * den or den <= 0:

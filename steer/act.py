@@ -102,6 +102,7 @@ class _LayerState:
     sink_kv: tuple | None = None  # lse path: (scaled sink keys, sink values) fp32 [B, Hs, S, D], for decode steps
     end: int = 0  # lse path: 1 + the last sink column (0: no sinks); a cache starting at or past it holds none
     start: int = 0  # lse path: the first sink column still valid; a cache starting past it dropped a sink
+    all_valid: bool = False  # lse path: every entry of `valid` is True (a decode row may take the one-row path)
 
 
 class ACT(Intervention):
@@ -307,7 +308,8 @@ class ACT(Intervention):
             full = torch.zeros(b, n_heads, tk, dtype=torch.bool, device=q.device)
             full[:, heads] = sinks
             sink_kv = gather_sinks(k, v, heads=heads, cols=cols, scale=scale, n_heads=n_heads)
-            self._state[layer] = _LayerState(full, b, tk, cols, valid, sink_kv, *_sink_range(cols, valid))
+            self._state[layer] = _LayerState(full, b, tk, cols, valid, sink_kv, *_sink_range(cols, valid),
+                                             all_valid=bool(valid.all()))
         else:  # decode: the prefill's sink columns at their absolute positions, O(|S| d) per row
             state, offset = self._decode_state(layer, b, tq, tk)
             if state.cols is None:
@@ -321,10 +323,12 @@ class ACT(Intervention):
             if offset > state.start:  # a sliding cache dropped sinks (offset only grows: they stay dropped)
                 state.valid = state.valid & (state.cols >= offset)
                 state.end, state.start = _sink_range(state.cols, state.valid)
+                state.all_valid = bool(state.valid.all())
             if window is None or tk <= window:  # steer's mask (if any) holds padding and window
                 return act_decode_from_lse(q, out, lse, heads=heads, ks=state.sink_kv[0], vs=state.sink_kv[1],
                                            valid=state.valid, beta=self.beta, n_keys=tk, cols=state.cols, k=k, v=v,
-                                           scale=scale, mask=mask, offset=offset, head=head)
+                                           scale=scale, mask=mask, offset=offset, head=head,
+                                           all_valid=state.all_valid)
             cols, valid = (state.cols - offset).clamp_min(0), state.valid
         return act_from_lse(q, k, v, out, lse, scale=scale, heads=heads, cols=cols, valid=valid, beta=self.beta,
                             mask=mask, sliding_window=window)

@@ -386,9 +386,9 @@ def test_act_decode_from_lse_equals_act_from_lse(Tq, host_rows, monkeypatch):
 
 @pytest.mark.parametrize("case", ["plain", "one_sink_dropped", "all_dropped", "c_over_max"])
 def test_act_decode_one_row_path_equals_the_reference(case, monkeypatch):
-    """The batch-1, one-head, one-row CPU path (`head` given) == the exact reference and == the general
-    path (head=None), in every branch: rescaled, a dropped sink, no sink mass left, c > C_MAX (exact
-    recompute through the general path)."""
+    """The batch-1, one-head, one-row CPU path (`head` given, every sink valid) == the exact reference and
+    == the general path (head=None): rescaled, c > C_MAX (exact recompute through the general path); with
+    a dropped sink or none left it is not taken (all_valid False) and the result is the same."""
     q, k, v, sinks, _ = _inputs(B=1, Tq=1, Tk=40, seed=9)
     sinks[..., 30:] = False
     sinks[..., 3] = True
@@ -411,14 +411,15 @@ def test_act_decode_one_row_path_equals_the_reference(case, monkeypatch):
     calls = []
     real = lse_mod._decode_one_row
     monkeypatch.setattr(lse_mod, "_decode_one_row", lambda *a: calls.append(1) or real(*a))
-    got, t = act_decode_from_lse(q, out.clone(), lse, head=4, **args)
-    assert calls, "the one-row path did not run"
+    all_valid = case in ("plain", "c_over_max")
+    got, t = act_decode_from_lse(q, out.clone(), lse, head=4, all_valid=all_valid, **args)
+    assert len(calls) == all_valid, "the one-row path runs exactly when every sink is valid"
     exact = []
     real_exact = lse_mod._exact_rows
     monkeypatch.setattr(lse_mod, "_exact_rows", lambda *a: exact.append(1) or real_exact(*a))
     general, t_general = act_decode_from_lse(q, out.clone(), lse, **args)
     assert bool(exact) == (case == "c_over_max")  # only there does the general path recompute the row
-    assert len(calls) == 1
+    assert len(calls) == all_valid
     torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
     torch.testing.assert_close(got, general, atol=1e-6, rtol=1e-5)
     assert int(t) == int(t_general) == int(t_ref) == (0 if case == "all_dropped" else 1)

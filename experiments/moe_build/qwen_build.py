@@ -56,7 +56,7 @@ def evaluate(args) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     ev = evaluate_moe(str(args.out), "qwen2.5-coder", config=config, top_ks=args.ks,
-                      dense_cache=_dense_cache(args.dense_report, config), progress=True)
+                      dense_cache=_dense_cache(args.dense_report, config), progress=bar("qwen eval"))
     report = {**saved, "path": str(args.out), "evaluation": ev, "eval_seconds": round(time.time() - t0, 1),
               "dense_numbers_from": str(args.dense_report), "load_average": [round(x, 1) for x in os.getloadavg()]}
     args.report.write_text(json.dumps(report, indent=1, default=str) + "\n")
