@@ -102,6 +102,9 @@ ROUTERS = ("ridge", "ridge-log")
 CLUSTERINGS = ("coactivation", "random")
 RefitInputs = Literal["moe", "dense"]
 REFIT_INPUTS = ("moe", "dense")
+# Refit fields left out of a config's key while refit is off, so builds without it keep their cache dirs.
+_REFIT_FIELDS = ("refit", "refit_ridge", "refit_inputs")
+
 # Each expert's stored width is rounded up to a multiple of this many neurons, the extra ones all zero
 # (exact: silu(0) * 0 = 0 and a zero down column). transformers runs Qwen2-MoE experts through
 # torch's grouped_mm, which on CPU needs every row stride to be a multiple of 16 bytes: an expert of 25
@@ -113,8 +116,6 @@ EXPERT_ALIGN = 8
 def expert_width(routed: int, num_experts: int) -> int:
     """The stored (padded) width of each routed expert for `routed` neurons split into num_experts."""
     return -(-(routed // num_experts) // EXPERT_ALIGN) * EXPERT_ALIGN
-# Refit fields left out of a config's key while refit is off, so builds without it keep their cache dirs.
-_REFIT_FIELDS = ("refit", "refit_ridge", "refit_inputs")
 
 
 @dataclass(frozen=True)

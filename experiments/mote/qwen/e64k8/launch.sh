@@ -12,3 +12,5 @@ python experiments/mote/run_refusal.py $C --profile-tokens prompt --profile-dir 
 python experiments/mote/run_refusal.py $C --profile-tokens response --profile-dir experiments/mote/qwen/e64k8/s3264_profile --out experiments/mote/qwen/e64k8/s3264_response.json &
 wait
 python experiments/mote/run_refusal.py --merge experiments/mote/qwen/e64k8/s3264_prompt.json experiments/mote/qwen/e64k8/s3264_response.json --out experiments/mote/qwen/e64k8/s3264.json
+# Replication on another prompt split (split seed 1: other profiling and held-out prompts), response tokens, k = 64, off only:
+python experiments/mote/run_refusal.py --model /root/qwen-moe-build/e64k8s3264-refit --runtime-top-k 8 --ks 64 --seeds 3 $B --split-seed 1 --profile-tokens response --only " off " --profile-dir experiments/mote/qwen/e64k8/s3264_split1_profile --out experiments/mote/qwen/e64k8/s3264_split1_response.json
