@@ -14,3 +14,5 @@ wait
 python experiments/mote/run_refusal.py --merge experiments/mote/qwen/e64k8/s3264_prompt.json experiments/mote/qwen/e64k8/s3264_response.json --out experiments/mote/qwen/e64k8/s3264.json
 # Replication on another prompt split (split seed 1: other profiling and held-out prompts), response tokens, k = 64, off only:
 python experiments/mote/run_refusal.py --model /root/qwen-moe-build/e64k8s3264-refit --runtime-top-k 8 --ks 64 --seeds 3 $B --split-seed 1 --profile-tokens response --only " off " --profile-dir experiments/mote/qwen/e64k8/s3264_split1_profile --out experiments/mote/qwen/e64k8/s3264_split1_response.json
+# The split-0 response-token k = 64 contrast on 160 held-out harmful prompts (the first 64 are those above), the same profile:
+python experiments/mote/run_refusal.py --model /root/qwen-moe-build/e64k8s3264-refit --runtime-top-k 8 --ks 64 --seeds 3 --heldout 160 --heldout-harmless 32 --max-new-tokens 16 --ppl-texts 4 --batch-size 32 --threads 1 --profile-tokens response --only " off " --reuse-profile --profile-dir experiments/mote/qwen/e64k8/s3264_profile --out experiments/mote/qwen/e64k8/s3264_n160_response.json
