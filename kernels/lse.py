@@ -394,9 +394,8 @@ def act_decode_from_lse(
     (the cache's key 0 is column `offset`: a sliding cache dropped the keys before it; valid must be False
     for the sinks it dropped), valid Bool[B, Hs, S]; mask: Bool[B or 1, 1, Tq, Tk] (steer's, holding
     padding and window) or None = every row sees all n_keys keys. k, v: for the exact recompute of rows
-    with c > C_MAX. head: the one calibrated head as a Python int (heads == [head]) and all_valid (the
-    caller knows every sink in `valid` is valid) let a batch-1 CPU step with one row take `_decode_one_row`
-    (6 operations after the views instead of ~20)."""
+    with c > C_MAX. head (heads == [head], a Python int) and all_valid (every sink valid) let a batch-1
+    CPU row take `_decode_one_row` (6 operations after the views instead of ~20)."""
     B, Hs, S = valid.shape
     Tq, D, Dv = q.shape[2], q.shape[3], out.shape[3]
     if (head is not None and all_valid and B == 1 and Hs == 1 and Tq == 1 and mask is None and S < n_keys
