@@ -250,9 +250,7 @@ class ACT(Intervention):
             from steer.kernels.act import act_attention
 
             q, k, v = call.query, call.key, call.value
-            # plain causal, or causal + window (applied per query block): the kernels' mask=None paths
-            mask = None if call.causal or call.window_causal else call.mask
-            window = call.sliding_window if mask is None else None  # steer's mask holds the window
+            mask, window = call.kernel_mask()  # plain causal or causal + window: the kernels' mask=None paths
             b, _, tq, _ = q.shape
             tk = k.shape[2]
             path = self.path if self.path != "auto" else ("kernel" if q.is_cuda else "lse")

@@ -295,8 +295,7 @@ def _attribution_hook(act: ACT, saved: dict, n_heads: int, device) -> Callable:
 
     def fn(call, ctx):
         q, k, v = call.query, call.key, call.value
-        mask = None if call.causal or call.window_causal else call.mask  # causal: no N x N mask read
-        window = call.sliding_window if mask is None else None
+        mask, window = call.kernel_mask()  # causal: no N x N mask read
         with torch.no_grad():
             sinks = act.prefill_sinks(q, k, call.scaling, mask, window)
             calibrated, _ = act_attention(

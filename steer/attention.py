@@ -88,6 +88,15 @@ class AttentionCall:
     def sliding_window(self) -> int | None:
         return self.kwargs.get("sliding_window") or getattr(self.module, "sliding_window", None)
 
+    def kernel_mask(self, causal: bool | None = None) -> tuple[torch.Tensor | None, int | None]:
+        """(mask, sliding_window) for steer.kernels' lse/ACT functions. Plain causal (`causal`, or the
+        caller's own wider `causal` test) or causal + the layer's window: no mask, so no N x N tensor is
+        read, and the window (if any) is applied by the kernels per query block. Otherwise the dense mask,
+        which already holds any window, and no window."""
+        causal = self.causal if causal is None else causal
+        mask = None if causal or self.window_causal else self.mask
+        return mask, (self.sliding_window if mask is None else None)
+
 
 @dataclass
 class _ModuleState:

@@ -157,8 +157,7 @@ def _streaming_hook(coll: _Collector):
         # counted in closed form. A window in reach without padding (`window_causal`): no mask either, the
         # kernels apply the window per query block. steer's mask already holds the sliding window otherwise.
         causal = call.causal or (coll.unpadded and (window is None or t <= window))
-        mask = None if causal or call.window_causal else call.mask
-        win = window if mask is None else None
+        mask, win = call.kernel_mask(causal)
         coll.causal_calls += causal
         out, lse = attention_lse(q, k, call.value, scale=call.scaling, mask=mask, sliding_window=win)
         result = (out.transpose(1, 2).contiguous(), None)
