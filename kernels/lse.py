@@ -444,6 +444,13 @@ def act_decode_from_lse(
     return out.index_copy(1, heads, new.to(out.dtype)), rescale.sum()
 
 
+def _host_factor(p_s: float, beta: float) -> float | None:
+    """ACT's c = (1 - beta P_S) / (1 - P_S) for a row decided on the host (P_S > 0 a Python float); None when
+    c > C_MAX or P_S >= 1 (lse rounding): the row is recomputed exactly instead."""
+    num, den = 1.0 - beta * p_s, 1.0 - p_s
+    return None if num > C_MAX * den or den <= 0 else num / den
+
+
 def _decode_one_row(q, out, lse_h, head: int, ks, vs, beta: float):
     """act_decode_from_lse for one fp32 CPU row of one head (batch 1), where a real decode step runs it
     between the model's large matmuls and each small operation costs ~10 us: the sink probabilities from
@@ -455,10 +462,9 @@ def _decode_one_row(q, out, lse_h, head: int, ks, vs, beta: float):
     p_s = p.sum().item()
     if not p_s > 0:  # the sink probabilities underflow to 0: o stays
         return out, 0
-    num, den = 1.0 - beta * p_s, 1.0 - p_s
-    if num > C_MAX * den or den <= 0:
+    c = _host_factor(p_s, beta)
+    if c is None:
         return None
-    c = num / den
     new = out.clone()
     new[0, head].addmm_(p, vs[0, :, :Dv], beta=c, alpha=beta - c)  # in place on the copy (autograd-safe)
     return new, 1
@@ -475,13 +481,12 @@ def _decode_rows_host(out, heads, r, rest_exists, beta: float, shape, exact):
     rest = [True] * len(P) if rest_exists is None else rest_exists.expand(B * Hs, Tq, 1).reshape(-1).tolist()
     cs, keep, ill = [], [], []
     for i, (p_s, has_rest) in enumerate(zip(P, rest, strict=True)):
-        num, den = 1.0 - beta * p_s, 1.0 - p_s
         if not (p_s > 0 and has_rest):  # no sink mass, or nothing but sinks to move it to: o stays
             keep.append(i)
-        elif num > C_MAX * den or den <= 0:  # c > C_MAX, or P_S >= 1 (lse rounding): exact recompute
+        elif (c := _host_factor(p_s, beta)) is None:
             ill.append(i)
         else:
-            cs.append((i, num / den))
+            cs.append((i, c))
     if not cs and not ill:
         return out, 0
     o = out.index_select(1, heads).reshape(B * Hs, Tq, Dv)
