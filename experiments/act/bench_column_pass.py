@@ -54,7 +54,11 @@ def reversed_weighted(q, k, lse, scale):
 def one_pass(q, k, v, scale, rows=64):
     T, rep = q.shape[2], H // HKV
     qg, kf, vf = q.reshape(B * HKV, rep, T, D), k.reshape(B * HKV, T, D), v.reshape(B * HKV, T, D)
-    out, lse, col = torch.empty(B * HKV, rep, T, D), torch.empty(B * HKV, rep, T), torch.zeros(B * HKV, rep, T)
+    out, lse, col = (
+        torch.empty(B * HKV, rep, T, D),
+        torch.empty(B * HKV, rep, T),
+        torch.zeros(B * HKV, rep, T),
+    )
     for r0 in range(0, T, rows):
         r1 = min(T, r0 + rows)
         n = r1 - r0
@@ -77,40 +81,50 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     for T, reps in zip(args.lengths, args.repeats, strict=True):
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (H, HKV, HKV))
-        k[:, :, 0] *= 4  # a first-token sink
-        scale = D**-0.5
-        _, lse = L.attention_lse(q, k, v, scale=scale)
-        ref = L.sink_stats_lse(q, k, lse, scale=scale)[0]
-        modes = {
-            "attention": lambda: L.attention_lse(q, k, v, scale=scale),
-            "blocked": lambda: L.sink_stats_lse(q, k, lse, scale=scale),
-            "reversed_dim": lambda: reversed_dim(q, k, lse, scale),
-            "reversed_weighted": lambda: reversed_weighted(q, k, lse, scale),
-            "one_pass": lambda: one_pass(q, k, v, scale),
-        }
-        diff = {
-            m: float(((f() - ref).abs() / ref).max())
-            for m, f in (("reversed_dim", modes["reversed_dim"]), ("reversed_weighted", modes["reversed_weighted"]),
-                         ("one_pass", modes["one_pass"]))
-        }
-        times = {m: [] for m in modes}
-        for _ in range(reps):
-            for m, f in modes.items():
-                t0 = time.process_time()
-                f()
-                times[m].append(time.process_time() - t0)
-        med = {m: sorted(ts)[len(ts) // 2] for m, ts in times.items()}
-        row = {"tokens": T, "repeats": reps, "cpu_s": med, "max_rel_diff_vs_blocked": diff,
-               "load_average": os.getloadavg()}
-        print(f"{T} tokens ({reps} rounds, load {row['load_average'][0]:.1f}):")
-        for m, s in med.items():
-            extra = f"  max rel diff {diff[m]:.1e}" if m in diff else ""
-            print(f"  {m:18s} {s:7.3f} s  {s / med['attention']:.2f}x attention{extra}")
+        row = run_length(T, reps)
         if args.out:
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+
+
+def run_length(T: int, reps: int) -> dict:
+    """One length: every variant checked against the shipped pass, then timed in `reps` interleaved rounds."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (H, HKV, HKV))
+    k[:, :, 0] *= 4  # a first-token sink
+    scale = D**-0.5
+    _, lse = L.attention_lse(q, k, v, scale=scale)
+    ref = L.sink_stats_lse(q, k, lse, scale=scale)[0]
+    modes = {
+        "attention": lambda: L.attention_lse(q, k, v, scale=scale),
+        "blocked": lambda: L.sink_stats_lse(q, k, lse, scale=scale),
+        "reversed_dim": lambda: reversed_dim(q, k, lse, scale),
+        "reversed_weighted": lambda: reversed_weighted(q, k, lse, scale),
+        "one_pass": lambda: one_pass(q, k, v, scale),
+    }
+    diff = {
+        m: float(((modes[m]() - ref).abs() / ref).max())
+        for m in ("reversed_dim", "reversed_weighted", "one_pass")
+    }
+    times = {m: [] for m in modes}
+    for _ in range(reps):
+        for m, f in modes.items():
+            t0 = time.process_time()
+            f()
+            times[m].append(time.process_time() - t0)
+    med = {m: sorted(ts)[len(ts) // 2] for m, ts in times.items()}
+    row = {
+        "tokens": T,
+        "repeats": reps,
+        "cpu_s": med,
+        "max_rel_diff_vs_blocked": diff,
+        "load_average": os.getloadavg(),
+    }
+    print(f"{T} tokens ({reps} rounds, load {row['load_average'][0]:.1f}):")
+    for m, s in med.items():
+        extra = f"  max rel diff {diff[m]:.1e}" if m in diff else ""
+        print(f"  {m:18s} {s:7.3f} s  {s / med['attention']:.2f}x attention{extra}")
+    return row
 
 
 if __name__ == "__main__":
