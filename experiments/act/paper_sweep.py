@@ -439,6 +439,7 @@ def rescore(args, out: Path) -> dict:
             )
     summary = {
         "selection": {k: v for k, v in sel.items() if k != "rows"},
+        "calibration_logp_change": _logp_changes(out),
         "heldout": table,
         "kept_alone": [(r["layer"], r["head"], r["gain"]) for r in sel["rows"] if r["kept"]],
         "gain_histogram": {
@@ -457,6 +458,35 @@ def rescore(args, out: Path) -> dict:
             f"| {r['mcnemar_p']:.3g} |"
         )
     return summary
+
+
+def _mean_logp_right(logprobs, answers) -> float:
+    """Mean over items of log P(right option), the option scores renormalised over the item's options."""
+    from math import exp, log
+
+    total = 0.0
+    for lp, a in zip(logprobs, answers):
+        m = max(lp)
+        total += lp[a] - m - log(sum(exp(x - m) for x in lp))
+    return total / len(answers)
+
+
+def _logp_changes(out: Path) -> dict:
+    """Each swept head's change of the calibration items' mean log P(right option) (nats): the continuous
+    effect behind the paper's item counts, to tell "ACT moves nothing" from "moves it, flips no answer"."""
+    _, sw, _, _ = _load_sweep(out)
+    answers = [it.answer for it in sw.items]
+    base = _mean_logp_right(sw.baseline, answers)
+    d = sorted((_mean_logp_right(lp, answers) - base, _key(hd)) for hd, lp in sw.per_head.items())
+    return {
+        "baseline_mean_logp": base,
+        "n_heads": len(d),
+        "min": d[0],
+        "median": d[len(d) // 2][0],
+        "max": d[-1],
+        "n_above_0.01": sum(x > 0.01 for x, _ in d),
+        "n_below_-0.01": sum(x < -0.01 for x, _ in d),
+    }
 
 
 def _pct(k: int, n: int, ci) -> str:
