@@ -21,10 +21,9 @@ from steer.kernels.lse import (
     sink_stats_sampled,
 )
 
-
 # PyTorch's CPU flash kernel uses a reduced-accuracy vector exp (exp_u20, pytorch#115151) whose error depends on
 # the CPU's vector ISA: its lse differed from torch.logsumexp by up to 4.4e-5 (relative 3.8e-5) on a CI machine,
-# and by < 1e-6 on the AVX2 EPYC and AVX-512 Xeon dev machines. Comparisons of the fused kernel against another
+# and within 1e-5 on the dev machines (under 1e-6 on an AVX2 EPYC). Comparisons of the fused kernel against another
 # algorithm use this; a wrong mask, window or head mapping is off by orders of magnitude more.
 FUSED_TOL = dict(atol=1e-4, rtol=1e-4)
 
