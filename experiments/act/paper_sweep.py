@@ -460,26 +460,17 @@ def rescore(args, out: Path) -> dict:
     return summary
 
 
-def _mean_logp_right(logprobs, answers) -> float:
-    """Mean over items of log P(right option), the option scores renormalised over the item's options."""
-    from math import exp, log
-
-    total = 0.0
-    for lp, a in zip(logprobs, answers):
-        m = max(lp)
-        total += lp[a] - m - log(sum(exp(x - m) for x in lp))
-    return total / len(answers)
-
-
 def _logp_changes(out: Path) -> dict:
-    """Each swept head's change of the calibration items' mean log P(right option) (nats): the continuous
-    effect behind the paper's item counts, to tell "ACT moves nothing" from "moves it, flips no answer"."""
+    """Each swept head's change of the calibration items' mean log P(right option) (nats, HeadSweep.delta_logp):
+    the continuous effect behind the paper's item counts, to tell "ACT moves nothing" from "moves it, flips
+    no answer"."""
+    import torch
+
     _, sw, _, _ = _load_sweep(out)
-    answers = [it.answer for it in sw.items]
-    base = _mean_logp_right(sw.baseline, answers)
-    d = sorted((_mean_logp_right(lp, answers) - base, _key(hd)) for hd, lp in sw.per_head.items())
+    base = sum(float(torch.log_softmax(torch.tensor(sc), 0)[it.answer]) for sc, it in zip(sw.baseline, sw.items))
+    d = sorted((sw.delta_logp(hd), _key(hd)) for hd in sw.per_head)
     return {
-        "baseline_mean_logp": base,
+        "baseline_mean_logp": base / len(sw.items),
         "n_heads": len(d),
         "min": d[0],
         "median": d[len(d) // 2][0],
