@@ -274,14 +274,8 @@ def _objective(batch, logits: torch.Tensor, weights: list) -> torch.Tensor:
     """The linearised objective of one batch: sum of weights x option log-probabilities (as read_scores)."""
     logp = torch.log_softmax(logits.float(), -1)
     objective = logits.new_zeros((), dtype=torch.float32)
-    for b, (i, j, _seq, targets) in enumerate(batch.requests):
-        if j == -1:
-            for jj, t in enumerate(targets):
-                objective = objective + weights[i][jj] * logp[b, -1, t[0]]
-        else:
-            t = targets[0]
-            pos = torch.arange(batch.keep - len(t) - 1, batch.keep - 1, device=logp.device)
-            objective = objective + weights[i][j] * logp[b, pos, torch.tensor(t, device=logp.device)].sum()
+    for b, i, j, t, pos in batch.reads():
+        objective = objective + weights[i][j] * logp[b, pos, t].sum()
     return objective
 
 

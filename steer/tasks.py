@@ -294,18 +294,37 @@ class EvalResult:
         return pd.DataFrame(rows)
 
 
-def _requests(tok, items: Sequence[Item]) -> list[tuple[int, int, list[int], list[list[int]]]]:
-    """(item, option or -1 for 'all single-token options', ids, target token lists) per model row."""
+@dataclass(frozen=True)
+class Request:
+    """One model row of a scoring batch: an item's prompt followed by option tokens, and the options read on it.
+
+    An option's tokens are predicted at the positions from the prompt's last one on, so the row needs the
+    prompt and all of the option but its last token; options whose tokens but the last are a prefix of a
+    longer row's are read on that row. Single-token options all share the bare prompt's row."""
+
+    item: int
+    ids: list[int]
+    start: int  # number of prompt tokens: the first option token is predicted at position start - 1
+    reads: list[tuple[int, list[int]]]  # (option index, option token ids)
+
+
+def _requests(tok, items: Sequence[Item]) -> list[Request]:
+    """The fewest rows that score every option of every item (an item of n single-token options is one row;
+    n multi-token options are at most n rows, each one token shorter than prompt + option)."""
     out = []
     for i, it in enumerate(items):
         ctx = tok(it.prompt).input_ids
         opts = [tok(o, add_special_tokens=False).input_ids for o in it.options]
         if any(len(o) == 0 for o in opts):
             raise ValueError(f"an option of item {it.uid} tokenizes to nothing")
-        if all(len(o) == 1 for o in opts):
-            out.append((i, -1, ctx, opts))
-        else:
-            out.extend((i, j, ctx + o, [o]) for j, o in enumerate(opts))
+        rows: list[tuple[int, ...]] = []
+        for r in sorted({tuple(o[:-1]) for o in opts}, key=lambda r: (-len(r), r)):
+            if not any(k[: len(r)] == r for k in rows):  # a prefix of a longer row is read on that row
+                rows.append(r)
+        reads: dict[tuple[int, ...], list] = {r: [] for r in rows}
+        for j, o in enumerate(opts):
+            reads[next(r for r in rows if r[: len(o) - 1] == tuple(o[:-1]))].append((j, o))
+        out.extend(Request(i, ctx + list(r), len(ctx), reads[r]) for r in rows)
     return out
 
 
@@ -313,7 +332,7 @@ def _requests(tok, items: Sequence[Item]) -> list[tuple[int, int, list[int], lis
 class Batch:
     """One left-padded model batch of scoring requests; `keep` = last positions whose logits are read."""
 
-    requests: list[tuple[int, int, list[int], list[list[int]]]]
+    requests: list[Request]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     keep: int
@@ -324,45 +343,45 @@ class Batch:
         return model(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                      use_cache=False, logits_to_keep=self.keep).logits
 
+    def reads(self):
+        """(row, item, option, option tokens, their positions in the last-`keep` logits) of every option read."""
+        for b, r in enumerate(self.requests):
+            first = self.keep - (len(r.ids) - r.start) - 1  # position start - 1, counted in the kept window
+            for j, t in r.reads:
+                yield b, r.item, j, t, list(range(first, first + len(t)))
+
 
 def batches(tok, items: Sequence[Item], batch_size: int = 16) -> list[Batch]:
     """The scoring requests of `items`, sorted by length and padded on the left, `batch_size` rows each."""
     reqs = _requests(tok, items)
-    order = sorted(range(len(reqs)), key=lambda r: len(reqs[r][2]))
+    order = sorted(range(len(reqs)), key=lambda r: len(reqs[r].ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = []
     for start in range(0, len(order), batch_size):
         batch = [reqs[r] for r in order[start : start + batch_size]]
-        ids, mask = left_pad([r[2] for r in batch], pad)
-        # single-token options are read at the last position; an option of n tokens needs the last n + 1
-        keep = max(1 if j == -1 else len(t[0]) + 1 for _i, j, _s, t in batch)
+        ids, mask = left_pad([r.ids for r in batch], pad)
+        keep = max(len(r.ids) - r.start + 1 for r in batch)  # from the prompt's last position to the row's end
         out.append(Batch(batch, ids, mask, keep))
     return out
 
 
 def read_scores(batch: Batch, logits: torch.Tensor, scores: list[list[float]]) -> None:
-    """Write each request's summed option log-probability into `scores[item][option]`.
+    """Write each option's summed log-probability into `scores[item][option]`.
 
     logits: [B, batch.keep, vocab], the last `keep` positions (transformers' `logits_to_keep`)."""
     if logits.shape[1] != batch.keep:
         raise ValueError(f"read_scores needs the last {batch.keep} positions' logits, got {logits.shape[1]}")
     logp = torch.log_softmax(logits.float(), dim=-1)
-    keep = batch.keep
-    for b, (i, j, _seq, targets) in enumerate(batch.requests):
-        if j == -1:  # all options single-token: read them at the prompt's last position
-            for jj, t in enumerate(targets):
-                scores[i][jj] = float(logp[b, -1, t[0]])
-        else:
-            t = targets[0]
-            pos = torch.arange(keep - len(t) - 1, keep - 1)
-            scores[i][j] = float(logp[b, pos, torch.tensor(t)].sum())
+    for b, i, j, t, pos in batch.reads():
+        scores[i][j] = float(logp[b, pos, t].sum())
 
 
 @torch.no_grad()
 def score_items(model, tok, items: Sequence[Item], batch_size: int = 16) -> list[list[float]]:
     """Summed log-probability of each option's tokens after the prompt, batched with left padding.
 
-    When all options of an item are one token, one forward of the prompt scores them all. Only the
+    An item's options share model rows where their tokens allow (`Request`): one row of the prompt scores
+    all single-token options, and no row holds an option's last token. Only the
     positions that are read go through lm_head (`logits_to_keep`): a [B, T, vocab] tensor is never built."""
     scores = [[0.0] * len(it.options) for it in items]
     for batch in batches(tok, items, batch_size):

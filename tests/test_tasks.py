@@ -78,6 +78,26 @@ def test_score_items_matches_unbatched_reference():
         assert row == pytest.approx(_reference_scores(model, tok, it), abs=1e-4)
 
 
+def test_options_share_rows_and_score_as_separate_rows_would():
+    """Single-token options share the bare prompt's row; an option whose tokens but the last are a prefix
+    of another's is read on that row; no row holds an option's last token. Scores equal one row per option."""
+    from steer.tasks import _requests, batches
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    items = [
+        Item("x", "p", ("abc", "ab", "a", "b", "abd"), 0, "a"),  # "ab", "a", "b" read on "ab" (from "abc"/"abd")
+        Item("x", "prompt", ("x", "y", "z"), 2, "b"),  # one row: the prompt
+        Item("x", "q", ("xy", "zw", "xy"), 1, "c"),  # a repeated option is one read of the same row
+    ]
+    rows = [(r.item, tok.decode(r.ids[r.start :]), sorted(j for j, _ in r.reads)) for r in _requests(tok, items)]
+    assert rows == [(0, "ab", [0, 1, 2, 3, 4]), (1, "", [0, 1, 2]), (2, "x", [0, 2]), (2, "z", [1])]
+    for bs in (1, 2, 4):
+        assert sum(len(b.requests) for b in batches(tok, items, bs)) == 4
+        got = score_items(model, tok, items, batch_size=bs)
+        for it, row in zip(items, got):
+            assert row == pytest.approx(_reference_scores(model, tok, it), abs=1e-4)
+
+
 def test_eval_result_accuracy_ci_and_compare():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     split = TaskSplit("x", "calibration", 0, [Item("x", f"p{i}", ("a", "b"), i % 2, f"u{i}") for i in range(6)])
