@@ -246,7 +246,12 @@ def _load_sweep(out: Path):
             raise SystemExit(f"{f.name}: baseline answers differ from the first chunk's (max |d logprob| {diff:.3g}):"
                              " the chunks were swept on different weights; sweep again on one build")
         drift = max(drift, diff)
-        per_head.update({_unkey(k): v for k, v in d["per_head"].items()})
+        # each head against its own chunk's baseline, expressed on the first chunk's: chunks batched differently
+        # (steer.tasks' row sharing, from 2026-12-07) or on other weights bits differ by float rounding only
+        shift = [[b0 - b1 for b0, b1 in zip(r0, r1)] for r0, r1 in zip(base, d["baseline"])]
+        per_head.update(
+            {_unkey(k): [[x + s for x, s in zip(r, rs)] for r, rs in zip(v, shift)] for k, v in d["per_head"].items()}
+        )
         touched.update({_unkey(k): v for k, v in d["touched"].items()})
         seconds += d["seconds"]
     if drift > 1e-4:
