@@ -185,7 +185,8 @@ def prompt_splits(args) -> dict[str, list[str]]:
     b_prof, b_held = harmless.split(0.5, seed=args.split_seed)
     held = h_held.prompts
     if args.heldout_set != "advbench":  # another benchmark's requests, none profiled: does the profile transfer?
-        other = [p for p in builtin(args.heldout_set).prompts if p not in set(h_prof.prompts)]
+        profiled = set(h_prof.prompts)
+        other = [p for p in builtin(args.heldout_set).prompts if p not in profiled]
         held = random.Random(args.split_seed).sample(other, len(other))
     return {"harmful_profile": h_prof.prompts[: args.profile_n], "harmless_profile": b_prof.prompts[: args.profile_n],
             "harmful": held[: args.heldout], "harmless": b_held.prompts[: args.heldout_harmless]}
