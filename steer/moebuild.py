@@ -205,6 +205,8 @@ class MoEBuildConfig:
         if not d["refit"]:  # likewise for builds without a refit
             for name in _REFIT_FIELDS:
                 del d[name]
+        if d["distill_steps"]:  # distillation's step is relative to each tensor's scale since 2026-12-08
+            d["distill_update"] = "relative"
         blob = json.dumps({"build_version": BUILD_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -776,11 +778,18 @@ def set_router_spread(model, spread: float, current: float) -> None:
 
 
 def distill(moe, dense, chunks: torch.Tensor, config: MoEBuildConfig,
-            progress: Progress | None = None) -> list[float]:
+            progress: Progress | None = None, on_step=None) -> list[float]:
     """KL(dense || MoE) on next-token distributions, training RMSNorm weights and routers.
 
-    Routers move only through the near-uniform weights and top-k choices are not differentiable, so
-    most of the gain comes from the norms; this breaks exact k = E reproduction.
+    Each tensor's Adam learning rate is `config.distill_lr` times that tensor's own RMS, so every
+    step moves a parameter by about distill_lr of its scale. An absolute rate cannot serve both: the
+    norms are O(1) while the routers sit at `router_spread`'s scale (weights ~1e-6 on Qwen2.5-Coder),
+    and Adam moves every element by about the learning rate, so a rate of 1e-4 replaced the ridge
+    routers with noise in the first step (the behaviour before 2026-12-08; builds keyed apart).
+    Routers move only through the near-uniform gate weights and top-k choices are not
+    differentiable, so most of the gain comes from the norms; this breaks exact k = E reproduction.
+    on_step(step, loss), if given, is called after each step (step counts from 1): to save
+    checkpoints of a long run.
     """
     report = as_progress(progress)
     params = [p for n, p in moe.named_parameters() if n.endswith("norm.weight") or n.endswith("mlp.gate.weight")]
@@ -788,7 +797,9 @@ def distill(moe, dense, chunks: torch.Tensor, config: MoEBuildConfig,
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=config.distill_lr)
+    groups = [{"params": [p], "lr": config.distill_lr * max(float(p.detach().float().pow(2).mean().sqrt()), 1e-12)}
+              for p in params]
+    opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(config.seed)
     losses = []
     moe.train()
@@ -806,6 +817,8 @@ def distill(moe, dense, chunks: torch.Tensor, config: MoEBuildConfig,
         losses.append(float(loss))
         if step % 10 == 0 or step == config.distill_steps - 1:
             report(step + 1, config.distill_steps, f"distill KL {float(loss):.4f} ({time.time() - t0:.0f}s)")
+        if on_step is not None:
+            on_step(step + 1, float(loss))
     for p in moe.parameters():
         p.requires_grad_(False)
     moe.eval()

@@ -288,6 +288,27 @@ def test_distillation_option_trains_norms_and_routers(tmp_path):
     assert len(report.distill_losses) == 3
     changed = [n for n, p in moe.named_parameters() if not torch.equal(p, plain.get_parameter(n))]
     assert changed and all(n.endswith(("norm.weight", "mlp.gate.weight")) for n in changed)
+    # each tensor moves by about distill_lr of its own scale per step (Adam), routers included, though
+    # they sit at router_spread's scale: an absolute rate of 1e-2 would replace them outright
+    routers = [n for n in changed if n.endswith("mlp.gate.weight")]
+    assert routers
+    for name in changed:
+        before = plain.get_parameter(name)
+        rel = float((moe.get_parameter(name) - before).norm() / before.norm())
+        assert 0 < rel < 2 * config.distill_steps * config.distill_lr, (name, rel)
+
+
+def test_distillation_calls_back_after_every_step(tmp_path):
+    from steer.moebuild import distill
+
+    config = dataclasses.replace(TINY, distill_steps=2, distill_lr=1e-2, distill_batch=2)
+    _, moe = _build(tmp_path)
+    torch.manual_seed(0)
+    dense = tiny_model("llama")
+    chunks = torch.randint(0, dense.config.vocab_size, (4, 16))
+    seen = []
+    losses = distill(moe, dense, chunks, config, on_step=lambda step, loss: seen.append((step, loss)))
+    assert seen == list(zip([1, 2], losses))
 
 
 def test_chat_formatted_calibration():
