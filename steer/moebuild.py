@@ -138,7 +138,7 @@ class MoEBuildConfig:
     seq_len: int = 128
     kmeans_iters: int = 30
     distill_steps: int = 0  # KL distillation steps of norms + routers (0: none, keeps k=E exactness)
-    distill_lr: float = 1e-4
+    distill_lr: float = 1e-4  # Adam step relative to each trained tensor's RMS (see `distill`)
     distill_batch: int = 8
     refit: bool = False  # re-fit each layer's down-projections by ridge least squares (see `refit_down`)
     refit_ridge: float = 1e-3  # its penalty towards the dense down-projection, relative to mean diag(Z^T Z)
@@ -169,6 +169,8 @@ class MoEBuildConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.distill_steps < 0:
             raise ValueError(f"distill_steps must be >= 0, got {self.distill_steps}")
+        if not self.distill_lr > 0:
+            raise ValueError(f"distill_lr must be > 0 (a step relative to each tensor's RMS), got {self.distill_lr}")
         if self.refit_ridge < 0:
             raise ValueError(f"refit_ridge must be >= 0, got {self.refit_ridge}")
         if self.refit_inputs not in REFIT_INPUTS:

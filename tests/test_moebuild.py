@@ -184,6 +184,7 @@ def test_coactivation_clusters_tighter_than_random():
     (dict(refit=True, refit_ridge=-1.0), "refit_ridge must be >= 0"),
     (dict(refit=True, refit_inputs="oracle"), "refit_inputs must be one of"),
     (dict(refit_ridge=0.1), "only apply to a refit build"),
+    (dict(distill_steps=2, distill_lr=0.0), "distill_lr must be > 0"),
 ])
 def test_bad_options_name_the_problem(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -415,3 +416,5 @@ def test_refit_config_key_and_cli():
     add_build_moe_arguments(p)
     cfg = config_from_args(p.parse_args(["--refit", "--refit-ridge", "0.01", "--refit-inputs", "dense"]))
     assert (cfg.refit, cfg.refit_ridge, cfg.refit_inputs) == (True, 0.01, "dense")
+    cfg = config_from_args(p.parse_args(["--distill-steps", "5", "--distill-lr", "0.002"]))
+    assert (cfg.distill_steps, cfg.distill_lr) == (5, 0.002)

@@ -166,6 +166,8 @@ def add_build_moe_arguments(parser: argparse.ArgumentParser) -> None:
                    help="calibration text: prose, chat turns, or a mix (default %(default)s)")
     g.add_argument("--distill-steps", type=int, default=d.distill_steps,
                    help="KL distillation steps of norms and routers (default %(default)s: none)")
+    g.add_argument("--distill-lr", type=float, default=d.distill_lr,
+                   help="distillation step size, relative to each trained tensor's RMS (default %(default)s)")
     g.add_argument("--refit", action="store_true",
                    help="re-fit each layer's down-projections by ridge least squares to the dense MLP output "
                         "under the build's top-k routing (breaks k = E exactness)")
@@ -187,7 +189,7 @@ def config_from_args(args) -> MoEBuildConfig:
         num_experts=args.experts, top_k=args.top_k, shared_neurons=args.shared_neurons, router=args.router,
         clustering=args.clustering, router_spread=args.router_spread, dense_layers=tuple(args.dense_layers),
         calib_passages=args.calib_passages, calib_tokens=args.calib_tokens, calib_format=args.calib_format,
-        distill_steps=args.distill_steps,
+        distill_steps=args.distill_steps, distill_lr=args.distill_lr,
         refit=args.refit, refit_ridge=args.refit_ridge, refit_inputs=args.refit_inputs,
         seed=args.seed,
     )
