@@ -20,7 +20,9 @@ with the profile still taken on AdvBench: whether the switched experts carry ove
 
 Steps:
 1. Profile harmful vs harmless (fTRI, score `mote`, target harmful) twice: on prompt tokens (MoTE) and on
-   the model's own greedy response tokens, teacher-forced (SteerMoE).
+   the model's own greedy response tokens, teacher-forced (SteerMoE). `--profile-contrast answer` instead
+   contrasts the harmful profiling prompts the model refused with those it answered (labeller classes
+   REFUSED vs ANSWERED, target REFUSED): harm held fixed, so the top experts are those of the refusal.
 2. For each profile and k: switch its top-k experts off (logit-level mask), random-k controls (same
    per-layer counts, disjoint, several seeds), and force the top-k on.
 3. Held-out harmful prompts: refusal rate. Held-out harmless prompts: refusal rate (over-refusal) and
@@ -206,6 +208,15 @@ def make_profiles(lm, split: dict, args) -> dict:
             if prof.model.get("weights_hash") == lm.weights_hash:
                 out[tokens] = prof
                 continue
+        if args.profile_contrast == "answer":  # harmful prompts only, split by what the model answered
+            cfg = ProfileConfig(tokens=tokens, target="REFUSED", n_bootstrap=100, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size)
+            prof = profile(lm.model, lm.tokenizer, {"harmful": classes["harmful"]}, cfg, labeller=RefusalLabeller(),
+                           progress=False, weights_hash=lm.weights_hash)
+            prof.stats["model_name"] = args.model
+            prof.save(d)
+            out[tokens] = prof
+            continue
         responses = None
         if tokens != "prompt":
             responses = generate_responses(lm.model, lm.tokenizer, classes["harmful"] + classes["harmless"],
@@ -270,8 +281,10 @@ def saved_baseline(path: Path, facts: dict) -> dict:
             break
         time.sleep(30)
     saved = json.loads(path.read_text())
-    for key in ("weights_hash", "runtime_top_k", "max_new_tokens", "prompts"):
-        if saved.get(key) != facts[key]:
+    held = {k: saved.get("prompts", {}).get(k) for k in SETS}  # the baseline row sees the held-out prompts only
+    for key, theirs, ours in [(k, saved.get(k), facts[k]) for k in ("weights_hash", "runtime_top_k", "max_new_tokens")] + \
+            [("held-out prompts", held, {k: facts["prompts"][k] for k in SETS})]:
+        if theirs != ours:
             raise ValueError(f"--baseline-from {path}: its {key} differs from this run's; run the baseline here")
     row = dict(next(r for r in saved["rows"] if r["condition"] == "baseline"))
     row["copied_from"] = str(path)
@@ -286,6 +299,9 @@ def parse_args():
     p.add_argument("--ks", type=int, nargs="+", default=[16], help="experts switched (global top-k of a profile)")
     p.add_argument("--profile-tokens", nargs="+", default=["prompt", "response"], choices=("prompt", "response"))
     p.add_argument("--per-layer-cap", type=int, default=4)
+    p.add_argument("--profile-contrast", default="harm", choices=("harm", "answer"),
+                   help="harm: harmful vs harmless prompts (MoTE, SteerMoE); answer: the harmful profiling prompts "
+                        "the model refused vs those it answered (harm held fixed, only the answer differs)")
     p.add_argument("--profile-n", type=int, default=32, help="profiling prompts per class")
     p.add_argument("--heldout", type=int, default=32, help="held-out harmful prompts")
     p.add_argument("--heldout-harmless", type=int, default=24)
@@ -340,7 +356,7 @@ def main() -> None:
              "model_arg": args.model, "weights_hash": lm.weights_hash, "runtime_top_k": args.runtime_top_k,
              "ks": args.ks, "seeds": args.seeds, "on_seeds": args.on_seeds, "max_new_tokens": args.max_new_tokens,
              "per_layer_cap": args.per_layer_cap, "split_seed": args.split_seed, "heldout_set": args.heldout_set,
-             "command": command,
+             "profile_contrast": args.profile_contrast, "command": command,
              "labeller": "steer.prompts.RefusalLabeller (REFUSAL_PATTERNS in the first 200 characters)",
              "prompts": {k: v for k, v in split.items()}, "conditions_planned": [c[0] for c in conds],
              "profiles": {t: {"stats": p.stats, "top": [x.__dict__ for x in p.top(max(args.ks))]}
