@@ -816,11 +816,11 @@ def distill(moe, dense, chunks: torch.Tensor, config: MoEBuildConfig,
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 10 == 0 or step == config.distill_steps - 1:
-            report(step + 1, config.distill_steps, f"distill KL {float(loss):.4f} ({time.time() - t0:.0f}s)")
+            report(step + 1, config.distill_steps, f"distill KL {losses[-1]:.4f} ({time.time() - t0:.0f}s)")
         if on_step is not None:
-            on_step(step + 1, float(loss))
+            on_step(step + 1, losses[-1])
     for p in moe.parameters():
         p.requires_grad_(False)
     moe.eval()
