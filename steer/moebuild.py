@@ -785,9 +785,10 @@ def distill(moe, dense, chunks: torch.Tensor, config: MoEBuildConfig,
 
     Each tensor's Adam learning rate is `config.distill_lr` times that tensor's own RMS, so every
     step moves a parameter by about distill_lr of its scale. An absolute rate cannot serve both: the
-    norms are O(1) while the routers sit at `router_spread`'s scale (weights ~1e-6 on Qwen2.5-Coder),
-    and Adam moves every element by about the learning rate, so a rate of 1e-4 replaced the ridge
-    routers with noise in the first step (the behaviour before 2026-12-08; builds keyed apart).
+    norms are O(1) while the routers sit at `router_spread`'s scale (mean |w| 2e-7 to 1.4e-6 per layer
+    in a Qwen2.5-Coder build), and Adam moves every element by about the learning rate, so the old
+    absolute 1e-4 moved the ridge routers by ~100x their size in the first step (the behaviour before
+    2026-12-08; distilled builds are keyed apart).
     Routers move only through the near-uniform gate weights and top-k choices are not
     differentiable, so most of the gain comes from the norms; this breaks exact k = E reproduction.
     on_step(step, loss), if given, is called after each step (step counts from 1): to save

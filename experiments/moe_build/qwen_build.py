@@ -17,7 +17,7 @@ calibration chunks, norms and routers trained), saving a checkpoint every --save
 --dest/step<N> so a run cut short keeps what it did; each is evaluated like a build:
 
     python experiments/moe_build/qwen_build.py distill --out /root/qwen-moe-build/e64k8s1536-refit \
-        --dest /root/qwen-moe-build/e64k8s1536-refit-distill --steps 150 --lr 1e-3 --save-every 50
+        --dest /root/qwen-moe-build/e64k8s1536-refit-distill --steps 80 --lr 1e-3 --save-every 20
 """
 
 from __future__ import annotations
