@@ -208,23 +208,20 @@ def make_profiles(lm, split: dict, args) -> dict:
             if prof.model.get("weights_hash") == lm.weights_hash:
                 out[tokens] = prof
                 continue
+        responses = None
         if args.profile_contrast == "answer":  # harmful prompts only, split by what the model answered
             cfg = ProfileConfig(tokens=tokens, target="REFUSED", n_bootstrap=100, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size)
             prof = profile(lm.model, lm.tokenizer, {"harmful": classes["harmful"]}, cfg, labeller=RefusalLabeller(),
                            progress=False, weights_hash=lm.weights_hash)
-            prof.stats["model_name"] = args.model
-            prof.save(d)
-            out[tokens] = prof
-            continue
-        responses = None
-        if tokens != "prompt":
-            responses = generate_responses(lm.model, lm.tokenizer, classes["harmful"] + classes["harmless"],
-                                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        cfg = ProfileConfig(tokens=tokens, n_bootstrap=100, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size)
-        prof = profile(lm.model, lm.tokenizer, classes, cfg, responses=responses, progress=False,
-                       weights_hash=lm.weights_hash)
+        else:
+            if tokens != "prompt":
+                responses = generate_responses(lm.model, lm.tokenizer, classes["harmful"] + classes["harmless"],
+                                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            cfg = ProfileConfig(tokens=tokens, n_bootstrap=100, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size)
+            prof = profile(lm.model, lm.tokenizer, classes, cfg, responses=responses, progress=False,
+                           weights_hash=lm.weights_hash)
         prof.stats["model_name"] = args.model
         prof.save(d)
         if responses is not None:
